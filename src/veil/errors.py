@@ -1,0 +1,33 @@
+"""Typed exceptions shared by every layer, so callers can catch veil failures precisely."""
+
+
+class VeilError(Exception):
+    """Base class of every error veil raises on purpose."""
+
+
+class InsecureParametersError(VeilError, ValueError):
+    """Encryption parameters below 128-bit security, or otherwise invalid for SEAL."""
+
+
+class WireFormatError(VeilError, ValueError):
+    """Bytes that are not a valid veil message: bad magic, version, kind, length or payload."""
+
+
+class ParameterMismatchError(WireFormatError):
+    """A ciphertext or key made under other encryption parameters than the ones in use."""
+
+
+class KeyMaterialError(VeilError, ValueError):
+    """Missing, wrong or forbidden key material (e.g. a secret key where only public keys belong)."""
+
+
+class ShapeError(VeilError, ValueError):
+    """Inputs whose number of samples, features or ciphertexts does not match the model."""
+
+
+class NotCompiledError(VeilError, RuntimeError):
+    """An encrypted operation was requested before `compile` prepared the model."""
+
+
+class PrecisionError(VeilError, ArithmeticError):
+    """Values outside the range the encryption parameters were calibrated for."""

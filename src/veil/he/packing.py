@@ -1,0 +1,158 @@
+"""Slot layouts for an affine map y = W x + b on encrypted inputs.
+
+* batch: one ciphertext per feature with samples in the slots. The server needs no evaluation
+  keys at all, and cost per sample falls as the batch fills the slots (throughput).
+* row: each sample's features are replicated once per output in blocks of B = 2^k >= n_features;
+  the server multiplies by the weight rows and sums each block with log2(B) rotations (latency:
+  one small ciphertext each way for a single sample).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from veil.errors import ShapeError
+
+LAYOUTS = ("batch", "row")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Samples in slots, one ciphertext per feature per batch of `slots` samples."""
+
+    slots: int
+    n_features: int
+    n_outputs: int
+    name: str = "batch"
+
+    def n_input_cts(self, n_samples: int) -> int:
+        return self.n_batches(n_samples) * self.n_features
+
+    def n_output_cts(self, n_samples: int) -> int:
+        return self.n_batches(n_samples) * self.n_outputs
+
+    def n_batches(self, n_samples: int) -> int:
+        return math.ceil(n_samples / self.slots)
+
+    def pack(self, X: np.ndarray) -> list[np.ndarray]:
+        """Slot vectors in order (batch, feature)."""
+        out = []
+        for b in range(self.n_batches(len(X))):
+            block = X[b * self.slots:(b + 1) * self.slots]
+            out.extend(block[:, f] for f in range(self.n_features))
+        return out
+
+    def unpack(self, vectors: list[np.ndarray], n_samples: int) -> np.ndarray:
+        """Outputs (n_samples, n_outputs) from decrypted vectors in order (batch, output)."""
+        Y = np.empty((n_samples, self.n_outputs))
+        for b in range(self.n_batches(n_samples)):
+            lo, hi = b * self.slots, min(n_samples, (b + 1) * self.slots)
+            for c in range(self.n_outputs):
+                Y[lo:hi, c] = vectors[b * self.n_outputs + c][:hi - lo]
+        return Y
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Each sample replicated per output block; block sums by rotation."""
+
+    slots: int
+    n_features: int
+    n_outputs: int
+    name: str = "row"
+
+    def __post_init__(self) -> None:
+        if self.block > self.slots:
+            raise ShapeError(
+                f"row layout holds at most {self.slots} features, model has {self.n_features}; "
+                "use the batch layout"
+            )
+
+    @property
+    def block(self) -> int:
+        return next_pow2(self.n_features)
+
+    @property
+    def group(self) -> int:
+        """Outputs computed per ciphertext."""
+        return min(self.n_outputs, self.slots // self.block)
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.n_outputs / self.group)
+
+    @property
+    def stride(self) -> int:
+        return self.block * self.group
+
+    @property
+    def samples_per_ct(self) -> int:
+        return self.slots // self.stride
+
+    @property
+    def rotation_steps(self) -> tuple[int, ...]:
+        return tuple(1 << i for i in range(int(math.log2(self.block))))
+
+    def n_input_cts(self, n_samples: int) -> int:
+        return math.ceil(n_samples / self.samples_per_ct)
+
+    def n_output_cts(self, n_samples: int) -> int:
+        return self.n_input_cts(n_samples) * self.n_groups
+
+    def pack(self, X: np.ndarray) -> list[np.ndarray]:
+        out = []
+        spc, F = self.samples_per_ct, self.n_features
+        for k in range(self.n_input_cts(len(X))):
+            rows = X[k * spc:(k + 1) * spc]
+            v = np.zeros(self.slots)
+            for j, row in enumerate(rows):
+                for g in range(self.group):
+                    start = j * self.stride + g * self.block
+                    v[start:start + F] = row
+            out.append(v)
+        return out
+
+    def weight_vectors(self, W: np.ndarray, b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per output group: (weight slot vector, bias slot vector) aligned with `pack`."""
+        out = []
+        for g in range(self.n_groups):
+            wv, bv = np.zeros(self.slots), np.zeros(self.slots)
+            for j in range(self.samples_per_ct):
+                for k in range(self.group):
+                    c = g * self.group + k
+                    if c >= self.n_outputs:
+                        break
+                    start = j * self.stride + k * self.block
+                    wv[start:start + self.n_features] = W[c]
+                    bv[start] = b[c]
+            out.append((wv, bv))
+        return out
+
+    def unpack(self, vectors: list[np.ndarray], n_samples: int) -> np.ndarray:
+        """Outputs from decrypted vectors in order (input ciphertext, output group)."""
+        Y = np.empty((n_samples, self.n_outputs))
+        spc = self.samples_per_ct
+        for k in range(self.n_input_cts(n_samples)):
+            for g in range(self.n_groups):
+                v = vectors[k * self.n_groups + g]
+                for j in range(min(spc, n_samples - k * spc)):
+                    for kk in range(self.group):
+                        c = g * self.group + kk
+                        if c < self.n_outputs:
+                            Y[k * spc + j, c] = v[j * self.stride + kk * self.block]
+        return Y
+
+
+def make_layout(name: str, slots: int, n_features: int, n_outputs: int) -> BatchLayout | RowLayout:
+    if name == "batch":
+        return BatchLayout(slots, n_features, n_outputs)
+    if name == "row":
+        return RowLayout(slots, n_features, n_outputs)
+    raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")

@@ -1,0 +1,298 @@
+"""The encrypted affine map y = W x + b, split into what the server and the client each hold.
+
+No rescaling happens: the product of the input scale and the weight scale must fit in the data
+modulus with room for the largest output seen at calibration (times `headroom`). `compile`
+chooses the two scales so that inputs and weights keep the same relative precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import seal
+
+from veil.errors import PrecisionError, ShapeError
+from veil.he import HEContext, PublicBundle, SecretKeys, wire
+from veil.he.packing import BatchLayout, RowLayout, make_layout
+from veil.he.params import CKKSParameters, preset
+
+DEFAULT_HEADROOM = 16.0
+FRESH_NOISE_STD = 3.2
+"""SEAL's error standard deviation per coefficient; fresh slot noise is this times sqrt(N/2)."""
+MIN_PRODUCT_BITS = 24
+DEFAULT_PRESETS = {"batch": "depth0", "row": "depth0-rotations"}
+# Rough single-core costs (ms) measured for the presets above; only used to pick a layout.
+_COST_MS = {"batch": {"encrypt": 0.95, "mul": 0.06, "decrypt": 0.3},
+            "row": {"encrypt": 0.5, "mul": 0.03, "rot": 0.35, "decrypt": 0.15}}
+
+
+@dataclass(frozen=True)
+class LayoutScales:
+    """Parameters and fixed-point scales (as powers of two) of one layout."""
+
+    params: CKKSParameters
+    input_bits: int
+    weight_bits: int
+
+    def to_dict(self) -> dict:
+        return {"params": self.params.to_dict(), "input_bits": self.input_bits,
+                "weight_bits": self.weight_bits}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayoutScales:
+        return cls(CKKSParameters.from_dict(d["params"]), int(d["input_bits"]), int(d["weight_bits"]))
+
+
+def choose_scales(params: CKKSParameters, max_in: float, max_w: float, max_out: float,
+                  headroom: float = DEFAULT_HEADROOM) -> LayoutScales:
+    """Split the data modulus between input and weight scales; refuse if outputs cannot fit."""
+    data_bits = params.data_modulus_bits
+    out_bits = max(1, math.ceil(math.log2(max(max_out, 1e-12) * headroom)))
+    product = data_bits - 2 - out_bits
+    if product < MIN_PRODUCT_BITS:
+        raise PrecisionError(
+            f"outputs up to {max_out:.3g} (x{headroom} headroom) leave {product} bits of precision "
+            f"in a {data_bits}-bit modulus; scale the inputs or use a larger preset"
+        )
+    # Balance so that max|x| * 2^in_bits ~ max|w| * 2^w_bits: equal relative precision.
+    ratio = math.log2(max(max_w, 1e-12) / max(max_in, 1e-12))
+    in_bits = round((product + ratio) / 2)
+    in_cap = data_bits - 2 - max(0, math.ceil(math.log2(max(max_in, 1e-12) * headroom)))
+    in_bits = int(min(max(in_bits, 8), product - 8, in_cap))
+    return LayoutScales(params, in_bits, product - in_bits)
+
+
+def quantize_weights(W: np.ndarray, bits: int) -> np.ndarray:
+    """Weights as multiples of 2^-bits. An all-zero row keeps one unit so SEAL never produces a
+    transparent (key-independent) ciphertext; its effect (|x| * 2^-bits) is below CKKS noise."""
+    Wq = np.round(W * 2.0**bits)
+    for row, orig in zip(Wq, W, strict=True):
+        if not row.any():
+            row[int(np.argmax(np.abs(orig)))] = 1.0
+    return Wq / 2.0**bits
+
+
+def choose_layout(n_samples: int, n_features: int, n_outputs: int, slots: dict[str, int]) -> str:
+    """Pick the layout with the lower estimated end-to-end time for this many samples."""
+    batch = BatchLayout(slots["batch"], n_features, n_outputs)
+    nb = batch.n_batches(n_samples)
+    c = _COST_MS["batch"]
+    cost_batch = nb * (n_features * (c["encrypt"] + n_outputs * c["mul"]) + n_outputs * c["decrypt"])
+    try:
+        row = RowLayout(slots["row"], n_features, n_outputs)
+    except ShapeError:
+        return "batch"
+    c = _COST_MS["row"]
+    n_ct = row.n_input_cts(n_samples)
+    per_group = c["mul"] + len(row.rotation_steps) * c["rot"] + c["decrypt"]
+    cost_row = n_ct * (c["encrypt"] + row.n_groups * per_group)
+    return "row" if cost_row < cost_batch else "batch"
+
+
+class LinearCircuit:
+    """Server side of the affine map: weights, bias and the scales per layout."""
+
+    def __init__(self, weights: np.ndarray, bias: np.ndarray, scales: dict[str, LayoutScales]) -> None:
+        self.weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        self.bias = np.asarray(bias, dtype=np.float64).ravel()
+        if self.bias.shape[0] != self.weights.shape[0]:
+            raise ShapeError("bias length must equal the number of weight rows")
+        self.scales = scales
+        self._contexts: dict[str, HEContext] = {}
+        self._row_plain: dict[str, list[tuple[seal.Plaintext, np.ndarray]]] = {}
+
+    @property
+    def n_features(self) -> int:
+        return self.weights.shape[1]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.weights.shape[0]
+
+    @classmethod
+    def calibrate(cls, weights: np.ndarray, bias: np.ndarray, X: np.ndarray,
+                  headroom: float = DEFAULT_HEADROOM, presets: dict[str, str] | None = None) -> LinearCircuit:
+        """Choose scales for each layout from calibration inputs X."""
+        W = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        b = np.asarray(bias, dtype=np.float64).ravel()
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != W.shape[1] or len(X) == 0:
+            raise ShapeError(f"calibration data must be (n>0, {W.shape[1]}), got {X.shape}")
+        max_in = float(np.max(np.abs(X)))
+        max_out = float(np.max(np.abs(X @ W.T + b)))
+        max_w = float(np.max(np.abs(W)))
+        chosen = dict(DEFAULT_PRESETS, **(presets or {}))
+        scales = {name: choose_scales(preset(p), max_in, max_w, max_out, headroom)
+                  for name, p in chosen.items()}
+        return cls(W, b, scales)
+
+    def context(self, layout: str) -> HEContext:
+        if layout not in self._contexts:
+            self._contexts[layout] = HEContext(self.scales[layout].params)
+        return self._contexts[layout]
+
+    def layout(self, name: str) -> BatchLayout | RowLayout:
+        if name not in self.scales:
+            raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.scales)}")
+        return make_layout(name, self.scales[name].params.slot_count, self.n_features, self.n_outputs)
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights.tolist(), "bias": self.bias.tolist(),
+                "scales": {k: v.to_dict() for k, v in self.scales.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinearCircuit:
+        return cls(np.asarray(d["weights"]), np.asarray(d["bias"]),
+                   {k: LayoutScales.from_dict(v) for k, v in d["scales"].items()})
+
+    def client_spec(self) -> dict:
+        """What a client needs to encrypt and decrypt: no weights."""
+        return {"n_features": self.n_features, "n_outputs": self.n_outputs,
+                "scales": {k: {"params": v.params.to_dict(), "input_bits": v.input_bits}
+                           for k, v in self.scales.items()}}
+
+    def run(self, request: bytes, bundle: PublicBundle) -> bytes:
+        """Evaluate the map on an encrypted request; the answer is ciphertexts only."""
+        msg = _peek_header(request)
+        name = msg.get("layout")
+        layout = self.layout(name)
+        ctx = self.context(name)
+        if bundle.params != ctx.params:
+            raise ShapeError(f"key bundle is for parameters {bundle.params.fingerprint}, "
+                             f"the {name} layout needs {ctx.params.fingerprint}")
+        header, cts = ctx.unpack(request)
+        n, f = header.get("n_samples"), header.get("n_features")
+        if not isinstance(n, int) or n <= 0 or f != self.n_features:
+            raise ShapeError(f"request declares {n} samples of {f} features; model expects "
+                             f"{self.n_features} features")
+        if len(cts) != layout.n_input_cts(n):
+            raise ShapeError(f"{name} layout with {n} samples needs {layout.n_input_cts(n)} "
+                             f"ciphertexts, got {len(cts)}")
+        expected_scale = 2.0 ** self.scales[name].input_bits
+        if any(ct.scale() != expected_scale for ct in cts):
+            raise ShapeError("ciphertext scale does not match the model's input scale")
+        if name == "batch":
+            out = self._run_batch(ctx, layout, cts, n)
+        else:
+            out = self._run_row(ctx, layout, cts, bundle)
+        return ctx.pack(out, {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
+
+    def _run_batch(self, ctx: HEContext, layout: BatchLayout, cts: list, n: int) -> list:
+        ev, wbits = ctx.evaluator, self.scales["batch"].weight_bits
+        Wq = quantize_weights(self.weights, wbits)
+        out = []
+        for b in range(layout.n_batches(n)):
+            feats = cts[b * self.n_features:(b + 1) * self.n_features]
+            for c in range(self.n_outputs):
+                terms = [ev.multiply_plain(ct, ctx.encode(float(w), 2.0**wbits))
+                         for ct, w in zip(feats, Wq[c], strict=True) if w != 0.0]
+                acc = terms[0] if len(terms) == 1 else ev.add_many(terms)
+                ev.add_plain_inplace(acc, ctx.encode(float(self.bias[c]), acc.scale()))
+                out.append(acc)
+        return out
+
+    def _run_row(self, ctx: HEContext, layout: RowLayout, cts: list, bundle: PublicBundle) -> list:
+        missing = set(layout.rotation_steps) - set(bundle.rotation_steps)
+        if missing:
+            raise ShapeError(f"key bundle lacks Galois keys for rotation steps {sorted(missing)}")
+        ev, wbits = ctx.evaluator, self.scales["row"].weight_bits
+        if "row" not in self._row_plain:
+            Wq = quantize_weights(self.weights, wbits)
+            self._row_plain["row"] = [(ctx.encode(wv, 2.0**wbits), bv)
+                                      for wv, bv in layout.weight_vectors(Wq, self.bias)]
+        out = []
+        for ct in cts:
+            for wplain, bvec in self._row_plain["row"]:
+                acc = ev.multiply_plain(ct, wplain)
+                for step in layout.rotation_steps:
+                    ev.add_inplace(acc, ev.rotate_vector(acc, step, bundle.galois_keys))
+                ev.add_plain_inplace(acc, ctx.encode(bvec, acc.scale()))
+                out.append(acc)
+        return out
+
+    def simulate(self, X: np.ndarray, layout: str = "batch", rng: np.random.Generator | None = None) -> np.ndarray:
+        """Plaintext emulation of `run`: same quantization, fresh-noise magnitude and modular
+        wrap-around as the encrypted path, without encrypting."""
+        s = self.scales[layout]
+        rng = rng if rng is not None else np.random.default_rng()
+        Xq = np.round(np.asarray(X, dtype=np.float64) * 2.0**s.input_bits) / 2.0**s.input_bits
+        Wq = quantize_weights(self.weights, s.weight_bits)
+        Y = Xq @ Wq.T + self.bias
+        noise_std = FRESH_NOISE_STD * math.sqrt(s.params.poly_modulus_degree / 2) / 2.0**s.input_bits
+        Y = Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
+        half = 2.0 ** (s.params.data_modulus_bits - 1)
+        scaled = Y * 2.0 ** (s.input_bits + s.weight_bits)
+        wrapped = np.mod(scaled + half, 2 * half) - half
+        return wrapped / 2.0 ** (s.input_bits + s.weight_bits)
+
+
+def _peek_header(data: bytes) -> dict:
+    return wire.decode(data, wire.Kind.CIPHERTEXTS).header
+
+
+class CircuitClient:
+    """Client side: keys, encryption of inputs in a layout, decryption of outputs."""
+
+    def __init__(self, spec: dict) -> None:
+        self.n_features = int(spec["n_features"])
+        self.n_outputs = int(spec["n_outputs"])
+        self.params = {k: CKKSParameters.from_dict(v["params"]) for k, v in spec["scales"].items()}
+        self.input_bits = {k: int(v["input_bits"]) for k, v in spec["scales"].items()}
+        self._keys: dict[str, SecretKeys] = {}
+
+    def layout(self, name: str) -> BatchLayout | RowLayout:
+        if name not in self.params:
+            raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.params)}")
+        return make_layout(name, self.params[name].slot_count, self.n_features, self.n_outputs)
+
+    def choose_layout(self, n_samples: int) -> str:
+        return choose_layout(n_samples, self.n_features, self.n_outputs,
+                             {k: p.slot_count for k, p in self.params.items()})
+
+    def keys(self, layout: str) -> SecretKeys:
+        """Secret keys for a layout, generated on first use (rotation keys only for the row layout)."""
+        if layout not in self._keys:
+            lay = self.layout(layout)
+            steps = lay.rotation_steps if isinstance(lay, RowLayout) else ()
+            self._keys[layout] = SecretKeys.generate(self.params[layout], rotation_steps=steps)
+        return self._keys[layout]
+
+    def set_keys(self, layout: str, keys: SecretKeys) -> None:
+        if keys.params != self.params[layout]:
+            raise ShapeError("these keys were made for other parameters")
+        self._keys[layout] = keys
+
+    def public_bundle(self, layout: str) -> PublicBundle:
+        return self.keys(layout).public_bundle()
+
+    def check_input(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ShapeError(f"expected an array of shape (n, {self.n_features}), got {X.shape}")
+        if len(X) == 0:
+            raise ShapeError("no samples to encrypt")
+        if not np.all(np.isfinite(X)):
+            raise ValueError("inputs contain NaN or infinite values")
+        return X
+
+    def encrypt(self, X: np.ndarray, layout: str) -> bytes:
+        X = self.check_input(X)
+        keys, lay = self.keys(layout), self.layout(layout)
+        scale = 2.0 ** self.input_bits[layout]
+        cts = [keys.encrypt(v, scale) for v in lay.pack(X)]
+        return keys.context.pack(cts, {"layout": layout, "n_samples": len(X),
+                                       "n_features": self.n_features})
+
+    def decrypt(self, response: bytes) -> np.ndarray:
+        header = _peek_header(response)
+        layout = header.get("layout")
+        keys, lay = self.keys(layout), self.layout(layout)
+        header, cts = keys.context.unpack(response)
+        n = header.get("n_samples")
+        if header.get("n_outputs") != self.n_outputs or not isinstance(n, int) or n <= 0:
+            raise ShapeError("response does not match this model's outputs")
+        if len(cts) != lay.n_output_cts(n):
+            raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {lay.n_output_cts(n)}")
+        return lay.unpack([keys.decrypt(ct) for ct in cts], n)

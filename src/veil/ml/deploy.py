@@ -1,0 +1,101 @@
+"""Deployment split: a server evaluates ciphertexts with a public bundle; a client owns the keys.
+
+`ModelServer.load(dir)` reads `server.json`; `ModelClient.load(dir)` reads `client.json`. Neither
+file holds a secret key, and the client file holds no weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.errors import WireFormatError
+from veil.he import PublicBundle, SecretKeys
+from veil.ml.circuit import CircuitClient, LinearCircuit
+from veil.ml.linear import CLIENT_FILE, FORMAT, SERVER_FILE
+from veil.ml.outputs import OutputSpec
+
+
+def _read(path: Path, name: str) -> dict:
+    file = path / name if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WireFormatError(f"cannot read model file {file}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise WireFormatError(f"{file} is not a {FORMAT} artefact")
+    return data
+
+
+class ModelServer:
+    """Evaluates encrypted requests; holds the weights and never any secret key."""
+
+    def __init__(self, circuit: LinearCircuit, model: str = "") -> None:
+        self.circuit = circuit
+        self.model = model
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelServer:
+        data = _read(Path(path), SERVER_FILE)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelServer:
+        return cls(LinearCircuit.from_dict(data["circuit"]), data.get("model", ""))
+
+    def load_bundle(self, data: bytes) -> PublicBundle:
+        """Parse a client's public bundle (a secret key is refused with KeyMaterialError)."""
+        return PublicBundle.from_bytes(data)
+
+    def run(self, request: bytes, bundle: PublicBundle) -> bytes:
+        return self.circuit.run(request, bundle)
+
+
+class ModelClient:
+    """Generates keys, encrypts inputs, decrypts outputs and applies the client-side post-processing."""
+
+    def __init__(self, spec: dict, output: OutputSpec, model: str = "") -> None:
+        self.circuit = CircuitClient(spec)
+        self.output = output
+        self.model = model
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelClient:
+        data = _read(Path(path), CLIENT_FILE)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelClient:
+        return cls(data["circuit"], OutputSpec.from_dict(data["output"]), data.get("model", ""))
+
+    @property
+    def n_features(self) -> int:
+        return self.circuit.n_features
+
+    def choose_layout(self, n_samples: int) -> str:
+        return self.circuit.choose_layout(n_samples)
+
+    def keys(self, layout: str) -> SecretKeys:
+        return self.circuit.keys(layout)
+
+    def public_bundle_bytes(self, layout: str) -> bytes:
+        return self.circuit.public_bundle(layout).to_bytes()
+
+    def encrypt(self, X: Any, layout: str = "auto") -> tuple[str, bytes]:
+        """Encrypt X in the given (or automatically chosen) layout; returns (layout, request bytes)."""
+        X = self.circuit.check_input(X)
+        name = self.choose_layout(len(X)) if layout == "auto" else layout
+        return name, self.circuit.encrypt(X, name)
+
+    def decrypt(self, response: bytes) -> np.ndarray:
+        """Raw decrypted outputs, shape (n_samples, n_outputs)."""
+        return self.circuit.decrypt(response)
+
+    def predict(self, raw: np.ndarray) -> np.ndarray:
+        return self.output.predict(raw)
+
+    def predict_proba(self, raw: np.ndarray) -> np.ndarray:
+        return self.output.predict_proba(raw)

@@ -1,0 +1,306 @@
+"""Drop-in encrypted versions of scikit-learn's linear estimators.
+
+Each class takes exactly its scikit-learn counterpart's constructor parameters, fits with
+scikit-learn, and adds `compile(X_calibration)` plus an `fhe` switch on every prediction method:
+"disable" (plaintext), "simulate" (quantization, noise and wrap-around of CKKS, no encryption)
+and "execute" (real CKKS encryption, in-process client and server).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn import linear_model, svm
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, StandardScaler
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from veil.errors import NotCompiledError
+from veil.ml.circuit import DEFAULT_HEADROOM, CircuitClient, LinearCircuit
+from veil.ml.outputs import OutputSpec
+
+FHE_MODES = ("disable", "simulate", "execute")
+SERVER_FILE = "server.json"
+CLIENT_FILE = "client.json"
+FORMAT = "veil-linear/1"
+
+
+def _mirror_init(sk_cls: type) -> Any:
+    """An __init__ with scikit-learn's exact signature that only stores the parameters."""
+    sig = inspect.signature(sk_cls.__init__)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, value in list(bound.arguments.items())[1:]:
+            setattr(self, name, value)
+
+    __init__.__signature__ = sig
+    __init__.__doc__ = f"Same parameters as :class:`{sk_cls.__module__}.{sk_cls.__name__}`."
+    return __init__
+
+
+def _fold_scaler(scaler: Any, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge an affine scaler in front of the model into its weights: the client sends raw features."""
+    if isinstance(scaler, StandardScaler):
+        scale = scaler.scale_ if scaler.scale_ is not None else np.ones(W.shape[1])
+        mean = scaler.mean_ if scaler.with_mean else np.zeros(W.shape[1])
+        W2 = W / scale
+        return W2, b - W2 @ mean
+    if isinstance(scaler, MinMaxScaler):
+        return W * scaler.scale_, b + W @ scaler.min_
+    if isinstance(scaler, MaxAbsScaler):
+        return W / scaler.scale_, b
+    raise TypeError(f"cannot fold a {type(scaler).__name__} into an encrypted linear model; "
+                    "supported: StandardScaler, MinMaxScaler, MaxAbsScaler")
+
+
+class EncryptedLinearModel(BaseEstimator):
+    """Shared machinery: fit through scikit-learn, compile to a `LinearCircuit`, predict per mode."""
+
+    _sklearn_cls: ClassVar[type]
+    _task: ClassVar[str]
+
+    def _make_sklearn(self) -> Any:
+        return self._sklearn_cls(**self.get_params())
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> EncryptedLinearModel:
+        """Fit the underlying scikit-learn estimator (plaintext training); returns self."""
+        model = self._make_sklearn()
+        if sample_weight is None:
+            model.fit(X, y)
+        else:
+            model.fit(X, y, sample_weight=sample_weight)
+        self._absorb(model)
+        return self
+
+    def _absorb(self, model: Any, scalers: tuple = ()) -> None:
+        self.sklearn_model_ = model
+        coef = np.asarray(model.coef_, dtype=np.float64)
+        W = np.atleast_2d(coef)
+        b = np.broadcast_to(np.atleast_1d(np.asarray(model.intercept_, dtype=np.float64)),
+                            (W.shape[0],)).copy()
+        for scaler in reversed(scalers):
+            W, b = _fold_scaler(scaler, W, b)
+        self.coef_ = model.coef_
+        self.intercept_ = model.intercept_
+        self.weights_, self.bias_ = W, b
+        self.n_features_in_ = W.shape[1]
+        if hasattr(model, "feature_names_in_") and not scalers:
+            self.feature_names_in_ = model.feature_names_in_
+        if self._task == "classifier":
+            self.classes_ = model.classes_
+        self.output_spec_ = self._output_spec(model, coef)
+        for attr in ("circuit_", "fhe_client_"):
+            self.__dict__.pop(attr, None)
+
+    def _output_spec(self, model: Any, coef: np.ndarray) -> OutputSpec:
+        return OutputSpec("regressor", ravel=coef.ndim == 1)
+
+    @classmethod
+    def from_sklearn_model(cls, model: Any) -> EncryptedLinearModel:
+        """Wrap a fitted scikit-learn estimator (or a Pipeline of scalers then the estimator)."""
+        scalers: tuple = ()
+        if isinstance(model, Pipeline):
+            steps = [s for _, s in model.steps if s is not None and s != "passthrough"]
+            scalers, model = tuple(steps[:-1]), steps[-1]
+        if not isinstance(model, cls._sklearn_cls):
+            raise TypeError(f"{cls.__name__} wraps {cls._sklearn_cls.__name__}, got {type(model).__name__}")
+        check_is_fitted(model)
+        est = cls(**model.get_params(deep=False))
+        est._absorb(model, scalers)
+        return est
+
+    def compile(self, X: Any, headroom: float = DEFAULT_HEADROOM,
+                presets: dict[str, str] | None = None) -> EncryptedLinearModel:
+        """Calibrate CKKS scales on representative inputs so outputs fit the modulus; returns self."""
+        check_is_fitted(self, "weights_")
+        X = self._check_X(X)
+        self.circuit_ = LinearCircuit.calibrate(self.weights_, self.bias_, X, headroom, presets)
+        self.__dict__.pop("fhe_client_", None)
+        return self
+
+    def _check_X(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "weights_")
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return X
+
+    def _raw(self, X: Any, fhe: str, layout: str = "auto") -> np.ndarray:
+        """Raw affine outputs (n_samples, n_outputs) computed in the requested mode."""
+        if fhe not in FHE_MODES:
+            raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
+        X = self._check_X(X)
+        if fhe == "disable":
+            return X @ self.weights_.T + self.bias_
+        if not hasattr(self, "circuit_"):
+            raise NotCompiledError(f"call compile(X_calibration) before predicting with fhe={fhe!r}")
+        client = self.fhe_client
+        name = client.choose_layout(len(X)) if layout == "auto" else layout
+        if fhe == "simulate":
+            return self.circuit_.simulate(X, name)
+        request = client.encrypt(X, name)
+        response = self.circuit_.run(request, client.public_bundle(name))
+        return client.decrypt(response)
+
+    @property
+    def fhe_client(self) -> CircuitClient:
+        """The in-process client (keys are generated lazily per layout and kept here)."""
+        if not hasattr(self, "circuit_"):
+            raise NotCompiledError("model is not compiled")
+        if "fhe_client_" not in self.__dict__:
+            self.fhe_client_ = CircuitClient(self.circuit_.client_spec())
+        return self.fhe_client_
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("fhe_client_", None)
+        if "circuit_" in state:
+            state["circuit_"] = state["circuit_"].to_dict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("circuit_"), dict):
+            state["circuit_"] = LinearCircuit.from_dict(state["circuit_"])
+        self.__dict__.update(state)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `server.json` (weights and scales, no client secrets) and `client.json`
+        (parameters, input scales and post-processing, no weights) into directory `path`."""
+        if not hasattr(self, "circuit_"):
+            raise NotCompiledError("compile the model before saving it for deployment")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        server = {"format": FORMAT, "model": type(self).__name__, "circuit": self.circuit_.to_dict()}
+        client = {"format": FORMAT, "model": type(self).__name__, "circuit": self.circuit_.client_spec(),
+                  "output": self.output_spec_.to_dict()}
+        (path / SERVER_FILE).write_text(json.dumps(server))
+        (path / CLIENT_FILE).write_text(json.dumps(client))
+        return path
+
+
+class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
+    _task = "classifier"
+
+    def _proba_kind(self, model: Any) -> str | None:
+        return None
+
+    def _output_spec(self, model: Any, coef: np.ndarray) -> OutputSpec:
+        return OutputSpec("classifier", classes=tuple(model.classes_), proba=self._proba_kind(model))
+
+    def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+        """Signed distance (binary) or per-class scores, as scikit-learn returns them."""
+        return self.output_spec_.decision(self._raw(X, fhe, layout))
+
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+        return self.output_spec_.predict(self._raw(X, fhe, layout))
+
+    def _has_proba(self) -> bool:
+        check_is_fitted(self, "output_spec_")
+        return self.output_spec_.proba is not None
+
+    @available_if(_has_proba)
+    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+        """Class probabilities, computed on the client after decryption."""
+        return self.output_spec_.predict_proba(self._raw(X, fhe, layout))
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
+        return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
+
+
+class _RegressorBase(RegressorMixin, EncryptedLinearModel):
+    _task = "regressor"
+
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+        return self.output_spec_.predict(self._raw(X, fhe, layout))
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
+        return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
+
+
+class _GLMBase(_RegressorBase):
+    """Generalised linear models: the log link is applied on the client after decryption."""
+
+    def _power(self) -> float:
+        raise NotImplementedError
+
+    def _link(self) -> str:
+        return "log"
+
+    def _output_spec(self, model: Any, coef: np.ndarray) -> OutputSpec:
+        return OutputSpec("regressor", link=self._link(), tweedie_power=self._power())
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
+        """D^2, the fraction of deviance explained, as scikit-learn's GLMs report."""
+        return float(d2_tweedie_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight,
+                                      power=self._power()))
+
+
+def _classifier(sk_cls: type, proba: Any = None) -> type:
+    ns: dict[str, Any] = {"_sklearn_cls": sk_cls, "__init__": _mirror_init(sk_cls),
+                          "__doc__": f"Encrypted-inference {sk_cls.__name__} (CKKS)."}
+    if proba is not None:
+        ns["_proba_kind"] = proba
+    return type(sk_cls.__name__, (_ClassifierBase,), ns)
+
+
+def _regressor(sk_cls: type, base: type = _RegressorBase, **extra: Any) -> type:
+    ns: dict[str, Any] = {"_sklearn_cls": sk_cls, "__init__": _mirror_init(sk_cls),
+                          "__doc__": f"Encrypted-inference {sk_cls.__name__} (CKKS).", **extra}
+    return type(sk_cls.__name__, (base,), ns)
+
+
+def _logreg_proba(self: Any, model: Any) -> str:
+    ovr = (len(model.classes_) <= 2 or getattr(model, "solver", None) == "liblinear"
+           or getattr(model, "multi_class", None) == "ovr")
+    return "ovr_log" if ovr else "softmax"
+
+
+def _sgd_proba(self: Any, model: Any) -> str | None:
+    return {"log_loss": "ovr_log", "modified_huber": "modified_huber"}.get(model.loss)
+
+
+def _tweedie_link(self: Any) -> str:
+    if self.link == "auto":
+        return "identity" if self.power <= 0 else "log"
+    return self.link
+
+
+LogisticRegression = _classifier(linear_model.LogisticRegression, _logreg_proba)
+LinearSVC = _classifier(svm.LinearSVC)
+SGDClassifier = _classifier(linear_model.SGDClassifier, _sgd_proba)
+LinearRegression = _regressor(linear_model.LinearRegression)
+Ridge = _regressor(linear_model.Ridge)
+Lasso = _regressor(linear_model.Lasso)
+ElasticNet = _regressor(linear_model.ElasticNet)
+LinearSVR = _regressor(svm.LinearSVR)
+SGDRegressor = _regressor(linear_model.SGDRegressor)
+PoissonRegressor = _regressor(linear_model.PoissonRegressor, _GLMBase, _power=lambda self: 1.0)
+GammaRegressor = _regressor(linear_model.GammaRegressor, _GLMBase, _power=lambda self: 2.0)
+TweedieRegressor = _regressor(linear_model.TweedieRegressor, _GLMBase,
+                              _power=lambda self: float(self.power), _link=_tweedie_link)
+
+ESTIMATORS: tuple[type, ...] = (
+    LogisticRegression, LinearSVC, SGDClassifier, LinearRegression, Ridge, Lasso, ElasticNet,
+    LinearSVR, SGDRegressor, PoissonRegressor, GammaRegressor, TweedieRegressor,
+)
+for _cls in ESTIMATORS:
+    _cls.__module__ = __name__
+    _cls.__qualname__ = _cls.__name__
+
+
+def from_sklearn_model(model: Any) -> EncryptedLinearModel:
+    """Convert any supported fitted scikit-learn model (or scaler Pipeline) to its veil class."""
+    final = model.steps[-1][1] if isinstance(model, Pipeline) else model
+    for cls in ESTIMATORS:
+        if type(final) is cls._sklearn_cls:
+            return cls.from_sklearn_model(model)
+    raise TypeError(f"no encrypted equivalent for {type(final).__name__}; supported: "
+                    f"{', '.join(c.__name__ for c in ESTIMATORS)}")
+

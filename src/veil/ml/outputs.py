@@ -1,0 +1,80 @@
+"""Client-side post-processing of decrypted linear outputs: classes, probabilities, inverse links.
+
+Everything non-linear happens here, after decryption, so the server only evaluates W x + b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.special import expit, softmax
+
+PROBA_KINDS = (None, "softmax", "ovr_log", "modified_huber")
+LINKS = ("identity", "log")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How raw scores become predictions, as scikit-learn's estimator would compute them."""
+
+    task: str
+    classes: tuple | None = None
+    proba: str | None = None
+    link: str = "identity"
+    tweedie_power: float | None = None
+    ravel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classifier", "regressor"):
+            raise ValueError(f"unknown task {self.task!r}")
+        if self.proba not in PROBA_KINDS or self.link not in LINKS:
+            raise ValueError(f"unknown proba {self.proba!r} or link {self.link!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.classes is not None:
+            d["classes"] = [c.item() if hasattr(c, "item") else c for c in self.classes]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OutputSpec:
+        d = dict(d)
+        if d.get("classes") is not None:
+            d["classes"] = tuple(d["classes"])
+        return cls(**d)
+
+    @property
+    def classes_array(self) -> np.ndarray:
+        return np.asarray(self.classes)
+
+    def decision(self, raw: np.ndarray) -> np.ndarray:
+        return raw[:, 0] if raw.shape[1] == 1 and self.ravel else raw
+
+    def predict(self, raw: np.ndarray) -> np.ndarray:
+        if self.task == "classifier":
+            classes = self.classes_array
+            if raw.shape[1] == 1:
+                return classes[(raw[:, 0] > 0).astype(int)]
+            return classes[np.argmax(raw, axis=1)]
+        out = np.exp(raw) if self.link == "log" else raw
+        return self.decision(out)
+
+    def predict_proba(self, raw: np.ndarray) -> np.ndarray:
+        if self.proba is None:
+            raise AttributeError("this model has no predict_proba")
+        if self.proba == "softmax":
+            if raw.shape[1] == 1:
+                p = expit(raw[:, 0])
+                return np.column_stack([1 - p, p])
+            return softmax(raw, axis=1)
+        if self.proba == "ovr_log":
+            p = expit(raw)
+        else:
+            p = (np.clip(raw, -1, 1) + 1) / 2
+        if raw.shape[1] == 1:
+            return np.column_stack([1 - p[:, 0], p[:, 0]])
+        total = p.sum(axis=1, keepdims=True)
+        zero = total[:, 0] == 0
+        p = np.divide(p, total, out=np.full_like(p, 1.0 / p.shape[1]), where=~zero[:, None])
+        return p
