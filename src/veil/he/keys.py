@@ -57,17 +57,15 @@ class PublicBundle:
     @classmethod
     def from_bytes(cls, data: bytes, context: HEContext | None = None) -> PublicBundle:
         """Load a bundle, refusing secret keys, unknown parameters and inconsistent key lists."""
-        try:
-            msg = wire.decode(data)
-        except WireFormatError:
-            raise
+        msg = wire.decode(data)
         if msg.kind == wire.Kind.SECRET_KEYS:
             raise KeyMaterialError("refused: this is a secret key; a server only accepts public bundles")
         if msg.kind != wire.Kind.PUBLIC_BUNDLE:
             raise WireFormatError(f"expected a PUBLIC_BUNDLE message, got {msg.kind.name}")
         head = msg.header
-        if set(head) - {"params", "fingerprint", "rotation_steps", "relin"}:
-            raise KeyMaterialError(f"unexpected fields in bundle: {sorted(set(head) - {'params', 'fingerprint', 'rotation_steps', 'relin'})}")
+        unknown = set(head) - {"params", "fingerprint", "rotation_steps", "relin"}
+        if unknown:
+            raise KeyMaterialError(f"unexpected fields in bundle: {sorted(unknown)}")
         params = CKKSParameters.from_dict(head.get("params") or {})
         if head.get("fingerprint") != params.fingerprint:
             raise WireFormatError("bundle fingerprint does not match its parameters")
@@ -75,7 +73,8 @@ class PublicBundle:
             context = HEContext(params)
         elif context.params != params:
             raise ParameterMismatchError(
-                f"bundle parameters {params.fingerprint} differ from the model's {context.params.fingerprint}")
+                f"bundle parameters {params.fingerprint} differ from the model's "
+                f"{context.params.fingerprint}")
         steps = tuple(int(s) for s in head.get("rotation_steps", []))
         relin = bool(head.get("relin", False))
         expected_blobs = (1 if steps else 0) + (1 if relin else 0)

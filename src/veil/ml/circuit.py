@@ -212,7 +212,8 @@ class LinearCircuit:
                 out.append(acc)
         return out
 
-    def simulate(self, X: np.ndarray, layout: str = "batch", rng: np.random.Generator | None = None) -> np.ndarray:
+    def simulate(self, X: np.ndarray, layout: str = "batch",
+                 rng: np.random.Generator | None = None) -> np.ndarray:
         """Plaintext emulation of `run`: same quantization, fresh-noise magnitude and modular
         wrap-around as the encrypted path, without encrypting."""
         s = self.scales[layout]

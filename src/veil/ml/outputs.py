@@ -68,10 +68,7 @@ class OutputSpec:
                 p = expit(raw[:, 0])
                 return np.column_stack([1 - p, p])
             return softmax(raw, axis=1)
-        if self.proba == "ovr_log":
-            p = expit(raw)
-        else:
-            p = (np.clip(raw, -1, 1) + 1) / 2
+        p = expit(raw) if self.proba == "ovr_log" else (np.clip(raw, -1, 1) + 1) / 2
         if raw.shape[1] == 1:
             return np.column_stack([1 - p[:, 0], p[:, 0]])
         total = p.sum(axis=1, keepdims=True)
