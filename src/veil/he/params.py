@@ -107,7 +107,8 @@ PRESETS: dict[str, CKKSParameters] = {
     "depth2": CKKSParameters(16384, (60, 40, 40, 60)),
 }
 """Depth counts rescalings. Depth-0 sets evaluate plaintext-weighted sums without rescaling (the
-product scale must fit the single data prime); "-rotations" adds a special prime for Galois keys."""
+product scale must fit the single data prime); "-rotations" adds a 49-bit special prime for Galois
+keys, whose key-switching noise is about 2^25 in absolute terms: rotate at scales of 2^45 or more."""
 
 
 def preset(name: str) -> CKKSParameters:

@@ -19,6 +19,9 @@ from veil.he.packing import BatchLayout, RowLayout, make_layout
 from veil.he.params import CKKSParameters, preset
 
 DEFAULT_HEADROOM = 16.0
+INPUT_HEADROOM = 2.0
+"""Inputs may be up to this many times the largest calibration magnitude; beyond it the client
+refuses them, because the output could then wrap around the modulus (a silent wrong answer)."""
 FRESH_NOISE_STD = 3.2
 """SEAL's error standard deviation per coefficient; fresh slot noise is this times sqrt(N/2)."""
 MIN_PRODUCT_BITS = 24
@@ -30,38 +33,44 @@ _COST_MS = {"batch": {"encrypt": 0.95, "mul": 0.06, "decrypt": 0.3},
 
 @dataclass(frozen=True)
 class LayoutScales:
-    """Parameters and fixed-point scales (as powers of two) of one layout."""
+    """Parameters, fixed-point scales (powers of two) and per-feature input bounds of a layout."""
 
     params: CKKSParameters
     input_bits: int
     weight_bits: int
+    input_bounds: tuple[float, ...]
 
     def to_dict(self) -> dict:
         return {"params": self.params.to_dict(), "input_bits": self.input_bits,
-                "weight_bits": self.weight_bits}
+                "weight_bits": self.weight_bits, "input_bounds": list(self.input_bounds)}
 
     @classmethod
     def from_dict(cls, d: dict) -> LayoutScales:
-        return cls(CKKSParameters.from_dict(d["params"]), int(d["input_bits"]), int(d["weight_bits"]))
+        return cls(CKKSParameters.from_dict(d["params"]), int(d["input_bits"]), int(d["weight_bits"]),
+                   tuple(float(v) for v in d["input_bounds"]))
 
 
-def choose_scales(params: CKKSParameters, max_in: float, max_w: float, max_out: float,
-                  headroom: float = DEFAULT_HEADROOM) -> LayoutScales:
-    """Split the data modulus between input and weight scales; refuse if outputs cannot fit."""
+def choose_scales(params: CKKSParameters, input_bounds: np.ndarray, W: np.ndarray,
+                  output_bound: float) -> LayoutScales:
+    """Split the data modulus between input and weight scales so that any output up to
+    `output_bound` fits, balancing the two error sources; refuse if precision would be too low."""
     data_bits = params.data_modulus_bits
-    out_bits = max(1, math.ceil(math.log2(max(max_out, 1e-12) * headroom)))
+    out_bits = max(1, math.ceil(math.log2(max(output_bound, 1e-12))))
     product = data_bits - 2 - out_bits
     if product < MIN_PRODUCT_BITS:
         raise PrecisionError(
-            f"outputs up to {max_out:.3g} (x{headroom} headroom) leave {product} bits of precision "
-            f"in a {data_bits}-bit modulus; scale the inputs or use a larger preset"
+            f"outputs up to {output_bound:.3g} leave {product} bits of precision in a "
+            f"{data_bits}-bit modulus; scale the inputs or use a larger preset"
         )
-    # Balance so that max|x| * 2^in_bits ~ max|w| * 2^w_bits: equal relative precision.
-    ratio = math.log2(max(max_w, 1e-12) / max(max_in, 1e-12))
-    in_bits = round((product + ratio) / 2)
-    in_cap = data_bits - 2 - max(0, math.ceil(math.log2(max(max_in, 1e-12) * headroom)))
+    # Output error ~ sum_f B_f 2^-w (weight rounding) + sum_f |w_f| sigma 2^-in (fresh noise):
+    # equal when in - w = log2(noise term / rounding term).
+    sigma = FRESH_NOISE_STD * math.sqrt(params.poly_modulus_degree / 2)
+    noise = max(float(np.max(np.sum(np.abs(W), axis=1))) * sigma, 1e-12)
+    rounding = max(float(np.sum(input_bounds)), 1e-12)
+    in_bits = round((product + math.log2(noise / rounding)) / 2)
+    in_cap = data_bits - 2 - max(0, math.ceil(math.log2(max(float(np.max(input_bounds)), 1e-12))))
     in_bits = int(min(max(in_bits, 8), product - 8, in_cap))
-    return LayoutScales(params, in_bits, product - in_bits)
+    return LayoutScales(params, in_bits, product - in_bits, tuple(float(v) for v in input_bounds))
 
 
 def quantize_weights(W: np.ndarray, bits: int) -> np.ndarray:
@@ -113,18 +122,27 @@ class LinearCircuit:
 
     @classmethod
     def calibrate(cls, weights: np.ndarray, bias: np.ndarray, X: np.ndarray,
-                  headroom: float = DEFAULT_HEADROOM, presets: dict[str, str] | None = None) -> LinearCircuit:
-        """Choose scales for each layout from calibration inputs X."""
+                  headroom: float = DEFAULT_HEADROOM, presets: dict[str, str] | None = None,
+                  input_bounds: float | np.ndarray | None = None) -> LinearCircuit:
+        """Choose scales for each layout from calibration inputs X: any input whose every feature
+        satisfies |x_f| <= INPUT_HEADROOM * max|X_f| (or the explicit `input_bounds`) is guaranteed
+        not to overflow. Features constant at zero in X get the largest bound of any feature."""
         W = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         b = np.asarray(bias, dtype=np.float64).ravel()
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != W.shape[1] or len(X) == 0:
             raise ShapeError(f"calibration data must be (n>0, {W.shape[1]}), got {X.shape}")
-        max_in = float(np.max(np.abs(X)))
-        max_out = float(np.max(np.abs(X @ W.T + b)))
-        max_w = float(np.max(np.abs(W)))
+        if input_bounds is None:
+            bounds = np.max(np.abs(X), axis=0) * INPUT_HEADROOM
+            bounds[bounds == 0] = max(float(bounds.max()), 1.0)
+        else:
+            bounds = np.broadcast_to(np.abs(np.asarray(input_bounds, dtype=np.float64)), (W.shape[1],)).copy()
+            if np.any(np.abs(X) > bounds):
+                raise PrecisionError("calibration data exceed the given input_bounds")
+        observed = float(np.max(np.abs(X @ W.T + b))) * headroom
+        worst = float(np.max(np.abs(W) @ bounds + np.abs(b)))
         chosen = dict(DEFAULT_PRESETS, **(presets or {}))
-        scales = {name: choose_scales(preset(p), max_in, max_w, max_out, headroom)
+        scales = {name: choose_scales(preset(p), bounds, W, max(observed, worst))
                   for name, p in chosen.items()}
         return cls(W, b, scales)
 
@@ -150,8 +168,8 @@ class LinearCircuit:
     def client_spec(self) -> dict:
         """What a client needs to encrypt and decrypt: no weights."""
         return {"n_features": self.n_features, "n_outputs": self.n_outputs,
-                "scales": {k: {"params": v.params.to_dict(), "input_bits": v.input_bits}
-                           for k, v in self.scales.items()}}
+                "scales": {k: {"params": v.params.to_dict(), "input_bits": v.input_bits,
+                               "input_bounds": list(v.input_bounds)} for k, v in self.scales.items()}}
 
     def run(self, request: bytes, bundle: PublicBundle) -> bytes:
         """Evaluate the map on an encrypted request; the answer is ciphertexts only."""
@@ -214,19 +232,27 @@ class LinearCircuit:
 
     def simulate(self, X: np.ndarray, layout: str = "batch",
                  rng: np.random.Generator | None = None) -> np.ndarray:
-        """Plaintext emulation of `run`: same quantization, fresh-noise magnitude and modular
-        wrap-around as the encrypted path, without encrypting."""
+        """Plaintext emulation of `run`: same input check, quantization and fresh-noise magnitude
+        as the encrypted path, without encrypting."""
         s = self.scales[layout]
+        check_bound(np.asarray(X), s.input_bounds)
         rng = rng if rng is not None else np.random.default_rng()
         Xq = np.round(np.asarray(X, dtype=np.float64) * 2.0**s.input_bits) / 2.0**s.input_bits
         Wq = quantize_weights(self.weights, s.weight_bits)
         Y = Xq @ Wq.T + self.bias
         noise_std = FRESH_NOISE_STD * math.sqrt(s.params.poly_modulus_degree / 2) / 2.0**s.input_bits
-        Y = Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
-        half = 2.0 ** (s.params.data_modulus_bits - 1)
-        scaled = Y * 2.0 ** (s.input_bits + s.weight_bits)
-        wrapped = np.mod(scaled + half, 2 * half) - half
-        return wrapped / 2.0 ** (s.input_bits + s.weight_bits)
+        return Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
+
+
+def check_bound(X: np.ndarray, bounds: tuple[float, ...] | np.ndarray) -> None:
+    """Refuse inputs whose magnitude could make an output wrap around the modulus."""
+    excess = np.abs(X) > np.asarray(bounds)
+    if excess.any():
+        row, f = (int(i[0]) for i in np.nonzero(excess))
+        raise PrecisionError(
+            f"feature {f} of sample {row} is {X[row, f]:.4g}, beyond +/-{bounds[f]:.4g}, the range "
+            "the model was compiled for; recompile with calibration data covering it"
+        )
 
 
 def _peek_header(data: bytes) -> dict:
@@ -241,6 +267,8 @@ class CircuitClient:
         self.n_outputs = int(spec["n_outputs"])
         self.params = {k: CKKSParameters.from_dict(v["params"]) for k, v in spec["scales"].items()}
         self.input_bits = {k: int(v["input_bits"]) for k, v in spec["scales"].items()}
+        self.input_bounds = {k: tuple(float(b) for b in v["input_bounds"])
+                             for k, v in spec["scales"].items()}
         self._keys: dict[str, SecretKeys] = {}
 
     def layout(self, name: str) -> BatchLayout | RowLayout:
@@ -281,6 +309,7 @@ class CircuitClient:
     def encrypt(self, X: np.ndarray, layout: str) -> bytes:
         X = self.check_input(X)
         keys, lay = self.keys(layout), self.layout(layout)
+        check_bound(X, self.input_bounds[layout])
         scale = 2.0 ** self.input_bits[layout]
         cts = [keys.encrypt(v, scale) for v in lay.pack(X)]
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn import linear_model, svm
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
@@ -71,8 +72,16 @@ class EncryptedLinearModel(BaseEstimator):
     def _make_sklearn(self) -> Any:
         return self._sklearn_cls(**self.get_params())
 
+    def __sklearn_tags__(self) -> Any:
+        tags = self._make_sklearn().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        return tags
+
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> EncryptedLinearModel:
         """Fit the underlying scikit-learn estimator (plaintext training); returns self."""
+        if sp.issparse(X):
+            raise TypeError("sparse input is not supported: encrypted inference packs dense "
+                            "features into CKKS slots; pass X.toarray()")
         model = self._make_sklearn()
         if sample_weight is None:
             model.fit(X, y)
@@ -82,6 +91,9 @@ class EncryptedLinearModel(BaseEstimator):
         return self
 
     def _absorb(self, model: Any, scalers: tuple = ()) -> None:
+        for name, value in vars(model).items():
+            if name.endswith("_") and not name.startswith("_"):
+                setattr(self, name, value)
         self.sklearn_model_ = model
         coef = np.asarray(model.coef_, dtype=np.float64)
         W = np.atleast_2d(coef)
@@ -89,14 +101,12 @@ class EncryptedLinearModel(BaseEstimator):
                             (W.shape[0],)).copy()
         for scaler in reversed(scalers):
             W, b = _fold_scaler(scaler, W, b)
-        self.coef_ = model.coef_
-        self.intercept_ = model.intercept_
         self.weights_, self.bias_ = W, b
         self.n_features_in_ = W.shape[1]
-        if hasattr(model, "feature_names_in_") and not scalers:
-            self.feature_names_in_ = model.feature_names_in_
-        if self._task == "classifier":
-            self.classes_ = model.classes_
+        if scalers:
+            self.__dict__.pop("feature_names_in_", None)
+            if hasattr(scalers[0], "feature_names_in_"):
+                self.feature_names_in_ = scalers[0].feature_names_in_
         self.output_spec_ = self._output_spec(model, coef)
         for attr in ("circuit_", "fhe_client_"):
             self.__dict__.pop(attr, None)
@@ -118,12 +128,16 @@ class EncryptedLinearModel(BaseEstimator):
         est._absorb(model, scalers)
         return est
 
-    def compile(self, X: Any, headroom: float = DEFAULT_HEADROOM,
-                presets: dict[str, str] | None = None) -> EncryptedLinearModel:
-        """Calibrate CKKS scales on representative inputs so outputs fit the modulus; returns self."""
+    def compile(self, X: Any, headroom: float = DEFAULT_HEADROOM, presets: dict[str, str] | None = None,
+                input_bounds: float | np.ndarray | None = None) -> EncryptedLinearModel:
+        """Calibrate CKKS scales on representative inputs so outputs fit the modulus; returns self.
+
+        `input_bounds` (scalar or per feature) states the largest |x| the model must accept; by
+        default twice the largest magnitude in X. Inputs beyond it are refused with PrecisionError."""
         check_is_fitted(self, "weights_")
         X = self._check_X(X)
-        self.circuit_ = LinearCircuit.calibrate(self.weights_, self.bias_, X, headroom, presets)
+        self.circuit_ = LinearCircuit.calibrate(self.weights_, self.bias_, X, headroom, presets,
+                                                input_bounds)
         self.__dict__.pop("fhe_client_", None)
         return self
 
@@ -196,10 +210,12 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
 
     def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
         """Signed distance (binary) or per-class scores, as scikit-learn returns them."""
-        return self.output_spec_.decision(self._raw(X, fhe, layout))
+        raw = self._raw(X, fhe, layout)
+        return self.output_spec_.decision(raw)
 
     def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        return self.output_spec_.predict(self._raw(X, fhe, layout))
+        raw = self._raw(X, fhe, layout)
+        return self.output_spec_.predict(raw)
 
     def _has_proba(self) -> bool:
         check_is_fitted(self, "output_spec_")
@@ -208,7 +224,8 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
     @available_if(_has_proba)
     def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
         """Class probabilities, computed on the client after decryption."""
-        return self.output_spec_.predict_proba(self._raw(X, fhe, layout))
+        raw = self._raw(X, fhe, layout)
+        return self.output_spec_.predict_proba(raw)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
         return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
@@ -218,7 +235,8 @@ class _RegressorBase(RegressorMixin, EncryptedLinearModel):
     _task = "regressor"
 
     def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        return self.output_spec_.predict(self._raw(X, fhe, layout))
+        raw = self._raw(X, fhe, layout)
+        return self.output_spec_.predict(raw)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
         return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
