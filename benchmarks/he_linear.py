@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ TARGET_LATENCY_MS = 20.0
 TARGET_RATIO = 1000.0
 TARGET_DIGITS_THROUGHPUT = 10_000.0
 THROUGHPUT_N = 10_000
+FEATURES = {"digits": "raw pixel counts 0..16", "iris": "standardized (x - mean) / std(ddof=1), as the seed"}
 SEED_PARAMS = {"poly_modulus_degree": 2**14, "scale": 2.0**30, "coeff_modulus_bits": [60, 30, 30, 30, 60]}
 SEED_ROWS_FULL = 150
 SEED_ROWS_QUICK = 30
@@ -279,11 +281,14 @@ def seed_server(request: bytes, coef: np.ndarray, intercept: np.ndarray) -> byte
 
 
 def bench_seed(model: Any, X: np.ndarray, rows: int) -> dict:
-    """Time the seed method once on the first `rows` standardized iris rows, keys included."""
+    """Time the seed method once on `rows` standardized iris rows (all 150 by default; an evenly
+    spaced subset otherwise, since iris is sorted by class), keys included in the request."""
     t0 = time.perf_counter()
     client = SeedClient()
     keygen_s = time.perf_counter() - t0
-    X1 = np.hstack([X[:rows], np.ones((rows, 1))])
+    X = X[np.unique(np.linspace(0, len(X) - 1, rows).round().astype(int))]
+    rows = len(X)
+    X1 = np.hstack([X, np.ones((rows, 1))])
     n_classes = len(model.classes_)
     t0 = time.perf_counter()
     req = client.request(X1)
@@ -293,8 +298,8 @@ def bench_seed(model: Any, X: np.ndarray, rows: int) -> dict:
     logits = client.decrypt(resp, n_classes)
     pred = model.classes_[np.argmax(logits, axis=1)]
     t3 = time.perf_counter()
-    plain = model.decision_function(X[:rows])
-    agree = float(np.mean(pred == model.predict(X[:rows])))
+    plain = model.decision_function(X)
+    agree = float(np.mean(pred == model.predict(X)))
     timing = Timing(t1 - t0, t2 - t1, t3 - t2, len(req), len(resp))
     key_bytes = sum(len(b) for b in unframe(req)[:4])
     return {
@@ -323,6 +328,24 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "machine": platform.machine(),
             "processor": platform.processor() or None, "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "cpus_usable": affinity}
+
+
+def git_state() -> dict:
+    """Commit the numbers were measured on, and whether src/ had uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=repo,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "src_dirty": None}
+    return {"commit": commit, "src_dirty": bool(status.strip())}
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: other processes on the machine distort the timings."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def versions() -> dict:
@@ -442,7 +465,8 @@ def print_summary(results: dict) -> None:
     for name, t in results["targets"].items():
         value = "n/a" if t["value"] is None else f"{t['value']:.4g}"
         print(f"{'PASS' if t['pass'] else 'FAIL'}  {name}: {value} (target {t['target']})")
-    print(f"runtime {results['runtime_s']:.1f} s")
+    print(f"runtime {results['runtime_s']:.1f} s; load average at start {results['load_average_start']}, "
+          f"at end {results['load_average_end']}")
 
 
 def timed(label: str, fn: Callable[[], Any]) -> Any:
@@ -463,6 +487,7 @@ def setup(results: dict) -> tuple[dict[str, VeilSession], dict[str, np.ndarray]]
         sessions[name], data[name] = VeilSession(model), X
         results["models"][name] = {
             "n_rows": len(X), "n_features": X.shape[1], "n_classes": len(model.classes_),
+            "features": FEATURES[name], "estimator": "veil.ml.LogisticRegression(max_iter=2000)",
             "train_accuracy": float(model.score(X, y)),
             "scales": {k: v.to_dict() for k, v in model.circuit_.scales.items()}}
         for layout in LAYOUTS:
@@ -514,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "benchmark": "he_linear",
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "quick": args.quick, "machine": machine_info(), "versions": versions(),
+        "quick": args.quick, "machine": machine_info(), "versions": versions(), "git": git_state(),
+        "load_average_start": load_average(),
         "config": {"n_grid": list(grid), "row_layout_cap": QUICK_ROW_CAP if args.quick else FULL_ROW_CAP,
                    "latency_runs": latency_runs,
                    "repeats": {str(n): repeats_for(n, args.quick) for n in grid},
@@ -537,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                                    lambda: bench_seed(sessions["iris"].model, data["iris"], seed_rows))
     results["targets"] = make_targets(results["runs"], results["latency"], results["seed_method"])
     results["runtime_s"] = time.perf_counter() - start
+    results["load_average_end"] = load_average()
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "he_linear.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -31,7 +31,9 @@ def test_artefacts_hold_no_secrets_and_client_holds_no_weights(deployed):
     _, path, _ = deployed
     server = json.loads((path / ml.linear.SERVER_FILE).read_text())
     client = json.loads((path / ml.linear.CLIENT_FILE).read_text())
-    assert "weights" in server["circuit"] and "weights" not in json.dumps(client)
+    assert "weights" in server["circuit"] and "weights" not in client["circuit"]
+    client_text = json.dumps(client)
+    assert not any(repr(float(w)) in client_text for w in server["circuit"]["weights"][0])
     for text in (json.dumps(server), json.dumps(client)):
         assert "secret" not in text.lower()
 
@@ -109,6 +111,7 @@ def test_response_from_other_parameters_is_refused(deployed):
     response = server.run(request, server.load_bundle(client.public_bundle_bytes("batch")))
     msg = wire.decode(response)
     forged = wire.Message(msg.kind, dict(msg.header, layout="row"), msg.blobs).to_bytes()
+    client.keys("row")
     with pytest.raises(ParameterMismatchError):
         client.decrypt(forged)
 
@@ -122,8 +125,14 @@ def test_client_input_validation(deployed):
         client.encrypt(np.empty((0, X.shape[1])))
     with pytest.raises(ValueError, match="NaN"):
         client.encrypt(np.full((1, X.shape[1]), np.nan))
-    with pytest.raises(PrecisionError, match="beyond"):
+    with pytest.raises(PrecisionError, match="outside the range"):
         client.encrypt(X[:2] * 100)
+    fresh = ml.ModelClient.load(path)
+    _, request = client.encrypt(X[:2], "batch")
+    server = ml.ModelServer.load(path)
+    response = server.run(request, server.load_bundle(client.public_bundle_bytes("batch")))
+    with pytest.raises(KeyMaterialError, match="no 'batch' keys"):
+        fresh.decrypt(response)
 
 
 def test_bad_artefacts(tmp_path):
@@ -154,11 +163,28 @@ def test_modes_and_compile_errors():
         model.compile(X * 1e12)
 
 
-def test_explicit_input_bounds_accept_the_declared_range():
+def test_input_limits_accept_the_declared_range_and_unseen_pixels():
     X, y = load("digits", scaled=False)
     model = ml.LogisticRegression(max_iter=2000).fit(X, y).compile(X[:100], input_bounds=16.0)
     probe = np.full((1, 64), 16.0)
     assert np.array_equal(model.predict(probe, fhe="execute"), model.predict(probe))
+    default = ml.LogisticRegression(max_iter=2000).fit(X, y).compile(X[:300])
+    unseen = np.abs(X[300:]).max(axis=0) > 2 * np.abs(X[:300]).max(axis=0)
+    assert unseen.any(), "some pixels exceed twice their calibration maximum"
+    assert np.array_equal(default.predict(X[300:], fhe="execute"), default.predict(X[300:]))
+
+
+def test_input_limit_guarantees_no_wrap_around():
+    """Anything the client accepts decrypts correctly, even at the edge of the limit."""
+    X, y = load("iris")
+    model = ml.LogisticRegression().fit(X, y).compile(X)
+    limit = model.circuit_.scales["batch"].input_limit
+    a = np.asarray(limit.magnitudes)
+    edge = np.sign(model.weights_[0]) * (limit.limit / a.sum()) * 0.999
+    out = model.decision_function(edge[None, :], fhe="execute", layout="batch")
+    np.testing.assert_allclose(out, model.decision_function(edge[None, :]), rtol=1e-3)
+    with pytest.raises(PrecisionError):
+        model.predict(edge[None, :] * 1.01, fhe="execute")
 
 
 def test_simulate_reflects_precision_of_execute():

@@ -53,9 +53,11 @@ class HEContext:
         head = dict(header, params=self.params.fingerprint)
         return wire.Message(wire.Kind.CIPHERTEXTS, head, [ct.to_string() for ct in cts]).to_bytes()
 
-    def unpack(self, data: bytes) -> tuple[dict, list[seal.Ciphertext]]:
-        """Parse a ciphertext message made under this parameter set; typed errors otherwise."""
-        msg = wire.decode(data, wire.Kind.CIPHERTEXTS)
+    def unpack(self, data: bytes | wire.Message) -> tuple[dict, list[seal.Ciphertext]]:
+        """Parse a ciphertext message (bytes, or already decoded) made under this parameter set."""
+        msg = data if isinstance(data, wire.Message) else wire.decode(data, wire.Kind.CIPHERTEXTS)
+        if msg.kind != wire.Kind.CIPHERTEXTS:
+            raise WireFormatError(f"expected a CIPHERTEXTS message, got {msg.kind.name}")
         if msg.header.get("params") != self.params.fingerprint:
             raise ParameterMismatchError(
                 f"ciphertexts were made for parameters {msg.header.get('params')!r}, "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import seal
 
-from veil.errors import PrecisionError, ShapeError
+from veil.errors import KeyMaterialError, PrecisionError, ShapeError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
 from veil.he.packing import BatchLayout, RowLayout, make_layout
 from veil.he.params import CKKSParameters, preset
@@ -32,30 +32,73 @@ _COST_MS = {"batch": {"encrypt": 0.95, "mul": 0.06, "decrypt": 0.3},
 
 
 @dataclass(frozen=True)
+class InputLimit:
+    """What a client checks before encrypting, so no output can wrap around the modulus:
+    sum_f magnitudes[f] * |x_f| <= limit, and every |x_f| <= value_limit. `magnitudes` are the
+    largest |W| per feature rounded up to a power of two (a coarse bound, not the model)."""
+
+    magnitudes: tuple[float, ...]
+    limit: float
+    value_limit: float
+
+    def to_dict(self) -> dict:
+        return {"magnitudes": list(self.magnitudes), "limit": self.limit, "value_limit": self.value_limit}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputLimit:
+        return cls(tuple(float(w) for w in d["magnitudes"]), float(d["limit"]), float(d["value_limit"]))
+
+    def check(self, X: np.ndarray) -> None:
+        """Raise PrecisionError naming the first sample the model was not compiled for."""
+        absx = np.abs(X)
+        load = absx @ np.asarray(self.magnitudes)
+        bad = np.nonzero((load > self.limit) | (absx.max(axis=1) > self.value_limit))[0]
+        if bad.size:
+            i = int(bad[0])
+            raise PrecisionError(
+                f"sample {i} is outside the range the model was compiled for (weighted magnitude "
+                f"{load[i]:.4g} > {self.limit:.4g} or a value above {self.value_limit:.4g}); "
+                "recompile with calibration data or input_bounds covering it"
+            )
+
+
+@dataclass(frozen=True)
 class LayoutScales:
-    """Parameters, fixed-point scales (powers of two) and per-feature input bounds of a layout."""
+    """Parameters, fixed-point scales (powers of two) and the input limit of one layout."""
 
     params: CKKSParameters
     input_bits: int
     weight_bits: int
-    input_bounds: tuple[float, ...]
+    input_limit: InputLimit
 
     def to_dict(self) -> dict:
         return {"params": self.params.to_dict(), "input_bits": self.input_bits,
-                "weight_bits": self.weight_bits, "input_bounds": list(self.input_bounds)}
+                "weight_bits": self.weight_bits, "input_limit": self.input_limit.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LayoutScales:
         return cls(CKKSParameters.from_dict(d["params"]), int(d["input_bits"]), int(d["weight_bits"]),
-                   tuple(float(v) for v in d["input_bounds"]))
+                   InputLimit.from_dict(d["input_limit"]))
 
 
-def choose_scales(params: CKKSParameters, input_bounds: np.ndarray, W: np.ndarray,
-                  output_bound: float) -> LayoutScales:
-    """Split the data modulus between input and weight scales so that any output up to
-    `output_bound` fits, balancing the two error sources; refuse if precision would be too low."""
+def input_weights(W: np.ndarray) -> np.ndarray:
+    """Largest |W| per feature, rounded up to a power of two (0 for unused features)."""
+    peak = np.max(np.abs(W), axis=0)
+    out = np.zeros_like(peak)
+    used = peak > 0
+    out[used] = 2.0 ** np.ceil(np.log2(peak[used]))
+    return out
+
+
+def choose_scales(params: CKKSParameters, input_bounds: np.ndarray, W: np.ndarray, bias: np.ndarray,
+                  observed: float) -> LayoutScales:
+    """Split the data modulus between input and weight scales so that any output of an input
+    within `input_bounds` (or of weighted magnitude up to the resulting limit) fits, balancing the
+    two error sources; refuse if too few bits would be left for precision."""
     data_bits = params.data_modulus_bits
-    out_bits = max(1, math.ceil(math.log2(max(output_bound, 1e-12))))
+    a, bias_max = input_weights(W), float(np.max(np.abs(bias)))
+    output_bound = max(observed, float(a @ input_bounds) + bias_max, 1e-12)
+    out_bits = max(1, math.ceil(math.log2(output_bound)))
     product = data_bits - 2 - out_bits
     if product < MIN_PRODUCT_BITS:
         raise PrecisionError(
@@ -70,7 +113,9 @@ def choose_scales(params: CKKSParameters, input_bounds: np.ndarray, W: np.ndarra
     in_bits = round((product + math.log2(noise / rounding)) / 2)
     in_cap = data_bits - 2 - max(0, math.ceil(math.log2(max(float(np.max(input_bounds)), 1e-12))))
     in_bits = int(min(max(in_bits, 8), product - 8, in_cap))
-    return LayoutScales(params, in_bits, product - in_bits, tuple(float(v) for v in input_bounds))
+    limit = InputLimit(tuple(float(v) for v in a), 2.0**out_bits - bias_max,
+                       2.0 ** (data_bits - 2 - in_bits))
+    return LayoutScales(params, in_bits, product - in_bits, limit)
 
 
 def quantize_weights(W: np.ndarray, bits: int) -> np.ndarray:
@@ -110,7 +155,7 @@ class LinearCircuit:
             raise ShapeError("bias length must equal the number of weight rows")
         self.scales = scales
         self._contexts: dict[str, HEContext] = {}
-        self._row_plain: dict[str, list[tuple[seal.Plaintext, np.ndarray]]] = {}
+        self._row_weights: list[tuple[seal.Plaintext, seal.Plaintext]] | None = None
 
     @property
     def n_features(self) -> int:
@@ -124,9 +169,9 @@ class LinearCircuit:
     def calibrate(cls, weights: np.ndarray, bias: np.ndarray, X: np.ndarray,
                   headroom: float = DEFAULT_HEADROOM, presets: dict[str, str] | None = None,
                   input_bounds: float | np.ndarray | None = None) -> LinearCircuit:
-        """Choose scales for each layout from calibration inputs X: any input whose every feature
-        satisfies |x_f| <= INPUT_HEADROOM * max|X_f| (or the explicit `input_bounds`) is guaranteed
-        not to overflow. Features constant at zero in X get the largest bound of any feature."""
+        """Choose scales for each layout from calibration inputs X. Any input with
+        |x_f| <= INPUT_HEADROOM * max|X_f| for every feature (or within the explicit `input_bounds`)
+        is accepted and guaranteed not to overflow; so is anything of no larger weighted magnitude."""
         W = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         b = np.asarray(bias, dtype=np.float64).ravel()
         X = np.asarray(X, dtype=np.float64)
@@ -134,22 +179,38 @@ class LinearCircuit:
             raise ShapeError(f"calibration data must be (n>0, {W.shape[1]}), got {X.shape}")
         if input_bounds is None:
             bounds = np.max(np.abs(X), axis=0) * INPUT_HEADROOM
-            bounds[bounds == 0] = max(float(bounds.max()), 1.0)
         else:
             bounds = np.broadcast_to(np.abs(np.asarray(input_bounds, dtype=np.float64)), (W.shape[1],)).copy()
             if np.any(np.abs(X) > bounds):
                 raise PrecisionError("calibration data exceed the given input_bounds")
         observed = float(np.max(np.abs(X @ W.T + b))) * headroom
-        worst = float(np.max(np.abs(W) @ bounds + np.abs(b)))
         chosen = dict(DEFAULT_PRESETS, **(presets or {}))
-        scales = {name: choose_scales(preset(p), bounds, W, max(observed, worst))
-                  for name, p in chosen.items()}
+        scales = {name: choose_scales(preset(p), bounds, W, b, observed) for name, p in chosen.items()}
         return cls(W, b, scales)
 
     def context(self, layout: str) -> HEContext:
         if layout not in self._contexts:
             self._contexts[layout] = HEContext(self.scales[layout].params)
         return self._contexts[layout]
+
+    def prepare(self) -> LinearCircuit:
+        """Build SEAL contexts and encode the row-layout weights now rather than on first request."""
+        for name in self.scales:
+            self.context(name)
+        if "row" in self.scales:
+            self.row_weights()
+        return self
+
+    def row_weights(self) -> list[tuple[seal.Plaintext, seal.Plaintext]]:
+        """Encoded (weights, bias) plaintexts per output group of the row layout, cached."""
+        if self._row_weights is None:
+            ctx, s = self.context("row"), self.scales["row"]
+            layout = self.layout("row")
+            Wq = quantize_weights(self.weights, s.weight_bits)
+            scale_w = 2.0**s.weight_bits
+            self._row_weights = [(ctx.encode(wv, scale_w), ctx.encode(bv, scale_w * 2.0**s.input_bits))
+                                 for wv, bv in layout.weight_vectors(Wq, self.bias)]
+        return self._row_weights
 
     def layout(self, name: str) -> BatchLayout | RowLayout:
         if name not in self.scales:
@@ -169,18 +230,18 @@ class LinearCircuit:
         """What a client needs to encrypt and decrypt: no weights."""
         return {"n_features": self.n_features, "n_outputs": self.n_outputs,
                 "scales": {k: {"params": v.params.to_dict(), "input_bits": v.input_bits,
-                               "input_bounds": list(v.input_bounds)} for k, v in self.scales.items()}}
+                               "input_limit": v.input_limit.to_dict()} for k, v in self.scales.items()}}
 
     def run(self, request: bytes, bundle: PublicBundle) -> bytes:
         """Evaluate the map on an encrypted request; the answer is ciphertexts only."""
-        msg = _peek_header(request)
-        name = msg.get("layout")
+        msg = wire.decode(request, wire.Kind.CIPHERTEXTS)
+        name = msg.header.get("layout")
         layout = self.layout(name)
         ctx = self.context(name)
         if bundle.params != ctx.params:
             raise ShapeError(f"key bundle is for parameters {bundle.params.fingerprint}, "
                              f"the {name} layout needs {ctx.params.fingerprint}")
-        header, cts = ctx.unpack(request)
+        header, cts = ctx.unpack(msg)
         n, f = header.get("n_samples"), header.get("n_features")
         if not isinstance(n, int) or n <= 0 or f != self.n_features:
             raise ShapeError(f"request declares {n} samples of {f} features; model expects "
@@ -215,18 +276,14 @@ class LinearCircuit:
         missing = set(layout.rotation_steps) - set(bundle.rotation_steps)
         if missing:
             raise ShapeError(f"key bundle lacks Galois keys for rotation steps {sorted(missing)}")
-        ev, wbits = ctx.evaluator, self.scales["row"].weight_bits
-        if "row" not in self._row_plain:
-            Wq = quantize_weights(self.weights, wbits)
-            self._row_plain["row"] = [(ctx.encode(wv, 2.0**wbits), bv)
-                                      for wv, bv in layout.weight_vectors(Wq, self.bias)]
+        ev = ctx.evaluator
         out = []
         for ct in cts:
-            for wplain, bvec in self._row_plain["row"]:
+            for wplain, bplain in self.row_weights():
                 acc = ev.multiply_plain(ct, wplain)
                 for step in layout.rotation_steps:
                     ev.add_inplace(acc, ev.rotate_vector(acc, step, bundle.galois_keys))
-                ev.add_plain_inplace(acc, ctx.encode(bvec, acc.scale()))
+                ev.add_plain_inplace(acc, bplain)
                 out.append(acc)
         return out
 
@@ -235,28 +292,13 @@ class LinearCircuit:
         """Plaintext emulation of `run`: same input check, quantization and fresh-noise magnitude
         as the encrypted path, without encrypting."""
         s = self.scales[layout]
-        check_bound(np.asarray(X), s.input_bounds)
+        s.input_limit.check(np.asarray(X))
         rng = rng if rng is not None else np.random.default_rng()
         Xq = np.round(np.asarray(X, dtype=np.float64) * 2.0**s.input_bits) / 2.0**s.input_bits
         Wq = quantize_weights(self.weights, s.weight_bits)
         Y = Xq @ Wq.T + self.bias
         noise_std = FRESH_NOISE_STD * math.sqrt(s.params.poly_modulus_degree / 2) / 2.0**s.input_bits
         return Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
-
-
-def check_bound(X: np.ndarray, bounds: tuple[float, ...] | np.ndarray) -> None:
-    """Refuse inputs whose magnitude could make an output wrap around the modulus."""
-    excess = np.abs(X) > np.asarray(bounds)
-    if excess.any():
-        row, f = (int(i[0]) for i in np.nonzero(excess))
-        raise PrecisionError(
-            f"feature {f} of sample {row} is {X[row, f]:.4g}, beyond +/-{bounds[f]:.4g}, the range "
-            "the model was compiled for; recompile with calibration data covering it"
-        )
-
-
-def _peek_header(data: bytes) -> dict:
-    return wire.decode(data, wire.Kind.CIPHERTEXTS).header
 
 
 class CircuitClient:
@@ -267,8 +309,7 @@ class CircuitClient:
         self.n_outputs = int(spec["n_outputs"])
         self.params = {k: CKKSParameters.from_dict(v["params"]) for k, v in spec["scales"].items()}
         self.input_bits = {k: int(v["input_bits"]) for k, v in spec["scales"].items()}
-        self.input_bounds = {k: tuple(float(b) for b in v["input_bounds"])
-                             for k, v in spec["scales"].items()}
+        self.input_limits = {k: InputLimit.from_dict(v["input_limit"]) for k, v in spec["scales"].items()}
         self._keys: dict[str, SecretKeys] = {}
 
     def layout(self, name: str) -> BatchLayout | RowLayout:
@@ -309,17 +350,21 @@ class CircuitClient:
     def encrypt(self, X: np.ndarray, layout: str) -> bytes:
         X = self.check_input(X)
         keys, lay = self.keys(layout), self.layout(layout)
-        check_bound(X, self.input_bounds[layout])
+        self.input_limits[layout].check(X)
         scale = 2.0 ** self.input_bits[layout]
         cts = [keys.encrypt(v, scale) for v in lay.pack(X)]
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X),
                                        "n_features": self.n_features})
 
     def decrypt(self, response: bytes) -> np.ndarray:
-        header = _peek_header(response)
-        layout = header.get("layout")
-        keys, lay = self.keys(layout), self.layout(layout)
-        header, cts = keys.context.unpack(response)
+        msg = wire.decode(response, wire.Kind.CIPHERTEXTS)
+        layout = msg.header.get("layout")
+        lay = self.layout(layout)
+        if layout not in self._keys:
+            raise KeyMaterialError(f"this client holds no {layout!r} keys: the response was not "
+                                   "encrypted for it")
+        keys = self._keys[layout]
+        header, cts = keys.context.unpack(msg)
         n = header.get("n_samples")
         if header.get("n_outputs") != self.n_outputs or not isinstance(n, int) or n <= 0:
             raise ShapeError("response does not match this model's outputs")

@@ -44,7 +44,7 @@ class ModelServer:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelServer:
-        return cls(LinearCircuit.from_dict(data["circuit"]), data.get("model", ""))
+        return cls(LinearCircuit.from_dict(data["circuit"]).prepare(), data.get("model", ""))
 
     def load_bundle(self, data: bytes) -> PublicBundle:
         """Parse a client's public bundle (a secret key is refused with KeyMaterialError)."""
