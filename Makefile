@@ -6,10 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean install
 
+# torch is installed first, pinned, from the CPU wheel on disk (/opt/wheels) when present, so
+# that nothing resolves a newer CUDA build from the registry.
+TORCH := torch==2.13.0
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q $(FIND_LINKS) '$(TORCH)'
+	$(BIN)/pip install -q $(FIND_LINKS) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
