@@ -106,18 +106,20 @@ class RowLayout:
     def n_output_cts(self, n_samples: int) -> int:
         return self.n_input_cts(n_samples) * self.n_groups
 
+    def _slot_index(self, n_samples: int) -> np.ndarray:
+        """Slot of (sample j, output-in-group k) block starts: shape (n_samples, group)."""
+        j = np.arange(n_samples) % self.samples_per_ct
+        return j[:, None] * self.stride + np.arange(self.group)[None, :] * self.block
+
     def pack(self, X: np.ndarray) -> list[np.ndarray]:
-        out = []
-        spc, F = self.samples_per_ct, self.n_features
-        for k in range(self.n_input_cts(len(X))):
-            rows = X[k * spc:(k + 1) * spc]
-            v = np.zeros(self.slots)
-            for j, row in enumerate(rows):
-                for g in range(self.group):
-                    start = j * self.stride + g * self.block
-                    v[start:start + F] = row
-            out.append(v)
-        return out
+        n, spc, F = len(X), self.samples_per_ct, self.n_features
+        n_ct = self.n_input_cts(n)
+        flat = np.zeros((n_ct, self.slots))
+        starts = self._slot_index(n)
+        cts = np.arange(n) // spc
+        cols = starts[:, :, None] + np.arange(F)[None, None, :]
+        flat[cts[:, None, None], cols] = X[:, None, :]
+        return list(flat)
 
     def weight_vectors(self, W: np.ndarray, b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per output group: (weight slot vector, bias slot vector) aligned with `pack`."""
@@ -137,17 +139,11 @@ class RowLayout:
 
     def unpack(self, vectors: list[np.ndarray], n_samples: int) -> np.ndarray:
         """Outputs from decrypted vectors in order (input ciphertext, output group)."""
-        Y = np.empty((n_samples, self.n_outputs))
-        spc = self.samples_per_ct
-        for k in range(self.n_input_cts(n_samples)):
-            for g in range(self.n_groups):
-                v = vectors[k * self.n_groups + g]
-                for j in range(min(spc, n_samples - k * spc)):
-                    for kk in range(self.group):
-                        c = g * self.group + kk
-                        if c < self.n_outputs:
-                            Y[k * spc + j, c] = v[j * self.stride + kk * self.block]
-        return Y
+        stacked = np.asarray(vectors).reshape(self.n_input_cts(n_samples), self.n_groups, self.slots)
+        cts = np.arange(n_samples) // self.samples_per_ct
+        picked = stacked[cts[:, None, None], np.arange(self.n_groups)[None, :, None],
+                         self._slot_index(n_samples)[:, None, :]]
+        return picked.reshape(n_samples, self.n_groups * self.group)[:, :self.n_outputs]
 
 
 def make_layout(name: str, slots: int, n_features: int, n_outputs: int) -> BatchLayout | RowLayout:

@@ -156,6 +156,7 @@ class LinearCircuit:
         self.scales = scales
         self._contexts: dict[str, HEContext] = {}
         self._row_weights: list[tuple[seal.Plaintext, seal.Plaintext]] | None = None
+        self._quantized: dict[int, np.ndarray] = {}
 
     @property
     def n_features(self) -> int:
@@ -201,12 +202,18 @@ class LinearCircuit:
             self.row_weights()
         return self
 
+    def quantized(self, bits: int) -> np.ndarray:
+        """Weights rounded to multiples of 2^-bits, cached per scale."""
+        if bits not in self._quantized:
+            self._quantized[bits] = quantize_weights(self.weights, bits)
+        return self._quantized[bits]
+
     def row_weights(self) -> list[tuple[seal.Plaintext, seal.Plaintext]]:
         """Encoded (weights, bias) plaintexts per output group of the row layout, cached."""
         if self._row_weights is None:
             ctx, s = self.context("row"), self.scales["row"]
             layout = self.layout("row")
-            Wq = quantize_weights(self.weights, s.weight_bits)
+            Wq = self.quantized(s.weight_bits)
             scale_w = 2.0**s.weight_bits
             self._row_weights = [(ctx.encode(wv, scale_w), ctx.encode(bv, scale_w * 2.0**s.input_bits))
                                  for wv, bv in layout.weight_vectors(Wq, self.bias)]
@@ -260,7 +267,7 @@ class LinearCircuit:
 
     def _run_batch(self, ctx: HEContext, layout: BatchLayout, cts: list, n: int) -> list:
         ev, wbits = ctx.evaluator, self.scales["batch"].weight_bits
-        Wq = quantize_weights(self.weights, wbits)
+        Wq = self.quantized(wbits)
         out = []
         for b in range(layout.n_batches(n)):
             feats = cts[b * self.n_features:(b + 1) * self.n_features]
@@ -295,7 +302,7 @@ class LinearCircuit:
         s.input_limit.check(np.asarray(X))
         rng = rng if rng is not None else np.random.default_rng()
         Xq = np.round(np.asarray(X, dtype=np.float64) * 2.0**s.input_bits) / 2.0**s.input_bits
-        Wq = quantize_weights(self.weights, s.weight_bits)
+        Wq = self.quantized(s.weight_bits)
         Y = Xq @ Wq.T + self.bias
         noise_std = FRESH_NOISE_STD * math.sqrt(s.params.poly_modulus_degree / 2) / 2.0**s.input_bits
         return Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
