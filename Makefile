@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test lint bench clean install system-deps
 
 # torch is installed first, pinned, from the CPU wheel on disk (/opt/wheels) when present, so
 # that nothing resolves a newer CUDA build from the registry.
@@ -23,7 +23,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/veil demo
 
-test: $(STAMP)
+# Debian packages the tests need (a real redis-server for the cluster tests), installed when missing.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+
+test: $(STAMP) system-deps
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -1,0 +1,277 @@
+"""FastAPI application: key registry, model deployment, prediction on ciphertexts, operations."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import veil
+from veil.errors import (
+    InsecureParametersError,
+    KeyMaterialError,
+    PrecisionError,
+    ShapeError,
+    VeilError,
+    WireFormatError,
+)
+from veil.serve import schemas
+from veil.serve.auth import Principal, TokenStore
+from veil.serve.errors import PayloadTooLargeError, ServeError
+from veil.serve.registry import ModelRecord
+from veil.serve.service import Service
+
+log = logging.getLogger("veil.serve")
+OCTET = "application/octet-stream"
+DEFAULT_MAX_BODY = 256 * 1024 * 1024
+_STATUS = {WireFormatError: 400, KeyMaterialError: 400, InsecureParametersError: 400,
+           ShapeError: 422, PrecisionError: 422}
+
+
+class Executor(Protocol):
+    """Runs an authorised prediction: in-process threads, or a Redis queue of workers."""
+
+    async def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
+                      payload: bytes) -> tuple[int, bytes]: ...
+
+    def check(self) -> None: ...
+
+
+class LocalExecutor:
+    """Evaluates in this process, off the event loop."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
+                      payload: bytes) -> tuple[int, bytes]:
+        return await run_in_threadpool(self.service.predict, principal, name, version, key_id, payload)
+
+    def check(self) -> None:
+        return None
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    bytes_in: Counter
+    bytes_out: Counter
+
+    @classmethod
+    def create(cls) -> Metrics:
+        reg = CollectorRegistry()
+        return cls(reg,
+                   Counter("veil_requests_total", "HTTP requests", ["route", "status"], registry=reg),
+                   Histogram("veil_request_seconds", "HTTP request latency", ["route"], registry=reg,
+                             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)),
+                   Counter("veil_request_bytes_total", "request body bytes", ["route"], registry=reg),
+                   Counter("veil_response_bytes_total", "response body bytes", ["route"], registry=reg))
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes with 413, by header or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise PayloadTooLargeError(f"request body exceeds {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"error": "payload_too_large", "detail": f"request body exceeds {limit} bytes"},
+                        status_code=413)
+
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _info(record: ModelRecord) -> dict[str, Any]:
+    meta = record.meta
+    return {"name": record.name, "version": record.version, "created": record.created,
+            "model": meta.get("model", ""), "n_features": meta["n_features"],
+            "n_outputs": meta["n_outputs"], "layouts": meta.get("layouts", [])}
+
+
+def _b64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        raise WireFormatError(f"{what} is not valid base64") from None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)}
+
+
+def create_app(service: Service, tokens: TokenStore, executor: Executor | None = None,
+               max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """Build the ASGI app; the caller chooses storage, tokens and where predictions run."""
+    executor = executor or LocalExecutor(service)
+    metrics = Metrics.create()
+    app = FastAPI(title="veil", version=veil.__version__, responses=ERRORS,
+                  description="Encrypted inference: clients send CKKS ciphertexts and get ciphertexts back.")
+    app.state.service, app.state.executor, app.state.metrics = service, executor, metrics
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
+        return _error(exc.status, exc.code, str(exc))
+
+    @app.exception_handler(VeilError)
+    async def _veil_error(_: Request, exc: VeilError) -> JSONResponse:
+        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
+        return _error(status, type(exc).__name__, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "validation_error", json.dumps(exc.errors(), default=str)[:2000])
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start, rid = time.perf_counter(), request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        try:
+            response = await call_next(request)
+        except PayloadTooLargeError as exc:
+            response = _error(413, exc.code, str(exc))
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        elapsed = time.perf_counter() - start
+        size_in = int(request.headers.get("content-length") or 0)
+        size_out = int(response.headers.get("content-length") or 0)
+        metrics.requests.labels(name, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(elapsed)
+        metrics.bytes_in.labels(name).inc(size_in)
+        metrics.bytes_out.labels(name).inc(size_out)
+        response.headers["x-request-id"] = rid
+        log.info("request", extra={"request_id": rid, "method": request.method, "route": name,
+                                   "status": response.status_code, "ms": round(elapsed * 1e3, 2),
+                                   "bytes_in": size_in, "bytes_out": size_out})
+        return response
+
+    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
+        return tokens.authenticate(authorization)
+
+    Auth = Annotated[Principal, Depends(principal)]
+
+    @app.get("/healthz", response_model=schemas.Health, tags=["operations"])
+    async def healthz() -> dict:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=schemas.Readiness, tags=["operations"],
+             responses={503: {"model": schemas.Readiness}})
+    async def readyz() -> JSONResponse:
+        """Readiness: the registry and, in cluster mode, the queue answer."""
+        checks = {}
+        for name, probe in (("store", service.store.ping), ("executor", executor.check)):
+            try:
+                await run_in_threadpool(probe)
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"error: {type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text format: requests, latency and bytes per route."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _register(who: Principal, data: bytes) -> dict:
+        record = await run_in_threadpool(service.register_key, who, data)
+        return {"key_id": record.key_id, "owner": record.owner, "params": record.params,
+                "rotation_steps": list(record.rotation_steps), "created": record.created}
+
+    @app.post("/v1/keys", response_model=schemas.KeyInfo, tags=["keys"],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  OCTET: {"schema": {"type": "string", "format": "binary"}}}}})
+    async def register_key(request: Request, who: Auth) -> dict:
+        """Register a public key bundle (binary body); a secret key is refused."""
+        return await _register(who, await request.body())
+
+    @app.post("/v1/keys/json", response_model=schemas.KeyInfo, tags=["keys"])
+    async def register_key_json(body: schemas.RegisterKeyJSON, who: Auth) -> dict:
+        """Same as /v1/keys with the bundle in base64 JSON."""
+        return await _register(who, _b64(body.bundle, "bundle"))
+
+    @app.get("/v1/keys/{key_id}", response_model=schemas.KeyInfo, tags=["keys"])
+    async def get_key(key_id: str, who: Auth) -> dict:
+        record = await run_in_threadpool(service.key, who, key_id)
+        return {"key_id": record.key_id, "owner": record.owner, "params": record.params,
+                "rotation_steps": list(record.rotation_steps), "created": record.created}
+
+    @app.post("/v1/models", response_model=schemas.ModelInfo, tags=["models"], status_code=201)
+    async def deploy(body: schemas.DeployRequest, who: Auth) -> dict:
+        """Deploy a model saved by veil.ml (admin); stored encrypted with AES-256-GCM."""
+        record = await run_in_threadpool(service.deploy, who, body.name, body.server, body.client,
+                                         body.version)
+        return _info(record)
+
+    @app.get("/v1/models", response_model=list[schemas.ModelInfo], tags=["models"])
+    async def list_models(_: Auth) -> list[dict]:
+        return [_info(r) for r in await run_in_threadpool(service.store.list_models)]
+
+    @app.get("/v1/models/{name}", response_model=schemas.ModelDetail, tags=["models"])
+    async def model_detail(name: str, _: Auth, version: Annotated[int | None, Query(ge=1)] = None) -> dict:
+        """A model's public description with the client specification needed to encrypt."""
+        record = await run_in_threadpool(service.record, name, version)
+        spec = await run_in_threadpool(service.client_spec, record)
+        return dict(_info(record), client=spec)
+
+    @app.post("/v1/models/{name}/predict", tags=["predict"], response_class=Response,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  OCTET: {"schema": {"type": "string", "format": "binary"}}}},
+                  "responses": {"200": {"content": {OCTET: {"schema": {"type": "string",
+                                                                        "format": "binary"}}}}}})
+    async def predict(name: str, request: Request, who: Auth,
+                      x_veil_key_id: Annotated[str, Header()],
+                      version: Annotated[int | None, Query(ge=1)] = None) -> Response:
+        """Evaluate on a binary CIPHERTEXTS message; the answer holds ciphertexts only."""
+        payload = await request.body()
+        used, out = await executor.predict(who, name, version, x_veil_key_id, payload)
+        return Response(out, media_type=OCTET, headers={"x-veil-model-version": str(used)})
+
+    @app.post("/v1/models/{name}/predict/json", response_model=schemas.PredictionJSON, tags=["predict"])
+    async def predict_json(name: str, body: schemas.PredictJSON, who: Auth,
+                           version: Annotated[int | None, Query(ge=1)] = None) -> dict:
+        """Same as /predict with base64 JSON (a third larger on the wire)."""
+        used, out = await executor.predict(who, name, version, body.key_id,
+                                           _b64(body.ciphertexts, "ciphertexts"))
+        return {"model": name, "version": used, "ciphertexts": base64.b64encode(out).decode()}
+
+    return BodyLimit(app, max_body)

@@ -1,0 +1,160 @@
+"""`veil.Client`: keys stay here; only public bundles and ciphertexts cross the network."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from veil.errors import VeilError
+from veil.ml import ModelClient
+
+RETRY_STATUS = (502, 503, 504)
+
+
+class RequestError(VeilError):
+    """The server answered with an error; `status`, `code` and `detail` come from its JSON body."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
+
+
+class Client:
+    """HTTP client for a veil server: register keys once, then predict on ciphertexts.
+
+    `verify` is True, False or a CA bundle path; `cert` is a client certificate (path or
+    (cert, key)) for mutual TLS. Transport failures and 502/503/504 are retried `retries` times.
+    """
+
+    def __init__(self, url: str, token: str, *, verify: bool | str = True, cert: Any = None,
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.25,
+                 chunk_size: int = 16384) -> None:
+        self.url = url.rstrip("/")
+        self.retries, self.backoff, self.chunk_size = retries, backoff, chunk_size
+        self._http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"},
+                                  verify=verify, cert=cert, timeout=timeout)
+        self._models: dict[tuple[str, int], ModelClient] = {}
+        self._key_ids: dict[str, str] = {}
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if response.status_code not in RETRY_STATUS or attempt == self.retries:
+                    break
+            time.sleep(self.backoff * 2**attempt)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                code, detail = body.get("error", "error"), body.get("detail", response.text)
+            except ValueError:
+                code, detail = "error", response.text[:500]
+            raise RequestError(response.status_code, code, detail)
+        return response
+
+    def health(self) -> dict:
+        return self._request("GET", "/healthz").json()
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()
+
+    def deploy(self, model: str | Path | dict, name: str, version: int | None = None) -> dict:
+        """Upload a model saved by `veil.ml` (a directory, or {"server": ..., "client": ...}); admin."""
+        if isinstance(model, dict):
+            server, client = model["server"], model["client"]
+        else:
+            path = Path(model)
+            server = json.loads((path / "server.json").read_text())
+            client = json.loads((path / "client.json").read_text())
+        body = {"name": name, "version": version, "server": server, "client": client}
+        return self._request("POST", "/v1/models", json=body).json()
+
+    def model(self, name: str, version: int | None = None) -> tuple[int, ModelClient]:
+        """The model's client side (pinned to a version, so spec and server always agree)."""
+        if version is not None and (name, version) in self._models:
+            return version, self._models[(name, version)]
+        detail = self._request("GET", f"/v1/models/{name}",
+                               params={} if version is None else {"version": version}).json()
+        key = (name, int(detail["version"]))
+        if key not in self._models:
+            self._models[key] = ModelClient.from_dict(detail["client"])
+        return key[1], self._models[key]
+
+    def register(self, bundle: bytes) -> str:
+        """Register a public bundle once; returns its key id (cached)."""
+        digest = hashlib.sha256(bundle).hexdigest()
+        if digest not in self._key_ids:
+            info = self._request("POST", "/v1/keys", content=bundle,
+                                 headers={"content-type": "application/octet-stream"}).json()
+            self._key_ids[digest] = info["key_id"]
+        return self._key_ids[digest]
+
+    def _chunks(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self.chunk_size):
+            yield slice(start, min(n, start + self.chunk_size))
+
+    def _run(self, X: Any, model: str, version: int | None, layout: str,
+             progress: Callable[[int], None] | None) -> tuple[ModelClient, np.ndarray]:
+        version, mc = self.model(model, version)
+        X = mc.circuit.check_input(X)
+        parts = []
+        for part in self._chunks(len(X)):
+            name, request = mc.encrypt(X[part], layout)
+            key_id = self.register(mc.public_bundle_bytes(name))
+            response = self._request("POST", f"/v1/models/{model}/predict", content=request,
+                                     params={"version": version},
+                                     headers={"content-type": "application/octet-stream",
+                                              "x-veil-key-id": key_id})
+            parts.append(mc.decrypt(response.content))
+            if progress is not None:
+                progress(part.stop - part.start)
+        return mc, np.vstack(parts)
+
+    def predict_raw(self, X: Any, model: str, version: int | None = None, layout: str = "auto",
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Decrypted raw outputs (n_samples, n_outputs); large inputs go in several requests."""
+        return self._run(X, model, version, layout, progress)[1]
+
+    def predict(self, X: Any, model: str, version: int | None = None, layout: str = "auto",
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Plaintext predictions for X, computed by the server on ciphertexts only."""
+        mc, raw = self._run(X, model, version, layout, progress)
+        return mc.predict(raw)
+
+    def predict_proba(self, X: Any, model: str, version: int | None = None,
+                      layout: str = "auto") -> np.ndarray:
+        mc, raw = self._run(X, model, version, layout, None)
+        return mc.predict_proba(raw)
+
+    def predict_json(self, X: Any, model: str, version: int | None = None,
+                     layout: str = "auto") -> np.ndarray:
+        """Like `predict_raw` but through the base64 JSON endpoints."""
+        version, mc = self.model(model, version)
+        name, request = mc.encrypt(X, layout)
+        bundle = mc.public_bundle_bytes(name)
+        info = self._request("POST", "/v1/keys/json", json={"bundle": base64.b64encode(bundle).decode()})
+        body = {"key_id": info.json()["key_id"], "ciphertexts": base64.b64encode(request).decode()}
+        out = self._request("POST", f"/v1/models/{model}/predict/json", json=body,
+                            params={"version": version}).json()
+        return mc.decrypt(base64.b64decode(out["ciphertexts"]))

@@ -1,0 +1,67 @@
+"""Pydantic models of every JSON request and response; they define the OpenAPI schema."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    """Every error answers with this body and a 4xx/5xx status."""
+
+    error: str = Field(description="machine-readable code, e.g. not_found")
+    detail: str = Field(description="what went wrong, for a person")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
+class KeyInfo(BaseModel):
+    key_id: str = Field(description="content hash of the public bundle; send it with predictions")
+    owner: str
+    params: str = Field(description="fingerprint of the CKKS parameters the keys were made for")
+    rotation_steps: list[int]
+    created: float
+
+
+class RegisterKeyJSON(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"bundle": "VkVJTAEC..."}})
+
+    bundle: str = Field(description="base64 of the serialized public bundle (never a secret key)")
+
+
+class DeployRequest(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    version: int | None = Field(default=None, ge=1, description="default: latest + 1")
+    server: dict = Field(description="server.json written by veil.ml's save (weights, no secrets)")
+    client: dict = Field(description="client.json written by veil.ml's save (no weights)")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: int
+    created: float
+    model: str
+    n_features: int
+    n_outputs: int
+    layouts: list[str]
+
+
+class ModelDetail(ModelInfo):
+    client: dict = Field(description="client specification: parameters, input scales, post-processing")
+
+
+class PredictJSON(BaseModel):
+    key_id: str
+    ciphertexts: str = Field(description="base64 of a veil CIPHERTEXTS message")
+
+
+class PredictionJSON(BaseModel):
+    model: str
+    version: int
+    ciphertexts: str = Field(description="base64 of the encrypted outputs")

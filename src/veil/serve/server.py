@@ -1,0 +1,127 @@
+"""Configuration and start-up of the HTTP server (uvicorn), with TLS and optional mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from veil.serve.app import DEFAULT_MAX_BODY, Executor, LocalExecutor, create_app
+from veil.serve.auth import TokenStore
+from veil.serve.crypto import ArtefactCipher
+from veil.serve.registry import SQLiteStore, Store
+from veil.serve.service import Service
+
+log = logging.getLogger("veil.serve")
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line; extra fields are included (never bodies, keys or ciphertexts)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    root = logging.getLogger("veil")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+@dataclass
+class ServerConfig:
+    """Everything `veil serve` and `veil worker` take; defaults bind to loopback only."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "veil-data"
+    tokens_file: str | None = None
+    model_key_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    max_body: int = DEFAULT_MAX_BODY
+    queue: str | None = None
+    queue_timeout: float = 120.0
+    log_level: str = "info"
+
+    @property
+    def tokens_path(self) -> Path:
+        return Path(self.tokens_file) if self.tokens_file else Path(self.data_dir) / "tokens.json"
+
+
+def load_cipher(config: ServerConfig) -> ArtefactCipher:
+    """Model key from VEIL_MODEL_KEY, VEIL_MODEL_KEY_FILE or --model-key-file; otherwise a key is
+    created once in the data directory (mode 0600) and a warning says to keep it elsewhere."""
+    if config.model_key_file:
+        return ArtefactCipher.from_file(config.model_key_file)
+    cipher = ArtefactCipher.from_env()
+    if cipher is not None:
+        return cipher
+    path = Path(config.data_dir) / "model.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(ArtefactCipher.generate_key().hex())
+        log.warning("created a model key beside the data; set VEIL_MODEL_KEY(_FILE) to keep it apart",
+                    extra={"path": str(path)})
+    return ArtefactCipher.from_file(path)
+
+
+def build(config: ServerConfig) -> tuple[Any, Service]:
+    """The ASGI app and its service for a configuration (SQLite, or Redis with --queue)."""
+    cipher = load_cipher(config)
+    store: Store
+    executor: Executor | None
+    if config.queue:
+        from veil.serve.redis_backend import RedisExecutor, RedisStore
+
+        store = RedisStore(config.queue)
+        service = Service(store, cipher)
+        executor = RedisExecutor(config.queue, service, timeout=config.queue_timeout)
+    else:
+        store = SQLiteStore(config.data_dir)
+        service = Service(store, cipher)
+        executor = LocalExecutor(service)
+    tokens = TokenStore.load(config.tokens_path)
+    if not len(tokens):
+        log.warning("no tokens configured: every request will be refused; run `veil token add`")
+    return create_app(service, tokens, executor, config.max_body), service
+
+
+def ssl_options(config: ServerConfig) -> dict[str, Any]:
+    if not config.tls_cert:
+        if config.tls_key or config.tls_client_ca:
+            raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
+        return {}
+    opts: dict[str, Any] = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
+    if config.tls_client_ca:
+        opts.update(ssl_ca_certs=config.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return opts
+
+
+def serve(config: ServerConfig) -> None:
+    """Run until interrupted."""
+    import uvicorn
+
+    configure_logging(config.log_level)
+    app, _ = build(config)
+    log.info("starting", extra={"host": config.host, "port": config.port, "tls": bool(config.tls_cert),
+                                "mtls": bool(config.tls_client_ca), "queue": bool(config.queue)})
+    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                **ssl_options(config))

@@ -1,0 +1,153 @@
+"""The serving logic shared by the HTTP front end and the queue workers: key registration,
+deployment, and prediction on ciphertexts, with artefacts encrypted at rest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from veil.errors import VeilError
+from veil.he import PublicBundle
+from veil.ml import ModelClient, ModelServer
+from veil.serve.auth import Principal
+from veil.serve.crypto import ArtefactCipher
+from veil.serve.errors import ForbiddenError, IntegrityError, NotFoundError, ServeError
+from veil.serve.registry import KeyRecord, ModelRecord, Store
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Model names become file names: letters, digits, '_', '.', '-' only, no leading dot."""
+    if not NAME_RE.fullmatch(name or ""):
+        raise ServeError(f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
+    return name
+
+
+def _identity(name: str, kind: str, digest: str) -> str:
+    return f"veil-model:{name}:{kind}:{digest}"
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.lock = threading.Lock()
+
+    def get_or(self, key: Any, make: Any) -> Any:
+        with self.lock:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+        value = make()
+        with self.lock:
+            self[key] = value
+            while len(self) > self.size:
+                self.popitem(last=False)
+        return value
+
+
+class Service:
+    """Registries plus caches of parsed bundles and models; safe to share between threads."""
+
+    def __init__(self, store: Store, cipher: ArtefactCipher, cache_size: int = 64) -> None:
+        self.store = store
+        self.cipher = cipher
+        self._bundles = _LRU(cache_size)
+        self._models = _LRU(cache_size)
+
+    def register_key(self, principal: Principal, data: bytes) -> KeyRecord:
+        """Validate a public bundle (a secret key is refused) and store it under its content hash."""
+        principal.require("client")
+        bundle = PublicBundle.from_bytes(data)
+        record = KeyRecord(hashlib.sha256(data).hexdigest()[:32], principal.name, bundle.params.fingerprint,
+                           bundle.rotation_steps, time.time(), data)
+        stored = self.store.put_key(record)
+        return stored
+
+    def key(self, principal: Principal, key_id: str) -> KeyRecord:
+        record = self.store.get_key(key_id)
+        if record is None:
+            raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
+        if record.owner != principal.name and principal.role != "admin":
+            raise ForbiddenError("this key id belongs to another principal")
+        return record
+
+    def bundle(self, record: KeyRecord) -> PublicBundle:
+        return self._bundles.get_or(record.key_id, lambda: PublicBundle.from_bytes(record.bundle))
+
+    def deploy(self, principal: Principal, name: str, server: dict, client: dict,
+               version: int | None = None) -> ModelRecord:
+        """Check both artefacts parse and agree, then store them encrypted."""
+        principal.require("admin")
+        check_name(name)
+        if version is not None and version < 1:
+            raise ServeError("version must be a positive integer")
+        try:
+            model = ModelServer.from_dict(server)
+            spec = ModelClient.from_dict(client)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServeError(f"invalid model artefact: {exc}") from None
+        circuit = model.circuit
+        if (spec.circuit.n_features, spec.circuit.n_outputs) != (circuit.n_features, circuit.n_outputs):
+            raise ServeError("server and client artefacts describe different models")
+        server_bytes = json.dumps(server).encode()
+        client_bytes = json.dumps(client).encode()
+        meta = {"model": model.model, "n_features": circuit.n_features, "n_outputs": circuit.n_outputs,
+                "layouts": sorted(circuit.scales), "deployed_by": principal.name,
+                "server_sha256": hashlib.sha256(server_bytes).hexdigest(),
+                "client_sha256": hashlib.sha256(client_bytes).hexdigest()}
+        return self.store.put_model(
+            name, version, meta,
+            self.cipher.encrypt(server_bytes, _identity(name, "server", meta["server_sha256"])),
+            self.cipher.encrypt(client_bytes, _identity(name, "client", meta["client_sha256"])),
+        )
+
+    def record(self, name: str, version: int | None = None) -> ModelRecord:
+        check_name(name)
+        record = self.store.get_model(name, version)
+        if record is None:
+            which = f"version {version}" if version is not None else "any version"
+            raise NotFoundError(f"model {name!r} has no {which} deployed")
+        return record
+
+    def _open(self, record: ModelRecord, kind: str) -> bytes:
+        blob = record.server_blob if kind == "server" else record.client_blob
+        digest = record.meta[f"{kind}_sha256"]
+        data = self.cipher.decrypt(blob, _identity(record.name, kind, digest))
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityError(f"model {record.name!r} {kind} artefact does not match its registry entry")
+        return data
+
+    def model(self, record: ModelRecord) -> ModelServer:
+        """The parsed server model; re-checked whenever the stored bytes change."""
+        blob_digest = hashlib.sha256(record.server_blob).digest()
+        key = (record.name, record.version, blob_digest)
+        return self._models.get_or(
+            key, lambda: ModelServer.from_dict(json.loads(self._open(record, "server"))))
+
+    def client_spec(self, record: ModelRecord) -> dict:
+        return json.loads(self._open(record, "client"))
+
+    def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
+                payload: bytes) -> tuple[int, bytes]:
+        """Authorise, then evaluate the model on the ciphertexts; returns (version, response)."""
+        principal.require("client")
+        key = self.key(principal, key_id)
+        record = self.record(name, version)
+        return record.version, self.evaluate(record, key, payload)
+
+    def evaluate(self, record: ModelRecord, key: KeyRecord, payload: bytes) -> bytes:
+        """The computation alone (workers call this after the front end has authorised)."""
+        model = self.model(record)
+        try:
+            return model.run(payload, self.bundle(key))
+        except VeilError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            raise ServeError(f"cannot evaluate these ciphertexts: {exc}") from None
