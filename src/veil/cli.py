@@ -1,12 +1,15 @@
-"""The `veil` command."""
+"""The `veil` command: demo, serve, worker, deploy, predict, keygen, token, openapi."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +17,7 @@ import veil
 from veil.errors import VeilError
 
 DATASETS = ("iris", "wine", "breast_cancer", "digits")
+TOKEN_ENV = "VEIL_TOKEN"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -30,61 +34,325 @@ def _demo(args: argparse.Namespace) -> int:
     t_fit = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
-        server, client = ml.ModelServer.load(tmp), ml.ModelClient.load(tmp)
-    print(f"veil {veil.__version__} demo: LogisticRegression on {args.dataset} "
-          f"({len(X_train)} train / {len(X_test)} test rows, {X.shape[1]} features), "
-          f"server in-process (the HTTP server comes with veil.serve)")
-    print(f"fit + compile: {t_fit * 1e3:.0f} ms")
+        if args.local:
+            return _demo_local(args, model, tmp, X_test, y_test, t_fit)
+        return _demo_http(args, model, tmp, X_test, y_test, t_fit)
 
+
+def _demo_http(args: argparse.Namespace, model: object, path: str, X_test: np.ndarray, y_test: np.ndarray,
+               t_fit: float) -> int:
+    """The same flow through a real HTTPS-less server on a free loopback port (started and stopped here)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from veil.serve import Client, ServerConfig, build
+    from veil.serve.auth import add_token_to_file
+
+    with tempfile.TemporaryDirectory() as data:
+        admin = add_token_to_file(Path(data) / "tokens.json", "admin", "admin")
+        user = add_token_to_file(Path(data) / "tokens.json", "demo", "client")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = ServerConfig(port=port, data_dir=data, model_key_file=None)
+        os.environ.setdefault("VEIL_MODEL_KEY", os.urandom(32).hex())
+        app, _ = build(config)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                               access_log=False))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise VeilError("demo server did not start")
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            with Client(url, admin) as a:
+                a.deploy(path, "demo")
+            with Client(url, user) as client:
+                print(f"veil {veil.__version__} demo: LogisticRegression on {args.dataset} "
+                      f"({len(X_test)} test rows, {X_test.shape[1]} features), server at {url}")
+                print(f"fit + compile: {t_fit * 1e3:.0f} ms")
+                version, mc = client.model("demo")
+                layout = args.layout if args.layout != "auto" else mc.choose_layout(len(X_test))
+                t = time.perf_counter()
+                bundle = mc.public_bundle_bytes(layout)
+                key_id = client.register(bundle)
+                t_reg = time.perf_counter() - t
+                t = time.perf_counter()
+                _, request = mc.encrypt(X_test, layout)
+                t_enc = time.perf_counter() - t
+                t = time.perf_counter()
+                response = client.send("demo", version, key_id, request)
+                t_srv = time.perf_counter() - t
+                t = time.perf_counter()
+                pred = mc.predict(mc.decrypt(response))
+                t_dec = time.perf_counter() - t
+        finally:
+            server.should_exit = True
+            thread.join(10)
+    p = mc.circuit.params[layout]
+    print(f"CKKS N={p.poly_modulus_degree}, modulus {list(p.coeff_modulus_bits)} bits, 128-bit security, "
+          f"{layout} layout")
+    rows = [("keygen + register public bundle (once)", t_reg, len(bundle), "public bundle, sent once"),
+            ("encrypt + serialize (client)", t_enc, len(request), "request: ciphertexts only"),
+            ("HTTP round trip + evaluation (server)", t_srv, len(response), "response: ciphertexts only"),
+            ("decrypt + decode (client)", t_dec, 0, "")]
+    return _report(rows, t_enc + t_srv + t_dec, pred, model, X_test, y_test)
+
+
+def _demo_local(args: argparse.Namespace, model: object, path: str, X_test: np.ndarray, y_test: np.ndarray,
+                t_fit: float) -> int:
+    from veil import ml
+
+    server, client = ml.ModelServer.load(path), ml.ModelClient.load(path)
+    print(f"veil {veil.__version__} demo: LogisticRegression on {args.dataset} "
+          f"({len(X_test)} test rows, {X_test.shape[1]} features), server in-process")
+    print(f"fit + compile: {t_fit * 1e3:.0f} ms")
     t = time.perf_counter()
     layout = args.layout if args.layout != "auto" else client.choose_layout(len(X_test))
-    keys = client.keys(layout)
     bundle_bytes = client.public_bundle_bytes(layout)
+    bundle = server.load_bundle(bundle_bytes)
     t_keys = time.perf_counter() - t
     t = time.perf_counter()
     _, request = client.encrypt(X_test, layout)
     t_enc = time.perf_counter() - t
     t = time.perf_counter()
-    bundle = server.load_bundle(bundle_bytes)
-    t_reg = time.perf_counter() - t
-    t = time.perf_counter()
     response = server.run(request, bundle)
     t_srv = time.perf_counter() - t
     t = time.perf_counter()
-    raw = client.decrypt(response)
-    pred = client.predict(raw)
+    pred = client.predict(client.decrypt(response))
     t_dec = time.perf_counter() - t
+    rows = [("keygen + load public bundle (once)", t_keys, len(bundle_bytes), "public bundle, sent once"),
+            ("encrypt + serialize (client)", t_enc, len(request), "request: ciphertexts only"),
+            ("evaluate on ciphertexts (server)", t_srv, len(response), "response: ciphertexts only"),
+            ("decrypt + decode (client)", t_dec, 0, "")]
+    return _report(rows, t_enc + t_srv + t_dec, pred, model, X_test, y_test)
 
-    plain = model.predict(X_test)
-    agree = float(np.mean(pred == plain))
-    print(f"CKKS N={keys.params.poly_modulus_degree}, modulus {list(keys.params.coeff_modulus_bits)} bits, "
-          f"128-bit security, {layout} layout")
-    rows = [
-        ("key generation (client, once)", t_keys, len(bundle_bytes), "public bundle, sent once"),
-        ("load public bundle (server, once)", t_reg, 0, ""),
-        ("encrypt + serialize (client)", t_enc, len(request), "request: ciphertexts only"),
-        ("evaluate on ciphertexts (server)", t_srv, len(response), "response: ciphertexts only"),
-        ("decrypt + decode (client)", t_dec, 0, ""),
-    ]
+
+def _report(rows: list, total: float, pred: np.ndarray, model: object, X_test: np.ndarray,
+            y_test: np.ndarray) -> int:
     for name, secs, nbytes, what in rows:
         size = f"{nbytes / 1024:9.1f} kB  {what}" if nbytes else ""
-        print(f"  {name:34s} {secs * 1e3:8.1f} ms  {size}")
-    total = t_enc + t_srv + t_dec
-    print(f"end to end: {total * 1e3:.1f} ms for {len(X_test)} samples "
-          f"({len(X_test) / total:,.0f} samples/s)")
+        print(f"  {name:40s} {secs * 1e3:8.1f} ms  {size}")
+    print(f"end to end: {total * 1e3:.1f} ms for {len(X_test)} samples ({len(X_test) / total:,.0f} samples/s)")
+    plain = model.predict(X_test)
+    agree = float(np.mean(pred == plain))
     print(f"accuracy: encrypted {np.mean(pred == y_test):.4f}, plaintext {np.mean(plain == y_test):.4f}; "
           f"encrypted predictions equal plaintext on {agree:.2%} of samples")
     return 0 if agree >= 0.995 else 1
+
+
+def _server_config(args: argparse.Namespace) -> veil.serve.ServerConfig:
+    from veil.serve import ServerConfig
+
+    return ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, tokens_file=args.tokens,
+                        model_key_file=args.model_key_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        tls_client_ca=args.tls_client_ca, max_body=int(args.max_body_mb * 1024 * 1024),
+                        queue=args.queue, log_level=args.log_level)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from veil.serve import serve
+
+    serve(_server_config(args))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from veil.serve.auth import add_token_to_file
+
+    path = args.tokens or str(Path(args.data_dir) / "tokens.json")
+    print(add_token_to_file(path, args.name, args.role))
+    return 0
+
+
+def _client(args: argparse.Namespace) -> veil.serve.Client:
+    from veil.serve import Client
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise VeilError(f"a token is needed: --token or {TOKEN_ENV}")
+    return Client(args.server, token, verify=args.ca or True, cert=(args.cert, args.key) if args.cert else None)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.deploy(args.model_dir, args.name or Path(args.model_dir).resolve().name, args.version)
+    print(json.dumps(info))
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    """Generate the client's keys for a deployed model, keep the secret part on disk (0600) and
+    register the public bundles."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _client(args) as client:
+        version, mc = client.model(args.model, args.version)
+        for layout in sorted(mc.circuit.params):
+            keys = mc.keys(layout)
+            path = out / f"{layout}.key"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(keys.to_bytes())
+            key_id = client.register(mc.public_bundle_bytes(layout))
+            print(f"{args.model} v{version} {layout}: key id {key_id}, secret key in {path}")
+    return 0
+
+
+def _read_csv(path: str) -> np.ndarray:
+    with open(path) as fh:
+        first = fh.readline()
+    try:
+        [float(v) for v in first.strip().split(",")]
+        skip = 0
+    except ValueError:
+        skip = 1
+    data = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+    if data.size == 0:
+        raise VeilError(f"{path} holds no rows")
+    return data
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from veil.he import SecretKeys
+
+    X = _read_csv(args.data)
+    with _client(args) as client:
+        client.chunk_size = args.chunk_size
+        _, mc = client.model(args.model, args.version)
+        if args.keys:
+            for layout in mc.circuit.params:
+                path = Path(args.keys) / f"{layout}.key"
+                if path.exists():
+                    mc.circuit.set_keys(layout, SecretKeys.from_bytes(path.read_bytes()))
+        with tqdm(total=len(X), unit="rows", disable=args.quiet or len(X) < 2 * args.chunk_size,
+                  file=sys.stderr) as bar:
+            raw = client.predict_raw(X, args.model, args.version, args.layout, progress=bar.update)
+    pred = mc.predict(raw)
+    columns = [pred.reshape(len(X), -1)]
+    header = ["prediction"] if pred.ndim == 1 else [f"prediction_{i}" for i in range(pred.shape[1])]
+    if args.proba:
+        proba = mc.predict_proba(raw)
+        columns.append(proba)
+        header += [f"proba_{c}" for c in mc.output.classes]
+    table = np.column_stack(columns)
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout is not ours to close
+    try:
+        out.write(",".join(header) + "\n")
+        for row in table:
+            out.write(",".join(str(v.item() if hasattr(v, "item") else v) for v in row) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    from veil.serve.app import openapi_schema
+
+    text = json.dumps(openapi_schema(), indent=2, sort_keys=True) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from veil.serve.worker import run_worker
+
+    run_worker(_server_config(args), name=args.name, claim_idle=args.claim_idle)
+    return 0
+
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", default="veil-data")
+    p.add_argument("--tokens", help="tokens file (default DATA_DIR/tokens.json)")
+    p.add_argument("--model-key-file", help="32-byte AES key (hex or base64); or VEIL_MODEL_KEY(_FILE)")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--max-body-mb", type=float, default=256.0)
+    p.add_argument("--queue", help="redis://host:port/db: serve through a Redis stream of workers")
+    p.add_argument("--log-level", default="info")
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="https://host:port")
+    p.add_argument("--token", help=f"bearer token (default ${TOKEN_ENV})")
+    p.add_argument("--ca", help="CA bundle to verify the server")
+    p.add_argument("--cert", help="client certificate for mutual TLS")
+    p.add_argument("--key", help="client certificate key")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veil", description=__doc__)
     parser.add_argument("--version", action="version", version=f"veil {veil.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="encrypted inference end to end on a bundled dataset")
     demo.add_argument("--dataset", choices=DATASETS, default="iris")
     demo.add_argument("--layout", choices=("auto", "batch", "row"), default="auto")
+    demo.add_argument("--local", action="store_true", help="server in-process instead of over HTTP")
     demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="run the HTTP inference server")
+    _add_server_options(serve)
+    serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="consume prediction jobs from the Redis queue")
+    _add_server_options(worker)
+    worker.add_argument("--name", help="consumer name (default host-pid)")
+    worker.add_argument("--claim-idle", type=float, default=30.0,
+                        help="seconds before another worker's unacknowledged job is taken over")
+    worker.set_defaults(func=_worker)
+
+    token = sub.add_parser("token", help="create a bearer token (printed once, stored as a hash)")
+    token.add_argument("name")
+    token.add_argument("--role", choices=("admin", "client"), default="client")
+    token.add_argument("--data-dir", default="veil-data")
+    token.add_argument("--tokens")
+    token.set_defaults(func=_token)
+
+    deploy = sub.add_parser("deploy", help="upload a model saved by veil.ml (admin token)")
+    deploy.add_argument("model_dir")
+    deploy.add_argument("--name")
+    deploy.add_argument("--version", type=int)
+    _add_client_options(deploy)
+    deploy.set_defaults(func=_deploy)
+
+    keygen = sub.add_parser("keygen", help="make and register keys for a model; secret keys stay on disk")
+    keygen.add_argument("--model", required=True)
+    keygen.add_argument("--version", type=int)
+    keygen.add_argument("--out", default="veil-keys")
+    _add_client_options(keygen)
+    keygen.set_defaults(func=_keygen)
+
+    predict = sub.add_parser("predict", help="encrypt a CSV, predict on the server, write decrypted results")
+    predict.add_argument("data", help="CSV of features (a header row is skipped)")
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--version", type=int)
+    predict.add_argument("--layout", choices=("auto", "batch", "row"), default="auto")
+    predict.add_argument("--keys", help="directory written by `veil keygen`")
+    predict.add_argument("--out", help="output CSV (default stdout)")
+    predict.add_argument("--proba", action="store_true", help="add class probabilities")
+    predict.add_argument("--chunk-size", type=int, default=16384)
+    predict.add_argument("--quiet", action="store_true")
+    _add_client_options(predict)
+    predict.set_defaults(func=_predict)
+
+    openapi = sub.add_parser("openapi", help="print the server's OpenAPI schema")
+    openapi.add_argument("--out")
+    openapi.set_defaults(func=_openapi)
     return parser
 
 
@@ -93,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except VeilError as exc:
+        print(f"veil: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
         print(f"veil: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,15 +1,15 @@
 """FastAPI application: key registry, model deployment, prediction on ciphertexts, operations."""
 
-from __future__ import annotations
-
 import base64
 import binascii
 import json
 import logging
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import veil
@@ -73,7 +74,7 @@ class Metrics:
     bytes_out: Counter
 
     @classmethod
-    def create(cls) -> Metrics:
+    def create(cls) -> "Metrics":
         reg = CollectorRegistry()
         return cls(reg,
                    Counter("veil_requests_total", "HTTP requests", ["route", "status"], registry=reg),
@@ -155,6 +156,11 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     async def _veil_error(_: Request, exc: VeilError) -> JSONResponse:
         status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
         return _error(status, type(exc).__name__, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -275,3 +281,14 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         return {"model": name, "version": used, "ciphertexts": base64.b64encode(out).decode()}
 
     return BodyLimit(app, max_body)
+
+
+def openapi_schema() -> dict:
+    """The OpenAPI document of the server, without starting one (kept in docs/openapi.json)."""
+    from veil.serve.crypto import ArtefactCipher
+    from veil.serve.registry import SQLiteStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        service = Service(SQLiteStore(tmp), ArtefactCipher(bytes(32)))
+        app = create_app(service, TokenStore())
+        return app.app.openapi()

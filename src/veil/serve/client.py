@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,19 @@ class RequestError(VeilError):
         self.status, self.code, self.detail = status, code, detail
 
 
+def tls_context(verify: bool | str = True, cert: str | tuple[str, str] | None = None) -> ssl.SSLContext | bool:
+    """httpx `verify` argument: a CA bundle path and/or a client certificate become an SSL context."""
+    if cert is None and not isinstance(verify, str):
+        return verify
+    ctx = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else ssl.create_default_context()
+    if verify is False:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        ctx.load_cert_chain(*((cert,) if isinstance(cert, str) else cert))
+    return ctx
+
+
 class Client:
     """HTTP client for a veil server: register keys once, then predict on ciphertexts.
 
@@ -40,7 +54,7 @@ class Client:
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.chunk_size = retries, backoff, chunk_size
         self._http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"},
-                                  verify=verify, cert=cert, timeout=timeout)
+                                  verify=tls_context(verify, cert), timeout=timeout)
         self._models: dict[tuple[str, int], ModelClient] = {}
         self._key_ids: dict[str, str] = {}
 
@@ -110,6 +124,13 @@ class Client:
             self._key_ids[digest] = info["key_id"]
         return self._key_ids[digest]
 
+    def send(self, model: str, version: int | None, key_id: str, request: bytes) -> bytes:
+        """POST one encrypted request; returns the encrypted response bytes."""
+        response = self._request("POST", f"/v1/models/{model}/predict", content=request,
+                                 params={} if version is None else {"version": version},
+                                 headers={"content-type": "application/octet-stream", "x-veil-key-id": key_id})
+        return response.content
+
     def _chunks(self, n: int) -> Iterator[slice]:
         for start in range(0, n, self.chunk_size):
             yield slice(start, min(n, start + self.chunk_size))
@@ -122,11 +143,7 @@ class Client:
         for part in self._chunks(len(X)):
             name, request = mc.encrypt(X[part], layout)
             key_id = self.register(mc.public_bundle_bytes(name))
-            response = self._request("POST", f"/v1/models/{model}/predict", content=request,
-                                     params={"version": version},
-                                     headers={"content-type": "application/octet-stream",
-                                              "x-veil-key-id": key_id})
-            parts.append(mc.decrypt(response.content))
+            parts.append(mc.decrypt(self.send(model, version, key_id, request)))
             if progress is not None:
                 progress(part.stop - part.start)
         return mc, np.vstack(parts)
