@@ -56,11 +56,11 @@ def _demo_http(args: argparse.Namespace, model: object, path: str, X_test: np.nd
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        config = ServerConfig(port=port, data_dir=data, model_key_file=None)
-        os.environ.setdefault("VEIL_MODEL_KEY", os.urandom(32).hex())
-        app, _ = build(config)
+        key_file = Path(data) / "model.key"
+        key_file.write_text(os.urandom(32).hex())
+        app, _ = build(ServerConfig(port=port, data_dir=data, model_key_file=str(key_file)))
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                               access_log=False))
+                                               access_log=False, ws="none"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 20

@@ -84,7 +84,7 @@ def running_server(config: ServerConfig, timeout: float = 20.0) -> Iterator[str]
     config.port = free_port()
     app, _ = build(config)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_config=None,
-                                           access_log=False, **ssl_options(config)))
+                                           access_log=False, ws="none", **ssl_options(config)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -173,6 +173,8 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(setup, models, tls_server)
             "bad base64": (http.post("/v1/keys/json", json={"bundle": "!!!"}), 400),
             "oversized": (http.post("/v1/models/wine/predict", content=b"x" * (65 * 1024 * 1024)), 413),
         }
+        chunks = (b"y" * (1024 * 1024) for _ in range(70))
+        cases["oversized, chunked"] = (http.post("/v1/models/wine/predict", content=chunks), 413)
         for what, (response, status) in cases.items():
             assert response.status_code == status, (what, response.status_code, response.text[:200])
             assert set(response.json()) == {"error", "detail"}, what

@@ -31,7 +31,7 @@ from veil.errors import (
 )
 from veil.serve import schemas
 from veil.serve.auth import Principal, TokenStore
-from veil.serve.errors import PayloadTooLargeError, ServeError
+from veil.serve.errors import ServeError
 from veil.serve.registry import ModelRecord
 from veil.serve.service import Service
 
@@ -85,7 +85,9 @@ class Metrics:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes with 413, by header or while streaming."""
+    """ASGI middleware: refuse bodies over `limit` bytes with 413, by header or while streaming.
+    A streamed body that grows past the limit gets the 413 at once; the app then sees a disconnect
+    and whatever it tries to answer is dropped."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -98,18 +100,30 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _too_large(self.limit)(scope, receive, send)
             return
-        seen = 0
+        seen, rejected = 0, False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise PayloadTooLargeError(f"request body exceeds {self.limit} bytes")
+                    rejected = True
+                    await _too_large(self.limit)(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, counted, send)
+        async def guarded(message: Message) -> None:
+            if not rejected:
+                await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not rejected:
+                raise
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -169,10 +183,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start, rid = time.perf_counter(), request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        try:
-            response = await call_next(request)
-        except PayloadTooLargeError as exc:
-            response = _error(413, exc.code, str(exc))
+        response = await call_next(request)
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
         elapsed = time.perf_counter() - start

@@ -123,5 +123,5 @@ def serve(config: ServerConfig) -> None:
     app, _ = build(config)
     log.info("starting", extra={"host": config.host, "port": config.port, "tls": bool(config.tls_cert),
                                 "mtls": bool(config.tls_client_ca), "queue": bool(config.queue)})
-    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False,
+    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False, ws="none",
                 **ssl_options(config))
