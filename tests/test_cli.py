@@ -55,6 +55,6 @@ def test_token_deploy_keygen_predict(tmp_path, capsys, monkeypatch):
                          "--keys", str(keys), "--out", str(out), "--proba", "--chunk-size", "200"]) == 0
         assert cli.main(["predict", str(tmp_path / "missing.csv"), "--model", "bc", "--server", url]) == 2
     table = np.loadtxt(out, delimiter=",", skiprows=1)
-    assert open(out).readline().strip() == "prediction,proba_0,proba_1"
+    assert out.read_text().splitlines()[0] == "prediction,proba_0,proba_1"
     assert np.array_equal(table[:, 0], model.predict(X))
     np.testing.assert_allclose(table[:, 1:], model.predict_proba(X), atol=1e-3)
