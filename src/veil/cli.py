@@ -266,8 +266,10 @@ def _openapi(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from veil.serve.server import configure_logging
     from veil.serve.worker import run_worker
 
+    configure_logging(args.log_level)
     run_worker(_server_config(args), name=args.name, claim_idle=args.claim_idle)
     return 0
 

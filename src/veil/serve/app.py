@@ -38,7 +38,7 @@ from veil.serve.service import Service
 log = logging.getLogger("veil.serve")
 OCTET = "application/octet-stream"
 DEFAULT_MAX_BODY = 256 * 1024 * 1024
-_STATUS = {WireFormatError: 400, KeyMaterialError: 400, InsecureParametersError: 400,
+ERROR_STATUS = {WireFormatError: 400, KeyMaterialError: 400, InsecureParametersError: 400,
            ShapeError: 422, PrecisionError: 422}
 
 
@@ -168,7 +168,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.exception_handler(VeilError)
     async def _veil_error(_: Request, exc: VeilError) -> JSONResponse:
-        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
+        status = next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
         return _error(status, type(exc).__name__, str(exc))
 
     @app.exception_handler(StarletteHTTPException)

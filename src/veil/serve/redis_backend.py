@@ -1,0 +1,325 @@
+"""Cluster serving on Redis: shared key/model registries (`RedisStore`) and a request queue
+(`RedisExecutor`) consumed by `veil worker` processes (`veil.serve.worker`).
+
+Layout under a prefix (default ``veil:``):
+
+* ``key:<key_id>``: hash of a registered public bundle; ``models``: set of model names;
+  ``model:<name>:versions``: sorted set of versions; ``model:<name>:<version>``: hash of one version.
+* ``jobs``: the request stream, consumed by the group ``workers``; entries are deleted once answered
+  (or given up by their front end), so it holds only jobs in flight and needs no MAXLEN. A job expires
+  `timeout` seconds after its stream id (Redis server time, so host clocks do not matter).
+* ``result:<request id>``: a list receiving the single answer; ``done:<request id>``: the marker set
+  (SET NX) by whoever answers first, a worker or the front end giving up, so a request answers once.
+* ``stats``: counters (answered, duplicates, timeouts, expired) for operations and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from starlette.concurrency import run_in_threadpool
+
+from veil.errors import VeilError
+from veil.serve.app import ERROR_STATUS
+from veil.serve.auth import Principal
+from veil.serve.errors import ConflictError, ForbiddenError, NotFoundError, ServeError, UnavailableError
+from veil.serve.registry import KeyRecord, ModelRecord, check_key_conflict
+from veil.serve.service import Service, check_name
+
+log = logging.getLogger("veil.serve")
+DEFAULT_PREFIX = "veil:"
+RESULT_GRACE = 300
+WAIT_SLICE = 5.0
+
+_PUT_KEY = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'params', ARGV[2], 'rotation_steps', ARGV[3],
+           'created', ARGV[4], 'bundle', ARGV[5])
+return 1
+"""
+
+_PUT_MODEL = """
+local v
+if ARGV[3] == '' then
+  local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if top[2] then v = tonumber(top[2]) + 1 else v = 1 end
+else
+  v = tonumber(ARGV[3])
+  if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 0 end
+end
+redis.call('HSET', ARGV[1] .. v, 'created', ARGV[4], 'meta', ARGV[5], 'server', ARGV[6], 'client', ARGV[7])
+redis.call('ZADD', KEYS[1], v, v)
+redis.call('SADD', KEYS[2], ARGV[2])
+return v
+"""
+
+_POST_RESULT = """
+if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[2]) then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('HINCRBY', KEYS[3], 'answered', 1)
+  return 1
+end
+redis.call('HINCRBY', KEYS[3], 'duplicates', 1)
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names under one prefix, shared by front ends and workers."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def stream(self) -> str:
+        return self.prefix + "jobs"
+
+    @property
+    def group(self) -> str:
+        return self.prefix + "workers"
+
+    @property
+    def stats(self) -> str:
+        return self.prefix + "stats"
+
+    @property
+    def model_names(self) -> str:
+        return self.prefix + "models"
+
+    def key(self, key_id: str) -> str:
+        return f"{self.prefix}key:{key_id}"
+
+    def versions(self, name: str) -> str:
+        return f"{self.prefix}model:{name}:versions"
+
+    def model(self, name: str, version: int | str = "") -> str:
+        return f"{self.prefix}model:{name}:{version}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}result:{request_id}"
+
+    def done(self, request_id: str) -> str:
+        return f"{self.prefix}done:{request_id}"
+
+
+def connect(url: str, socket_timeout: float | None = 30.0) -> redis.Redis:
+    """A sync client with short, bounded reconnect retries (readiness must not hang)."""
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5,
+                                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+
+
+class RemoteError(ServeError):
+    """An error raised by a worker, re-raised by the front end with the worker's status and code."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code = status, code
+
+
+def error_fields(exc: BaseException) -> tuple[int, str, str]:
+    """(status, code, detail) exactly as the HTTP app would answer for this exception."""
+    if isinstance(exc, ServeError):
+        return exc.status, exc.code, str(exc)
+    if isinstance(exc, VeilError):
+        status = next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
+        return status, type(exc).__name__, str(exc)
+    return 500, "internal_error", "the worker failed to evaluate this request"
+
+
+def encode_result(version: int | None = None, body: bytes = b"", error: BaseException | None = None) -> bytes:
+    """A worker's answer: one JSON header line, then the response bytes."""
+    if error is None:
+        header: dict[str, Any] = {"ok": True, "version": version}
+    else:
+        status, code, detail = error_fields(error)
+        header = {"ok": False, "status": status, "code": code, "detail": detail}
+    return json.dumps(header).encode() + b"\n" + body
+
+
+def decode_result(data: bytes) -> tuple[int, bytes]:
+    """(version, response) from a worker's answer, or raise its error as a `RemoteError`."""
+    head, _, body = data.partition(b"\n")
+    header = json.loads(head)
+    if not header.get("ok"):
+        raise RemoteError(int(header["status"]), str(header["code"]), str(header["detail"]))
+    return int(header["version"]), body
+
+
+def post_result(client: redis.Redis, keys: Keys, request_id: str, answer: bytes, ttl: int,
+                by: str) -> bool:
+    """Deliver an answer unless the request was already answered; True if this one was delivered."""
+    script = client.register_script(_POST_RESULT)
+    posted = script(keys=[keys.done(request_id), keys.result(request_id), keys.stats],
+                    args=[answer, max(1, int(ttl)), by])
+    return bool(posted)
+
+
+class RedisStore:
+    """`Store` in Redis, shared by every front end and worker; see the module docstring for the layout."""
+
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
+        self.keys = Keys(prefix)
+        self.client = connect(url)
+        self._put_key = self.client.register_script(_PUT_KEY)
+        self._put_model = self.client.register_script(_PUT_MODEL)
+
+    def ping(self) -> None:
+        self.client.ping()
+
+    def put_key(self, record: KeyRecord) -> KeyRecord:
+        """Atomic insert-if-absent; the same bundle again is idempotent for its owner, 409 for others."""
+        created = self._put_key(keys=[self.keys.key(record.key_id)],
+                                args=[record.owner, record.params, json.dumps(list(record.rotation_steps)),
+                                      repr(record.created), record.bundle])
+        if created:
+            return record
+        existing = check_key_conflict(self.get_key(record.key_id), record)
+        return existing if existing is not None else self.put_key(record)
+
+    def key_owner(self, key_id: str) -> str | None:
+        """The owner of a registered bundle, without fetching the (possibly large) bundle."""
+        owner = self.client.hget(self.keys.key(key_id), "owner")
+        return None if owner is None else owner.decode()
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        fields = ["owner", "params", "rotation_steps", "created", "bundle"]
+        row = self.client.hmget(self.keys.key(key_id), fields)
+        if row[0] is None:
+            return None
+        return KeyRecord(key_id, row[0].decode(), row[1].decode(), tuple(json.loads(row[2])), float(row[3]),
+                         bytes(row[4]))
+
+    def put_model(self, name: str, version: int | None, meta: dict, server_blob: bytes,
+                  client_blob: bytes) -> ModelRecord:
+        """Version numbering is one Lua script, so concurrent deploys never share a version."""
+        created = time.time()
+        got = self._put_model(keys=[self.keys.versions(name), self.keys.model_names],
+                              args=[self.keys.model(name), name, "" if version is None else str(int(version)),
+                                    repr(created), json.dumps(meta), server_blob, client_blob])
+        if not got:
+            raise ConflictError(f"model {name!r} version {version} already exists")
+        return ModelRecord(name, int(got), created, meta, server_blob, client_blob)
+
+    def resolve_version(self, name: str, version: int | None = None) -> int | None:
+        """The version a request for (name, version) would use, without fetching the artefacts."""
+        if version is None:
+            top = self.client.zrevrange(self.keys.versions(name), 0, 0)
+            return int(top[0]) if top else None
+        return version if self.client.zscore(self.keys.versions(name), str(version)) is not None else None
+
+    def get_model(self, name: str, version: int | None = None) -> ModelRecord | None:
+        resolved = self.resolve_version(name, version)
+        if resolved is None:
+            return None
+        row = self.client.hmget(self.keys.model(name, resolved), ["created", "meta", "server", "client"])
+        if row[0] is None:
+            return None
+        return ModelRecord(name, resolved, float(row[0]), json.loads(row[1]), bytes(row[2]), bytes(row[3]))
+
+    def list_models(self) -> list[ModelRecord]:
+        names = sorted(n.decode() for n in self.client.smembers(self.keys.model_names))
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.zrange(self.keys.versions(name), 0, -1)
+        pairs = [(name, int(v)) for name, versions in zip(names, pipe.execute(), strict=True)
+                 for v in versions]
+        pipe = self.client.pipeline(transaction=False)
+        for name, version in pairs:
+            pipe.hmget(self.keys.model(name, version), ["created", "meta"])
+        rows = pipe.execute()
+        return [ModelRecord(name, version, float(row[0]), json.loads(row[1]))
+                for (name, version), row in zip(pairs, rows, strict=True) if row[0] is not None]
+
+
+class RedisExecutor:
+    """Authorises here, queues the evaluation on the Redis stream, and waits for one worker's answer."""
+
+    def __init__(self, url: str, service: Service, timeout: float = 120.0,
+                 prefix: str = DEFAULT_PREFIX) -> None:
+        self.service, self.timeout, self.keys = service, timeout, Keys(prefix)
+        self._sync = connect(url, socket_timeout=5.0)
+        self._async = aioredis.Redis.from_url(url, socket_timeout=WAIT_SLICE + 10, socket_connect_timeout=5,
+                                              retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2))
+
+    def check(self) -> None:
+        self._sync.ping()
+
+    def _authorise(self, principal: Principal, name: str, version: int | None, key_id: str) -> int:
+        """The same checks and errors as `Service.predict`, reading only owners and version numbers
+        from Redis (bundles and artefacts can be megabytes; the worker fetches them)."""
+        principal.require("client")
+        store = self.service.store
+        if not isinstance(store, RedisStore):
+            self.service.key(principal, key_id)
+            return self.service.record(name, version).version
+        owner = store.key_owner(key_id)
+        if owner is None:
+            raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
+        if owner != principal.name and principal.role != "admin":
+            raise ForbiddenError("this key id belongs to another principal")
+        check_name(name)
+        resolved = store.resolve_version(name, version)
+        if resolved is None:
+            which = f"version {version}" if version is not None else "any version"
+            raise NotFoundError(f"model {name!r} has no {which} deployed")
+        return resolved
+
+    async def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
+                      payload: bytes) -> tuple[int, bytes]:
+        """Fail fast with 4xx here; otherwise queue the job and return the worker's answer or error."""
+        try:
+            resolved = await run_in_threadpool(self._authorise, principal, name, version, key_id)
+        except redis.RedisError as exc:
+            raise UnavailableError(f"the registry is unreachable: {type(exc).__name__}") from None
+        request_id = uuid.uuid4().hex
+        fields = {"id": request_id, "name": name, "version": str(resolved), "key_id": key_id,
+                  "timeout": repr(self.timeout), "payload": payload}
+        try:
+            entry_id = await self._async.xadd(self.keys.stream, fields)
+        except redis.RedisError as exc:
+            raise UnavailableError(f"the queue is unreachable: {type(exc).__name__}") from None
+        log.debug("queued", extra={"request_id": request_id, "model": name, "version": resolved})
+        return decode_result(await self._wait(request_id, entry_id))
+
+    async def _wait(self, request_id: str, entry_id: bytes) -> bytes:
+        """BLPOP in slices until the deadline; on timeout, claim the answer slot so no late answer is
+        delivered (and drop the job), unless a worker got there first."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout
+        result = self.keys.result(request_id)
+        while (remaining := end - loop.time()) > 0:
+            try:
+                got = await self._async.blpop([result], timeout=max(0.01, min(remaining, WAIT_SLICE)))
+            except redis.RedisError:
+                await asyncio.sleep(min(0.5, max(0.0, end - loop.time())))
+                continue
+            if got is not None:
+                return got[1]
+        try:
+            if await self._async.set(self.keys.done(request_id), b"timeout", nx=True, ex=RESULT_GRACE):
+                await self._async.xdel(self.keys.stream, entry_id)
+                await self._async.hincrby(self.keys.stats, "timeouts", 1)
+            else:
+                got = await self._async.lpop(result)
+                if got is not None:
+                    return got
+        except redis.RedisError:
+            pass
+        log.warning("queue timeout", extra={"request_id": request_id, "timeout": self.timeout})
+        raise UnavailableError(f"no worker answered within {self.timeout:g}s; are `veil worker` processes "
+                               "running against this queue?")
+
+    async def aclose(self) -> None:
+        await self._async.aclose()

@@ -1,0 +1,474 @@
+"""Cluster serving against a real redis-server on loopback: front ends queue requests on a Redis
+stream, `veil worker` processes answer; shared registries, killed workers, errors, readiness."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from sklearn.datasets import load_diabetes, load_wine
+from sklearn.preprocessing import StandardScaler
+
+from veil import ml
+from veil.serve import Client, RequestError
+from veil.serve.auth import add_token_to_file
+from veil.serve.crypto import ArtefactCipher
+from veil.serve.errors import ConflictError, NotFoundError
+from veil.serve.redis_backend import Keys, RedisStore, RemoteError, decode_result, encode_result, post_result
+from veil.serve.registry import KeyRecord
+from veil.serve.server import ServerConfig
+from veil.serve.worker import TEST_PAUSE_ENV, run_worker
+
+from .helpers import free_port, running_server
+
+pytestmark = [pytest.mark.timeout(90),
+              pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")]
+KEYS = Keys()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
+    """Poll until `predicate` is truthy; fail the test (never hang) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            value = predicate()
+            if value:
+                return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port, without persistence; yields its URL."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_for(lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 10, "redis-server")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """A child process that is always stopped (SIGTERM, then SIGKILL) when the block ends."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    tokens = root / "tokens.json"
+    names = {"admin": add_token_to_file(tokens, "admin", "admin"),
+             "alice": add_token_to_file(tokens, "alice", "client"),
+             "bob": add_token_to_file(tokens, "bob", "client")}
+    key = ArtefactCipher.generate_key().hex()
+    key_file = root / "model.key"
+    key_file.write_text(key)
+    env = dict(os.environ, VEIL_MODEL_KEY=key)
+    env.pop(TEST_PAUSE_ENV, None)
+    Xw, yw = load_wine(return_X_y=True)
+    Xw = StandardScaler().fit_transform(Xw)[::3]
+    yw = yw[::3]
+    Xd, yd = load_diabetes(return_X_y=True)
+    Xd, yd = Xd[:120], yd[:120]
+    wine = ml.LogisticRegression(max_iter=2000).fit(Xw, yw).compile(Xw)
+    diabetes = ml.PoissonRegressor(alpha=0.01, max_iter=1000).fit(Xd, yd).compile(Xd)
+    models = {"wine": (wine, wine.save(root / "wine"), Xw),
+              "diabetes": (diabetes, diabetes.save(root / "diabetes"), Xd)}
+
+    def config(url: str, **kw) -> ServerConfig:
+        base = {"queue": url, "data_dir": str(root / "data"), "tokens_file": str(tokens),
+                "model_key_file": str(key_file), "queue_timeout": 30.0}
+        return ServerConfig(**dict(base, **kw))
+
+    def worker(url: str, name: str, claim_idle: float = 1.0, pause: float = 0.0):
+        wenv = dict(env, **({TEST_PAUSE_ENV: str(pause)} if pause else {}))
+        return process([sys.executable, "-m", "veil.serve.worker", "--queue", url, "--name", name,
+                        "--claim-idle", str(claim_idle), "--data-dir", str(root / "worker-data")],
+                       wenv, root / f"{name}.log")
+
+    return {"root": root, "tokens": names, "env": env, "models": models, "config": config, "worker": worker}
+
+
+@pytest.fixture(scope="module")
+def cluster(setup):
+    """One Redis, one in-thread front end in queue mode, two worker processes, both models deployed."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(redis_server(setup["root"] / "redis-main"))
+        front = stack.enter_context(running_server(setup["config"](url)))
+        workers = [stack.enter_context(setup["worker"](url, f"w{i}")) for i in (1, 2)]
+        with Client(front, setup["tokens"]["admin"]) as admin:
+            for name, (_, path, _) in setup["models"].items():
+                admin.deploy(path, name)
+        yield {"redis": url, "front": front, "workers": workers, "db": redis.Redis.from_url(url)}
+
+
+@pytest.fixture
+def lone_redis(setup, tmp_path):
+    """A fresh Redis per test, for tests that control exactly which workers exist."""
+    with redis_server(tmp_path / "redis") as url:
+        yield url
+
+
+def _stats(db: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in db.hgetall(KEYS.stats).items()}
+
+
+def _pending(db: redis.Redis) -> int:
+    with contextlib.suppress(redis.ResponseError):
+        return int(db.xpending(KEYS.stream, KEYS.group)["pending"])
+    return 0
+
+
+def test_end_to_end_classification_and_regression(setup, cluster):
+    wine, _, Xw = setup["models"]["wine"]
+    diabetes, _, Xd = setup["models"]["diabetes"]
+    before = _stats(cluster["db"]).get("answered", 0)
+    with Client(cluster["front"], setup["tokens"]["alice"], retries=0) as client:
+        raw = client.predict_raw(Xw, "wine", layout="batch")
+        np.testing.assert_allclose(raw, wine.decision_function(Xw, fhe="execute", layout="batch"), atol=1e-3)
+        assert np.array_equal(client.predict(Xw, "wine", layout="row"), wine.predict(Xw, fhe="execute"))
+        pred = client.predict(Xd, "diabetes")
+        np.testing.assert_allclose(pred, diabetes.predict(Xd, fhe="execute"), rtol=1e-3)
+        np.testing.assert_allclose(pred, diabetes.predict(Xd), rtol=1e-3)
+    db = cluster["db"]
+    assert _stats(db)["answered"] - before == 3
+    assert db.xlen(KEYS.stream) == 0 and _pending(db) == 0
+    assert not list(db.scan_iter(KEYS.result("*")))
+    assert all(w.poll() is None for w in cluster["workers"])
+
+
+def test_concurrent_requests_are_each_answered_once(setup, cluster):
+    wine, _, Xw = setup["models"]["wine"]
+    db = cluster["db"]
+    before = _stats(db)
+    results: dict[int, np.ndarray] = {}
+
+    def one(i: int) -> None:
+        with Client(cluster["front"], setup["tokens"]["alice"], retries=0) as client:
+            results[i] = client.predict(Xw[i::6], "wine")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == list(range(6))
+    for i, got in results.items():
+        assert np.array_equal(got, wine.predict(Xw[i::6]))
+    after = _stats(db)
+    assert after["answered"] - before.get("answered", 0) == 6
+    assert after.get("duplicates", 0) == before.get("duplicates", 0)
+
+
+def test_registries_are_shared_between_front_ends(setup, cluster):
+    wine, path, Xw = setup["models"]["wine"]
+    port = free_port()
+    code = ("from veil.serve.server import ServerConfig, serve; "
+            f"serve(ServerConfig(host='127.0.0.1', port={port}, queue={cluster['redis']!r}, "
+            f"data_dir={str(setup['root'] / 'data2')!r}, tokens_file={str(setup['root'] / 'tokens.json')!r}, "
+            "queue_timeout=30.0, log_level='warning'))")
+    second = f"http://127.0.0.1:{port}"
+    with process([sys.executable, "-c", code], setup["env"], setup["root"] / "front2.log") as proc:
+        wait_for(lambda: httpx.get(f"{second}/healthz").status_code == 200, 30, "second front end")
+        with Client(cluster["front"], setup["tokens"]["alice"]) as first_client:
+            _, mc = first_client.model("wine")
+            name, request = mc.encrypt(Xw[:7], "batch")
+            key_id = first_client.register(mc.public_bundle_bytes(name))
+        headers = {"authorization": f"Bearer {setup['tokens']['alice']}", "x-veil-key-id": key_id}
+        with httpx.Client(base_url=second, headers=headers, timeout=60) as http:
+            assert http.get(f"/v1/keys/{key_id}").json()["owner"] == "alice"
+            assert {("wine", 1), ("diabetes", 1)} <= {(m["name"], m["version"]) for m in
+                                                    http.get("/v1/models").json()}
+            response = http.post("/v1/models/wine/predict", content=request)
+            assert response.status_code == 200 and response.headers["x-veil-model-version"] == "1"
+            assert np.array_equal(mc.predict(mc.decrypt(response.content)), wine.predict(Xw[:7]))
+            assert http.get("/readyz").status_code == 200
+        versions: list[int] = []
+        lock = threading.Lock()
+
+        def deploy(url: str) -> None:
+            with Client(url, setup["tokens"]["admin"], retries=0) as admin:
+                version = admin.deploy(path, "shared")["version"]
+            with lock:
+                versions.append(version)
+
+        threads = [threading.Thread(target=deploy, args=(u,)) for u in [cluster["front"], second] * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(versions) == list(range(1, 9))
+        with Client(second, setup["tokens"]["admin"]) as admin:
+            with pytest.raises(RequestError) as exc:
+                admin.deploy(path, "shared", version=3)
+            assert exc.value.status == 409
+        with Client(cluster["front"], setup["tokens"]["alice"]) as client:
+            assert client.model("shared")[0] == 8
+        assert proc.poll() is None
+
+
+def test_errors_through_the_queue_keep_their_status(setup, cluster):
+    _, _, Xw = setup["models"]["wine"]
+    _, _, Xd = setup["models"]["diabetes"]
+    db = cluster["db"]
+    with Client(cluster["front"], setup["tokens"]["alice"]) as client:
+        _, mc = client.model("wine")
+        name, request = mc.encrypt(Xw[:4], "batch")
+        key_id = client.register(mc.public_bundle_bytes(name))
+        _, mcd = client.model("diabetes")
+        _, request_d = mcd.encrypt(Xd[:4], "batch")
+    headers = {"authorization": f"Bearer {setup['tokens']['alice']}", "x-veil-key-id": key_id}
+    before = _stats(db).get("answered", 0)
+    with httpx.Client(base_url=cluster["front"], headers=headers, timeout=60) as http:
+        queued = {  # evaluated by a worker, which answers with the error
+            "garbage ciphertexts": (http.post("/v1/models/wine/predict", content=b"garbage" * 100), 400),
+            "truncated": (http.post("/v1/models/wine/predict", content=request[: len(request) // 3]), 400),
+            "wrong shape": (http.post("/v1/models/wine/predict", content=request_d), 422),
+        }
+        refused = {  # refused by the front end before queueing
+            "unknown key": (http.post("/v1/models/wine/predict", content=request,
+                                      headers={"x-veil-key-id": "0" * 32}), 404),
+            "unknown model": (http.post("/v1/models/nope/predict", content=request), 404),
+            "unknown version": (http.post("/v1/models/wine/predict?version=9", content=request), 404),
+            "bad name": (http.post("/v1/models/.x/predict", content=request), 400),
+            "another's key": (http.post("/v1/models/wine/predict", content=request,
+                                        headers={"authorization": f"Bearer {setup['tokens']['bob']}"}), 403),
+        }
+        for what, (response, status) in {**queued, **refused}.items():
+            assert response.status_code == status, (what, response.status_code, response.text[:200])
+            assert set(response.json()) == {"error", "detail"}, what
+        assert queued["garbage ciphertexts"][0].json()["error"] == "WireFormatError"
+        assert _stats(db)["answered"] - before == len(queued)
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.post("/v1/models/wine/predict", content=request).status_code == 200
+    assert all(w.poll() is None for w in cluster["workers"])
+
+
+def test_malformed_jobs_are_dropped_and_workers_survive(setup, cluster):
+    db = cluster["db"]
+    db.xadd(KEYS.stream, {"junk": b"\xff"})
+    db.xadd(KEYS.stream, {"id": "x", "timeout": "not a number"})
+    wait_for(lambda: db.xlen(KEYS.stream) == 0 and _pending(db) == 0, 30, "malformed jobs to be dropped")
+    assert all(w.poll() is None for w in cluster["workers"])
+    wine, _, Xw = setup["models"]["wine"]
+    with Client(cluster["front"], setup["tokens"]["alice"], retries=0) as client:
+        assert np.array_equal(client.predict(Xw[:5], "wine"), wine.predict(Xw[:5]))
+
+
+def test_worker_errors_round_trip_as_the_same_http_error():
+    with pytest.raises(RemoteError) as exc:
+        decode_result(encode_result(error=NotFoundError("unknown key id")))
+    assert (exc.value.status, exc.value.code, str(exc.value)) == (404, "not_found", "unknown key id")
+    with pytest.raises(RemoteError) as exc:
+        decode_result(encode_result(error=KeyError("boom")))
+    assert exc.value.status == 500 and "boom" not in str(exc.value)
+    assert decode_result(encode_result(3, b"\x00\nbody")) == (3, b"\x00\nbody")
+
+
+def test_answers_are_posted_once(lone_redis):
+    db = redis.Redis.from_url(lone_redis)
+    assert post_result(db, KEYS, "r1", b"first", 60, "w1") is True
+    assert post_result(db, KEYS, "r1", b"second", 60, "w2") is False
+    assert db.lrange(KEYS.result("r1"), 0, -1) == [b"first"]
+    assert _stats(db) == {"answered": 1, "duplicates": 1}
+    assert 0 < db.ttl(KEYS.result("r1")) <= 60 and 0 < db.ttl(KEYS.done("r1")) <= 60
+
+
+def test_redis_store_versions_and_keys_are_atomic(lone_redis):
+    stores = [RedisStore(lone_redis), RedisStore(lone_redis)]
+    versions: list[int] = []
+    lock = threading.Lock()
+
+    def deploy(store: RedisStore) -> None:
+        for _ in range(10):
+            record = store.put_model("m", None, {"n_features": 1}, b"s" * 10, b"c")
+            with lock:
+                versions.append(record.version)
+
+    threads = [threading.Thread(target=deploy, args=(stores[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(versions) == list(range(1, 41))
+    with pytest.raises(ConflictError):
+        stores[0].put_model("m", 7, {}, b"", b"")
+    assert stores[1].put_model("m", 100, {}, b"", b"").version == 100
+    assert stores[0].put_model("m", None, {}, b"", b"").version == 101
+    got = stores[1].get_model("m", 5)
+    assert got is not None and (got.version, got.server_blob, got.meta) == (5, b"s" * 10, {"n_features": 1})
+    assert stores[0].get_model("m").version == 101 and stores[0].get_model("m", 102) is None
+    assert stores[0].get_model("absent") is None
+    assert [(r.name, r.version) for r in stores[1].list_models()][:3] == [("m", 1), ("m", 2), ("m", 3)]
+
+    record = KeyRecord("k1", "alice", "p", (1, 2), 1.5, b"\x00bundle")
+    assert stores[0].put_key(record) == record
+    assert stores[1].put_key(KeyRecord("k1", "alice", "p", (1, 2), 9.0, b"\x00bundle")) == record
+    with pytest.raises(ConflictError):
+        stores[1].put_key(KeyRecord("k1", "mallory", "p", (), 2.0, b"\x00bundle"))
+    assert stores[1].get_key("k1") == record and stores[1].get_key("nope") is None
+
+
+def _predict_in_thread(url: str, token: str, X: np.ndarray, out: dict, key: int) -> threading.Thread:
+    def run() -> None:
+        try:
+            with Client(url, token, retries=0) as client:
+                out[key] = client.predict(X, "wine")
+        except Exception as exc:
+            out[key] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_worker_loses_nothing(setup, lone_redis):
+    wine, path, Xw = setup["models"]["wine"]
+    db = redis.Redis.from_url(lone_redis)
+    with running_server(setup["config"](lone_redis, queue_timeout=60.0)) as front:
+        with Client(front, setup["tokens"]["admin"]) as admin:
+            admin.deploy(path, "wine")
+        with setup["worker"](lone_redis, "victim", pause=60) as victim:
+            out: dict[int, object] = {}
+            token = setup["tokens"]["alice"]
+            threads = [_predict_in_thread(front, token, Xw[i::3], out, i) for i in range(3)]
+            wait_for(lambda: db.xlen(KEYS.stream) == 3 and _pending(db) == 1, 30, "victim holding one job")
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+        assert not out, "no answer can exist while the only worker is paused or dead"
+        with setup["worker"](lone_redis, "rescuer") as rescuer:
+            for t in threads:
+                t.join(60)
+            assert rescuer.poll() is None
+        for i in range(3):
+            assert isinstance(out[i], np.ndarray), out[i]
+            assert np.array_equal(out[i], wine.predict(Xw[i::3]))
+    stats = _stats(db)
+    assert stats["answered"] == 3 and stats.get("duplicates", 0) == 0 and "timeouts" not in stats
+    assert db.xlen(KEYS.stream) == 0 and _pending(db) == 0
+
+
+def test_slow_worker_robbed_of_its_job_does_not_answer_twice(setup, lone_redis):
+    wine, path, Xw = setup["models"]["wine"]
+    db = redis.Redis.from_url(lone_redis)
+    with running_server(setup["config"](lone_redis)) as front:
+        with Client(front, setup["tokens"]["admin"]) as admin:
+            admin.deploy(path, "wine")
+        with setup["worker"](lone_redis, "slow", claim_idle=60, pause=10) as slow:
+            out: dict[int, object] = {}
+            thread = _predict_in_thread(front, setup["tokens"]["alice"], Xw, out, 0)
+            wait_for(lambda: _pending(db) == 1, 30, "slow worker holding the job")
+            with setup["worker"](lone_redis, "fast", claim_idle=1):
+                thread.join(60)
+                assert np.array_equal(out[0], wine.predict(Xw))
+                wait_for(lambda: _stats(db).get("duplicates") == 1, 30, "the slow worker's late answer")
+            assert slow.poll() is None
+    assert _stats(db)["answered"] == 1
+    assert [db.get(k) for k in db.scan_iter(KEYS.done("*"))] == [b"fast"]
+    assert not list(db.scan_iter(KEYS.result("*"))) and _pending(db) == 0
+
+
+def test_queue_timeout_answers_503_and_late_jobs_are_never_evaluated(setup, lone_redis):
+    _, path, Xw = setup["models"]["wine"]
+    db = redis.Redis.from_url(lone_redis)
+    with running_server(setup["config"](lone_redis, queue_timeout=1.5)) as front:
+        with Client(front, setup["tokens"]["admin"]) as admin:
+            admin.deploy(path, "wine")
+        with Client(front, setup["tokens"]["alice"], retries=0) as client, pytest.raises(RequestError) as exc:
+            client.predict(Xw[:3], "wine")
+        assert exc.value.status == 503 and "no worker answered" in exc.value.detail
+        assert _stats(db) == {"timeouts": 1} and db.xlen(KEYS.stream) == 0
+        db.xadd(KEYS.stream, {"id": "late", "name": "wine", "version": "1", "key_id": "k",
+                              "timeout": "0.001", "payload": b""})
+        with setup["worker"](lone_redis, "latecomer"):
+            wait_for(lambda: db.xlen(KEYS.stream) == 0, 30, "the expired job to be dropped")
+        assert _stats(db) == {"timeouts": 1, "expired": 1} and _pending(db) == 0
+        assert not db.exists(KEYS.result("late"))
+
+
+def test_worker_stops_gracefully_on_sigterm(setup, lone_redis):
+    db = redis.Redis.from_url(lone_redis)
+    with setup["worker"](lone_redis, "polite") as worker:
+        wait_for(lambda: [c["name"] for c in db.xinfo_consumers(KEYS.stream, KEYS.group)] == [b"polite"],
+                 30, "worker to join")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+    assert db.xinfo_consumers(KEYS.stream, KEYS.group) == []
+
+
+def test_run_worker_in_a_thread_stops_on_its_event(setup, lone_redis):
+    db = redis.Redis.from_url(lone_redis)
+    stop, result = threading.Event(), {}
+
+    def run() -> None:
+        config = setup["config"](lone_redis)
+        result["handled"] = run_worker(config, name="inproc", claim_idle=1, stop_event=stop)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: [c["name"] for c in db.xinfo_consumers(KEYS.stream, KEYS.group)] == [b"inproc"],
+             30, "worker to join")
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive() and result == {"handled": 0}
+    assert db.xinfo_consumers(KEYS.stream, KEYS.group) == []
+
+
+def test_worker_refuses_to_start_without_the_model_key(monkeypatch, tmp_path, lone_redis):
+    monkeypatch.delenv("VEIL_MODEL_KEY", raising=False)
+    monkeypatch.delenv("VEIL_MODEL_KEY_FILE", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        run_worker(ServerConfig(queue=lone_redis, data_dir=str(tmp_path)))
+    assert "model key" in str(exc.value)
+    assert not (tmp_path / "model.key").exists()
+
+
+def test_readiness_reports_not_ready_when_redis_is_down(setup, tmp_path):
+    with redis_server(tmp_path / "redis") as url, running_server(setup["config"](url)) as front:
+        assert httpx.get(f"{front}/readyz").status_code == 200
+        db = redis.Redis.from_url(url)
+        with contextlib.suppress(redis.ConnectionError):
+            db.shutdown(nosave=True)
+        wait_for(lambda: httpx.get(f"{front}/readyz", timeout=30).status_code == 503, 30, "not ready")
+        body = httpx.get(f"{front}/readyz", timeout=30).json()
+        assert body["status"] == "not ready"
+        assert body["checks"]["store"].startswith("error") and body["checks"]["executor"].startswith("error")
+        headers = {"authorization": f"Bearer {setup['tokens']['alice']}", "x-veil-key-id": "0" * 32}
+        response = httpx.post(f"{front}/v1/models/wine/predict", content=b"x", headers=headers, timeout=30)
+        assert response.status_code == 503 and response.json()["error"] == "unavailable"
+        assert httpx.get(f"{front}/healthz").json() == {"status": "ok"}
