@@ -172,11 +172,11 @@ def chart(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for res in results:
-        conc = [p["concurrency"] for p in res["phases"]]
-        left.plot(conc, [p["throughput_rps"] for p in res["phases"]], "o-", label=res["name"])
-        right.plot(conc, [p["p50_ms"] for p in res["phases"]], "o-", label=f"{res['name']} p50")
-        right.plot(conc, [p["p99_ms"] for p in res["phases"]], "x--", label=f"{res['name']} p99")
+    for i, res in enumerate(results):
+        conc, color = [p["concurrency"] for p in res["phases"]], f"C{i}"
+        left.plot(conc, [p["throughput_rps"] for p in res["phases"]], "o-", color=color, label=res["name"])
+        right.plot(conc, [p["p50_ms"] for p in res["phases"]], "o-", color=color, label=f"{res['name']} p50")
+        right.plot(conc, [p["p99_ms"] for p in res["phases"]], "x--", color=color, label=f"{res['name']} p99")
     left.set(xlabel="concurrent clients", ylabel="requests / s", title="Throughput (1 sample per request)")
     right.set(xlabel="concurrent clients", ylabel="ms", title="HTTP request latency", yscale="log")
     right.axhline(TARGET_P50_MS, color="grey", lw=0.8, ls=":", label="30 ms target (p50)")

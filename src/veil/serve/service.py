@@ -60,6 +60,7 @@ class Service:
         self.cipher = cipher
         self._bundles = _LRU(cache_size)
         self._models = _LRU(cache_size)
+        self._keys = _LRU(cache_size)
 
     def register_key(self, principal: Principal, data: bytes) -> KeyRecord:
         """Validate a public bundle (a secret key is refused) and store it under its content hash."""
@@ -71,11 +72,20 @@ class Service:
         return stored
 
     def key(self, principal: Principal, key_id: str) -> KeyRecord:
-        record = self.store.get_key(key_id)
+        record = self.key_record(key_id)
         if record is None:
             raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
         if record.owner != principal.name and principal.role != "admin":
             raise ForbiddenError("this key id belongs to another principal")
+        return record
+
+    def key_record(self, key_id: str) -> KeyRecord | None:
+        """A registered key, cached: key ids are content hashes, so a record never changes."""
+        record = self._keys.get(key_id)
+        if record is None:
+            record = self.store.get_key(key_id)
+            if record is not None:
+                self._keys.get_or(key_id, lambda: record)
         return record
 
     def bundle(self, record: KeyRecord) -> PublicBundle:

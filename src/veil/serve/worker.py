@@ -172,7 +172,7 @@ class Worker:
             time.sleep(self._pause)
         try:
             name, version = fields[b"name"].decode(), int(fields[b"version"])
-            key = self.service.store.get_key(fields[b"key_id"].decode())
+            key = self.service.key_record(fields[b"key_id"].decode())
             if key is None:
                 raise NotFoundError("unknown key id: register the public bundle first")
             record = self.service.record(name, version)
