@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     openapi = sub.add_parser("openapi", help="print the server's OpenAPI schema")
     openapi.add_argument("--out")
     openapi.set_defaults(func=_openapi)
+
+    from veil.fl import cli as fl_cli
+
+    fl_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,32 @@
+"""Federated learning with Flower: data owners train `veil.ml` (scikit-learn) or PyTorch models
+together, optionally with SecAgg+ and differential privacy, and the result serves encrypted predictions.
+
+    from veil import fl
+    result = fl.run_simulation(fl.FLConfig(clients=10, rounds=5, secagg=True))
+    model = fl.to_veil_model(result, X_calibration)   # compiled veil.ml model
+"""
+
+from typing import Any
+
+_EXPORTS = {
+    "FLConfig": "veil.fl.federation", "FLResult": "veil.fl.federation", "make_client_app": "veil.fl.federation",
+    "make_server_app": "veil.fl.federation", "load_result": "veil.fl.federation",
+    "save_result": "veil.fl.federation",
+    "run_simulation": "veil.fl.simulation", "FederationError": "veil.fl.simulation",
+    "run_deployment": "veil.fl.deployment", "LocalFederation": "veil.fl.deployment",
+    "iid_partition": "veil.fl.partition", "dirichlet_partition": "veil.fl.partition", "partition": "veil.fl.partition",
+    "load_dataset": "veil.fl.data", "SklearnLearner": "veil.fl.learners", "TorchLearner": "veil.fl.learners",
+    "make_learner": "veil.fl.learners", "build_strategy": "veil.fl.strategies", "check_update": "veil.fl.strategies",
+    "gaussian_epsilon": "veil.fl.privacy", "privacy_report": "veil.fl.privacy", "PrivacyReport": "veil.fl.privacy",
+    "to_veil_model": "veil.fl.export", "deploy": "veil.fl.export",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import on first use: Flower and Ray are heavy and the CLI parser must stay fast."""
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'veil.fl' has no attribute {name!r}")

@@ -1,0 +1,236 @@
+"""`veil fl run|superlink|supernode`: federated training with a progress display of rounds and accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.fl.names import MODELS, STRATEGIES
+
+
+def _progress(rounds: int, quiet: bool) -> tuple[Any, Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=rounds, desc="rounds", unit="round", disable=quiet, file=sys.stderr)
+
+    def on_round(row: dict) -> None:
+        metric = {k: f"{v:.4f}" for k, v in row.items() if k in ("accuracy", "r2", "loss")}
+        bar.set_postfix(metric)
+        if row["round"] > 0:
+            bar.update(1)
+
+    return bar, on_round
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from veil.fl.federation import FLConfig
+
+    return FLConfig(dataset=args.dataset, model=args.model, clients=args.clients, rounds=args.rounds,
+                    strategy=args.strategy, partition=args.partition, alpha=args.alpha, seed=args.seed,
+                    max_iter=args.max_iter, epochs=args.epochs, lr=args.lr, secagg=args.secagg,
+                    dp=args.dp, noise_multiplier=args.noise_multiplier, clipping_norm=args.clipping_norm,
+                    delta=args.delta, proximal_mu=args.proximal_mu)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    from veil.fl.data import load_dataset
+    from veil.fl.federation import FLResult
+
+    logging.getLogger("flwr").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    cfg = _config(args)
+    out = Path(args.out)
+    bar, on_round = _progress(cfg.rounds, args.quiet)
+    with tempfile.TemporaryDirectory(prefix="veil-fl-") as tmp:
+        try:
+            if args.engine == "simulation":
+                from veil.fl.simulation import run_simulation
+
+                result: FLResult = run_simulation(cfg, on_round=on_round, workdir=tmp)
+            elif args.superlink:
+                result = _submit_existing(args, cfg, out, on_round)
+            else:
+                from veil.fl.deployment import run_deployment
+
+                result = run_deployment(cfg, Path(tmp), tls=args.tls, timeout=args.timeout, on_round=on_round)
+        finally:
+            bar.close()
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    summary = _finish(result, data, out, args)
+    print(json.dumps(summary, indent=2) if args.json else _table(summary))
+    return 0
+
+
+def _submit_existing(args: argparse.Namespace, cfg: Any, out: Path, on_round: Any) -> Any:
+    """Submit to a SuperLink started elsewhere (`veil fl superlink`) and follow its progress file."""
+    from veil.fl.deployment import submit_run, wait_for_result
+
+    run_dir = (out / "run").resolve()
+    for stale in ("progress.jsonl", "result.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    cfg.out_dir = str(run_dir)
+    submit_run(args.superlink, cfg, out / "flwr", args.root_certificates)
+    return wait_for_result(run_dir, cfg.rounds, args.timeout, on_round)
+
+
+def _finish(result: Any, data: Any, out: Path, args: argparse.Namespace) -> dict:
+    """Save the global model (as `veil.ml` when it is linear), optionally deploy it, summarise."""
+    from veil.fl.federation import save_result
+
+    save_result(result, out)
+    summary: dict[str, Any] = {"history": result.history, "rejected": len(result.rejected),
+                               "privacy": None if result.privacy is None else result.privacy.to_dict(),
+                               "wall_time": round(result.wall_time, 2), "out": str(out)}
+    try:
+        from veil.fl.export import to_veil_model
+
+        model = to_veil_model(result, data.X_test)
+    except TypeError as exc:
+        summary["veil_model"] = f"not exported: {exc}"
+        return summary
+    model.save(out / "model")
+    summary["veil_model"] = str(out / "model")
+    if args.deploy:
+        from veil.fl.export import deploy
+        from veil.serve.client import Client
+
+        token = args.token or os.environ.get("VEIL_TOKEN", "")
+        verify: bool | str = args.ca or True
+        summary["deployed"] = deploy(out / "model", args.deploy, token, args.name, verify=verify)
+        with Client(args.deploy, token, verify=verify) as client:
+            encrypted = client.predict(data.X_test, model=args.name)
+        plain = model.predict(data.X_test)
+        summary["encrypted_agreement"] = float(np.mean(encrypted == plain))
+        if data.task == "classification":
+            summary["encrypted_accuracy"] = float(np.mean(encrypted == data.y_test))
+            summary["plaintext_accuracy"] = float(np.mean(plain == data.y_test))
+    return summary
+
+
+def _table(summary: dict) -> str:
+    lines = ["round  metric    loss"]
+    for row in summary["history"]:
+        metric = row.get("accuracy", row.get("r2", float("nan")))
+        lines.append(f"{row['round']:>5}  {metric:.4f}  {row['loss']:.4f}")
+    lines.append(f"dropped updates: {summary['rejected']}   wall time: {summary['wall_time']} s")
+    if summary["privacy"]:
+        p = summary["privacy"]
+        lines.append(f"DP ({p['mode']} clipping): noise multiplier {p['noise_multiplier']}, clipping norm "
+                     f"{p['clipping_norm']}, noise std {p['noise_std']:.4g}: ({p['epsilon']:.3g}, {p['delta']:g})-DP "
+                     f"per data owner over {p['rounds']} rounds")
+    lines.append(f"model: {summary['veil_model']}")
+    for key in ("encrypted_accuracy", "plaintext_accuracy", "encrypted_agreement"):
+        if key in summary:
+            lines.append(f"{key.replace('_', ' ')}: {summary[key]:.4f}")
+    return "\n".join(lines)
+
+
+def _flower_env(home: str | None) -> dict[str, str]:
+    from veil.fl.simulation import offline_env
+
+    env = {**os.environ, **offline_env(home)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    """Run a SuperLink in the foreground (Ctrl-C stops it)."""
+    cmd = ["flower-superlink", "--host", args.host, "--port", str(args.port),
+           "--disable-runtime-dependency-installation"]
+    if args.ssl_certfile:
+        cmd += ["--ssl-certfile", args.ssl_certfile, "--ssl-keyfile", args.ssl_keyfile]
+        if args.ssl_ca_certfile:
+            cmd += ["--ssl-ca-certfile", args.ssl_ca_certfile]
+    else:
+        cmd.append("--insecure")
+    return subprocess.call(cmd, env=_flower_env(args.home))
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    """Run one data owner's SuperNode in the foreground."""
+    from veil.fl.deployment import free_port
+
+    cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port or free_port()),
+           "--node-config", f"partition-id={args.partition_id} num-partitions={args.clients}"]
+    cmd += ["--root-certificates", args.root_certificates] if args.root_certificates else ["--insecure"]
+    return subprocess.call(cmd, env=_flower_env(args.home))
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `fl` with subcommands `run`, `superlink` and `supernode` on an argparse subparsers object."""
+    fl = subparsers.add_parser("fl", help="federated learning with Flower (SecAgg+, DP, encrypted deployment)")
+    sub = fl.add_subparsers(dest="fl_command", required=True)
+
+    run = sub.add_parser("run", help="train a model federatedly and save it as a veil.ml model")
+    run.add_argument("--clients", type=int, default=10)
+    run.add_argument("--rounds", type=int, default=5)
+    run.add_argument("--model", choices=MODELS, default="logreg")
+    run.add_argument("--dataset", default="digits", help="digits, iris, wine, breast_cancer, diabetes or a .npz")
+    run.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
+    run.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
+    run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (label skew)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-iter", type=int, default=10, help="local solver iterations (scikit-learn)")
+    run.add_argument("--epochs", type=int, default=1, help="local epochs (torch)")
+    run.add_argument("--lr", type=float, default=0.05, help="local learning rate (torch)")
+    run.add_argument("--proximal-mu", type=float, default=0.1, help="FedProx proximal term (torch)")
+    run.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+ (server sees only the sum)")
+    run.add_argument("--dp", choices=("off", "server", "client"), default="off",
+                     help="Gaussian DP with server-side or client-side fixed clipping")
+    run.add_argument("--noise-multiplier", type=float, default=1.0)
+    run.add_argument("--clipping-norm", type=float, default=1.0)
+    run.add_argument("--delta", type=float, default=1e-5)
+    run.add_argument("--engine", choices=("simulation", "deployment"), default="simulation")
+    run.add_argument("--superlink", help="deployment: submit to this running SuperLink instead of starting one")
+    run.add_argument("--root-certificates", help="deployment: CA of a TLS SuperLink given with --superlink")
+    run.add_argument("--tls", action="store_true", help="deployment: TLS between SuperLink and SuperNodes")
+    run.add_argument("--timeout", type=float, default=1800.0, help="deployment: seconds to wait for the run")
+    run.add_argument("--out", default="fl-model", help="output directory (result, weights, veil.ml model)")
+    run.add_argument("--deploy", metavar="URL", help="deploy the compiled model to this veil server")
+    run.add_argument("--token", help="admin token for --deploy (default: $VEIL_TOKEN)")
+    run.add_argument("--name", default="fl-model", help="model name on the server")
+    run.add_argument("--ca", help="CA bundle to verify the veil server")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    run.set_defaults(func=_run)
+
+    link = sub.add_parser("superlink", help="run a Flower SuperLink (deployment engine)")
+    link.add_argument("--host", default="127.0.0.1")
+    link.add_argument("--port", type=int, default=9093)
+    link.add_argument("--ssl-certfile")
+    link.add_argument("--ssl-keyfile")
+    link.add_argument("--ssl-ca-certfile")
+    link.add_argument("--home", help="directory for Flower's state (FLWR_HOME)")
+    link.set_defaults(func=_superlink)
+
+    node = sub.add_parser("supernode", help="run one data owner's Flower SuperNode")
+    node.add_argument("--superlink", default="127.0.0.1:9093")
+    node.add_argument("--partition-id", type=int, required=True)
+    node.add_argument("--clients", type=int, required=True, help="number of data owners (partitions)")
+    node.add_argument("--port", type=int, default=0, help="local Runtime API port (default: a free one)")
+    node.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink")
+    node.add_argument("--home", help="directory for Flower's state (FLWR_HOME)")
+    node.set_defaults(func=_supernode)
+    return fl
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m veil.fl ...` without the top-level `veil` command."""
+    parser = argparse.ArgumentParser(prog="veil")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["fl", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

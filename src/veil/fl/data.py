@@ -1,0 +1,56 @@
+"""Datasets for federated experiments: bundled scikit-learn sets by name or any `.npz` with X and y."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn import datasets
+from sklearn.model_selection import train_test_split
+
+BUNDLED = {
+    "digits": (datasets.load_digits, "classification"),
+    "iris": (datasets.load_iris, "classification"),
+    "wine": (datasets.load_wine, "classification"),
+    "breast_cancer": (datasets.load_breast_cancer, "classification"),
+    "diabetes": (datasets.load_diabetes, "regression"),
+}
+
+
+@dataclass
+class Dataset:
+    """A train/test split; the test part plays the server's held-out evaluation and calibration set."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    task: str
+
+    @property
+    def classes(self) -> np.ndarray | None:
+        """All labels (a client may hold only some of them), or None for regression."""
+        if self.task != "classification":
+            return None
+        return np.unique(np.concatenate([self.y_train, self.y_test]))
+
+
+def load_dataset(name: str, test_size: float = 0.2, seed: int = 0) -> Dataset:
+    """A bundled dataset by name, or a `.npz` file with arrays X and y (task inferred from y's dtype).
+
+    The split is seeded (experiment design, not key material) so every process sees the same one."""
+    if name in BUNDLED:
+        loader, task = BUNDLED[name]
+        X, y = loader(return_X_y=True)
+    elif name.endswith(".npz") and Path(name).is_file():
+        with np.load(name) as data:
+            X, y = data["X"], data["y"]
+        task = "classification" if y.dtype.kind in "iub" else "regression"
+    else:
+        raise ValueError(f"unknown dataset {name!r}: use one of {sorted(BUNDLED)} or a .npz file with X and y")
+    X = np.asarray(X, dtype=np.float64)
+    stratify = y if task == "classification" else None
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed,
+                                                        stratify=stratify)
+    return Dataset(X_train, y_train, X_test, y_test, task)
