@@ -357,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.set_defaults(func=_openapi)
 
     from veil.fl import cli as fl_cli
+    from veil.mpc import cli as mpc_cli
 
     fl_cli.add_parser(sub)
+    mpc_cli.add_parser(sub)
     return parser
 
 

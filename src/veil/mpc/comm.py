@@ -1,0 +1,244 @@
+"""Communicators: who talks to whom, with byte and round counting.
+
+Ranks 0..n-1 are the computing parties, rank n is the dealer (crypto provider). Two
+implementations: `InProcessComm` (threads and queues, for quick tests) and `GlooComm`
+(`torch.distributed` with the gloo backend over TCP, one process per rank, possibly on
+different machines). Any failure of a peer surfaces as `PartyFailureError` (or
+`MPCTimeoutError`) in every other rank instead of a hang.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from veil.mpc.errors import MPCTimeoutError, PartyFailureError
+
+
+@dataclass
+class CommStats:
+    """Traffic counters of one rank: bytes and messages it sent, rounds it took part in."""
+
+    bytes_sent: int = 0
+    messages: int = 0
+    rounds: int = 0
+    bytes_to_dealer: int = 0
+    bytes_from_dealer: int = 0
+    by_peer: dict = field(default_factory=dict)
+
+    def snapshot(self) -> dict:
+        """Plain-dict copy for reports and differences."""
+        return {
+            "bytes_sent": self.bytes_sent,
+            "messages": self.messages,
+            "rounds": self.rounds,
+            "bytes_to_dealer": self.bytes_to_dealer,
+            "bytes_from_dealer": self.bytes_from_dealer,
+        }
+
+
+class Communicator:
+    """Point-to-point tensor messages between ranks; `exchange` is one round among parties."""
+
+    rank: int
+    world: int
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank = rank
+        self.world = world
+        self.stats = CommStats()
+
+    @property
+    def n_parties(self) -> int:
+        """Number of computing parties (the last rank is the dealer)."""
+        return self.world - 1
+
+    @property
+    def dealer(self) -> int:
+        """Rank of the dealer."""
+        return self.world - 1
+
+    def _send(self, t: torch.Tensor, dst: int) -> None:
+        raise NotImplementedError
+
+    def _recv(self, shape, dtype, src: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        """Non-blocking send of a tensor to rank ``dst`` (the tensor must not be modified after)."""
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        self.stats.bytes_sent += nbytes
+        self.stats.messages += 1
+        if dst == self.dealer:
+            self.stats.bytes_to_dealer += nbytes
+        self._send(t, dst)
+
+    def recv(self, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
+        """Blocking receive of a tensor of known shape and dtype from rank ``src``."""
+        t = self._recv(tuple(shape), dtype, src)
+        if src == self.dealer:
+            self.stats.bytes_from_dealer += t.numel() * t.element_size()
+        return t
+
+    def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Send ``t`` to every other party and receive theirs: one communication round."""
+        self.stats.rounds += 1
+        n = self.n_parties
+        for p in range(n):
+            if p != self.rank:
+                self.send(t, p)
+        return [t if p == self.rank else self.recv(t.shape, t.dtype, p) for p in range(n)]
+
+    def gather_to(self, t: torch.Tensor, dst: int) -> list[torch.Tensor] | None:
+        """Send ``t`` to party ``dst`` only; ``dst`` gets every party's tensor. One round."""
+        self.stats.rounds += 1
+        if self.rank != dst:
+            self.send(t, dst)
+            return None
+        return [t if p == dst else self.recv(t.shape, t.dtype, p) for p in range(self.n_parties)]
+
+    def close(self) -> None:
+        """Release resources."""
+
+
+class _Hub:
+    """Shared state of the in-process ranks: one FIFO per (src, dst) and an abort flag."""
+
+    def __init__(self, world: int) -> None:
+        self.queues = {(s, d): queue.Queue() for s in range(world) for d in range(world) if s != d}
+        self.abort = threading.Event()
+        self.reason = ""
+
+
+class InProcessComm(Communicator):
+    """Threads in one process; a failing rank sets the hub's abort flag so peers stop waiting."""
+
+    def __init__(self, rank: int, world: int, hub: _Hub, timeout: float) -> None:
+        super().__init__(rank, world)
+        self.hub = hub
+        self.timeout = timeout
+
+    def _send(self, t: torch.Tensor, dst: int) -> None:
+        self.hub.queues[(self.rank, dst)].put(t.clone())
+
+    def _recv(self, shape, dtype, src: int) -> torch.Tensor:
+        q = self.hub.queues[(src, self.rank)]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.hub.abort.is_set():
+                raise PartyFailureError(f"rank {self.rank}: computation aborted ({self.hub.reason})")
+            try:
+                t = q.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    self.hub.reason = f"rank {self.rank} timed out waiting for rank {src}"
+                    self.hub.abort.set()
+                    raise MPCTimeoutError(
+                        f"rank {self.rank}: no message from rank {src} within {self.timeout}s"
+                    ) from None
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise PartyFailureError(f"rank {self.rank}: unexpected message from rank {src}")
+        return t
+
+
+class GlooComm(Communicator):
+    """`torch.distributed` gloo process group over TCP; ``addr`` is the rendezvous HOST:PORT.
+
+    Joining waits up to ``max(timeout, join_timeout)`` seconds for the other ranks to start;
+    afterwards every message uses ``timeout``.
+    """
+
+    def __init__(self, rank: int, world: int, addr: str, timeout: float, join_timeout: float = 120.0) -> None:
+        super().__init__(rank, world)
+        self.timeout = timeout
+        try:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://{addr}",
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=max(timeout, join_timeout)),
+            )
+            self.group = dist.new_group(list(range(world)), timeout=timedelta(seconds=timeout), backend="gloo")
+        except Exception as exc:
+            raise PartyFailureError(f"rank {rank}: could not join {addr}: {exc}") from exc
+        self._pending: list[tuple] = []
+
+    def _send(self, t: torch.Tensor, dst: int) -> None:
+        try:
+            self._pending.append((dist.isend(t, dst, group=self.group), t))
+        except Exception as exc:
+            raise PartyFailureError(f"rank {self.rank}: send to rank {dst} failed: {exc}") from exc
+        if len(self._pending) > 64:
+            # Wait for the oldest sends only: by the protocols' structure their receivers have
+            # already posted (or are about to post) the matching receives; the newest ones may
+            # still be waiting for a receive posted later, so waiting on them could deadlock.
+            old, self._pending = self._pending[:32], self._pending[32:]
+            for w, _ in old:
+                try:
+                    w.wait()
+                except Exception as exc:
+                    raise PartyFailureError(f"rank {self.rank}: a peer failed: {exc}") from exc
+
+    def flush(self) -> None:
+        """Wait for all outstanding sends to complete."""
+        try:
+            for w, _ in self._pending:
+                w.wait()
+        except Exception as exc:
+            raise PartyFailureError(f"rank {self.rank}: a peer failed: {exc}") from exc
+        finally:
+            self._pending = []
+
+    def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """One round among parties; receives are posted before the sends so large messages flow."""
+        self.stats.rounds += 1
+        n = self.n_parties
+        bufs, works = {}, {}
+        for p in range(n):
+            if p != self.rank:
+                bufs[p] = torch.empty(t.shape, dtype=t.dtype)
+                try:
+                    works[p] = dist.irecv(bufs[p], p, group=self.group)
+                except Exception as exc:
+                    raise PartyFailureError(f"rank {self.rank}: receive from rank {p} failed: {exc}") from exc
+        for p in range(n):
+            if p != self.rank:
+                self.send(t, p)
+        for p, w in works.items():
+            self._wait(w, p)
+        return [t if p == self.rank else bufs[p] for p in range(n)]
+
+    def _wait(self, work, src: int) -> None:
+        try:
+            work.wait()
+        except Exception as exc:
+            text = str(exc)
+            cls = MPCTimeoutError if "imeout" in text or "imed out" in text else PartyFailureError
+            raise cls(f"rank {self.rank}: receive from rank {src} failed: {text.splitlines()[0]}") from exc
+
+    def _recv(self, shape, dtype, src: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype)
+        try:
+            dist.irecv(buf, src, group=self.group).wait()
+        except Exception as exc:
+            text = str(exc)
+            cls = MPCTimeoutError if "imeout" in text or "imed out" in text else PartyFailureError
+            raise cls(f"rank {self.rank}: receive from rank {src} failed: {text.splitlines()[0]}") from exc
+        return buf
+
+    def close(self) -> None:
+        """Flush pending sends and leave the process group."""
+        try:
+            self.flush()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -1,0 +1,23 @@
+"""Typed errors of the MPC engine, so callers can tell a crashed peer from a protocol misuse."""
+
+from veil.errors import VeilError
+
+
+class MPCError(VeilError):
+    """Base class of every error raised on purpose by `veil.mpc`."""
+
+
+class PartyFailureError(MPCError, RuntimeError):
+    """Another party or the dealer crashed or closed its connection: the computation is over."""
+
+
+class MPCTimeoutError(PartyFailureError, TimeoutError):
+    """No message from a peer within the configured timeout: the computation is over."""
+
+
+class ProtocolError(MPCError, ValueError):
+    """An operation that the protocols cannot perform securely or that is used wrongly."""
+
+
+class AccessError(MPCError, PermissionError):
+    """A reveal to a party other than the one named in the call."""

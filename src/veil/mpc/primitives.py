@@ -1,0 +1,361 @@
+"""Protocols on raw shares (int64 tensors): opening, Beaver products, truncation, comparison.
+
+Security (semi-honest parties, a dealer that never sees inputs): every value that is opened
+is a secret masked by a fresh uniformly random ring element (``x - a``, ``x + r``) or a fresh
+random bit (``b XOR s``, AND-gate openings), so the opened values are uniformly distributed and
+independent of the secrets; a coalition of fewer than all parties holds uniform shares only.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from veil.mpc import ring
+from veil.mpc.comm import Communicator
+from veil.mpc.errors import AccessError, ProtocolError
+from veil.mpc.provider import TREE_LEVELS, DealerClient
+
+_local = threading.local()
+
+
+class Runtime:
+    """Per-party state: communicator, dealer client, fixed-point precision and private randomness."""
+
+    def __init__(self, comm: Communicator, dealer: DealerClient, frac_bits: int, common: ring.PRG) -> None:
+        self.comm = comm
+        self.dealer = dealer
+        self.frac_bits = frac_bits
+        self.prg = ring.PRG()
+        self.common = common
+        self.truncations = 0
+
+    @property
+    def rank(self) -> int:
+        """This party's rank (0..n-1)."""
+        return self.comm.rank
+
+    @property
+    def n(self) -> int:
+        """Number of computing parties."""
+        return self.comm.n_parties
+
+    @property
+    def scale(self) -> int:
+        """2 ** frac_bits."""
+        return 1 << self.frac_bits
+
+    def stats(self) -> dict:
+        """Traffic counters of this party."""
+        return {**self.comm.stats.snapshot(), "dealer_requests": self.dealer.requests}
+
+    def __enter__(self) -> Runtime:
+        self._prev = getattr(_local, "rt", None)
+        _local.rt = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _local.rt = self._prev
+
+
+def current() -> Runtime:
+    """The runtime of the party running in this thread."""
+    rt = getattr(_local, "rt", None)
+    if rt is None:
+        raise ProtocolError("no MPC runtime: run the code through veil.mpc.run_local or a party process")
+    return rt
+
+
+# ---- sharing and opening -----------------------------------------------------------------
+
+
+def public(rt: Runtime, v: torch.Tensor) -> torch.Tensor:
+    """Shares of a public ring value: party 0 holds it, the others hold zero."""
+    return v.clone() if rt.rank == 0 else torch.zeros_like(v)
+
+
+MAX_DIMS = 8
+
+
+def share_ring(rt: Runtime, v: torch.Tensor | None, src: int, shape=None) -> torch.Tensor:
+    """Party ``src`` splits ring tensor ``v`` into n uniformly random additive shares.
+
+    If the receivers do not pass ``shape``, ``src`` first sends it (shapes are public).
+    """
+    if rt.rank == src:
+        if v is None:
+            raise ProtocolError("the source party must provide the value")
+        if v.dim() > MAX_DIMS:
+            raise ProtocolError(f"at most {MAX_DIMS} dimensions")
+        hdr = torch.tensor([v.dim(), *v.shape] + [0] * (MAX_DIMS - v.dim()), dtype=torch.int64)
+        mine = v.clone()
+        for p in range(rt.n):
+            if p == src:
+                continue
+            if shape is None:
+                rt.comm.send(hdr, p)
+            r = rt.prg.random(v.shape)
+            rt.comm.send(r, p)
+            mine = mine - r
+        rt.comm.stats.rounds += 1
+        return mine
+    if shape is None:
+        hdr = rt.comm.recv((MAX_DIMS + 1,), torch.int64, src)
+        shape = tuple(int(d) for d in hdr[1 : 1 + int(hdr[0])])
+    rt.comm.stats.rounds += 1
+    return rt.comm.recv(tuple(shape), torch.int64, src)
+
+
+def open_ring(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+    """Reveal an arithmetic sharing to every party (one round)."""
+    parts = rt.comm.exchange(x)
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def open_xor(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+    """Reveal a XOR sharing to every party (one round)."""
+    parts = rt.comm.exchange(x)
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out ^= p
+    return out
+
+
+def reveal_ring(rt: Runtime, x: torch.Tensor, to: int | None) -> torch.Tensor | None:
+    """Reveal to party ``to`` only (others get None), or to all parties if ``to`` is None."""
+    if to is None:
+        return open_ring(rt, x)
+    if not 0 <= to < rt.n:
+        raise AccessError(f"no party {to}")
+    parts = rt.comm.gather_to(x, to)
+    if parts is None:
+        return None
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def _open_many(rt: Runtime, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Open several arithmetic sharings in a single round."""
+    flat = open_ring(rt, torch.cat([t.reshape(-1) for t in tensors]))
+    out, off = [], 0
+    for t in tensors:
+        out.append(flat[off : off + t.numel()].reshape(t.shape))
+        off += t.numel()
+    return out
+
+
+# ---- products ----------------------------------------------------------------------------
+
+
+def beaver(rt: Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+    """Shares of bilinear(op, x, y) by a dealer Beaver triple (one round). No truncation."""
+    params = params or {}
+    spec = {"op": op, "xs": list(x.shape), "ys": list(y.shape), "params": params}
+    t = rt.dealer.request("beaver", spec)
+    a, b = t["a"], t["b"]
+    e, f = _open_many(rt, [x - a, y - b])
+    left = a + e if rt.rank == 0 else a
+    return t["c"] + ring.bilinear(op, e, b, params) + ring.bilinear(op, left, f, params)
+
+
+def square(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+    """Shares of x*x with a dealer pair (a, a^2); only x - a is opened. No truncation."""
+    t = rt.dealer.request("square", {"xs": list(x.shape)})
+    a = t["a"]
+    e = open_ring(rt, x - a)
+    z = t["c"] + 2 * e * a
+    return z + e * e if rt.rank == 0 else z
+
+
+def truncate(rt: Runtime, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+    """Divide shares by 2^bits (default frac_bits) after a fixed-point product.
+
+    Two parties: SecureML local truncation (no communication). More parties: a dealer pair
+    (r, r >> bits), opening x + r. In both cases the result is floor(x / 2^bits) or one more
+    (error at most 1 unit in the last place) except with probability about |x| / 2^63 per
+    element, when a wrap-around makes the result wrong by about 2^(64-bits).
+    """
+    bits = rt.frac_bits if bits is None else bits
+    rt.truncations += 1
+    if bits == 0:
+        return x
+    if rt.n == 2:
+        if rt.rank == 0:
+            return ring.shift_right(x, bits)
+        return -ring.shift_right(-x, bits)
+    if bits != rt.frac_bits:
+        raise ProtocolError("dealer truncation is only provided for frac_bits")
+    t = rt.dealer.request("trunc", {"xs": list(x.shape)})
+    z = open_ring(rt, x + t["r"])
+    zt = ring.shift_right(z, bits)
+    return zt - t["rt"] if rt.rank == 0 else -t["rt"]
+
+
+def mul(rt: Runtime, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fixed-point elementwise product (Beaver + truncation)."""
+    return truncate(rt, beaver(rt, "mul", x, y))
+
+
+def matmul(rt: Runtime, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fixed-point matrix product (Beaver + truncation)."""
+    return truncate(rt, beaver(rt, "matmul", x, y))
+
+
+# ---- comparison --------------------------------------------------------------------------
+
+
+def _and(rt: Runtime, x: torch.Tensor, y: torch.Tensor, a, b, c) -> torch.Tensor:
+    """Bitwise AND of XOR-shared words with a binary Beaver triple (one round)."""
+    n = x.numel()
+    ef = open_xor(rt, torch.cat([(x ^ a).reshape(-1), (y ^ b).reshape(-1)]))
+    e, f = ef[:n].reshape(x.shape), ef[n:].reshape(x.shape)
+    z = c ^ (e & b) ^ (f & a)
+    return z ^ (e & f) if rt.rank == 0 else z
+
+
+_IDX = torch.arange(64, dtype=torch.int64)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a flat tensor of 0/1 values into int64 words, 64 bits per word (zero padded)."""
+    arr = np.packbits(bits.reshape(-1).to(torch.uint8).numpy(), bitorder="little")
+    pad = (-arr.size) % 8
+    if pad:
+        arr = np.concatenate([arr, np.zeros(pad, dtype=np.uint8)])
+    return torch.from_numpy(arr.view(np.int64).copy())
+
+
+def unpack_bits(words: torch.Tensor, m: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first m bits as a flat uint8 tensor of 0/1."""
+    arr = np.unpackbits(words.contiguous().numpy().view(np.uint8), count=m, bitorder="little")
+    return torch.from_numpy(arr)
+
+
+def _and_bits(rt: Runtime, x: torch.Tensor, y: torch.Tensor, a, b, c) -> torch.Tensor:
+    """AND of XOR-shared 0/1 tensors, bit-packed on the wire (one round)."""
+    m = x.numel()
+    return unpack_bits(_and(rt, pack_bits(x), pack_bits(y), a, b, c), m).reshape(x.shape)
+
+
+def ge_zero(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+    """Arithmetic shares (integers 0/1) of [x >= 0]; see `_sign` for the protocol."""
+    return _sign(rt, x, None)[0]
+
+
+def _sign(rt: Runtime, x: torch.Tensor, fused) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Arithmetic shares (integers 0/1, not fixed point) of [x >= 0], x read as signed 64-bit.
+
+    Exact for every ring element (no error probability). Protocol: open z = x + r for a
+    dealer-shared uniform r whose bits are also XOR-shared. Then x = z - r, and the sign bit of
+    z + ~r + 1 is z_63 XOR ~r_63 XOR carry_63; the carry into bit 63 is computed by a binary tree
+    of (generate, propagate) combinations over bits 0..62: 6 rounds of AND gates, bit-packed
+    (about 4 words per comparison in total). Finally B2A with a dealer random bit s: open b XOR s
+    (packed) and set [b] = c + [s] - 2c[s]. 8 rounds in total.
+
+    With ``fused`` (ReLU), x - alpha is opened together with z, so that x * s = e [s] + [alpha s]
+    is local; returns ([b], c, [s], dealer bundle, e * [s] + [alpha s]).
+    """
+    t = rt.dealer.request("relu" if fused else "sign", {"xs": list(x.shape)})
+    shape = x.shape
+    if fused:
+        z, e = _open_many(rt, [x + t["r"], x - t["al"]])
+        z = z.reshape(-1)
+    else:
+        z = open_ring(rt, x + t["r"]).reshape(-1)
+    nb = (~t["rb"] if rt.rank == 0 else t["rb"]).reshape(-1)
+    n = z.numel()
+    gw = nb & z
+    pw = nb ^ z if rt.rank == 0 else nb
+    g = unpack_bits(gw, 64 * n).reshape(n, 64)
+    p = unpack_bits(pw, 64 * n).reshape(n, 64)
+    g[:, 0] ^= p[:, 0]  # carry-in 1: g0 OR p0 (they are never both 1)
+    # position 0 becomes a dummy least significant group (g=0, p=1 public), bits 0..62 move up
+    G = torch.cat([torch.zeros((n, 1), dtype=torch.uint8), g[:, :63]], 1)
+    Pr = torch.cat([torch.full((n, 1), 1 if rt.rank == 0 else 0, dtype=torch.uint8), p[:, :63]], 1)
+    for lvl in range(TREE_LEVELS):
+        g_lo, g_hi = G[:, 0::2], G[:, 1::2]
+        p_lo, p_hi = Pr[:, 0::2], Pr[:, 1::2]
+        args = (t[f"a{lvl}"], t[f"b{lvl}"], t[f"c{lvl}"])
+        if lvl < TREE_LEVELS - 1:
+            res = _and_bits(rt, torch.stack([p_hi, p_hi]), torch.stack([g_lo, p_lo]), *args)
+            G = g_hi ^ res[0]
+            Pr = res[1]
+        else:
+            G = g_hi ^ _and_bits(rt, p_hi, g_lo, *args)
+    carry = G[:, 0].to(torch.int64)
+    bit = (torch.bitwise_right_shift(nb, 63) & 1) ^ carry
+    if rt.rank == 0:
+        bit = bit ^ (torch.bitwise_right_shift(z, 63) & 1) ^ 1
+    s = t["s"].reshape(-1) & 1
+    c = unpack_bits(open_xor(rt, pack_bits(bit ^ s)), n).to(torch.int64)
+    sa = t["sa"].reshape(-1)
+    out = sa - 2 * c * sa
+    b = (out + c if rt.rank == 0 else out).reshape(shape)
+    if not fused:
+        return b, c, sa, t
+    return b, c.reshape(shape), t["sa"], t, e * t["sa"] + t["ga"]
+
+
+class ReluMask:
+    """What the backward pass of a ReLU needs: [b] = [x >= 0], the opened c = b XOR s, [s] and a
+    dealer pair (alpha2, alpha2 * s), so grad * b = c grad + (1 - 2c) (grad * s) costs one
+    opening of grad - alpha2 (one round, one word per element)."""
+
+    def __init__(self, b: torch.Tensor, c: torch.Tensor, sa: torch.Tensor, al2: torch.Tensor, ga2: torch.Tensor):
+        self.b, self.c, self.sa, self.al2, self.ga2 = b, c, sa, al2, ga2
+        self.used = False
+
+    def apply(self, rt: Runtime, g: torch.Tensor) -> torch.Tensor:
+        """Shares of g * b (integer mask, no truncation)."""
+        if self.used or g.shape != self.c.shape:
+            return beaver(rt, "mul", g, self.b)
+        self.used = True  # the pair (alpha2, alpha2 s) must mask only one value
+        e = open_ring(rt, g - self.al2)
+        gs = e * self.sa + self.ga2
+        cg = self.c * g
+        return cg + gs - 2 * self.c * gs
+
+
+def relu(rt: Runtime, x: torch.Tensor) -> tuple[torch.Tensor, ReluMask]:
+    """ReLU (8 rounds: the product with the comparison bit is fused into its B2A step) and the
+    mask object for the backward pass. relu(x) = x * b = c x + (1 - 2c) (x * s)."""
+    b, c, sa, t, xs = _sign(rt, x, True)
+    out = c * x + xs - 2 * c * xs
+    return out, ReluMask(b, c, sa, t["al2"], t["ga2"])
+
+
+def max_last(rt: Runtime, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximum over the last dimension and a one-hot (integer shares) of one maximal position.
+
+    Tournament: log2(k) levels, each a comparison and one batched product.
+    """
+    k = x.shape[-1]
+    vals = x
+    onehot = public(rt, torch.eye(k, dtype=torch.int64).expand(*x.shape[:-1], k, k).contiguous())
+    while vals.shape[-1] > 1:
+        m = vals.shape[-1]
+        h = m // 2
+        a, b = vals[..., :h], vals[..., h : 2 * h]
+        oa, ob = onehot[..., :h, :], onehot[..., h : 2 * h, :]
+        bit = ge_zero(rt, a - b)
+        d = a - b
+        prod = beaver(
+            rt,
+            "mul",
+            torch.cat([d.unsqueeze(-1), oa - ob], dim=-1),
+            bit.unsqueeze(-1),
+        )
+        newv = b + prod[..., 0]
+        newo = ob + prod[..., 1:]
+        if m % 2:
+            newv = torch.cat([newv, vals[..., -1:]], dim=-1)
+            newo = torch.cat([newo, onehot[..., -1:, :]], dim=-2)
+        vals, onehot = newv, newo
+    return vals[..., 0], onehot[..., 0, :]

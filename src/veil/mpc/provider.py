@@ -1,0 +1,276 @@
+"""The dealer (crypto provider): correlated randomness for Beaver triples, truncation and comparison.
+
+Seed expansion: at start-up the dealer sends each party i a fresh AES key (over its private
+channel). Party i expands every share it needs from that key; the dealer expands the same
+streams, so it knows the full random values. Only the *derived* parts (c = a*b of a triple,
+the bits of a comparison mask, ...) cannot be expanded by the last party: for those the
+dealer sends party n-1 one correcting share. The dealer never receives any input or share,
+only the public shapes of the requested material.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from veil.mpc import ring
+from veil.mpc.comm import Communicator
+from veil.mpc.errors import PartyFailureError, ProtocolError
+
+HEADER_BYTES = 4096
+TREE_LEVELS = 6
+
+
+def and_words(n: int) -> list[int]:
+    """Bit-packed AND gates per level of the carry tree for n comparisons (int64 words).
+
+    Level l combines 64 / 2^l groups per element pairwise: two ANDs per pair, one at the root.
+    """
+    out = []
+    for lvl in range(TREE_LEVELS):
+        pairs = 64 >> (lvl + 1)
+        gates = n * pairs * (2 if lvl < TREE_LEVELS - 1 else 1)
+        out.append((gates + 63) // 64)
+    return out
+
+
+@dataclass(frozen=True)
+class Item:
+    """One piece of correlated randomness: arithmetic ('A') or XOR ('B') shared; derived or not."""
+
+    name: str
+    shape: tuple[int, ...]
+    domain: str
+    derived: bool
+
+
+def plan(kind: str, spec: dict) -> list[Item]:
+    """The items of a request, in the order every party and the dealer expand them."""
+    if kind == "beaver":
+        out = ring.bilinear_shape(spec["op"], tuple(spec["xs"]), tuple(spec["ys"]), spec["params"])
+        return [
+            Item("a", tuple(spec["xs"]), "A", False),
+            Item("b", tuple(spec["ys"]), "A", False),
+            Item("c", out, "A", True),
+        ]
+    if kind == "square":
+        s = tuple(spec["xs"])
+        return [Item("a", s, "A", False), Item("c", s, "A", True)]
+    if kind == "trunc":
+        s = tuple(spec["xs"])
+        return [Item("r", s, "A", False), Item("rt", s, "A", True)]
+    if kind in ("sign", "relu"):
+        s = tuple(spec["xs"])
+        items = [Item("r", s, "A", False), Item("rb", s, "B", True)]
+        if kind == "relu":
+            # pairs (alpha, alpha * s) for x * s (forward) and grad * s (backward)
+            items += [Item("al", s, "A", False), Item("al2", s, "A", False)]
+        for lvl, words in enumerate(and_words(_numel(s))):
+            items += [
+                Item(f"a{lvl}", (words,), "B", False),
+                Item(f"b{lvl}", (words,), "B", False),
+                Item(f"c{lvl}", (words,), "B", True),
+            ]
+        items += [Item("s", s, "B", False), Item("sa", s, "A", True)]
+        if kind == "relu":
+            items += [Item("ga", s, "A", True), Item("ga2", s, "A", True)]
+        return items
+    raise ProtocolError(f"unknown dealer request {kind!r}")
+
+
+def derive(kind: str, spec: dict, full: dict[str, torch.Tensor], frac_bits: int) -> dict[str, torch.Tensor]:
+    """Full values of the derived items from the full values of the expanded ones (dealer only)."""
+    if kind == "beaver":
+        return {"c": ring.bilinear(spec["op"], full["a"], full["b"], spec["params"])}
+    if kind == "square":
+        return {"c": full["a"] * full["a"]}
+    if kind == "trunc":
+        return {"rt": ring.shift_right(full["r"], frac_bits)}
+    if kind in ("sign", "relu"):
+        out = {"rb": full["r"], "sa": full["s"] & 1}
+        if kind == "relu":
+            out["ga"] = full["al"] * out["sa"]
+            out["ga2"] = full["al2"] * out["sa"]
+        for lvl in range(len(and_words(_numel(tuple(spec["xs"]))))):
+            out[f"c{lvl}"] = full[f"a{lvl}"] & full[f"b{lvl}"]
+        return out
+    raise ProtocolError(f"unknown dealer request {kind!r}")
+
+
+def _encode_header(kind: str, spec: dict) -> torch.Tensor:
+    raw = json.dumps({"kind": kind, "spec": spec}).encode()
+    if len(raw) + 4 > HEADER_BYTES:
+        raise ProtocolError("dealer request too large")
+    buf = bytearray(HEADER_BYTES)
+    buf[:4] = len(raw).to_bytes(4, "little")
+    buf[4 : 4 + len(raw)] = raw
+    return torch.frombuffer(buf, dtype=torch.uint8).clone()
+
+
+def _decode_header(t: torch.Tensor) -> tuple[str, dict]:
+    raw = bytes(t.numpy().tobytes())
+    n = int.from_bytes(raw[:4], "little")
+    msg = json.loads(raw[4 : 4 + n].decode())
+    return msg["kind"], msg["spec"]
+
+
+class Bundle:
+    """A party's shares of one request; derived items of the last party arrive lazily."""
+
+    def __init__(self, values: dict[str, torch.Tensor], pending: list[Item], fetch) -> None:
+        self._values = values
+        self._pending = pending
+        self._fetch = fetch
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._values:
+            self._values.update(self._fetch(self._pending))
+            self._pending = []
+        return self._values[name]
+
+
+class DealerClient:
+    """Party side of the dealer protocol."""
+
+    def __init__(self, comm: Communicator, key: bytes) -> None:
+        self.comm = comm
+        self.key = key
+        self.requests = 0
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this party receives the correcting shares."""
+        return self.comm.rank == self.comm.n_parties - 1
+
+    def request(self, kind: str, spec: dict) -> Bundle:
+        """Shares of fresh correlated randomness of the given kind (see `plan`)."""
+        prg = request_prg(self.key, self.requests)
+        self.requests += 1
+        items = plan(kind, spec)
+        if self.is_last:
+            self.comm.send(_encode_header(kind, spec), self.comm.dealer)
+        values: dict[str, torch.Tensor] = {}
+        pending: list[Item] = []
+        for it in items:
+            if it.derived and self.is_last:
+                pending.append(it)
+            else:
+                values[it.name] = prg.random(it.shape)
+
+        def fetch(todo: list[Item]) -> dict[str, torch.Tensor]:
+            total = sum(_numel(it.shape) for it in todo)
+            flat = self.comm.recv((total,), torch.int64, self.comm.dealer)
+            out, off = {}, 0
+            for it in todo:
+                k = _numel(it.shape)
+                out[it.name] = flat[off : off + k].reshape(it.shape)
+                off += k
+            return out
+
+        return Bundle(values, pending, fetch)
+
+    def stop(self) -> None:
+        """Tell the dealer that the computation is over (last party only)."""
+        if self.is_last:
+            self.comm.send(_encode_header("stop", {}), self.comm.dealer)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def request_prg(key: bytes, counter: int) -> ring.PRG:
+    """The AES-CTR stream of request number ``counter`` (independent streams, any order)."""
+    return ring.PRG(key, counter.to_bytes(16, "big"))
+
+
+def _answer(keys: list[bytes], counter: int, kind: str, spec: dict, frac_bits: int) -> torch.Tensor:
+    """The last party's correcting shares for one request (dealer side)."""
+    n = len(keys)
+    last = n - 1
+    items = plan(kind, spec)
+    full: dict[str, torch.Tensor] = {}
+    partial: dict[str, torch.Tensor] = {}
+    for p in range(n):
+        prg = request_prg(keys[p], counter)
+        for it in items:
+            if it.derived and p == last:
+                continue
+            v = prg.random(it.shape)
+            tgt = partial if it.derived else full
+            if it.name not in tgt:
+                tgt[it.name] = v
+            elif it.domain == "A":
+                tgt[it.name] = tgt[it.name] + v
+            else:
+                tgt[it.name] = tgt[it.name] ^ v
+    derived = derive(kind, spec, full, frac_bits)
+    parts = []
+    for it in items:
+        if not it.derived:
+            continue
+        want = derived[it.name]
+        have = partial.get(it.name)
+        if have is None:
+            corr = want
+        else:
+            corr = want - have if it.domain == "A" else want ^ have
+        parts.append(corr.reshape(-1))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def serve(comm: Communicator, frac_bits: int) -> dict:
+    """Dealer main loop: hand out keys, then answer requests of the last party until "stop".
+
+    Training repeats the same sequence of requests every batch, so after answering a request
+    the dealer precomputes the answer to the request that followed the same three requests last time (streams are
+    per request, so a wrong guess costs only time) while the parties compute.
+    """
+    n = comm.n_parties
+    keys = []
+    for p in range(n):
+        key = ring.PRG().key
+        keys.append(key)
+        comm.send(torch.frombuffer(bytearray(key), dtype=torch.uint8).clone(), p)
+    last = n - 1
+    follow: dict[tuple, bytes] = {}
+    history: tuple = ()
+    guess: tuple[bytes, torch.Tensor] | None = None
+    counter = 0
+    hits = 0
+    while True:
+        head = comm.recv((HEADER_BYTES,), torch.uint8, last)
+        raw = bytes(head.numpy().tobytes())
+        kind, spec = _decode_header(head)
+        if kind == "stop":
+            break
+        if guess is not None and guess[0] == raw:
+            answer = guess[1]
+            hits += 1
+        else:
+            answer = _answer(keys, counter, kind, spec, frac_bits)
+        comm.send(answer, last)
+        if history:
+            follow[history] = raw
+        history = (*history[-2:], raw)  # context: the last three requests
+        counter += 1
+        nxt = follow.get(history)
+        guess = None
+        if nxt is not None:
+            k2, s2 = _decode_header(torch.frombuffer(bytearray(nxt), dtype=torch.uint8))
+            guess = (nxt, _answer(keys, counter, k2, s2, frac_bits))
+    return {"requests": counter, "precomputed_hits": hits, **comm.stats.snapshot()}
+
+
+def receive_key(comm: Communicator) -> bytes:
+    """Party side of the key hand-out: the AES key shared with the dealer."""
+    t = comm.recv((32,), torch.uint8, comm.dealer)
+    raw = bytes(t.numpy().tobytes())
+    if len(raw) != 32:
+        raise PartyFailureError("bad key from dealer")
+    return raw

@@ -1,0 +1,189 @@
+"""Starting a computation: in-process threads (tests) or one OS process per rank (gloo over TCP)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from veil.mpc import provider, ring
+from veil.mpc.comm import Communicator, InProcessComm, _Hub
+from veil.mpc.errors import MPCTimeoutError, PartyFailureError, ProtocolError
+from veil.mpc.primitives import Runtime
+
+
+def setup_party(comm: Communicator, frac_bits: int) -> Runtime:
+    """Key hand-out with the dealer and a common key among parties (for public randomness)."""
+    key = provider.receive_key(comm)
+    if comm.rank == 0:
+        common = ring.PRG()
+        raw = torch.frombuffer(bytearray(common.key + common.nonce), dtype=torch.uint8).clone()
+        for p in range(1, comm.n_parties):
+            comm.send(raw, p)
+    else:
+        raw = comm.recv((48,), torch.uint8, 0)
+        b = bytes(raw.numpy().tobytes())
+        common = ring.PRG(b[:32], b[32:])
+    return Runtime(comm, provider.DealerClient(comm, key), frac_bits, common)
+
+
+def run_party(comm: Communicator, fn: Callable[..., Any], args: tuple, frac_bits: int) -> Any:
+    """Run ``fn(*args)`` as one party (or serve as the dealer if this rank is the dealer)."""
+    if comm.rank == comm.dealer:
+        return provider.serve(comm, frac_bits)
+    rt = setup_party(comm, frac_bits)
+    with rt:
+        out = fn(*args)
+    rt.dealer.stop()
+    return out
+
+
+def run_local(
+    fn: Callable[..., Any],
+    n_parties: int = 2,
+    args: tuple = (),
+    frac_bits: int = ring.DEFAULT_FRAC_BITS,
+    timeout: float = 60.0,
+) -> list[Any]:
+    """Run ``fn(*args)`` in every party, each a thread of this process, plus a dealer thread.
+
+    Returns the parties' return values (index = rank). If any rank fails, every other rank
+    stops with `PartyFailureError` and the first error is re-raised here.
+    """
+    if n_parties < 2:
+        raise ProtocolError("at least 2 computing parties are needed")
+    world = n_parties + 1
+    hub = _Hub(world)
+    results: list[Any] = [None] * world
+    errors: list[BaseException | None] = [None] * world
+
+    def body(rank: int) -> None:
+        comm = InProcessComm(rank, world, hub, timeout)
+        try:
+            results[rank] = run_party(comm, fn, args, frac_bits)
+        except BaseException as exc:
+            errors[rank] = exc
+            if not hub.abort.is_set():
+                hub.reason = f"rank {rank} failed: {exc!r}"
+                hub.abort.set()
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout * 4
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        hub.reason = "run_local deadline"
+        hub.abort.set()
+        raise MPCTimeoutError("in-process computation did not finish")
+    first = next((e for e in errors if e is not None and not isinstance(e, PartyFailureError)), None)
+    first = first or next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results[:n_parties]
+
+
+def resolve(entry: str) -> Callable[..., Any]:
+    """``package.module:function`` -> the function."""
+    mod, _, name = entry.partition(":")
+    if not name:
+        raise ProtocolError(f"entry must be module:function, got {entry!r}")
+    return getattr(importlib.import_module(mod), name)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, chosen by the OS."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    entry: str,
+    n_parties: int = 2,
+    args: tuple = (),
+    frac_bits: int = ring.DEFAULT_FRAC_BITS,
+    timeout: float = 60.0,
+    wall_timeout: float = 600.0,
+    threads: int = 1,
+) -> list[Any]:
+    """Run ``entry`` in n party processes plus a dealer process on loopback; return their results.
+
+    Each process is ``python -m veil.mpc.party``; the results come back through files written with
+    ``torch.save``. Raises `PartyFailureError` if any process fails, after stopping all of them.
+    This is a loopback harness: every party process gets the same argument file and the party
+    program reads only its own part (the dealer gets none). In a real deployment each party runs
+    ``veil mpc party --rank R --world N --addr HOST:PORT --entry ... --args <its own file>``.
+    """
+    port = free_port()
+    world = n_parties + 1
+    with tempfile.TemporaryDirectory(prefix="veil-mpc-") as tmp:
+        argf = Path(tmp) / "args.pt"
+        torch.save(args, argf)
+        procs = []
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        for r in range(world):
+            cmd = [
+                sys.executable, "-m", "veil.mpc.party", "--rank", str(r), "--world", str(world),
+                "--addr", f"127.0.0.1:{port}", "--entry", entry,
+                "--out", str(Path(tmp) / f"out{r}.pt"), "--frac-bits", str(frac_bits),
+                "--timeout", str(timeout), "--threads", str(threads),
+            ]
+            if r != world - 1:  # the dealer gets no arguments: it never sees inputs
+                cmd += ["--args", str(argf)]
+            with open(Path(tmp) / f"err{r}.txt", "w") as errf:
+                procs.append(subprocess.Popen(cmd, env=env, stderr=errf))
+        codes = _wait_all(procs, wall_timeout, grace=timeout + 5.0)
+        errs = [(Path(tmp) / f"err{r}.txt").read_text() for r in range(world)]
+        if any(c != 0 for c in codes):
+            detail = "; ".join(
+                f"rank {i}: {'killed' if c is None else f'exit {c}'}: {_last_line(errs[i])}"
+                for i, c in enumerate(codes)
+                if c != 0
+            )
+            exc = PartyFailureError(f"MPC processes failed: {detail}")
+            exc.exit_codes = codes
+            exc.stderr = errs
+            raise exc
+        return [torch.load(Path(tmp) / f"out{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _wait_all(procs: list[subprocess.Popen], wall_timeout: float, grace: float) -> list[int | None]:
+    """Wait for every process; once one fails, the others get ``grace`` seconds before being killed.
+
+    Returns exit codes, None for a process that had to be killed.
+    """
+    deadline = time.monotonic() + wall_timeout
+    failed_at: float | None = None
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                return codes
+            now = time.monotonic()
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = now
+            if now > deadline or (failed_at is not None and now - failed_at > grace):
+                return codes
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

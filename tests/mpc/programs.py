@@ -1,0 +1,44 @@
+"""Party programs run in separate processes by tests/mpc/test_processes.py."""
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import veil.mpc as mpc
+from veil.mpc import primitives as P
+
+
+def products(n: int) -> list[float]:
+    """n secure products of shared values; party 0 gets the revealed results."""
+    rt = mpc.current()
+    x = mpc.share(torch.arange(4.0) if rt.rank == 0 else None, 0, shape=(4,))
+    y = mpc.share(torch.full((4,), 0.5) if rt.rank == 1 else None, 1, shape=(4,))
+    out = []
+    for _ in range(n):
+        z = (x * y).reveal(0)
+        out.append(None if z is None else z.tolist())
+    return out
+
+
+def crash(rank_to_crash: int, marker: str) -> None:
+    """Party ``rank_to_crash`` dies abruptly in the middle of a protocol; the others keep computing."""
+    rt = mpc.current()
+    x = mpc.share(torch.randn(64, 64) if rt.rank == 0 else None, 0, shape=(64, 64))
+    for i in range(100000):
+        if i == 5:
+            Path(marker + str(rt.rank)).write_text("running")
+            if rt.rank == rank_to_crash:
+                os._exit(17)
+        x = mpc.MPCTensor(P.relu(rt, x._share)[0])
+
+
+def hang(rank_to_hang: int) -> None:
+    """Party ``rank_to_hang`` stops answering (but stays alive); the others must time out."""
+    rt = mpc.current()
+    x = mpc.share(torch.randn(8) if rt.rank == 0 else None, 0, shape=(8,))
+    if rt.rank == rank_to_hang:
+        time.sleep(600)
+    for _ in range(10):
+        x = x * x
