@@ -180,7 +180,8 @@ def truncate(rt: Runtime, x: torch.Tensor, bits: int | None = None) -> torch.Ten
     Two parties: SecureML local truncation (no communication). More parties: a dealer pair
     (r, r >> bits), opening x + r. In both cases the result is floor(x / 2^bits) or one more
     (error at most 1 unit in the last place) except with probability about |x| / 2^63 per
-    element, when a wrap-around makes the result wrong by about 2^(64-bits).
+    element, when a wrap-around makes the result wrong by about 2^(64-bits). The dealer pair is
+    for frac_bits: with more parties, fewer bits are truncated as (x * 2^(frac_bits - bits)) / 2^frac_bits.
     """
     bits = rt.frac_bits if bits is None else bits
     rt.truncations += 1
@@ -190,8 +191,10 @@ def truncate(rt: Runtime, x: torch.Tensor, bits: int | None = None) -> torch.Ten
         if rt.rank == 0:
             return ring.shift_right(x, bits)
         return -ring.shift_right(-x, bits)
-    if bits != rt.frac_bits:
-        raise ProtocolError("dealer truncation is only provided for frac_bits")
+    if bits < rt.frac_bits:  # x / 2^bits = (x 2^(f - bits)) / 2^f: the dealer pair is for f only
+        x, bits = x * (1 << (rt.frac_bits - bits)), rt.frac_bits
+    elif bits != rt.frac_bits:
+        raise ProtocolError("dealer truncation is only provided for at most frac_bits")
     t = rt.dealer.request("trunc", {"xs": list(x.shape)})
     z = open_ring(rt, x + t["r"])
     zt = ring.shift_right(z, bits)

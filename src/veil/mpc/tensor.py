@@ -23,9 +23,17 @@ aten = torch.ops.aten
 
 
 class MPCTensor(torch.Tensor):
-    """This party's share of a secret tensor (a wrapper tensor subclass)."""
+    """This party's share of a secret tensor (a wrapper tensor subclass).
 
-    _share: torch.Tensor
+    Besides ``_share`` (frac_bits fixed point), a tensor may carry exact views used to run
+    torch.optim.Adam accurately (see "Adam" below): ``_hp = (M, w)``, meaning the value is the
+    public M times w, w shared with 2*frac_bits fractional bits; ``_den = (inv, mult, add)``,
+    meaning the value is mult * sqrt(w) + add with inv the shares of 1/sqrt(w).
+    """
+
+    _ring: torch.Tensor
+    _hp: tuple[float, torch.Tensor] | None
+    _den: tuple[torch.Tensor, float, float] | None
 
     @staticmethod
     def __new__(cls, share: torch.Tensor, requires_grad: bool = False, dtype: torch.dtype = torch.float32):
@@ -38,6 +46,17 @@ class MPCTensor(torch.Tensor):
             raise ProtocolError("shares are int64 ring elements")
         self._share = share
         self._pub: torch.Tensor | None = None
+
+    @property
+    def _share(self) -> torch.Tensor:
+        return self._ring
+
+    @_share.setter
+    def _share(self, v: torch.Tensor) -> None:
+        # any ordinary write invalidates the extended-precision views kept for Adam (see _hp, _den)
+        self._ring = v
+        self._hp = None
+        self._den = None
 
     def __repr__(self) -> str:
         return f"MPCTensor(shape={tuple(self.shape)}, share of party {P.current().rank})"
@@ -737,3 +756,171 @@ def _same_size(rt, func, a, b):
 @_reg(aten._local_scalar_dense, aten.eq, aten.ne, aten.gt, aten.lt, aten.ge, aten.le, aten.allclose)
 def _forbidden(rt, func, *args, **kwargs):
     raise ProtocolError(f"{func} would reveal a secret value; use MPCTensor.reveal(to=...)")
+
+
+# ---- Adam: moment estimates and their square roots with extended precision --------------
+#
+# torch.optim.Adam (single-tensor path, which torch takes for tensor subclasses) runs
+#   m.lerp_(g, 1 - beta1); v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+#   d = (v.sqrt() / c).add_(eps); p.addcdiv_(m, d, value=-s)
+# lerp_(g, a) on m keeps the same kind of view as below (M' = M (1 - a) + a = 1 - beta1^t), so the
+# bias-corrected first moment is not rounded to 2^-frac_bits and then amplified by 1/(1 - beta1^t).
+# With frac_bits fixed point, v ~ g^2 underflows. Instead, a tensor updated by addcmul_(g, g)
+# keeps the exact view _hp = (M, w): value = M * w with M public and w, the *normalised* average
+# of the squares, shared with 2*frac_bits fractional bits. mul_ by a public c only changes M;
+# addcmul_(g, g, value=a) sets M' = M + a and w' = w + (a / M') (g^2 - w), g^2 being the exact
+# (untruncated) square. For Adam, M is exactly 1 - beta2^t, so w is the bias-corrected v_hat,
+# of the order of g^2 and never rescaled by 1 - beta2 = 10^-3. sqrt of such a tensor uses the
+# wide-range `approx.inv_sqrt_wide` and keeps _den = (1/sqrt(w), sqrt(M), 0); division by and
+# addition of public scalars update mult/add; addcdiv_ by such a denominator multiplies by the
+# reciprocal directly. Every ordinary write to the tensor drops these views (the ``_share``
+# setter), and every tensor still holds a correct ordinary share, so other ops are unaffected.
+# Only public constants (M, a, c, eps) decide which path is taken; nothing is opened.
+
+
+def _scalar(v) -> float | None:
+    """A public real scalar operand as a float (None if it is not one)."""
+    v = _public_value(v)
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+        return float(v.reshape(()))
+    return None
+
+
+_mul_inplace = HANDLERS[aten.mul_.Tensor]
+
+
+def _mul_(rt, func, x, b):
+    c = _scalar(b)
+    hp = x._hp if _isM(x) else None
+    if hp is None or c is None or c <= 0:
+        return _mul_inplace(rt, func, x, b)
+    m, w = hp
+    x._share = _mul_public(rt, _sh(x), c)
+    x._pub = None
+    x._hp = (m * c, w)
+    return x
+
+
+HANDLERS[aten.mul_.Tensor] = _mul_
+HANDLERS[aten.mul_.Scalar] = _mul_
+_addcmul_generic = _addcmul
+
+
+@_reg(aten.addcmul_)
+def _addcmul_hp(rt, func, x, t1, t2, value=1):
+    a = _scalar(value)
+    if not (_isM(x) and _isM(t1) and t1 is t2 and _public_value(t1) is None and a is not None and a > 0):
+        return _addcmul_generic(rt, func, x, t1, t2, value)
+    return _ema(rt, x, P.square(rt, _sh(t1)), a, 1.0)  # exact g^2, 2*frac_bits fractional bits
+
+
+def _ema(rt, x, e2: torch.Tensor, a: float, keep: float) -> MPCTensor:
+    """x <- keep * x + a * e (e given by e2 with 2*frac_bits bits), keeping the exact view _hp."""
+    if x._hp is not None:
+        m, w = x._hp
+    elif x._pub is not None and not bool(x._pub.any()):
+        m, w = 0.0, None
+    else:
+        m, w = 1.0, _sh(x) * rt.scale
+    m2 = m * keep + a
+    if w is None or m == 0:
+        w2 = e2
+    else:
+        # (e - w) a/m2 in two halves: the truncated values stay below 2^(3f/2 + 16) |e - w| (a/m2),
+        # not 2^(2f + 16); the rounding added, a/m2 * 2^(-3f/2), is far below w's resolution needs
+        h = rt.frac_bits // 2
+        w2 = w + P.truncate(rt, P.truncate(rt, e2 - w, h) * round(a / m2 * rt.scale), rt.frac_bits - h)
+    x._share = _mul_public(rt, P.truncate(rt, w2), m2)
+    x._pub = None
+    x._hp = (m2, w2)
+    return x
+
+
+_lerp_generic = _lerp
+
+
+@_reg(aten.lerp_.Scalar)
+def _lerp_hp(rt, func, x, end, weight):
+    a = _scalar(weight)
+    if not (_isM(x) and _isM(end) and _public_value(end) is None and a is not None and 0 < a <= 1):
+        return _lerp_generic(rt, func, x, end, weight)
+    return _ema(rt, x, _sh(end) * rt.scale, a, 1.0 - a)
+
+
+_sqrt_generic = HANDLERS[aten.sqrt]
+
+
+@_reg(aten.sqrt)
+def _sqrt_hp(rt, func, x):
+    if x._hp is None:
+        return _sqrt_generic(rt, func, x)
+    m, w = x._hp
+    inv, root = approx.inv_sqrt_wide(rt, w)
+    k = math.sqrt(m)
+    out = _W(_mul_public(rt, root, k))
+    out._den = (inv, k, 0.0)
+    return out
+
+
+def _div_hp(rt, func, a, b):
+    out = _div(rt, func, a, b)
+    c = _scalar(b)
+    if _isM(a) and a._den is not None and c is not None and c > 0:
+        inv, k, add = a._den
+        out._den = (inv, k / c, add / c)
+    return out
+
+
+HANDLERS[aten.div.Tensor] = _div_hp
+HANDLERS[aten.div.Scalar] = _div_hp
+_add_generic = {op: HANDLERS[op] for op in (aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.add_.Scalar)}
+
+
+def _add_hp(rt, func, a, b, alpha=1):
+    den = a._den if _isM(a) else None
+    out = _add_generic[func](rt, func, a, b, alpha)
+    e = _scalar(b)
+    if den is not None and e is not None and _scalar(alpha) is not None:
+        inv, k, add = den
+        out._den = (inv, k, add + e * float(alpha))
+    return out
+
+
+for _op in _add_generic:
+    HANDLERS[_op] = _add_hp
+_addcdiv_generic = _addcdiv
+EPS_IGNORED = 2.0**-10  # relative change of the denominator below which a public addend is dropped
+
+
+@_reg(aten.addcdiv_, aten.addcdiv)
+def _addcdiv_hp(rt, func, x, t1, t2, value=1):
+    den = t2._den if _isM(t2) else None
+    v = _scalar(value)
+    if den is None or v is None or not _isM(t1) or _public_value(t1) is not None:
+        return _addcdiv_generic(rt, func, x, t1, t2, value)
+    inv, k, add = den  # t2 = k sqrt(w) + add, inv = 1/sqrt(w) <= 2^frac_bits
+    if k <= 0:
+        return _addcdiv_generic(rt, func, x, t1, t2, value)
+    num, scale = _sh(t1), 1.0
+    if t1._hp is not None:  # Adam's first moment: M1 * w1, w1 (= bias-corrected m) more precise
+        scale, w1 = t1._hp
+        num = P.truncate(rt, w1)
+    q = P.mul(rt, num, inv)  # t1 / sqrt(w) / scale
+    r = add / k * rt.scale  # largest add / (k sqrt(w))
+    if r < -0.4:
+        raise ProtocolError("addcdiv: denominator may be close to zero")
+    if abs(r) > EPS_IGNORED:  # t1 / (k sqrt(w) + add) = t1 / (k sqrt(w)) * 1 / (1 + add inv / k)
+        if r > 99:
+            raise ProtocolError("Adam eps too large for the fixed-point range (eps <= 0.0015)")
+        c = round(add / k * rt.scale * rt.scale)  # 2*frac_bits: add / k may be far below 2^-frac_bits
+        z = P.public(rt, torch.full_like(inv, rt.scale)) + P.truncate(rt, P.truncate(rt, inv * c))
+        q = P.mul(rt, q, approx.reciprocal(rt, z))
+    out = _to_share(rt, x) + _mul_public(rt, q, v * scale / k)
+    if func is aten.addcdiv_.default:
+        x._share, x._pub = out, None
+        return x
+    return _W(out)
