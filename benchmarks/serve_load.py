@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,15 +33,10 @@ from sklearn.datasets import load_digits
 from veil import ml
 from veil.serve import Client
 from veil.serve.auth import add_token_to_file
+from veil.serve.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_P50_MS = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:

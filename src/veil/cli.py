@@ -41,35 +41,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _demo_http(args: argparse.Namespace, model: object, path: str, X_test: np.ndarray, y_test: np.ndarray,
                t_fit: float) -> int:
-    """The same flow through a real HTTPS-less server on a free loopback port (started and stopped here)."""
-    import socket
-    import threading
-
-    import uvicorn
-
-    from veil.serve import Client, ServerConfig, build
+    """The same flow through a real (plain HTTP) server on a free loopback port, started and stopped here."""
+    from veil.serve import Client, ServerConfig
     from veil.serve.auth import add_token_to_file
+    from veil.serve.server import serve_in_background
 
     with tempfile.TemporaryDirectory() as data:
         admin = add_token_to_file(Path(data) / "tokens.json", "admin", "admin")
         user = add_token_to_file(Path(data) / "tokens.json", "demo", "client")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         key_file = Path(data) / "model.key"
         key_file.write_text(os.urandom(32).hex())
-        app, _ = build(ServerConfig(port=port, data_dir=data, model_key_file=str(key_file)))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                               access_log=False, ws="none"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise VeilError("demo server did not start")
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{port}"
-        try:
+        with serve_in_background(ServerConfig(data_dir=data, model_key_file=str(key_file))) as url:
             with Client(url, admin) as a:
                 a.deploy(path, "demo")
             with Client(url, user) as client:
@@ -91,9 +73,6 @@ def _demo_http(args: argparse.Namespace, model: object, path: str, X_test: np.nd
                 t = time.perf_counter()
                 pred = mc.predict(mc.decrypt(response))
                 t_dec = time.perf_counter() - t
-        finally:
-            server.should_exit = True
-            thread.join(10)
     p = mc.circuit.params[layout]
     print(f"CKKS N={p.poly_modulus_degree}, modulus {list(p.coeff_modulus_bits)} bits, 128-bit security, "
           f"{layout} layout")

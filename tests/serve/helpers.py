@@ -1,30 +1,18 @@
-"""Test helpers: self-signed TLS material and a real uvicorn server on a free loopback port."""
+"""Test helpers: self-signed TLS material; the server runs through `veil.serve.server.serve_in_background`."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from veil.serve.server import ServerConfig, build, ssl_options
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from veil.serve.server import free_port, serve_in_background
 
 
 @dataclass
@@ -77,24 +65,5 @@ def make_certs(directory: Path) -> Certs:
     return Certs(directory / "ca.pem", out["server_cert"], out["server_key"], out["client_cert"],
                  out["client_key"], directory / "rogue.pem", directory / "rogue.key")
 
-
-@contextlib.contextmanager
-def running_server(config: ServerConfig, timeout: float = 20.0) -> Iterator[str]:
-    """Serve `config` from a thread on a free port; yields the base URL and stops on exit."""
-    config.port = free_port()
-    app, _ = build(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_config=None,
-                                           access_log=False, ws="none", **ssl_options(config)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    scheme = "https" if config.tls_cert else "http"
-    try:
-        yield f"{scheme}://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
+running_server = serve_in_background
+__all__ = ["Certs", "free_port", "make_certs", "running_server"]

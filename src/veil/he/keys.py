@@ -24,6 +24,11 @@ def _normalise_steps(steps: Iterable[int], slots: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def key_id(bundle: bytes) -> str:
+    """Content hash of a serialized public bundle: the same keys always get the same id."""
+    return hashlib.sha256(bundle).hexdigest()[:32]
+
+
 class PublicBundle:
     """Parameters and evaluation keys for a server. It holds no secret key and cannot decrypt."""
 
@@ -51,8 +56,7 @@ class PublicBundle:
 
     @property
     def key_id(self) -> str:
-        """Content hash of the serialized bundle: the same keys always get the same id."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()[:32]
+        return key_id(self.to_bytes())
 
     @classmethod
     def from_bytes(cls, data: bytes, context: HEContext | None = None) -> PublicBundle:

@@ -32,7 +32,7 @@ from veil.errors import (
 from veil.serve import schemas
 from veil.serve.auth import Principal, TokenStore
 from veil.serve.errors import ServeError
-from veil.serve.registry import ModelRecord
+from veil.serve.registry import KeyRecord, ModelRecord
 from veil.serve.service import Service
 
 log = logging.getLogger("veil.serve")
@@ -142,6 +142,11 @@ def _info(record: ModelRecord) -> dict[str, Any]:
             "n_outputs": meta["n_outputs"], "layouts": meta.get("layouts", [])}
 
 
+def _key_info(record: KeyRecord) -> dict[str, Any]:
+    return {"key_id": record.key_id, "owner": record.owner, "params": record.params,
+            "rotation_steps": list(record.rotation_steps), "created": record.created}
+
+
 def _b64(text: str, what: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -230,9 +235,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _register(who: Principal, data: bytes) -> dict:
-        record = await run_in_threadpool(service.register_key, who, data)
-        return {"key_id": record.key_id, "owner": record.owner, "params": record.params,
-                "rotation_steps": list(record.rotation_steps), "created": record.created}
+        return _key_info(await run_in_threadpool(service.register_key, who, data))
 
     @app.post("/v1/keys", response_model=schemas.KeyInfo, tags=["keys"],
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -248,9 +251,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.get("/v1/keys/{key_id}", response_model=schemas.KeyInfo, tags=["keys"])
     async def get_key(key_id: str, who: Auth) -> dict:
-        record = await run_in_threadpool(service.key, who, key_id)
-        return {"key_id": record.key_id, "owner": record.owner, "params": record.params,
-                "rotation_steps": list(record.rotation_steps), "created": record.created}
+        return _key_info(await run_in_threadpool(service.key, who, key_id))
 
     @app.post("/v1/models", response_model=schemas.ModelInfo, tags=["models"], status_code=201)
     async def deploy(body: schemas.DeployRequest, who: Auth) -> dict:

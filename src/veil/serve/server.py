@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import ssl
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +118,38 @@ def ssl_options(config: ServerConfig) -> dict[str, Any]:
     if config.tls_client_ca:
         opts.update(ssl_ca_certs=config.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     return opts
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free on `host` now (for tests, demos and benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_background(config: ServerConfig, timeout: float = 20.0) -> Iterator[str]:
+    """Serve `config` from a thread on a free loopback port; yields the base URL, stops on exit."""
+    import uvicorn
+
+    config.host, config.port = "127.0.0.1", free_port()
+    app, _ = build(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+                                           access_log=False, ws="none", **ssl_options(config)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the background server did not start")
+        time.sleep(0.02)
+    scheme = "https" if config.tls_cert else "http"
+    try:
+        yield f"{scheme}://{config.host}:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
 
 
 def serve(config: ServerConfig) -> None:

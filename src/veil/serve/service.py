@@ -13,6 +13,7 @@ from typing import Any
 
 from veil.errors import VeilError
 from veil.he import PublicBundle
+from veil.he.keys import key_id
 from veil.ml import ModelClient, ModelServer
 from veil.serve.auth import Principal
 from veil.serve.crypto import ArtefactCipher
@@ -66,10 +67,9 @@ class Service:
         """Validate a public bundle (a secret key is refused) and store it under its content hash."""
         principal.require("client")
         bundle = PublicBundle.from_bytes(data)
-        record = KeyRecord(hashlib.sha256(data).hexdigest()[:32], principal.name, bundle.params.fingerprint,
-                           bundle.rotation_steps, time.time(), data)
-        stored = self.store.put_key(record)
-        return stored
+        record = KeyRecord(key_id(data), principal.name, bundle.params.fingerprint, bundle.rotation_steps,
+                           time.time(), data)
+        return self.store.put_key(record)
 
     def key(self, principal: Principal, key_id: str) -> KeyRecord:
         record = self.key_record(key_id)
