@@ -1,4 +1,4 @@
-"""Parties and dealer as separate processes over torch.distributed (gloo, TCP on 127.0.0.1)."""
+"""Parties and dealer as separate processes linked by mutually authenticated TLS on 127.0.0.1."""
 
 import os
 import signal
@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from veil.mpc import launch
+from veil.mpc.certs import make_dev_pki
 from veil.mpc.cli import add_parser
 from veil.mpc.data import load_digits
 from veil.mpc.errors import PartyFailureError
+from veil.mpc.party import peer_addresses
 from veil.mpc.provider import HEADER_BYTES
 from veil.mpc.runtime import free_port
 from veil.mpc.train import make_model, plain_train
@@ -21,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.mark.timeout(120)
-def test_products_over_gloo_three_parties():
+def test_products_over_tls_three_parties():
     res = launch("tests.mpc.programs:products", n_parties=3, args=(3,), timeout=30, wall_timeout=100)
     assert res[0] == [[0.0, 0.5, 1.0, 1.5]] * 3
     assert res[1] == [None] * 3 and res[2] == [None] * 3
@@ -29,7 +31,7 @@ def test_products_over_gloo_three_parties():
 
 
 @pytest.mark.timeout(180)
-def test_training_over_gloo_matches_plaintext():
+def test_training_over_tls_matches_plaintext():
     x, y = load_digits(28)
     torch.manual_seed(0)
     model = make_model("mlp")
@@ -48,12 +50,14 @@ def test_training_over_gloo_matches_plaintext():
     assert all(t["bytes_to_dealer"] % HEADER_BYTES == 0 for t in res[1]["traffic"])
 
 
-def _start(entry: str, args_file: str, world: int, timeout: float):
-    port = free_port()
+def _start(entry: str, args_file: str, world: int, timeout: float, pki_dir):
+    pki = make_dev_pki(pki_dir, world - 1)
+    peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(world - 1))
     procs = []
     for r in range(world):
         cmd = [sys.executable, "-m", "veil.mpc.party", "--rank", str(r), "--world", str(world),
-               "--addr", f"127.0.0.1:{port}", "--entry", entry, "--args", args_file, "--timeout", str(timeout)]
+               "--peers", peers, "--ca", str(pki[r].ca), "--cert", str(pki[r].cert), "--key", str(pki[r].key),
+               "--entry", entry, "--args", args_file, "--timeout", str(timeout)]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -62,7 +66,7 @@ def _start(entry: str, args_file: str, world: int, timeout: float):
 def test_killed_party_makes_the_others_fail_cleanly(tmp_path):
     marker = str(tmp_path / "m")
     torch.save((1, marker), tmp_path / "args.pt")
-    procs = _start("tests.mpc.programs:crash", str(tmp_path / "args.pt"), 3, timeout=60)
+    procs = _start("tests.mpc.programs:crash", str(tmp_path / "args.pt"), 3, timeout=60, pki_dir=tmp_path / "pki")
     try:
         # wait until party 0 is computing, then SIGKILL it from outside
         for _ in range(600):
@@ -107,5 +111,19 @@ def test_cli_parser():
 
     root = argparse.ArgumentParser()
     add_parser(root.add_subparsers(dest="cmd"))
-    ns = root.parse_args(["mpc", "party", "--rank", "2", "--world", "3", "--addr", "127.0.0.1:5000"])
+    ns = root.parse_args(["mpc", "party", "--rank", "2", "--world", "3", "--addr", "127.0.0.1:5000",
+                          "--certs", "pki"])
     assert (ns.rank, ns.world, ns.addr) == (2, 3, "127.0.0.1:5000") and callable(ns.func)
+    assert peer_addresses(ns) == ["127.0.0.1:5000", "127.0.0.1:5001"]
+    assert ns.certs == "pki"
+
+
+def test_party_without_certificates_refuses_to_start(tmp_path):
+    """TLS is not optional: a rank started without certificates exits with a clear message."""
+    cmd = [sys.executable, "-m", "veil.mpc.party", "--rank", "0", "--world", "3", "--addr", "127.0.0.1:5000",
+           "--entry", "tests.mpc.programs:products"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "TLS is required" in res.stderr
+    res = subprocess.run([*cmd, "--certs", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "not found" in res.stderr

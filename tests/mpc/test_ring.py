@@ -54,8 +54,42 @@ def test_prg_bits_are_balanced_and_streams_differ():
     # 20000 samples per bit: 6 sigma = 6 * 0.5 / sqrt(20000) ~ 0.021
     assert (frac - 0.5).abs().max() < 0.021
     assert not torch.equal(ring.PRG().random((4,)), ring.PRG().random((4,)))
-    k, n = b"k" * 32, b"n" * 16
-    assert torch.equal(ring.PRG(k, n).random((5,)), ring.PRG(k, n).random((5,)))
+    k = b"k" * 32
+    assert torch.equal(ring.PRG.stream(k, 7).random((5,)), ring.PRG.stream(k, 7).random((5,)))
+    assert not torch.equal(ring.PRG.stream(k, 7).random((5,)), ring.PRG.stream(k, 8).random((5,)))
+
+
+def _blocks(t: torch.Tensor) -> list[bytes]:
+    raw = t.numpy().tobytes()
+    return [raw[i : i + 16] for i in range(0, len(raw), 16)]
+
+
+def test_no_two_request_streams_share_a_keystream_block():
+    """The leak of the landed code: request c+1's stream was request c's shifted by one block."""
+    from veil.mpc.provider import request_prg
+
+    key = ring.PRG().key
+    seen: dict[bytes, int] = {}
+    for c in range(300):
+        for blk in _blocks(request_prg(key, c).random((128,))):  # 64 blocks per request
+            assert blk not in seen, f"request {c} reuses a keystream block of request {seen[blk]}"
+            seen[blk] = c
+    assert len(seen) == 300 * 64
+
+
+def test_streams_start_at_block_zero_of_their_own_counter_range():
+    """Stream s is AES-CTR from the counter block (s, 0): checked against AES-ECB of the counters."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = ring.PRG().key
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    for s in (0, 1, 2**40 + 3, 2**64 - 1):
+        counters = b"".join(s.to_bytes(8, "big") + j.to_bytes(8, "big") for j in range(4))
+        assert ring.PRG.stream(key, s).random((8,)).numpy().tobytes() == ecb.update(counters)
+    with pytest.raises(ProtocolError):
+        ring.PRG.stream(key, 2**64)
+    with pytest.raises(ProtocolError):
+        ring.PRG(b"short", 0)
 
 
 def test_digits_upsampled_to_28x28():

@@ -1,10 +1,10 @@
 """Communicators: who talks to whom, with byte and round counting.
 
 Ranks 0..n-1 are the computing parties, rank n is the dealer (crypto provider). Two
-implementations: `InProcessComm` (threads and queues, for quick tests) and `GlooComm`
-(`torch.distributed` with the gloo backend over TCP, one process per rank, possibly on
-different machines). Any failure of a peer surfaces as `PartyFailureError` (or
-`MPCTimeoutError`) in every other rank instead of a hang.
+implementations: `InProcessComm` (threads of one process and queues: nothing leaves the
+process) and `veil.mpc.transport.TLSComm` (one process per rank, possibly on different machines,
+every link mutually authenticated TLS 1.3). Any failure of a peer surfaces as
+`PartyFailureError` (or `MPCTimeoutError`) in every other rank instead of a hang.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from veil.mpc.errors import MPCTimeoutError, PartyFailureError
 
@@ -147,98 +145,3 @@ class InProcessComm(Communicator):
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
             raise PartyFailureError(f"rank {self.rank}: unexpected message from rank {src}")
         return t
-
-
-class GlooComm(Communicator):
-    """`torch.distributed` gloo process group over TCP; ``addr`` is the rendezvous HOST:PORT.
-
-    Joining waits up to ``max(timeout, join_timeout)`` seconds for the other ranks to start;
-    afterwards every message uses ``timeout``.
-    """
-
-    def __init__(self, rank: int, world: int, addr: str, timeout: float, join_timeout: float = 120.0) -> None:
-        super().__init__(rank, world)
-        self.timeout = timeout
-        try:
-            dist.init_process_group(
-                "gloo",
-                init_method=f"tcp://{addr}",
-                rank=rank,
-                world_size=world,
-                timeout=timedelta(seconds=max(timeout, join_timeout)),
-            )
-            self.group = dist.new_group(list(range(world)), timeout=timedelta(seconds=timeout), backend="gloo")
-        except Exception as exc:
-            raise PartyFailureError(f"rank {rank}: could not join {addr}: {exc}") from exc
-        self._pending: list[tuple] = []
-
-    def _send(self, t: torch.Tensor, dst: int) -> None:
-        try:
-            self._pending.append((dist.isend(t, dst, group=self.group), t))
-        except Exception as exc:
-            raise PartyFailureError(f"rank {self.rank}: send to rank {dst} failed: {exc}") from exc
-        if len(self._pending) > 64:
-            # Wait for the oldest sends only: by the protocols' structure their receivers have
-            # already posted (or are about to post) the matching receives; the newest ones may
-            # still be waiting for a receive posted later, so waiting on them could deadlock.
-            old, self._pending = self._pending[:32], self._pending[32:]
-            for w, _ in old:
-                try:
-                    w.wait()
-                except Exception as exc:
-                    raise PartyFailureError(f"rank {self.rank}: a peer failed: {exc}") from exc
-
-    def flush(self) -> None:
-        """Wait for all outstanding sends to complete."""
-        try:
-            for w, _ in self._pending:
-                w.wait()
-        except Exception as exc:
-            raise PartyFailureError(f"rank {self.rank}: a peer failed: {exc}") from exc
-        finally:
-            self._pending = []
-
-    def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """One round among parties; receives are posted before the sends so large messages flow."""
-        self.stats.rounds += 1
-        n = self.n_parties
-        bufs, works = {}, {}
-        for p in range(n):
-            if p != self.rank:
-                bufs[p] = torch.empty(t.shape, dtype=t.dtype)
-                try:
-                    works[p] = dist.irecv(bufs[p], p, group=self.group)
-                except Exception as exc:
-                    raise PartyFailureError(f"rank {self.rank}: receive from rank {p} failed: {exc}") from exc
-        for p in range(n):
-            if p != self.rank:
-                self.send(t, p)
-        for p, w in works.items():
-            self._wait(w, p)
-        return [t if p == self.rank else bufs[p] for p in range(n)]
-
-    def _wait(self, work, src: int) -> None:
-        try:
-            work.wait()
-        except Exception as exc:
-            text = str(exc)
-            cls = MPCTimeoutError if "imeout" in text or "imed out" in text else PartyFailureError
-            raise cls(f"rank {self.rank}: receive from rank {src} failed: {text.splitlines()[0]}") from exc
-
-    def _recv(self, shape, dtype, src: int) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype)
-        try:
-            dist.irecv(buf, src, group=self.group).wait()
-        except Exception as exc:
-            text = str(exc)
-            cls = MPCTimeoutError if "imeout" in text or "imed out" in text else PartyFailureError
-            raise cls(f"rank {self.rank}: receive from rank {src} failed: {text.splitlines()[0]}") from exc
-        return buf
-
-    def close(self) -> None:
-        """Flush pending sends and leave the process group."""
-        try:
-            self.flush()
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()

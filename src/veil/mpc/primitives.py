@@ -175,29 +175,50 @@ def square(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
 
 
 def truncate(rt: Runtime, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
-    """Divide shares by 2^bits (default frac_bits) after a fixed-point product.
-
-    Two parties: SecureML local truncation (no communication). More parties: a dealer pair
-    (r, r >> bits), opening x + r. In both cases the result is floor(x / 2^bits) or one more
-    (error at most 1 unit in the last place) except with probability about |x| / 2^63 per
-    element, when a wrap-around makes the result wrong by about 2^(64-bits). The dealer pair is
-    for frac_bits: with more parties, fewer bits are truncated as (x * 2^(frac_bits - bits)) / 2^frac_bits.
-    """
+    """Divide shares by 2^bits (default frac_bits) after a fixed-point product: `div_public` by 2^bits."""
     bits = rt.frac_bits if bits is None else bits
     rt.truncations += 1
     if bits == 0:
         return x
+    return div_public(rt, x, 1 << bits)
+
+
+MAX_DIVISOR = 1 << 62
+
+
+def div_public(rt: Runtime, x: torch.Tensor, d: int) -> torch.Tensor:
+    """Shares of x / d for a public nonzero integer d (|d| <= 2^62), rounded to an integer.
+
+    Protocol (x read as a signed 64-bit integer):
+
+    - two parties (SecureML's local truncation, generalised to any divisor; no communication):
+      party 0 takes floor(x0 / d), party 1 takes -floor(-x1 / d);
+    - three or more: 1. the dealer deals a uniform r and shares of floor(r / d) (request
+      ``trunc`` with the divisor); 2. the parties open z = x + r (one round; z is uniform, so
+      it reveals nothing); 3. party 0 takes floor(z / d) - [floor(r / d)], the others
+      -[floor(r / d)].
+
+    Error: the result is floor(x / d) or floor(x / d) + 1 (at most one unit in the last place:
+    2^-frac_bits for a fixed-point x), except with probability about |x| / 2^63 per element, when
+    a share wraps around the ring and the result is off by about 2^64 / |d|. For a mean over n
+    elements of fixed-point values, x / n is thus exact to the fixed-point resolution for every
+    n <= 2^31 (tests/mpc/test_protocols.py checks n = 10^6), where multiplying by 1/n encoded with
+    frac_bits fractional bits is not (1/n rounds to 0 for n > 2^(frac_bits + 1)).
+    """
+    d = int(d)
+    if d == 0 or abs(d) > MAX_DIVISOR:
+        raise ProtocolError(f"public divisor must be a nonzero integer of magnitude <= 2^62, got {d}")
+    if d < 0:
+        return div_public(rt, -x, -d)
+    if d == 1:
+        return x
     if rt.n == 2:
         if rt.rank == 0:
-            return ring.shift_right(x, bits)
-        return -ring.shift_right(-x, bits)
-    if bits < rt.frac_bits:  # x / 2^bits = (x 2^(f - bits)) / 2^f: the dealer pair is for f only
-        x, bits = x * (1 << (rt.frac_bits - bits)), rt.frac_bits
-    elif bits != rt.frac_bits:
-        raise ProtocolError("dealer truncation is only provided for at most frac_bits")
-    t = rt.dealer.request("trunc", {"xs": list(x.shape)})
+            return torch.div(x, d, rounding_mode="floor")
+        return -torch.div(-x, d, rounding_mode="floor")
+    t = rt.dealer.request("trunc", {"xs": list(x.shape), "d": d})
     z = open_ring(rt, x + t["r"])
-    zt = ring.shift_right(z, bits)
+    zt = torch.div(z, d, rounding_mode="floor")
     return zt - t["rt"] if rt.rank == 0 else -t["rt"]
 
 

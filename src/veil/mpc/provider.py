@@ -87,7 +87,10 @@ def derive(kind: str, spec: dict, full: dict[str, torch.Tensor], frac_bits: int)
     if kind == "square":
         return {"c": full["a"] * full["a"]}
     if kind == "trunc":
-        return {"rt": ring.shift_right(full["r"], frac_bits)}
+        d = int(spec.get("d", 1 << frac_bits))
+        if d <= 0:
+            raise ProtocolError("truncation divisor must be positive")
+        return {"rt": torch.div(full["r"], d, rounding_mode="floor")}
     if kind in ("sign", "relu"):
         out = {"rb": full["r"], "sa": full["s"] & 1}
         if kind == "relu":
@@ -185,8 +188,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def request_prg(key: bytes, counter: int) -> ring.PRG:
-    """The AES-CTR stream of request number ``counter`` (independent streams, any order)."""
-    return ring.PRG(key, counter.to_bytes(16, "big"))
+    """The AES-CTR stream of request number ``counter``: stream ``counter`` of the party's key.
+
+    Each request has its own 64-bit stream id and a block counter starting at zero
+    (`ring.PRG`), so the masks of different requests come from disjoint keystream blocks and
+    are independent; a request never reuses another request's randomness, in any order.
+    """
+    return ring.PRG.stream(key, counter)
 
 
 def _answer(keys: list[bytes], counter: int, kind: str, spec: dict, frac_bits: int) -> torch.Tensor:

@@ -33,25 +33,50 @@ def decode(v: torch.Tensor, frac_bits: int) -> torch.Tensor:
     return (v.to(torch.float64) / float(2**frac_bits)).to(torch.float32)
 
 
-class PRG:
-    """AES-256-CTR keystream (the `cryptography` package) turned into uniform int64 tensors.
+STREAM_BLOCKS = 1 << 64  # AES blocks one stream may use: its 64-bit block counter never wraps
 
-    Keyed from ``os.urandom`` unless a key is given (the dealer shares keys with parties so
-    that their correlated randomness can be expanded locally instead of being sent).
+
+class PRG:
+    """One AES-256-CTR keystream (the `cryptography` package) turned into uniform int64 tensors.
+
+    The 128-bit initial counter block is ``stream_id`` (64 bits, big-endian) followed by a 64-bit
+    block counter that starts at zero. Two streams of the same key therefore never share a
+    keystream block: stream ``s`` uses exactly the counter blocks ``s * 2^64 + j`` for
+    ``j < 2^64``, and `random` refuses to run past the end of its stream. A fresh key (from
+    ``os.urandom``, the default) is used for a single stream; a key given by the dealer is
+    expanded into one stream per request, each with its own ``stream_id`` (`stream`).
     """
 
-    def __init__(self, key: bytes | None = None, nonce: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, stream_id: int = 0) -> None:
         self.key = key if key is not None else os.urandom(32)
-        self.nonce = nonce if nonce is not None else os.urandom(16)
-        self._enc = Cipher(algorithms.AES(self.key), modes.CTR(self.nonce)).encryptor()
+        if len(self.key) != 32:
+            raise ProtocolError("PRG keys are 32 bytes (AES-256)")
+        if not 0 <= stream_id < 1 << 64:
+            raise ProtocolError("stream ids are 64-bit unsigned integers")
+        self.stream_id = stream_id
+        self.bytes_used = 0
+        self._enc = Cipher(algorithms.AES(self.key), modes.CTR(self.counter_block(stream_id))).encryptor()
+
+    @staticmethod
+    def counter_block(stream_id: int) -> bytes:
+        """The initial counter block of a stream: stream id, then a zero 64-bit block counter."""
+        return stream_id.to_bytes(8, "big") + bytes(8)
+
+    @classmethod
+    def stream(cls, key: bytes, stream_id: int) -> PRG:
+        """Stream number ``stream_id`` of ``key`` (independent of every other stream of that key)."""
+        return cls(key, stream_id)
 
     def random(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        """Uniform elements of Z_2^64 with the given shape."""
+        """Uniform elements of Z_2^64 with the given shape (the next 8 bytes each of the stream)."""
         n = 1
         for s in shape:
             n *= int(s)
         if n == 0:
             return torch.zeros(tuple(shape), dtype=torch.int64)
+        self.bytes_used += 8 * n
+        if (self.bytes_used + 15) // 16 > STREAM_BLOCKS:
+            raise ProtocolError("PRG stream exhausted (2^64 blocks): use a new stream")
         buf = bytearray(self._enc.update(bytes(8 * n)))
         return torch.frombuffer(buf, dtype=torch.int64).reshape(tuple(shape))
 

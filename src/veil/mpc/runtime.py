@@ -1,7 +1,8 @@
-"""Starting a computation: in-process threads (tests) or one OS process per rank (gloo over TCP)."""
+"""Starting a computation: threads of this process (tests) or one OS process per rank over mutual TLS."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import socket
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from veil.mpc import provider, ring
+from veil.mpc import certs, provider, ring
 from veil.mpc.comm import Communicator, InProcessComm, _Hub
 from veil.mpc.errors import MPCTimeoutError, PartyFailureError, ProtocolError
 from veil.mpc.primitives import Runtime
@@ -27,13 +28,12 @@ def setup_party(comm: Communicator, frac_bits: int) -> Runtime:
     key = provider.receive_key(comm)
     if comm.rank == 0:
         common = ring.PRG()
-        raw = torch.frombuffer(bytearray(common.key + common.nonce), dtype=torch.uint8).clone()
+        raw = torch.frombuffer(bytearray(common.key), dtype=torch.uint8).clone()
         for p in range(1, comm.n_parties):
             comm.send(raw, p)
     else:
-        raw = comm.recv((48,), torch.uint8, 0)
-        b = bytes(raw.numpy().tobytes())
-        common = ring.PRG(b[:32], b[32:])
+        raw = comm.recv((32,), torch.uint8, 0)
+        common = ring.PRG(bytes(raw.numpy().tobytes()))
     return Runtime(comm, provider.DealerClient(comm, key), frac_bits, common)
 
 
@@ -54,35 +54,60 @@ def run_local(
     args: tuple = (),
     frac_bits: int = ring.DEFAULT_FRAC_BITS,
     timeout: float = 60.0,
+    transport: str = "memory",
 ) -> list[Any]:
     """Run ``fn(*args)`` in every party, each a thread of this process, plus a dealer thread.
 
-    Returns the parties' return values (index = rank). If any rank fails, every other rank
-    stops with `PartyFailureError` and the first error is re-raised here.
+    ``transport="memory"`` passes messages through queues; ``"tls"`` links the threads with the
+    real transport (`TLSComm` on 127.0.0.1 with a throw-away development CA), as separate
+    processes would be. Returns the parties' return values (index = rank). If any rank fails,
+    every other rank stops with `PartyFailureError` and the first error is re-raised here.
     """
     if n_parties < 2:
         raise ProtocolError("at least 2 computing parties are needed")
+    if transport not in ("memory", "tls"):
+        raise ProtocolError(f"transport must be 'memory' or 'tls', got {transport!r}")
     world = n_parties + 1
     hub = _Hub(world)
     results: list[Any] = [None] * world
     errors: list[BaseException | None] = [None] * world
+    tmp = tempfile.TemporaryDirectory(prefix="veil-mpc-pki-") if transport == "tls" else None
+    if tmp is not None:
+        pki = certs.make_dev_pki(tmp.name, n_parties)
+        peers = [f"127.0.0.1:{free_port()}" for _ in range(n_parties)]
+        session = os.urandom(8).hex()
 
     def body(rank: int) -> None:
-        comm = InProcessComm(rank, world, hub, timeout)
+        comm: Communicator | None = None
         try:
+            if tmp is None:
+                comm = InProcessComm(rank, world, hub, timeout)
+            else:
+                from veil.mpc.transport import TLSComm
+
+                comm = TLSComm(rank, world, peers, pki[rank], timeout=timeout, join_timeout=timeout,
+                               session=session)
             results[rank] = run_party(comm, fn, args, frac_bits)
         except BaseException as exc:
             errors[rank] = exc
             if not hub.abort.is_set():
                 hub.reason = f"rank {rank} failed: {exc!r}"
                 hub.abort.set()
+        finally:
+            if comm is not None:
+                with contextlib.suppress(PartyFailureError):
+                    comm.close()
 
     threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout * 4
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout * 4
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     if any(t.is_alive() for t in threads):
         hub.reason = "run_local deadline"
         hub.abort.set()
@@ -120,15 +145,20 @@ def launch(
 ) -> list[Any]:
     """Run ``entry`` in n party processes plus a dealer process on loopback; return their results.
 
-    Each process is ``python -m veil.mpc.party``; the results come back through files written with
-    ``torch.save``. Raises `PartyFailureError` if any process fails, after stopping all of them.
-    This is a loopback harness: every party process gets the same argument file and the party
-    program reads only its own part (the dealer gets none). In a real deployment each party runs
-    ``veil mpc party --rank R --world N --addr HOST:PORT --entry ... --args <its own file>``.
+    Each process is ``python -m veil.mpc.party`` with its own certificate from a throw-away
+    development CA (it receives the CA certificate and only its own key) and a free port on
+    127.0.0.1; every link between them is mutually authenticated TLS 1.3. The results come back
+    through files written with ``torch.save``. Raises `PartyFailureError` if any process fails,
+    after stopping all of them. This is a loopback harness: every party process gets the same
+    argument file and the party program reads only its own part (the dealer gets none). In a real
+    deployment each party runs ``veil mpc party --rank R --world N --peers ... --certs ...
+    --entry ... --args <its own file>`` on its own machine.
     """
-    port = free_port()
     world = n_parties + 1
     with tempfile.TemporaryDirectory(prefix="veil-mpc-") as tmp:
+        pki = certs.make_dev_pki(Path(tmp) / "pki", n_parties)
+        peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(n_parties))
+        session = os.urandom(8).hex()
         argf = Path(tmp) / "args.pt"
         torch.save(args, argf)
         procs = []
@@ -136,9 +166,10 @@ def launch(
         for r in range(world):
             cmd = [
                 sys.executable, "-m", "veil.mpc.party", "--rank", str(r), "--world", str(world),
-                "--addr", f"127.0.0.1:{port}", "--entry", entry,
+                "--peers", peers, "--session", session, "--entry", entry,
+                "--ca", str(pki[r].ca), "--cert", str(pki[r].cert), "--key", str(pki[r].key),
                 "--out", str(Path(tmp) / f"out{r}.pt"), "--frac-bits", str(frac_bits),
-                "--timeout", str(timeout), "--threads", str(threads),
+                "--timeout", str(timeout), "--join-timeout", str(max(timeout, 60.0)), "--threads", str(threads),
             ]
             if r != world - 1:  # the dealer gets no arguments: it never sees inputs
                 cmd += ["--args", str(argf)]

@@ -22,41 +22,86 @@ from veil.mpc.errors import ProtocolError
 aten = torch.ops.aten
 
 
+class _Store:
+    """Identity and write generation of one share storage, shared by a tensor and its views.
+
+    Inside ``__torch_dispatch__`` views of the int64 shares do not share torch's version counter
+    with their base, so writes are counted here: every in-place write through any tensor that
+    aliases the storage bumps ``gen``, which invalidates the values derived from the old
+    contents (`_Derived`) in the base and in every view alike.
+    """
+
+    __slots__ = ("gen",)
+
+    def __init__(self) -> None:
+        self.gen = 0
+
+
+class _Derived:
+    """An attribute derived from a tensor's current share contents (a cache, never a source of truth).
+
+    Reads give None once the share was rebound or its storage written through any alias, so a
+    public value or an Adam view can never describe contents that changed under it.
+    """
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_derived" + name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        entry = obj.__dict__.get(self.slot)
+        if entry is None:
+            return None
+        ring_, store, gen, value = entry
+        if ring_ is not obj._ring or store is not obj._store or store.gen != gen:
+            return None
+        return value
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = None if value is None else (obj._ring, obj._store, obj._store.gen, value)
+
+
 class MPCTensor(torch.Tensor):
     """This party's share of a secret tensor (a wrapper tensor subclass).
 
-    Besides ``_share`` (frac_bits fixed point), a tensor may carry exact views used to run
-    torch.optim.Adam accurately (see "Adam" below): ``_hp = (M, w)``, meaning the value is the
-    public M times w, w shared with 2*frac_bits fractional bits; ``_den = (inv, mult, add)``,
-    meaning the value is mult * sqrt(w) + add with inv the shares of 1/sqrt(w).
+    ``_share`` is the int64 share (frac_bits fixed point). Views alias their base as in torch:
+    a view op returns a wrapper around a view of the same share storage (with the same
+    `_Store`), and in-place ops write into the share storage, so ``w[0].zero_()``, slice
+    assignment and ``index_put_`` change the base, and writes to the base show in its views.
+
+    Derived attributes (`_Derived`, dropped by any write): ``_pub``, the plaintext value when it
+    is public; for torch.optim.Adam (see "Adam" below) ``_hp = (M, w)``, meaning the value is the
+    public M times w, w shared with 2*frac_bits fractional bits, and ``_den = (inv, mult, add)``,
+    meaning the value is mult * sqrt(w) + add with inv the shares of 1/sqrt(w); ``_mask`` and
+    ``_softmax``, what a ReLU or log-softmax backward needs.
     """
 
     _ring: torch.Tensor
-    _hp: tuple[float, torch.Tensor] | None
-    _den: tuple[torch.Tensor, float, float] | None
+    _store: _Store
+    _pub = _Derived()
+    _hp = _Derived()
+    _den = _Derived()
+    _mask = _Derived()
+    _softmax = _Derived()
 
     @staticmethod
-    def __new__(cls, share: torch.Tensor, requires_grad: bool = False, dtype: torch.dtype = torch.float32):
+    def __new__(cls, share: torch.Tensor, requires_grad: bool = False, dtype: torch.dtype = torch.float32,
+                store: _Store | None = None):
         return torch.Tensor._make_wrapper_subclass(
             cls, share.shape, dtype=dtype, device=share.device, requires_grad=requires_grad
         )
 
-    def __init__(self, share: torch.Tensor, requires_grad: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(self, share: torch.Tensor, requires_grad: bool = False, dtype: torch.dtype = torch.float32,
+                 store: _Store | None = None):
         if share.dtype != torch.int64:
             raise ProtocolError("shares are int64 ring elements")
-        self._share = share
-        self._pub: torch.Tensor | None = None
+        self._ring = share
+        self._store = store if store is not None else _Store()
 
     @property
     def _share(self) -> torch.Tensor:
         return self._ring
-
-    @_share.setter
-    def _share(self, v: torch.Tensor) -> None:
-        # any ordinary write invalidates the extended-precision views kept for Adam (see _hp, _den)
-        self._ring = v
-        self._hp = None
-        self._den = None
 
     def __repr__(self) -> str:
         return f"MPCTensor(shape={tuple(self.shape)}, share of party {P.current().rank})"
@@ -112,10 +157,38 @@ def _sh(x) -> torch.Tensor:
     return x._share
 
 
-def _W(share: torch.Tensor, pub: torch.Tensor | None = None) -> MPCTensor:
-    t = MPCTensor(share)
+def _W(share: torch.Tensor, pub: torch.Tensor | None = None, store: _Store | None = None) -> MPCTensor:
+    """Wrap a share; ``store`` makes the result an alias of the tensor that owns that storage."""
+    t = MPCTensor(share, store=store)
     t._pub = pub
     return t
+
+
+def _aliases(out: torch.Tensor, share: torch.Tensor) -> bool:
+    """Whether ``out`` is a view of the storage of ``share``."""
+    return out.numel() > 0 and out.untyped_storage().data_ptr() == share.untyped_storage().data_ptr()
+
+
+def _view_of(out: torch.Tensor, src, pub=None) -> MPCTensor:
+    """Wrap the result of an op on ``src``'s share, aliasing ``src`` if the op returned a view."""
+    store = src._store if _isM(src) and _aliases(out, _sh(src)) else None
+    return _W(out, pub, store)
+
+
+def _write(x: MPCTensor, share: torch.Tensor) -> MPCTensor:
+    """In-place update: write ``share`` into x's share storage, so every alias of it sees the change.
+
+    A share with internal overlap (an expanded view, where torch itself refuses in-place writes)
+    is replaced instead of written.
+    """
+    target = x._ring
+    if any(st == 0 and n > 1 for st, n in zip(target.stride(), target.shape, strict=True)):
+        x._ring = share.expand(target.shape).clone()
+        x._store = _Store()
+    else:
+        target.copy_(share)
+        x._store.gen += 1
+    return x
 
 
 def _public_value(x):
@@ -140,14 +213,48 @@ def _to_share(rt: P.Runtime, x) -> torch.Tensor:
     return _sh(x) if _isM(x) else _enc_pub(rt, x)
 
 
+def _reciprocal_integer(v) -> int | None:
+    """d if the public scalar v is 1/d for an integer 2 <= |d| <= 2^31 (up to float rounding), else None."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            return None
+        v = float(v.reshape(()))
+    if not isinstance(v, float) or v == 0.0 or not math.isfinite(v) or abs(v) >= 1.0:
+        return None
+    inv = 1.0 / v
+    d = round(inv)
+    if 2 <= abs(d) <= MAX_PUBLIC_DIVISOR and abs(inv - d) <= 1e-6 * abs(d):
+        return d
+    return None
+
+
+MAX_PUBLIC_DIVISOR = 1 << 31
+
+
 def _mul_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
-    """Shares times a public value: integers stay exact, reals are encoded then truncated."""
+    """Shares times a public value: integers stay exact, 1/n is an exact division by n, other
+    reals are encoded with frac_bits fractional bits then truncated."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point():
+        v = float(v)
     if _is_integer(v):
         return s * (torch.as_tensor(v).to(torch.int64) if isinstance(v, torch.Tensor) else int(v))
     if isinstance(v, float) and float(v).is_integer() and abs(v) < 2**40:
         return s * int(v)
+    d = _reciprocal_integer(v)
+    if d is not None:
+        return P.div_public(rt, s, d)
     enc = ring.encode(torch.as_tensor(v, dtype=torch.float64), rt.frac_bits)
     return P.truncate(rt, s * enc)
+
+
+def _div_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
+    """Shares divided by a public value: exact division for integers, else times 1/v."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.reshape(()).item()
+    integral = isinstance(v, bool | int) or (isinstance(v, float) and v.is_integer())
+    if integral and v != 0 and abs(v) <= MAX_PUBLIC_DIVISOR:
+        return P.div_public(rt, s, int(v))
+    return _mul_public(rt, s, 1.0 / torch.as_tensor(v, dtype=torch.float64))
 
 
 def _mul(rt: P.Runtime, a, b) -> MPCTensor:
@@ -209,8 +316,8 @@ def _structural(rt, func, *args, **kwargs):
     if _isM(src) and src._pub is not None:
         pub = func(src._pub, *args[1:], **kwargs)
     if isinstance(out, list | tuple):
-        return type(out)(_W(o) for o in out)
-    res = _W(out, pub)
+        return type(out)(_view_of(o, src) for o in out)
+    res = _view_of(out, src, pub)
     if func.overloadpacket in (aten.detach, aten.alias) and _isM(src):
         for attr in _CARRIED:
             if hasattr(src, attr):
@@ -223,7 +330,7 @@ _CARRIED = ("_mask", "_softmax")
 
 @_reg(aten.split, aten.split_with_sizes, aten.unbind, aten.chunk)
 def _multi(rt, func, x, *args, **kwargs):
-    return [_W(o) for o in func(_sh(x), *args, **kwargs)]
+    return [_view_of(o, x) for o in func(_sh(x), *args, **kwargs)]
 
 
 @_reg(aten._to_copy)
@@ -283,11 +390,10 @@ def _div(rt, func, a, b):
     if pb is not None:
         if not _isM(a):
             raise ProtocolError("division of a public value by a public value")
-        inv = 1.0 / torch.as_tensor(pb, dtype=torch.float64)
         if a._pub is not None:
-            v = (a._pub.double() * inv).float()
+            v = (a._pub.double() / torch.as_tensor(pb, dtype=torch.float64)).float()
             return _W(P.public(rt, ring.encode(v, rt.frac_bits)), v)
-        return _W(_mul_public(rt, _sh(a), inv))
+        return _W(_div_public(rt, _sh(a), pb))
     return _mul(rt, a, _W(approx.reciprocal(rt, _sh(b))))
 
 
@@ -308,7 +414,7 @@ def _mean(rt, func, x, dim=None, keepdim=False, dtype=None):
         dims = [dim] if isinstance(dim, int) else list(dim)
         n = math.prod(s.shape[d] for d in dims)
         tot = s.sum(dims, keepdim=keepdim)
-    return _W(_mul_public(rt, tot, 1.0 / n))
+    return _W(P.div_public(rt, tot, n))
 
 
 @_reg(aten.mm, aten.bmm, aten.matmul)
@@ -342,23 +448,48 @@ def _new(rt, func, x, size, **kwargs):
 @_reg(aten.zero_, aten.fill_)
 def _fill(rt, func, x, value=0.0):
     pub = torch.full(tuple(x.shape), float(_public_value(value)))
-    x._share = P.public(rt, ring.encode(pub, rt.frac_bits))
+    _write(x, P.public(rt, ring.encode(pub, rt.frac_bits)))
     x._pub = pub
     return x
 
 
 @_reg(aten.copy_)
 def _copy(rt, func, dst, src, non_blocking=False):
-    dst._share = _to_share(rt, src).expand(dst.shape).clone()
-    dst._pub = _public_value(src) if _isM(src) else None
+    pub = _public_value(src)
+    _write(dst, _to_share(rt, src).expand(dst.shape))
+    dst._pub = None if pub is None else torch.as_tensor(pub, dtype=torch.float32).expand(dst.shape).clone()
     return dst
+
+
+@_reg(aten.index_put_, aten.index_put)
+def _index_put(rt, func, x, indices, values, accumulate=False):
+    """``x[indices] = values`` (or ``+=`` with accumulate); indices are public, values may be secret."""
+    if any(_isM(i) for i in indices if i is not None):
+        raise ProtocolError("index_put with secret indices would reveal them; indices must be public")
+    vals = _to_share(rt, values)
+    if func.overloadpacket is aten.index_put_:
+        out = x._ring.clone().index_put_(indices, vals, accumulate)
+        return _write(x, out)
+    return _W(x._ring.index_put(indices, vals, accumulate))
+
+
+@_reg(aten.masked_fill_.Scalar, aten.masked_fill.Scalar, aten.masked_fill_.Tensor, aten.masked_fill.Tensor)
+def _masked_fill(rt, func, x, mask, value):
+    """Fill where a public boolean mask is set with a public or secret scalar value."""
+    if _isM(mask):
+        raise ProtocolError("masked_fill with a secret mask would reveal it; the mask must be public")
+    out = torch.where(mask, _to_share(rt, value), x._ring)
+    if func.overloadpacket is aten.masked_fill_:
+        return _write(x, out)
+    return _W(out)
 
 
 def _inplace(outfn):
     def h(rt, func, x, *args, **kwargs):
         out = outfn(rt, func, x, *args, **kwargs)
-        x._share = out._share
-        x._pub = out._pub
+        pub = out._pub
+        _write(x, out._share)
+        x._pub = pub
         return x
 
     return h
@@ -377,8 +508,7 @@ HANDLERS[aten.div_.Scalar] = HANDLERS[aten.div_.Tensor]
 def _addcmul(rt, func, x, t1, t2, value=1):
     out = _W(_to_share(rt, x) + _scaled(rt, _mul(rt, t1, t2), value))
     if func.overloadpacket is aten.addcmul_:
-        x._share, x._pub = out._share, None
-        return x
+        return _write(x, out._share)
     return out
 
 
@@ -387,8 +517,7 @@ def _addcdiv(rt, func, x, t1, t2, value=1):
     q = _div(rt, aten.div.Tensor, t1, t2)
     out = _W(_to_share(rt, x) + _scaled(rt, q, value))
     if func.overloadpacket is aten.addcdiv_:
-        x._share, x._pub = out._share, None
-        return x
+        return _write(x, out._share)
     return out
 
 
@@ -397,8 +526,7 @@ def _lerp(rt, func, x, end, weight):
     diff = _W(_to_share(rt, end) - _to_share(rt, x))
     out = _W(_to_share(rt, x) + _mul_public(rt, diff._share, float(weight)))
     if func is aten.lerp_.Scalar:
-        x._share, x._pub = out._share, None
-        return x
+        return _write(x, out._share)
     return out
 
 
@@ -421,7 +549,7 @@ def _relu(rt, func, x):
 @_reg(aten.relu_)
 def _relu_(rt, func, x):
     out, mask = P.relu(rt, _sh(x))
-    x._share, x._pub = out, None
+    _write(x, out)
     x._mask = mask
     return x
 
@@ -465,7 +593,7 @@ def _reduce(rt, s: torch.Tensor, reduction: int) -> torch.Tensor:
     if reduction == 0:
         return s
     if reduction == 1:
-        return _mul_public(rt, s.sum(), 1.0 / s.numel())
+        return P.div_public(rt, s.sum(), s.numel())
     return s.sum()
 
 
@@ -478,11 +606,9 @@ def _mse(rt, func, x, target, reduction=1):
 @_reg(aten.mse_loss_backward)
 def _mse_bw(rt, func, grad, x, target, reduction=1):
     d = _W(_to_share(rt, x) - _to_share(rt, target))
-    k = 2.0 / x.numel() if reduction == 1 else 2.0
-    g = _mul(rt, grad, d) if _public_value(grad) is None else _W(_mul_public(rt, d._share, grad._pub * k))
-    if _public_value(grad) is None:
-        g = _W(_mul_public(rt, g._share, k))
-    return g
+    pg = _public_value(grad)
+    g = _sh(_mul(rt, grad, d)) * 2 if pg is None else _mul_public(rt, d._share, torch.as_tensor(pg) * 2)
+    return _W(P.div_public(rt, g, x.numel()) if reduction == 1 else g)
 
 
 @_reg(aten.exp)
@@ -572,7 +698,7 @@ def _nll_bw(rt, func, grad, x, target, weight, reduction, ignore_index, total_we
     if reduction == 0:
         g = -onehot * _to_share(rt, grad).unsqueeze(-1)
     if reduction == 1:
-        g = _mul_public(rt, g, 1.0 / x.shape[0])
+        g = P.div_public(rt, g, x.shape[0])
     return _W(g)
 
 
@@ -622,7 +748,7 @@ def _avgpool(rt, func, x, kernel, stride=(), padding=0, ceil_mode=False, count_i
     if ceil_mode or (not count_include_pad and (pad[0] or pad[1])):
         raise ProtocolError("avg_pool2d: ceil_mode / count_include_pad=False not supported")
     tot = _windows(_sh(x), k, st, pad).sum((-1, -2))
-    return _W(_mul_public(rt, tot, 1.0 / (div or k[0] * k[1])))
+    return _W(P.div_public(rt, tot, div or k[0] * k[1]))
 
 
 @_reg(aten.avg_pool2d_backward)
@@ -634,7 +760,7 @@ def _avgpool_bw(rt, func, grad, x, kernel, stride, padding, ceil_mode, count_inc
     n, c, oh, ow = g.shape
     cols = g.permute(0, 2, 3, 1)[..., None, None].expand(n, oh, ow, c, k[0], k[1])
     tot = ring.fold(cols, x.shape, k[0], k[1], st, pad)
-    return _W(_mul_public(rt, tot, 1.0 / (div or k[0] * k[1])))
+    return _W(P.div_public(rt, tot, div or k[0] * k[1]))
 
 
 @_reg(aten.max_pool2d_with_indices)
@@ -738,7 +864,7 @@ def _bernoulli_(rt, func, x, p=0.5, generator=None):
     """Public random 0/1 values (e.g. dropout masks), identical in every party (common key)."""
     u = rt.common.random(tuple(x.shape))
     keep = ((u & ((1 << 24) - 1)).double() < float(p) * (1 << 24)).float()
-    x._share = P.public(rt, ring.encode(keep, rt.frac_bits))
+    _write(x, P.public(rt, ring.encode(keep, rt.frac_bits)))
     x._pub = keep
     return x
 
@@ -799,8 +925,7 @@ def _mul_(rt, func, x, b):
     if hp is None or c is None or c <= 0:
         return _mul_inplace(rt, func, x, b)
     m, w = hp
-    x._share = _mul_public(rt, _sh(x), c)
-    x._pub = None
+    _write(x, _mul_public(rt, _sh(x), c))
     x._hp = (m * c, w)
     return x
 
@@ -834,8 +959,7 @@ def _ema(rt, x, e2: torch.Tensor, a: float, keep: float) -> MPCTensor:
         # not 2^(2f + 16); the rounding added, a/m2 * 2^(-3f/2), is far below w's resolution needs
         h = rt.frac_bits // 2
         w2 = w + P.truncate(rt, P.truncate(rt, e2 - w, h) * round(a / m2 * rt.scale), rt.frac_bits - h)
-    x._share = _mul_public(rt, P.truncate(rt, w2), m2)
-    x._pub = None
+    _write(x, _mul_public(rt, P.truncate(rt, w2), m2))
     x._hp = (m2, w2)
     return x
 
@@ -921,6 +1045,5 @@ def _addcdiv_hp(rt, func, x, t1, t2, value=1):
         q = P.mul(rt, q, approx.reciprocal(rt, z))
     out = _to_share(rt, x) + _mul_public(rt, q, v * scale / k)
     if func is aten.addcdiv_.default:
-        x._share, x._pub = out, None
-        return x
+        return _write(x, out)
     return _W(out)

@@ -1,0 +1,181 @@
+"""Certificates that name who a process is in a computation: role and rank.
+
+Every link between processes of a computation is TLS 1.3 with certificates on both sides
+(`veil.mpc.transport`). A certificate is signed by the operator's CA and carries, as a URI
+subject alternative name, the identity it may claim: ``urn:veil:mpc:party:R`` for computing
+party R or ``urn:veil:mpc:dealer:R`` for the dealer (rank R = number of parties). A process can
+only take the rank its certificate names; host names are not what is checked, the identity is.
+
+`make_dev_pki` writes a development CA and one certificate per rank (``veil mpc certs``). In
+production the operator's own CA issues the same identities (`identity_uri` says what to put
+in the certificate); keys are ECDSA P-256 and are written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from veil.mpc.errors import ProtocolError
+
+URI_PREFIX = "urn:veil:mpc:"
+ROLES = ("party", "dealer")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a certificate lets its holder be: a role ("party" or "dealer") and a rank."""
+
+    role: str
+    rank: int
+
+    def uri(self) -> str:
+        """The subject alternative name URI that names this identity."""
+        return f"{URI_PREFIX}{self.role}:{self.rank}"
+
+    @property
+    def label(self) -> str:
+        """File-name stem and human-readable name: ``party0``, ``dealer``."""
+        return "dealer" if self.role == "dealer" else f"party{self.rank}"
+
+
+def identity_for(rank: int, world: int) -> Identity:
+    """The identity rank ``rank`` must prove in a computation of ``world`` ranks (dealer last)."""
+    if not 0 <= rank < world:
+        raise ProtocolError(f"rank {rank} outside 0..{world - 1}")
+    return Identity("dealer" if rank == world - 1 else "party", rank)
+
+
+def identity_uri(rank: int, world: int) -> str:
+    """The URI SAN a certificate for ``rank`` must carry (for an operator's own CA)."""
+    return identity_for(rank, world).uri()
+
+
+def identities_of(peercert: dict) -> list[Identity]:
+    """Identities named by a peer certificate as returned by ``SSLObject.getpeercert()``."""
+    out = []
+    for kind, value in peercert.get("subjectAltName", ()):
+        if kind != "URI" or not value.startswith(URI_PREFIX):
+            continue
+        role, _, rank = value[len(URI_PREFIX) :].partition(":")
+        if role in ROLES and rank.isdigit():
+            out.append(Identity(role, int(rank)))
+    return out
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Paths of one process's TLS material: the CA to trust, its certificate and private key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def check(self) -> None:
+        """Raise a clear error if a file is missing."""
+        for name, p in (("CA certificate", self.ca), ("certificate", self.cert), ("private key", self.key)):
+            if not Path(p).is_file():
+                raise ProtocolError(f"{name} {p} not found (make development ones with `veil mpc certs`)")
+
+    def contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        """(server, client) contexts: TLS 1.3 only, peer certificate required and checked against the CA."""
+        self.check()
+        out = []
+        for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+            ctx = ssl.SSLContext(purpose)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+            ctx.load_verify_locations(cafile=str(self.ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            # peers are checked by the identity in their certificate (role and rank), not by host name
+            ctx.check_hostname = False
+            out.append(ctx)
+        return out[0], out[1]
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "veil mpc"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def make_ca(common_name: str = "veil mpc development CA", days: int = 365):
+    """A self-signed CA certificate and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def issue(ca_cert, ca_key, identity: Identity, days: int = 365):
+    """A certificate for ``identity`` signed by the CA, usable as TLS client and server."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"veil mpc {identity.label}"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri())]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                                              x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def write_identity(out: Path, ca_cert, ca_key, identity: Identity) -> TLSFiles:
+    """Issue and write ``<label>.pem`` / ``<label>.key`` for ``identity`` into ``out``."""
+    out = Path(out)
+    cert, key = issue(ca_cert, ca_key, identity)
+    (out / f"{identity.label}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out / f"{identity.label}.key", key)
+    return TLSFiles(out / "ca.pem", out / f"{identity.label}.pem", out / f"{identity.label}.key")
+
+
+def make_dev_pki(out: Path | str, n_parties: int) -> dict[int, TLSFiles]:
+    """Write a development CA (``ca.pem``, ``ca.key``) and a certificate per rank into ``out``.
+
+    Returns each rank's `TLSFiles` (ranks 0..n-1 are parties, rank n the dealer). Each process
+    should receive only the CA certificate and its own certificate and key.
+    """
+    if n_parties < 2:
+        raise ProtocolError("at least 2 computing parties are needed")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = make_ca()
+    (out / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out / "ca.key", ca_key)
+    world = n_parties + 1
+    return {r: write_identity(out, ca_cert, ca_key, identity_for(r, world)) for r in range(world)}
