@@ -42,3 +42,12 @@ def hang(rank_to_hang: int) -> None:
         time.sleep(600)
     for _ in range(10):
         x = x * x
+
+
+def key_material() -> dict:
+    """A product of two distinctive secrets revealed to party 0; returns this party's key material."""
+    rt = mpc.current()
+    x = mpc.share(torch.full((256,), 1234.5678) if rt.rank == 0 else None, 0, shape=(256,))
+    y = mpc.share(torch.full((256,), -8.25) if rt.rank == 1 else None, 1, shape=(256,))
+    z = (x * y).reveal(0)
+    return {"dealer_key": rt.dealer.key, "common_key": rt.common.key, "z": z, "stats": rt.stats()}

@@ -1,0 +1,296 @@
+"""The TLS transport: only TLS records on the wire, strangers refused, one listening address.
+
+The landed transport (gloo over TCP) sent the dealer's keys, the parties' common key, dealer
+request headers and every share in clear, accepted any process that claimed a rank, and its
+rendezvous listened on all interfaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from veil.mpc import certs, ring
+from veil.mpc.errors import PartyFailureError
+from veil.mpc.runtime import free_port, run_party
+from veil.mpc.transport import TLSComm
+
+ROOT = Path(__file__).resolve().parents[2]
+TLS_TYPES = {20, 21, 22, 23}  # change_cipher_spec, alert, handshake, application_data
+
+
+class Recorder:
+    """A loopback TCP relay that records every byte in both directions of every connection."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.streams: list[bytearray] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self.target)
+            except OSError:  # the party is not listening yet: the connecting rank retries
+                down.close()
+                continue
+            for src, dst in ((down, up), (up, down)):
+                buf = bytearray()
+                with self.lock:
+                    self.streams.append(buf)
+                threading.Thread(target=self._pump, args=(src, dst, buf), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, buf: bytearray) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                buf.extend(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def tls_records(stream: bytes) -> list[tuple[int, int]]:
+    """Parse a byte stream as consecutive TLS records; fails on anything else."""
+    out, pos = [], 0
+    while pos < len(stream):
+        assert pos + 5 <= len(stream), "truncated record header"
+        kind, version, length = stream[pos], stream[pos + 1 : pos + 3], int.from_bytes(stream[pos + 3 : pos + 5])
+        assert kind in TLS_TYPES, f"byte {pos}: not a TLS record (type {kind})"
+        assert version in (b"\x03\x01", b"\x03\x03"), f"byte {pos}: bad record version {version!r}"
+        assert length <= 2**14 + 256, f"byte {pos}: record too long"
+        out.append((kind, length))
+        pos += 5 + length
+    assert pos == len(stream)
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_bytes_on_the_wire_of_a_process_run_are_tls_records_only(tmp_path):
+    n = 2
+    world = n + 1
+    pki = certs.make_dev_pki(tmp_path / "pki", n)
+    real = [free_port() for _ in range(n)]
+    relays = [Recorder(p) for p in real]
+    peers = ",".join(f"127.0.0.1:{r.port}" for r in relays)  # every connection goes through a relay
+    procs = []
+    for r in range(world):
+        cmd = [sys.executable, "-m", "veil.mpc.party", "--rank", str(r), "--world", str(world), "--peers", peers,
+               "--ca", str(pki[r].ca), "--cert", str(pki[r].cert), "--key", str(pki[r].key),
+               "--entry", "tests.mpc.programs:key_material", "--out", str(tmp_path / f"out{r}.pt"),
+               "--timeout", "60"]
+        if r < n:
+            cmd += ["--listen", f"127.0.0.1:{real[r]}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True))
+    try:
+        codes = [p.wait(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for rl in relays:
+            rl.close()
+    assert codes == [0] * world, [p.stderr.read() for p in procs]
+    out = [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(world)]
+    assert torch.allclose(out[0]["z"], torch.full((256,), 1234.5678 * -8.25), rtol=1e-4)
+
+    streams = [bytes(s) for rl in relays for s in rl.streams if s]
+    # 2 parties + dealer: links 1-0, 2-0, 2-1, each recorded in both directions
+    assert len(streams) == 6
+    captured = b"".join(streams)
+    payload = sum(o["stats"]["bytes_sent"] for o in out[:n]) + out[n]["bytes_sent"]
+    assert len(captured) > payload  # the relays saw all the traffic (and TLS framing on top)
+    for s in streams:
+        records = tls_records(s)
+        assert records[0][0] == 22  # a handshake first
+        assert sum(length for kind, length in records if kind == 23) > 0
+    # none of the secrets that crossed in clear before: keys, request headers, inputs, the result
+    secrets = [o["dealer_key"] for o in out[:n]] + [out[0]["common_key"], b'"kind"', b"beaver", b"urn:veil:mpc"]
+    secrets += [ring.encode(torch.tensor([1234.5678]), 16).numpy().tobytes(),
+                ring.encode(torch.tensor([-8.25]), 16).numpy().tobytes(), out[0]["z"].numpy().tobytes()[:16]]
+    for secret in secrets:
+        assert secret not in captured, secret
+
+
+# ---- strangers --------------------------------------------------------------------------------
+
+
+def _product(a: float, b: float):
+    def prog():
+        import veil.mpc as mpc
+
+        rt = mpc.current()
+        x = mpc.share(torch.full((4,), a) if rt.rank == 0 else None, 0, shape=(4,))
+        y = mpc.share(torch.full((4,), b) if rt.rank == 1 else None, 1, shape=(4,))
+        return (x * y).reveal()
+
+    return prog
+
+
+def _rank_thread(rank, world, peers, files, results, join_timeout=30.0, session="s"):
+    def body():
+        try:
+            comm = TLSComm(rank, world, peers, files, timeout=30, join_timeout=join_timeout, session=session)
+            try:
+                results[rank] = (run_party(comm, _product(3.0, 0.5), (), 16), comm.refused)
+            finally:
+                comm.close()
+        except BaseException as exc:
+            results[rank] = exc
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t
+
+
+def _tls_client(files: certs.TLSFiles | None, ca: Path, port: int, hello: dict | None) -> str:
+    """Connect as a stranger; returns how the party answered."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=str(ca))
+    if files is not None:
+        ctx.load_cert_chain(str(files.cert), str(files.key))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as s:
+            if hello is not None:
+                body = json.dumps(hello).encode()
+                s.sendall(len(body).to_bytes(8, "little") + body)
+            data = s.recv(100)
+            return "answered" if data else "closed"
+    except (ssl.SSLError, OSError) as exc:
+        return f"refused: {type(exc).__name__}"
+
+
+@pytest.mark.timeout(120)
+def test_strangers_are_refused_and_the_real_ranks_go_on(tmp_path):
+    n, world = 2, 3
+    pki = certs.make_dev_pki(tmp_path / "pki", n)
+    other = certs.make_dev_pki(tmp_path / "other", n)  # a CA the parties do not trust
+    port = free_port()
+    peers = [f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"]
+    results: dict = {}
+    t0 = _rank_thread(0, world, peers, pki[0], results)
+    time.sleep(0.5)
+    attempts = {
+        # not TLS at all
+        "garbage": None,
+        # TLS without a client certificate
+        "no certificate": _tls_client(None, pki[0].ca, port, {"rank": 1, "world": world, "session": "s"}),
+        # a certificate naming party 1, signed by another CA
+        "other CA": _tls_client(other[1], pki[0].ca, port, {"rank": 1, "world": world, "session": "s"}),
+        # a valid certificate for party 1 claiming to be the dealer
+        "wrong rank": _tls_client(pki[1], pki[0].ca, port, {"rank": 2, "world": world, "session": "s"}),
+        # a valid certificate, another computation
+        "other session": _tls_client(pki[1], pki[0].ca, port, {"rank": 1, "world": world, "session": "x"}),
+    }
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(1000))
+        s.settimeout(10)
+        try:
+            attempts["garbage"] = "answered" if s.recv(100) else "closed"
+        except OSError as exc:
+            attempts["garbage"] = f"refused: {type(exc).__name__}"
+    assert all(v != "answered" for v in attempts.values()), attempts
+    t1 = _rank_thread(1, world, peers, pki[1], results)
+    t2 = _rank_thread(2, world, peers, pki[2], results)
+    for t in (t0, t1, t2):
+        t.join(60)
+    for r in range(world - 1):
+        assert not isinstance(results[r], BaseException), results[r]
+        assert torch.allclose(results[r][0], torch.full((4,), 1.5), atol=1e-3)
+    refused = results[0][1]
+    assert len(refused) >= 5, refused
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_rank_fails_fast_with_a_clear_error(tmp_path):
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    results: dict = {}
+    t0 = _rank_thread(0, 3, peers, pki[0], results, join_timeout=3.0)
+    t0.join(30)
+    assert isinstance(results[0], PartyFailureError)
+    assert "did not join" in str(results[0]) and "[1, 2]" in str(results[0])
+
+
+@pytest.mark.timeout(60)
+def test_a_fake_listener_is_refused_by_the_connecting_rank(tmp_path):
+    """Someone else holds party 0's address with a certificate of another CA: party 1 will not talk to it."""
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    other = certs.make_dev_pki(tmp_path / "other", 2)
+    server_ctx, _ = other[0].contexts()
+    fake = socket.create_server(("127.0.0.1", 0))
+    peers = [f"127.0.0.1:{fake.getsockname()[1]}", f"127.0.0.1:{free_port()}"]
+
+    def serve():
+        while True:
+            try:
+                conn, _ = fake.accept()
+            except OSError:
+                return
+            with contextlib.suppress(ssl.SSLError, OSError):
+                server_ctx.wrap_socket(conn, server_side=True).recv(10)
+
+    threading.Thread(target=serve, daemon=True).start()
+    results: dict = {}
+    t1 = _rank_thread(1, 3, peers, pki[1], results, join_timeout=3.0)
+    t1.join(30)
+    fake.close()
+    assert isinstance(results[1], PartyFailureError)
+    assert "could not join rank 0" in str(results[1])
+
+
+@pytest.mark.timeout(60)
+def test_listens_only_on_the_given_address(tmp_path):
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    port = free_port()
+    peers = [f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"]
+    results: dict = {}
+    t0 = _rank_thread(0, 3, peers, pki[0], results, join_timeout=4.0)
+    time.sleep(0.5)
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # listening there
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()  # not on other addresses
+    t0.join(30)
+
+
+def test_a_certificate_for_another_rank_cannot_be_used(tmp_path):
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    with pytest.raises(Exception, match="names"):
+        TLSComm(0, 3, [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], pki[1], join_timeout=1)
+
+
+def test_dev_pki_identities_and_key_permissions(tmp_path):
+    pki = certs.make_dev_pki(tmp_path, 3)
+    assert [f.cert.name for f in pki.values()] == ["party0.pem", "party1.pem", "party2.pem", "dealer.pem"]
+    for f in pki.values():
+        assert f.key.stat().st_mode & 0o077 == 0
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+    assert certs.identity_uri(3, 4) == "urn:veil:mpc:dealer:3"
+    assert certs.identities_of({"subjectAltName": [("URI", "urn:veil:mpc:party:1"), ("DNS", "x")]}) == [
+        certs.Identity("party", 1)
+    ]
