@@ -21,13 +21,18 @@ from veil.mpc.errors import MPCTimeoutError, PartyFailureError
 
 @dataclass
 class CommStats:
-    """Traffic counters of one rank: bytes and messages it sent, rounds it took part in."""
+    """Traffic counters of one rank: bytes and messages it sent, rounds it took part in.
+
+    ``bytes_sent`` counts message payloads; ``wire_bytes_sent`` what was written to sockets
+    (TLS records with framing and handshakes; zero for the in-process communicator).
+    """
 
     bytes_sent: int = 0
     messages: int = 0
     rounds: int = 0
     bytes_to_dealer: int = 0
     bytes_from_dealer: int = 0
+    wire_bytes_sent: int = 0
     by_peer: dict = field(default_factory=dict)
 
     def snapshot(self) -> dict:
@@ -38,6 +43,7 @@ class CommStats:
             "rounds": self.rounds,
             "bytes_to_dealer": self.bytes_to_dealer,
             "bytes_from_dealer": self.bytes_from_dealer,
+            "wire_bytes_sent": self.wire_bytes_sent,
         }
 
 

@@ -88,8 +88,6 @@ def run(ns: argparse.Namespace) -> int:
                        listen=ns.listen or None, session=ns.session)
         try:
             out = run_party(comm, fn, args, ns.frac_bits)
-            if isinstance(out, dict) and is_dealer:
-                out = {**out, "wire_bytes_sent": comm.wire_bytes_sent}
         finally:
             with contextlib.suppress(PartyFailureError):
                 comm.close()

@@ -46,7 +46,7 @@ import torch
 from cryptography import x509
 
 from veil.mpc.certs import Identity, TLSFiles, identities_of, identity_for
-from veil.mpc.comm import Communicator
+from veil.mpc.comm import CommStats, Communicator
 from veil.mpc.errors import MPCTimeoutError, PartyFailureError, ProtocolError
 
 log = logging.getLogger("veil.mpc")
@@ -75,14 +75,14 @@ class _Closed:
 class _Link:
     """One TLS session with a peer rank, driven through memory BIOs (full duplex, thread-safe)."""
 
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> None:
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, stats: CommStats) -> None:
         self.sock = sock
+        self.stats = stats
         self.inb, self.outb = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.inb, self.outb, server_side=server_side)
         self.lock = threading.Lock()  # the SSL object and its BIOs
         self.send_lock = threading.Lock()  # order of records on the socket
         self.queue: queue.Queue = queue.Queue()
-        self.wire_sent = 0
         self.reader: threading.Thread | None = None
 
     def handshake(self) -> None:
@@ -103,7 +103,7 @@ class _Link:
         data = self.outb.read()
         if data:
             self.sock.sendall(data)
-            self.wire_sent += len(data)
+            self.stats.wire_bytes_sent += len(data)
 
     def send(self, payload: memoryview | bytes) -> None:
         """Send one frame (length prefix and payload) as TLS records.
@@ -128,7 +128,7 @@ class _Link:
                         self.obj.write(part)
                     data = self.outb.read()
                 self.sock.sendall(data)
-                self.wire_sent += len(data)
+                self.stats.wire_bytes_sent += len(data)
 
     def fill(self, mv: memoryview) -> None:
         """Read exactly len(mv) plaintext bytes into mv."""
@@ -307,7 +307,7 @@ class TLSComm(Communicator):
 
     def _admit(self, sock: socket.socket, peer, ctx: ssl.SSLContext, expected: set[int], deadline: float) -> None:
         who = f"{peer[0]}:{peer[1]}"
-        link = _Link(sock, ctx, server_side=True)
+        link = _Link(sock, ctx, server_side=True, stats=self.stats)
         rank = None
         try:
             sock.settimeout(max(0.1, min(10.0, deadline - time.monotonic())))
@@ -349,7 +349,7 @@ class TLSComm(Communicator):
                 time.sleep(0.05)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            link = _Link(sock, ctx, server_side=False)
+            link = _Link(sock, ctx, server_side=False, stats=self.stats)
             try:
                 link.handshake()
                 ids = identities_of(link.obj.getpeercert() or {})
@@ -401,11 +401,6 @@ class TLSComm(Communicator):
         if not numel:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(msg, dtype=dtype).reshape(shape)
-
-    @property
-    def wire_bytes_sent(self) -> int:
-        """Bytes this rank wrote to its sockets (TLS records: payload, framing, handshakes)."""
-        return sum(link.wire_sent for link in self.links.values())
 
     def close(self) -> None:
         """End every TLS session (close_notify) and close the sockets."""
