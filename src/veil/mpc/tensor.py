@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
 from veil.mpc import approx, ring
@@ -125,7 +126,10 @@ class MPCTensor(torch.Tensor):
         handler = HANDLERS.get(func) or HANDLERS.get(func.overloadpacket)
         if handler is None:
             raise ProtocolError(f"veil.mpc does not implement {func} on secret-shared tensors")
-        return handler(P.current(), func, *args, **kwargs)
+        out = handler(P.current(), func, *args, **kwargs)
+        # outer wrappers of views share their base's (empty) storage, in-place ops return their
+        # input, as for TwoTensor: torch's own aliasing checks see what the shares do
+        return return_and_correct_aliasing(func, args, kwargs, out)
 
 
 def share(value: torch.Tensor | None, src: int, shape=None, requires_grad: bool = False) -> MPCTensor:

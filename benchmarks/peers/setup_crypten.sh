@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Creates (or completes) the CrypTen 0.4.1 virtualenv that benchmarks/peers/crypten_seed002.py runs in.
+#
+# Why a separate venv: CrypTen 0.4.1 (2022, the last release) declares torchvision and the dead
+# `sklearn` stub package as dependencies, neither of which can be installed here, so it is installed
+# with --no-deps next to the CPU torch wheel, plus only what `import crypten` really needs
+# (numpy, omegaconf, pyyaml, onnx). pandas, scipy, tensorboard and future are declared but not
+# imported on the path the runner uses. Nothing in site-packages is edited: the torch 2.13
+# incompatibilities are shimmed at run time by crypten_seed002.py (see README.md).
+#
+# Idempotent: re-running only installs what is missing. Path: $CRYPTEN_VENV (default /work/crypten-venv).
+# Python: $CRYPTEN_PYTHON_BIN (default python3.11). Torch wheel directory: $TORCH_WHEELS (default /opt/wheels).
+set -euo pipefail
+
+VENV="${CRYPTEN_VENV:-/work/crypten-venv}"
+PY="${CRYPTEN_PYTHON_BIN:-python3.11}"
+WHEELS="${TORCH_WHEELS:-/opt/wheels}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+TORCH_SPEC="torch==2.13.0+cpu"   # the local CPU wheel only; never the CUDA build from the index
+CRYPTEN_SPEC="crypten==0.4.1"
+# what `import crypten` needs (onnx pulls protobuf, ml_dtypes, typing_extensions); versions as verified
+RUNTIME_DEPS=(numpy==2.4.6 omegaconf==2.4.0 PyYAML==6.0.4 onnx==1.23.2)
+
+if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    echo "error: $VENV exists but is not Python 3.11; remove it first" >&2
+    exit 1
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "creating $VENV with $("$PY" --version)"
+    "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/pip" --disable-pip-version-check -q)
+
+have() {  # have DIST VERSION: true if the venv has exactly that distribution version
+    [[ "$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null)" == "$2" ]]
+}
+
+have torch 2.13.0+cpu || "${PIP[@]}" install --find-links "$WHEELS" "$TORCH_SPEC"
+have crypten 0.4.1 || "${PIP[@]}" install --no-deps "$CRYPTEN_SPEC"
+"${PIP[@]}" install "${RUNTIME_DEPS[@]}"
+
+# guard: CPU torch only, no CUDA packages, and neither of the uninstallable declared dependencies
+"$VENV/bin/python" - <<'EOF'
+import importlib.metadata as m
+import torch
+
+assert torch.__version__ == "2.13.0+cpu" and torch.version.cuda is None, torch.__version__
+names = {d.metadata["Name"].lower() for d in m.distributions()}
+bad = sorted(n for n in names if n.startswith("nvidia") or n in {"torchvision", "sklearn", "triton"})
+assert not bad, f"unexpected packages in the CrypTen venv: {bad}"
+EOF
+
+# smoke test: the runner's shims make `import crypten` work on this torch
+"$VENV/bin/python" -c "
+import sys
+sys.path.insert(0, '$HERE')
+import crypten_seed002  # applies the shims and imports crypten
+import importlib.metadata as m
+print('CrypTen', m.version('crypten'), 'torch', crypten_seed002.torch.__version__, 'ready in $VENV')
+"
