@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from veil.serve.registry import MAX_VERSION
+from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN
+
+BASE64 = {"format": "byte", "contentEncoding": "base64", "pattern": r"^[A-Za-z0-9+/]*={0,2}$"}
+
 
 class ErrorBody(BaseModel):
     """Every error answers with this body and a 4xx/5xx status."""
@@ -32,12 +37,13 @@ class KeyInfo(BaseModel):
 class RegisterKeyJSON(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"bundle": "VkVJTAEC..."}})
 
-    bundle: str = Field(description="base64 of the serialized public bundle (never a secret key)")
+    bundle: str = Field(description="base64 of the serialized public bundle (never a secret key)",
+                        json_schema_extra=BASE64)
 
 
 class DeployRequest(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    version: int | None = Field(default=None, ge=1, description="default: latest + 1")
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION, strict=True, description="default: latest + 1")
     server: dict = Field(description="server.json written by veil.ml's save (weights, no secrets)")
     client: dict = Field(description="client.json written by veil.ml's save (no weights)")
 
@@ -57,11 +63,11 @@ class ModelDetail(ModelInfo):
 
 
 class PredictJSON(BaseModel):
-    key_id: str
-    ciphertexts: str = Field(description="base64 of a veil CIPHERTEXTS message")
+    key_id: str = Field(json_schema_extra={"pattern": KEY_ID_PATTERN})
+    ciphertexts: str = Field(description="base64 of a veil CIPHERTEXTS message", json_schema_extra=BASE64)
 
 
 class PredictionJSON(BaseModel):
     model: str
     version: int
-    ciphertexts: str = Field(description="base64 of the encrypted outputs")
+    ciphertexts: str = Field(description="base64 of the encrypted outputs", json_schema_extra=BASE64)
