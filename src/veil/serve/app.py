@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import veil
@@ -195,9 +196,12 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         return _error(status, code, detail, headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
-        return _error(exc.status_code, code, str(exc.detail), exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods; list them all
+            headers["allow"] = ", ".join(sorted(_allowed_methods(app, request.scope)))
+        return _error(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -358,6 +362,16 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         return {"model": name, "version": used, "ciphertexts": base64.b64encode(out).decode()}
 
     return BodyLimit(app, max_body)
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> set[str]:
+    """Every method some route serves at this request's path."""
+    allowed: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            allowed |= set(getattr(route, "methods", None) or ())
+    return allowed
 
 
 def _offline_page() -> HTMLResponse:
