@@ -22,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,6 +41,23 @@ DEFAULT_MAX_BODY = 256 * 1024 * 1024
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 """A client's X-Request-Id is kept only if it matches this; otherwise the server makes its own, so
 nothing a client chooses beyond these characters reaches response headers or log lines."""
+PATH_PATTERNS = {"name": re.compile(NAME_PATTERN), "key_id": re.compile(KEY_ID_PATTERN)}
+
+
+class KeyIdConvertor(Convertor):
+    """Routes /v1/keys/{key_id} only for well-formed key ids, so /v1/keys/json is never taken for one
+    (GET /v1/keys/json answers 405 with `Allow: POST`, as the schema says)."""
+
+    regex = KEY_ID_PATTERN.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("veil_key_id", KeyIdConvertor())
 DOCS_ASSETS_URL = "/static/docs"
 BINARY = {"type": "string", "format": "binary"}
 
@@ -198,7 +216,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
-        headers = dict(exc.headers or {})
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
         if exc.status_code == 405:  # Starlette names only the first route's methods; list them all
             headers["allow"] = ", ".join(sorted(_allowed_methods(app, request.scope)))
         return _error(exc.status_code, code, str(exc.detail), headers)
@@ -312,12 +330,12 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         """Same as /v1/keys with the bundle in base64 JSON."""
         return await _register(who, _b64(body.bundle, "bundle"))
 
-    @app.get("/v1/keys/{key_id}", response_model=schemas.KeyInfo, tags=["keys"])
+    @app.get("/v1/keys/{key_id:veil_key_id}", response_model=schemas.KeyInfo, tags=["keys"])
     async def get_key(key_id: KEY_ID, who: Auth) -> dict:
         """A registered key's description, for its owner or an admin."""
         return _key_info(await run_in_threadpool(service.key, who, key_id))
 
-    @app.delete("/v1/keys/{key_id}", status_code=204, tags=["keys"], response_class=Response)
+    @app.delete("/v1/keys/{key_id:veil_key_id}", status_code=204, tags=["keys"], response_class=Response)
     async def delete_key(key_id: KEY_ID, who: Auth) -> Response:
         """Delete a registered key (its owner only); frees its share of the token's quota."""
         await run_in_threadpool(service.delete_key, who, key_id)
@@ -365,11 +383,14 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> set[str]:
-    """Every method some route serves at this request's path."""
+    """Every method the schema documents at this request's path: routes whose path matches, with
+    path parameters that fit their patterns (so /v1/keys/json is not also /v1/keys/{key_id})."""
     allowed: set[str] = set()
     for route in app.router.routes:
-        match, _ = route.matches(scope)
-        if match != Match.NONE:
+        match, child = route.matches(scope)
+        params = child.get("path_params", {})
+        if match != Match.NONE and all(PATH_PATTERNS[k].fullmatch(str(v)) for k, v in params.items()
+                                       if k in PATH_PATTERNS):
             allowed |= set(getattr(route, "methods", None) or ())
     return allowed
 

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from veil.serve.registry import MAX_VERSION
 from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN
 
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer; strict validation then refuses booleans, strings and
+    fractions, so `true` is never read as version 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+VersionNumber = Annotated[int, BeforeValidator(_json_integer), Field(strict=True, ge=1, le=MAX_VERSION),
+                          WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_VERSION})]
 BASE64 = {"format": "byte", "contentEncoding": "base64", "pattern": r"^[A-Za-z0-9+/]*={0,2}$"}
 
 
@@ -43,7 +56,7 @@ class RegisterKeyJSON(BaseModel):
 
 class DeployRequest(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
-    version: int | None = Field(default=None, ge=1, le=MAX_VERSION, strict=True, description="default: latest + 1")
+    version: VersionNumber | None = Field(default=None, description="default: latest + 1")
     server: dict = Field(description="server.json written by veil.ml's save (weights, no secrets)")
     client: dict = Field(description="client.json written by veil.ml's save (no weights)")
 
