@@ -346,6 +346,17 @@ def test_admin_cannot_predict_with_another_principals_key(env, server):
         assert h.post("/v1/models/wine/predict", content=server["request"]).status_code == 200
 
 
+def test_client_sdk_deletes_its_key(env, server):
+    bundle = _bundles(1)[0]
+    with Client(server["url"], env["tokens"]["bob"]) as bob:
+        key_id = bob.register(bundle)
+        bob.delete_key(key_id)
+        with pytest.raises(RequestError) as exc:
+            bob.delete_key(key_id)
+        assert exc.value.status == 404
+        assert bob.register(bundle) == key_id, "registering again after deletion gets the same id"
+
+
 # --- transport, docs, metrics ------------------------------------------------------------------
 
 def test_plain_http_beyond_loopback_is_refused_unless_insecure(tmp_path, capsys):
