@@ -299,7 +299,8 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
                    help="/docs, /redoc and /openapi.json require a bearer token")
     p.add_argument("--max-keys", type=_non_negative,
                    help="key bundles one principal may store (default 64; a token may set its own)")
-    p.add_argument("--max-key-mb", type=float, help="MiB of key bundles one principal may store (default 256)")
+    p.add_argument("--max-key-mb", type=_non_negative_float,
+                   help="MiB of key bundles one principal may store (default 256)")
 
 
 def _add_client_options(p: argparse.ArgumentParser) -> None:
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--role", choices=("admin", "client"), default="client")
     add.add_argument("--max-keys", type=_non_negative, help="this token's key bundle quota (default: server's)")
-    add.add_argument("--max-key-mb", type=float, help="this token's key storage quota in MiB")
+    add.add_argument("--max-key-mb", type=_non_negative_float, help="this token's key storage quota in MiB")
     revoke = actions.add_parser("revoke", help="remove tokens by name, or by the id `veil token list` shows")
     revoke.add_argument("which", help="token name or id")
     listing = actions.add_parser("list", help="names, roles, ids and quotas (never the tokens)")
@@ -390,6 +391,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number >= 0")
     return value
 
 

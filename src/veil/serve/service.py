@@ -150,7 +150,7 @@ class Service:
         try:
             model = ModelServer.from_dict(server)
             spec = ModelClient.from_dict(client)
-        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, VeilError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RuntimeError, VeilError) as exc:
             raise ServeError(f"invalid model artefact: {type(exc).__name__}: {exc}"[:500]) from None
         circuit = model.circuit
         if (spec.circuit.n_features, spec.circuit.n_outputs) != (circuit.n_features, circuit.n_outputs):
