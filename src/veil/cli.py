@@ -165,8 +165,7 @@ def _token(args: argparse.Namespace) -> int:
             print(f"revoked {row['name']} ({row['role']}, id {row['sha256'][:12]})")
     else:
         for row in list_tokens(path):
-            quota = "" if row["max_keys"] is None and row["max_key_bytes"] is None else \
-                f"  max_keys={row['max_keys']} max_key_bytes={row['max_key_bytes']}"
+            quota = "".join(f"  {k}={row[k]}" for k in ("max_keys", "max_key_bytes") if row[k] is not None)
             print(f"{row['id']}  {row['role']:6s} {row['name']}{quota}")
     return 0
 

@@ -238,7 +238,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
                                                     "path": request.url.path[:200]})
             response = _error(500, "internal_error", INTERNAL_DETAIL)
         route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
+        name = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
         elapsed = time.perf_counter() - start
         declared = request.headers.get("content-length") or "0"
         size_in = int(declared) if declared.isdigit() else 0
