@@ -128,7 +128,8 @@ class Service:
         return resolved
 
     def key_record(self, key_id: str) -> KeyRecord | None:
-        """A registered key, cached: key ids are content hashes, so a record never changes."""
+        """A registered key, cached: key ids are content hashes, so a record never changes. A deleted
+        key may linger in another process's cache, which is why `authorise` reads owners uncached."""
         record = self._keys.get(key_id)
         if record is None:
             record = self.store.get_key(key_id)
