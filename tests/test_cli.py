@@ -56,5 +56,7 @@ def test_token_deploy_keygen_predict(tmp_path, capsys, monkeypatch):
         assert cli.main(["predict", str(tmp_path / "missing.csv"), "--model", "bc", "--server", url]) == 2
     table = np.loadtxt(out, delimiter=",", skiprows=1)
     assert out.read_text().splitlines()[0] == "prediction,proba_0,proba_1"
+    labels = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert set(labels) == {"0", "1"}, "integer class labels are written as integers, not 0.0/1.0"
     assert np.array_equal(table[:, 0], model.predict(X))
     np.testing.assert_allclose(table[:, 1:], model.predict_proba(X), atol=1e-3)

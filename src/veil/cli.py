@@ -128,10 +128,18 @@ def _report(rows: list, total: float, pred: np.ndarray, model: object, X_test: n
 def _server_config(args: argparse.Namespace) -> veil.serve.ServerConfig:
     from veil.serve import ServerConfig
 
+    quota = {k: v for k, v in (("max_keys", args.max_keys), ("max_key_bytes", _mb(args.max_key_mb)))
+             if v is not None}
     return ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, tokens_file=args.tokens,
                         model_key_file=args.model_key_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_client_ca=args.tls_client_ca, max_body=int(args.max_body_mb * 1024 * 1024),
-                        queue=args.queue, log_level=args.log_level)
+                        queue=args.queue, log_level=args.log_level, insecure=args.insecure,
+                        protect_metrics=args.protect_metrics, protect_docs=args.protect_docs,
+                        **quota)
+
+
+def _mb(value: float | None) -> int | None:
+    return None if value is None else int(value * 1024 * 1024)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -142,10 +150,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from veil.serve.auth import add_token_to_file
+    """add: print a new token once (its hash is stored); revoke: remove tokens by name or id;
+    list: names, roles, ids and quotas, never tokens. A running server follows the file."""
+    from veil.serve.auth import add_token_to_file, list_tokens, revoke_tokens
 
     path = args.tokens or str(Path(args.data_dir) / "tokens.json")
-    print(add_token_to_file(path, args.name, args.role))
+    if args.action == "add":
+        print(add_token_to_file(path, args.name, args.role, args.max_keys, _mb(args.max_key_mb)))
+    elif args.action == "revoke":
+        removed = revoke_tokens(path, args.which)
+        if not removed:
+            raise VeilError(f"no token named {args.which!r} or with that id in {path}")
+        for row in removed:
+            print(f"revoked {row['name']} ({row['role']}, id {row['sha256'][:12]})")
+    else:
+        for row in list_tokens(path):
+            quota = "".join(f"  {k}={row[k]}" for k in ("max_keys", "max_key_bytes") if row[k] is not None)
+            print(f"{row['id']}  {row['role']:6s} {row['name']}{quota}")
     return 0
 
 
@@ -218,19 +239,23 @@ def _predict(args: argparse.Namespace) -> int:
     columns = [pred.reshape(len(X), -1)]
     header = ["prediction"] if pred.ndim == 1 else [f"prediction_{i}" for i in range(pred.shape[1])]
     if args.proba:
-        proba = mc.predict_proba(raw)
-        columns.append(proba)
+        columns.append(mc.predict_proba(raw))
         header += [f"proba_{c}" for c in mc.output.classes]
-    table = np.column_stack(columns)
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout is not ours to close
     try:
         out.write(",".join(header) + "\n")
-        for row in table:
-            out.write(",".join(str(v.item() if hasattr(v, "item") else v) for v in row) + "\n")
+        for i in range(len(X)):
+            out.write(",".join(_cell(v) for column in columns for v in column[i]) + "\n")
     finally:
         if args.out:
             out.close()
     return 0
+
+
+def _cell(value: object) -> str:
+    """One CSV cell in the value's own type: columns are written apart, so integer class labels stay
+    integers (`1`, not `1.0` as a table upcast to float would print)."""
+    return str(value.item() if hasattr(value, "item") else value)
 
 
 def _openapi(args: argparse.Namespace) -> int:
@@ -263,8 +288,18 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--max-body-mb", type=float, default=256.0)
-    p.add_argument("--queue", help="redis://host:port/db: serve through a Redis stream of workers")
+    p.add_argument("--queue", help="redis://[:password@]host:port/db or rediss://... (TLS): serve through a "
+                                   "Redis stream of workers")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP on a non-loopback address (TLS terminated in front of the server)")
+    p.add_argument("--protect-metrics", action="store_true", help="/metrics requires a bearer token")
+    p.add_argument("--protect-docs", action="store_true",
+                   help="/docs, /redoc and /openapi.json require a bearer token")
+    p.add_argument("--max-keys", type=_non_negative,
+                   help="key bundles one principal may store (default 64; a token may set its own)")
+    p.add_argument("--max-key-mb", type=_non_negative_float,
+                   help="MiB of key bundles one principal may store (default 256)")
 
 
 def _add_client_options(p: argparse.ArgumentParser) -> None:
@@ -297,11 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds before another worker's unacknowledged job is taken over")
     worker.set_defaults(func=_worker)
 
-    token = sub.add_parser("token", help="create a bearer token (printed once, stored as a hash)")
-    token.add_argument("name")
-    token.add_argument("--role", choices=("admin", "client"), default="client")
-    token.add_argument("--data-dir", default="veil-data")
-    token.add_argument("--tokens")
+    token = sub.add_parser("token", help="add, revoke or list bearer tokens (a running server follows the file)")
+    actions = token.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="create a token (printed once, stored as a hash)")
+    add.add_argument("name")
+    add.add_argument("--role", choices=("admin", "client"), default="client")
+    add.add_argument("--max-keys", type=_non_negative, help="this token's key bundle quota (default: server's)")
+    add.add_argument("--max-key-mb", type=_non_negative_float, help="this token's key storage quota in MiB")
+    revoke = actions.add_parser("revoke", help="remove tokens by name, or by the id `veil token list` shows")
+    revoke.add_argument("which", help="token name or id")
+    listing = actions.add_parser("list", help="names, roles, ids and quotas (never the tokens)")
+    for p in (add, revoke, listing):
+        p.add_argument("--data-dir", default="veil-data")
+        p.add_argument("--tokens", help="tokens file (default DATA_DIR/tokens.json)")
     token.set_defaults(func=_token)
 
     deploy = sub.add_parser("deploy", help="upload a model saved by veil.ml (admin token)")
@@ -343,8 +386,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number >= 0")
+    return value
+
+
+def _compat(argv: list[str]) -> list[str]:
+    """`veil token NAME ...` (before add|revoke|list existed) still means `veil token add NAME ...`."""
+    if len(argv) >= 2 and argv[0] == "token" and argv[1] not in ("add", "revoke", "list", "-h", "--help"):
+        return ["token", "add", *argv[1:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_compat(list(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.func(args))
     except VeilError as exc:

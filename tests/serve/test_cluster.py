@@ -4,6 +4,7 @@ stream, `veil worker` processes answer; shared registries, killed workers, error
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -25,13 +26,13 @@ from veil import ml
 from veil.serve import Client, RequestError
 from veil.serve.auth import add_token_to_file
 from veil.serve.crypto import ArtefactCipher
-from veil.serve.errors import ConflictError, NotFoundError
+from veil.serve.errors import ConflictError, NotFoundError, QuotaExceededError, ServeError
 from veil.serve.redis_backend import Keys, RedisStore, RemoteError, decode_result, encode_result, post_result
-from veil.serve.registry import KeyRecord
-from veil.serve.server import ServerConfig
+from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord
+from veil.serve.server import ServerConfig, build
 from veil.serve.worker import TEST_PAUSE_ENV, run_worker
 
-from .helpers import free_port, running_server
+from .helpers import free_port, make_certs, running_server
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")]
@@ -51,14 +52,16 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str =
 
 
 @contextlib.contextmanager
-def redis_server(directory: Path) -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port, without persistence; yields its URL."""
+def redis_server(directory: Path, *extra: str, url: str | None = None) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port, without persistence unless `extra` options
+    say otherwise; yields its URL (`url`, with {port} filled in, for TLS or AUTH)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(directory)],
+    listen = ["--port", "0", "--tls-port", str(port)] if "--tls-cert-file" in extra else ["--port", str(port)]
+    proc = subprocess.Popen(["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(directory), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = (url or "redis://127.0.0.1:{port}/0").format(port=port)
     try:
         wait_for(lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 10, "redis-server")
         yield url
@@ -472,3 +475,85 @@ def test_readiness_reports_not_ready_when_redis_is_down(setup, tmp_path):
         response = httpx.post(f"{front}/v1/models/wine/predict", content=b"x", headers=headers, timeout=30)
         assert response.status_code == 503 and response.json()["error"] == "unavailable"
         assert httpx.get(f"{front}/healthz").json() == {"status": "ok"}
+
+
+def test_redis_store_quotas_deletion_and_last_version(lone_redis):
+    store, other = RedisStore(lone_redis), RedisStore(lone_redis)
+    quota = KeyQuota(max_keys=2, max_bytes=100)
+    first, second = (KeyRecord(f"k{i}", "alice", "p", (), 1.0, bytes([i]) * 40) for i in (1, 2))
+    assert store.put_key(first, quota) == first and other.put_key(second, quota) == second
+    assert store.put_key(first, quota) == first, "the same bundle again is free"
+    with pytest.raises(QuotaExceededError):
+        store.put_key(KeyRecord("k3", "alice", "p", (), 1.0, b"x"), quota)
+    assert store.put_key(KeyRecord("k3", "bob", "p", (), 1.0, b"x"), quota).owner == "bob"
+    assert store.delete_key("k1", "bob") is False and store.get_key("k1") == first
+    assert store.delete_key("k1", "alice") is True and store.get_key("k1") is None
+    assert store.key_owner("k2") == "alice" and store.key_owner("k1") is None
+    with pytest.raises(QuotaExceededError):
+        store.put_key(KeyRecord("k4", "alice", "p", (), 1.0, b"y" * 61), quota)
+    assert store.put_key(KeyRecord("k4", "alice", "p", (), 1.0, b"y" * 60), quota).key_id == "k4"
+
+    reserved = sorted(s.reserve_version("r") for s in (store, other, store, other))
+    assert reserved == [1, 2, 3, 4]
+    assert store.put_model("r", 2, {}, b"s", b"c").version == 2
+    assert other.reserve_version("r") == 5, "a reservation is never handed out twice"
+    store.put_model("last", MAX_VERSION, {}, b"s", b"c")
+    with pytest.raises(ConflictError):
+        store.put_model("last", None, {}, b"s", b"c")
+    with pytest.raises(ConflictError):
+        other.reserve_version("last")
+    with pytest.raises(ServeError):
+        store.put_model("r", MAX_VERSION + 1, {}, b"s", b"c")
+
+
+def test_front_end_warns_when_redis_has_no_persistence(setup, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="veil.serve"):
+        with redis_server(tmp_path / "bare") as url:
+            build(setup["config"](url))
+        warned = [r.getMessage() for r in caplog.records if "persistence" in r.getMessage()]
+        assert len(warned) == 1 and "appendonly yes" in warned[0] and "loses every" in warned[0]
+        caplog.clear()
+        with redis_server(tmp_path / "aof", "--appendonly", "yes") as url:
+            build(setup["config"](url))
+        assert not [r for r in caplog.records if "persistence" in r.getMessage() or "RDB" in r.getMessage()]
+
+
+def _serve_one_prediction(setup, url: str) -> None:
+    """Deploy, register and predict through `url` with an in-thread worker on the same URL."""
+    wine, path, Xw = setup["models"]["wine"]
+    stop = threading.Event()
+    worker = threading.Thread(target=run_worker, args=(setup["config"](url),),
+                              kwargs={"name": "tls-or-auth", "claim_idle": 5, "stop_event": stop}, daemon=True)
+    worker.start()
+    try:
+        with running_server(setup["config"](url)) as front:
+            with Client(front, setup["tokens"]["admin"]) as admin:
+                admin.deploy(path, "wine")
+            with Client(front, setup["tokens"]["alice"], retries=0) as client:
+                assert np.array_equal(client.predict(Xw[:4], "wine"), wine.predict(Xw[:4]))
+            assert httpx.get(f"{front}/readyz").status_code == 200
+    finally:
+        stop.set()
+        worker.join(15)
+
+
+def test_redis_with_a_password(setup, tmp_path):
+    with redis_server(tmp_path / "auth", "--requirepass", "s3cret-pw",
+                      url="redis://:s3cret-pw@127.0.0.1:{port}/0") as url:
+        _serve_one_prediction(setup, url)
+        wrong = url.replace("s3cret-pw", "wrong")
+        with running_server(setup["config"](wrong)) as front:
+            body = httpx.get(f"{front}/readyz").json()
+            assert body["status"] == "not ready" and body["checks"]["store"].startswith("error")
+
+
+def test_redis_over_tls(setup, tmp_path):
+    certs = make_certs(tmp_path)
+    tls = ("--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key),
+           "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "no")
+    with redis_server(tmp_path / "tls", *tls,
+                      url="rediss://127.0.0.1:{port}/0?ssl_ca_certs=" + str(certs.ca)) as url:
+        _serve_one_prediction(setup, url)
+        plain = url.replace("rediss://", "redis://").split("?")[0]
+        with pytest.raises(redis.RedisError):
+            redis.Redis.from_url(plain, socket_timeout=2).ping()

@@ -24,6 +24,21 @@ def _normalise_steps(steps: Iterable[int], slots: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _bundle_steps(head: dict, slots: int) -> tuple[tuple[int, ...], bool]:
+    """The rotation steps and relin flag a bundle header declares, checked as strict values:
+    distinct integers in (-slots, slots) and a JSON boolean (a float, string or 1e400 is refused)."""
+    raw = head.get("rotation_steps", [])
+    if not isinstance(raw, list) or len(raw) > 2 * slots:
+        raise KeyMaterialError("rotation_steps must be a list of integers")
+    steps = tuple(wire.strict_int(s, "rotation step", -slots + 1, slots - 1, KeyMaterialError) for s in raw)
+    if len(set(steps)) != len(steps):
+        raise KeyMaterialError("rotation_steps repeats a step")
+    relin = head.get("relin", False)
+    if not isinstance(relin, bool):
+        raise KeyMaterialError(f"relin must be true or false, got {type(relin).__name__}")
+    return steps, relin
+
+
 def key_id(bundle: bytes) -> str:
     """Content hash of a serialized public bundle: the same keys always get the same id."""
     return hashlib.sha256(bundle).hexdigest()[:32]
@@ -79,8 +94,7 @@ class PublicBundle:
             raise ParameterMismatchError(
                 f"bundle parameters {params.fingerprint} differ from the model's "
                 f"{context.params.fingerprint}")
-        steps = tuple(int(s) for s in head.get("rotation_steps", []))
-        relin = bool(head.get("relin", False))
+        steps, relin = _bundle_steps(head, context.slot_count)
         expected_blobs = (1 if steps else 0) + (1 if relin else 0)
         if len(msg.blobs) != expected_blobs:
             raise KeyMaterialError(f"bundle announces {expected_blobs} key blobs, carries {len(msg.blobs)}")
@@ -168,5 +182,5 @@ class SecretKeys:
         except (RuntimeError, ValueError) as exc:
             raise KeyMaterialError(f"invalid secret key: {exc}") from None
         keygen = seal.KeyGenerator(context.seal, sk)
-        steps = _normalise_steps(msg.header.get("rotation_steps", []), context.slot_count)
-        return cls(context, keygen, sk, steps, bool(msg.header.get("relin", False)))
+        steps, relin = _bundle_steps(msg.header, context.slot_count)
+        return cls(context, keygen, sk, _normalise_steps(steps, context.slot_count), relin)

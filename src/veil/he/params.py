@@ -9,8 +9,11 @@ from functools import cached_property
 import seal
 
 from veil.errors import InsecureParametersError
+from veil.he.wire import strict_int
 
 MIN_SECURITY_BITS = 128
+MAX_DEGREE = 1 << 17
+MAX_PRIMES = 64
 _SEC_LEVELS = {128: seal.sec_level_type.tc128, 192: seal.sec_level_type.tc192,
                256: seal.sec_level_type.tc256}
 
@@ -73,14 +76,17 @@ class CKKSParameters:
 
     @classmethod
     def from_dict(cls, data: dict) -> CKKSParameters:
-        try:
-            return cls(int(data["poly_modulus_degree"]),
-                       tuple(int(b) for b in data["coeff_modulus_bits"]),
-                       int(data.get("security_bits", 128)))
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, InsecureParametersError):
-                raise
-            raise InsecureParametersError(f"malformed CKKS parameters: {data!r}") from exc
+        """Parse parameters from untrusted JSON: every number must be a true integer in range
+        (no floats, infinities, booleans or strings), so bad input is an `InsecureParametersError`."""
+        if not isinstance(data, dict):
+            raise InsecureParametersError(f"CKKS parameters must be an object, got {type(data).__name__}")
+        bits = data.get("coeff_modulus_bits")
+        if not isinstance(bits, list | tuple) or not 1 <= len(bits) <= MAX_PRIMES:
+            raise InsecureParametersError(f"coeff_modulus_bits must be a list of 1 to {MAX_PRIMES} prime sizes")
+        check = {"error": InsecureParametersError}
+        return cls(strict_int(data.get("poly_modulus_degree"), "poly_modulus_degree", 1, MAX_DEGREE, **check),
+                   tuple(strict_int(b, "coeff_modulus_bits[]", 1, 61, **check) for b in bits),
+                   strict_int(data.get("security_bits", 128), "security_bits", 0, 1024, **check))
 
     def seal_context(self) -> seal.SEALContext:
         """Build the SEAL context; SEAL itself enforces the HomomorphicEncryption.org bound."""

@@ -18,8 +18,28 @@ MAGIC = b"VEIL"
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_BLOBS = 1 << 20
+INT64_MAX = 2**63 - 1
 _PREFIX = struct.Struct("<4sBBI")
 _U32 = struct.Struct("<I")
+
+
+def strict_int(value: object, what: str, low: int = -INT64_MAX - 1, high: int = INT64_MAX,
+               error: type[Exception] = WireFormatError) -> int:
+    """`value` if it is a true integer in [low, high]; else raise `error` naming `what`.
+
+    Decoded JSON gives floats (1e400 is inf), booleans (True == 1) and strings where integers are
+    expected; `int()` would round, overflow or accept them, so headers and artefacts are checked here.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{what} must be an integer, got {type(value).__name__} {_short(value)}")
+    if not low <= value <= high:
+        raise error(f"{what} must be in [{low}, {high}], got {_short(value)}")
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Kind(IntEnum):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import seal
 
-from veil.errors import KeyMaterialError, PrecisionError, ShapeError
+from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
-from veil.he.packing import BatchLayout, RowLayout, make_layout
+from veil.he.packing import LAYOUTS, BatchLayout, RowLayout, make_layout
 from veil.he.params import CKKSParameters, preset
 
 DEFAULT_HEADROOM = 16.0
@@ -77,8 +77,8 @@ class LayoutScales:
 
     @classmethod
     def from_dict(cls, d: dict) -> LayoutScales:
-        return cls(CKKSParameters.from_dict(d["params"]), int(d["input_bits"]), int(d["weight_bits"]),
-                   InputLimit.from_dict(d["input_limit"]))
+        return cls(CKKSParameters.from_dict(d["params"]), wire.strict_int(d["input_bits"], "input_bits", 0, 120),
+                   wire.strict_int(d["weight_bits"], "weight_bits", 0, 120), InputLimit.from_dict(d["input_limit"]))
 
 
 def input_weights(W: np.ndarray) -> np.ndarray:
@@ -145,6 +145,20 @@ def choose_layout(n_samples: int, n_features: int, n_outputs: int, slots: dict[s
     return "row" if cost_row < cost_batch else "batch"
 
 
+def _count(value: object) -> bool:
+    """A header count: a true positive integer (JSON `true` or `2.0` is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_scales(scales: object) -> dict[str, LayoutScales]:
+    if not isinstance(scales, dict) or not scales:
+        raise WireFormatError("a model needs scales for at least one layout")
+    unknown = set(scales) - set(LAYOUTS)
+    if unknown:
+        raise WireFormatError(f"unknown layouts {sorted(map(str, unknown))}; known: {list(LAYOUTS)}")
+    return scales
+
+
 class LinearCircuit:
     """Server side of the affine map: weights, bias and the scales per layout."""
 
@@ -153,7 +167,9 @@ class LinearCircuit:
         self.bias = np.asarray(bias, dtype=np.float64).ravel()
         if self.bias.shape[0] != self.weights.shape[0]:
             raise ShapeError("bias length must equal the number of weight rows")
-        self.scales = scales
+        if not (np.all(np.isfinite(self.weights)) and np.all(np.isfinite(self.bias))):
+            raise ShapeError("weights and bias must be finite")
+        self.scales = _check_scales(scales)
         self._contexts: dict[str, HEContext] = {}
         self._row_weights: list[tuple[seal.Plaintext, seal.Plaintext]] | None = None
         self._quantized: dict[int, np.ndarray] = {}
@@ -220,6 +236,9 @@ class LinearCircuit:
         return self._row_weights
 
     def layout(self, name: str) -> BatchLayout | RowLayout:
+        """The packing of layout `name` (a value from an untrusted header: anything else is refused)."""
+        if not isinstance(name, str):
+            raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
         if name not in self.scales:
             raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.scales)}")
         return make_layout(name, self.scales[name].params.slot_count, self.n_features, self.n_outputs)
@@ -230,8 +249,12 @@ class LinearCircuit:
 
     @classmethod
     def from_dict(cls, d: dict) -> LinearCircuit:
+        """Rebuild from `to_dict` output; malformed structure raises WireFormatError, not a crash."""
+        scales = d["scales"]
+        if not isinstance(scales, dict):
+            raise WireFormatError(f"scales must be an object keyed by layout, got {type(scales).__name__}")
         return cls(np.asarray(d["weights"]), np.asarray(d["bias"]),
-                   {k: LayoutScales.from_dict(v) for k, v in d["scales"].items()})
+                   {k: LayoutScales.from_dict(v) for k, v in scales.items()})
 
     def client_spec(self) -> dict:
         """What a client needs to encrypt and decrypt: no weights."""
@@ -250,7 +273,7 @@ class LinearCircuit:
                              f"the {name} layout needs {ctx.params.fingerprint}")
         header, cts = ctx.unpack(msg)
         n, f = header.get("n_samples"), header.get("n_features")
-        if not isinstance(n, int) or n <= 0 or f != self.n_features:
+        if not _count(n) or not _count(f) or f != self.n_features:
             raise ShapeError(f"request declares {n} samples of {f} features; model expects "
                              f"{self.n_features} features")
         if len(cts) != layout.n_input_cts(n):
@@ -320,6 +343,9 @@ class CircuitClient:
         self._keys: dict[str, SecretKeys] = {}
 
     def layout(self, name: str) -> BatchLayout | RowLayout:
+        """The packing of layout `name` (from a header the server wrote: checked all the same)."""
+        if not isinstance(name, str):
+            raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
         if name not in self.params:
             raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.params)}")
         return make_layout(name, self.params[name].slot_count, self.n_features, self.n_outputs)
@@ -373,7 +399,7 @@ class CircuitClient:
         keys = self._keys[layout]
         header, cts = keys.context.unpack(msg)
         n = header.get("n_samples")
-        if header.get("n_outputs") != self.n_outputs or not isinstance(n, int) or n <= 0:
+        if not _count(header.get("n_outputs")) or header.get("n_outputs") != self.n_outputs or not _count(n):
             raise ShapeError("response does not match this model's outputs")
         if len(cts) != lay.n_output_cts(n):
             raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {lay.n_output_cts(n)}")

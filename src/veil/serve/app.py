@@ -4,42 +4,62 @@ import base64
 import binascii
 import json
 import logging
+import re
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import veil
-from veil.errors import (
-    InsecureParametersError,
-    KeyMaterialError,
-    PrecisionError,
-    ShapeError,
-    VeilError,
-    WireFormatError,
-)
+from veil.errors import VeilError, WireFormatError
 from veil.serve import schemas
 from veil.serve.auth import Principal, TokenStore
-from veil.serve.errors import ServeError
-from veil.serve.registry import KeyRecord, ModelRecord
-from veil.serve.service import Service
+from veil.serve.errors import INTERNAL_DETAIL, error_fields
+from veil.serve.registry import MAX_VERSION, KeyRecord, ModelRecord
+from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN, Service
 
 log = logging.getLogger("veil.serve")
 OCTET = "application/octet-stream"
 DEFAULT_MAX_BODY = 256 * 1024 * 1024
-ERROR_STATUS = {WireFormatError: 400, KeyMaterialError: 400, InsecureParametersError: 400,
-           ShapeError: 422, PrecisionError: 422}
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+"""A client's X-Request-Id is kept only if it matches this; otherwise the server makes its own, so
+nothing a client chooses beyond these characters reaches response headers or log lines."""
+PATH_PATTERNS = {"name": re.compile(NAME_PATTERN), "key_id": re.compile(KEY_ID_PATTERN)}
+
+
+class KeyIdConvertor(Convertor):
+    """Routes /v1/keys/{key_id} only for well-formed key ids, so /v1/keys/json is never taken for one
+    (GET /v1/keys/json answers 405 with `Allow: POST`, as the schema says)."""
+
+    regex = KEY_ID_PATTERN.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("veil_key_id", KeyIdConvertor())
+DOCS_ASSETS_URL = "/static/docs"
+BINARY = {"type": "string", "format": "binary"}
 
 
 class Executor(Protocol):
@@ -131,8 +151,8 @@ def _too_large(limit: int) -> JSONResponse:
                         status_code=413)
 
 
-def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
 def _info(record: ModelRecord) -> dict[str, Any]:
@@ -154,32 +174,52 @@ def _b64(text: str, what: str) -> bytes:
         raise WireFormatError(f"{what} is not valid base64") from None
 
 
+def docs_assets() -> FilePath | None:
+    """Directory of the Swagger UI and ReDoc files shipped by the `fastapi-offline` package (MIT),
+    served by the server itself so /docs and /redoc work without internet access."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    static = FilePath(fastapi_offline.__file__).parent / "static"
+    return static if (static / "swagger-ui-bundle.js").exists() else None
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)}
+    code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 500, 503)}
+NAME = Annotated[str, Path(description="model name", json_schema_extra={"pattern": NAME_PATTERN})]
+KEY_ID = Annotated[str, Path(description="key id returned at registration",
+                             json_schema_extra={"pattern": KEY_ID_PATTERN})]
+VERSION = Annotated[int | None, Query(ge=1, le=MAX_VERSION, description="default: the latest version")]
 
 
 def create_app(service: Service, tokens: TokenStore, executor: Executor | None = None,
-               max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
-    """Build the ASGI app; the caller chooses storage, tokens and where predictions run."""
+               max_body: int = DEFAULT_MAX_BODY, protect_metrics: bool = False,
+               protect_docs: bool = False) -> ASGIApp:
+    """Build the ASGI app; the caller chooses storage, tokens and where predictions run.
+
+    `protect_metrics` and `protect_docs` make /metrics, and /docs, /redoc and /openapi.json, require a
+    valid bearer token (any role) for servers whose operations data should not be public."""
     executor = executor or LocalExecutor(service)
     metrics = Metrics.create()
-    app = FastAPI(title="veil", version=veil.__version__, responses=ERRORS,
+    app = FastAPI(title="veil", version=veil.__version__, responses=ERRORS, docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   description="Encrypted inference: clients send CKKS ciphertexts and get ciphertexts back.")
     app.state.service, app.state.executor, app.state.metrics = service, executor, metrics
 
-    @app.exception_handler(ServeError)
-    async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
-        return _error(exc.status, exc.code, str(exc))
-
     @app.exception_handler(VeilError)
     async def _veil_error(_: Request, exc: VeilError) -> JSONResponse:
-        status = next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
-        return _error(status, type(exc).__name__, str(exc))
+        status, code, detail = error_fields(exc)
+        headers = {"www-authenticate": "Bearer"} if status == 401 else None
+        return _error(status, code, detail, headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
-        return _error(exc.status_code, code, str(exc.detail))
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+        if exc.status_code == 405:  # Starlette names only the first route's methods; list them all
+            headers["allow"] = ", ".join(sorted(_allowed_methods(app, request.scope)))
+        return _error(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -187,12 +227,21 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start, rid = time.perf_counter(), request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        response = await call_next(request)
+        """Metrics and one log line per request; also the last-resort handler: an unexpected exception
+        still answers a JSON 500 on a connection that stays usable, and is logged and counted."""
+        start, given = time.perf_counter(), request.headers.get("x-request-id")
+        rid = given if given and REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex[:16]
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": rid, "method": request.method,
+                                                    "path": request.url.path[:200]})
+            response = _error(500, "internal_error", INTERNAL_DETAIL)
         route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
+        name = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
         elapsed = time.perf_counter() - start
-        size_in = int(request.headers.get("content-length") or 0)
+        declared = request.headers.get("content-length") or "0"
+        size_in = int(declared) if declared.isdigit() else 0
         size_out = int(response.headers.get("content-length") or 0)
         metrics.requests.labels(name, str(response.status_code)).inc()
         metrics.latency.labels(name).observe(elapsed)
@@ -204,10 +253,41 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
                                    "bytes_in": size_in, "bytes_out": size_out})
         return response
 
-    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
-        return tokens.authenticate(authorization)
+    bearer = HTTPBearer(auto_error=False, description="a token made by `veil token add`")
+
+    def principal(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+        return tokens.authenticate(None if credentials is None else f"Bearer {credentials.credentials}")
 
     Auth = Annotated[Principal, Depends(principal)]
+    guard_metrics = [Depends(principal)] if protect_metrics else []
+    guard_docs = [Depends(principal)] if protect_docs else []
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guard_docs)
+    async def openapi_document() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    assets = docs_assets()
+    if assets is not None:
+        app.mount(DOCS_ASSETS_URL, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False, dependencies=guard_docs)
+    async def swagger_ui() -> HTMLResponse:
+        """Swagger UI with its script and styles served from this server (no CDN)."""
+        if assets is None:
+            return _offline_page()
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="veil API",
+                                   swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guard_docs)
+    async def redoc() -> HTMLResponse:
+        """ReDoc with its script served from this server and no web fonts."""
+        if assets is None:
+            return _offline_page()
+        return get_redoc_html(openapi_url="/openapi.json", title="veil API",
+                              redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png", with_google_fonts=False)
 
     @app.get("/healthz", response_model=schemas.Health, tags=["operations"])
     async def healthz() -> dict:
@@ -229,7 +309,8 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
                             status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
+    @app.get("/metrics", tags=["operations"], response_class=Response, dependencies=guard_metrics,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
         """Prometheus text format: requests, latency and bytes per route."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -238,10 +319,10 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         return _key_info(await run_in_threadpool(service.register_key, who, data))
 
     @app.post("/v1/keys", response_model=schemas.KeyInfo, tags=["keys"],
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  OCTET: {"schema": {"type": "string", "format": "binary"}}}}})
+              openapi_extra={"requestBody": {"required": True, "content": {OCTET: {"schema": BINARY}}}})
     async def register_key(request: Request, who: Auth) -> dict:
-        """Register a public key bundle (binary body); a secret key is refused."""
+        """Register a public key bundle (binary body); a secret key is refused. Counts against the
+        token's key quota (403 quota_exceeded when full)."""
         return await _register(who, await request.body())
 
     @app.post("/v1/keys/json", response_model=schemas.KeyInfo, tags=["keys"])
@@ -249,9 +330,16 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         """Same as /v1/keys with the bundle in base64 JSON."""
         return await _register(who, _b64(body.bundle, "bundle"))
 
-    @app.get("/v1/keys/{key_id}", response_model=schemas.KeyInfo, tags=["keys"])
-    async def get_key(key_id: str, who: Auth) -> dict:
+    @app.get("/v1/keys/{key_id:veil_key_id}", response_model=schemas.KeyInfo, tags=["keys"])
+    async def get_key(key_id: KEY_ID, who: Auth) -> dict:
+        """A registered key's description, for its owner or an admin."""
         return _key_info(await run_in_threadpool(service.key, who, key_id))
+
+    @app.delete("/v1/keys/{key_id:veil_key_id}", status_code=204, tags=["keys"], response_class=Response)
+    async def delete_key(key_id: KEY_ID, who: Auth) -> Response:
+        """Delete a registered key (its owner only); frees its share of the token's quota."""
+        await run_in_threadpool(service.delete_key, who, key_id)
+        return Response(status_code=204)
 
     @app.post("/v1/models", response_model=schemas.ModelInfo, tags=["models"], status_code=201)
     async def deploy(body: schemas.DeployRequest, who: Auth) -> dict:
@@ -262,37 +350,56 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.get("/v1/models", response_model=list[schemas.ModelInfo], tags=["models"])
     async def list_models(_: Auth) -> list[dict]:
+        """Every deployed version of every model."""
         return [_info(r) for r in await run_in_threadpool(service.store.list_models)]
 
     @app.get("/v1/models/{name}", response_model=schemas.ModelDetail, tags=["models"])
-    async def model_detail(name: str, _: Auth, version: Annotated[int | None, Query(ge=1)] = None) -> dict:
+    async def model_detail(name: NAME, _: Auth, version: VERSION = None) -> dict:
         """A model's public description with the client specification needed to encrypt."""
         record = await run_in_threadpool(service.record, name, version)
         spec = await run_in_threadpool(service.client_spec, record)
         return dict(_info(record), client=spec)
 
     @app.post("/v1/models/{name}/predict", tags=["predict"], response_class=Response,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  OCTET: {"schema": {"type": "string", "format": "binary"}}}},
-                  "responses": {"200": {"content": {OCTET: {"schema": {"type": "string",
-                                                                        "format": "binary"}}}}}})
-    async def predict(name: str, request: Request, who: Auth,
-                      x_veil_key_id: Annotated[str, Header()],
-                      version: Annotated[int | None, Query(ge=1)] = None) -> Response:
-        """Evaluate on a binary CIPHERTEXTS message; the answer holds ciphertexts only."""
+              openapi_extra={"requestBody": {"required": True, "content": {OCTET: {"schema": BINARY}}},
+                             "responses": {"200": {"content": {OCTET: {"schema": BINARY}}}}})
+    async def predict(name: NAME, request: Request, who: Auth,
+                      x_veil_key_id: Annotated[str, Header(json_schema_extra={"pattern": KEY_ID_PATTERN})],
+                      version: VERSION = None) -> Response:
+        """Evaluate on a binary CIPHERTEXTS message; the answer holds ciphertexts only. The key id
+        must be one the caller registered (admins included)."""
         payload = await request.body()
         used, out = await executor.predict(who, name, version, x_veil_key_id, payload)
         return Response(out, media_type=OCTET, headers={"x-veil-model-version": str(used)})
 
     @app.post("/v1/models/{name}/predict/json", response_model=schemas.PredictionJSON, tags=["predict"])
-    async def predict_json(name: str, body: schemas.PredictJSON, who: Auth,
-                           version: Annotated[int | None, Query(ge=1)] = None) -> dict:
+    async def predict_json(name: NAME, body: schemas.PredictJSON, who: Auth, version: VERSION = None) -> dict:
         """Same as /predict with base64 JSON (a third larger on the wire)."""
         used, out = await executor.predict(who, name, version, body.key_id,
                                            _b64(body.ciphertexts, "ciphertexts"))
         return {"model": name, "version": used, "ciphertexts": base64.b64encode(out).decode()}
 
     return BodyLimit(app, max_body)
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> set[str]:
+    """Every method the schema documents at this request's path: routes whose path matches, with
+    path parameters that fit their patterns (so /v1/keys/json is not also /v1/keys/{key_id})."""
+    allowed: set[str] = set()
+    for route in app.router.routes:
+        match, child = route.matches(scope)
+        params = child.get("path_params", {})
+        if match != Match.NONE and all(PATH_PATTERNS[k].fullmatch(str(v)) for k, v in params.items()
+                                       if k in PATH_PATTERNS):
+            allowed |= set(getattr(route, "methods", None) or ())
+    return allowed
+
+
+def _offline_page() -> HTMLResponse:
+    """Without the docs assets installed: a self-contained page pointing at the schema."""
+    return HTMLResponse("<!doctype html><title>veil API</title><h1>veil API</h1>"
+                        "<p>The OpenAPI schema is at <a href=\"/openapi.json\">/openapi.json</a>; install "
+                        "<code>fastapi-offline</code> for the interactive pages.</p>")
 
 
 def openapi_schema() -> dict:
@@ -303,4 +410,4 @@ def openapi_schema() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         service = Service(SQLiteStore(tmp), ArtefactCipher(bytes(32)))
         app = create_app(service, TokenStore())
-        return app.app.openapi()
+        return app.app.openapi()  # type: ignore[attr-defined]

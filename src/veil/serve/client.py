@@ -124,6 +124,11 @@ class Client:
             self._key_ids[digest] = info["key_id"]
         return self._key_ids[digest]
 
+    def delete_key(self, key_id: str) -> None:
+        """Delete a key this token registered (frees its share of the key quota)."""
+        self._request("DELETE", f"/v1/keys/{key_id}")
+        self._key_ids = {d: k for d, k in self._key_ids.items() if k != key_id}
+
     def send(self, model: str, version: int | None, key_id: str, request: bytes) -> bytes:
         """POST one encrypted request; returns the encrypted response bytes."""
         response = self._request("POST", f"/v1/models/{model}/predict", content=request,

@@ -1,6 +1,21 @@
-"""Serving errors, each mapped to one HTTP status so every failure answers a clear 4xx JSON body."""
+"""Serving errors, each mapped to one HTTP status so every failure answers a clear JSON body.
 
-from veil.errors import VeilError
+`error_fields` is the single map from any exception to (status, code, detail): the HTTP app and the
+queue workers both answer through it, so an error has the same status in-process and through Redis.
+Anything a client can send maps to a 4xx; an exception that is not a veil error is a bug and maps to
+500 ``internal_error`` with a detail that reveals nothing about it.
+"""
+
+from __future__ import annotations
+
+from veil.errors import (
+    InsecureParametersError,
+    KeyMaterialError,
+    PrecisionError,
+    ShapeError,
+    VeilError,
+    WireFormatError,
+)
 
 
 class ServeError(VeilError):
@@ -18,6 +33,12 @@ class ForbiddenError(ServeError):
     status, code = 403, "forbidden"
 
 
+class QuotaExceededError(ServeError):
+    """A token already stores as many key bundles (or bytes of them) as its quota allows."""
+
+    status, code = 403, "quota_exceeded"
+
+
 class NotFoundError(ServeError):
     status, code = 404, "not_found"
 
@@ -31,7 +52,7 @@ class PayloadTooLargeError(ServeError):
 
 
 class IntegrityError(ServeError):
-    """A stored artefact failed its AES-GCM authentication: tampered or encrypted with another key."""
+    """A stored artefact failed its AES-GCM authentication: tampered, rolled back, or another key."""
 
     status, code = 409, "integrity_check_failed"
 
@@ -40,3 +61,20 @@ class UnavailableError(ServeError):
     """The queue or a registry cannot be reached, or no worker answered in time."""
 
     status, code = 503, "unavailable"
+
+
+# Status of the errors raised below the serving layer (he, ml); checked in order, first match wins.
+VEIL_ERROR_STATUS: tuple[tuple[type[VeilError], int], ...] = (
+    (WireFormatError, 400), (KeyMaterialError, 400), (InsecureParametersError, 400),
+    (ShapeError, 422), (PrecisionError, 422))
+INTERNAL_DETAIL = "the server failed to handle this request; it has been logged"
+
+
+def error_fields(exc: BaseException) -> tuple[int, str, str]:
+    """(status, code, detail) for an exception, exactly as the server answers it."""
+    if isinstance(exc, ServeError):
+        return exc.status, exc.code, str(exc)
+    if isinstance(exc, VeilError):
+        status = next((s for cls, s in VEIL_ERROR_STATUS if isinstance(exc, cls)), 400)
+        return status, type(exc).__name__, str(exc)
+    return 500, "internal_error", INTERNAL_DETAIL

@@ -3,8 +3,10 @@
 
 Layout under a prefix (default ``veil:``):
 
-* ``key:<key_id>``: hash of a registered public bundle; ``models``: set of model names;
-  ``model:<name>:versions``: sorted set of versions; ``model:<name>:<version>``: hash of one version.
+* ``key:<key_id>``: hash of a registered public bundle; ``usage:<owner>``: hash of the owner's
+  bundle count and bytes (for quotas); ``models``: set of model names; ``model:<name>:versions``:
+  sorted set of versions; ``model:<name>:<version>``: hash of one version; ``model:<name>:reserved``:
+  the last version handed out (versions are reserved before the artefacts are sealed to them).
 * ``jobs``: the request stream, consumed by the group ``workers``; entries are deleted once answered
   (or given up by their front end), so it holds only jobs in flight and needs no MAXLEN. A job expires
   `timeout` seconds after its stream id (Redis server time, so host clocks do not matter).
@@ -30,12 +32,18 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from starlette.concurrency import run_in_threadpool
 
-from veil.errors import VeilError
-from veil.serve.app import ERROR_STATUS
 from veil.serve.auth import Principal
-from veil.serve.errors import ConflictError, ForbiddenError, NotFoundError, ServeError, UnavailableError
-from veil.serve.registry import KeyRecord, ModelRecord, check_key_conflict
-from veil.serve.service import Service, check_name
+from veil.serve.errors import ConflictError, QuotaExceededError, ServeError, UnavailableError, error_fields
+from veil.serve.registry import (
+    MAX_VERSION,
+    KeyQuota,
+    KeyRecord,
+    ModelRecord,
+    check_key_conflict,
+    check_version,
+    last_version_error,
+)
+from veil.serve.service import Service
 
 log = logging.getLogger("veil.serve")
 DEFAULT_PREFIX = "veil:"
@@ -44,9 +52,37 @@ WAIT_SLICE = 5.0
 
 _PUT_KEY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local count = tonumber(redis.call('HGET', KEYS[2], 'count') or '0')
+local used = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
+local size = string.len(ARGV[5])
+if ARGV[6] ~= '' and count + 1 > tonumber(ARGV[6]) then return {-1, count, used} end
+if ARGV[7] ~= '' and used + size > tonumber(ARGV[7]) then return {-1, count, used} end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'params', ARGV[2], 'rotation_steps', ARGV[3],
            'created', ARGV[4], 'bundle', ARGV[5])
+redis.call('HINCRBY', KEYS[2], 'count', 1)
+redis.call('HINCRBY', KEYS[2], 'bytes', size)
 return 1
+"""
+
+_DELETE_KEY = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+local size = redis.call('HSTRLEN', KEYS[1], 'bundle')
+redis.call('DEL', KEYS[1])
+redis.call('HINCRBY', KEYS[2], 'count', -1)
+redis.call('HINCRBY', KEYS[2], 'bytes', -size)
+return 1
+"""
+
+_RESERVE_VERSION = """
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local v = 0
+if top[2] then v = tonumber(top[2]) end
+local reserved = tonumber(redis.call('GET', KEYS[2]) or '0')
+if reserved > v then v = reserved end
+v = v + 1
+if v > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], v)
+return v
 """
 
 _PUT_MODEL = """
@@ -54,6 +90,7 @@ local v
 if ARGV[3] == '' then
   local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if top[2] then v = tonumber(top[2]) + 1 else v = 1 end
+  if v > tonumber(ARGV[8]) then return -1 end
 else
   v = tonumber(ARGV[3])
   if redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 0 end
@@ -107,6 +144,12 @@ class Keys:
     def model(self, name: str, version: int | str = "") -> str:
         return f"{self.prefix}model:{name}:{version}"
 
+    def reserved(self, name: str) -> str:
+        return f"{self.prefix}model:{name}:reserved"
+
+    def usage(self, owner: str) -> str:
+        return f"{self.prefix}usage:{owner}"
+
     def result(self, request_id: str) -> str:
         return f"{self.prefix}result:{request_id}"
 
@@ -126,16 +169,6 @@ class RemoteError(ServeError):
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.code = status, code
-
-
-def error_fields(exc: BaseException) -> tuple[int, str, str]:
-    """(status, code, detail) exactly as the HTTP app would answer for this exception."""
-    if isinstance(exc, ServeError):
-        return exc.status, exc.code, str(exc)
-    if isinstance(exc, VeilError):
-        status = next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
-        return status, type(exc).__name__, str(exc)
-    return 500, "internal_error", "the worker failed to evaluate this request"
 
 
 def encode_result(version: int | None = None, body: bytes = b"", error: BaseException | None = None) -> bytes:
@@ -173,20 +206,42 @@ class RedisStore:
         self.keys = Keys(prefix)
         self.client = connect(url)
         self._put_key = self.client.register_script(_PUT_KEY)
+        self._delete_key = self.client.register_script(_DELETE_KEY)
+        self._reserve = self.client.register_script(_RESERVE_VERSION)
         self._put_model = self.client.register_script(_PUT_MODEL)
 
     def ping(self) -> None:
         self.client.ping()
 
-    def put_key(self, record: KeyRecord) -> KeyRecord:
-        """Atomic insert-if-absent; the same bundle again is idempotent for its owner, 409 for others."""
-        created = self._put_key(keys=[self.keys.key(record.key_id)],
+    def put_key(self, record: KeyRecord, quota: KeyQuota | None = None) -> KeyRecord:
+        """Atomic insert-if-absent within the owner's quota; the same bundle again is idempotent for
+        its owner, 409 for others."""
+        quota = quota or KeyQuota()
+        limits = ["" if v is None else str(int(v)) for v in (quota.max_keys, quota.max_bytes)]
+        created = self._put_key(keys=[self.keys.key(record.key_id), self.keys.usage(record.owner)],
                                 args=[record.owner, record.params, json.dumps(list(record.rotation_steps)),
-                                      repr(record.created), record.bundle])
+                                      repr(record.created), record.bundle, *limits])
+        if isinstance(created, list):
+            existing = check_key_conflict(self.get_key(record.key_id), record)
+            if existing is not None:
+                return existing
+            quota.check(int(created[1]), int(created[2]), len(record.bundle))
+            raise QuotaExceededError("key quota reached")
         if created:
             return record
         existing = check_key_conflict(self.get_key(record.key_id), record)
-        return existing if existing is not None else self.put_key(record)
+        return existing if existing is not None else self.put_key(record, quota)
+
+    def delete_key(self, key_id: str, owner: str) -> bool:
+        """Delete `owner`'s bundle and give back its quota; False if there is no such bundle of theirs."""
+        return bool(self._delete_key(keys=[self.keys.key(key_id), self.keys.usage(owner)], args=[owner]))
+
+    def reserve_version(self, name: str) -> int:
+        """The next version of `name`, never handed out twice across front ends."""
+        got = int(self._reserve(keys=[self.keys.versions(name), self.keys.reserved(name)], args=[MAX_VERSION]))
+        if not got:
+            raise last_version_error(name)
+        return got
 
     def key_owner(self, key_id: str) -> str | None:
         """The owner of a registered bundle, without fetching the (possibly large) bundle."""
@@ -206,8 +261,10 @@ class RedisStore:
         """Version numbering is one Lua script, so concurrent deploys never share a version."""
         created = time.time()
         got = self._put_model(keys=[self.keys.versions(name), self.keys.model_names],
-                              args=[self.keys.model(name), name, "" if version is None else str(int(version)),
-                                    repr(created), json.dumps(meta), server_blob, client_blob])
+                              args=[self.keys.model(name), name, "" if version is None else str(check_version(version)),
+                                    repr(created), json.dumps(meta), server_blob, client_blob, MAX_VERSION])
+        if got == -1:
+            raise last_version_error(name)
         if not got:
             raise ConflictError(f"model {name!r} version {version} already exists")
         return ModelRecord(name, int(got), created, meta, server_blob, client_blob)
@@ -256,31 +313,11 @@ class RedisExecutor:
     def check(self) -> None:
         self._sync.ping()
 
-    def _authorise(self, principal: Principal, name: str, version: int | None, key_id: str) -> int:
-        """The same checks and errors as `Service.predict`, reading only owners and version numbers
-        from Redis (bundles and artefacts can be megabytes; the worker fetches them)."""
-        principal.require("client")
-        store = self.service.store
-        if not isinstance(store, RedisStore):
-            self.service.key(principal, key_id)
-            return self.service.record(name, version).version
-        owner = store.key_owner(key_id)
-        if owner is None:
-            raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
-        if owner != principal.name and principal.role != "admin":
-            raise ForbiddenError("this key id belongs to another principal")
-        check_name(name)
-        resolved = store.resolve_version(name, version)
-        if resolved is None:
-            which = f"version {version}" if version is not None else "any version"
-            raise NotFoundError(f"model {name!r} has no {which} deployed")
-        return resolved
-
     async def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
                       payload: bytes) -> tuple[int, bytes]:
         """Fail fast with 4xx here; otherwise queue the job and return the worker's answer or error."""
         try:
-            resolved = await run_in_threadpool(self._authorise, principal, name, version, key_id)
+            resolved = await run_in_threadpool(self.service.authorise, principal, name, version, key_id)
         except redis.RedisError as exc:
             raise UnavailableError(f"the registry is unreachable: {type(exc).__name__}") from None
         request_id = uuid.uuid4().hex

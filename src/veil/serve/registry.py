@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from veil.serve.errors import ConflictError
+from veil.serve.errors import ConflictError, QuotaExceededError, ServeError
+
+MAX_VERSION = 2**31 - 1
+"""Highest model version: exact as a Redis sorted-set score and as a Lua number, an SQLite INTEGER,
+and a JSON number in every client; a larger `version` is refused at the boundary (422)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,34 @@ class KeyRecord:
     rotation_steps: tuple[int, ...]
     created: float
     bundle: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class KeyQuota:
+    """How many public bundles, and how many bytes of them, one principal may store (None: no limit)."""
+
+    max_keys: int | None = None
+    max_bytes: int | None = None
+
+    def check(self, count: int, used: int, size: int) -> None:
+        """Raise `QuotaExceededError` if storing one more bundle of `size` bytes would exceed the quota."""
+        if self.max_keys is not None and count + 1 > self.max_keys:
+            raise QuotaExceededError(f"key quota reached: {count} of {self.max_keys} bundles stored; "
+                                     "delete unused keys (DELETE /v1/keys/{key_id})")
+        if self.max_bytes is not None and used + size > self.max_bytes:
+            raise QuotaExceededError(f"key storage quota reached: {used} + {size} bytes exceeds {self.max_bytes}; "
+                                     "delete unused keys (DELETE /v1/keys/{key_id})")
+
+
+def check_version(version: int) -> int:
+    """A stored version is an integer in [1, MAX_VERSION] (callers validate earlier; this is the last line)."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise ServeError(f"version must be an integer in [1, {MAX_VERSION}]")
+    return version
+
+
+def last_version_error(name: str) -> ConflictError:
+    return ConflictError(f"model {name!r} has reached version {MAX_VERSION}; deploy under a new name")
 
 
 @dataclass(frozen=True)
@@ -44,9 +76,17 @@ class Store(Protocol):
 
     def ping(self) -> None: ...
 
-    def put_key(self, record: KeyRecord) -> KeyRecord: ...
+    def put_key(self, record: KeyRecord, quota: KeyQuota | None = None) -> KeyRecord: ...
 
     def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    def key_owner(self, key_id: str) -> str | None: ...
+
+    def delete_key(self, key_id: str, owner: str) -> bool: ...
+
+    def reserve_version(self, name: str) -> int: ...
+
+    def resolve_version(self, name: str, version: int | None = None) -> int | None: ...
 
     def put_model(self, name: str, version: int | None, meta: dict, server_blob: bytes,
                   client_blob: bytes) -> ModelRecord: ...
@@ -81,6 +121,9 @@ class SQLiteStore:
                           bundle BLOB NOT NULL)""")
             db.execute("""CREATE TABLE IF NOT EXISTS models (name TEXT NOT NULL, version INTEGER NOT NULL,
                           created REAL NOT NULL, meta TEXT NOT NULL, PRIMARY KEY (name, version))""")
+            db.execute("CREATE INDEX IF NOT EXISTS keys_owner ON keys (owner)")
+            db.execute("""CREATE TABLE IF NOT EXISTS reserved_versions (name TEXT PRIMARY KEY,
+                          last INTEGER NOT NULL)""")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -92,11 +135,16 @@ class SQLiteStore:
     def ping(self) -> None:
         self._conn().execute("SELECT 1").fetchone()
 
-    def put_key(self, record: KeyRecord) -> KeyRecord:
+    def put_key(self, record: KeyRecord, quota: KeyQuota | None = None) -> KeyRecord:
+        """Insert if absent, within the owner's quota (checked under the same lock as the insert)."""
         with self._lock, self._conn() as db:
             existing = check_key_conflict(self.get_key(record.key_id), record)
             if existing is not None:
                 return existing
+            if quota is not None:
+                count, used = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(bundle)), 0) FROM keys "
+                                         "WHERE owner = ?", (record.owner,)).fetchone()
+                quota.check(count, used, len(record.bundle))
             db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?)",
                        (record.key_id, record.owner, record.params, json.dumps(list(record.rotation_steps)),
                         record.created, record.bundle))
@@ -108,6 +156,36 @@ class SQLiteStore:
             return None
         return KeyRecord(row[0], row[1], row[2], tuple(json.loads(row[3])), row[4], bytes(row[5]))
 
+    def key_owner(self, key_id: str) -> str | None:
+        """The owner of a registered bundle, without reading the bundle."""
+        row = self._conn().execute("SELECT owner FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def delete_key(self, key_id: str, owner: str) -> bool:
+        """Delete `owner`'s bundle `key_id`; False if there is no such bundle of theirs."""
+        with self._lock, self._conn() as db:
+            return db.execute("DELETE FROM keys WHERE key_id = ? AND owner = ?", (key_id, owner)).rowcount > 0
+
+    def reserve_version(self, name: str) -> int:
+        """The next unused version of `name`, never handed out twice (so it can be sealed into the
+        artefacts' associated data before they are stored)."""
+        with self._lock, self._conn() as db:
+            latest = db.execute("SELECT MAX(version) FROM models WHERE name = ?", (name,)).fetchone()[0] or 0
+            row = db.execute("SELECT last FROM reserved_versions WHERE name = ?", (name,)).fetchone()
+            version = max(latest, row[0] if row else 0) + 1
+            if version > MAX_VERSION:
+                raise last_version_error(name)
+            db.execute("INSERT OR REPLACE INTO reserved_versions VALUES (?, ?)", (name, version))
+        return version
+
+    def resolve_version(self, name: str, version: int | None = None) -> int | None:
+        """The version a request for (name, version) would use, without reading the artefacts."""
+        db = self._conn()
+        if version is None:
+            return db.execute("SELECT MAX(version) FROM models WHERE name = ?", (name,)).fetchone()[0]
+        row = db.execute("SELECT version FROM models WHERE name = ? AND version = ?", (name, version)).fetchone()
+        return None if row is None else row[0]
+
     def _files(self, name: str, version: int) -> tuple[Path, Path]:
         base = self.data_dir / "models" / name
         return base / f"{version}.server.enc", base / f"{version}.client.enc"
@@ -118,17 +196,21 @@ class SQLiteStore:
             latest = db.execute("SELECT MAX(version) FROM models WHERE name = ?", (name,)).fetchone()[0]
             if version is None:
                 version = (latest or 0) + 1
+                if version > MAX_VERSION:
+                    raise last_version_error(name)
             elif db.execute("SELECT 1 FROM models WHERE name = ? AND version = ?",
-                            (name, version)).fetchone():
+                            (name, check_version(version))).fetchone():
                 raise ConflictError(f"model {name!r} version {version} already exists")
+            created = time.time()
+            # The row first, the files second: a failure anywhere rolls the row back, and files are
+            # only written for a version the database accepted (no orphans from a refused version).
+            db.execute("INSERT INTO models VALUES (?, ?, ?, ?)", (name, version, created, json.dumps(meta)))
             server_file, client_file = self._files(name, version)
             server_file.parent.mkdir(parents=True, exist_ok=True)
             for path, blob in ((server_file, server_blob), (client_file, client_blob)):
                 tmp = path.with_suffix(".tmp")
                 tmp.write_bytes(blob)
                 tmp.replace(path)
-            created = time.time()
-            db.execute("INSERT INTO models VALUES (?, ?, ?, ?)", (name, version, created, json.dumps(meta)))
         return ModelRecord(name, version, created, meta, server_blob, client_blob)
 
     def get_model(self, name: str, version: int | None = None) -> ModelRecord | None:

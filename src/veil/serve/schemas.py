@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from veil.serve.registry import MAX_VERSION
+from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer; strict validation then refuses booleans, strings and
+    fractions, so `true` is never read as version 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+VersionNumber = Annotated[int, BeforeValidator(_json_integer), Field(strict=True, ge=1, le=MAX_VERSION),
+                          WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_VERSION})]
+BASE64 = {"format": "byte", "contentEncoding": "base64", "pattern": r"^[A-Za-z0-9+/]*={0,2}$"}
 
 
 class ErrorBody(BaseModel):
@@ -32,12 +50,13 @@ class KeyInfo(BaseModel):
 class RegisterKeyJSON(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"bundle": "VkVJTAEC..."}})
 
-    bundle: str = Field(description="base64 of the serialized public bundle (never a secret key)")
+    bundle: str = Field(description="base64 of the serialized public bundle (never a secret key)",
+                        json_schema_extra=BASE64)
 
 
 class DeployRequest(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    version: int | None = Field(default=None, ge=1, description="default: latest + 1")
+    name: str = Field(pattern=NAME_PATTERN)
+    version: VersionNumber | None = Field(default=None, description="default: latest + 1")
     server: dict = Field(description="server.json written by veil.ml's save (weights, no secrets)")
     client: dict = Field(description="client.json written by veil.ml's save (no weights)")
 
@@ -57,11 +76,11 @@ class ModelDetail(ModelInfo):
 
 
 class PredictJSON(BaseModel):
-    key_id: str
-    ciphertexts: str = Field(description="base64 of a veil CIPHERTEXTS message")
+    key_id: str = Field(json_schema_extra={"pattern": KEY_ID_PATTERN})
+    ciphertexts: str = Field(description="base64 of a veil CIPHERTEXTS message", json_schema_extra=BASE64)
 
 
 class PredictionJSON(BaseModel):
     model: str
     version: int
-    ciphertexts: str = Field(description="base64 of the encrypted outputs")
+    ciphertexts: str = Field(description="base64 of the encrypted outputs", json_schema_extra=BASE64)

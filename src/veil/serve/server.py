@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -19,8 +20,8 @@ from typing import Any
 from veil.serve.app import DEFAULT_MAX_BODY, Executor, LocalExecutor, create_app
 from veil.serve.auth import TokenStore
 from veil.serve.crypto import ArtefactCipher
-from veil.serve.registry import SQLiteStore, Store
-from veil.serve.service import Service
+from veil.serve.registry import KeyQuota, SQLiteStore, Store
+from veil.serve.service import DEFAULT_KEY_QUOTA, Service
 
 log = logging.getLogger("veil.serve")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -63,6 +64,13 @@ class ServerConfig:
     queue: str | None = None
     queue_timeout: float = 120.0
     log_level: str = "info"
+    insecure: bool = False
+    """Allow plain HTTP on a non-loopback address (behind a TLS-terminating proxy, say)."""
+    protect_metrics: bool = False
+    protect_docs: bool = False
+    max_keys: int | None = DEFAULT_KEY_QUOTA.max_keys
+    """Default number of key bundles one principal may store (a token row may set its own)."""
+    max_key_bytes: int | None = DEFAULT_KEY_QUOTA.max_bytes
 
     @property
     def tokens_path(self) -> Path:
@@ -91,22 +99,74 @@ def load_cipher(config: ServerConfig) -> ArtefactCipher:
 def build(config: ServerConfig) -> tuple[Any, Service]:
     """The ASGI app and its service for a configuration (SQLite, or Redis with --queue)."""
     cipher = load_cipher(config)
+    quota = KeyQuota(config.max_keys, config.max_key_bytes)
     store: Store
     executor: Executor | None
     if config.queue:
         from veil.serve.redis_backend import RedisExecutor, RedisStore
 
         store = RedisStore(config.queue)
-        service = Service(store, cipher)
+        check_redis_persistence(store.client)
+        service = Service(store, cipher, key_quota=quota)
         executor = RedisExecutor(config.queue, service, timeout=config.queue_timeout)
     else:
         store = SQLiteStore(config.data_dir)
-        service = Service(store, cipher)
+        service = Service(store, cipher, key_quota=quota)
         executor = LocalExecutor(service)
     tokens = TokenStore.load(config.tokens_path)
     if not len(tokens):
-        log.warning("no tokens configured: every request will be refused; run `veil token add`")
-    return create_app(service, tokens, executor, config.max_body), service
+        log.warning("no tokens configured: every request will be refused until `veil token add` writes "
+                    "one (the tokens file is followed while the server runs)",
+                    extra={"path": str(config.tokens_path)})
+    app = create_app(service, tokens, executor, config.max_body, protect_metrics=config.protect_metrics,
+                     protect_docs=config.protect_docs)
+    return app, service
+
+
+def check_redis_persistence(client: Any) -> bool:
+    """Warn at start-up when Redis would lose the registries on restart (no AOF, no RDB snapshots):
+    models and keys live only in Redis in cluster mode. True if some persistence is on."""
+    import redis
+
+    try:
+        aof = client.config_get("appendonly").get("appendonly", "")
+        save = client.config_get("save").get("save", "")
+    except redis.RedisError as exc:  # CONFIG renamed or forbidden by an ACL, or Redis not up yet
+        log.warning("cannot read Redis persistence settings; make sure appendonly or "
+                    "save is on, or every model and key is lost when Redis restarts",
+                    extra={"error": str(exc)[:200]})
+        return False
+    if aof != "yes" and not save.strip():
+        log.warning("Redis has no persistence (appendonly no, save \"\"): a Redis restart loses every "
+                    "deployed model and registered key, and clients get 404 until they are redeployed; "
+                    "set appendonly yes (see README, Serving)", extra={"appendonly": aof, "save": save})
+        return False
+    if aof != "yes":
+        log.warning("Redis persists by RDB snapshots only: models and keys written since the last snapshot "
+                    "are lost if Redis stops; appendonly yes is safer", extra={"save": save})
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address `host` names is a loopback address (127/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def check_transport(config: ServerConfig) -> None:
+    """Refuse to serve plain HTTP beyond loopback: bearer tokens and key ids would cross the network
+    in clear. `--insecure` overrides (e.g. a TLS-terminating proxy on the same host)."""
+    if config.tls_cert or config.insecure or is_loopback(config.host):
+        return
+    raise ValueError(f"refusing to serve plain HTTP on {config.host}: give --tls-cert/--tls-key, bind a "
+                     "loopback address, or pass --insecure if TLS is terminated in front of this server")
 
 
 def ssl_options(config: ServerConfig) -> dict[str, Any]:
@@ -157,7 +217,10 @@ def serve(config: ServerConfig) -> None:
     import uvicorn
 
     configure_logging(config.log_level)
+    check_transport(config)
     app, _ = build(config)
+    if not config.tls_cert and not is_loopback(config.host):
+        log.warning("serving plain HTTP beyond loopback (--insecure)", extra={"host": config.host})
     log.info("starting", extra={"host": config.host, "port": config.port, "tls": bool(config.tls_cert),
                                 "mtls": bool(config.tls_client_ca), "queue": bool(config.queue)})
     uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False, ws="none",

@@ -17,10 +17,14 @@ from veil.he.keys import key_id
 from veil.ml import ModelClient, ModelServer
 from veil.serve.auth import Principal
 from veil.serve.crypto import ArtefactCipher
-from veil.serve.errors import ForbiddenError, IntegrityError, NotFoundError, ServeError
-from veil.serve.registry import KeyRecord, ModelRecord, Store
+from veil.serve.errors import ConflictError, ForbiddenError, IntegrityError, NotFoundError, ServeError
+from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord, ModelRecord, Store
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_RE = re.compile(NAME_PATTERN)
+KEY_ID_PATTERN = r"^[0-9a-f]{32}$"
+DEFAULT_KEY_QUOTA = KeyQuota(max_keys=64, max_bytes=256 * 1024 * 1024)
+RESERVE_ATTEMPTS = 5
 
 
 def check_name(name: str) -> str:
@@ -30,8 +34,11 @@ def check_name(name: str) -> str:
     return name
 
 
-def _identity(name: str, kind: str, digest: str) -> str:
-    return f"veil-model:{name}:{kind}:{digest}"
+def _identity(name: str, version: int, kind: str, digest: str) -> str:
+    """AES-GCM associated data of an artefact: a file only opens as the exact (name, version, kind,
+    content) it was sealed as, so neither a copy under another name nor an older version's file put
+    in a newer version's place (a rollback, even with the registry edited to match) authenticates."""
+    return f"veil-model:{name}:{version}:{kind}:{digest}"
 
 
 class _LRU(OrderedDict):
@@ -39,6 +46,10 @@ class _LRU(OrderedDict):
         super().__init__()
         self.size = size
         self.lock = threading.Lock()
+
+    def pop_key(self, key: Any) -> None:
+        with self.lock:
+            self.pop(key, None)
 
     def get_or(self, key: Any, make: Any) -> Any:
         with self.lock:
@@ -56,22 +67,31 @@ class _LRU(OrderedDict):
 class Service:
     """Registries plus caches of parsed bundles and models; safe to share between threads."""
 
-    def __init__(self, store: Store, cipher: ArtefactCipher, cache_size: int = 64) -> None:
+    def __init__(self, store: Store, cipher: ArtefactCipher, cache_size: int = 64,
+                 key_quota: KeyQuota = DEFAULT_KEY_QUOTA) -> None:
         self.store = store
         self.cipher = cipher
+        self.key_quota = key_quota
         self._bundles = _LRU(cache_size)
         self._models = _LRU(cache_size)
         self._keys = _LRU(cache_size)
 
+    def quota_for(self, principal: Principal) -> KeyQuota:
+        """The principal's own quota from the tokens file where set, else the server's default."""
+        return KeyQuota(self.key_quota.max_keys if principal.max_keys is None else principal.max_keys,
+                        self.key_quota.max_bytes if principal.max_key_bytes is None else principal.max_key_bytes)
+
     def register_key(self, principal: Principal, data: bytes) -> KeyRecord:
-        """Validate a public bundle (a secret key is refused) and store it under its content hash."""
+        """Validate a public bundle (a secret key is refused) and store it under its content hash,
+        within the principal's quota of stored bundles."""
         principal.require("client")
         bundle = PublicBundle.from_bytes(data)
         record = KeyRecord(key_id(data), principal.name, bundle.params.fingerprint, bundle.rotation_steps,
                            time.time(), data)
-        return self.store.put_key(record)
+        return self.store.put_key(record, self.quota_for(principal))
 
     def key(self, principal: Principal, key_id: str) -> KeyRecord:
+        """A key's record for its owner or an admin (to read its description, not to use it)."""
         record = self.key_record(key_id)
         if record is None:
             raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
@@ -79,8 +99,37 @@ class Service:
             raise ForbiddenError("this key id belongs to another principal")
         return record
 
+    def delete_key(self, principal: Principal, key_id: str) -> None:
+        """Delete a bundle; only its owner may (it frees their quota). Caches forget it at once."""
+        owner = self.store.key_owner(key_id)
+        if owner is None:
+            raise NotFoundError(f"unknown key id {key_id!r}")
+        if owner != principal.name:
+            raise ForbiddenError("only the principal who registered a key can delete it")
+        self.store.delete_key(key_id, principal.name)
+        self._keys.pop_key(key_id)
+        self._bundles.pop_key(key_id)
+
+    def authorise(self, principal: Principal, name: str, version: int | None, key_id: str) -> int:
+        """Check a prediction may run, reading only owners and version numbers (bundles and artefacts
+        can be megabytes): the caller owns the key (an admin too: admins deploy, they do not borrow
+        keys) and the model version exists. Returns the version to evaluate."""
+        principal.require("client")
+        check_name(name)
+        owner = self.store.key_owner(key_id)
+        if owner is None:
+            raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
+        if owner != principal.name:
+            raise ForbiddenError("this key id belongs to another principal")
+        resolved = self.store.resolve_version(name, version)
+        if resolved is None:
+            which = f"version {version}" if version is not None else "any version"
+            raise NotFoundError(f"model {name!r} has no {which} deployed")
+        return resolved
+
     def key_record(self, key_id: str) -> KeyRecord | None:
-        """A registered key, cached: key ids are content hashes, so a record never changes."""
+        """A registered key, cached: key ids are content hashes, so a record never changes. A deleted
+        key may linger in another process's cache, which is why `authorise` reads owners uncached."""
         record = self._keys.get(key_id)
         if record is None:
             record = self.store.get_key(key_id)
@@ -93,16 +142,17 @@ class Service:
 
     def deploy(self, principal: Principal, name: str, server: dict, client: dict,
                version: int | None = None) -> ModelRecord:
-        """Check both artefacts parse and agree, then store them encrypted."""
+        """Check both artefacts parse and agree, then store them encrypted and sealed to their version."""
         principal.require("admin")
         check_name(name)
-        if version is not None and version < 1:
-            raise ServeError("version must be a positive integer")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                    or not 1 <= version <= MAX_VERSION):
+            raise ServeError(f"version must be an integer in [1, {MAX_VERSION}]")
         try:
             model = ModelServer.from_dict(server)
             spec = ModelClient.from_dict(client)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ServeError(f"invalid model artefact: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RuntimeError, VeilError) as exc:
+            raise ServeError(f"invalid model artefact: {type(exc).__name__}: {exc}"[:500]) from None
         circuit = model.circuit
         if (spec.circuit.n_features, spec.circuit.n_outputs) != (circuit.n_features, circuit.n_outputs):
             raise ServeError("server and client artefacts describe different models")
@@ -112,11 +162,18 @@ class Service:
                 "layouts": sorted(circuit.scales), "deployed_by": principal.name,
                 "server_sha256": hashlib.sha256(server_bytes).hexdigest(),
                 "client_sha256": hashlib.sha256(client_bytes).hexdigest()}
-        return self.store.put_model(
-            name, version, meta,
-            self.cipher.encrypt(server_bytes, _identity(name, "server", meta["server_sha256"])),
-            self.cipher.encrypt(client_bytes, _identity(name, "client", meta["client_sha256"])),
-        )
+        for attempt in range(RESERVE_ATTEMPTS):
+            number = version if version is not None else self.store.reserve_version(name)
+            try:
+                return self.store.put_model(
+                    name, number, meta,
+                    self.cipher.encrypt(server_bytes, _identity(name, number, "server", meta["server_sha256"])),
+                    self.cipher.encrypt(client_bytes, _identity(name, number, "client", meta["client_sha256"])),
+                )
+            except ConflictError:  # an explicit deploy took the reserved number: reserve another
+                if version is not None or attempt == RESERVE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def record(self, name: str, version: int | None = None) -> ModelRecord:
         check_name(name)
@@ -129,7 +186,7 @@ class Service:
     def _open(self, record: ModelRecord, kind: str) -> bytes:
         blob = record.server_blob if kind == "server" else record.client_blob
         digest = record.meta[f"{kind}_sha256"]
-        data = self.cipher.decrypt(blob, _identity(record.name, kind, digest))
+        data = self.cipher.decrypt(blob, _identity(record.name, record.version, kind, digest))
         if hashlib.sha256(data).hexdigest() != digest:
             raise IntegrityError(f"model {record.name!r} {kind} artefact does not match its registry entry")
         return data
@@ -147,10 +204,11 @@ class Service:
     def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
                 payload: bytes) -> tuple[int, bytes]:
         """Authorise, then evaluate the model on the ciphertexts; returns (version, response)."""
-        principal.require("client")
-        key = self.key(principal, key_id)
-        record = self.record(name, version)
-        return record.version, self.evaluate(record, key, payload)
+        resolved = self.authorise(principal, name, version, key_id)
+        key = self.key_record(key_id)
+        if key is None:
+            raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
+        return resolved, self.evaluate(self.record(name, resolved), key, payload)
 
     def evaluate(self, record: ModelRecord, key: KeyRecord, payload: bytes) -> bytes:
         """The computation alone (workers call this after the front end has authorised)."""
@@ -159,5 +217,5 @@ class Service:
             return model.run(payload, self.bundle(key))
         except VeilError:
             raise
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, TypeError, ArithmeticError) as exc:
             raise ServeError(f"cannot evaluate these ciphertexts: {exc}") from None
