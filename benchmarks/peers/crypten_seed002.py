@@ -210,12 +210,13 @@ def party(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
     if len(orders) < cfg["epochs"] or any(len(o) != n for o in orders):
         raise ValueError("orders in the npz do not cover --epochs epochs of --n-train rows")
     times: list[float] = []
+    cpu: list[float] = []
     traffic: list[dict[str, float]] = []
     for order in orders:
         for i in range(0, n, cfg["batch"]):
             idx = order[i : i + cfg["batch"]]
             before = {**comm_stats(), "dealer_rounds": DealerCounter.rounds, "dealer_bytes": DealerCounter.bytes}
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             opt.zero_grad()
             out = model(xs[idx])
             diff = out - ys[idx]
@@ -223,11 +224,12 @@ def party(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             after = {**comm_stats(), "dealer_rounds": DealerCounter.rounds, "dealer_bytes": DealerCounter.bytes}
             traffic.append({k: after[k] - before[k] for k in after})
     revealed = {key: p.get_plain_text(dst=0) for key, p in zip(keys, model.parameters(), strict=True)}
     weights = {k: v.clone() for k, v in revealed.items()} if rank == 0 else None
-    return {"rank": rank, "batch_times": times, "traffic": traffic, "weights": weights}
+    return {"rank": rank, "batch_times": times, "cpu_times": cpu, "traffic": traffic, "weights": weights}
 
 
 def child(rank: int, cfg: dict[str, Any], rendezvous: str, out_dir: str) -> None:
@@ -270,13 +272,19 @@ def launch(cfg: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(1.0, deadline - time.monotonic()))
-        if any(p.is_alive() for p in procs):
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"CrypTen run did not finish within {timeout} s")
+        # poll rather than join in order: if one process dies the others block in gloo forever
+        while any(p.is_alive() for p in procs):
+            failed = any(p.exitcode not in (None, 0) for p in procs)
+            if failed or time.monotonic() > deadline:
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+                for p in procs:
+                    p.join()
+                if not failed:
+                    raise TimeoutError(f"CrypTen run did not finish within {timeout} s")
+                break
+            time.sleep(0.2)
         codes = [p.exitcode for p in procs]
         if any(c != 0 for c in codes):
             raise RuntimeError(f"a CrypTen process failed (exit codes {codes}); see stderr")
@@ -289,6 +297,17 @@ def accuracy(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -
     m.load_state_dict(state)
     with torch.no_grad():
         return 100.0 * float((m(x).argmax(1) == y).float().mean())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (timings differ between hosts), or "" if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def summarise(res: list[dict[str, Any]], cfg: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -311,6 +330,7 @@ def summarise(res: list[dict[str, Any]], cfg: dict[str, Any], wall: float) -> di
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "config": {k: cfg[k] for k in ("epochs", "n_train", "batch", "lr", "seed", "via")},
         "setting": "2 parties + TTP dealer (crypten.cfg.mpc.provider='TTP'), gloo over 127.0.0.1, "
                    "1 torch thread per process, crypten.optim.SGD without grad_threshold",
@@ -327,6 +347,10 @@ def summarise(res: list[dict[str, Any]], cfg: dict[str, Any], wall: float) -> di
         "rounds_per_batch_between_parties": statistics.mean(a["rounds"] - a["dealer_rounds"] for a in tr0),
         "dealer_requests_per_batch": statistics.mean(a["dealer_rounds"] for a in tr0) / 3,
         "seconds_in_communication_per_batch_party0": statistics.mean(a["time"] for a in tr0),
+        # CPU seconds each party's process spends per batch: with 3 processes on few cores, the sum over
+        # parties and dealer bounds the achievable time per batch from below
+        "cpu_seconds_per_batch_party0": statistics.mean(p0["cpu_times"][steady]),
+        "cpu_seconds_per_batch_party1": statistics.mean(p1["cpu_times"][steady]),
         "test_accuracy_revealed_weights": accuracy(p0["weights"], x_te, y_te),
         "wall_seconds_including_process_start_and_encryption": wall,
         "load_average_1min": os.getloadavg()[0],

@@ -38,7 +38,12 @@ have() {  # have DIST VERSION: true if the venv has exactly that distribution ve
 
 have torch 2.13.0+cpu || "${PIP[@]}" install --find-links "$WHEELS" "$TORCH_SPEC"
 have crypten 0.4.1 || "${PIP[@]}" install --no-deps "$CRYPTEN_SPEC"
-"${PIP[@]}" install "${RUNTIME_DEPS[@]}"
+missing=()
+for dep in "${RUNTIME_DEPS[@]}"; do
+    have "${dep%%==*}" "${dep##*==}" || missing+=("$dep")
+done
+# pip then warns that crypten's other declared dependencies are missing: expected, see README.md
+if ((${#missing[@]})); then "${PIP[@]}" install "${missing[@]}"; fi
 
 # guard: CPU torch only, no CUDA packages, and neither of the uninstallable declared dependencies
 "$VENV/bin/python" - <<'EOF'

@@ -51,3 +51,19 @@ def key_material() -> dict:
     y = mpc.share(torch.full((256,), -8.25) if rt.rank == 1 else None, 1, shape=(256,))
     z = (x * y).reveal(0)
     return {"dealer_key": rt.dealer.key, "common_key": rt.common.key, "z": z, "stats": rt.stats()}
+
+
+def stream(marker: str) -> float:
+    """Rank 0 streams 32 MB messages to rank 1 (a one-way transfer, as sharing a large input is)."""
+    rt = mpc.current()
+    x = torch.ones(1 << 22, dtype=torch.int64)
+    t0 = time.time()
+    for i in range(200):
+        if rt.rank == 0:
+            rt.comm.send(x, 1)
+        elif rt.rank == 1:
+            rt.comm.recv(x.shape, torch.int64, 0)
+        if i == 1:
+            Path(marker + str(rt.rank)).write_text("streaming")
+    P.open_ring(rt, torch.zeros(1, dtype=torch.int64))
+    return time.time() - t0

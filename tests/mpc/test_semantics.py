@@ -168,3 +168,92 @@ def test_secret_indices_are_refused():
 
     with pytest.raises(ProtocolError):
         mpc.run_local(prog)
+
+
+# ---- found by the attack review ------------------------------------------------------------------
+
+
+def test_division_by_public_values_beyond_2_31_and_small_reals(n_parties):
+    x = torch.tensor([1e12, 3e11, -5e11], dtype=torch.float64)  # 2^56 raw at most: inside the ring
+    y = torch.full((3,), 130.0)
+
+    def prog():
+        rt = mpc.current()
+        xs = mpc.share(x if rt.rank == 0 else None, 0, shape=(3,))
+        ys = mpc.share(y if rt.rank == 0 else None, 0, shape=(3,))
+        return [t.reveal() for t in (xs / 3e9, xs / 2**32, ys / 100000.5, ys * 1.3e-5,
+                                     ys * 2.9e-5, ys * 0.3, ys * 123.456)]
+
+    got = mpc.run_local(prog, n_parties=n_parties)[0]
+    xd, yd = x, y.double()
+    want = [xd / 3e9, xd / 2**32, yd / 100000.5, yd * 1.3e-5, yd * 2.9e-5, yd * 0.3, yd * 123.456]
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g.double(), w, rtol=1e-4, atol=2 * LSB), (g, w)
+
+
+def test_setting_data_replaces_the_shares():
+    def prog():
+        rt = mpc.current()
+        lin = torch.nn.Linear(3, 1)
+        from veil.mpc.nn import share_module
+
+        share_module(lin, 0)
+        lin.weight.data = mpc.share(torch.tensor([[1.0, 2.0, 3.0]]) if rt.rank == 0 else None, 0, shape=(1, 3))
+        lin.bias.data = torch.tensor([0.5])  # a public value
+        vec = torch.nn.utils.parameters_to_vector(lin.parameters())
+        torch.nn.utils.vector_to_parameters(vec * 2.0, lin.parameters())
+        return lin.weight.reveal(), lin.bias.reveal()
+
+    w, b = mpc.run_local(prog)[0]
+    assert torch.allclose(w, torch.tensor([[2.0, 4.0, 6.0]]), atol=1e-4)
+    assert torch.allclose(b, torch.tensor([1.0]), atol=1e-4)
+
+
+def test_tied_weights_stay_tied():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+    b.weight = a.weight
+    net = torch.nn.Sequential(a, torch.nn.Identity(), b)
+    x, t = torch.randn(8, 4), torch.randn(8, 4)
+
+    import copy
+
+    ref = copy.deepcopy(net)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(ref(x), t).backward()
+        opt.step()
+
+    def prog():
+        rt = mpc.current()
+        from veil.mpc.nn import reveal_module, share_module
+
+        m = share_module(copy.deepcopy(net), 0)
+        assert len(list(m.parameters())) == 1
+        xs = mpc.share(x if rt.rank == 0 else None, 0, shape=x.shape)
+        ts = mpc.share(t if rt.rank == 0 else None, 0, shape=t.shape)
+        o = torch.optim.SGD(m.parameters(), lr=0.05)
+        for _ in range(3):
+            o.zero_grad()
+            F.mse_loss(m(xs), ts).backward()
+            o.step()
+        return reveal_module(m, 0)
+
+    state = mpc.run_local(prog)[0]
+    assert torch.allclose(state["0.weight"], ref[0].weight.detach(), atol=2e-3)
+    assert torch.equal(state["0.weight"], state["2.weight"])
+
+
+def test_inplace_on_an_expanded_tensor_is_refused_as_in_torch():
+    def prog():
+        rt = mpc.current()
+        e = mpc.share(torch.ones(3) if rt.rank == 0 else None, 0, shape=(3,))
+        with torch.no_grad():
+            e.expand(2, 3).add_(1.0)
+
+    with pytest.raises((ProtocolError, RuntimeError)):
+        torch.ones(3).expand(2, 3).add_(1.0)
+        mpc.run_local(prog)
+    with pytest.raises(ProtocolError):
+        mpc.run_local(prog)

@@ -294,3 +294,85 @@ def test_dev_pki_identities_and_key_permissions(tmp_path):
     assert certs.identities_of({"subjectAltName": [("URI", "urn:veil:mpc:party:1"), ("DNS", "x")]}) == [
         certs.Identity("party", 1)
     ]
+
+
+# ---- found by the attack review: a stalled reader, oversized frames, connection floods -----------
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_stops_reading_makes_the_sender_time_out(tmp_path):
+    """SIGSTOP the receiving party mid-stream: the sender fails with a timeout, not a hang in sendall."""
+    import os
+    import signal
+
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    marker = str(tmp_path / "m")
+    torch.save((marker,), tmp_path / "args.pt")
+    procs = []
+    for r in range(3):
+        cmd = [sys.executable, "-m", "veil.mpc.party", "--rank", str(r), "--world", "3", "--peers", peers,
+               "--ca", str(pki[r].ca), "--cert", str(pki[r].cert), "--key", str(pki[r].key),
+               "--entry", "tests.mpc.programs:stream", "--args", str(tmp_path / "args.pt"), "--timeout", "5"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True))
+    try:
+        for _ in range(600):
+            if Path(marker + "1").exists():
+                break
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        code = procs[0].wait(timeout=60)
+        err = procs[0].stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+                p.wait()
+    assert code == 3, err
+    assert "took no data" in err or "timed out" in err or "within" in err, err
+
+
+def _stranger_hello(files: certs.TLSFiles, port: int, length: int) -> str:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=str(files.ca))
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as s:
+        s.sendall(length.to_bytes(8, "little") + b"{")
+        try:
+            return "answered" if s.recv(10) else "closed"
+        except OSError as exc:
+            return f"refused: {type(exc).__name__}"
+
+
+@pytest.mark.timeout(120)
+def test_oversized_hello_and_connection_floods_are_refused_cheaply(tmp_path):
+    import resource
+
+    n, world = 2, 3
+    pki = certs.make_dev_pki(tmp_path / "pki", n)
+    port = free_port()
+    peers = [f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"]
+    results: dict = {}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = _rank_thread(0, world, peers, pki[0], results)
+    time.sleep(0.5)
+    # an authenticated process announcing a 1 GiB hello: refused before anything is allocated
+    assert _stranger_hello(pki[2], port, 1 << 30) != "answered"
+    assert _stranger_hello(pki[2], port, 1 << 30) != "answered"
+    # a flood of idle connections: bounded work, and the real ranks still join
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+    t1 = _rank_thread(1, world, peers, pki[1], results)
+    t2 = _rank_thread(2, world, peers, pki[2], results)
+    for t in (t0, t1, t2):
+        t.join(60)
+    for s in idle:
+        s.close()
+    assert not isinstance(results[0], BaseException), results[0]
+    assert torch.allclose(results[0][0], torch.full((4,), 1.5), atol=1e-3)
+    refused = results[0][1]
+    assert sum("exceeds the limit" in r for r in refused) == 2, refused
+    assert any("connections joining at once" in r for r in refused), refused
+    growth_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert growth_kb < 512 * 1024, growth_kb  # far below the 2 GiB the hellos announced

@@ -24,13 +24,18 @@ def share_module(model: nn.Module, src: int) -> nn.Module:
     (the others' are ignored and never leave their process).
     """
     rt = P.current()
+    done: dict[int, torch.Tensor] = {}  # tied parameters (one tensor in several modules) stay one
     for mod in model.modules():
         for name, p in list(mod.named_parameters(recurse=False)):
-            t = share(p.data if rt.rank == src else None, src, shape=tuple(p.shape))
-            setattr(mod, name, nn.Parameter(t, requires_grad=p.requires_grad))
+            if id(p) not in done:
+                t = share(p.data if rt.rank == src else None, src, shape=tuple(p.shape))
+                done[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad)
+            setattr(mod, name, done[id(p)])
         for name, b in list(mod.named_buffers(recurse=False)):
             if b is not None and b.is_floating_point():
-                mod._buffers[name] = share(b if rt.rank == src else None, src, shape=tuple(b.shape))
+                if id(b) not in done:
+                    done[id(b)] = share(b if rt.rank == src else None, src, shape=tuple(b.shape))
+                mod._buffers[name] = done[id(b)]
     return model
 
 

@@ -104,6 +104,24 @@ class MPCTensor(torch.Tensor):
     def _share(self) -> torch.Tensor:
         return self._ring
 
+    @property
+    def data(self) -> torch.Tensor:
+        """The tensor without autograd history (an alias, as in torch)."""
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, new) -> None:
+        """``p.data = value``: this tensor now holds shares of ``value`` (shares, or a public value)."""
+        if tuple(new.shape) != tuple(self.shape):
+            raise ProtocolError(f".data = tensor of shape {tuple(new.shape)} on a tensor of shape {tuple(self.shape)}")
+        if isinstance(new, MPCTensor):
+            self._ring, self._store, self._pub = new._ring, new._store, new._pub
+            return
+        rt = P.current()
+        pub = new.detach().to(torch.float32)
+        self._ring, self._store = P.public(rt, ring.encode(pub, rt.frac_bits)), _Store()
+        self._pub = pub
+
     def __repr__(self) -> str:
         return f"MPCTensor(shape={tuple(self.shape)}, share of party {P.current().rank})"
 
@@ -182,16 +200,14 @@ def _view_of(out: torch.Tensor, src, pub=None) -> MPCTensor:
 def _write(x: MPCTensor, share: torch.Tensor) -> MPCTensor:
     """In-place update: write ``share`` into x's share storage, so every alias of it sees the change.
 
-    A share with internal overlap (an expanded view, where torch itself refuses in-place writes)
-    is replaced instead of written.
+    A share with internal overlap (an expanded view) is refused, as torch refuses in-place writes
+    to such tensors: a write could not reach every element that aliases it.
     """
     target = x._ring
     if any(st == 0 and n > 1 for st, n in zip(target.stride(), target.shape, strict=True)):
-        x._ring = share.expand(target.shape).clone()
-        x._store = _Store()
-    else:
-        target.copy_(share)
-        x._store.gen += 1
+        raise ProtocolError("in-place write to an expanded tensor (elements share memory); clone() it first")
+    target.copy_(share)
+    x._store.gen += 1
     return x
 
 
@@ -218,7 +234,7 @@ def _to_share(rt: P.Runtime, x) -> torch.Tensor:
 
 
 def _reciprocal_integer(v) -> int | None:
-    """d if the public scalar v is 1/d for an integer 2 <= |d| <= 2^31 (up to float rounding), else None."""
+    """d if the public scalar v is 1/d for an integer 2 <= |d| <= 2^62 (up to float rounding), else None."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             return None
@@ -227,12 +243,9 @@ def _reciprocal_integer(v) -> int | None:
         return None
     inv = 1.0 / v
     d = round(inv)
-    if 2 <= abs(d) <= MAX_PUBLIC_DIVISOR and abs(inv - d) <= 1e-6 * abs(d):
+    if 2 <= abs(d) <= P.MAX_DIVISOR and abs(inv - d) <= 1e-6 * abs(d):
         return d
     return None
-
-
-MAX_PUBLIC_DIVISOR = 1 << 31
 
 
 def _mul_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
@@ -247,8 +260,14 @@ def _mul_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
     d = _reciprocal_integer(v)
     if d is not None:
         return P.div_public(rt, s, d)
-    enc = ring.encode(torch.as_tensor(v, dtype=torch.float64), rt.frac_bits)
-    return P.truncate(rt, s * enc)
+    vt = torch.as_tensor(v, dtype=torch.float64)
+    top = float(vt.abs().max()) if vt.numel() else 0.0
+    if not math.isfinite(top):
+        raise ProtocolError("cannot multiply by a non-finite public value")
+    # v = m / 2^k with m of frac_bits significant bits: relative error 2^-frac_bits whatever |v|
+    # (encoding v itself with frac_bits fractional bits would lose all precision for |v| << 1)
+    k = rt.frac_bits + (max(0, math.ceil(-math.log2(top))) if 0.0 < top < 1.0 else 0)
+    return P.div_public(rt, s * ring.encode(vt, k), 1 << k)
 
 
 def _div_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
@@ -256,7 +275,7 @@ def _div_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = v.reshape(()).item()
     integral = isinstance(v, bool | int) or (isinstance(v, float) and v.is_integer())
-    if integral and v != 0 and abs(v) <= MAX_PUBLIC_DIVISOR:
+    if integral and v != 0 and abs(v) <= P.MAX_DIVISOR:
         return P.div_public(rt, s, int(v))
     return _mul_public(rt, s, 1.0 / torch.as_tensor(v, dtype=torch.float64))
 

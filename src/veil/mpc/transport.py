@@ -51,8 +51,9 @@ from veil.mpc.errors import MPCTimeoutError, PartyFailureError, ProtocolError
 
 log = logging.getLogger("veil.mpc")
 
-MAX_FRAME = 1 << 36  # bytes; a larger length prefix is a protocol violation
+MAX_FRAME = 1 << 32  # bytes of one message; a larger length prefix ends the connection
 HELLO_BYTES = 4096
+MAX_PENDING_JOINS = 16  # connections in the handshake at once; more are closed at once
 RECV_CHUNK = 1 << 18
 SEND_CHUNK = 1 << 18
 
@@ -83,6 +84,8 @@ class _Link:
         self.lock = threading.Lock()  # the SSL object and its BIOs
         self.send_lock = threading.Lock()  # order of records on the socket
         self.queue: queue.Queue = queue.Queue()
+        self.idle_ok = False  # set once joined: the reader waits through idle periods
+        self.closing = False
         self.reader: threading.Thread | None = None
 
     def handshake(self) -> None:
@@ -138,7 +141,12 @@ class _Link:
                 with self.lock:
                     k = self.obj.read(n - off, mv[off:])
             except ssl.SSLWantReadError:
-                data = self.sock.recv(RECV_CHUNK)
+                try:
+                    data = self.sock.recv(RECV_CHUNK)
+                except TimeoutError:
+                    if self.idle_ok and not self.closing:
+                        continue  # an idle peer is not an error here: the receiver's timeout decides
+                    raise
                 if not data:
                     raise ConnectionError("peer closed the connection") from None
                 with self.lock:
@@ -150,21 +158,28 @@ class _Link:
                 raise ConnectionError("peer ended the TLS session")
             off += k
 
-    def read_frame(self) -> bytearray:
-        """The next frame's payload."""
+    def read_frame(self, limit: int = MAX_FRAME) -> bytearray:
+        """The next frame's payload; a length prefix over ``limit`` ends the connection before
+        anything is allocated."""
         head = bytearray(8)
         self.fill(memoryview(head))
         n = int.from_bytes(head, "little")
-        if n > MAX_FRAME:
-            raise ConnectionError(f"frame of {n} bytes exceeds the limit")
+        if n > limit:
+            raise ConnectionError(f"frame of {n} bytes exceeds the limit of {limit}")
         buf = bytearray(n)
         if n:
             self.fill(memoryview(buf))
         return buf
 
-    def start_reader(self, name: str) -> None:
-        """Drain the connection into ``queue`` from a daemon thread until it ends."""
-        self.sock.settimeout(None)
+    def start_reader(self, name: str, timeout: float) -> None:
+        """Drain the connection into ``queue`` from a daemon thread until it ends.
+
+        From now on the socket has a ``timeout``: a send that makes no progress for that long
+        (a peer that stopped reading) fails instead of blocking forever; the reader simply
+        keeps waiting through idle periods.
+        """
+        self.sock.settimeout(timeout)
+        self.idle_ok = True
 
         def run() -> None:
             try:
@@ -178,6 +193,7 @@ class _Link:
 
     def close(self, linger: float = 2.0) -> None:
         """Send close_notify, let the peer finish reading, then close the socket."""
+        self.closing = True
         with contextlib.suppress(Exception):
             with self.send_lock:
                 with self.lock:
@@ -226,6 +242,7 @@ class TLSComm(Communicator):
         self.links: dict[int, _Link] = {}
         self._lock = threading.Lock()
         self._joined = threading.Event()
+        self._pending = threading.BoundedSemaphore(MAX_PENDING_JOINS)
         server_ctx, client_ctx = tls.contexts()
         server_ctx.num_tickets = 0  # no session resumption: every connection is fully authenticated
         mine = self._check_own_cert(tls)
@@ -260,7 +277,7 @@ class TLSComm(Communicator):
         if listener is not None:
             listener.close()
         for r, link in self.links.items():
-            link.start_reader(f"veil-mpc-{rank}-from-{r}")
+            link.start_reader(f"veil-mpc-{rank}-from-{r}", timeout)
 
     @staticmethod
     def _check_own_cert(tls: TLSFiles) -> Identity | None:
@@ -281,9 +298,7 @@ class TLSComm(Communicator):
 
     @staticmethod
     def _read_hello(link: _Link) -> dict:
-        raw = link.read_frame()
-        if len(raw) > HELLO_BYTES:
-            raise ConnectionError("hello too large")
+        raw = link.read_frame(HELLO_BYTES)
         msg = json.loads(raw.decode())
         if not isinstance(msg, dict):
             raise ConnectionError("malformed hello")
@@ -303,6 +318,11 @@ class TLSComm(Communicator):
                 continue
             except OSError:
                 return
+            if not self._pending.acquire(blocking=False):
+                self._refuse(f"{peer[0]}:{peer[1]}", f"more than {MAX_PENDING_JOINS} connections joining at once")
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
             threading.Thread(target=self._admit, args=(sock, peer, ctx, expected, deadline), daemon=True).start()
 
     def _admit(self, sock: socket.socket, peer, ctx: ssl.SSLContext, expected: set[int], deadline: float) -> None:
@@ -330,13 +350,15 @@ class TLSComm(Communicator):
             link.send(self._hello())
             if done:
                 self._joined.set()
-        except (ssl.SSLError, OSError, ValueError, PermissionError, ProtocolError) as exc:
+        except Exception as exc:  # anything a stranger can cause ends its connection, never the party
             self._refuse(who, str(exc) or type(exc).__name__)
             with self._lock:
                 if rank is not None and self.links.get(rank) is link:
                     del self.links[rank]
             with contextlib.suppress(OSError):
                 sock.close()
+        finally:
+            self._pending.release()
 
     def _connect(self, j: int, addr: tuple[str, int], ctx: ssl.SSLContext, deadline: float) -> None:
         want = identity_for(j, self.world)
@@ -378,6 +400,8 @@ class TLSComm(Communicator):
         arr = t.detach().reshape(-1).numpy()
         try:
             link.send(memoryview(arr).cast("B") if arr.size else b"")
+        except TimeoutError as exc:
+            raise MPCTimeoutError(f"rank {self.rank}: rank {dst} took no data for {self.timeout:g}s") from exc
         except (OSError, ssl.SSLError) as exc:
             raise PartyFailureError(f"rank {self.rank}: send to rank {dst} failed: {exc}") from exc
 
