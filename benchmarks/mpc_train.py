@@ -128,11 +128,11 @@ def run_crypten(python: str | None, cfg: dict, init: dict, x_tr, y_tr, x_te, y_t
         torch.save(init, weights)
         cmd = [python, str(script), "--epochs", str(cfg["epochs"]), "--n-train", str(len(x_tr)), "--batch",
                str(cfg["batch"]), "--lr", str(cfg["lr"]), "--data", str(data), "--init", str(weights),
-               "--out", str(out)]
+               "--seed", str(cfg["seed"]), "--out", str(out)]
         load_before = os.getloadavg()[0]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
         if res.returncode != 0 or not out.exists():
-            return {"measured": False, "reason": f"CrypTen run failed: {res.stderr.strip().splitlines()[-1:]}"}
+            return {"measured": False, "reason": f"CrypTen run failed: {res.stderr.strip().splitlines()[-8:]}"}
         return {"measured": True, "load_average_1min_before": load_before, **json.loads(out.read_text())}
 
 
