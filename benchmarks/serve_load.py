@@ -31,9 +31,9 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from veil import ml
+from veil.net import free_port
 from veil.serve import Client
 from veil.serve.auth import add_token_to_file
-from veil.serve.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_P50_MS = 30.0

@@ -16,8 +16,8 @@ from veil.mpc.data import load_digits
 from veil.mpc.errors import PartyFailureError
 from veil.mpc.party import peer_addresses
 from veil.mpc.provider import HEADER_BYTES
-from veil.mpc.runtime import free_port
 from veil.mpc.train import make_model, plain_train
+from veil.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -22,8 +22,9 @@ import torch
 
 from veil.mpc import certs, ring
 from veil.mpc.errors import PartyFailureError
-from veil.mpc.runtime import free_port, run_party
+from veil.mpc.runtime import run_party
 from veil.mpc.transport import TLSComm
+from veil.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TLS_TYPES = {20, 21, 22, 23}  # change_cipher_spec, alert, handshake, application_data

@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from veil.serve.server import free_port, serve_in_background
+from veil.net import free_port
+from veil.serve.server import serve_in_background
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from veil.mpc import certs, provider, ring
 from veil.mpc.comm import Communicator, InProcessComm, _Hub
 from veil.mpc.errors import MPCTimeoutError, PartyFailureError, ProtocolError
 from veil.mpc.primitives import Runtime
+from veil.net import free_port
 
 
 def setup_party(comm: Communicator, frac_bits: int) -> Runtime:
@@ -125,13 +125,6 @@ def resolve(entry: str) -> Callable[..., Any]:
     if not name:
         raise ProtocolError(f"entry must be module:function, got {entry!r}")
     return getattr(importlib.import_module(mod), name)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, chosen by the OS."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(

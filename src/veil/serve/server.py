@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from veil.net import free_port
 from veil.serve.app import DEFAULT_MAX_BODY, Executor, LocalExecutor, create_app
 from veil.serve.auth import TokenStore
 from veil.serve.crypto import ArtefactCipher
@@ -178,13 +179,6 @@ def ssl_options(config: ServerConfig) -> dict[str, Any]:
     if config.tls_client_ca:
         opts.update(ssl_ca_certs=config.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     return opts
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free on `host` now (for tests, demos and benchmarks)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
