@@ -2,7 +2,7 @@
 
 Adam's second moment v ~ g^2 underflows with 16 fractional bits; veil.mpc keeps Adam's moment
 estimates with 32 fractional bits and takes 1/sqrt(v) by a range-reduced approximation (see
-"Adam" in veil/mpc/tensor.py). This test trains on scikit-learn digits (8x8) with the same
+veil/mpc/_ops/adam_ops.py). This test trains on scikit-learn digits (8x8) with the same
 initial weights and batch order in plaintext and under MPC.
 """
 
@@ -149,7 +149,7 @@ def test_adam_views_dropped_by_ordinary_writes():
         v.mul_(0.999).addcmul_(g, g, value=0.001)
         a = v.reveal(0)
         v.add_(1.0)  # ordinary write: the view is dropped
-        assert v._hp is None
+        assert v._moment is None
         return a, v.reveal(0), (v.sqrt()).reveal(0)
 
     a, b, s = mpc.run_local(prog)[0]
