@@ -72,7 +72,8 @@ class MPCTensor(torch.Tensor):
     is public; for torch.optim.Adam (`veil.mpc._ops.adam_ops`) ``_moment = (M, w)``, meaning the
     value is the public M times w, w shared with 2*frac_bits fractional bits, and
     ``_sqrt_view = (inv, mult, add)``, meaning the value is mult * sqrt(w) + add with inv the shares
-    of 1/sqrt(w); ``_mask`` and ``_softmax``, what a ReLU or log-softmax backward needs.
+    of 1/sqrt(w); ``_mask`` and ``_softmax``, what a ReLU or log-softmax backward needs; ``_aux``,
+    values an activation's backward reuses from its forward (sign masks, sigmoids).
 
     Every aten op reaching the tensor runs the rule registered for it in `veil.mpc._ops`, one
     module per op family; an op without a rule raises `ProtocolError` naming it.
@@ -85,6 +86,7 @@ class MPCTensor(torch.Tensor):
     _sqrt_view = _Derived()
     _mask = _Derived()
     _softmax = _Derived()
+    _aux = _Derived()
 
     @staticmethod
     def __new__(cls, share: torch.Tensor, requires_grad: bool = False, dtype: torch.dtype = torch.float32,
@@ -177,6 +179,7 @@ def argmax_onehot(x: MPCTensor, dim: int = -1) -> MPCTensor:
 
 # the op families register their rules; they import MPCTensor from here, so they come last
 from veil.mpc._ops import (  # noqa: E402, F401
+    activation_ops,
     adam_ops,
     loss_ops,
     matrix_ops,

@@ -32,8 +32,12 @@ def _addmm(rt, func, bias, a, b, beta=1, alpha=1):
 
 @register(aten.convolution)
 def _conv(rt, func, x, w, bias, stride, padding, dilation, transposed, output_padding, groups):
+    if w.dim() != 4:
+        raise ProtocolError(f"veil.mpc supports 2-d convolutions (Conv2d) only, not a {w.dim() - 2}-d convolution "
+                            f"(aten.convolution with a {tuple(w.shape)} kernel)")
     if transposed or groups != 1 or any(d != 1 for d in dilation):
-        raise ProtocolError("only plain convolutions (groups=1, dilation=1) are supported")
+        raise ProtocolError("only plain convolutions (groups=1, dilation=1) are supported, not transposed, "
+                            "grouped/depthwise or dilated ones (aten.convolution)")
     params = {"stride": list(stride), "padding": list(padding)}
     out = bilinear_fixed(rt, "conv2d", x, w, params)
     if bias is not None:
