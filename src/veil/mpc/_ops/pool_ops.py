@@ -70,3 +70,48 @@ def _maxpool_bw(rt, func, grad, x, kernel, stride, padding, dilation, ceil_mode,
     cols = prod.reshape(n, c, oh, ow, k[0], k[1]).permute(0, 2, 3, 1, 4, 5)
     return wrap(ring.fold(cols, x.shape, k[0], k[1], st, pad))
 
+
+
+def _adaptive_window(x, output_size) -> tuple[int, int]:
+    h, w = x.shape[-2:]
+    oh, ow = pair(output_size)
+    if h % oh or w % ow:
+        raise ProtocolError(f"adaptive pooling from {h}x{w} to {oh}x{ow}: only whole windows are supported "
+                            "(the input size must be a multiple of the output size)")
+    return h // oh, w // ow
+
+
+@register(aten.adaptive_max_pool2d)
+def _adaptive_maxpool(rt, func, x, output_size):
+    """Adaptive max pooling with equal windows: max pooling with kernel = stride = input / output."""
+    k = _adaptive_window(x, output_size)
+    return _maxpool(rt, func, x, k, k)
+
+
+@register(aten.adaptive_max_pool2d_backward)
+def _adaptive_maxpool_bw(rt, func, grad, x, indices):
+    k, st, pad = indices._window
+    return _maxpool_bw(rt, func, grad, x, k, st, pad, 1, False, indices)
+
+
+@register(aten.upsample_nearest2d)
+def _upsample_nearest(rt, func, x, output_size=None, scales_h=None, scales_w=None):
+    """Nearest upsampling by whole factors: every value repeated (local, public indices)."""
+    fh, fw = _factors(x.shape, output_size)
+    return wrap(share_of(x).repeat_interleave(fh, dim=2).repeat_interleave(fw, dim=3))
+
+
+@register(aten.upsample_nearest2d_backward)
+def _upsample_nearest_bw(rt, func, grad, output_size, input_size, scales_h=None, scales_w=None):
+    fh, fw = _factors(input_size, output_size)
+    g = to_share(rt, grad)
+    n, c, h, w = input_size
+    return wrap(g.reshape(n, c, h, fh, w, fw).sum((3, 5)))
+
+
+def _factors(input_shape, output_size) -> tuple[int, int]:
+    h, w = input_shape[-2:]
+    oh, ow = output_size
+    if oh % h or ow % w:
+        raise ProtocolError("nearest upsampling by whole factors only (output size a multiple of the input size)")
+    return oh // h, ow // w

@@ -141,3 +141,24 @@ def _same_size(rt, func, a, b):
 def _forbidden(rt, func, *args, **kwargs):
     raise ProtocolError(f"{func} would reveal a secret value; use MPCTensor.reveal(to=...)")
 
+
+
+@register(aten.embedding)
+def _embedding(rt, func, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    """Rows of a shared table at public indices (local); secret indices are refused."""
+    if is_shared(indices):
+        raise ProtocolError("embedding with secret indices would need an oblivious lookup; indices must be public")
+    return wrap(share_of(weight)[indices])
+
+
+@register(aten.embedding_dense_backward)
+def _embedding_bw(rt, func, grad, indices, num_weights, padding_idx=-1, scale_grad_by_freq=False):
+    if scale_grad_by_freq:
+        raise ProtocolError("embedding with scale_grad_by_freq is not supported under MPC")
+    g = to_share(rt, grad)
+    dim = g.shape[-1]
+    out = torch.zeros((num_weights, dim), dtype=torch.int64)
+    out.index_add_(0, indices.reshape(-1), g.reshape(-1, dim))
+    if padding_idx is not None and padding_idx >= 0:
+        out[padding_idx] = 0
+    return wrap(out)
