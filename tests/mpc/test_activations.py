@@ -144,3 +144,28 @@ def test_unsupported_ops_name_themselves():
 
     with pytest.raises(ProtocolError, match="layer_norm"):
         mpc.run_local(layer_norm)
+
+
+def test_bce_loss_on_probabilities():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2), nn.Sigmoid())
+    x, t = torch.randn(16, 5), torch.rand(16, 2).round()
+    ref = copy.deepcopy(net)
+    loss = F.binary_cross_entropy(ref(x), t)
+    loss.backward()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+
+    def prog():
+        rt = mpc.current()
+        m = share_module(copy.deepcopy(net), 0)
+        xs = mpc.share(x if rt.rank == 0 else None, 0, shape=x.shape)
+        ts = mpc.share(t if rt.rank == 1 else None, 1, shape=t.shape)
+        lo = F.binary_cross_entropy(m(xs), ts)
+        lo.backward()
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+        return lo.reveal(0), reveal_module(m, 0)
+
+    lo, state = mpc.run_local(prog)[0]
+    assert abs(float(lo) - float(loss)) <= 0.1
+    for k, v in ref.state_dict().items():
+        assert (state[k] - v).abs().max() <= 0.02, k

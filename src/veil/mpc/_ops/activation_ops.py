@@ -10,6 +10,8 @@ Error bounds (frac_bits=16; tests/mpc/test_activations.py checks them against fl
   x sigmoid(x) (<= 0.01 |x|), GELU as x sigmoid(1.702 x) (the usual sigmoid form of GELU: <= 0.021
   from torch's exact erf GELU, plus 0.01 |x|), and the gradients of Softplus and of
   BCEWithLogitsLoss.
+- BCELoss (probabilities in): log through `approx.log` on 64 p, valid for p in [0.0016, 0.9984]
+  (error <= 0.1 per element), gradient for p in [0.008, 0.992] (1% relative).
 - through `approx.exp` / `approx.log`: ELU (alpha (exp(x) - 1) for x <= 0, error <= 0.01 alpha)
   and the values of Softplus and BCEWithLogitsLoss (log(1 + exp(-|x|)), absolute error <= 0.05).
 """
@@ -205,3 +207,39 @@ def _bce_logits(rt, func, x, target, weight=None, pos_weight=None, reduction=1):
     r, _ = _relu_of(rt, x)
     xt = share_of(mul(rt, x, target))
     return wrap(reduce(rt, r - xt + _log1p_exp_neg_abs(rt, xs, r), reduction))
+
+
+# ---- BCELoss (probabilities as input) -----------------------------------------------------------
+
+BCE_SCALE = 64.0  # log(p) = log(64 p) - log(64): `approx.log` is accurate on [0.1, 100]
+
+
+def _bce_check(weight):
+    if weight is not None:
+        raise ProtocolError("BCELoss with weight is not supported under MPC")
+
+
+@register(aten.binary_cross_entropy)
+def _bce(rt, func, p, target, weight=None, reduction=1):
+    """-(t log p + (1 - t) log(1 - p)); valid for p in [0.0016, 0.9984] (64 p and 64 (1 - p) at
+    least 0.1), absolute error <= 0.1 per element there (two logarithms)."""
+    _bce_check(weight)
+    ps, ts = to_share(rt, p), to_share(rt, target)
+    one = _one(rt, p)
+    both = mul_public(rt, torch.stack([ps, one - ps]), BCE_SCALE)
+    logs = approx.log(rt, both) - encode_public(rt, float(torch.log(torch.tensor(BCE_SCALE))))
+    terms = share_of(mul(rt, wrap(torch.stack([ts, one - ts])), wrap(logs)))
+    return wrap(reduce(rt, -(terms[0] + terms[1]), reduction))
+
+
+@register(aten.binary_cross_entropy_backward)
+def _bce_bw(rt, func, grad, p, target, weight=None, reduction=1):
+    """grad (p - t) / (p (1 - p)); the reciprocal of 64 p (1 - p) is accurate for p in [0.008, 0.992]."""
+    _bce_check(weight)
+    ps, ts = to_share(rt, p), to_share(rt, target)
+    var = P.mul(rt, ps, _one(rt, p) - ps)
+    inv = mul_public(rt, approx.reciprocal(rt, mul_public(rt, var, BCE_SCALE)), BCE_SCALE)
+    d = share_of(mul(rt, wrap(ps - ts), wrap(inv)))
+    if reduction == 1:
+        d = P.div_public(rt, d, d.numel())
+    return mul(rt, grad, wrap(d))
