@@ -67,3 +67,35 @@ def stream(marker: str) -> float:
             Path(marker + str(rt.rank)).write_text("streaming")
     P.open_ring(rt, torch.zeros(1, dtype=torch.int64))
     return time.time() - t0
+
+
+def train_from_share_files(files: dict, pki_dir: str, holder: str, out_dir: str, steps: int = 3) -> bool:
+    """Seed 004's party program: read this party's share files (owners' data and the model), train
+    a linear model, write the loss and weights encrypted to the holder. Nothing else leaves."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from veil.mpc.certs import TLSFiles
+    from veil.mpc.nn import share_module
+    from veil.mpc.sharefile import read_shares, write_result
+
+    rt = mpc.current()
+    label = f"party{rt.rank}"
+    me = TLSFiles(Path(pki_dir) / "ca.pem", Path(pki_dir) / f"{label}.pem", Path(pki_dir) / f"{label}.key")
+    data = [read_shares(f, me) for f in files[rt.rank]["data"]]
+    model = read_shares(files[rt.rank]["model"], me)
+    x = mpc.MPCTensor(torch.cat([d["x"]._share for d in data]))
+    y = mpc.MPCTensor(torch.cat([d["y"]._share for d in data]))
+    net = share_module(nn.Linear(x.shape[1], 1), 0)  # placeholder values, replaced by the owner's weights
+    with torch.no_grad():
+        net.weight.data = model["weight"]
+        net.bias.data = model["bias"]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.mse_loss(net(x), y)
+        loss.backward()
+        opt.step()
+    write_result({"loss": loss.detach(), "weight": net.weight.detach(), "bias": net.bias.detach()},
+                 Path(pki_dir) / f"owner-{holder}.pem", out_dir, "result", me)
+    return True

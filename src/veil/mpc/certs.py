@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,17 @@ from cryptography.x509.oid import NameOID
 from veil.mpc.errors import ProtocolError
 
 URI_PREFIX = "urn:veil:mpc:"
-ROLES = ("party", "dealer")
+ROLES = ("party", "dealer", "owner")
+OWNER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a certificate lets its holder be: a role ("party" or "dealer") and a rank."""
+    """Who a certificate lets its holder be: a role ("party", "dealer" or "owner") and a rank,
+    or for a data owner (who is not a rank of the computation) a name."""
 
     role: str
-    rank: int
+    rank: int | str
 
     def uri(self) -> str:
         """The subject alternative name URI that names this identity."""
@@ -43,8 +46,17 @@ class Identity:
 
     @property
     def label(self) -> str:
-        """File-name stem and human-readable name: ``party0``, ``dealer``."""
+        """File-name stem and human-readable name: ``party0``, ``dealer``, ``owner-alice``."""
+        if self.role == "owner":
+            return f"owner-{self.rank}"
         return "dealer" if self.role == "dealer" else f"party{self.rank}"
+
+
+def owner(name: str) -> Identity:
+    """The identity of data owner (or result holder) ``name``."""
+    if not OWNER_NAME.fullmatch(name):
+        raise ProtocolError(f"owner names are 1-64 letters, digits, '_' or '-', got {name!r}")
+    return Identity("owner", name)
 
 
 def identity_for(rank: int, world: int) -> Identity:
@@ -66,9 +78,23 @@ def identities_of(peercert: dict) -> list[Identity]:
         if kind != "URI" or not value.startswith(URI_PREFIX):
             continue
         role, _, rank = value[len(URI_PREFIX) :].partition(":")
-        if role in ROLES and rank.isdigit():
+        if role in ("party", "dealer") and rank.isdigit():
             out.append(Identity(role, int(rank)))
+        elif role == "owner" and OWNER_NAME.fullmatch(rank):
+            out.append(Identity(role, rank))
     return out
+
+
+def cert_identity(cert_pem: bytes) -> Identity | None:
+    """The single identity a PEM certificate names (None if it names none or several)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    found = identities_of({"subjectAltName": [("URI", u) for u in
+                                               san.get_values_for_type(x509.UniformResourceIdentifier)]})
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -164,11 +190,12 @@ def write_identity(out: Path, ca_cert, ca_key, identity: Identity) -> TLSFiles:
     return TLSFiles(out / "ca.pem", out / f"{identity.label}.pem", out / f"{identity.label}.key")
 
 
-def make_dev_pki(out: Path | str, n_parties: int) -> dict[int, TLSFiles]:
+def make_dev_pki(out: Path | str, n_parties: int, owners: tuple[str, ...] = ()) -> dict[int | str, TLSFiles]:
     """Write a development CA (``ca.pem``, ``ca.key``) and a certificate per rank into ``out``.
 
-    Returns each rank's `TLSFiles` (ranks 0..n-1 are parties, rank n the dealer). Each process
-    should receive only the CA certificate and its own certificate and key.
+    Returns each rank's `TLSFiles` (ranks 0..n-1 are parties, rank n the dealer) and, keyed by
+    name, those of the data owners / result holders in ``owners`` (``owner-NAME.pem``). Each
+    process should receive only the CA certificate and its own certificate and key.
     """
     if n_parties < 2:
         raise ProtocolError("at least 2 computing parties are needed")
@@ -178,4 +205,16 @@ def make_dev_pki(out: Path | str, n_parties: int) -> dict[int, TLSFiles]:
     (out / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(out / "ca.key", ca_key)
     world = n_parties + 1
-    return {r: write_identity(out, ca_cert, ca_key, identity_for(r, world)) for r in range(world)}
+    files: dict[int | str, TLSFiles] = {r: write_identity(out, ca_cert, ca_key, identity_for(r, world))
+                                        for r in range(world)}
+    for name in owners:
+        files[name] = write_identity(out, ca_cert, ca_key, owner(name))
+    return files
+
+
+def load_ca(out: Path | str):
+    """The CA certificate and key written by `make_dev_pki` (to issue more identities later)."""
+    out = Path(out)
+    cert = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    return cert, key

@@ -43,9 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from cryptography import x509
 
-from veil.mpc.certs import Identity, TLSFiles, identities_of, identity_for
+from veil.mpc.certs import Identity, TLSFiles, cert_identity, identities_of, identity_for
 from veil.mpc.comm import CommStats, Communicator
 from veil.mpc.errors import MPCTimeoutError, PartyFailureError, ProtocolError
 
@@ -282,14 +281,7 @@ class TLSComm(Communicator):
     @staticmethod
     def _check_own_cert(tls: TLSFiles) -> Identity | None:
         """The single identity named by this process's own certificate (None if not exactly one)."""
-        cert = x509.load_pem_x509_certificate(Path(tls.cert).read_bytes())
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            return None
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        found = identities_of({"subjectAltName": [("URI", u) for u in uris]})
-        return found[0] if len(found) == 1 else None
+        return cert_identity(Path(tls.cert).read_bytes())
 
     # ---- joining ----------------------------------------------------------------------------
 
