@@ -265,3 +265,85 @@ def read_result(paths: list[Path | str], me: TLSFiles) -> dict[str, torch.Tensor
         total = sum(s[spec["name"]] for _, s in parts)
         out[spec["name"]] = ring.decode(total, parts[0][0]["frac_bits"])
     return out
+
+
+def load_tensors(path: Path | str, label_column: int | None = None) -> dict[str, torch.Tensor]:
+    """An owner's data or model as named float tensors: ``.npz`` (every array), ``.csv`` (numbers;
+    ``label_column`` splits off ``y``), MNIST IDX (``*-ubyte`` / ``.idx``, gzip or not) or ``.pt``
+    (a state dict of tensors)."""
+    import numpy as np
+
+    from veil.mpc.data import read_idx
+
+    p = Path(path)
+    name = p.name.lower()
+    try:
+        if name.endswith(".npz"):
+            with np.load(p, allow_pickle=False) as z:
+                return {k: torch.as_tensor(z[k], dtype=torch.float64) for k in z.files}
+        if name.endswith(".csv"):
+            arr = np.loadtxt(p, delimiter=",", ndmin=2, dtype=np.float64)
+            if label_column is None:
+                return {"x": torch.as_tensor(arr)}
+            y = arr[:, label_column]
+            return {"x": torch.as_tensor(np.delete(arr, label_column % arr.shape[1], axis=1)), "y": torch.as_tensor(y)}
+        if name.endswith(".pt"):
+            state = torch.load(p, weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError("a .pt file must hold a dict of tensors (a state dict)")
+            return {k: v.detach().to(torch.float64) for k, v in state.items()}
+        if "ubyte" in name or name.endswith((".idx", ".idx.gz")):
+            return {"x": read_idx(p).to(torch.float64)}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ProtocolError(f"cannot read {path}: {exc}") from exc
+    raise ProtocolError(f"unknown data format {p.suffix!r}: use .npz, .csv, .pt or MNIST IDX")
+
+
+class PartyContext:
+    """What a party's training script gets from ``veil mpc train``: its own share files and a way
+    to reveal results to the holder only (and nothing that holds another party's shares)."""
+
+    def __init__(self, shares_dir: Path | str, me: TLSFiles, holder_cert: Path | str | None, out_dir: Path | str):
+        self.shares_dir, self.me = Path(shares_dir), me
+        self.holder_cert, self.out_dir = holder_cert, Path(out_dir)
+
+    @property
+    def rank(self) -> int:
+        """This party's rank."""
+        return P.current().rank
+
+    def datasets(self) -> list[str]:
+        """Names of the share files available to this party (``<name>.party<r>.vshare``)."""
+        tail = f".party{self.rank}{SUFFIX}"
+        return sorted(p.name[: -len(tail)] for p in self.shares_dir.glob(f"*{tail}"))
+
+    def load(self, name: str, owner: str | None = None) -> dict[str, MPCTensor]:
+        """This party's shares of dataset or model ``name`` (checked to be the same split everywhere)."""
+        return read_shares(self.shares_dir / f"{name}.party{self.rank}{SUFFIX}", self.me, require_owner=owner)
+
+    def load_module(self, module, name: str, owner: str | None = None):
+        """``module`` (the same architecture as the owner's) with its parameters and floating
+        buffers replaced by this party's shares of model ``name``."""
+        from torch import nn
+
+        tensors = self.load(name, owner)
+        state = module.state_dict()
+        if set(tensors) != {k for k, v in state.items() if v.is_floating_point()}:
+            raise ProtocolError(f"model {name!r} holds {sorted(tensors)}, the module expects {sorted(state)}")
+        for key, t in tensors.items():
+            if tuple(t.shape) != tuple(state[key].shape):
+                raise ProtocolError(f"model {name!r}: {key} has shape {tuple(t.shape)}, "
+                                    f"expected {tuple(state[key].shape)}")
+            mod_name, _, attr = key.rpartition(".")
+            mod = module.get_submodule(mod_name) if mod_name else module
+            if attr in mod._parameters:
+                setattr(mod, attr, nn.Parameter(t, requires_grad=mod._parameters[attr].requires_grad))
+            else:
+                mod._buffers[attr] = t
+        return module
+
+    def reveal(self, tensors: dict[str, MPCTensor], name: str = "result") -> Path:
+        """Write this party's shares of ``tensors`` encrypted to the holder."""
+        if self.holder_cert is None:
+            raise ProtocolError("no --holder given: results cannot be revealed to anyone")
+        return write_result(tensors, self.holder_cert, self.out_dir, name, self.me)

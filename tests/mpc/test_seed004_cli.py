@@ -1,0 +1,114 @@
+"""Seed 004's workflow from the command line on digits: two data owners outside the computing
+parties share their rows (and one owner its model) to encrypted files, the parties and the dealer
+train from those files as separate processes over TLS, and only the named owner can read the loss
+and the weights."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+from veil.net import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, LR = 5, 0.5
+
+SCRIPT = textwrap.dedent(f"""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    def train(ctx):
+        alice, bob = ctx.load("alice", owner="alice"), ctx.load("bob", owner="bob")
+        x = torch.cat([alice["x"], bob["x"]])
+        y = torch.cat([alice["y"], bob["y"]])
+        net = ctx.load_module(nn.Linear(64, 10), "model", owner="alice")
+        opt = torch.optim.SGD(net.parameters(), lr={LR})
+        losses = []
+        for _ in range({STEPS}):
+            opt.zero_grad()
+            loss = F.mse_loss(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().reshape(1))
+        ctx.reveal({{"losses": torch.cat(losses), "weight": net.weight.detach(), "bias": net.bias.detach()}})
+""")
+
+
+def veil(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "veil.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    if check:
+        assert res.returncode == 0, res.stderr
+    return res
+
+
+@pytest.mark.timeout(300)
+def test_seed004_workflow_from_the_cli(tmp_path):
+    x, y = load_digits(return_X_y=True)
+    x = x[:200] / 16.0
+    onehot = np.eye(10)[y[:200]]
+    np.savez(tmp_path / "alice.npz", x=x[:120], y=onehot[:120])
+    np.savez(tmp_path / "bob.npz", x=x[120:], y=onehot[120:])
+    torch.manual_seed(0)
+    init = nn.Linear(64, 10)
+    torch.save(init.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "train.py").write_text(SCRIPT)
+    pki, shares, results = tmp_path / "pki", tmp_path / "shares", tmp_path / "results"
+
+    veil("mpc", "certs", "--parties", "2", "--owners", "alice,bob", "--out", str(pki))
+    for owner, data in (("alice", "alice.npz"), ("bob", "bob.npz"), ("alice", "model.pt")):
+        veil("mpc", "share", str(tmp_path / data), "--parties", "2", "--certs", str(pki), "--owner", owner,
+             "--out", str(shares))
+    assert sorted(p.name for p in shares.iterdir()) == [f"{n}.party{r}.vshare" for n in ("alice", "bob", "model")
+                                                         for r in (0, 1)]
+
+    peers = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    procs = []
+    for rank in range(3):
+        cmd = [sys.executable, "-m", "veil.cli", "mpc", "train", "--rank", str(rank), "--world", "3",
+               "--peers", peers, "--certs", str(pki), "--timeout", "60"]
+        if rank < 2:
+            cmd += [str(tmp_path / "train.py"), "--shares", str(shares), "--holder", "alice",
+                    "--results", str(results)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True))
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0, 0], [p.stderr.read() for p in procs]
+
+    out = veil("mpc", "reveal", str(results), "--certs", str(pki), "--holder", "alice", "--out",
+               str(tmp_path / "result.npz"))
+    assert "losses" in out.stdout
+    got = np.load(tmp_path / "result.npz")
+    # bob, another owner, cannot read alice's result
+    refused = veil("mpc", "reveal", str(results), "--certs", str(pki), "--holder", "bob", "--out",
+                   str(tmp_path / "bob_result.npz"), check=False)
+    assert refused.returncode == 2 and not (tmp_path / "bob_result.npz").exists()
+    assert "not urn:veil:mpc:owner:bob" in refused.stderr
+
+    ref = nn.Linear(64, 10)
+    ref.load_state_dict(init.state_dict())
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(onehot, dtype=torch.float32)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = F.mse_loss(ref(xt), yt)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.abs(got["losses"] - np.array(losses)).max() < 1e-3
+    assert got["losses"][-1] < got["losses"][0]
+    assert np.abs(got["weight"] - ref.weight.detach().numpy()).max() < 1e-3
