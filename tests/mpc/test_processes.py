@@ -36,8 +36,9 @@ def test_training_over_tls_matches_plaintext():
     torch.manual_seed(0)
     model = make_model("mlp")
     cfg = {"model": "mlp", "lr": 0.05, "epochs": 1, "batch": 32, "seed": 0, "momentum": 0.5}
-    owned = {0: (x[:32], y[:32]), 1: (x[32:64], y[32:64])}
-    res = launch("veil.mpc.train:party_train", 2, (cfg, model.state_dict(), owned), timeout=60,
+    public = (cfg, [32, 32], tuple(x.shape[1:]))
+    private = [((x[:32], y[:32]), model.state_dict()), ((x[32:64], y[32:64]),)]
+    res = launch("veil.mpc.train:party_train", 2, public, party_args=private, timeout=60,
                  wall_timeout=170)
     ref = plain_train(cfg, model.state_dict(), x[:64], y[:64])["state"]
     for k, v in ref.items():
@@ -127,3 +128,11 @@ def test_party_without_certificates_refuses_to_start(tmp_path):
     assert "TLS is required" in res.stderr
     res = subprocess.run([*cmd, "--certs", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "not found" in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_launch_hands_each_party_only_its_own_private_arguments():
+    res = launch("tests.mpc.programs:echo_args", 2, ("public",), party_args=[(torch.zeros(2), {"k": 1}), (7,)],
+                 timeout=30, wall_timeout=100)
+    assert res[0] == ["str", "Tensor", "dict"]
+    assert res[1] == ["str", "int"]

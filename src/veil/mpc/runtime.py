@@ -135,25 +135,33 @@ def launch(
     timeout: float = 60.0,
     wall_timeout: float = 600.0,
     threads: int = 1,
+    party_args: list[tuple] | None = None,
 ) -> list[Any]:
     """Run ``entry`` in n party processes plus a dealer process on loopback; return their results.
+
+    Party r runs ``entry(*args, *party_args[r])``: ``args`` are public (every party gets them),
+    ``party_args[r]`` is party r's private input and is written to a file only party r reads.
 
     Each process is ``python -m veil.mpc.party`` with its own certificate from a throw-away
     development CA (it receives the CA certificate and only its own key) and a free port on
     127.0.0.1; every link between them is mutually authenticated TLS 1.3. The results come back
     through files written with ``torch.save``. Raises `PartyFailureError` if any process fails,
-    after stopping all of them. This is a loopback harness: every party process gets the same
-    argument file and the party program reads only its own part (the dealer gets none). In a real
-    deployment each party runs ``veil mpc party --rank R --world N --peers ... --certs ...
-    --entry ... --args <its own file>`` on its own machine.
+    after stopping all of them. The dealer gets no arguments at all. In a real deployment each
+    party runs ``veil mpc party --rank R --world N --peers ... --certs ... --entry ... --args
+    <its own file>`` (or ``veil mpc train`` on share files) on its own machine.
     """
+    if party_args is not None and len(party_args) != n_parties:
+        raise ProtocolError(f"party_args needs one tuple per party ({n_parties})")
     world = n_parties + 1
     with tempfile.TemporaryDirectory(prefix="veil-mpc-") as tmp:
         pki = certs.make_dev_pki(Path(tmp) / "pki", n_parties)
         peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(n_parties))
         session = os.urandom(8).hex()
-        argf = Path(tmp) / "args.pt"
-        torch.save(args, argf)
+        argfs = []
+        for r in range(n_parties):
+            argf = Path(tmp) / f"args{r}.pt"
+            torch.save((*args, *(party_args[r] if party_args is not None else ())), argf)
+            argfs.append(argf)
         procs = []
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         for r in range(world):
@@ -164,8 +172,8 @@ def launch(
                 "--out", str(Path(tmp) / f"out{r}.pt"), "--frac-bits", str(frac_bits),
                 "--timeout", str(timeout), "--join-timeout", str(max(timeout, 60.0)), "--threads", str(threads),
             ]
-            if r != world - 1:  # the dealer gets no arguments: it never sees inputs
-                cmd += ["--args", str(argf)]
+            if r != world - 1:  # each party its own file; the dealer none: it never sees inputs
+                cmd += ["--args", str(argfs[r])]
             with open(Path(tmp) / f"err{r}.txt", "w") as errf:
                 procs.append(subprocess.Popen(cmd, env=env, stderr=errf))
         codes = _wait_all(procs, wall_timeout, grace=timeout + 5.0)

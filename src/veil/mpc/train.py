@@ -53,11 +53,13 @@ class Block(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """ResNet-style CNN for 8x8 digits: conv, residual block, avg-pool, max-pool, linear."""
+    """ResNet-style CNN for 8x8 digits: conv (optionally BatchNorm), residual block, avg-pool,
+    max-pool, linear."""
 
-    def __init__(self, c: int = 8, size: int = 8) -> None:
+    def __init__(self, c: int = 8, size: int = 8, batch_norm: bool = False) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c) if batch_norm else nn.Identity()
         self.block = Block(c)
         self.avg = nn.AvgPool2d(2)
         self.max = nn.MaxPool2d(2)
@@ -65,19 +67,21 @@ class SmallResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits."""
-        x = self.block(F.relu(self.stem(x)))
+        x = self.block(F.relu(self.bn(self.stem(x))))
         x = self.max(self.avg(x))
         return self.fc(torch.flatten(x, 1))
 
 
 def make_model(name: str) -> nn.Module:
-    """Model by name: "mlp", "mlp_square" or "resnet"."""
+    """Model by name: "mlp", "mlp_square", "resnet" or "resnet_bn" (BatchNorm after the stem)."""
     if name == "mlp":
         return MLP()
     if name == "mlp_square":
         return MLP(square=True)
     if name == "resnet":
         return SmallResNet()
+    if name == "resnet_bn":
+        return SmallResNet(batch_norm=True)
     raise ValueError(name)
 
 
@@ -122,13 +126,14 @@ def plain_train(cfg: dict, state: dict, x: torch.Tensor, y: torch.Tensor) -> dic
     return {"state": model.state_dict(), "batch_times": times}
 
 
-def party_train(cfg: dict, state: dict | None, owned: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                test_x: torch.Tensor | None = None) -> dict[str, Any]:
+def party_train(cfg: dict, counts: list[int], feat: tuple[int, ...], mine: tuple[torch.Tensor, torch.Tensor] | None,
+                state: dict | None = None, test_x: torch.Tensor | None = None) -> dict[str, Any]:
     """One party's program: share model and rows, train on shares, reveal weights to party 0.
 
-    ``owned[r]`` is data owner r's (images, labels) and is only read by party r; ``state`` and
-    ``test_x`` are only read by party 0 (the model owner, who also gets the encrypted
-    inference's logits). Returns this party's per-batch timing and traffic.
+    Public (every party): ``cfg``, the owners' row ``counts`` (owners are parties 0..k-1) and the
+    feature shape. Private to this party: ``mine``, its own (images, labels) if it owns rows;
+    for party 0 (the model owner, who also gets the encrypted inference's logits) ``state`` and
+    ``test_x``. Returns this party's per-batch timing and traffic.
     """
     rt = P.current()
     model = make_model(cfg["model"])
@@ -136,13 +141,10 @@ def party_train(cfg: dict, state: dict | None, owned: dict[int, tuple[torch.Tens
         model.load_state_dict(state)
     share_module(model, 0)
     model.train()
-    owners = sorted(owned)
-    counts = [int(owned[r][0].shape[0]) for r in owners]
-    feat = tuple(next(iter(owned.values()))[0].shape[1:])
+    owners = list(range(len(counts)))
     width = 1
     for s in feat:
         width *= s
-    mine = owned.get(rt.rank)
     xs = share_rows(None if mine is None else mine[0].reshape(len(mine[0]), -1), owners, counts, width)
     ys = share_rows(None if mine is None else F.one_hot(mine[1], 10).float(), owners, counts, 10)
     xs = MPCTensor(xs._share.reshape(-1, *feat))
