@@ -33,7 +33,7 @@ def _progress(rounds: int, quiet: bool) -> tuple[Any, Any]:
 def _config(args: argparse.Namespace) -> Any:
     from veil.fl.federation import CHECKPOINT_DIR, FLConfig, load_checkpoint
 
-    checkpoint = str(Path(args.out) / CHECKPOINT_DIR) if args.engine == "simulation" else ""
+    checkpoint = str((Path(args.out) / CHECKPOINT_DIR).resolve())
     if args.resume:
         # the interrupted run's settings; only the number of rounds may grow
         saved = load_checkpoint(Path(args.resume)).config

@@ -336,17 +336,20 @@ def make_client_app(config: FLConfig | None = None, partitions: list | None = No
             return GarbageClient()
         return OwnerClient(_learner(cfg, partitions), X, y, cfg, fault).to_client()
 
-    def clip_training_only(msg: Any, ctx: Context, call_next: Any) -> Any:
-        # client-side DP clips model updates; the statistics rounds carry no update to clip
-        if _is_statistics(msg):
-            return call_next(msg, ctx)
-        return fixedclipping_mod(msg, ctx, call_next)
+    def clip(msg: Any, ctx: Context, call_next: Any) -> Any:
+        # client-side clipping of model updates (dp="client") and, under SecAgg+ with DP statistics,
+        # of statistics vectors: each with the clipping norm its DP wrapper put in the fit config
+        cfg = resolve(ctx)
+        stats = _is_statistics(msg)
+        if (stats and cfg.stats_noise > 0 and cfg.secagg) or (not stats and cfg.dp == "client"):
+            return fixedclipping_mod(msg, ctx, call_next)
+        return call_next(msg, ctx)
 
     def privacy_mods(msg: Any, ctx: Context, call_next: Any) -> Any:
         cfg = resolve(ctx)
         chain = call_next
-        if cfg.dp == "client":
-            chain = functools.partial(clip_training_only, call_next=chain)
+        if cfg.dp == "client" or (cfg.stats_noise > 0 and cfg.secagg):
+            chain = functools.partial(clip, call_next=chain)
         if cfg.secagg:
             chain = functools.partial(secaggplus_mod, call_next=chain)
         return chain(msg, ctx)
@@ -407,10 +410,13 @@ def federated_statistics(grid: Grid, context: Context, cfg: FLConfig, n_features
     m = s = r = np.zeros(n_features)
     varies = np.ones(n_features, dtype=bool)
     n_total, count_unit, done = 0, 1.0, False
+    exact = not cfg.secagg and cfg.stats_noise == 0  # float64 end to end: no magnitude or refinement rounds
+    if exact:
+        reference = [np.ones(n_features)]
     stage = 0
     while not done:
         stage += 1
-        step = min(stage, 3)
+        step = min(stage + 1, 3) if exact else min(stage, 3)
         blob = np.concatenate(reference).astype("<f8").tobytes() if reference else b""
         config = {"veil-task": "stats", "veil-stage": step, "veil-minmax": minmax, "veil-reference": blob,
                   "veil-count-unit": count_unit}
@@ -427,13 +433,19 @@ def federated_statistics(grid: Grid, context: Context, cfg: FLConfig, n_features
         if step == 1:
             r, count_unit, varies = prep.reference_unit(vector, owners)
             reference = [r]
+        elif step == 2 and exact:
+            scaler = prep.scaler_from_moments(vector, owners)
+            n_total, done = scaler.n_samples, not minmax
+            m, s = scaler.mean, np.where(scaler.std > 0, scaler.std, 1.0)
+            reference = [m, s]
         elif step == 2:
             m, s, n_total = prep.first_moments(vector, r, owners, count_unit)
             reference = [m, s]
         else:
             scaler = prep.final_scaler(cfg.scaling, vector, m, s, n_total)
             m, s, done = prep.refine(vector, m, s, varies)
-            done = done or stage >= prep.MAX_PASSES
+            # under DP every round costs privacy and noise would keep features "unresolved": one refinement
+            done = done or exact or cfg.stats_noise > 0 or stage >= prep.MAX_PASSES
             reference = [m, s]
     summary = {"rounds": stage, "owners_aggregated": aggregated, "n_samples": n_total,
                "wall_time": time.perf_counter() - start, "rejected": rejected, "secagg": cfg.secagg,

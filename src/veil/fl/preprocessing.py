@@ -18,10 +18,14 @@ enabled), each one a FedAvg-weighted mean of one vector per owner (weight = the 
    E[x^2] - E[x]^2 for features whose spread is small against their mean. While some feature's
    variance in these units is below `RESOLVED` (and it is not constant), m and s are updated and
    the round is repeated with s at most 2^-8 of the previous one (at most `MAX_PASSES` rounds in all;
-   a feature with spread 1e-6 of its mean needs about three). Without SecAgg+ (exact floats) one
-   refinement suffices. For min-max scaling the last vector also carries, per feature, the fraction
+   a feature with spread 1e-6 of its mean needs about three); with DP noise exactly one. For
+   min-max scaling the last vector also carries, per feature, the fraction
    of the owner's rows in each of `HIST_BINS` bins of u over [-HIST_RANGE, HIST_RANGE] (plus two
    overflow bins).
+
+Without SecAgg+ (and without DP noise) values travel as exact float64, so one round of stage 2 with
+r = 1 gives the moments directly (plus one stage-3 round for min-max's histogram); the variance then
+carries float64 cancellation, a relative error of about 1e-16 * (mean / std)^2.
 
 The server then fixes the scaler (center c, scale a per feature: x' = (x - c) / a), sends it to the
 owners with every training round, and the exported `veil.ml` model folds it into its weights, so an
@@ -42,12 +46,15 @@ What the server learns
   +-HIST_RANGE standard deviations. Exact per-owner minima and maxima are never sent: a maximum is
   not a sum, and revealing it per owner would leak an extreme row.
 
-With `stats_noise` > 0, Flower's `DifferentialPrivacyServerSideFixedClipping` clips each owner's
-statistics vector to L2 norm `stats_clip` and adds Gaussian noise of standard deviation
+With `stats_noise` > 0, Flower's fixed-clipping DP wrapper (server-side clipping, or with SecAgg+
+client-side clipping by `fixedclipping_mod`, since the server never sees one owner's vector) clips
+each owner's statistics vector to L2 norm `stats_clip` and adds Gaussian noise of standard deviation
 `stats_noise * stats_clip / K` to the unweighted mean of the K vectors (each owner weighs 1): one
 owner moves that mean by at most `stats_clip / K` (L2 sensitivity), per statistics round; the rounds
 compose (see `veil.fl.privacy`; the run reports epsilon for the rounds actually run). Statistics
-vectors are O(1) per feature by construction, so `stats_clip` near sqrt(2 d) keeps most of them whole.
+vectors are O(1) per feature by construction (log-magnitudes are sent divided by 60), so `stats_clip`
+near sqrt(3 d) keeps them whole. With few owners the noise std `stats_noise * stats_clip / K` is
+large against per-feature statistics: DP statistics make sense for federations of many owners.
 """
 
 from __future__ import annotations
@@ -82,7 +89,8 @@ def owner_stats(X: np.ndarray, stage: int, reference: list[np.ndarray], minmax: 
         with np.errstate(divide="ignore"):
             log_rms = np.where(rms > 0, np.clip(np.log2(np.where(rms > 0, rms, 1.0)), -LOG_CLIP, LOG_CLIP), 0.0)
         varies = (X.max(0) > X.min(0)).astype(np.float64)
-        return np.concatenate([present, log_rms, varies, [1.0 / len(X)]])
+        # log-magnitudes in units of LOG_CLIP, so that every statistic is O(1) (DP clipping, SecAgg+ range)
+        return np.concatenate([present, log_rms / LOG_CLIP, varies, [1.0 / len(X)]])
     if stage == 2:
         z = X / reference[0]
         return np.concatenate([z.mean(0), (z * z).mean(0), [count_unit / len(X)]])
@@ -116,7 +124,7 @@ def reference_unit(aggregate: np.ndarray, n_owners: int) -> tuple[np.ndarray, fl
     varies = aggregate[2 * d:3 * d] > 1e-9
     count_unit = float(np.exp2(np.round(np.log2(n_owners / inv)))) if inv > 0 else 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean_log = np.where(present > 1e-9, log_sum / np.where(present > 1e-9, present, 1.0), 0.0)
+        mean_log = np.where(present > 1e-9, LOG_CLIP * log_sum / np.where(present > 1e-9, present, 1.0), 0.0)
     return np.where(present > 1e-9, np.exp2(np.round(mean_log) + 2), 1.0), count_unit, varies
 
 
@@ -193,6 +201,16 @@ def refine(aggregate: np.ndarray, m: np.ndarray, s: np.ndarray,
     unresolved = (var < RESOLVED) & (varies | (var > 1e-9))
     new_s = np.where(unresolved, s * np.maximum(np.sqrt(var), 2.0 ** -8), np.where(var > 1e-9, s * np.sqrt(var), s))
     return m + s * eu, new_s, not unresolved.any()
+
+
+def scaler_from_moments(aggregate: np.ndarray, n_owners: int) -> FederatedScaler:
+    """A stage-2 aggregate in exact floats (r = 1, c = 1) -> the standard scaler."""
+    d = (len(aggregate) - 1) // 2
+    mean, ex2, inv = aggregate[:d], aggregate[d:2 * d], float(aggregate[2 * d])
+    std = np.sqrt(np.maximum(ex2 - mean * mean, 0.0))
+    constant = std <= 1e-8 * np.maximum(np.abs(mean), 1e-300)
+    n_total = round(n_owners / inv) if inv > 0 else 0
+    return FederatedScaler("standard", mean, np.where(constant, 1.0, std), n_total, mean, std)
 
 
 def final_scaler(kind: str, aggregate: np.ndarray, m: np.ndarray, s: np.ndarray, n_total: int,

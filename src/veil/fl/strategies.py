@@ -155,16 +155,19 @@ def build_strategy(cfg: FLConfig, initial: list[np.ndarray], evaluate_fn: Callab
 def build_stats_strategy(cfg: FLConfig, size: int, fit_config: Callable[[int], dict]) -> Strategy:
     """FedAvg over every owner's statistics vector of length `size` (see `veil.fl.preprocessing`).
 
-    With `cfg.stats_noise` > 0 it is wrapped in Flower's server-side fixed-clipping Gaussian DP (each
-    vector clipped to L2 norm `cfg.stats_clip`, owners weighted equally)."""
+    With `cfg.stats_noise` > 0 it is wrapped in Flower's fixed-clipping Gaussian DP (each vector clipped
+    to L2 norm `cfg.stats_clip`, owners weighted equally): server-side clipping, or client-side clipping
+    under SecAgg+, where the server only holds the sum."""
     initial = [np.zeros(size)]
     params = ndarrays_to_parameters(initial)
     if cfg.stats_noise <= 0:
         strategy = _base(cfg, params, None, True, fit_config, name="fedavg", fraction_fit=1.0)
     else:
         inner = _base(cfg, params, None, False, fit_config, name="fedavg", fraction_fit=1.0)
-        strategy = validating(DifferentialPrivacyServerSideFixedClipping)(
-            inner, noise_multiplier=cfg.stats_noise, clipping_norm=cfg.stats_clip, num_sampled_clients=cfg.clients)
+        wrapper = (DifferentialPrivacyClientSideFixedClipping if cfg.secagg
+                   else DifferentialPrivacyServerSideFixedClipping)
+        strategy = validating(wrapper)(inner, noise_multiplier=cfg.stats_noise, clipping_norm=cfg.stats_clip,
+                                       num_sampled_clients=cfg.clients)
     return _track(strategy, initial, cfg.min_clients)
 
 
