@@ -10,7 +10,7 @@ default settings on veil's in-process grid (the same Flower apps without Ray), r
 federated standardization (plain and SecAgg+), each against central training (StandardScaler + the same
 estimator on all rows), with the statistics rounds' count and wall time.
 
-Usage: python benchmarks/fl.py [--clients 10] [--rounds 5] [--out benchmarks/results]
+Usage: python benchmarks/fl.py [--clients 10] [--rounds 15] [--out benchmarks/results]
 Writes OUT/fl.json and OUT/fl.png; exits 1 if encrypted and plaintext predictions ever disagree.
 """
 
@@ -76,7 +76,7 @@ def preprocessing_runs(datasets: tuple[str, ...] = ("wine", "breast_cancer", "ir
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     data = load_dataset("digits")
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "fl", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "dataset": "digits (1437 train / 360 test, IID over owners)", "model": "logreg (lbfgs, 10 local iters)",
+              "dataset": "digits (1437 train / 360 test, IID over owners)",
+              "model": "logreg (lbfgs, 1 local iter, federated standardization)",
               "clients": args.clients, "rounds": args.rounds, "engine": "flwr simulation (Ray)",
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "flwr": metadata.version("flwr")}, "runs": runs,

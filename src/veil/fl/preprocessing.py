@@ -36,12 +36,12 @@ What the server learns
 - `standard` with SecAgg+: only the aggregates above, i.e. per feature the global mean log-magnitude,
   the fraction of rows held by owners whose column is non-zero and by owners whose column varies, the
   mean and variance, and the total row count; never one owner's statistics.
-- `standard` without SecAgg+: each owner's own vectors, i.e. its row count, and per feature its mean,
-  variance, log-magnitude and whether its column is zero or constant (as it would learn each owner's
-  model update without SecAgg+).
-- `minmax`: additionally the aggregate histogram of every feature over the bins (with SecAgg+, not any
-  owner's). The reported min and max are the outer edges of the outermost non-empty bins (true values
-  may lie up to one bin width, 2 * HIST_RANGE / HIST_BINS standard deviations, inside them), and
+- `standard` without SecAgg+: each owner's own stage-2 vector (r = 1), i.e. its row count and per
+  feature its mean and mean square (as it would learn each owner's model update without SecAgg+).
+- `minmax`: additionally the histogram of every feature over the bins, and the moments around the
+  global mean (with SecAgg+ only the aggregate; without it each owner's). The reported min and max
+  are the outer edges of the outermost non-empty bins (true values may lie up to one bin width,
+  2 * HIST_RANGE / HIST_BINS standard deviations, inside them), and
   values beyond HIST_RANGE standard deviations land in the overflow bins, which clamp the range at
   +-HIST_RANGE standard deviations. Exact per-owner minima and maxima are never sent: a maximum is
   not a sum, and revealing it per owner would leak an extreme row.
