@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_simulation(cfg)
         model = to_veil_model(result, data.X_test)
         encrypted = model.predict(data.X_test, fhe="execute")
-        plain = result.learner().sklearn_model().predict(data.X_test)
+        plain = result.predict(data.X_test)  # the plaintext federated model on raw features (scaler applied)
         agreement = float(np.mean(encrypted == plain))
         ok &= agreement == 1.0
         if reference is None:
