@@ -144,6 +144,10 @@ def test_minmax_scaling_from_the_aggregate_histogram(runs, central):
     top = scaler.center + scaler.scale
     assert np.all(top >= np.minimum(hi, clamp_hi) - 1e-6) and np.all(top <= np.minimum(hi, clamp_hi) + width + 1e-6)
     assert result.accuracy()[-1] >= central[name] - 0.05
+    X_test, y_test = _data(name)[2:]
+    model = to_veil_model(result, X_test)  # the min-max map is affine too: folded the same way
+    np.testing.assert_array_equal(model.predict(X_test), result.predict(X_test))
+    assert encrypted_check(result, model, X_test, y_test)["encrypted_agreement"] == 1.0
 
 
 def test_without_standardization_raw_features_train_worse(runs):

@@ -27,6 +27,8 @@ from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from veil.errors import FederationError
+
 FIRST_NODE_ID = 1001
 log = logging.getLogger("veil.fl")
 
@@ -98,7 +100,7 @@ class InProcessGrid(Grid):
         ids = []
         for msg in messages:
             if msg.metadata.dst_node_id not in self.contexts:
-                raise KeyError(f"no node {msg.metadata.dst_node_id} in this federation")
+                raise FederationError(f"no node {msg.metadata.dst_node_id} in this federation")
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.pending[msg.metadata.message_id] = self.pool.submit(self._deliver, msg)
             ids.append(msg.metadata.message_id)
@@ -123,7 +125,7 @@ class InProcessGrid(Grid):
             for msg in messages:
                 msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
                 if msg.metadata.dst_node_id not in self.contexts:
-                    raise KeyError(f"no node {msg.metadata.dst_node_id} in this federation")
+                    raise FederationError(f"no node {msg.metadata.dst_node_id} in this federation")
                 replies.append(self._deliver(msg))
             return replies
         ids = list(self.push_messages(messages))
