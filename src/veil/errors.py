@@ -31,3 +31,15 @@ class NotCompiledError(VeilError, RuntimeError):
 
 class PrecisionError(VeilError, ArithmeticError):
     """Values outside the range the encryption parameters were calibrated for."""
+
+
+class FederationError(VeilError, RuntimeError):
+    """A federated run did not complete (engine failure, missing nodes, too few clients, timeout)."""
+
+
+class FederatedConfigError(VeilError, ValueError):
+    """Federated-learning settings or data that cannot work (unknown names, impossible splits, bad shapes)."""
+
+
+class FederatedStatisticsError(VeilError, ValueError):
+    """An owner's feature statistics that cannot be aggregated (non-finite, or beyond the SecAgg+ range)."""

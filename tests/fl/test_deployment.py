@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(420)
 
 
 def test_deployment_over_tls_matches_simulation(tmp_path, monkeypatch):
-    cfg = FLConfig(clients=3, rounds=2)
+    cfg = FLConfig(clients=3, rounds=2, max_iter=10)  # federated standardization: one statistics round
     rows = []
     spawned = []
     original_spawn = LocalFederation._spawn
@@ -31,6 +31,7 @@ def test_deployment_over_tls_matches_simulation(tmp_path, monkeypatch):
     assert len(spawned) == 4  # one SuperLink, three SuperNodes
     assert not any(_alive(pid) for pid in spawned) and not any(_children(pid) for pid in spawned)
     assert [r["round"] for r in rows] == [0, 1, 2] and rows == deployed.history
+    assert deployed.scaler is not None and deployed.statistics["rounds"] == 1
     assert (tmp_path / "tls" / "ca.pem").exists()
     assert deployed.accuracy()[-1] > 0.9
     simulated = run_simulation(cfg)
@@ -64,7 +65,7 @@ def test_cli_superlink_supernodes_and_secagg_run(tmp_path, capsys):
                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         code = cli.main(["run", "--engine", "deployment", "--superlink", f"127.0.0.1:{port}", "--clients", "3",
                          "--rounds", "1", "--secagg", "--out", str(tmp_path / "out"), "--json", "--quiet",
-                         "--timeout", "240"])
+                         "--timeout", "240", "--max-iter", "10", "--no-standardize"])
         assert code == 0, (tmp_path / "processes.log").read_text()[-3000:]
         assert all(p.poll() is None for p in procs)  # still serving
     finally:

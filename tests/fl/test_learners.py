@@ -33,7 +33,7 @@ def _fedavg(global_learner, learners, parts, rounds, test):
 def test_fedavg_by_hand_trains_on_skewed_owners(digits, model):
     parts = partition(digits.X_train, digits.y_train, 5, "dirichlet", alpha=0.3, seed=0)
     assert any(len(np.unique(y)) < 10 for _, y in parts)  # some owners miss classes
-    learners = [make_learner(model, 64, digits.classes, epochs=2) for _ in range(len(parts) + 1)]
+    learners = [make_learner(model, 64, digits.classes, max_iter=10, epochs=2) for _ in range(len(parts) + 1)]
     accuracy = _fedavg(learners[0], learners[1:], parts, 4, (digits.X_test, digits.y_test))
     assert accuracy[0] < 0.3
     assert accuracy[-1] > 0.85

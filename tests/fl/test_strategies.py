@@ -5,6 +5,7 @@ import pytest
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
+from veil.errors import FederationError
 from veil.fl.federation import FLConfig
 from veil.fl.strategies import build_strategy, check_update
 
@@ -67,7 +68,8 @@ def test_bad_updates_are_dropped_and_good_ones_aggregated(strategy, dp):
     np.testing.assert_allclose(out[0], np.full(SHAPES[0], 2.0))  # mean (and median) of 1, 2, 3
     assert sorted(r["node_id"] for r in s.rejected) == [10, 11, 12, 13]
     assert s.aggregated == [3]
-    assert s.aggregate_fit(2, bad, []) == (None, {})
+    with pytest.raises(FederationError, match="fewer than the minimum of 2"):
+        s.aggregate_fit(2, bad, [])  # no valid update at all: the run stops with the reason
 
 
 def test_adaptive_fedadam_steps_towards_the_mean_update():

@@ -1,9 +1,12 @@
 """Federated learning with Flower: data owners train `veil.ml` (scikit-learn) or PyTorch models
 together, optionally with SecAgg+ and differential privacy, and the result serves encrypted predictions.
 
+Features are standardized with federated statistics first (`veil.fl.preprocessing`: what the server
+learns for each option is stated there), and the exported model folds the scaler into its weights.
+
     from veil import fl
-    result = fl.run_simulation(fl.FLConfig(clients=10, rounds=5, secagg=True))
-    model = fl.to_veil_model(result, X_calibration)   # compiled veil.ml model
+    result = fl.run_simulation(fl.FLConfig(clients=10, secagg=True))
+    model = fl.to_veil_model(result, X_calibration)   # compiled veil.ml model, takes raw features
 """
 
 from typing import Any
@@ -18,7 +21,10 @@ _EXPORTS = {
     "load_dataset": "veil.fl.data", "SklearnLearner": "veil.fl.learners", "TorchLearner": "veil.fl.learners",
     "make_learner": "veil.fl.learners", "build_strategy": "veil.fl.strategies", "check_update": "veil.fl.strategies",
     "gaussian_epsilon": "veil.fl.privacy", "privacy_report": "veil.fl.privacy", "PrivacyReport": "veil.fl.privacy",
-    "to_veil_model": "veil.fl.export", "deploy": "veil.fl.export",
+    "to_veil_model": "veil.fl.export", "deploy": "veil.fl.export", "encrypted_check": "veil.fl.export",
+    "FederatedScaler": "veil.fl.preprocessing", "InProcessGrid": "veil.fl.inprocess",
+    "load_checkpoint": "veil.fl.federation", "FederatedConfigError": "veil.errors",
+    "FederatedStatisticsError": "veil.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -31,13 +31,25 @@ def _progress(rounds: int, quiet: bool) -> tuple[Any, Any]:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from veil.fl.federation import FLConfig
+    from veil.fl.federation import CHECKPOINT_DIR, FLConfig, load_checkpoint
 
-    return FLConfig(dataset=args.dataset, model=args.model, clients=args.clients, rounds=args.rounds,
+    checkpoint = str((Path(args.out) / CHECKPOINT_DIR).resolve())
+    if args.resume:
+        # the interrupted run's settings; only the number of rounds may grow
+        saved = load_checkpoint(Path(args.resume)).config
+        rounds = args.rounds if args.rounds is not None else saved.rounds
+        return FLConfig(**{**saved.__dict__, "rounds": rounds, "resume": str(Path(args.resume).resolve()),
+                           "checkpoint_dir": checkpoint, "out_dir": ""})
+    return FLConfig(dataset=args.dataset, model=args.model, clients=args.clients,
+                    rounds=15 if args.rounds is None else args.rounds,
                     strategy=args.strategy, partition=args.partition, alpha=args.alpha, seed=args.seed,
                     max_iter=args.max_iter, epochs=args.epochs, lr=args.lr, secagg=args.secagg,
                     dp=args.dp, noise_multiplier=args.noise_multiplier, clipping_norm=args.clipping_norm,
-                    delta=args.delta, proximal_mu=args.proximal_mu)
+                    delta=args.delta, proximal_mu=args.proximal_mu,
+                    scaling="off" if args.no_standardize else args.scaling, stats_noise=args.stats_noise,
+                    stats_clip=args.stats_clip, fraction_fit=args.fraction_fit,
+                    min_clients=args.min_clients if args.min_clients is not None else min(2, args.clients),
+                    round_timeout=args.round_timeout, checkpoint_dir=checkpoint)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -55,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
             if args.engine == "simulation":
                 from veil.fl.simulation import run_simulation
 
-                result: FLResult = run_simulation(cfg, on_round=on_round, workdir=tmp)
+                result: FLResult = run_simulation(cfg, on_round=on_round, workdir=tmp, engine=args.simulator)
             elif args.superlink:
                 result = _submit_existing(args, cfg, out, on_round)
             else:
@@ -86,17 +98,24 @@ def _finish(result: Any, data: Any, out: Path, args: argparse.Namespace) -> dict
     """Save the global model (as `veil.ml` when it is linear), optionally deploy it, summarise."""
     from veil.fl.federation import save_result
 
-    save_result(result, out)
     summary: dict[str, Any] = {"history": result.history, "rejected": len(result.rejected),
                                "privacy": None if result.privacy is None else result.privacy.to_dict(),
-                               "wall_time": round(result.wall_time, 2), "out": str(out)}
+                               "wall_time": round(result.wall_time, 2), "out": str(out),
+                               "scaling": None if result.scaler is None else result.scaler.kind,
+                               "statistics": result.statistics}
     try:
-        from veil.fl.export import to_veil_model
+        from veil.fl.export import encrypted_check, to_veil_model
 
         model = to_veil_model(result, data.X_test)
     except TypeError as exc:
         summary["veil_model"] = f"not exported: {exc}"
+        save_result(result, out)
         return summary
+    # the exported model (scaler folded in) on raw features, encrypted, against the plaintext federated model
+    result.export = encrypted_check(result, model, data.X_test,
+                                    data.y_test if data.task == "classification" else None)
+    summary.update(result.export)
+    save_result(result, out)
     model.save(out / "model")
     summary["veil_model"] = str(out / "model")
     if args.deploy:
@@ -109,10 +128,9 @@ def _finish(result: Any, data: Any, out: Path, args: argparse.Namespace) -> dict
         with Client(args.deploy, token, verify=verify) as client:
             encrypted = client.predict(data.X_test, model=args.name)
         plain = model.predict(data.X_test)
-        summary["encrypted_agreement"] = float(np.mean(encrypted == plain))
+        summary["served_agreement"] = float(np.mean(encrypted == plain))
         if data.task == "classification":
-            summary["encrypted_accuracy"] = float(np.mean(encrypted == data.y_test))
-            summary["plaintext_accuracy"] = float(np.mean(plain == data.y_test))
+            summary["served_accuracy"] = float(np.mean(encrypted == data.y_test))
     return summary
 
 
@@ -122,13 +140,18 @@ def _table(summary: dict) -> str:
         metric = row.get("accuracy", row.get("r2", float("nan")))
         lines.append(f"{row['round']:>5}  {metric:.4f}  {row['loss']:.4f}")
     lines.append(f"dropped updates: {summary['rejected']}   wall time: {summary['wall_time']} s")
+    stats = summary.get("statistics")
+    if stats:
+        lines.append(f"federated {summary['scaling']} scaling: {stats['n_samples']} rows, {stats['rounds']} statistics "
+                     f"rounds in {stats['wall_time']:.2f} s{' (SecAgg+)' if stats['secagg'] else ''}")
     if summary["privacy"]:
         p = summary["privacy"]
         lines.append(f"DP ({p['mode']} clipping): noise multiplier {p['noise_multiplier']}, clipping norm "
                      f"{p['clipping_norm']}, noise std {p['noise_std']:.4g}: ({p['epsilon']:.3g}, {p['delta']:g})-DP "
                      f"per data owner over {p['rounds']} rounds")
     lines.append(f"model: {summary['veil_model']}")
-    for key in ("encrypted_accuracy", "plaintext_accuracy", "encrypted_agreement"):
+    for key in ("encrypted_accuracy", "plaintext_accuracy", "encrypted_agreement", "served_accuracy",
+                "served_agreement"):
         if key in summary:
             lines.append(f"{key.replace('_', ' ')}: {summary[key]:.4f}")
     return "\n".join(lines)
@@ -172,16 +195,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a model federatedly and save it as a veil.ml model")
     run.add_argument("--clients", type=int, default=10)
-    run.add_argument("--rounds", type=int, default=5)
+    run.add_argument("--rounds", type=int, default=None, help="training rounds (default 15)")
     run.add_argument("--model", choices=MODELS, default="logreg")
     run.add_argument("--dataset", default="digits", help="digits, iris, wine, breast_cancer, diabetes or a .npz")
     run.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
     run.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
     run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (label skew)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--max-iter", type=int, default=10, help="local solver iterations (scikit-learn)")
-    run.add_argument("--epochs", type=int, default=1, help="local epochs (torch)")
-    run.add_argument("--lr", type=float, default=0.05, help="local learning rate (torch)")
+    run.add_argument("--max-iter", type=int, default=1,
+                     help="local solver iterations per round (scikit-learn; 1 converges to central under skew)")
+    run.add_argument("--epochs", type=int, default=10, help="local epochs per round (torch)")
+    run.add_argument("--lr", type=float, default=0.3, help="local learning rate (torch)")
     run.add_argument("--proximal-mu", type=float, default=0.1, help="FedProx proximal term (torch)")
     run.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+ (server sees only the sum)")
     run.add_argument("--dp", choices=("off", "server", "client"), default="off",
@@ -189,7 +213,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument("--noise-multiplier", type=float, default=1.0)
     run.add_argument("--clipping-norm", type=float, default=1.0)
     run.add_argument("--delta", type=float, default=1e-5)
+    run.add_argument("--no-standardize", action="store_true",
+                     help="train on raw features (default: federated scaling from securely aggregated statistics)")
+    run.add_argument("--scaling", choices=("standard", "minmax"), default="standard",
+                     help="federated scaler: mean/std, or min/max from an aggregate histogram")
+    run.add_argument("--stats-noise", type=float, default=0.0,
+                     help="Gaussian DP noise multiplier on the statistics rounds (0: none)")
+    run.add_argument("--stats-clip", type=float, default=1.0, help="L2 clipping norm of each owner's statistics")
+    run.add_argument("--fraction-fit", type=float, default=1.0, help="fraction of owners sampled per round")
+    run.add_argument("--min-clients", type=int, default=None,
+                     help="stop with an error when fewer valid updates than this remain in a round (default 2)")
+    run.add_argument("--round-timeout", type=float, default=0.0,
+                     help="seconds to wait for owners each round; late owners are dropped (0: wait)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its --out) after its last round")
     run.add_argument("--engine", choices=("simulation", "deployment"), default="simulation")
+    run.add_argument("--simulator", choices=("ray", "inprocess"), default="ray",
+                     help="simulation: Flower's Ray engine or veil's in-process grid (no Ray start-up)")
     run.add_argument("--superlink", help="deployment: submit to this running SuperLink instead of starting one")
     run.add_argument("--root-certificates", help="deployment: CA of a TLS SuperLink given with --superlink")
     run.add_argument("--tls", action="store_true", help="deployment: TLS between SuperLink and SuperNodes")

@@ -9,6 +9,8 @@ import numpy as np
 from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
+from veil.errors import FederatedConfigError
+
 BUNDLED = {
     "digits": (datasets.load_digits, "classification"),
     "iris": (datasets.load_iris, "classification"),
@@ -48,7 +50,8 @@ def load_dataset(name: str, test_size: float = 0.2, seed: int = 0) -> Dataset:
             X, y = data["X"], data["y"]
         task = "classification" if y.dtype.kind in "iub" else "regression"
     else:
-        raise ValueError(f"unknown dataset {name!r}: use one of {sorted(BUNDLED)} or a .npz file with X and y")
+        raise FederatedConfigError(f"unknown dataset {name!r}: use one of {sorted(BUNDLED)} "
+                                   "or a .npz file with X and y")
     X = np.asarray(X, dtype=np.float64)
     stratify = y if task == "classification" else None
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed,

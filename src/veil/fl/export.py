@@ -11,12 +11,31 @@ from veil.fl.federation import FLResult
 
 
 def to_veil_model(result: FLResult, X_calibration: np.ndarray) -> ml.EncryptedLinearModel:
-    """The global model as a compiled `veil.ml` estimator.
+    """The global model as a compiled `veil.ml` estimator that takes raw features.
 
-    `X_calibration` is data the server may see (its held-out set or public samples); it only sets the
-    CKKS scales."""
-    model = result.learner().to_veil()
+    The federated scaler, when the run had one, is folded into the weights (as `from_sklearn_model` does
+    for a scaler Pipeline), so an encrypted client sends raw features. `X_calibration` (raw) is data the
+    server may see (its held-out set or public samples); it only sets the CKKS scales."""
+    scaler = None if result.scaler is None else result.scaler.sklearn()
+    model = result.learner().to_veil(scaler)
     return model.compile(np.asarray(X_calibration, dtype=np.float64))
+
+
+def encrypted_check(result: FLResult, model: ml.EncryptedLinearModel, X: np.ndarray,
+                    y: np.ndarray | None = None) -> dict[str, float]:
+    """Encrypted predictions of the exported model on raw `X` against the plaintext federated model:
+    agreement (fraction equal) and, for a classifier with labels `y`, both accuracies."""
+    encrypted = model.predict(X, fhe="execute")
+    plain = result.predict(X)
+    if result.classes is None:
+        scale = max(float(np.abs(plain).max()), 1e-12)
+        out = {"encrypted_agreement": float(np.mean(np.abs(encrypted - plain) <= 1e-3 * scale))}
+        return out
+    out = {"encrypted_agreement": float(np.mean(encrypted == plain))}
+    if y is not None:
+        out["encrypted_accuracy"] = float(np.mean(encrypted == y))
+        out["plaintext_accuracy"] = float(np.mean(plain == y))
+    return out
 
 
 def save_model(model: ml.EncryptedLinearModel, out: str | Path) -> Path:

@@ -18,6 +18,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, log_loss, mean_squared_error, r2_score
 
 from veil import ml
+from veil.errors import FederatedConfigError
 from veil.fl.names import MODELS
 
 SGD = (linear_model.SGDClassifier, linear_model.SGDRegressor)
@@ -30,6 +31,15 @@ def _sklearn_of(estimator: Any) -> Any:
     return skbase.clone(estimator)
 
 
+def _with_scaler(model: Any, scaler: Any) -> Any:
+    """`model`, or a Pipeline of `scaler` then `model` (which `veil.ml.from_sklearn_model` folds)."""
+    if scaler is None:
+        return model
+    from sklearn.pipeline import Pipeline
+
+    return Pipeline([("scale", scaler), ("model", model)])
+
+
 class SklearnLearner:
     """Federated wrapper of a linear scikit-learn (or `veil.ml`) estimator.
 
@@ -40,7 +50,7 @@ class SklearnLearner:
         self.model = _sklearn_of(estimator)
         self.classifier = skbase.is_classifier(self.model)
         if self.classifier and classes is None:
-            raise ValueError("a classifier needs the full list of classes (owners may miss some)")
+            raise FederatedConfigError("a classifier needs the full list of classes (owners may miss some)")
         self.classes = None if classes is None else np.asarray(classes)
         self.n_features = n_features
         n_out = 1 if not self.classifier or len(self.classes) == 2 else len(self.classes)
@@ -55,7 +65,7 @@ class SklearnLearner:
     def set_weights(self, weights: list[np.ndarray]) -> None:
         coef, intercept = (np.asarray(w, dtype=np.float64) for w in weights)
         if coef.shape != self.coef.shape or intercept.shape != self.intercept.shape:
-            raise ValueError(f"expected shapes {self.coef.shape}, {self.intercept.shape}; "
+            raise FederatedConfigError(f"expected shapes {self.coef.shape}, {self.intercept.shape}; "
                              f"got {coef.shape}, {intercept.shape}")
         self.coef, self.intercept = coef.copy(), intercept.copy()
 
@@ -71,8 +81,29 @@ class SklearnLearner:
         model.n_features_in_ = self.n_features
         return model
 
+    def _share_of(self, n_rows: int, config: dict | None) -> Any:
+        """The estimator with its penalty rescaled to this owner's share of all rows.
+
+        scikit-learn's penalties are not averaged over rows (LogisticRegression: C * sum of losses +
+        ||w||^2 / 2; Ridge: squared error sum + alpha ||w||^2), so an owner holding n of N rows that used
+        the central C would regularise N / n times harder than central training. When the server sends
+        the federation's row count `veil-total` (from the statistics round) the local objective becomes
+        n / N of the central one: C * N / n, alpha * n / N."""
+        model = self.model
+        total = int((config or {}).get("veil-total", 0))
+        if total <= 0 or n_rows <= 0:
+            return model
+        model = skbase.clone(model)
+        params = model.get_params()
+        if "C" in params and not isinstance(model, SGD):
+            model.set_params(C=params["C"] * total / n_rows)
+        elif isinstance(model, linear_model.Ridge):
+            model.set_params(alpha=params["alpha"] * n_rows / total)
+        return model
+
     def fit(self, X: np.ndarray, y: np.ndarray, config: dict | None = None) -> int:
         """Train locally from the current weights; returns the number of examples used."""
+        n_rows = len(y)
         weight = np.ones(len(y))
         if self.classifier:
             missing = np.setdiff1d(self.classes, y)
@@ -81,7 +112,7 @@ class SklearnLearner:
                 X = np.vstack([X, np.zeros((len(missing), X.shape[1]))])
                 y = np.concatenate([y, missing])
                 weight = np.concatenate([weight, np.zeros(len(missing))])
-        model = self.model
+        model = self._share_of(n_rows, config)
         with warnings.catch_warnings():
             # a local round deliberately stops the solver early
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -116,9 +147,11 @@ class SklearnLearner:
                 loss = float("nan")
         return loss, {"accuracy": float(accuracy_score(y, pred))}
 
-    def to_veil(self) -> ml.EncryptedLinearModel:
-        """The global model as a `veil.ml` estimator (compile it before encrypted inference)."""
-        return ml.from_sklearn_model(self.sklearn_model())
+    def to_veil(self, scaler: Any = None) -> ml.EncryptedLinearModel:
+        """The global model as a `veil.ml` estimator (compile it before encrypted inference).
+
+        A fitted `scaler` (the federated one) is folded into the weights, so the model takes raw features."""
+        return ml.from_sklearn_model(_with_scaler(self.sklearn_model(), scaler))
 
 
 class TorchLearner:
@@ -143,11 +176,11 @@ class TorchLearner:
     def set_weights(self, weights: list[np.ndarray]) -> None:
         state = self.model.state_dict()
         if len(weights) != len(state):
-            raise ValueError(f"expected {len(state)} arrays, got {len(weights)}")
+            raise FederatedConfigError(f"expected {len(state)} arrays, got {len(weights)}")
         new = {}
         for (name, ref), w in zip(state.items(), weights, strict=True):
             if tuple(np.shape(w)) != tuple(ref.shape):
-                raise ValueError(f"{name}: expected shape {tuple(ref.shape)}, got {np.shape(w)}")
+                raise FederatedConfigError(f"{name}: expected shape {tuple(ref.shape)}, got {np.shape(w)}")
             new[name] = self.torch.as_tensor(np.asarray(w), dtype=ref.dtype)
         self.model.load_state_dict(new)
 
@@ -193,9 +226,9 @@ class TorchLearner:
         labels = self.classes if self.classes is not None else np.arange(out.shape[1])
         return loss, {"accuracy": float(accuracy_score(y, labels[out.argmax(1).numpy()]))}
 
-    def to_veil(self) -> ml.EncryptedLinearModel:
+    def to_veil(self, scaler: Any = None) -> ml.EncryptedLinearModel:
         """A single-`Linear` classifier becomes a `veil.ml.LogisticRegression` (argmax over logits
-        is kept); other modules cannot be served encrypted by `veil.ml`."""
+        is kept); other modules cannot be served encrypted by `veil.ml`. A fitted `scaler` is folded in."""
         torch = self.torch
         layers = [m for m in self.model.modules() if not list(m.children())]
         if self.task != "classification" or len(layers) != 1 or not isinstance(layers[0], torch.nn.Linear):
@@ -208,10 +241,10 @@ class TorchLearner:
         sk = linear_model.LogisticRegression()
         sk.coef_, sk.intercept_, sk.classes_ = W, b, np.asarray(classes)
         sk.n_features_in_, sk.n_iter_ = W.shape[1], np.array([0])
-        return ml.from_sklearn_model(sk)
+        return ml.from_sklearn_model(_with_scaler(sk, scaler))
 
 
-def make_learner(model: str | Any, n_features: int, classes: np.ndarray | None, max_iter: int = 10,
+def make_learner(model: str | Any, n_features: int, classes: np.ndarray | None, max_iter: int = 1,
                  epochs: int = 1, lr: float = 0.05, seed: int = 0) -> SklearnLearner | TorchLearner:
     """A learner by name (see MODELS) or for a given scikit-learn / `veil.ml` estimator."""
     if not isinstance(model, str):
@@ -239,4 +272,4 @@ def make_learner(model: str | Any, n_features: int, classes: np.ndarray | None, 
         learner = TorchLearner(build, task, epochs=epochs, lr=lr, seed=seed)
         learner.classes = classes
         return learner
-    raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
+    raise FederatedConfigError(f"unknown model {model!r}; choose one of {MODELS}")

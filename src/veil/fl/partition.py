@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from veil.errors import FederatedConfigError
+
 
 def iid_partition(n_samples: int, n_clients: int, seed: int = 0) -> list[np.ndarray]:
     """Shuffle row indices and cut them into `n_clients` near-equal parts."""
     if n_clients < 1 or n_clients > n_samples:
-        raise ValueError(f"need 1 <= n_clients <= n_samples, got {n_clients} for {n_samples} samples")
+        raise FederatedConfigError(f"need 1 <= n_clients <= n_samples, got {n_clients} for {n_samples} samples")
     order = np.random.default_rng(seed).permutation(n_samples)
     return [np.sort(part) for part in np.array_split(order, n_clients)]
 
@@ -25,9 +27,9 @@ def dirichlet_partition(y: np.ndarray, n_clients: int, alpha: float = 0.5, seed:
     client holds at least `min_size` rows."""
     y = np.asarray(y)
     if alpha <= 0:
-        raise ValueError("alpha must be positive")
+        raise FederatedConfigError("alpha must be positive")
     if n_clients < 1 or n_clients * min_size > len(y):
-        raise ValueError(f"cannot give {n_clients} clients {min_size} rows each out of {len(y)}")
+        raise FederatedConfigError(f"cannot give {n_clients} clients {min_size} rows each out of {len(y)}")
     rng = np.random.default_rng(seed)
     classes = np.unique(y)
     for _ in range(max_tries):
@@ -39,7 +41,8 @@ def dirichlet_partition(y: np.ndarray, n_clients: int, alpha: float = 0.5, seed:
                 parts[client].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"no Dirichlet(alpha={alpha}) split gave every client {min_size} rows in {max_tries} tries")
+    raise FederatedConfigError(f"no Dirichlet(alpha={alpha}) split gave every client {min_size} rows "
+                               f"in {max_tries} tries")
 
 
 def partition(X: np.ndarray, y: np.ndarray, n_clients: int, scheme: str = "iid", alpha: float = 0.5,
@@ -47,11 +50,11 @@ def partition(X: np.ndarray, y: np.ndarray, n_clients: int, scheme: str = "iid",
     """Split arrays (X, y) into per-client (X_i, y_i) with scheme "iid" or "dirichlet"."""
     X, y = np.asarray(X), np.asarray(y)
     if len(X) != len(y):
-        raise ValueError("X and y have different lengths")
+        raise FederatedConfigError("X and y have different lengths")
     if scheme == "iid":
         parts = iid_partition(len(y), n_clients, seed)
     elif scheme == "dirichlet":
         parts = dirichlet_partition(y, n_clients, alpha, seed)
     else:
-        raise ValueError(f"unknown partition scheme {scheme!r}; use 'iid' or 'dirichlet'")
+        raise FederatedConfigError(f"unknown partition scheme {scheme!r}; use 'iid' or 'dirichlet'")
     return [(X[p], y[p]) for p in parts]

@@ -15,17 +15,20 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from scipy.special import ndtr
+from scipy.special import log_ndtr, ndtr
+
+from veil.errors import FederatedConfigError
 
 
 def _delta(eps: float, mu: float) -> float:
-    return float(ndtr(-eps / mu + mu / 2) - math.exp(eps) * ndtr(-eps / mu - mu / 2))
+    # e^eps * Phi(x) as exp(eps + log Phi(x)): e^eps alone overflows for the large epsilons of weak noise
+    return float(ndtr(-eps / mu + mu / 2) - math.exp(eps + float(log_ndtr(-eps / mu - mu / 2))))
 
 
 def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """Smallest epsilon such that `rounds` Gaussian mechanisms with this multiplier are (eps, delta)-DP."""
     if not 0 < delta < 1:
-        raise ValueError("delta must be in (0, 1)")
+        raise FederatedConfigError("delta must be in (0, 1)")
     if noise_multiplier <= 0:
         return math.inf
     mu = math.sqrt(rounds) / noise_multiplier

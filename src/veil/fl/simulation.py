@@ -10,16 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from veil.errors import VeilError
+from veil.errors import FederatedConfigError, FederationError
 from veil.fl.federation import FLConfig, FLResult, make_client_app, make_server_app
 
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-class FederationError(VeilError, RuntimeError):
-    """A federated run did not complete (engine failure, missing nodes, timeout)."""
 
 
 def offline_env(home: str | Path | None = None) -> dict[str, str]:
@@ -32,35 +28,62 @@ def offline_env(home: str | Path | None = None) -> dict[str, str]:
     return env
 
 
+ENGINES = ("ray", "inprocess")
+
+
 def run_simulation(config: FLConfig, partitions: list | None = None,
                    test: tuple[np.ndarray, np.ndarray] | None = None,
                    on_round: Callable[[dict], None] | None = None, workdir: str | Path | None = None,
-                   cpus_per_client: float = 1.0) -> FLResult:
+                   cpus_per_client: float = 1.0, engine: str = "ray") -> FLResult:
     """Train with `config.clients` virtual SuperNodes; returns the server's result.
 
     `partitions` (list of per-owner (X, y)) and `test` (held-out (X, y)) replace the named dataset, so
-    any array dataset can be federated. Ray's files go to `workdir` (a fresh temporary directory if None)."""
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
+    any array dataset can be federated. `engine` is Flower's simulation engine ("ray"; its files go to
+    `workdir`, a fresh temporary directory if None) or veil's in-process grid ("inprocess", see
+    `veil.fl.inprocess`): the same apps, without Ray's start-up. A run stopped by too few clients or a
+    failing statistics round raises `FederationError` with the server's reason."""
     if partitions is not None and (test is None or len(partitions) != config.clients):
-        raise ValueError("with explicit partitions give one per client and a held-out test set")
+        raise FederatedConfigError("with explicit partitions give one per client and a held-out test set")
+    if engine not in ENGINES:
+        raise FederatedConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     box: list[FLResult] = []
-    server = make_server_app(config, test, partitions, on_round, box.append)
+    errors: list[BaseException] = []
+    server = make_server_app(config, test, partitions, on_round, box.append, errors.append)
     client = make_client_app(config, partitions)
+    start = time.perf_counter()
+    if engine == "inprocess":
+        from veil.fl.inprocess import run_server_app
+
+        try:
+            run_server_app(server, client, config.clients, config.to_run_config())
+        except FederationError:
+            raise
+        except Exception as exc:
+            raise FederationError(f"the ServerApp failed: {type(exc).__name__}: {exc}") from exc
+        return _checked(box, config, start)
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
     with tempfile.TemporaryDirectory(prefix="veil-fl-", dir=workdir) as tmp:
         # Ray's socket paths must stay short, hence a short temporary directory of our own
         backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                    "init_args": {"_temp_dir": tmp, "num_cpus": max(1, os.cpu_count() or 1)}}
-        start = time.perf_counter()
         try:
             flwr_run_simulation(server_app=server, client_app=client, num_supernodes=config.clients,
                                 backend_config=backend)
         except SystemExit as exc:
+            if errors:
+                raise FederationError(str(errors[0])) from errors[0]
             raise FederationError(f"Flower simulation exited with code {exc.code}") from None
         finally:
             _shutdown_ray()
+    if errors:
+        raise FederationError(str(errors[0])) from errors[0]
+    return _checked(box, config, start)
+
+
+def _checked(box: list[FLResult], config: FLConfig, start: float) -> FLResult:
     if not box:
         raise FederationError("the ServerApp finished without a result")
     result = box[0]
