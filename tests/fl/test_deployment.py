@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from veil.fl import cli
-from veil.fl.deployment import LocalFederation, _alive, _children, free_port, kill_tree, run_deployment, write_app
+from veil.fl.deployment import LocalFederation, _alive, _children, kill_tree, run_deployment, write_app
 from veil.fl.federation import FLConfig
 from veil.fl.simulation import run_simulation
+from veil.net import free_port
 
 pytestmark = pytest.mark.timeout(420)
 

@@ -180,7 +180,7 @@ def _superlink(args: argparse.Namespace) -> int:
 
 def _supernode(args: argparse.Namespace) -> int:
     """Run one data owner's SuperNode in the foreground."""
-    from veil.fl.deployment import free_port
+    from veil.net import free_port
 
     cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port or free_port()),
            "--node-config", f"partition-id={args.partition_id} num-partitions={args.clients}"]

@@ -19,15 +19,9 @@ from typing import Any
 
 from veil.fl.federation import PROGRESS_FILE, FLConfig, FLResult, load_result
 from veil.fl.simulation import FederationError, offline_env
+from veil.net import free_port
 
 APP_NAME = "veilfl"
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (to bind immediately)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_tls(directory: Path) -> dict[str, Path]:
