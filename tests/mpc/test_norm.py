@@ -33,6 +33,7 @@ NORMS = {
     "layernorm": (lambda: nn.LayerNorm(4), False),
     "layernorm2d": (lambda: nn.LayerNorm([4, 4, 4]), True),
     "groupnorm": (lambda: nn.GroupNorm(2, 4), True),
+    "instancenorm": (lambda: nn.InstanceNorm2d(4, affine=True), True),
 }
 
 

@@ -181,6 +181,7 @@ def argmax_onehot(x: MPCTensor, dim: int = -1) -> MPCTensor:
 from veil.mpc._ops import (  # noqa: E402, F401
     activation_ops,
     adam_ops,
+    compare_ops,
     loss_ops,
     matrix_ops,
     norm_ops,
