@@ -37,6 +37,7 @@ import platform
 import ssl
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,8 +50,11 @@ import numpy as np
 import torch
 
 from veil.mpc import certs, launch
-from veil.mpc.data import load_digits
-from veil.mpc.train import make_model, plain_train
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the experiment models live in benchmarks/ (run as a script or a module)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+from benchmarks.mpc_models import load_digits, make_model, plain_train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
@@ -150,7 +154,7 @@ def run_experiment(name: str, cfg: dict, x_tr, y_tr, x_te, y_te, crypten: str | 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     public = (cfg, [len(owned[0][0]), len(owned[1][0])], tuple(x_tr.shape[1:]))
-    res = launch("veil.mpc.train:party_train", 2, public, party_args=[(owned[0], init, x_te), (owned[1],)],
+    res = launch("benchmarks.mpc_models:party_train", 2, public, party_args=[(owned[0], init, x_te), (owned[1],)],
                  timeout=120, wall_timeout=3600)
     wall = time.perf_counter() - t0
     p0, p1, dealer = res

@@ -13,7 +13,7 @@ party 0 only and scored in plaintext on the test rows.
 Input, written by the caller:
     --data FILE.npz   x (N, 1, 28, 28) or (N, 784) float32, y (N,) int64, x_test, y_test;
                       optionally orders (epochs, N) int64, the batch order per epoch (otherwise
-                      generated like veil.mpc.train.epoch_orders from --seed).
+                      generated like benchmarks/mpc_models.py epoch_orders from --seed).
     --init FILE.pt    state dict of the torch MLP (fc1/fc2/fc3 weight and bias) to start from.
 Output: --out FILE.json with seconds per batch (excluding the first), CrypTen's own communication
 counts per batch, test accuracy, versions.
@@ -98,7 +98,7 @@ from crypten.mpc.provider import ttp_provider  # noqa: E402
 
 
 class MLP(nn.Module):
-    """Seed 002's network, 784-128-64-10 with ReLU (same parameter names as veil.mpc.train.MLP)."""
+    """Seed 002's network, 784-128-64-10 with ReLU (same parameter names as benchmarks/mpc_models.py MLP)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmarks.mpc_models import load_digits
 from torch import nn
 
 import veil.mpc as mpc
 from veil.mpc import approx
-from veil.mpc.data import load_digits
 from veil.mpc.nn import reveal_module, share_module, share_rows
 
 from .conftest import run_on_shares

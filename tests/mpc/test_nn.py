@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmarks.mpc_models import SmallResNet
 from torch import nn
 
 import veil.mpc as mpc
 from veil.mpc.nn import load_shares, reveal_module, save_shares, share_columns, share_module, share_rows
-from veil.mpc.train import SmallResNet
 
 
 def _train_both(net, x, y, make_opt, loss_fn, steps, n_parties=2, target_src=1):

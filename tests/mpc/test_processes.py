@@ -8,15 +8,14 @@ import time
 
 import pytest
 import torch
+from benchmarks.mpc_models import load_digits, make_model, plain_train
 
 from veil.mpc import launch
 from veil.mpc.certs import make_dev_pki
 from veil.mpc.cli import add_parser
-from veil.mpc.data import load_digits
 from veil.mpc.errors import PartyFailureError
 from veil.mpc.party import peer_addresses
 from veil.mpc.provider import HEADER_BYTES
-from veil.mpc.train import make_model, plain_train
 from veil.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,7 +37,7 @@ def test_training_over_tls_matches_plaintext():
     cfg = {"model": "mlp", "lr": 0.05, "epochs": 1, "batch": 32, "seed": 0, "momentum": 0.5}
     public = (cfg, [32, 32], tuple(x.shape[1:]))
     private = [((x[:32], y[:32]), model.state_dict()), ((x[32:64], y[32:64]),)]
-    res = launch("veil.mpc.train:party_train", 2, public, party_args=private, timeout=60,
+    res = launch("benchmarks.mpc_models:party_train", 2, public, party_args=private, timeout=60,
                  wall_timeout=170)
     ref = plain_train(cfg, model.state_dict(), x[:64], y[:64])["state"]
     for k, v in ref.items():

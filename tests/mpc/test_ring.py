@@ -4,10 +4,11 @@ import gzip
 
 import pytest
 import torch
+from benchmarks.mpc_models import load_digits
 
 from veil.mpc import ring
-from veil.mpc.data import DataFormatError, load_digits, load_mnist, read_idx, write_idx
 from veil.mpc.errors import ProtocolError
+from veil.mpc.idx import DataFormatError, load_mnist, read_idx, write_idx
 
 
 def test_encode_decode_roundtrip_within_half_lsb():

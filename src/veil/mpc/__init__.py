@@ -27,7 +27,9 @@ tree, ReLU, max/argmax), `approx` (exp, log, reciprocal, sqrt, sigmoid, softmax 
 and tested error bounds), `tensor` (`MPCTensor`, a ``__torch_dispatch__`` wrapper so that
 torch.nn modules, losses, autograd and torch.optim run unchanged; views alias their base) and
 `_ops` (the rules per aten op, one module per op family, in a table), `nn` (sharing models and
-rows/columns, per-party save/load), `data` (digits, IDX).
+rows/columns, per-party save/load), `sharefile` (offline share files for data owners outside
+the parties, results encrypted to a holder) and `idx` (MNIST IDX files). Experiment models and
+the digits loader of the benchmarks live in ``benchmarks/mpc_models.py``.
 
 Error bounds: products, truncation and division by a public integer d (means, loss reductions,
 average pooling) are exact up to 1 unit in the last place (2^-16) plus the encoding error of the

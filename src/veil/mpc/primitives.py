@@ -157,8 +157,7 @@ def _open_many(rt: Runtime, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def beaver(rt: Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict | None = None) -> torch.Tensor:
     """Shares of bilinear(op, x, y) by a dealer Beaver triple (one round). No truncation."""
     params = params or {}
-    spec = {"op": op, "xs": list(x.shape), "ys": list(y.shape), "params": params}
-    t = rt.dealer.request("beaver", spec)
+    t = rt.dealer.beaver(op, x.shape, y.shape, params)
     a, b = t["a"], t["b"]
     e, f = _open_many(rt, [x - a, y - b])
     left = a + e if rt.rank == 0 else a
@@ -167,7 +166,7 @@ def beaver(rt: Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict 
 
 def square(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
     """Shares of x*x with a dealer pair (a, a^2); only x - a is opened. No truncation."""
-    t = rt.dealer.request("square", {"xs": list(x.shape)})
+    t = rt.dealer.square(x.shape)
     a = t["a"]
     e = open_ring(rt, x - a)
     z = t["c"] + 2 * e * a
@@ -216,7 +215,7 @@ def div_public(rt: Runtime, x: torch.Tensor, d: int) -> torch.Tensor:
         if rt.rank == 0:
             return torch.div(x, d, rounding_mode="floor")
         return -torch.div(-x, d, rounding_mode="floor")
-    t = rt.dealer.request("trunc", {"xs": list(x.shape), "d": d})
+    t = rt.dealer.division(x.shape, d)
     z = open_ring(rt, x + t["r"])
     zt = torch.div(z, d, rounding_mode="floor")
     return zt - t["rt"] if rt.rank == 0 else -t["rt"]
@@ -286,7 +285,7 @@ def _sign(rt: Runtime, x: torch.Tensor, fused) -> tuple[torch.Tensor, torch.Tens
     With ``fused`` (ReLU), x - alpha is opened together with z, so that x * s = e [s] + [alpha s]
     is local; returns ([b], c, [s], dealer bundle, e * [s] + [alpha s]).
     """
-    t = rt.dealer.request("relu" if fused else "sign", {"xs": list(x.shape)})
+    t = rt.dealer.sign(x.shape, relu=bool(fused))
     shape = x.shape
     if fused:
         z, e = _open_many(rt, [x + t["r"], x - t["al"]])

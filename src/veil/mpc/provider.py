@@ -46,25 +46,78 @@ class Item:
     derived: bool
 
 
-def plan(kind: str, spec: dict) -> list[Item]:
-    """The items of a request, in the order every party and the dealer expand them."""
-    if kind == "beaver":
+class Request:
+    """One kind of correlated randomness the dealer provides (as CrypTen's TupleProvider methods).
+
+    `items` lists what every party and the dealer expand, in order, from the request's stream;
+    `derive` computes, on the dealer only, the full values of the derived items (those the last
+    party cannot expand: it receives a correcting share for them). ``kind`` names the request on
+    the wire; ``spec`` holds only public shapes and parameters.
+    """
+
+    kind: str = ""
+
+    def items(self, spec: dict) -> list[Item]:
+        raise NotImplementedError
+
+    def derive(self, spec: dict, full: dict[str, torch.Tensor], frac_bits: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class BeaverTriple(Request):
+    """(a, b, c = op(a, b)) for a bilinear ``op`` (product, matmul, convolution and its gradients)."""
+
+    kind = "beaver"
+
+    def items(self, spec: dict) -> list[Item]:
         out = ring.bilinear_shape(spec["op"], tuple(spec["xs"]), tuple(spec["ys"]), spec["params"])
-        return [
-            Item("a", tuple(spec["xs"]), "A", False),
-            Item("b", tuple(spec["ys"]), "A", False),
-            Item("c", out, "A", True),
-        ]
-    if kind == "square":
+        return [Item("a", tuple(spec["xs"]), "A", False), Item("b", tuple(spec["ys"]), "A", False),
+                Item("c", out, "A", True)]
+
+    def derive(self, spec, full, frac_bits):
+        return {"c": ring.bilinear(spec["op"], full["a"], full["b"], spec["params"])}
+
+
+class SquarePair(Request):
+    """(a, a^2): one opening per square instead of two."""
+
+    kind = "square"
+
+    def items(self, spec: dict) -> list[Item]:
         s = tuple(spec["xs"])
         return [Item("a", s, "A", False), Item("c", s, "A", True)]
-    if kind == "trunc":
+
+    def derive(self, spec, full, frac_bits):
+        return {"c": full["a"] * full["a"]}
+
+
+class DivisionPair(Request):
+    """(r, floor(r / d)) for division by a public integer d (default 2^frac_bits: truncation)."""
+
+    kind = "trunc"
+
+    def items(self, spec: dict) -> list[Item]:
         s = tuple(spec["xs"])
         return [Item("r", s, "A", False), Item("rt", s, "A", True)]
-    if kind in ("sign", "relu"):
+
+    def derive(self, spec, full, frac_bits):
+        d = int(spec.get("d", 1 << frac_bits))
+        if d <= 0:
+            raise ProtocolError("truncation divisor must be positive")
+        return {"rt": torch.div(full["r"], d, rounding_mode="floor")}
+
+
+class SignMask(Request):
+    """A uniform r with its bits XOR-shared, AND triples for the carry tree and a random bit s
+    shared both ways (B2A): everything `primitives._sign` needs for an exact comparison."""
+
+    kind = "sign"
+    relu = False
+
+    def items(self, spec: dict) -> list[Item]:
         s = tuple(spec["xs"])
         items = [Item("r", s, "A", False), Item("rb", s, "B", True)]
-        if kind == "relu":
+        if self.relu:
             # pairs (alpha, alpha * s) for x * s (forward) and grad * s (backward)
             items += [Item("al", s, "A", False), Item("al2", s, "A", False)]
         for lvl, words in enumerate(and_words(_numel(s))):
@@ -74,32 +127,47 @@ def plan(kind: str, spec: dict) -> list[Item]:
                 Item(f"c{lvl}", (words,), "B", True),
             ]
         items += [Item("s", s, "B", False), Item("sa", s, "A", True)]
-        if kind == "relu":
+        if self.relu:
             items += [Item("ga", s, "A", True), Item("ga2", s, "A", True)]
         return items
-    raise ProtocolError(f"unknown dealer request {kind!r}")
 
-
-def derive(kind: str, spec: dict, full: dict[str, torch.Tensor], frac_bits: int) -> dict[str, torch.Tensor]:
-    """Full values of the derived items from the full values of the expanded ones (dealer only)."""
-    if kind == "beaver":
-        return {"c": ring.bilinear(spec["op"], full["a"], full["b"], spec["params"])}
-    if kind == "square":
-        return {"c": full["a"] * full["a"]}
-    if kind == "trunc":
-        d = int(spec.get("d", 1 << frac_bits))
-        if d <= 0:
-            raise ProtocolError("truncation divisor must be positive")
-        return {"rt": torch.div(full["r"], d, rounding_mode="floor")}
-    if kind in ("sign", "relu"):
+    def derive(self, spec, full, frac_bits):
         out = {"rb": full["r"], "sa": full["s"] & 1}
-        if kind == "relu":
+        if self.relu:
             out["ga"] = full["al"] * out["sa"]
             out["ga2"] = full["al2"] * out["sa"]
         for lvl in range(len(and_words(_numel(tuple(spec["xs"]))))):
             out[f"c{lvl}"] = full[f"a{lvl}"] & full[f"b{lvl}"]
         return out
-    raise ProtocolError(f"unknown dealer request {kind!r}")
+
+
+class ReluMaterial(SignMask):
+    """`SignMask` plus the pairs that make ReLU's product with the comparison bit (forward and
+    backward) cost no extra round."""
+
+    kind = "relu"
+    relu = True
+
+
+REQUESTS: dict[str, Request] = {r.kind: r for r in (BeaverTriple(), SquarePair(), DivisionPair(), SignMask(),
+                                                     ReluMaterial())}
+
+
+def _request(kind: str) -> Request:
+    try:
+        return REQUESTS[kind]
+    except KeyError:
+        raise ProtocolError(f"unknown dealer request {kind!r}") from None
+
+
+def plan(kind: str, spec: dict) -> list[Item]:
+    """The items of a request, in the order every party and the dealer expand them."""
+    return _request(kind).items(spec)
+
+
+def derive(kind: str, spec: dict, full: dict[str, torch.Tensor], frac_bits: int) -> dict[str, torch.Tensor]:
+    """Full values of the derived items from the full values of the expanded ones (dealer only)."""
+    return _request(kind).derive(spec, full, frac_bits)
 
 
 def _encode_header(kind: str, spec: dict) -> torch.Tensor:
@@ -173,6 +241,22 @@ class DealerClient:
             return out
 
         return Bundle(values, pending, fetch)
+
+    def beaver(self, op: str, xs, ys, params: dict) -> Bundle:
+        """Shares of a Beaver triple (a, b, op(a, b)) for operands of shapes xs and ys."""
+        return self.request(BeaverTriple.kind, {"op": op, "xs": list(xs), "ys": list(ys), "params": params})
+
+    def square(self, xs) -> Bundle:
+        """Shares of (a, a^2)."""
+        return self.request(SquarePair.kind, {"xs": list(xs)})
+
+    def division(self, xs, d: int) -> Bundle:
+        """Shares of (r, floor(r / d))."""
+        return self.request(DivisionPair.kind, {"xs": list(xs), "d": int(d)})
+
+    def sign(self, xs, relu: bool = False) -> Bundle:
+        """Comparison material for ``xs`` elements (with ReLU's product pairs if ``relu``)."""
+        return self.request((ReluMaterial if relu else SignMask).kind, {"xs": list(xs)})
 
     def stop(self) -> None:
         """Tell the dealer that the computation is over (last party only)."""

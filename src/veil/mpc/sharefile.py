@@ -273,7 +273,7 @@ def load_tensors(path: Path | str, label_column: int | None = None) -> dict[str,
     (a state dict of tensors)."""
     import numpy as np
 
-    from veil.mpc.data import read_idx
+    from veil.mpc.idx import read_idx
 
     p = Path(path)
     name = p.name.lower()

@@ -1,4 +1,6 @@
-"""Datasets for the MPC experiments: scikit-learn digits resized, and an MNIST IDX reader."""
+"""MNIST IDX files (the format of MNIST and similar datasets): reader, writer and loader.
+
+Used by ``veil mpc share`` for owners' data; gzip-compressed files are read as they are."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from veil.mpc.errors import MPCError
 
@@ -17,20 +18,6 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 class DataFormatError(MPCError, ValueError):
     """A file that is not a valid IDX file."""
-
-
-def load_digits(size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8x8 digits as (N, 1, size, size) floats in [0, 1] and int64 labels.
-
-    Upsampled with bilinear interpolation (MNIST cannot be downloaded here).
-    """
-    from sklearn.datasets import load_digits as sk_digits
-
-    d = sk_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x, torch.tensor(d.target, dtype=torch.int64)
 
 
 def read_idx(path: str | Path) -> torch.Tensor:

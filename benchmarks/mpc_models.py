@@ -1,4 +1,5 @@
-"""Party programs for encrypted training experiments (run by `veil.mpc.launch` in every party).
+"""Experiment models, data and party programs for the MPC benchmark and tests (run by
+`veil.mpc.launch` in every party).
 
 The setting of seed 002: data owners each secret-share their own rows, the model owner
 (party 0) shares its weights, the parties train with ordinary torch code on shares, and the
@@ -178,3 +179,17 @@ def party_train(cfg: dict, counts: list[int], feat: tuple[int, ...], mine: tuple
         out["infer_traffic"] = {k: after[k] - before[k] for k in after}
         out["test_logits"] = torch.cat(logits) if rt.rank == 0 else None
     return out
+
+
+def load_digits(size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as (N, 1, size, size) floats in [0, 1] and int64 labels.
+
+    Upsampled with bilinear interpolation (MNIST cannot be downloaded here).
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x, torch.tensor(d.target, dtype=torch.int64)
