@@ -88,13 +88,13 @@ def test_seed004_workflow_from_the_cli(tmp_path):
                 p.kill()
     assert codes == [0, 0, 0], [p.stderr.read() for p in procs]
 
-    out = veil("mpc", "reveal", str(results), "--certs", str(pki), "--holder", "alice", "--out",
-               str(tmp_path / "result.npz"))
+    out = veil("mpc", "reveal", str(results), "--certs", str(pki), "--holder", "alice", "--parties", "2",
+               "--out", str(tmp_path / "result.npz"))
     assert "losses" in out.stdout
     got = np.load(tmp_path / "result.npz")
     # bob, another owner, cannot read alice's result
-    refused = veil("mpc", "reveal", str(results), "--certs", str(pki), "--holder", "bob", "--out",
-                   str(tmp_path / "bob_result.npz"), check=False)
+    refused = veil("mpc", "reveal", str(results), "--certs", str(pki), "--holder", "bob", "--parties", "2",
+                   "--out", str(tmp_path / "bob_result.npz"), check=False)
     assert refused.returncode == 2 and not (tmp_path / "bob_result.npz").exists()
     assert "not urn:veil:mpc:owner:bob" in refused.stderr
 

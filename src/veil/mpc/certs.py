@@ -160,10 +160,11 @@ def make_ca(common_name: str = "veil mpc development CA", days: int = 365):
     return cert, key
 
 
-def issue(ca_cert, ca_key, identity: Identity, days: int = 365):
-    """A certificate for ``identity`` signed by the CA, usable as TLS client and server."""
+def issue(ca_cert, ca_key, identity: Identity, days: int = 365, valid_from: dt.datetime | None = None):
+    """A certificate for ``identity`` signed by the CA, usable as TLS client and server, valid for
+    ``days`` from ``valid_from`` (default: now)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = valid_from or dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(f"veil mpc {identity.label}"))

@@ -60,6 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--certs", required=True, help="directory with ca.pem and owner-NAME.pem/.key")
     r.add_argument("--holder", required=True, help="your owner NAME")
     r.add_argument("--name", default="result")
+    r.add_argument("--parties", type=int, required=True, help="number of computing parties you expect results from")
     r.add_argument("--out", required=True, help=".npz file to write")
     r.set_defaults(func=_reveal)
     return mpc
@@ -78,7 +79,8 @@ def _share(ns: argparse.Namespace) -> int:
         parties = [Path(ns.certs) / f"party{r}.pem" for r in range(ns.parties)]
         owner = _owner_files(ns.certs, ns.owner) if ns.owner else None
         name = ns.name or Path(ns.data).name.split(".")[0]
-        paths = sharefile.write_shares(tensors, parties, ns.out, name, owner=owner, frac_bits=ns.frac_bits)
+        paths = sharefile.write_shares(tensors, parties, ns.out, name, ca=Path(ns.certs) / "ca.pem", owner=owner,
+                                       frac_bits=ns.frac_bits)
     except ProtocolError as exc:
         print(f"veil mpc share: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +129,7 @@ def run_script(script: str, shares: str, certs_dir: str, rank: int, world: int, 
 def _reveal(ns: argparse.Namespace) -> int:
     try:
         paths = sorted(Path(ns.results).glob(f"{ns.name}.party*{sharefile.SUFFIX}"))
-        values = sharefile.read_result(paths, _owner_files(ns.certs, ns.holder))
+        values = sharefile.read_result(paths, _owner_files(ns.certs, ns.holder), parties=ns.parties)
     except ProtocolError as exc:
         print(f"veil mpc reveal: {exc}", file=sys.stderr)
         return 2

@@ -24,10 +24,11 @@ shapes, number of rows) and whom it comes from; anyone else sees ciphertext and 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import re
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -49,12 +51,18 @@ MAX_HEADER = 1 << 20
 SUFFIX = ".vshare"
 
 
-@dataclass(frozen=True)
-class ShareFile:
-    """A decrypted share file: its header and this recipient's int64 share of each tensor."""
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_PARTIES = 64
+MAX_TENSORS = 256
+MAX_DIMS = 8
+EC_POINT_BYTES = 65  # uncompressed P-256 point
 
-    header: dict
-    shares: dict[str, torch.Tensor]
+
+def check_name(name: str) -> str:
+    """Dataset and result names are plain file-name stems (they never leave the output directory)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ProtocolError(f"names are 1-64 letters, digits, '_' or '-', got {name!r}")
+    return name
 
 
 def _load_cert(path: Path | str) -> x509.Certificate:
@@ -68,29 +76,95 @@ def _identity_of(cert_path: Path | str) -> Identity:
     return ident
 
 
-def _key(shared: bytes, header: bytes) -> bytes:
-    info = b"veil-mpc-share-file" + hashlib.sha256(header).digest()
+def _verify_cert(cert: x509.Certificate, ca_path: Path | str, what: str) -> None:
+    """``cert`` must be issued by the CA, valid now, and not a CA itself."""
+    try:
+        cert.verify_directly_issued_by(_load_cert(ca_path))
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ProtocolError(f"{what}: certificate not issued by the CA ({exc or type(exc).__name__})") from None
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ProtocolError(f"{what}: certificate not valid now")
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise ProtocolError(f"{what}: a CA certificate cannot be an identity")
+    except x509.ExtensionNotFound:
+        pass
+
+
+def _recipient(cert_path: Path | str, ca: Path | str) -> tuple[x509.Certificate, Identity]:
+    """A recipient certificate checked against the CA before anything is encrypted to it."""
+    cert = _load_cert(cert_path)
+    _verify_cert(cert, ca, str(cert_path))
+    return cert, _identity_of(cert_path)
+
+
+def _key(shared: bytes, header: bytes, eph_pub: bytes) -> bytes:
+    info = b"veil-mpc-share-file" + hashlib.sha256(header).digest() + hashlib.sha256(eph_pub).digest()
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
-def _seal(header: dict, payload: bytes, recipient_cert: Path | str, owner: TLSFiles | None) -> bytes:
+def _low_s(sig: bytes, curve: ec.EllipticCurve) -> bytes:
+    """The low-s form of an ECDSA signature (one valid encoding per signature)."""
+    r, s_ = decode_dss_signature(sig)
+    n = CURVE_ORDER[curve.name]
+    return encode_dss_signature(r, min(s_, n - s_))
+
+
+CURVE_ORDER = {"secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551}
+
+
+def _seal(header: dict, payload: bytes, recipient: x509.Certificate, owner: TLSFiles | None) -> bytes:
     """Encrypt ``payload`` to the recipient's certificate, header as associated data; sign if owner."""
-    cert = _load_cert(recipient_cert)
-    pub = cert.public_key()
-    if not isinstance(pub, ec.EllipticCurvePublicKey):
-        raise ProtocolError(f"{recipient_cert}: share files need an EC certificate key")
+    pub = recipient.public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name not in CURVE_ORDER:
+        raise ProtocolError("share files need a P-256 certificate key")
     head = json.dumps(header, sort_keys=True).encode()
     eph = ec.generate_private_key(pub.curve)
     eph_pub = eph.public_key().public_bytes(serialization.Encoding.X962,
                                             serialization.PublicFormat.UncompressedPoint)
     nonce = os.urandom(12)
-    body = AESGCM(_key(eph.exchange(ec.ECDH(), pub), head)).encrypt(nonce, payload, MAGIC + head)
+    body = AESGCM(_key(eph.exchange(ec.ECDH(), pub), head, eph_pub)).encrypt(nonce, payload, MAGIC + head + eph_pub)
     blob = MAGIC + len(head).to_bytes(4, "big") + head + len(eph_pub).to_bytes(2, "big") + eph_pub + nonce + body
     sig = b""
     if owner is not None:
         key = serialization.load_pem_private_key(Path(owner.key).read_bytes(), password=None)
-        sig = key.sign(blob, ec.ECDSA(hashes.SHA256()))
+        sig = _low_s(key.sign(blob, ec.ECDSA(hashes.SHA256())), key.curve)
     return blob + sig + len(sig).to_bytes(2, "big")
+
+
+def _check_header(header: object) -> dict:
+    """Every field of an untrusted header with the right type and range (ProtocolError otherwise)."""
+    if not isinstance(header, dict) or header.get("format") != "veil.mpc.sharefile/1":
+        raise ProtocolError("not a veil.mpc share file header")
+
+    def integer(key: str, lo: int, hi: int) -> int:
+        v = header.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ProtocolError(f"header field {key!r} must be an integer in [{lo}, {hi}]")
+        return v
+
+    parties = integer("parties", 2, MAX_PARTIES)
+    integer("party", 0, parties - 1)
+    integer("frac_bits", 0, 62)
+    for key in ("dataset", "recipient"):
+        if not isinstance(header.get(key), str) or len(header[key]) > 256:
+            raise ProtocolError(f"header field {key!r} must be a short string")
+    check_name(header.get("name"))
+    if (header.get("owner") is None) != (header.get("owner_cert") is None) or not all(
+            isinstance(header.get(k), str | type(None)) for k in ("owner", "owner_cert")):
+        raise ProtocolError("header fields 'owner' and 'owner_cert' must be both strings or both null")
+    specs = header.get("tensors")
+    if not isinstance(specs, list) or not 1 <= len(specs) <= MAX_TENSORS:
+        raise ProtocolError(f"header field 'tensors' must list 1 to {MAX_TENSORS} tensors")
+    for spec in specs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or len(spec["name"]) > 256:
+            raise ProtocolError("each tensor needs a name")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 40 for d in shape):
+            raise ProtocolError(f"tensor {spec['name']!r}: shape must be at most {MAX_DIMS} non-negative integers")
+    return header
 
 
 def _open(data: bytes, me: TLSFiles) -> tuple[dict, bytes]:
@@ -105,40 +179,46 @@ def _open(data: bytes, me: TLSFiles) -> tuple[dict, bytes]:
         if n > MAX_HEADER:
             raise ValueError("header too large")
         head = blob[pos + 4 : pos + 4 + n]
-        header = json.loads(head)
+        header = _check_header(json.loads(head))
         pos += 4 + n
         k = int.from_bytes(blob[pos : pos + 2], "big")
         eph_pub, nonce, body = blob[pos + 2 : pos + 2 + k], blob[pos + 2 + k : pos + 14 + k], blob[pos + 14 + k :]
-        if not isinstance(header, dict) or len(nonce) != 12:
-            raise ValueError("malformed header")
-    except (ValueError, UnicodeDecodeError, IndexError) as exc:
-        raise ProtocolError(f"malformed share file: {exc}") from None
+        if k != EC_POINT_BYTES or eph_pub[:1] != b"\x04" or len(nonce) != 12:
+            raise ValueError("the ephemeral key must be an uncompressed P-256 point")
+    except (ValueError, UnicodeDecodeError, IndexError, RecursionError, TypeError, KeyError, AttributeError) as exc:
+        raise ProtocolError(f"malformed share file: {exc or type(exc).__name__}") from None
     mine = _identity_of(me.cert)
-    if header.get("recipient") != mine.uri():
-        raise ProtocolError(f"share file is for {header.get('recipient')}, not {mine.uri()}")
-    if header.get("owner"):
-        _check_signature(blob, sig, header["owner"], header.get("owner_cert", ""), me.ca)
+    if header["recipient"] != mine.uri():
+        raise ProtocolError(f"share file is for {header['recipient']}, not {mine.uri()}")
+    if header["owner"] is not None:
+        _check_signature(blob, sig, header["owner"], header["owner_cert"], me.ca)
+    elif sig:
+        raise ProtocolError("an unsigned share file carries a signature")
     key = serialization.load_pem_private_key(Path(me.key).read_bytes(), password=None)
     try:
         peer = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, eph_pub)
-        payload = AESGCM(_key(key.exchange(ec.ECDH(), peer), head)).decrypt(nonce, body, MAGIC + head)
+        aead = AESGCM(_key(key.exchange(ec.ECDH(), peer), head, eph_pub))
+        payload = aead.decrypt(nonce, body, MAGIC + head + eph_pub)
     except (InvalidTag, ValueError) as exc:
         raise ProtocolError("share file failed its integrity check (tampered, or not for this key)") from exc
     return header, payload
 
 
 def _check_signature(blob: bytes, sig: bytes, owner_uri: str, owner_cert_pem: str, ca_path: Path) -> None:
-    """The owner's certificate (in the header) must be signed by the CA, name the owner, and sign the file."""
+    """The signer's certificate (in the header) must come from the CA, be valid, name the signer,
+    and sign the file with a low-s signature."""
     try:
         cert = x509.load_pem_x509_certificate(owner_cert_pem.encode())
-        ca = _load_cert(ca_path)
-        cert.verify_directly_issued_by(ca)
         ident = cert_identity(owner_cert_pem.encode())
         if ident is None or ident.uri() != owner_uri:
-            raise ValueError("owner certificate names another identity")
+            raise ValueError("the certificate names another identity")
+        _, s_ = decode_dss_signature(sig)
+        if s_ > CURVE_ORDER["secp256r1"] // 2:
+            raise ValueError("not a low-s signature")
         cert.public_key().verify(sig, blob, ec.ECDSA(hashes.SHA256()))
     except (ValueError, TypeError, InvalidSignature) as exc:
-        raise ProtocolError(f"share file signature of {owner_uri} does not verify: {exc}") from None
+        raise ProtocolError(f"share file signature of {owner_uri} does not verify: {exc or 'bad signature'}") from None
+    _verify_cert(cert, ca_path, owner_uri)
 
 
 def _payload(shares: dict[str, torch.Tensor]) -> tuple[list[dict], bytes]:
@@ -152,7 +232,7 @@ def _payload(shares: dict[str, torch.Tensor]) -> tuple[list[dict], bytes]:
 def _unpayload(specs: list[dict], payload: bytes) -> dict[str, torch.Tensor]:
     out, off = {}, 0
     for spec in specs:
-        shape = tuple(int(d) for d in spec["shape"])
+        shape = tuple(spec["shape"])
         n = 8
         for d in shape:
             n *= d
@@ -181,24 +261,29 @@ def split(tensors: dict[str, torch.Tensor], n_parties: int, frac_bits: int = rin
 
 
 def write_shares(tensors: dict[str, torch.Tensor], party_certs: list[Path | str], out_dir: Path | str, name: str,
-                 owner: TLSFiles | None = None, frac_bits: int = ring.DEFAULT_FRAC_BITS) -> list[Path]:
-    """Split ``tensors`` for the parties whose certificates are given (in rank order) and write
-    one encrypted file per party, ``<name>.party<r>.vshare``; signed if ``owner`` is given."""
+                 ca: Path | str, owner: TLSFiles | None = None, frac_bits: int = ring.DEFAULT_FRAC_BITS) -> list[Path]:
+    """Split ``tensors`` for the parties whose certificates are given (in rank order, each checked
+    against the CA ``ca``) and write one encrypted file per party, ``<name>.party<r>.vshare``;
+    signed if ``owner`` is given."""
+    check_name(name)
     n = len(party_certs)
-    if n < 2:
-        raise ProtocolError("at least 2 computing parties are needed")
-    for r, cert in enumerate(party_certs):
-        if _identity_of(cert) != identity_for(r, n + 1):
-            raise ProtocolError(f"{cert} is not the certificate of party {r}")
+    if not 2 <= n <= MAX_PARTIES:
+        raise ProtocolError(f"2 to {MAX_PARTIES} computing parties are needed")
+    recipients = []
+    for r, path in enumerate(party_certs):
+        cert, ident = _recipient(path, ca)
+        if ident != identity_for(r, n + 1):
+            raise ProtocolError(f"{path} is not the certificate of party {r}")
+        recipients.append((cert, ident))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = os.urandom(16).hex()
     owner_ident = _identity_of(owner.cert) if owner is not None else None
     paths = []
-    for r, (cert, shares) in enumerate(zip(party_certs, split(tensors, n, frac_bits), strict=True)):
+    for r, ((cert, ident), shares) in enumerate(zip(recipients, split(tensors, n, frac_bits), strict=True)):
         specs, payload = _payload(shares)
         header = {"format": "veil.mpc.sharefile/1", "dataset": dataset, "name": name, "party": r, "parties": n,
-                  "frac_bits": frac_bits, "tensors": specs, "recipient": _identity_of(cert).uri(),
+                  "frac_bits": frac_bits, "tensors": specs, "recipient": ident.uri(),
                   "owner": owner_ident.uri() if owner_ident else None,
                   "owner_cert": Path(owner.cert).read_text() if owner is not None else None}
         path = out_dir / f"{name}.party{r}{SUFFIX}"
@@ -207,63 +292,83 @@ def write_shares(tensors: dict[str, torch.Tensor], party_certs: list[Path | str]
     return paths
 
 
-def read_shares(path: Path | str, me: TLSFiles, require_owner: str | None = None) -> dict[str, MPCTensor]:
+def read_shares(path: Path | str, me: TLSFiles, name: str | None = None,
+                require_owner: str | None = None) -> dict[str, MPCTensor]:
     """This party's shares from its file (the runtime's rank and frac_bits must match the file's).
 
-    ``require_owner`` (an owner name) refuses files not signed by that owner."""
+    ``name`` must be the dataset's name in the header if given; ``require_owner`` (an owner
+    name) refuses files not signed by that owner."""
     rt = P.current()
     header, payload = _open(Path(path).read_bytes(), me)
-    if require_owner is not None and header.get("owner") != Identity("owner", require_owner).uri():
+    if name is not None and header["name"] != name:
+        raise ProtocolError(f"{path} holds dataset {header['name']!r}, not {name!r}")
+    if require_owner is not None and header["owner"] != Identity("owner", require_owner).uri():
         raise ProtocolError(f"{path} is not signed by owner {require_owner}")
-    if header.get("party") != rt.rank or header.get("parties") != rt.n or header.get("frac_bits") != rt.frac_bits:
-        raise ProtocolError(f"{path} holds party {header.get('party')}'s shares of a {header.get('parties')}-party "
+    if header["party"] != rt.rank or header["parties"] != rt.n or header["frac_bits"] != rt.frac_bits:
+        raise ProtocolError(f"{path} holds party {header['party']}'s shares of a {header['parties']}-party "
                             f"split; this is party {rt.rank} of {rt.n}")
     check_same_dataset(header)
     return {k: MPCTensor(v) for k, v in _unpayload(header["tensors"], payload).items()}
 
 
 def check_same_dataset(header: dict) -> None:
-    """Every party checks that all parties loaded shares of the same split (one round)."""
+    """Every party checks that all parties loaded shares of the same split, from the same owner
+    (one round)."""
     rt = P.current()
-    digest = hashlib.sha256(json.dumps([header["dataset"], header["name"], header["tensors"]]).encode()).digest()
+    fields = [header[k] for k in ("dataset", "name", "tensors", "owner", "owner_cert", "parties", "frac_bits")]
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
     mine = torch.frombuffer(bytearray(digest), dtype=torch.int64).clone()
     if any(not torch.equal(mine, other) for other in rt.comm.exchange(mine)):
         raise ProtocolError(f"the parties loaded different share files for {header['name']!r}")
 
 
+def _run_id() -> str:
+    """A value every party agrees on for one reveal (each contributes randomness; one round)."""
+    rt = P.current()
+    mine = torch.frombuffer(bytearray(os.urandom(16)), dtype=torch.int64).clone()
+    parts = rt.comm.exchange(mine)
+    return hashlib.sha256(b"".join(p.numpy().tobytes() for p in parts)).hexdigest()
+
+
 def write_result(tensors: dict[str, MPCTensor], holder_cert: Path | str, out_dir: Path | str, name: str,
                  me: TLSFiles) -> Path:
-    """This party's shares of results, encrypted to the holder (an owner outside the parties)."""
+    """This party's shares of results, encrypted to the holder (checked against the CA) and signed."""
     rt = P.current()
-    holder = _identity_of(holder_cert)
+    check_name(name)
+    cert, holder = _recipient(holder_cert, me.ca)
+    run = _run_id()
     specs, payload = _payload({k: v._share.detach() for k, v in tensors.items()})
-    header = {"format": "veil.mpc.sharefile/1", "dataset": name, "name": name, "party": rt.rank, "parties": rt.n,
+    header = {"format": "veil.mpc.sharefile/1", "dataset": run, "name": name, "party": rt.rank, "parties": rt.n,
               "frac_bits": rt.frac_bits, "tensors": specs, "recipient": holder.uri(),
               "owner": _identity_of(me.cert).uri(), "owner_cert": Path(me.cert).read_text()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.party{rt.rank}{SUFFIX}"
-    path.write_bytes(_seal(header, payload, holder_cert, me))
+    path.write_bytes(_seal(header, payload, cert, me))
     return path
 
 
-def read_result(paths: list[Path | str], me: TLSFiles) -> dict[str, torch.Tensor]:
-    """The holder adds the parties' shares: every party's file (signed by that party) is needed."""
+def read_result(paths: list[Path | str], me: TLSFiles, parties: int) -> dict[str, torch.Tensor]:
+    """The holder adds the parties' shares: exactly one file from each of the ``parties`` parties
+    (the holder's own expectation), each signed by that party, all from the same reveal."""
+    if not 2 <= parties <= MAX_PARTIES:
+        raise ProtocolError(f"2 to {MAX_PARTIES} parties")
     parts = []
     for p in paths:
         header, payload = _open(Path(p).read_bytes(), me)
         parts.append((header, _unpayload(header["tensors"], payload)))
-    if not parts:
-        raise ProtocolError("no result files")
-    n = parts[0][0]["parties"]
     ranks = sorted(h["party"] for h, _ in parts)
-    if ranks != list(range(n)) or any(h["name"] != parts[0][0]["name"] or h["owner"] != identity_for(
-            h["party"], n + 1).uri() for h, _ in parts):
-        raise ProtocolError(f"need one result file signed by each of the {n} parties, got parties {ranks}")
+    if ranks != list(range(parties)):
+        raise ProtocolError(f"need one result file from each of the {parties} parties, got parties {ranks}")
+    first = parts[0][0]
+    for h, _ in parts:
+        same = all(h[k] == first[k] for k in ("dataset", "name", "parties", "frac_bits", "tensors"))
+        if not same or h["parties"] != parties or h["owner"] != identity_for(h["party"], parties + 1).uri():
+            raise ProtocolError("result files from different reveals, or not signed by their party")
     out = {}
-    for spec in parts[0][0]["tensors"]:
+    for spec in first["tensors"]:
         total = sum(s[spec["name"]] for _, s in parts)
-        out[spec["name"]] = ring.decode(total, parts[0][0]["frac_bits"])
+        out[spec["name"]] = ring.decode(total, first["frac_bits"])
     return out
 
 
@@ -318,8 +423,11 @@ class PartyContext:
         return sorted(p.name[: -len(tail)] for p in self.shares_dir.glob(f"*{tail}"))
 
     def load(self, name: str, owner: str | None = None) -> dict[str, MPCTensor]:
-        """This party's shares of dataset or model ``name`` (checked to be the same split everywhere)."""
-        return read_shares(self.shares_dir / f"{name}.party{self.rank}{SUFFIX}", self.me, require_owner=owner)
+        """This party's shares of dataset or model ``name`` (checked to be the same split everywhere;
+        signed by ``owner`` if given)."""
+        check_name(name)
+        return read_shares(self.shares_dir / f"{name}.party{self.rank}{SUFFIX}", self.me, name=name,
+                           require_owner=owner)
 
     def load_module(self, module, name: str, owner: str | None = None):
         """``module`` (the same architecture as the owner's) with its parameters and floating
