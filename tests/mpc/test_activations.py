@@ -101,7 +101,7 @@ def _run(act: nn.Module, bound: float, loss_fn=None, n_out: int = 3):
     o, lo, gx, state = mpc.run_local(prog)[0]
     scale = 1 + float(out.detach().abs().max())
     assert (o - out.detach()).abs().max() <= bound * scale, "forward"
-    assert abs(float(lo) - float(loss)) <= bound * (1 + abs(float(loss))), "loss"
+    assert abs(float(lo) - float(loss.detach())) <= bound * (1 + abs(float(loss.detach()))), "loss"
     assert (gx - xr.grad).abs().max() <= bound * (1 + float(xr.grad.abs().max())), "input gradient"
     for k, v in ref.state_dict().items():
         assert (state[k] - v).abs().max() <= bound, f"step: {k}"
