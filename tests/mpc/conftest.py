@@ -29,3 +29,34 @@ def run_on_shares(fn, *xs: torch.Tensor, n_parties: int = 2, frac_bits: int = 16
 def n_parties(request) -> int:
     """Run protocol tests with 2 and with 3 computing parties."""
     return request.param
+
+
+def sgd_step_both(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, loss_fn, lr: float = 0.1):
+    """One forward, backward and SGD step of ``net`` in plaintext and under MPC (x from party 0,
+    t from party 1), from the same weights.
+
+    Returns ``(plain, mpc)``, each (output, loss, input gradient, state dict after the step)."""
+    import copy
+
+    from veil.mpc.nn import reveal_module, share_module
+
+    ref = copy.deepcopy(net)
+    xr = x.clone().requires_grad_(True)
+    out = ref(xr)
+    loss = loss_fn(out, t)
+    loss.backward()
+    torch.optim.SGD(ref.parameters(), lr=lr).step()
+
+    def prog():
+        rt = mpc.current()
+        m = share_module(copy.deepcopy(net), 0)
+        xs = mpc.share(x if rt.rank == 0 else None, 0, shape=x.shape, requires_grad=True)
+        ts = mpc.share(t if rt.rank == 1 else None, 1, shape=t.shape)
+        o = m(xs)
+        lo = loss_fn(o, ts)
+        lo.backward()
+        torch.optim.SGD(m.parameters(), lr=lr).step()
+        return o.reveal(0), lo.reveal(0), xs.grad.reveal(0), reveal_module(m, 0)
+
+    plain = (out.detach(), loss.detach(), xr.grad, ref.state_dict())
+    return plain, mpc.run_local(prog)[0]

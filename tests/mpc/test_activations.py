@@ -13,6 +13,8 @@ import veil.mpc as mpc
 from veil.mpc.errors import ProtocolError
 from veil.mpc.nn import reveal_module, share_module
 
+from .conftest import sgd_step_both
+
 # (module, bound on outputs and gradients): exact ones to fixed-point rounding, approximations
 # to their documented bound
 CASES = {
@@ -80,30 +82,12 @@ def _run(act: nn.Module, bound: float, loss_fn=None, n_out: int = 3):
     t = torch.randn(16, n_out) if loss_fn is None else torch.rand(16, n_out).round()
     loss_fn = loss_fn or F.mse_loss
 
-    ref = copy.deepcopy(net)
-    xr = x.clone().requires_grad_(True)
-    out = ref(xr)
-    loss = loss_fn(out, t)
-    loss.backward()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
-
-    def prog():
-        rt = mpc.current()
-        m = share_module(copy.deepcopy(net), 0)
-        xs = mpc.share(x if rt.rank == 0 else None, 0, shape=x.shape, requires_grad=True)
-        ts = mpc.share(t if rt.rank == 1 else None, 1, shape=t.shape)
-        o = m(xs)
-        lo = loss_fn(o, ts)
-        lo.backward()
-        torch.optim.SGD(m.parameters(), lr=0.1).step()
-        return o.reveal(0), lo.reveal(0), xs.grad.reveal(0), reveal_module(m, 0)
-
-    o, lo, gx, state = mpc.run_local(prog)[0]
-    scale = 1 + float(out.detach().abs().max())
-    assert (o - out.detach()).abs().max() <= bound * scale, "forward"
-    assert abs(float(lo) - float(loss.detach())) <= bound * (1 + abs(float(loss.detach()))), "loss"
-    assert (gx - xr.grad).abs().max() <= bound * (1 + float(xr.grad.abs().max())), "input gradient"
-    for k, v in ref.state_dict().items():
+    (out, loss, xgrad, ref_state), (o, lo, gx, state) = sgd_step_both(net, x, t, loss_fn)
+    scale = 1 + float(out.abs().max())
+    assert (o - out).abs().max() <= bound * scale, "forward"
+    assert abs(float(lo) - float(loss)) <= bound * (1 + abs(float(loss))), "loss"
+    assert (gx - xgrad).abs().max() <= bound * (1 + float(xgrad.abs().max())), "input gradient"
+    for k, v in ref_state.items():
         assert (state[k] - v).abs().max() <= bound, f"step: {k}"
 
 

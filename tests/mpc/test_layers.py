@@ -12,6 +12,8 @@ from torch import nn
 import veil.mpc as mpc
 from veil.mpc.nn import reveal_module, share_module
 
+from .conftest import sgd_step_both
+
 BOUND = 2e-3
 
 
@@ -45,26 +47,10 @@ def test_layer_forward_backward_step(name):
     torch.manual_seed(0)
     net = Head(make(), features)
     x, t = torch.randn(shape), torch.randn(shape[0], 3)
-    ref = copy.deepcopy(net)
-    xr = x.clone().requires_grad_(True)
-    out = ref(xr)
-    F.mse_loss(out, t).backward()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
-
-    def prog():
-        rt = mpc.current()
-        m = share_module(copy.deepcopy(net), 0)
-        xs = mpc.share(x if rt.rank == 0 else None, 0, shape=x.shape, requires_grad=True)
-        ts = mpc.share(t if rt.rank == 1 else None, 1, shape=t.shape)
-        o = m(xs)
-        F.mse_loss(o, ts).backward()
-        torch.optim.SGD(m.parameters(), lr=0.1).step()
-        return o.reveal(0), xs.grad.reveal(0), reveal_module(m, 0)
-
-    o, gx, state = mpc.run_local(prog)[0]
-    assert (o - out.detach()).abs().max() <= BOUND
-    assert (gx - xr.grad).abs().max() <= BOUND
-    for k, v in ref.state_dict().items():
+    (out, _, xgrad, ref_state), (o, _, gx, state) = sgd_step_both(net, x, t, F.mse_loss)
+    assert (o - out).abs().max() <= BOUND
+    assert (gx - xgrad).abs().max() <= BOUND
+    for k, v in ref_state.items():
         assert (state[k] - v).abs().max() <= BOUND, k
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import veil.mpc as mpc
-from veil.mpc.nn import reveal_module, share_module
+
+from .conftest import sgd_step_both
 
 BOUND = 0.03
 
@@ -44,28 +45,11 @@ def test_norm_forward_backward_step_and_running_stats(name):
     net = Net(make(), conv)
     x = torch.randn(8, 2, 4, 4) if conv else torch.randn(8, 6)
     t = torch.randn(8, 3)
-    ref = copy.deepcopy(net)
-    ref.train()
-    xr = x.clone().requires_grad_(True)
-    out = ref(xr)
-    F.mse_loss(out, t).backward()
-    torch.optim.SGD(ref.parameters(), lr=0.1).step()
-
-    def prog():
-        rt = mpc.current()
-        m = share_module(copy.deepcopy(net), 0)
-        m.train()
-        xs = mpc.share(x if rt.rank == 0 else None, 0, shape=x.shape, requires_grad=True)
-        ts = mpc.share(t if rt.rank == 1 else None, 1, shape=t.shape)
-        o = m(xs)
-        F.mse_loss(o, ts).backward()
-        torch.optim.SGD(m.parameters(), lr=0.1).step()
-        return o.reveal(0), xs.grad.reveal(0), reveal_module(m, 0)
-
-    o, gx, state = mpc.run_local(prog)[0]
-    assert (o - out.detach()).abs().max() <= BOUND * (1 + float(out.detach().abs().max()))
-    assert (gx - xr.grad).abs().max() <= BOUND * (1 + float(xr.grad.abs().max()))
-    for k, v in ref.state_dict().items():
+    net.train()
+    (out, _, xgrad, ref_state), (o, _, gx, state) = sgd_step_both(net, x, t, F.mse_loss)
+    assert (o - out).abs().max() <= BOUND * (1 + float(out.abs().max()))
+    assert (gx - xgrad).abs().max() <= BOUND * (1 + float(xgrad.abs().max()))
+    for k, v in ref_state.items():
         if "running" in k:  # exact statistics (no approximation): rounding only
             assert (state[k] - v).abs().max() <= 2e-3, k
         elif v.is_floating_point():  # weights after the step

@@ -105,12 +105,18 @@ def load_shares(path: str | Path, into: nn.Module | None = None):
         return tensors[""]
     if into is None:
         return tensors
+    return assign_shares(into, tensors)
+
+
+def assign_shares(module: nn.Module, tensors: dict[str, MPCTensor]) -> nn.Module:
+    """Replace the parameters and buffers of ``module`` named in ``tensors`` (state-dict keys) by
+    those shares; parameters keep their ``requires_grad``."""
     for name, t in tensors.items():
         mod_name, _, attr = name.rpartition(".")
-        mod = into.get_submodule(mod_name) if mod_name else into
+        mod = module.get_submodule(mod_name) if mod_name else module
         if attr in mod._parameters:
             setattr(mod, attr, nn.Parameter(t, requires_grad=mod._parameters[attr].requires_grad))
         else:
             mod._buffers[attr] = t
-    return into
+    return module
 

@@ -432,7 +432,7 @@ class PartyContext:
     def load_module(self, module, name: str, owner: str | None = None):
         """``module`` (the same architecture as the owner's) with its parameters and floating
         buffers replaced by this party's shares of model ``name``."""
-        from torch import nn
+        from veil.mpc.nn import assign_shares
 
         tensors = self.load(name, owner)
         state = module.state_dict()
@@ -442,13 +442,7 @@ class PartyContext:
             if tuple(t.shape) != tuple(state[key].shape):
                 raise ProtocolError(f"model {name!r}: {key} has shape {tuple(t.shape)}, "
                                     f"expected {tuple(state[key].shape)}")
-            mod_name, _, attr = key.rpartition(".")
-            mod = module.get_submodule(mod_name) if mod_name else module
-            if attr in mod._parameters:
-                setattr(mod, attr, nn.Parameter(t, requires_grad=mod._parameters[attr].requires_grad))
-            else:
-                mod._buffers[attr] = t
-        return module
+        return assign_shares(module, tensors)
 
     def reveal(self, tensors: dict[str, MPCTensor], name: str = "result") -> Path:
         """Write this party's shares of ``tensors`` encrypted to the holder."""

@@ -11,8 +11,6 @@ from veil.mpc import ring
 from veil.mpc.errors import ProtocolError
 from veil.mpc.tensor import MPCTensor, _Store
 
-aten = torch.ops.aten
-
 
 def is_shared(x) -> bool:
     return isinstance(x, MPCTensor)
