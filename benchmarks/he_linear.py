@@ -38,7 +38,8 @@ from matplotlib.figure import Figure
 from sklearn.datasets import load_digits, load_iris
 
 from veil.he import PublicBundle
-from veil.ml import CircuitClient, LinearCircuit, LogisticRegression, OutputSpec
+from veil.ml import LogisticRegression, OutputSpec
+from veil.program import CircuitClient, LinearCircuit
 
 RNG_SEED = 20240611
 JITTER = 0.05

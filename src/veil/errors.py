@@ -43,3 +43,7 @@ class FederatedConfigError(VeilError, ValueError):
 
 class FederatedStatisticsError(VeilError, ValueError):
     """An owner's feature statistics that cannot be aggregated (non-finite, or beyond the SecAgg+ range)."""
+
+
+class ScaleMismatchError(VeilError, ValueError):
+    """Ciphertext operands at different levels or scales, or an operation the level chain cannot hold."""

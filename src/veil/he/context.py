@@ -20,6 +20,41 @@ class HEContext:
         self.seal = params.seal_context()
         self.encoder = seal.CKKSEncoder(self.seal)
         self.evaluator = seal.Evaluator(self.seal)
+        chain, data = [], self.seal.first_context_data()
+        while data is not None:
+            chain.append(data)
+            data = data.next_context_data()
+        # chain[i] is the level with chain index top_level - i
+        self._levels = {tuple(d.parms_id()): d.chain_index() for d in chain}
+        self._by_level = {d.chain_index(): d for d in chain}
+
+    @property
+    def top_level(self) -> int:
+        """Chain index of fresh ciphertexts (the number of rescales they can undergo)."""
+        return self.seal.first_context_data().chain_index()
+
+    def level_of(self, parms_id: object) -> int:
+        try:
+            return self._levels[tuple(parms_id)]
+        except KeyError:
+            raise ParameterMismatchError("value belongs to no level of this parameter set") from None
+
+    def parms_id_at(self, level: int) -> list[int]:
+        return self._by_level[level].parms_id()
+
+    def prime_at(self, level: int) -> int:
+        """The last prime of the modulus at `level`: the one a rescale from there divides by."""
+        return self._by_level[level].parms().coeff_modulus()[-1].value()
+
+    def modulus_bits_at(self, level: int) -> int:
+        return self._by_level[level].total_coeff_modulus_bit_count()
+
+    def encode_at(self, values: np.ndarray | float, scale: float, parms_id: object) -> seal.Plaintext:
+        """Encode at `scale`, then switch the plaintext down to the level of `parms_id`."""
+        plain = self.encode(values, scale)
+        if tuple(parms_id) != tuple(plain.parms_id()):
+            self.evaluator.mod_switch_to_inplace(plain, parms_id)
+        return plain
 
     @property
     def slot_count(self) -> int:
@@ -36,14 +71,15 @@ class HEContext:
             raise ValueError("cannot encode NaN or infinite values")
         return self.encoder.encode(arr, float(scale))
 
-    def load_ciphertext(self, blob: bytes) -> seal.Ciphertext:
-        """Deserialize and validate one SEAL ciphertext against this context."""
+    def load_ciphertext(self, blob: bytes, max_size: int = 2) -> seal.Ciphertext:
+        """Deserialize and validate one SEAL ciphertext against this context (requests are always
+        2-component; a response may hold 3 when the program skips its last relinearization)."""
         try:
             ct = self.seal.from_cipher_str(blob)
         except (RuntimeError, ValueError) as exc:
             raise WireFormatError(f"invalid ciphertext: {exc}") from None
-        if ct.size() != 2:
-            raise WireFormatError(f"expected a 2-component ciphertext, got {ct.size()}")
+        if not 2 <= ct.size() <= max_size:
+            raise WireFormatError(f"expected a ciphertext of 2 to {max_size} components, got {ct.size()}")
         if ct.poly_modulus_degree() != self.params.poly_modulus_degree:
             raise ParameterMismatchError("ciphertext ring degree does not match the parameters")
         return ct
@@ -53,7 +89,7 @@ class HEContext:
         head = dict(header, params=self.params.fingerprint)
         return wire.Message(wire.Kind.CIPHERTEXTS, head, [ct.to_string() for ct in cts]).to_bytes()
 
-    def unpack(self, data: bytes | wire.Message) -> tuple[dict, list[seal.Ciphertext]]:
+    def unpack(self, data: bytes | wire.Message, max_size: int = 2) -> tuple[dict, list[seal.Ciphertext]]:
         """Parse a ciphertext message (bytes, or already decoded) made under this parameter set."""
         msg = data if isinstance(data, wire.Message) else wire.decode(data, wire.Kind.CIPHERTEXTS)
         if msg.kind != wire.Kind.CIPHERTEXTS:
@@ -63,4 +99,4 @@ class HEContext:
                 f"ciphertexts were made for parameters {msg.header.get('params')!r}, "
                 f"this context uses {self.params.fingerprint!r}"
             )
-        return msg.header, [self.load_ciphertext(b) for b in msg.blobs]
+        return msg.header, [self.load_ciphertext(b, max_size) for b in msg.blobs]

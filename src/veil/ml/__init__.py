@@ -1,6 +1,5 @@
 """scikit-learn-compatible encrypted models built on `veil.he`."""
 
-from veil.ml.circuit import CircuitClient, LinearCircuit
 from veil.ml.deploy import ModelClient, ModelServer
 from veil.ml.linear import (
     ESTIMATORS,
@@ -20,6 +19,7 @@ from veil.ml.linear import (
     from_sklearn_model,
 )
 from veil.ml.outputs import OutputSpec
+from veil.program.affine import CircuitClient, LinearCircuit
 
 __all__ = [
     "ESTIMATORS",

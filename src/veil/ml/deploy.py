@@ -14,9 +14,9 @@ import numpy as np
 
 from veil.errors import WireFormatError
 from veil.he import PublicBundle, SecretKeys
-from veil.ml.circuit import CircuitClient, LinearCircuit
 from veil.ml.linear import CLIENT_FILE, FORMAT, SERVER_FILE
 from veil.ml.outputs import OutputSpec
+from veil.program import Circuit, load_client, load_server
 
 
 def _read(path: Path, name: str) -> dict:
@@ -33,7 +33,7 @@ def _read(path: Path, name: str) -> dict:
 class ModelServer:
     """Evaluates encrypted requests; holds the weights and never any secret key."""
 
-    def __init__(self, circuit: LinearCircuit, model: str = "") -> None:
+    def __init__(self, circuit: Circuit, model: str = "") -> None:
         self.circuit = circuit
         self.model = model
 
@@ -44,7 +44,7 @@ class ModelServer:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelServer:
-        return cls(LinearCircuit.from_dict(data["circuit"]).prepare(), data.get("model", ""))
+        return cls(load_server(data["circuit"]).prepare(), data.get("model", ""))
 
     def load_bundle(self, data: bytes) -> PublicBundle:
         """Parse a client's public bundle (a secret key is refused with KeyMaterialError)."""
@@ -58,7 +58,7 @@ class ModelClient:
     """Generates keys, encrypts inputs, decrypts outputs and applies the client-side post-processing."""
 
     def __init__(self, spec: dict, output: OutputSpec, model: str = "") -> None:
-        self.circuit = CircuitClient(spec)
+        self.circuit = load_client(spec)
         self.output = output
         self.model = model
 

@@ -24,8 +24,8 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from veil.errors import NotCompiledError
-from veil.ml.circuit import DEFAULT_HEADROOM, CircuitClient, LinearCircuit
 from veil.ml.outputs import OutputSpec
+from veil.program.affine import DEFAULT_HEADROOM, CircuitClient, LinearCircuit
 
 FHE_MODES = ("disable", "simulate", "execute")
 SERVER_FILE = "server.json"

@@ -152,3 +152,45 @@ def make_layout(name: str, slots: int, n_features: int, n_outputs: int) -> Batch
     if name == "row":
         return RowLayout(slots, n_features, n_outputs)
     raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
+
+
+@dataclass(frozen=True)
+class DiagonalLayout:
+    """Single-sample layout of leveled programs: each sample owns a block of 2*half slots holding
+    its features twice ([x, 0..., x, 0...]), so that rotating by up to `half` stays inside the
+    block; matrix products use the diagonal method with baby-step giant-step rotations and leave
+    their outputs in the first `n_outputs` slots of each block (the second half zero)."""
+
+    slots: int
+    n_features: int
+    n_outputs: int
+    half: int
+    name: str = "row"
+
+    def __post_init__(self) -> None:
+        if self.half < max(self.n_features, self.n_outputs) or 2 * self.half > self.slots:
+            raise ShapeError(f"a block of {2 * self.half} slots cannot hold {self.n_features} features "
+                             f"in {self.slots} slots; use the batch layout")
+
+    @property
+    def samples_per_ct(self) -> int:
+        return self.slots // (2 * self.half)
+
+    def n_input_cts(self, n_samples: int) -> int:
+        return math.ceil(n_samples / self.samples_per_ct)
+
+    def n_output_cts(self, n_samples: int) -> int:
+        return self.n_input_cts(n_samples)
+
+    def pack(self, X: np.ndarray) -> list[np.ndarray]:
+        n, spc, block = len(X), self.samples_per_ct, 2 * self.half
+        flat = np.zeros((self.n_input_cts(n) * spc, block))
+        flat[:n, :self.n_features] = X
+        flat[:n, self.half:self.half + self.n_features] = X
+        return list(flat.reshape(-1, spc * block))
+
+    def unpack(self, vectors: list[np.ndarray], n_samples: int) -> np.ndarray:
+        block = 2 * self.half
+        used = self.samples_per_ct * block
+        stacked = np.asarray([v[:used] for v in vectors]).reshape(-1, block)
+        return stacked[:n_samples, :self.n_outputs]

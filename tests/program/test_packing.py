@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from veil.errors import ShapeError
-from veil.he import BatchLayout, RowLayout, make_layout
+from veil.program.packing import BatchLayout, RowLayout, make_layout
 
 
 def _plain_eval(layout, X, W, b):

@@ -15,8 +15,8 @@ import seal
 
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
-from veil.he.packing import LAYOUTS, BatchLayout, RowLayout, make_layout
 from veil.he.params import CKKSParameters, preset
+from veil.program.packing import LAYOUTS, BatchLayout, RowLayout, make_layout
 
 DEFAULT_HEADROOM = 16.0
 INPUT_HEADROOM = 2.0
@@ -162,6 +162,8 @@ def _check_scales(scales: object) -> dict[str, LayoutScales]:
 class LinearCircuit:
     """Server side of the affine map: weights, bias and the scales per layout."""
 
+    kind = "affine"
+
     def __init__(self, weights: np.ndarray, bias: np.ndarray, scales: dict[str, LayoutScales]) -> None:
         self.weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         self.bias = np.asarray(bias, dtype=np.float64).ravel()
@@ -244,7 +246,7 @@ class LinearCircuit:
         return make_layout(name, self.scales[name].params.slot_count, self.n_features, self.n_outputs)
 
     def to_dict(self) -> dict:
-        return {"weights": self.weights.tolist(), "bias": self.bias.tolist(),
+        return {"kind": self.kind, "weights": self.weights.tolist(), "bias": self.bias.tolist(),
                 "scales": {k: v.to_dict() for k, v in self.scales.items()}}
 
     @classmethod
@@ -258,7 +260,7 @@ class LinearCircuit:
 
     def client_spec(self) -> dict:
         """What a client needs to encrypt and decrypt: no weights."""
-        return {"n_features": self.n_features, "n_outputs": self.n_outputs,
+        return {"kind": self.kind, "n_features": self.n_features, "n_outputs": self.n_outputs,
                 "scales": {k: {"params": v.params.to_dict(), "input_bits": v.input_bits,
                                "input_limit": v.input_limit.to_dict()} for k, v in self.scales.items()}}
 

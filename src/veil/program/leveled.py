@@ -1,0 +1,373 @@
+"""Leveled programs (networks with polynomial activations): the server circuit and its backends.
+
+`LeveledCircuit` holds the normalised stages of a `Program` and a `LayoutPlan` per layout, and
+runs them three ways: `run` (SEAL, on ciphertexts), `simulate` (the same quantization of inputs
+and weights plus Gaussian noise of the CKKS magnitude, no encryption) and `evaluate` (plaintext).
+
+Batch layout (samples in slots, one ciphertext per feature, no rotations): a Linear stage is, per
+output, a sum of ciphertexts times scalar plaintexts encoded at the prime the rescale divides by,
+so the scale is unchanged by the stage; a Poly stage is s t^2 + c1 t + c0 per ciphertext.
+
+Row layout (one sample per block of 2*half slots, see `DiagonalLayout`): a Linear stage is the
+diagonal method W x = sum_i diag_i(W) * rot(x, i) in baby-step giant-step form,
+sum_g rot(sum_b rot(diag_{gB+b}, -gB) * rot(x, b), gB): B - 1 + G - 1 rotations for
+B * G = half, plus one rotation that re-duplicates the block before every Linear but the first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import seal
+
+from veil.errors import KeyMaterialError, ShapeError, WireFormatError
+from veil.he import HEContext, PublicBundle, wire
+from veil.he.ciphertext import Ciphertext, add_many
+from veil.program.ir import Linear, Op, Poly, Program
+from veil.program.packing import BatchLayout, DiagonalLayout
+from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps
+
+KIND = "leveled"
+PROGRAM_LAYOUTS = ("batch", "row")
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def make_packing(plan: LayoutPlan, n_features: int, n_outputs: int) -> BatchLayout | DiagonalLayout:
+    slots = plan.params.slot_count
+    if plan.layout == "batch":
+        return BatchLayout(slots, n_features, n_outputs)
+    return DiagonalLayout(slots, n_features, n_outputs, plan.half)
+
+
+class LeveledCircuit:
+    """Server side of a leveled program: stages (weights stay here) and per-layout plans."""
+
+    kind = KIND
+
+    def __init__(self, stages: list[Op], n_features: int, plans: dict[str, LayoutPlan]) -> None:
+        self.program = Program(n_features, stages)
+        self.stages = self.program.ops
+        if not plans:
+            raise WireFormatError("a leveled circuit needs a plan for at least one layout")
+        for name, p in plans.items():
+            if name != p.layout:
+                raise WireFormatError(f"plan for {p.layout!r} filed under {name!r}")
+            if len(p.input_bounds) != n_features:
+                raise ShapeError("input bounds do not match the number of features")
+            if p.params.coeff_modulus_bits.__len__() != len(self.stages) + 2:
+                raise WireFormatError("the modulus chain does not match the program's depth")
+        self.plans = dict(plans)
+        self._contexts: dict[str, HEContext] = {}
+        self._diagonals: dict[int, list[list[tuple[int, int, seal.Plaintext]]]] = {}
+
+    # interface shared with LinearCircuit ---------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return self.program.n_inputs
+
+    @property
+    def n_outputs(self) -> int:
+        return self.program.n_outputs
+
+    @property
+    def scales(self) -> dict[str, LayoutPlan]:
+        return self.plans
+
+    def context(self, layout: str) -> HEContext:
+        if layout not in self._contexts:
+            self._contexts[layout] = HEContext(self.plans[layout].params)
+        return self._contexts[layout]
+
+    def prepare(self) -> LeveledCircuit:
+        for name in self.plans:
+            self.context(name)
+        return self
+
+    def layout(self, name: object) -> BatchLayout | DiagonalLayout:
+        if not isinstance(name, str):
+            raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
+        if name not in self.plans:
+            raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.plans)}")
+        return make_packing(self.plans[name], self.n_features, self.n_outputs)
+
+    def to_dict(self) -> dict:
+        return {"kind": KIND, "program": self.program.to_dict(),
+                "plans": {k: v.to_dict() for k, v in self.plans.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LeveledCircuit:
+        if not isinstance(d, dict) or d.get("kind") != KIND or not isinstance(d.get("plans"), dict):
+            raise WireFormatError("not a leveled circuit")
+        program = Program.from_dict(d.get("program"))
+        return cls(program.ops, program.n_inputs, {k: LayoutPlan.from_dict(v) for k, v in d["plans"].items()})
+
+    def client_spec(self) -> dict:
+        """What a client needs to encrypt and decrypt: parameters and bounds, no weights."""
+        return {"kind": KIND, "n_features": self.n_features, "n_outputs": self.n_outputs,
+                "depth": len(self.stages), "plans": {k: v.to_dict() for k, v in self.plans.items()}}
+
+    # plaintext and simulation backends -----------------------------------------------------
+    def evaluate(self, X: np.ndarray) -> np.ndarray:
+        return self.program.evaluate(X)
+
+    def simulate(self, X: np.ndarray, layout: str = "batch", rng: np.random.Generator | None = None) -> np.ndarray:
+        """What `run` computes, without encryption: inputs rounded to the input scale, weights to
+        the scale they are encoded at, and Gaussian noise of CKKS's per-slot magnitude after the
+        encryption and after every stage."""
+        plan = self.plans[layout]
+        X = np.asarray(X, dtype=np.float64)
+        plan.check_input(X)
+        rng = rng if rng is not None else np.random.default_rng()
+        delta = 2.0 ** plan.scale_bits
+        sigma = NOISE_SLOTS * math.sqrt(plan.params.poly_modulus_degree) / delta
+        out = np.round(X * delta) / delta + rng.normal(size=X.shape) * sigma
+        for op in self.stages:
+            if isinstance(op, Linear):
+                Wq = np.round(op.weight * delta) / delta
+                out = out @ Wq.T + op.bias
+            else:
+                out = op(out)
+            out = out + rng.normal(size=out.shape) * sigma
+        return out
+
+    # SEAL backend ------------------------------------------------------------------------
+    def run(self, request: bytes, bundle: PublicBundle) -> bytes:
+        """Evaluate the program on an encrypted request; the answer is ciphertexts only."""
+        msg = wire.decode(request, wire.Kind.CIPHERTEXTS)
+        name = msg.header.get("layout")
+        packing = self.layout(name)
+        plan, ctx = self.plans[name], self.context(name)
+        if bundle.params != ctx.params:
+            raise ShapeError(f"key bundle is for parameters {bundle.params.fingerprint}, "
+                             f"the {name} layout needs {ctx.params.fingerprint}")
+        if plan.relin and bundle.relin_keys is None:
+            raise KeyMaterialError("this program needs relinearization keys; the bundle has none")
+        missing = set(plan.rotation_steps) - set(bundle.rotation_steps)
+        if missing:
+            raise KeyMaterialError(f"key bundle lacks Galois keys for rotation steps {sorted(missing)}")
+        header, raw = ctx.unpack(msg)
+        n, f = header.get("n_samples"), header.get("n_features")
+        if not _count(n) or not _count(f) or f != self.n_features:
+            raise ShapeError(f"request declares {n} samples of {f} features; model expects {self.n_features}")
+        if len(raw) != packing.n_input_cts(n):
+            raise ShapeError(f"{name} layout with {n} samples needs {packing.n_input_cts(n)} "
+                             f"ciphertexts, got {len(raw)}")
+        cts = [Ciphertext(ctx, ct) for ct in raw]
+        top, delta = ctx.top_level, 2.0 ** plan.scale_bits
+        if any(ct.level != top or ct.scale != delta for ct in cts):
+            raise ShapeError("ciphertexts must be fresh, at the model's input scale")
+        if name == "batch":
+            out = []
+            for b in range(packing.n_batches(n)):
+                out.extend(self._run_batch(cts[b * self.n_features:(b + 1) * self.n_features], bundle))
+        else:
+            out = [self._run_row(ct, bundle, packing) for ct in cts]
+        return ctx.pack([c.data for c in out], {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
+
+    def _relin_after(self, index: int) -> bool:
+        return any(isinstance(op, Poly) for op in self.stages[index + 1:])
+
+    def _poly(self, z: Ciphertext, op: Poly, relin: bool, bundle: PublicBundle,
+              c0_vector: np.ndarray | None = None) -> Ciphertext:
+        c0, c1, sign = op.coeffs
+        t = z.square()
+        if relin:
+            t.relinearize_(bundle.relin_keys)
+        if sign < 0:
+            t.neg_()
+        if c1 != 0.0:
+            t.add_(z.mul_plain_(c1, z.scale))
+        if c0 != 0.0:
+            t.add_(c0 if c0_vector is None else c0_vector * c0)
+        return t.rescale_()
+
+    def _run_batch(self, xs: list[Ciphertext], bundle: PublicBundle) -> list[Ciphertext]:
+        for i, op in enumerate(self.stages):
+            if isinstance(op, Linear):
+                xs = self._linear_batch(op, xs)
+            else:
+                relin = self.plans["batch"].relin and self._relin_after(i)
+                xs = [self._poly(z, op, relin, bundle) for z in xs]
+        return xs
+
+    @staticmethod
+    def _linear_batch(op: Linear, xs: list[Ciphertext]) -> list[Ciphertext]:
+        """y_j = sum_i w_ji x_i + b_j, weights encoded at the prime the rescale removes. The hot
+        loop calls SEAL directly (one product and one in-place sum per non-zero weight): the
+        operands are aligned by construction, having been checked as one level and one scale."""
+        first = xs[0]
+        for x in xs[1:]:
+            first._check_aligned(x, "combine")
+        ctx, q = first.context, float(first.next_prime())
+        ev, pid, scale = ctx.evaluator, first.data.parms_id(), first.scale
+        datas = [x.data for x in xs]
+        out = []
+        for w_row, b in zip(op.weight, op.bias, strict=True):
+            nz = np.flatnonzero(np.round(w_row * q))
+            # an all-zero row keeps one unit weight (1/q): SEAL refuses key-independent results
+            pairs = [(int(j), float(w_row[j])) for j in nz] or [(0, 1.0 / q)]
+            acc = None
+            for j, w in pairs:
+                term = ev.multiply_plain(datas[j], ctx.encode_at(w, q, pid))
+                if acc is None:
+                    acc = term
+                else:
+                    ev.add_inplace(acc, term)
+            if b != 0.0:
+                ev.add_plain_inplace(acc, ctx.encode_at(float(b), scale * q, pid))
+            ev.rescale_to_next_inplace(acc)
+            out.append(Ciphertext(ctx, acc))
+        return out
+
+    def _diagonals_for(self, stage: int, x: Ciphertext, plan: LayoutPlan) -> list[list[tuple[int, seal.Plaintext]]]:
+        """Encoded pre-rotated diagonals of stage `stage` per giant step (cached: they depend only
+        on the weights and the level)."""
+        if stage not in self._diagonals:
+            op = self.stages[stage]
+            assert isinstance(op, Linear)
+            half, slots = plan.half, plan.params.slot_count
+            baby, giant, _ = diagonal_steps(half)
+            q = float(x.next_prime())
+            W = np.zeros((half, half))
+            W[:op.n_out, :op.n_in] = op.weight
+            rows = np.arange(half)
+            groups = []
+            for g in range(giant):
+                group = []
+                for b in range(baby):
+                    i = g * baby + b
+                    diag = W[rows, (rows + i) % half]
+                    if not diag.any():
+                        continue
+                    block = np.zeros(2 * half)
+                    block[g * baby:g * baby + half] = diag
+                    vec = np.tile(block, slots // (2 * half))
+                    group.append((b, x.context.encode_at(vec, q, x.data.parms_id())))
+                groups.append(group)
+            self._diagonals[stage] = groups
+        return self._diagonals[stage]
+
+    def _run_row(self, x: Ciphertext, bundle: PublicBundle, packing: DiagonalLayout) -> Ciphertext:
+        plan = self.plans["row"]
+        half, slots = plan.half, plan.params.slot_count
+        baby, _, _ = diagonal_steps(half)
+        mask = np.tile(np.r_[np.ones(half), np.zeros(half)], slots // (2 * half))
+        seen_linear = False
+        ev, gk = x.context.evaluator, bundle.galois_keys
+        for i, op in enumerate(self.stages):
+            if isinstance(op, Linear):
+                if seen_linear:
+                    x = x + x.rotate(slots - half, gk)
+                seen_linear = True
+                babies = [x] + [x.rotate(b, gk) for b in range(1, baby)]
+                acc: Ciphertext | None = None
+                for g, group in enumerate(self._diagonals_for(i, x, plan)):
+                    if not group:
+                        continue
+                    terms = [Ciphertext(x.context, ev.multiply_plain(babies[b].data, pt)) for b, pt in group]
+                    inner = add_many(terms)
+                    if g:
+                        inner = inner.rotate(g * baby, gk)
+                    acc = inner if acc is None else acc.add_(inner)
+                if acc is None:
+                    raise ShapeError("a linear stage with all-zero weights cannot be evaluated")
+                bias = np.tile(np.r_[op.bias, np.zeros(2 * half - op.n_out)], slots // (2 * half))
+                x = acc.add_(bias).rescale_()
+            else:
+                x = self._poly(x, op, i < len(self.stages) - 1, bundle, c0_vector=mask)
+        return x
+
+
+class ProgramClient:
+    """Client side of a leveled program: keys per layout, encryption, decryption."""
+
+    def __init__(self, spec: dict) -> None:
+        if not isinstance(spec, dict) or spec.get("kind") != KIND or not isinstance(spec.get("plans"), dict):
+            raise WireFormatError("not a leveled client specification")
+        self.n_features = wire.strict_int(spec.get("n_features"), "n_features", 1, 1 << 16)
+        self.n_outputs = wire.strict_int(spec.get("n_outputs"), "n_outputs", 1, 1 << 16)
+        self.plans = {k: LayoutPlan.from_dict(v) for k, v in spec["plans"].items()}
+        self.params = {k: p.params for k, p in self.plans.items()}
+        self._keys: dict[str, Any] = {}
+
+    def layout(self, name: object) -> BatchLayout | DiagonalLayout:
+        if not isinstance(name, str):
+            raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
+        if name not in self.plans:
+            raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.plans)}")
+        return make_packing(self.plans[name], self.n_features, self.n_outputs)
+
+    def choose_layout(self, n_samples: int) -> str:
+        """Row (diagonal) layout while it needs fewer ciphertext operations than one batch."""
+        if "row" not in self.plans:
+            return "batch"
+        if "batch" not in self.plans:
+            return "row"
+        row = self.layout("row")
+        assert isinstance(row, DiagonalLayout)
+        _baby, _giant, _ = diagonal_steps(row.half)
+        per_ct = len(self.plans["row"].rotation_steps) * 4.0 + 2 * row.half * 0.2
+        cost_row = row.n_input_cts(n_samples) * per_ct
+        per_batch = self.n_features * 7.0 + self.n_features * self.n_outputs * 0.15
+        cost_batch = self.layout("batch").n_batches(n_samples) * per_batch
+        return "row" if cost_row < cost_batch else "batch"
+
+    def keys(self, layout: str) -> Any:
+        from veil.he import SecretKeys
+
+        if layout not in self._keys:
+            plan = self.plans[layout]
+            self.layout(layout)
+            self._keys[layout] = SecretKeys.generate(plan.params, rotation_steps=plan.rotation_steps,
+                                                     relin=plan.relin)
+        return self._keys[layout]
+
+    def set_keys(self, layout: str, keys: Any) -> None:
+        plan = self.plans[layout]
+        if keys.params != plan.params:
+            raise ShapeError("these keys were made for other parameters")
+        if set(plan.rotation_steps) - set(keys.rotation_steps) or (plan.relin and not keys.relin):
+            raise KeyMaterialError("these keys lack evaluation keys the program needs")
+        self._keys[layout] = keys
+
+    def public_bundle(self, layout: str) -> PublicBundle:
+        return self.keys(layout).public_bundle()
+
+    def check_input(self, X: Any) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ShapeError(f"expected an array of shape (n, {self.n_features}), got {X.shape}")
+        if len(X) == 0:
+            raise ShapeError("no samples to encrypt")
+        if not np.all(np.isfinite(X)):
+            raise ValueError("inputs contain NaN or infinite values")
+        return X
+
+    def encrypt(self, X: Any, layout: str) -> bytes:
+        X = self.check_input(X)
+        packing, plan = self.layout(layout), self.plans[layout]
+        plan.check_input(X)
+        keys = self.keys(layout)
+        scale = 2.0 ** plan.scale_bits
+        cts = [keys.encrypt(v, scale) for v in packing.pack(X)]
+        return keys.context.pack(cts, {"layout": layout, "n_samples": len(X), "n_features": self.n_features})
+
+    def decrypt(self, response: bytes) -> np.ndarray:
+        msg = wire.decode(response, wire.Kind.CIPHERTEXTS)
+        layout = msg.header.get("layout")
+        packing = self.layout(layout)
+        if layout not in self._keys:
+            raise KeyMaterialError(f"this client holds no {layout!r} keys: the response was not encrypted for it")
+        keys = self._keys[layout]
+        header, cts = keys.context.unpack(msg, max_size=3)
+        n = header.get("n_samples")
+        if not _count(n) or header.get("n_outputs") != self.n_outputs:
+            raise ShapeError("response does not match this model's outputs")
+        if len(cts) != packing.n_output_cts(n):
+            raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {packing.n_output_cts(n)}")
+        return packing.unpack([keys.decrypt(ct) for ct in cts], n)

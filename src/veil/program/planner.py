@@ -1,0 +1,200 @@
+"""The planner: from a `Program` and calibration data to encryption parameters per layout.
+
+Steps:
+1. `ir.normalise` rewrites the program as alternating stages Linear, Poly, Linear, ... where
+   each stage costs exactly one rescale, so the multiplicative depth D is the number of stages.
+2. Interval arithmetic propagates the accepted input box (per feature, INPUT_HEADROOM times the
+   largest calibration magnitude, or the caller's `input_bounds`) through every stage, giving a
+   bound on every intermediate and output value for ANY accepted input; the client refuses
+   inputs outside the box, so no value can wrap around the modulus (a silent wrong answer).
+3. Parameters: the fixed-point scale 2^s (s in [MIN_SCALE_BITS, MAX_SCALE_BITS]), a first prime
+   of s + bits(bound) + 2 bits that holds the output, D primes of s bits consumed by the
+   rescales, and a special prime for key switching (as large as the largest data prime when
+   rotations or relinearization are used: key-switching noise scales with their ratio). The
+   smallest ring degree whose 128-bit bound (SEAL's table) holds the chain is chosen, with the
+   largest scale that fits; beyond N=32768, a `PrecisionError` says what to change.
+4. Per layout, the evaluation keys the program needs: the batch layout relinearizes only squares
+   followed by another square (so a one-hidden-layer network needs no keys at all); the row layout
+   needs the baby-step and giant-step rotations of the diagonal method, the block duplication
+   rotation, and relinearization keys when a square precedes another stage.
+
+Error bound: every stage adds CKKS noise of about NOISE_SLOTS * sqrt(N) / 2^s per slot (fresh
+encryption, rescale rounding, key switching), amplified by later weights; with s >= 30 this is
+below 1e-6 of the outputs for the networks veil builds, which the tests check against plaintext.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import seal
+
+from veil.errors import PrecisionError, ShapeError, WireFormatError
+from veil.he.params import MAX_DEGREE, CKKSParameters
+from veil.he.wire import strict_int
+from veil.program.ir import Linear, Op, Poly, Program, normalise
+from veil.program.packing import next_pow2
+
+INPUT_HEADROOM = 2.0
+DEFAULT_HEADROOM = 4.0
+MIN_SCALE_BITS = 26
+MAX_SCALE_BITS = 40
+MAX_PRIME_BITS = 60
+DEGREES = (8192, 16384, 32768)
+NOISE_SLOTS = 3.2
+LAYOUTS = ("batch", "row")
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """Everything both sides must agree on to run a program in one layout."""
+
+    layout: str
+    params: CKKSParameters
+    scale_bits: int
+    input_bounds: tuple[float, ...]
+    relin: bool
+    rotation_steps: tuple[int, ...]
+    half: int
+
+    def to_dict(self) -> dict:
+        return {"layout": self.layout, "params": self.params.to_dict(), "scale_bits": self.scale_bits,
+                "input_bounds": list(self.input_bounds), "relin": self.relin,
+                "rotation_steps": list(self.rotation_steps), "half": self.half}
+
+    @classmethod
+    def from_dict(cls, d: object) -> LayoutPlan:
+        """Parse untrusted JSON strictly (a server and a client both load these)."""
+        if not isinstance(d, dict):
+            raise WireFormatError("a layout plan must be an object")
+        layout = d.get("layout")
+        if layout not in LAYOUTS:
+            raise WireFormatError(f"unknown layout {layout!r}; known: {LAYOUTS}")
+        params = CKKSParameters.from_dict(d.get("params"))
+        bounds = d.get("input_bounds")
+        if not isinstance(bounds, list) or not all(
+                isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b) and b >= 0
+                for b in bounds):
+            raise WireFormatError("input_bounds must be a list of finite non-negative numbers")
+        steps = d.get("rotation_steps")
+        if not isinstance(steps, list):
+            raise WireFormatError("rotation_steps must be a list")
+        relin = d.get("relin")
+        if not isinstance(relin, bool):
+            raise WireFormatError("relin must be true or false")
+        slots = params.slot_count
+        return cls(layout, params, strict_int(d.get("scale_bits"), "scale_bits", MIN_SCALE_BITS, MAX_PRIME_BITS),
+                   tuple(float(b) for b in bounds), relin,
+                   tuple(strict_int(s, "rotation step", 1, slots - 1) for s in steps),
+                   strict_int(d.get("half"), "half", 0, slots))
+
+    def check_input(self, X: np.ndarray) -> None:
+        """Refuse (PrecisionError) any sample outside the box the parameters were planned for."""
+        over = np.abs(X) > np.asarray(self.input_bounds)
+        if over.any():
+            i, f = map(int, np.argwhere(over)[0])
+            raise PrecisionError(
+                f"sample {i}, feature {f} = {X[i, f]:.4g} is outside the range the model was compiled "
+                f"for (|x| <= {self.input_bounds[f]:.4g}); recompile with calibration data or "
+                "input_bounds covering it")
+
+
+def input_box(X: np.ndarray, input_bounds: float | np.ndarray | None) -> np.ndarray:
+    """Per-feature bounds: INPUT_HEADROOM x the largest calibration magnitude (features that are
+    always zero in the calibration data get the median bound), or the caller's bounds."""
+    if input_bounds is not None:
+        bounds = np.broadcast_to(np.abs(np.asarray(input_bounds, dtype=np.float64)), (X.shape[1],)).copy()
+        if np.any(np.abs(X) > bounds):
+            raise PrecisionError("calibration data exceed the given input_bounds")
+        return bounds
+    peak = np.max(np.abs(X), axis=0) * INPUT_HEADROOM
+    floor = float(np.median(peak)) if np.any(peak > 0) else 1.0
+    return np.where(peak > 0, peak, max(floor, 1e-6))
+
+
+def interval_bounds(stages: list[Op], bounds: np.ndarray) -> list[float]:
+    """Largest |value| after each stage for any input in the box (centre-radius arithmetic)."""
+    lo, hi = -bounds, bounds.copy()
+    out = []
+    for op in stages:
+        if isinstance(op, Linear):
+            c, r = (lo + hi) / 2, (hi - lo) / 2
+            c, r = op.weight @ c + op.bias, np.abs(op.weight) @ r
+            lo, hi = c - r, c + r
+        else:
+            c0, c1, c2 = op.coeffs
+            sq_hi = np.maximum(lo**2, hi**2)
+            sq_lo = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(lo**2, hi**2))
+            lin = np.stack([c1 * lo, c1 * hi])
+            sq = np.stack([c2 * sq_lo, c2 * sq_hi])
+            lo, hi = c0 + lin.min(0) + sq.min(0), c0 + lin.max(0) + sq.max(0)
+        out.append(float(np.max(np.maximum(np.abs(lo), np.abs(hi)))))
+    return out
+
+
+def _max_bits(n: int) -> int:
+    return seal.CoeffModulus.MaxBitCount(n, seal.sec_level_type.tc128)
+
+
+def choose_parameters(depth: int, value_bits: int, keyswitch: bool) -> tuple[CKKSParameters, int]:
+    """Smallest ring, then largest scale, whose chain [first, s x depth, special] is 128-bit secure."""
+    for n in DEGREES:
+        for s in range(MAX_SCALE_BITS, MIN_SCALE_BITS - 1, -1):
+            first = s + value_bits + 2
+            if first > MAX_PRIME_BITS:
+                continue
+            first = max(first, s + 10) if first + 10 <= MAX_PRIME_BITS else first
+            special = max(first, s) if keyswitch else max(20, min(s, 30))
+            bits = (first, *([s] * depth), special)
+            if sum(bits) <= _max_bits(n) and n <= MAX_DEGREE:
+                return CKKSParameters(n, bits), s
+    raise PrecisionError(
+        f"a program of depth {depth} with values up to 2^{value_bits} needs more than the largest "
+        f"128-bit ring (N={DEGREES[-1]}): use fewer layers or polynomial activations, or tighter "
+        "input_bounds")
+
+
+def diagonal_steps(half: int) -> tuple[int, int, tuple[int, ...]]:
+    """Baby-step count B, giant-step count G and the rotation steps of a half x half product."""
+    baby = 1 << math.ceil(math.log2(half) / 2) if half > 1 else 1
+    giant = half // baby
+    return baby, giant, tuple(range(1, baby)) + tuple(g * baby for g in range(1, giant))
+
+
+def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | None = None,
+         headroom: float = DEFAULT_HEADROOM,
+         layouts: tuple[str, ...] = LAYOUTS) -> tuple[list[Op], dict[str, LayoutPlan]]:
+    """Normalised stages and one `LayoutPlan` per layout that can hold the program."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != program.n_inputs or len(X) == 0:
+        raise ShapeError(f"calibration data must be (n>0, {program.n_inputs}), got {X.shape}")
+    if not np.all(np.isfinite(X)):
+        raise ShapeError("calibration data contain NaN or infinite values")
+    stages = normalise(program)
+    box = input_box(X, input_bounds)
+    bound = max(interval_bounds(stages, box))
+    observed = float(np.max(np.abs(Program(program.n_inputs, stages).evaluate(X)))) * headroom
+    value_bits = max(1, math.ceil(math.log2(max(bound, observed, 1.0))))
+    squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
+    widths = [program.n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)]
+    plans: dict[str, LayoutPlan] = {}
+    for name in layouts:
+        if name == "batch":
+            relin = any(i < squares[-1] for i in squares) if squares else False
+            params, s = choose_parameters(len(stages), value_bits, relin)
+            plans[name] = LayoutPlan(name, params, s, tuple(box), relin, (), 0)
+        elif name == "row":
+            half = next_pow2(max(widths))
+            relin = bool(squares) and squares[0] < len(stages) - 1
+            params, s = choose_parameters(len(stages), value_bits, True)
+            if 2 * half > params.slot_count:
+                continue
+            _, _, steps = diagonal_steps(half)
+            n_linear = sum(1 for op in stages if isinstance(op, Linear))
+            dup = (params.slot_count - half,) if n_linear > 1 else ()
+            plans[name] = LayoutPlan(name, params, s, tuple(box), relin, tuple(sorted(set(steps + dup))), half)
+        else:
+            raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
+    return stages, plans
