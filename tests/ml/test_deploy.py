@@ -29,7 +29,7 @@ def deployed(tmp_path_factory):
 
 def test_artefacts_hold_no_secrets_and_client_holds_no_weights(deployed):
     _, path, _ = deployed
-    server = json.loads((path / ml.linear.SERVER_FILE).read_text())
+    server = json.loads((path / ml.base.SERVER_FILE).read_text())
     client = json.loads((path / ml.linear.CLIENT_FILE).read_text())
     assert "weights" in server["circuit"] and "weights" not in client["circuit"]
     client_text = json.dumps(client)

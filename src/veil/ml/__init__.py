@@ -18,12 +18,15 @@ from veil.ml.linear import (
     TweedieRegressor,
     from_sklearn_model,
 )
+from veil.ml.neural import CompiledTorchModel, MLPClassifier, MLPRegressor, compile_torch_model
 from veil.ml.outputs import OutputSpec
+from veil.ml.torch_compile import Polynomial, Square, UnsupportedLayerError, relu_polynomial, replace_relu
 from veil.program.affine import CircuitClient, LinearCircuit
 
 __all__ = [
     "ESTIMATORS",
     "CircuitClient",
+    "CompiledTorchModel",
     "ElasticNet",
     "EncryptedLinearModel",
     "GammaRegressor",
@@ -33,13 +36,21 @@ __all__ = [
     "LinearSVC",
     "LinearSVR",
     "LogisticRegression",
+    "MLPClassifier",
+    "MLPRegressor",
     "ModelClient",
     "ModelServer",
     "OutputSpec",
     "PoissonRegressor",
+    "Polynomial",
     "Ridge",
     "SGDClassifier",
     "SGDRegressor",
+    "Square",
     "TweedieRegressor",
+    "UnsupportedLayerError",
+    "compile_torch_model",
     "from_sklearn_model",
+    "relu_polynomial",
+    "replace_relu",
 ]

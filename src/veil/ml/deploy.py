@@ -14,7 +14,7 @@ import numpy as np
 
 from veil.errors import WireFormatError
 from veil.he import PublicBundle, SecretKeys
-from veil.ml.linear import CLIENT_FILE, FORMAT, SERVER_FILE
+from veil.ml.base import CLIENT_FILE, READABLE_FORMATS, SERVER_FILE
 from veil.ml.outputs import OutputSpec
 from veil.program import Circuit, load_client, load_server
 
@@ -25,8 +25,8 @@ def _read(path: Path, name: str) -> dict:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise WireFormatError(f"cannot read model file {file}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise WireFormatError(f"{file} is not a {FORMAT} artefact")
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
+        raise WireFormatError(f"{file} is not a veil model artefact ({', '.join(READABLE_FORMATS)})")
     return data
 
 

@@ -9,8 +9,6 @@ and "execute" (real CKKS encryption, in-process client and server).
 from __future__ import annotations
 
 import inspect
-import json
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,14 +21,9 @@ from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, StandardScaler
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from veil.errors import NotCompiledError
+from veil.ml.base import EncryptedModelMixin
 from veil.ml.outputs import OutputSpec
-from veil.program.affine import DEFAULT_HEADROOM, CircuitClient, LinearCircuit
-
-FHE_MODES = ("disable", "simulate", "execute")
-SERVER_FILE = "server.json"
-CLIENT_FILE = "client.json"
-FORMAT = "veil-linear/1"
+from veil.program.affine import DEFAULT_HEADROOM, LinearCircuit
 
 
 def _mirror_init(sk_cls: type) -> Any:
@@ -63,7 +56,7 @@ def _fold_scaler(scaler: Any, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray,
                     "supported: StandardScaler, MinMaxScaler, MaxAbsScaler")
 
 
-class EncryptedLinearModel(BaseEstimator):
+class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
     """Shared machinery: fit through scikit-learn, compile to a `LinearCircuit`, predict per mode."""
 
     _sklearn_cls: ClassVar[type]
@@ -146,57 +139,8 @@ class EncryptedLinearModel(BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=np.float64)
         return X
 
-    def _raw(self, X: Any, fhe: str, layout: str = "auto") -> np.ndarray:
-        """Raw affine outputs (n_samples, n_outputs) computed in the requested mode."""
-        if fhe not in FHE_MODES:
-            raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
-        X = self._check_X(X)
-        if fhe == "disable":
-            return X @ self.weights_.T + self.bias_
-        if not hasattr(self, "circuit_"):
-            raise NotCompiledError(f"call compile(X_calibration) before predicting with fhe={fhe!r}")
-        client = self.fhe_client
-        name = client.choose_layout(len(X)) if layout == "auto" else layout
-        if fhe == "simulate":
-            return self.circuit_.simulate(X, name)
-        request = client.encrypt(X, name)
-        response = self.circuit_.run(request, client.public_bundle(name))
-        return client.decrypt(response)
-
-    @property
-    def fhe_client(self) -> CircuitClient:
-        """The in-process client (keys are generated lazily per layout and kept here)."""
-        if not hasattr(self, "circuit_"):
-            raise NotCompiledError("model is not compiled")
-        if "fhe_client_" not in self.__dict__:
-            self.fhe_client_ = CircuitClient(self.circuit_.client_spec())
-        return self.fhe_client_
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("fhe_client_", None)
-        if "circuit_" in state:
-            state["circuit_"] = state["circuit_"].to_dict()
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        if isinstance(state.get("circuit_"), dict):
-            state["circuit_"] = LinearCircuit.from_dict(state["circuit_"])
-        self.__dict__.update(state)
-
-    def save(self, path: str | Path) -> Path:
-        """Write `server.json` (weights and scales, no client secrets) and `client.json`
-        (parameters, input scales and post-processing, no weights) into directory `path`."""
-        if not hasattr(self, "circuit_"):
-            raise NotCompiledError("compile the model before saving it for deployment")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        server = {"format": FORMAT, "model": type(self).__name__, "circuit": self.circuit_.to_dict()}
-        client = {"format": FORMAT, "model": type(self).__name__, "circuit": self.circuit_.client_spec(),
-                  "output": self.output_spec_.to_dict()}
-        (path / SERVER_FILE).write_text(json.dumps(server))
-        (path / CLIENT_FILE).write_text(json.dumps(client))
-        return path
+    def _plain_raw(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.weights_.T + self.bias_
 
 
 class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):

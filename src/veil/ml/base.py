@@ -1,0 +1,90 @@
+"""What every encrypted estimator shares, whatever its model family (as Concrete ML's base).
+
+A family implements two hooks: `_plain_raw(X)` (the model's raw outputs in plaintext, the
+reference for `fhe="disable"`) and `_build_circuit(X, **options)` (calibrate and return a
+program-layer circuit). This mixin then provides the `fhe` switch, the in-process client, pickling
+and `save`, which writes a model-agnostic artefact that `veil serve` and `ModelServer` load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.errors import NotCompiledError
+from veil.ml.outputs import OutputSpec
+from veil.program import Circuit, Client, load_client, load_server
+
+FHE_MODES = ("disable", "simulate", "execute")
+SERVER_FILE = "server.json"
+CLIENT_FILE = "client.json"
+FORMAT = "veil-model/1"
+READABLE_FORMATS = (FORMAT, "veil-linear/1")
+
+
+class EncryptedModelMixin:
+    """The `fhe` modes, client, pickling and artefacts on top of two per-family hooks."""
+
+    circuit_: Circuit
+    output_spec_: OutputSpec
+
+    def _plain_raw(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_X(self, X: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def _raw(self, X: Any, fhe: str, layout: str = "auto") -> np.ndarray:
+        """Raw outputs (n_samples, n_outputs) computed in the requested mode."""
+        if fhe not in FHE_MODES:
+            raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
+        X = self._check_X(X)
+        if fhe == "disable":
+            return self._plain_raw(X)
+        if not hasattr(self, "circuit_"):
+            raise NotCompiledError(f"call compile(X_calibration) before predicting with fhe={fhe!r}")
+        client = self.fhe_client
+        name = client.choose_layout(len(X)) if layout == "auto" else layout
+        if fhe == "simulate":
+            return self.circuit_.simulate(X, name)
+        request = client.encrypt(X, name)
+        response = self.circuit_.run(request, client.public_bundle(name))
+        return client.decrypt(response)
+
+    @property
+    def fhe_client(self) -> Client:
+        """The in-process client (keys are generated lazily per layout and kept here)."""
+        if not hasattr(self, "circuit_"):
+            raise NotCompiledError("model is not compiled")
+        if "fhe_client_" not in self.__dict__:
+            self.fhe_client_ = load_client(self.circuit_.client_spec())
+        return self.fhe_client_
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("fhe_client_", None)
+        if "circuit_" in state:
+            state["circuit_"] = state["circuit_"].to_dict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("circuit_"), dict):
+            state["circuit_"] = load_server(state["circuit_"])
+        self.__dict__.update(state)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `server.json` (the circuit, no client secrets) and `client.json` (parameters,
+        input bounds and post-processing, no weights) into directory `path`."""
+        if not hasattr(self, "circuit_"):
+            raise NotCompiledError("compile the model before saving it for deployment")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        server = {"format": FORMAT, "model": type(self).__name__, "circuit": self.circuit_.to_dict()}
+        client = {"format": FORMAT, "model": type(self).__name__, "circuit": self.circuit_.client_spec(),
+                  "output": self.output_spec_.to_dict()}
+        (path / SERVER_FILE).write_text(json.dumps(server))
+        (path / CLIENT_FILE).write_text(json.dumps(client))
+        return path

@@ -1,0 +1,258 @@
+"""Encrypted neural networks: scikit-learn-style MLPs and compiled torch modules.
+
+`MLPClassifier` / `MLPRegressor` take scikit-learn's constructor parameters where they apply and
+train a torch network whose activations are polynomials (CKKS evaluates only additions and
+multiplications): `activation="square"` (x^2) or `"relu_poly"` (a quadratic fitted to ReLU on
+[-RELU_BOUND, RELU_BOUND]). Inputs are standardized inside the network (folded into the first
+layer, so clients send raw features), and regression targets are standardized and un-scaled in
+the last layer. `fhe="disable"` evaluates the same polynomial network in plaintext.
+
+`compile_torch_model(module, X)` compiles any supported module (see `torch_compile`) and returns
+a `CompiledTorchModel` with `forward(X, fhe=...)`, as Concrete ML's function of the same name.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import nn
+
+from veil.errors import ShapeError
+from veil.ml.base import EncryptedModelMixin
+from veil.ml.outputs import OutputSpec
+from veil.ml.torch_compile import Square, module_to_program, relu_polynomial
+from veil.program import LeveledCircuit, Program, plan
+from veil.program.planner import DEFAULT_HEADROOM
+
+ACTIVATIONS = ("square", "relu_poly")
+RELU_BOUND = 4.0
+
+
+def _compile_program(program: Program, X: np.ndarray, input_bounds: Any, headroom: float) -> LeveledCircuit:
+    stages, plans = plan(program, X, input_bounds=input_bounds, headroom=headroom)
+    return LeveledCircuit(stages, program.n_inputs, plans)
+
+
+class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
+    """Shared training and compilation; subclasses define the loss and outputs."""
+
+    _classifier = False
+
+    def __init__(self, hidden_layer_sizes: tuple[int, ...] = (100,), activation: str = "relu_poly",
+                 alpha: float = 1e-4, batch_size: int | str = "auto", learning_rate_init: float = 1e-3,
+                 max_iter: int = 200, shuffle: bool = True, random_state: int | None = None,
+                 tol: float = 1e-4, n_iter_no_change: int = 10, verbose: bool = False) -> None:
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.verbose = verbose
+
+    def _activation(self) -> nn.Module:
+        if self.activation == "square":
+            return Square()
+        if self.activation == "relu_poly":
+            return relu_polynomial(RELU_BOUND).float()
+        raise ValueError(f"activation must be one of {ACTIVATIONS} (polynomials CKKS can evaluate), "
+                         f"got {self.activation!r}")
+
+    def _network(self, n_in: int, n_out: int) -> nn.Sequential:
+        sizes = (self.hidden_layer_sizes,) if isinstance(self.hidden_layer_sizes, int) else self.hidden_layer_sizes
+        layers: list[nn.Module] = []
+        width = n_in
+        for h in sizes:
+            if int(h) < 1:
+                raise ValueError(f"hidden layer sizes must be positive, got {sizes}")
+            layers += [nn.Linear(width, int(h)), self._activation()]
+            width = int(h)
+        layers.append(nn.Linear(width, n_out))
+        return nn.Sequential(*layers)
+
+    def _targets(self, y: Any) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def fit(self, X: Any, y: Any) -> _EncryptedMLP:
+        """Train the polynomial network with Adam (L2 penalty `alpha`); returns self."""
+        X = validate_data(self, X, dtype=np.float64)
+        target, n_out = self._targets(y)
+        self.x_mean_ = X.mean(axis=0)
+        self.x_scale_ = np.where(X.std(axis=0) > 0, X.std(axis=0), 1.0)
+        Xs = torch.as_tensor((X - self.x_mean_) / self.x_scale_, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state))
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        net = self._network(X.shape[1], n_out)
+        batch = min(200, len(X)) if self.batch_size == "auto" else max(1, min(int(self.batch_size), len(X)))
+        opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate_init)
+        loss_fn = nn.CrossEntropyLoss() if self._classifier else nn.MSELoss()
+        best, stall, self.loss_curve_ = np.inf, 0, []
+        for _ in range(int(self.max_iter)):
+            order = torch.randperm(len(X), generator=gen) if self.shuffle else torch.arange(len(X))
+            total = 0.0
+            for idx in order.split(batch):
+                opt.zero_grad()
+                out = net(Xs[idx])
+                penalty = sum((m.weight**2).sum() for m in net if isinstance(m, nn.Linear))
+                loss = loss_fn(out, target[idx]) + self.alpha * penalty / (2 * len(X))
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            self.loss_curve_.append(total / len(X))
+            if self.loss_curve_[-1] > best - self.tol:
+                stall += 1
+                if stall >= self.n_iter_no_change:
+                    break
+            else:
+                best, stall = self.loss_curve_[-1], 0
+        self.n_iter_ = len(self.loss_curve_)
+        self.network_ = net.eval()
+        self.program_ = self._to_program()
+        self.output_spec_ = self._output_spec()
+        for attr in ("circuit_", "fhe_client_"):
+            self.__dict__.pop(attr, None)
+        return self
+
+    def _to_program(self) -> Program:
+        """The trained network as a program on raw features (standardization folded in)."""
+        net = module_to_program(self.network_, (self.n_features_in_,))
+        scale = np.diag(1.0 / self.x_scale_)
+        ops = [type(net.ops[0])(net.ops[0].weight @ scale, net.ops[0].bias - net.ops[0].weight @ scale @ self.x_mean_),
+               *net.ops[1:]]
+        return Program(self.n_features_in_, self._output_ops(ops))
+
+    def _output_ops(self, ops: list) -> list:
+        return ops
+
+    def _output_spec(self) -> OutputSpec:
+        raise NotImplementedError
+
+    def compile(self, X: Any, input_bounds: float | np.ndarray | None = None,
+                headroom: float = DEFAULT_HEADROOM) -> _EncryptedMLP:
+        """Plan CKKS parameters for inputs like X (each feature up to twice its largest calibration
+        magnitude, or `input_bounds`); returns self."""
+        check_is_fitted(self, "program_")
+        X = self._check_X(X)
+        self.circuit_ = _compile_program(self.program_, X, input_bounds, headroom)
+        self.__dict__.pop("fhe_client_", None)
+        return self
+
+    def _check_X(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "program_")
+        return validate_data(self, X, reset=False, dtype=np.float64)
+
+    def _plain_raw(self, X: np.ndarray) -> np.ndarray:
+        return self.program_.evaluate(X)
+
+
+class MLPClassifier(ClassifierMixin, _EncryptedMLP):
+    """Multi-layer perceptron classifier with polynomial activations, for encrypted inference."""
+
+    _classifier = True
+
+    def _targets(self, y: Any) -> tuple[torch.Tensor, int]:
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError("MLPClassifier takes a 1-D array of labels")
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError("MLPClassifier needs at least two classes")
+        return torch.as_tensor(codes, dtype=torch.long), len(self.classes_)
+
+    def _output_spec(self) -> OutputSpec:
+        return OutputSpec("classifier", classes=tuple(self.classes_.tolist()), proba="softmax")
+
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+        return self.output_spec_.predict(self._raw(X, fhe, layout))
+
+    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+        """Softmax of the decrypted logits, computed on the client."""
+        return self.output_spec_.predict_proba(self._raw(X, fhe, layout))
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
+        return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
+
+
+class MLPRegressor(RegressorMixin, _EncryptedMLP):
+    """Multi-layer perceptron regressor with polynomial activations, for encrypted inference."""
+
+    def _targets(self, y: Any) -> tuple[torch.Tensor, int]:
+        y = np.asarray(y, dtype=np.float64)
+        if y.ndim not in (1, 2):
+            raise ValueError("MLPRegressor takes a 1-D or 2-D target")
+        Y = y.reshape(len(y), -1)
+        self.y_mean_ = Y.mean(axis=0)
+        self.y_scale_ = np.where(Y.std(axis=0) > 0, Y.std(axis=0), 1.0)
+        self.n_outputs_ = Y.shape[1]
+        self._ravel = y.ndim == 1
+        return torch.as_tensor((Y - self.y_mean_) / self.y_scale_, dtype=torch.float32), Y.shape[1]
+
+    def _output_ops(self, ops: list) -> list:
+        last = ops[-1]
+        return [*ops[:-1], type(last)(last.weight * self.y_scale_[:, None], last.bias * self.y_scale_ + self.y_mean_)]
+
+    def _output_spec(self) -> OutputSpec:
+        return OutputSpec("regressor", ravel=self._ravel)
+
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+        return self.output_spec_.predict(self._raw(X, fhe, layout))
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
+        return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
+
+
+class CompiledTorchModel(EncryptedModelMixin):
+    """A compiled torch module: `forward(X, fhe=...)` returns its raw outputs, flattened per sample."""
+
+    def __init__(self, module: nn.Module, program: Program, input_shape: tuple[int, ...],
+                 circuit: LeveledCircuit) -> None:
+        self.module = module
+        self.program_ = program
+        self.input_shape = tuple(input_shape)
+        self.circuit_ = circuit
+        self.output_spec_ = OutputSpec("regressor", ravel=False)
+
+    def _check_X(self, X: Any) -> np.ndarray:
+        X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
+        X = np.asarray(X, dtype=np.float64)
+        if X.shape[1:] != self.input_shape and X.shape[1:] != (self.program_.n_inputs,):
+            raise ShapeError(f"expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), got {X.shape}")
+        return X.reshape(len(X), -1)
+
+    def _plain_raw(self, X: np.ndarray) -> np.ndarray:
+        return self.program_.evaluate(X)
+
+    def forward(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+        """Outputs of the module on X (n, *input_shape): in plaintext, simulated or encrypted."""
+        return self._raw(X, fhe, layout)
+
+    __call__ = forward
+
+
+def compile_torch_model(module: nn.Module, X_calibration: Any, input_bounds: float | np.ndarray | None = None,
+                        headroom: float = DEFAULT_HEADROOM) -> CompiledTorchModel:
+    """Compile `module` (in eval mode) for encrypted inference on inputs like `X_calibration`."""
+    X = X_calibration.detach().cpu().numpy() if isinstance(X_calibration, torch.Tensor) else np.asarray(X_calibration)
+    if X.ndim < 2 or len(X) == 0:
+        raise ShapeError("X_calibration must hold at least one sample: shape (n, *input_shape)")
+    program = module_to_program(module, tuple(X.shape[1:]))
+    flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+    if input_bounds is not None and np.ndim(input_bounds) > 0:
+        input_bounds = np.asarray(input_bounds, dtype=np.float64).reshape(-1)
+    circuit = _compile_program(program, flat, input_bounds, headroom)
+    return CompiledTorchModel(copy.deepcopy(module).eval(), program, tuple(X.shape[1:]), circuit)
+
+
+__all__ = ["CompiledTorchModel", "MLPClassifier", "MLPRegressor", "compile_torch_model"]
