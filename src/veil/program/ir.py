@@ -159,31 +159,25 @@ def normalise(program: Program) -> list[Op]:
     cost nothing. Folding c2 into the weights before it: c2 z^2 + c1 z + c0 = s t^2 + (c1/k) t + c0
     with k = sqrt|c2|, t = k z and s the sign of c2.
     """
-    ops: list[Op] = [] if isinstance(program.ops[0], Linear) else [
-        Linear(np.eye(program.n_inputs), np.zeros(program.n_inputs))]
+    ops: list[Op] = []
+    width = program.n_inputs
     for op in program.ops:
+        if isinstance(op, Poly) and not (ops and isinstance(ops[-1], Linear)):
+            ops.append(Linear(np.eye(width), np.zeros(width)))
         prev = ops[-1] if ops else None
-        if isinstance(op, Linear) and isinstance(prev, Linear):
-            ops[-1] = Linear(op.weight @ prev.weight, op.weight @ prev.bias + op.bias)
-        elif isinstance(op, Poly) and op.degree < 2 and isinstance(prev, Linear):
-            c0, c1, _ = op.coeffs
+        if isinstance(op, Linear):
+            width = op.n_out
+            if isinstance(prev, Linear):
+                ops[-1] = Linear(op.weight @ prev.weight, op.weight @ prev.bias + op.bias)
+            else:
+                ops.append(op)
+            continue
+        assert isinstance(prev, Linear)
+        c0, c1, c2 = op.coeffs
+        if op.degree < 2:
             ops[-1] = Linear(c1 * prev.weight, c1 * prev.bias + c0)
-        elif isinstance(op, Poly) and isinstance(prev, Poly):
-            ops.append(Linear(np.eye(_width(ops, program.n_inputs)), np.zeros(_width(ops, program.n_inputs))))
-            ops.extend(normalise(Program(_width(ops, program.n_inputs), [op]))[1:])
-        elif isinstance(op, Poly) and op.degree == 2:
-            c0, c1, c2 = op.coeffs
+        else:
             k = float(np.sqrt(abs(c2)))
-            assert isinstance(prev, Linear)
             ops[-1] = Linear(k * prev.weight, k * prev.bias)
             ops.append(Poly((c0, c1 / k, float(np.sign(c2)))))
-        else:
-            ops.append(op)
     return ops
-
-
-def _width(ops: list[Op], n_inputs: int) -> int:
-    for op in reversed(ops):
-        if isinstance(op, Linear):
-            return op.n_out
-    return n_inputs

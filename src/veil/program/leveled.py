@@ -37,6 +37,23 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int) -> dict[str, LayoutPlan]:
+    """The consistency both sides check on loading: a plan per known layout, filed under its own
+    name, with bounds for every feature and one prime per stage plus the first and special ones."""
+    if not plans:
+        raise WireFormatError("a leveled circuit needs a plan for at least one layout")
+    for name, p in plans.items():
+        if name != p.layout:
+            raise WireFormatError(f"plan for {p.layout!r} filed under {name!r}")
+        if len(p.input_bounds) != n_features:
+            raise ShapeError("input bounds do not match the number of features")
+        if len(p.params.coeff_modulus_bits) != depth + 2:
+            raise WireFormatError("the modulus chain does not match the program's depth")
+        if p.layout == "row":
+            make_packing(p, n_features, 1)
+    return dict(plans)
+
+
 def make_packing(plan: LayoutPlan, n_features: int, n_outputs: int) -> BatchLayout | DiagonalLayout:
     slots = plan.params.slot_count
     if plan.layout == "batch":
@@ -52,16 +69,7 @@ class LeveledCircuit:
     def __init__(self, stages: list[Op], n_features: int, plans: dict[str, LayoutPlan]) -> None:
         self.program = Program(n_features, stages)
         self.stages = self.program.ops
-        if not plans:
-            raise WireFormatError("a leveled circuit needs a plan for at least one layout")
-        for name, p in plans.items():
-            if name != p.layout:
-                raise WireFormatError(f"plan for {p.layout!r} filed under {name!r}")
-            if len(p.input_bounds) != n_features:
-                raise ShapeError("input bounds do not match the number of features")
-            if p.params.coeff_modulus_bits.__len__() != len(self.stages) + 2:
-                raise WireFormatError("the modulus chain does not match the program's depth")
-        self.plans = dict(plans)
+        self.plans = check_plans(plans, n_features, len(self.stages))
         self._contexts: dict[str, HEContext] = {}
         self._diagonals: dict[int, list[list[tuple[int, int, seal.Plaintext]]]] = {}
 
@@ -118,21 +126,26 @@ class LeveledCircuit:
     def simulate(self, X: np.ndarray, layout: str = "batch", rng: np.random.Generator | None = None) -> np.ndarray:
         """What `run` computes, without encryption: inputs rounded to the input scale, weights to
         the scale they are encoded at, and Gaussian noise of CKKS's per-slot magnitude after the
-        encryption and after every stage."""
+        encryption and after every stage (sqrt(N) times more once a square is left
+        unrelinearized, as measured)."""
         plan = self.plans[layout]
         X = np.asarray(X, dtype=np.float64)
         plan.check_input(X)
         rng = rng if rng is not None else np.random.default_rng()
         delta = 2.0 ** plan.scale_bits
-        sigma = NOISE_SLOTS * math.sqrt(plan.params.poly_modulus_degree) / delta
+        sigma = NOISE_SLOTS * plan.params.poly_modulus_degree / delta
         out = np.round(X * delta) / delta + rng.normal(size=X.shape) * sigma
-        for op in self.stages:
+        three = False
+        for i, op in enumerate(self.stages):
             if isinstance(op, Linear):
                 Wq = np.round(op.weight * delta) / delta
                 out = out @ Wq.T + op.bias
             else:
                 out = op(out)
-            out = out + rng.normal(size=out.shape) * sigma
+                three = three or not plan.relinearize_at(i, self.stages)
+            # rescaling a 3-component ciphertext multiplies the rounding by s^2: sqrt(N) more noise
+            amp = math.sqrt(plan.params.poly_modulus_degree) if three else 1.0
+            out = out + rng.normal(size=out.shape) * sigma * amp
         return out
 
     # SEAL backend ------------------------------------------------------------------------
@@ -169,9 +182,6 @@ class LeveledCircuit:
             out = [self._run_row(ct, bundle, packing) for ct in cts]
         return ctx.pack([c.data for c in out], {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
 
-    def _relin_after(self, index: int) -> bool:
-        return any(isinstance(op, Poly) for op in self.stages[index + 1:])
-
     def _poly(self, z: Ciphertext, op: Poly, relin: bool, bundle: PublicBundle,
               c0_vector: np.ndarray | None = None) -> Ciphertext:
         c0, c1, sign = op.coeffs
@@ -191,7 +201,7 @@ class LeveledCircuit:
             if isinstance(op, Linear):
                 xs = self._linear_batch(op, xs)
             else:
-                relin = self.plans["batch"].relin and self._relin_after(i)
+                relin = self.plans["batch"].relinearize_at(i, self.stages)
                 xs = [self._poly(z, op, relin, bundle) for z in xs]
         return xs
 
@@ -279,7 +289,7 @@ class LeveledCircuit:
                 bias = np.tile(np.r_[op.bias, np.zeros(2 * half - op.n_out)], slots // (2 * half))
                 x = acc.add_(bias).rescale_()
             else:
-                x = self._poly(x, op, i < len(self.stages) - 1, bundle, c0_vector=mask)
+                x = self._poly(x, op, plan.relinearize_at(i, self.stages), bundle, c0_vector=mask)
         return x
 
 
@@ -291,7 +301,9 @@ class ProgramClient:
             raise WireFormatError("not a leveled client specification")
         self.n_features = wire.strict_int(spec.get("n_features"), "n_features", 1, 1 << 16)
         self.n_outputs = wire.strict_int(spec.get("n_outputs"), "n_outputs", 1, 1 << 16)
-        self.plans = {k: LayoutPlan.from_dict(v) for k, v in spec["plans"].items()}
+        depth = wire.strict_int(spec.get("depth"), "depth", 1, 1 << 10)
+        self.plans = check_plans({k: LayoutPlan.from_dict(v) for k, v in spec["plans"].items()},
+                                 self.n_features, depth)
         self.params = {k: p.params for k, p in self.plans.items()}
         self._keys: dict[str, Any] = {}
 

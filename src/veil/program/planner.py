@@ -18,9 +18,11 @@ Steps:
    needs the baby-step and giant-step rotations of the diagonal method, the block duplication
    rotation, and relinearization keys when a square precedes another stage.
 
-Error bound: every stage adds CKKS noise of about NOISE_SLOTS * sqrt(N) / 2^s per slot (fresh
-encryption, rescale rounding, key switching), amplified by later weights; with s >= 30 this is
-below 1e-6 of the outputs for the networks veil builds, which the tests check against plaintext.
+Error bound: every stage adds CKKS noise of about NOISE_SLOTS * N / 2^s per slot (rescale
+rounding dominates fresh-encryption and key-switching noise), amplified by later weights and by
+the derivative of later squares; the planner prefers scales of at least 2^36 (about 1e-8 per
+stage at N=8192) and moves to a larger ring before going below. `simulate` adds noise of this
+size after every stage; the tests check both against the plaintext program.
 """
 
 from __future__ import annotations
@@ -40,11 +42,17 @@ from veil.program.packing import next_pow2
 INPUT_HEADROOM = 2.0
 DEFAULT_HEADROOM = 4.0
 MIN_SCALE_BITS = 26
+PREFERRED_SCALE_BITS = 36
 MAX_SCALE_BITS = 40
 MAX_PRIME_BITS = 60
 DEGREES = (8192, 16384, 32768)
-NOISE_SLOTS = 3.2
+NOISE_SLOTS = 0.25
+"""Per-slot CKKS noise after a rescale is about NOISE_SLOTS * N / 2^s: the rounding of a rescale
+times the ternary secret (about N/4 per slot after decoding), which dominates fresh-encryption noise
+(3.2 sqrt(N)) and key switching with a special prime as large as the data primes."""
 LAYOUTS = ("batch", "row")
+MAX_UNRELINEARIZED_NOISE = 1e-6
+"""Largest per-slot noise accepted for skipping the last relinearization (see `relinearize_at`)."""
 
 
 @dataclass(frozen=True)
@@ -58,11 +66,23 @@ class LayoutPlan:
     relin: bool
     rotation_steps: tuple[int, ...]
     half: int
+    relin_last: bool = False
+
+    def relinearize_at(self, stage: int, stages: list[Op]) -> bool:
+        """Whether the square of `stage` is relinearized: always when another stage rotates (row
+        layout) or squares it again; the last one only if `relin_last` (skipping it saves the key
+        switch and the relinearization key, and costs sqrt(N) more noise in one rescale)."""
+        later = stages[stage + 1:]
+        if self.relin_last:
+            return True
+        if self.layout == "row":
+            return bool(later)
+        return any(isinstance(op, Poly) for op in later)
 
     def to_dict(self) -> dict:
         return {"layout": self.layout, "params": self.params.to_dict(), "scale_bits": self.scale_bits,
                 "input_bounds": list(self.input_bounds), "relin": self.relin,
-                "rotation_steps": list(self.rotation_steps), "half": self.half}
+                "rotation_steps": list(self.rotation_steps), "half": self.half, "relin_last": self.relin_last}
 
     @classmethod
     def from_dict(cls, d: object) -> LayoutPlan:
@@ -81,14 +101,14 @@ class LayoutPlan:
         steps = d.get("rotation_steps")
         if not isinstance(steps, list):
             raise WireFormatError("rotation_steps must be a list")
-        relin = d.get("relin")
-        if not isinstance(relin, bool):
-            raise WireFormatError("relin must be true or false")
+        relin, relin_last = d.get("relin"), d.get("relin_last", False)
+        if not isinstance(relin, bool) or not isinstance(relin_last, bool) or (relin_last and not relin):
+            raise WireFormatError("relin and relin_last must be true or false (relin_last implies relin)")
         slots = params.slot_count
         return cls(layout, params, strict_int(d.get("scale_bits"), "scale_bits", MIN_SCALE_BITS, MAX_PRIME_BITS),
                    tuple(float(b) for b in bounds), relin,
                    tuple(strict_int(s, "rotation step", 1, slots - 1) for s in steps),
-                   strict_int(d.get("half"), "half", 0, slots))
+                   strict_int(d.get("half"), "half", 0, slots), relin_last)
 
     def check_input(self, X: np.ndarray) -> None:
         """Refuse (PrecisionError) any sample outside the box the parameters were planned for."""
@@ -139,21 +159,28 @@ def _max_bits(n: int) -> int:
 
 
 def choose_parameters(depth: int, value_bits: int, keyswitch: bool) -> tuple[CKKSParameters, int]:
-    """Smallest ring, then largest scale, whose chain [first, s x depth, special] is 128-bit secure."""
-    for n in DEGREES:
-        for s in range(MAX_SCALE_BITS, MIN_SCALE_BITS - 1, -1):
-            first = s + value_bits + 2
-            if first > MAX_PRIME_BITS:
-                continue
-            first = max(first, s + 10) if first + 10 <= MAX_PRIME_BITS else first
-            special = max(first, s) if keyswitch else max(20, min(s, 30))
-            bits = (first, *([s] * depth), special)
-            if sum(bits) <= _max_bits(n) and n <= MAX_DEGREE:
-                return CKKSParameters(n, bits), s
+    """Smallest ring that holds the chain [first, s x depth, special] at 128-bit security with a
+    scale of at least PREFERRED_SCALE_BITS (the largest such scale), else the smallest ring with any
+    scale down to MIN_SCALE_BITS: precision first, then speed."""
+    for low in (PREFERRED_SCALE_BITS, MIN_SCALE_BITS):
+        for n in DEGREES:
+            for s in range(MAX_SCALE_BITS, low - 1, -1):
+                first = s + value_bits + 2
+                if first > MAX_PRIME_BITS:
+                    continue
+                special = max(first, s) if keyswitch else max(20, min(s, 30))
+                bits = (first, *([s] * depth), special)
+                if sum(bits) <= _max_bits(n) and n <= MAX_DEGREE:
+                    return CKKSParameters(n, bits), s
     raise PrecisionError(
         f"a program of depth {depth} with values up to 2^{value_bits} needs more than the largest "
         f"128-bit ring (N={DEGREES[-1]}): use fewer layers or polynomial activations, or tighter "
         "input_bounds")
+
+
+def _unrelinearized_noise(params: CKKSParameters, scale_bits: int) -> float:
+    n = params.poly_modulus_degree
+    return NOISE_SLOTS * n * math.sqrt(n) / 2.0**scale_bits
 
 
 def diagonal_steps(half: int) -> tuple[int, int, tuple[int, ...]]:
@@ -176,25 +203,39 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
     box = input_box(X, input_bounds)
     bound = max(interval_bounds(stages, box))
     observed = float(np.max(np.abs(Program(program.n_inputs, stages).evaluate(X)))) * headroom
-    value_bits = max(1, math.ceil(math.log2(max(bound, observed, 1.0))))
+    peak = max(bound, observed, 1.0)
+    if not math.isfinite(peak) or peak >= 2.0 ** (MAX_PRIME_BITS - MIN_SCALE_BITS):
+        raise PrecisionError(
+            f"values of this program reach {peak:.3g} on accepted inputs, more than even the largest "
+            "128-bit ring can hold next to a useful scale: use tighter input_bounds, smaller weights "
+            "or fewer squares")
+    value_bits = max(1, math.ceil(math.log2(peak)))
     squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
     widths = [program.n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)]
     plans: dict[str, LayoutPlan] = {}
     for name in layouts:
-        if name == "batch":
-            relin = any(i < squares[-1] for i in squares) if squares else False
-            params, s = choose_parameters(len(stages), value_bits, relin)
-            plans[name] = LayoutPlan(name, params, s, tuple(box), relin, (), 0)
-        elif name == "row":
-            half = next_pow2(max(widths))
-            relin = bool(squares) and squares[0] < len(stages) - 1
-            params, s = choose_parameters(len(stages), value_bits, True)
-            if 2 * half > params.slot_count:
-                continue
-            _, _, steps = diagonal_steps(half)
-            n_linear = sum(1 for op in stages if isinstance(op, Linear))
-            dup = (params.slot_count - half,) if n_linear > 1 else ()
-            plans[name] = LayoutPlan(name, params, s, tuple(box), relin, tuple(sorted(set(steps + dup))), half)
-        else:
+        if name not in LAYOUTS:
             raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
+        row = name == "row"
+        if row:  # every square but a final one feeds a rotation
+            needs = bool(squares) and squares[0] < len(stages) - 1
+        else:  # only squares that feed another square
+            needs = bool(squares) and squares[0] < squares[-1]
+        params, s = choose_parameters(len(stages), value_bits, needs or row)
+        relin_last = False
+        if squares and _unrelinearized_noise(params, s) > MAX_UNRELINEARIZED_NOISE:
+            relin_last = True
+            params, s = choose_parameters(len(stages), value_bits, True)
+        relin = needs or relin_last
+        if not row:
+            plans[name] = LayoutPlan(name, params, s, tuple(box), relin, (), 0, relin_last)
+            continue
+        half = next_pow2(max(widths))
+        if 2 * half > params.slot_count:
+            continue
+        _, _, steps = diagonal_steps(half)
+        n_linear = sum(1 for op in stages if isinstance(op, Linear))
+        dup = (params.slot_count - half,) if n_linear > 1 else ()
+        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, tuple(sorted(set(steps + dup))), half,
+                                 relin_last)
     return stages, plans
