@@ -30,6 +30,8 @@ from veil.program.packing import BatchLayout, DiagonalLayout
 from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps
 
 KIND = "leveled"
+COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
+"""Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
 PROGRAM_LAYOUTS = ("batch", "row")
 
 
@@ -117,7 +119,37 @@ class LeveledCircuit:
     def client_spec(self) -> dict:
         """What a client needs to encrypt and decrypt: parameters and bounds, no weights."""
         return {"kind": KIND, "n_features": self.n_features, "n_outputs": self.n_outputs,
-                "depth": len(self.stages), "plans": {k: v.to_dict() for k, v in self.plans.items()}}
+                "depth": len(self.stages), "plans": {k: v.to_dict() for k, v in self.plans.items()},
+                "cost_ms": {k: round(self.cost_ms(k), 3) for k in self.plans}}
+
+    def cost_ms(self, layout: str) -> float:
+        """Estimated single-core milliseconds per unit of work: one batch of `slots` samples in the
+        batch layout, one ciphertext in the row layout. From operation counts and per-operation
+        costs measured with SEAL at N=8192 (per prime of the level, scaled by N / 8192); the
+        client uses it to pick the cheaper layout without seeing the weights."""
+        plan = self.plans[layout]
+        per = plan.params.poly_modulus_degree / 8192
+        top = len(plan.params.coeff_modulus_bits) - 1
+        cost = COST_MS_PER_PRIME["encrypt"] * top * (self.n_features if layout == "batch" else 1)
+        width, seen_linear = self.n_features, False
+        for i, op in enumerate(self.stages):
+            primes = top - i
+            if isinstance(op, Linear):
+                if layout == "batch":
+                    ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["mul_add"]
+                    ops += op.n_out * COST_MS_PER_PRIME["rescale"]
+                else:
+                    _, _, steps = diagonal_steps(plan.half)
+                    rotations = len(steps) + (1 if seen_linear else 0)
+                    ops = rotations * COST_MS_PER_PRIME["rotate"] + plan.half * COST_MS_PER_PRIME["mul_add"]
+                    ops += COST_MS_PER_PRIME["rescale"]
+                seen_linear, width = True, op.n_out
+            else:
+                relin = COST_MS_PER_PRIME["rotate"] if plan.relinearize_at(i, self.stages) else 0.0
+                one = COST_MS_PER_PRIME["square"] + relin + COST_MS_PER_PRIME["rescale"]
+                ops = one * (width if layout == "batch" else 1)
+            cost += ops * primes
+        return cost * per
 
     # plaintext and simulation backends -----------------------------------------------------
     def evaluate(self, X: np.ndarray) -> np.ndarray:
@@ -305,6 +337,11 @@ class ProgramClient:
         self.plans = check_plans({k: LayoutPlan.from_dict(v) for k, v in spec["plans"].items()},
                                  self.n_features, depth)
         self.params = {k: p.params for k, p in self.plans.items()}
+        costs = spec.get("cost_ms")
+        if not isinstance(costs, dict) or set(costs) != set(self.plans) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e12 for v in costs.values()):
+            raise WireFormatError("cost_ms must give a non-negative number per layout")
+        self.cost_ms = {k: float(v) for k, v in costs.items()}
         self._keys: dict[str, Any] = {}
 
     def layout(self, name: object) -> BatchLayout | DiagonalLayout:
@@ -315,19 +352,15 @@ class ProgramClient:
         return make_packing(self.plans[name], self.n_features, self.n_outputs)
 
     def choose_layout(self, n_samples: int) -> str:
-        """Row (diagonal) layout while it needs fewer ciphertext operations than one batch."""
-        if "row" not in self.plans:
-            return "batch"
-        if "batch" not in self.plans:
-            return "row"
-        row = self.layout("row")
-        assert isinstance(row, DiagonalLayout)
-        _baby, _giant, _ = diagonal_steps(row.half)
-        per_ct = len(self.plans["row"].rotation_steps) * 4.0 + 2 * row.half * 0.2
-        cost_row = row.n_input_cts(n_samples) * per_ct
-        per_batch = self.n_features * 7.0 + self.n_features * self.n_outputs * 0.15
-        cost_batch = self.layout("batch").n_batches(n_samples) * per_batch
-        return "row" if cost_row < cost_batch else "batch"
+        """The layout with the lower estimated cost for this many samples (`cost_ms` from the server)."""
+        if len(self.plans) == 1:
+            return next(iter(self.plans))
+        total = {}
+        for name in self.plans:
+            packing = self.layout(name)
+            units = packing.n_batches(n_samples) if name == "batch" else packing.n_input_cts(n_samples)
+            total[name] = units * self.cost_ms[name]
+        return min(total, key=lambda k: (total[k], k))
 
     def keys(self, layout: str) -> Any:
         from veil.he import SecretKeys
