@@ -85,7 +85,16 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
         raise NotImplementedError
 
     def fit(self, X: Any, y: Any) -> _EncryptedMLP:
-        """Train the polynomial network with Adam (L2 penalty `alpha`); returns self."""
+        """Train the polynomial network with Adam (L2 penalty `alpha`); returns self. Training runs
+        on one torch thread: these networks are small, and more threads only contend."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._fit(X, y)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, X: Any, y: Any) -> _EncryptedMLP:
         X = validate_data(self, X, dtype=np.float64)
         target, n_out = self._targets(y)
         self.x_mean_ = X.mean(axis=0)

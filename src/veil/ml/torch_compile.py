@@ -87,19 +87,28 @@ def _chain(module: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.
     mods = dict(module.named_modules())
     steps: list[tuple[str, Callable, Any]] = []
     prev: fx.Node | None = None
+    meta: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "placeholder":
             prev = node
             continue
         if node.op == "output":
             break
-        tensors = list(dict.fromkeys(a for a in node.args if isinstance(a, fx.Node)))
+        if (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") \
+                or (node.op == "call_method" and node.target == "size") \
+                or (node.op == "call_function" and node.target is operator.getitem and node.args[0] in meta):
+            meta.add(node)  # shape arithmetic such as x.view(x.shape[0], -1): no computation
+            continue
+        shaped = any(a in meta for a in node.args if isinstance(a, fx.Node))
+        tensors = list(dict.fromkeys(a for a in node.args if isinstance(a, fx.Node) and a not in meta))
         if node.op == "call_module":
             sub = mods[node.target]
             steps.append((str(node.target), sub, sub))
         elif node.op == "call_function" and node.target in AFFINE_FUNCTIONS:
             args, kwargs = node.args[1:], dict(node.kwargs)
             steps.append((node.name, lambda x, f=node.target, a=args, k=kwargs: f(x, *a, **k), "affine"))
+        elif node.op == "call_method" and node.target in AFFINE_METHODS and shaped:
+            steps.append((node.name, lambda x: x.reshape(x.shape[0], -1), "affine"))
         elif node.op == "call_method" and node.target in AFFINE_METHODS:
             args = node.args[1:]
             steps.append((node.name, lambda x, m=node.target, a=args: getattr(x, m)(*a), "affine"))
@@ -120,8 +129,6 @@ def _chain(module: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.
 def _classify(name: str, kind: Any) -> str:
     if isinstance(kind, str):
         return kind
-    if isinstance(kind, nn.BatchNorm1d | nn.BatchNorm2d) and kind.training:
-        raise UnsupportedLayerError(f"layer {name} (BatchNorm) is in training mode: call module.eval() first")
     if isinstance(kind, AFFINE_MODULES):
         return "affine"
     if isinstance(kind, Square):
@@ -134,6 +141,10 @@ def _classify(name: str, kind: Any) -> str:
 
 def module_to_program(module: nn.Module, input_shape: tuple[int, ...]) -> Program:
     """Lower a traced chain to a `Program` on the flattened input of shape `input_shape`."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training:
+            raise UnsupportedLayerError(f"layer {name or type(sub).__name__} (BatchNorm) is in training mode: "
+                                        "call module.eval() first, so its running statistics are folded")
     module = copy.deepcopy(module).double().eval()
     steps = _chain(module)
     n_in = int(np.prod(input_shape))
@@ -150,6 +161,8 @@ def module_to_program(module: nn.Module, input_shape: tuple[int, ...]) -> Progra
             out = basis
             for f in group:
                 out = f(out)
+        if out.shape[0] != n_cur + 1:
+            raise UnsupportedLayerError("a reshape mixes samples of a batch: keep the batch dimension first")
         shape = tuple(out.shape[1:])
         flat = out.reshape(n_cur + 1, -1).numpy()
         ops.append(Linear((flat[1:] - flat[0]).T, flat[0]))
