@@ -146,6 +146,8 @@ def module_to_program(module: nn.Module, input_shape: tuple[int, ...]) -> Progra
             raise UnsupportedLayerError(f"layer {name or type(sub).__name__} (BatchNorm) is in training mode: "
                                         "call module.eval() first, so its running statistics are folded")
     module = copy.deepcopy(module).double().eval()
+    if isinstance(module, (*AFFINE_MODULES, Square, Polynomial)):
+        module = nn.Sequential(module)  # a bare layer: trace it as a one-layer chain
     steps = _chain(module)
     n_in = int(np.prod(input_shape))
     ops: list[Op] = []
