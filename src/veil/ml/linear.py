@@ -23,7 +23,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from veil.ml.base import EncryptedModelMixin
 from veil.ml.outputs import OutputSpec
-from veil.program.affine import DEFAULT_HEADROOM, LinearCircuit
+from veil.program import Linear, Program, compile_program
+from veil.program.affine import DEFAULT_HEADROOM
 
 
 def _mirror_init(sk_cls: type) -> Any:
@@ -95,6 +96,7 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
         for scaler in reversed(scalers):
             W, b = _fold_scaler(scaler, W, b)
         self.weights_, self.bias_ = W, b
+        self.program_ = Program(W.shape[1], [Linear(W, b)])
         self.n_features_in_ = W.shape[1]
         if scalers:
             self.__dict__.pop("feature_names_in_", None)
@@ -129,8 +131,7 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
         default twice the largest magnitude in X. Inputs beyond it are refused with PrecisionError."""
         check_is_fitted(self, "weights_")
         X = self._check_X(X)
-        self.circuit_ = LinearCircuit.calibrate(self.weights_, self.bias_, X, headroom, presets,
-                                                input_bounds)
+        self.circuit_ = compile_program(self.program_, X, input_bounds, headroom, presets)
         self.__dict__.pop("fhe_client_", None)
         return self
 

@@ -28,16 +28,11 @@ from veil.errors import ShapeError
 from veil.ml.base import EncryptedModelMixin
 from veil.ml.outputs import OutputSpec
 from veil.ml.torch_compile import Square, module_to_program, relu_polynomial
-from veil.program import LeveledCircuit, Program, plan
+from veil.program import Circuit, Program, compile_program
 from veil.program.planner import DEFAULT_HEADROOM
 
 ACTIVATIONS = ("square", "relu_poly")
 RELU_BOUND = 4.0
-
-
-def _compile_program(program: Program, X: np.ndarray, input_bounds: Any, headroom: float) -> LeveledCircuit:
-    stages, plans = plan(program, X, input_bounds=input_bounds, headroom=headroom)
-    return LeveledCircuit(stages, program.n_inputs, plans)
 
 
 class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
@@ -153,7 +148,7 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
         magnitude, or `input_bounds`); returns self."""
         check_is_fitted(self, "program_")
         X = self._check_X(X)
-        self.circuit_ = _compile_program(self.program_, X, input_bounds, headroom)
+        self.circuit_ = compile_program(self.program_, X, input_bounds, headroom)
         self.__dict__.pop("fhe_client_", None)
         return self
 
@@ -226,7 +221,7 @@ class CompiledTorchModel(EncryptedModelMixin):
     """A compiled torch module: `forward(X, fhe=...)` returns its raw outputs, flattened per sample."""
 
     def __init__(self, module: nn.Module, program: Program, input_shape: tuple[int, ...],
-                 circuit: LeveledCircuit) -> None:
+                 circuit: Circuit) -> None:
         self.module = module
         self.program_ = program
         self.input_shape = tuple(input_shape)
@@ -260,7 +255,7 @@ def compile_torch_model(module: nn.Module, X_calibration: Any, input_bounds: flo
     flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
     if input_bounds is not None and np.ndim(input_bounds) > 0:
         input_bounds = np.asarray(input_bounds, dtype=np.float64).reshape(-1)
-    circuit = _compile_program(program, flat, input_bounds, headroom)
+    circuit = compile_program(program, flat, input_bounds, headroom)
     return CompiledTorchModel(copy.deepcopy(module).eval(), program, tuple(X.shape[1:]), circuit)
 
 

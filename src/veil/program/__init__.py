@@ -13,12 +13,30 @@ from typing import Any
 
 from veil.errors import WireFormatError
 from veil.program.affine import CircuitClient, LinearCircuit
-from veil.program.ir import Linear, Poly, Program
+from veil.program.ir import Linear, Poly, Program, normalise
 from veil.program.leveled import LeveledCircuit, ProgramClient
 from veil.program.planner import LayoutPlan, plan
 
 Circuit = LinearCircuit | LeveledCircuit
 Client = CircuitClient | ProgramClient
+
+
+def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
+                    presets: dict[str, str] | None = None) -> Circuit:
+    """Plan and build the circuit of any program. A program that normalises to one affine map (a
+    linear model, or a network whose activations are all affine) runs on the depth-0 affine
+    backend: no rescale, one 60-bit prime, no evaluation keys in batch layout; anything with a
+    square runs on the leveled backend."""
+    stages = normalise(program)
+    if len(stages) == 1:
+        only = stages[0]
+        assert isinstance(only, Linear)
+        kwargs = {} if headroom is None else {"headroom": headroom}
+        return LinearCircuit.calibrate(only.weight, only.bias, X, presets=presets, input_bounds=input_bounds,
+                                       **kwargs)
+    kwargs = {} if headroom is None else {"headroom": headroom}
+    stages, plans = plan(program, X, input_bounds=input_bounds, **kwargs)
+    return LeveledCircuit(stages, program.n_inputs, plans)
 
 
 def load_server(data: Any) -> Circuit:
@@ -44,4 +62,4 @@ def load_client(spec: Any) -> Client:
 
 
 __all__ = ["Circuit", "CircuitClient", "Client", "LayoutPlan", "LeveledCircuit", "Linear", "LinearCircuit",
-           "Poly", "Program", "ProgramClient", "load_client", "load_server", "plan"]
+           "Poly", "Program", "ProgramClient", "compile_program", "load_client", "load_server", "plan"]
