@@ -27,7 +27,7 @@ from veil.he import HEContext, PublicBundle, wire
 from veil.he.ciphertext import Ciphertext, add_many
 from veil.program.ir import Linear, Op, Poly, Program
 from veil.program.packing import BatchLayout, DiagonalLayout
-from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps
+from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps, required_keys
 
 KIND = "leveled"
 PROGRAM_LAYOUTS = ("batch", "row")
@@ -61,6 +61,12 @@ class LeveledCircuit:
                 raise ShapeError("input bounds do not match the number of features")
             if p.params.coeff_modulus_bits.__len__() != len(self.stages) + 2:
                 raise WireFormatError("the modulus chain does not match the program's depth")
+            relin, steps, half = required_keys(self.stages, n_features, name, p.params.slot_count)
+            if (p.relin, tuple(sorted(p.rotation_steps)), p.half) != (relin, steps, half):
+                raise WireFormatError(f"the {name} plan's evaluation keys (relin {p.relin}, rotation steps, "
+                                      f"half {p.half}) are not the ones its program needs")
+            if name == "row" and 2 * half > p.params.slot_count:
+                raise WireFormatError("the row layout's blocks do not fit the ring")
         self.plans = dict(plans)
         self._contexts: dict[str, HEContext] = {}
         self._diagonals: dict[int, list[list[tuple[int, int, seal.Plaintext]]]] = {}

@@ -163,6 +163,24 @@ def diagonal_steps(half: int) -> tuple[int, int, tuple[int, ...]]:
     return baby, giant, tuple(range(1, baby)) + tuple(g * baby for g in range(1, giant))
 
 
+def required_keys(stages: list[Op], n_inputs: int, layout: str,
+                  slot_count: int) -> tuple[bool, tuple[int, ...], int]:
+    """(relin, rotation steps, half) that evaluating `stages` in `layout` needs: relinearization
+    wherever a squared ciphertext is multiplied again, the Galois steps of the diagonal method
+    (plus the block re-duplication between Linear stages) and the row block width. A plan must
+    declare exactly these, so a forged plan is refused when loaded rather than failing per request."""
+    squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
+    if layout == "batch":
+        return (any(i < squares[-1] for i in squares) if squares else False), (), 0
+    widths = [n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)]
+    half = next_pow2(max(widths))
+    relin = bool(squares) and squares[0] < len(stages) - 1
+    _, _, steps = diagonal_steps(half)
+    n_linear = sum(1 for op in stages if isinstance(op, Linear))
+    dup = (slot_count - half,) if n_linear > 1 else ()
+    return relin, tuple(sorted(set(steps + dup))), half
+
+
 def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | None = None,
          headroom: float = DEFAULT_HEADROOM,
          layouts: tuple[str, ...] = LAYOUTS) -> tuple[list[Op], dict[str, LayoutPlan]]:
@@ -177,24 +195,18 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
     bound = max(interval_bounds(stages, box))
     observed = float(np.max(np.abs(Program(program.n_inputs, stages).evaluate(X)))) * headroom
     value_bits = max(1, math.ceil(math.log2(max(bound, observed, 1.0))))
-    squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
-    widths = [program.n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)]
     plans: dict[str, LayoutPlan] = {}
     for name in layouts:
         if name == "batch":
-            relin = any(i < squares[-1] for i in squares) if squares else False
+            relin = required_keys(stages, program.n_inputs, name, 0)[0]
             params, s = choose_parameters(len(stages), value_bits, relin)
             plans[name] = LayoutPlan(name, params, s, tuple(box), relin, (), 0)
         elif name == "row":
-            half = next_pow2(max(widths))
-            relin = bool(squares) and squares[0] < len(stages) - 1
             params, s = choose_parameters(len(stages), value_bits, True)
+            relin, steps, half = required_keys(stages, program.n_inputs, name, params.slot_count)
             if 2 * half > params.slot_count:
                 continue
-            _, _, steps = diagonal_steps(half)
-            n_linear = sum(1 for op in stages if isinstance(op, Linear))
-            dup = (params.slot_count - half,) if n_linear > 1 else ()
-            plans[name] = LayoutPlan(name, params, s, tuple(box), relin, tuple(sorted(set(steps + dup))), half)
+            plans[name] = LayoutPlan(name, params, s, tuple(box), relin, steps, half)
         else:
             raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
     return stages, plans
