@@ -199,8 +199,10 @@ def _keygen(args: argparse.Namespace) -> int:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(keys.to_bytes())
-            key_id = client.register(mc.public_bundle_bytes(layout))
-            print(f"{args.model} v{version} {layout}: key id {key_id}, secret key in {path}")
+            bundle = mc.public_bundle_bytes(layout)
+            key_id = client.register(bundle)
+            print(f"{args.model} v{version} {layout}: key id {key_id}, public bundle "
+                  f"{len(bundle) / 1e6:.1f} MB, secret key in {path}")
     return 0
 
 
@@ -227,12 +229,13 @@ def _predict(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.chunk_size = args.chunk_size
         _, mc = client.model(args.model, args.version)
+        chunk = client.chunk_rows(mc, args.layout)
         if args.keys:
             for layout in mc.circuit.params:
                 path = Path(args.keys) / f"{layout}.key"
                 if path.exists():
                     mc.circuit.set_keys(layout, SecretKeys.from_bytes(path.read_bytes()))
-        with tqdm(total=len(X), unit="rows", disable=args.quiet or len(X) < 2 * args.chunk_size,
+        with tqdm(total=len(X), unit="rows", disable=args.quiet or len(X) < 2 * chunk,
                   file=sys.stderr) as bar:
             raw = client.predict_raw(X, args.model, args.version, args.layout, progress=bar.update)
     pred = mc.predict(raw)
@@ -369,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--keys", help="directory written by `veil keygen`")
     predict.add_argument("--out", help="output CSV (default stdout)")
     predict.add_argument("--proba", action="store_true", help="add class probabilities")
-    predict.add_argument("--chunk-size", type=int, default=16384)
+    predict.add_argument("--chunk-size", type=int,
+                         help="rows per request (default: as many as keep a request under 64 MiB "
+                              "for this model, at most 16384)")
     predict.add_argument("--quiet", action="store_true")
     _add_client_options(predict)
     predict.set_defaults(func=_predict)

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from veil.fl import cli
 from veil.fl.deployment import LocalFederation, _alive, _children, kill_tree, run_deployment, write_app
@@ -80,3 +81,50 @@ def test_cli_superlink_supernodes_and_secagg_run(tmp_path, capsys):
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["config"]["secagg"] is True
     assert (tmp_path / "out" / "model" / "client.json").exists()
+
+
+def test_torch_mlp_run_exports_serves_and_predicts_encrypted_like_the_federated_model(tmp_path, capsys):
+    """torch-mlp trains with a polynomial activation, so the exported network is the federated one:
+    encrypted predictions (in process and through `veil serve`) equal its plaintext predictions."""
+    from veil import ml
+    from veil.fl.data import load_dataset
+    from veil.fl.export import encrypted_check, to_veil_model
+    from veil.ml.torch_compile import Polynomial
+    from veil.serve import Client
+    from veil.serve.auth import add_token_to_file
+    from veil.serve.server import ServerConfig, serve_in_background
+
+    cfg = FLConfig(clients=3, rounds=2, model="torch-mlp", dataset="wine", epochs=3, lr=0.1)
+    result = run_simulation(cfg, engine="inprocess")
+    network = result.learner().model
+    assert any(isinstance(m, Polynomial) for m in network.modules())
+    assert not any(isinstance(m, torch.nn.ReLU) for m in network.modules())
+    data = load_dataset("wine", seed=cfg.seed)
+    model = to_veil_model(result, data.X_test)
+    assert isinstance(model, ml.MLPClassifier) and model.circuit_.kind == "leveled"
+    plain = result.predict(data.X_test)
+    assert np.array_equal(model.predict(data.X_test, fhe="execute"), plain)
+    check = encrypted_check(result, model, data.X_test, data.y_test)
+    assert check["encrypted_agreement"] == 1.0 and check["encrypted_accuracy"] > 0.8
+
+    saved = model.save(tmp_path / "model")
+    tokens = tmp_path / "tokens.json"
+    admin, user = add_token_to_file(tokens, "admin", "admin"), add_token_to_file(tokens, "u", "client")
+    config = ServerConfig(data_dir=str(tmp_path / "data"), tokens_file=str(tokens),
+                          model_key_file=str(tmp_path / "model.key"))
+    (tmp_path / "model.key").write_text("22" * 32)
+    with serve_in_background(config) as url:
+        with Client(url, admin) as client:
+            assert client.deploy(saved, "fl-mlp")["kind"] == "leveled"
+        with Client(url, user) as client:
+            for layout in ("batch", "row"):
+                assert np.array_equal(client.predict(data.X_test, "fl-mlp", layout=layout), plain)
+
+    code = cli.main(["run", "--model", "torch-mlp", "--dataset", "wine", "--clients", "3", "--rounds", "1",
+                     "--epochs", "3", "--lr", "0.1", "--simulator", "inprocess", "--out", str(tmp_path / "out"),
+                     "--json", "--quiet"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["encrypted_agreement"] == 1.0 and summary["veil_model"] == str(tmp_path / "out" / "model")
+    client_json = json.loads((tmp_path / "out" / "model" / "client.json").read_text())
+    assert client_json["model"] == "MLPClassifier" and client_json["circuit"]["kind"] == "leveled"

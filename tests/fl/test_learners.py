@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from veil import ml
 from veil.fl.data import load_dataset
@@ -67,7 +69,7 @@ def test_binary_and_regression_learners():
         reg.sklearn_model().predict(diabetes.X_test[:5]))
 
 
-def test_torch_linear_exports_to_veil_and_mlp_refuses(digits):
+def test_torch_linear_and_mlp_export_to_veil(digits):
     learner = make_learner("torch-linear", 64, digits.classes, epochs=3)
     learner.fit(digits.X_train, digits.y_train, {})
     model = learner.to_veil().compile(digits.X_test)
@@ -78,8 +80,15 @@ def test_torch_linear_exports_to_veil_and_mlp_refuses(digits):
     assert np.mean(plain == digits.y_test) == pytest.approx(metrics["accuracy"])
     mlp = make_learner("torch-mlp", 64, digits.classes)
     assert isinstance(mlp, TorchLearner)
-    with pytest.raises(TypeError):
-        mlp.to_veil()
+    scaler = StandardScaler().fit(digits.X_train)  # owners train on scaled features, as the federation does
+    mlp.fit(scaler.transform(digits.X_train), digits.y_train, {})
+    exported = mlp.to_veil(scaler).compile(digits.X_test)  # the trained network, scaler folded in
+    assert isinstance(exported, ml.MLPClassifier)
+    with torch.no_grad():
+        logits = mlp.model(torch.as_tensor(scaler.transform(digits.X_test[:30]), dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(exported.program_.evaluate(digits.X_test[:30]), logits, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(exported.predict(digits.X_test[:30], fhe="execute"),
+                          digits.classes[logits.argmax(1)])
     with pytest.raises(ValueError):
         mlp.set_weights(mlp.get_weights()[:-1])
 

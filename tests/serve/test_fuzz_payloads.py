@@ -42,8 +42,12 @@ def deployed(tmp_path_factory):
     requests = {layout: client.encrypt(X[:3], layout)[1] for layout in ("batch", "row")}
     bundles = {layout: server.load_bundle(client.public_bundle_bytes(layout)) for layout in ("batch", "row")}
     artefacts = {kind: json.loads((path / f"{kind}.json").read_text()) for kind in ("server", "client")}
+    mlp = ml.MLPClassifier(hidden_layer_sizes=(3,), max_iter=5, random_state=0).fit(X, y).compile(X)
+    mlp_path = mlp.save(root / "iris-mlp")
+    leveled = {kind: json.loads((mlp_path / f"{kind}.json").read_text()) for kind in ("server", "client")}
     service = Service(SQLiteStore(root / "data"), ArtefactCipher(ArtefactCipher.generate_key()))
-    return {"server": server, "requests": requests, "bundles": bundles, "artefacts": artefacts, "service": service}
+    return {"server": server, "requests": requests, "bundles": bundles, "artefacts": artefacts, "service": service,
+            "leveled": leveled}
 
 
 def evaluates_or_refuses(server: ml.ModelServer, request: bytes, bundle) -> bytes | None:
@@ -102,7 +106,17 @@ def _replace(tree, path, value):
 @FUZZ
 @given(st.sampled_from(["server", "client"]), st.data(), JSON)
 def test_deploying_artefacts_with_any_value_anywhere_answers_4xx(deployed, kind, data, value):
-    artefacts = deployed["artefacts"]
+    _deploy_fuzzed(deployed, deployed["artefacts"], kind, data, value)
+
+
+@FUZZ
+@given(st.sampled_from(["server", "client"]), st.data(), JSON)
+def test_deploying_leveled_artefacts_with_any_value_anywhere_answers_4xx(deployed, kind, data, value):
+    """The same for a network (program stages, per-layout plans with keys and modulus chains)."""
+    _deploy_fuzzed(deployed, deployed["leveled"], kind, data, value)
+
+
+def _deploy_fuzzed(deployed, artefacts, kind, data, value):
     paths = sorted(set(_paths(artefacts[kind])), key=str)
     path = data.draw(st.sampled_from(paths))
     changed = dict(artefacts, **{kind: _replace(artefacts[kind], path, value)})

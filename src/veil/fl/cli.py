@@ -95,7 +95,8 @@ def _submit_existing(args: argparse.Namespace, cfg: Any, out: Path, on_round: An
 
 
 def _finish(result: Any, data: Any, out: Path, args: argparse.Namespace) -> dict:
-    """Save the global model (as `veil.ml` when it is linear), optionally deploy it, summarise."""
+    """Save the global model (as `veil.ml`: linear, or a polynomial network for torch-mlp), optionally
+    deploy it, summarise."""
     from veil.fl.federation import save_result
 
     summary: dict[str, Any] = {"history": result.history, "rejected": len(result.rejected),
@@ -196,7 +197,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a model federatedly and save it as a veil.ml model")
     run.add_argument("--clients", type=int, default=10)
     run.add_argument("--rounds", type=int, default=None, help="training rounds (default 15)")
-    run.add_argument("--model", choices=MODELS, default="logreg")
+    run.add_argument("--model", choices=MODELS, default="logreg",
+                     help="torch-mlp trains Linear-polynomial-Linear (ReLU's quadratic fit as the activation "
+                          "from the start), so the exported encrypted network is exactly the trained one")
     run.add_argument("--dataset", default="digits", help="digits, iris, wine, breast_cancer, diabetes or a .npz")
     run.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
     run.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")

@@ -9,9 +9,13 @@ import numpy as np
 from veil import ml
 from veil.fl.federation import FLResult
 
+EncryptedModel = ml.EncryptedLinearModel | ml.MLPClassifier | ml.MLPRegressor
 
-def to_veil_model(result: FLResult, X_calibration: np.ndarray) -> ml.EncryptedLinearModel:
-    """The global model as a compiled `veil.ml` estimator that takes raw features.
+
+def to_veil_model(result: FLResult, X_calibration: np.ndarray) -> EncryptedModel:
+    """The global model as a compiled `veil.ml` estimator that takes raw features: a linear model,
+    or for torch-mlp an `MLPClassifier` / `MLPRegressor` evaluating the very network that was
+    trained (its activation is a polynomial from the first round, so nothing is approximated here).
 
     The federated scaler, when the run had one, is folded into the weights (as `from_sklearn_model` does
     for a scaler Pipeline), so an encrypted client sends raw features. `X_calibration` (raw) is data the
@@ -21,7 +25,7 @@ def to_veil_model(result: FLResult, X_calibration: np.ndarray) -> ml.EncryptedLi
     return model.compile(np.asarray(X_calibration, dtype=np.float64))
 
 
-def encrypted_check(result: FLResult, model: ml.EncryptedLinearModel, X: np.ndarray,
+def encrypted_check(result: FLResult, model: EncryptedModel, X: np.ndarray,
                     y: np.ndarray | None = None) -> dict[str, float]:
     """Encrypted predictions of the exported model on raw `X` against the plaintext federated model:
     agreement (fraction equal) and, for a classifier with labels `y`, both accuracies."""
@@ -38,7 +42,7 @@ def encrypted_check(result: FLResult, model: ml.EncryptedLinearModel, X: np.ndar
     return out
 
 
-def save_model(model: ml.EncryptedLinearModel, out: str | Path) -> Path:
+def save_model(model: EncryptedModel, out: str | Path) -> Path:
     """Write the `veil.ml` deployment files (`server.json`, `client.json`) into `out`."""
     return model.save(out)
 

@@ -170,11 +170,18 @@ class TorchLearner:
         self.task, self.epochs, self.lr, self.batch_size, self.seed = task, epochs, lr, batch_size, seed
         self.classes: np.ndarray | None = None
 
+    def _trainable(self) -> dict[str, Any]:
+        """The parameters exchanged with the federation, by name. Buffers (such as a polynomial
+        activation's fixed coefficients) are part of the architecture, not of the update, so no
+        averaging, clipping or DP noise ever touches them."""
+        names = {name for name, _ in self.model.named_parameters()}
+        return {name: v for name, v in self.model.state_dict().items() if name in names}
+
     def get_weights(self) -> list[np.ndarray]:
-        return [v.detach().cpu().numpy().astype(np.float64) for v in self.model.state_dict().values()]
+        return [v.detach().cpu().numpy().astype(np.float64) for v in self._trainable().values()]
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
-        state = self.model.state_dict()
+        state = self._trainable()
         if len(weights) != len(state):
             raise FederatedConfigError(f"expected {len(state)} arrays, got {len(weights)}")
         new = {}
@@ -182,7 +189,7 @@ class TorchLearner:
             if tuple(np.shape(w)) != tuple(ref.shape):
                 raise FederatedConfigError(f"{name}: expected shape {tuple(ref.shape)}, got {np.shape(w)}")
             new[name] = self.torch.as_tensor(np.asarray(w), dtype=ref.dtype)
-        self.model.load_state_dict(new)
+        self.model.load_state_dict(new, strict=False)
 
     def _target(self, y: np.ndarray) -> Any:
         if self.task == "classification":
@@ -226,13 +233,21 @@ class TorchLearner:
         labels = self.classes if self.classes is not None else np.arange(out.shape[1])
         return loss, {"accuracy": float(accuracy_score(y, labels[out.argmax(1).numpy()]))}
 
-    def to_veil(self, scaler: Any = None) -> ml.EncryptedLinearModel:
-        """A single-`Linear` classifier becomes a `veil.ml.LogisticRegression` (argmax over logits
-        is kept); other modules cannot be served encrypted by `veil.ml`. A fitted `scaler` is folded in."""
+    def to_veil(self, scaler: Any = None) -> ml.EncryptedLinearModel | ml.MLPClassifier | ml.MLPRegressor:
+        """The global model as a `veil.ml` estimator taking raw features (a fitted `scaler` is folded
+        into the first layer); compile it before encrypted inference.
+
+        A single-`Linear` classifier becomes a `veil.ml.LogisticRegression` (argmax over logits is
+        kept); a network whose activations are polynomials (torch-mlp) becomes a fitted
+        `veil.ml.MLPClassifier` / `MLPRegressor` evaluating exactly the trained network."""
         torch = self.torch
         layers = [m for m in self.model.modules() if not list(m.children())]
-        if self.task != "classification" or len(layers) != 1 or not isinstance(layers[0], torch.nn.Linear):
-            raise TypeError("only a torch model made of one nn.Linear classifier converts to veil.ml")
+        if len(layers) > 1:
+            return ml.mlp_from_torch(self.model, self.classes if self.task == "classification" else None,
+                                     scaler)
+        if self.task != "classification" or not isinstance(layers[0], torch.nn.Linear):
+            raise TypeError("only a torch nn.Linear classifier or a network of nn.Linear layers and "
+                            "polynomial activations converts to veil.ml")
         W = layers[0].weight.detach().numpy().astype(np.float64)
         b = layers[0].bias.detach().numpy().astype(np.float64)
         classes = self.classes if self.classes is not None else np.arange(W.shape[0])
@@ -267,7 +282,10 @@ def make_learner(model: str | Any, n_features: int, classes: np.ndarray | None, 
         def build() -> Any:
             if model == "torch-linear":
                 return torch.nn.Linear(n_features, n_out)
-            return torch.nn.Sequential(torch.nn.Linear(n_features, 64), torch.nn.ReLU(), torch.nn.Linear(64, n_out))
+            # a polynomial activation (the quadratic closest to ReLU on [-4, 4]) from the start, so the
+            # trained network is exactly the one evaluated on ciphertexts (ReLU is not a polynomial)
+            return torch.nn.Sequential(torch.nn.Linear(n_features, 64), ml.relu_polynomial().float(),
+                                       torch.nn.Linear(64, n_out))
 
         learner = TorchLearner(build, task, epochs=epochs, lr=lr, seed=seed)
         learner.classes = classes

@@ -18,7 +18,7 @@ from veil.ml.linear import (
     TweedieRegressor,
     from_sklearn_model,
 )
-from veil.ml.neural import CompiledTorchModel, MLPClassifier, MLPRegressor, compile_torch_model
+from veil.ml.neural import CompiledTorchModel, MLPClassifier, MLPRegressor, compile_torch_model, mlp_from_torch
 from veil.ml.outputs import OutputSpec
 from veil.ml.torch_compile import Polynomial, Square, UnsupportedLayerError, relu_polynomial, replace_relu
 from veil.program.affine import CircuitClient, LinearCircuit
@@ -51,6 +51,7 @@ __all__ = [
     "UnsupportedLayerError",
     "compile_torch_model",
     "from_sklearn_model",
+    "mlp_from_torch",
     "relu_polynomial",
     "replace_relu",
 ]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn import linear_model, svm
+from sklearn import linear_model, neural_network, svm
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
 from sklearn.pipeline import Pipeline
@@ -110,17 +110,35 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
         return OutputSpec("regressor", ravel=coef.ndim == 1)
 
     @classmethod
-    def from_sklearn_model(cls, model: Any) -> EncryptedLinearModel:
-        """Wrap a fitted scikit-learn estimator (or a Pipeline of scalers then the estimator)."""
+    def from_sklearn_model(cls, sklearn_model: Any, X: Any = None, n_bits: Any = None,
+                           rounding_threshold_bits: Any = None) -> EncryptedLinearModel:
+        """Wrap a fitted scikit-learn estimator (or a Pipeline of scalers then the estimator, which
+        may itself be a fitted veil estimator); with `X`, also compile on it right away.
+
+        The signature is Concrete ML's, so code written for it runs unchanged. `n_bits` and
+        `rounding_threshold_bits` are accepted and ignored: they size Concrete's integer
+        quantization, whereas CKKS works on fixed-point reals whose scales `compile` derives from
+        the calibration data, so there is no bit width to choose."""
+        del n_bits, rounding_threshold_bits
+        model = sklearn_model
         scalers: tuple = ()
         if isinstance(model, Pipeline):
             steps = [s for _, s in model.steps if s is not None and s != "passthrough"]
             scalers, model = tuple(steps[:-1]), steps[-1]
+        if isinstance(model, EncryptedLinearModel):
+            check_is_fitted(model, "sklearn_model_")
+            inner = model.sklearn_model_
+            if not np.array_equal(np.atleast_2d(np.asarray(inner.coef_, dtype=np.float64)), model.weights_):
+                raise TypeError(f"this {type(model).__name__} already has scalers folded into its weights; "
+                                "convert the original scikit-learn Pipeline instead")
+            model = inner
         if not isinstance(model, cls._sklearn_cls):
             raise TypeError(f"{cls.__name__} wraps {cls._sklearn_cls.__name__}, got {type(model).__name__}")
         check_is_fitted(model)
         est = cls(**model.get_params(deep=False))
         est._absorb(model, scalers)
+        if X is not None:
+            est.compile(X)
         return est
 
     def compile(self, X: Any, headroom: float = DEFAULT_HEADROOM, presets: dict[str, str] | None = None,
@@ -258,12 +276,19 @@ for _cls in ESTIMATORS:
     _cls.__qualname__ = _cls.__name__
 
 
-def from_sklearn_model(model: Any) -> EncryptedLinearModel:
-    """Convert any supported fitted scikit-learn model (or scaler Pipeline) to its veil class."""
+def from_sklearn_model(model: Any, X: Any = None, n_bits: Any = None) -> EncryptedLinearModel:
+    """Convert any supported fitted scikit-learn model (or scaler Pipeline, whose last step may
+    already be a veil estimator) to its veil class; with `X`, compile it too. `n_bits` is accepted
+    for Concrete ML compatibility and ignored (see `EncryptedLinearModel.from_sklearn_model`)."""
     final = model.steps[-1][1] if isinstance(model, Pipeline) else model
     for cls in ESTIMATORS:
-        if type(final) is cls._sklearn_cls:
-            return cls.from_sklearn_model(model)
+        if type(final) is cls._sklearn_cls or type(final) is cls:
+            return cls.from_sklearn_model(model, X, n_bits)
+    if isinstance(final, neural_network.MLPClassifier | neural_network.MLPRegressor):
+        kind = type(final).__name__
+        raise TypeError(f"a scikit-learn {kind} cannot be converted: its activations (ReLU, tanh, logistic) "
+                        f"are not polynomials, which is all CKKS evaluates. Train veil.ml.{kind} instead: "
+                        "the same parameters, with a polynomial activation, then compile(X) and save")
     raise TypeError(f"no encrypted equivalent for {type(final).__name__}; supported: "
                     f"{', '.join(c.__name__ for c in ESTIMATORS)}")
 

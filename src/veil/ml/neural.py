@@ -28,7 +28,7 @@ from veil.errors import ShapeError
 from veil.ml.base import EncryptedModelMixin
 from veil.ml.outputs import OutputSpec
 from veil.ml.torch_compile import Square, module_to_program, relu_polynomial
-from veil.program import Circuit, Program, compile_program
+from veil.program import Circuit, Linear, Program, compile_program
 from veil.program.planner import DEFAULT_HEADROOM
 
 ACTIVATIONS = ("square", "relu_poly")
@@ -259,4 +259,41 @@ def compile_torch_model(module: nn.Module, X_calibration: Any, input_bounds: flo
     return CompiledTorchModel(copy.deepcopy(module).eval(), program, tuple(X.shape[1:]), circuit)
 
 
-__all__ = ["CompiledTorchModel", "MLPClassifier", "MLPRegressor", "compile_torch_model"]
+def mlp_from_torch(module: nn.Module, classes: Any = None, scaler: Any = None) -> MLPClassifier | MLPRegressor:
+    """A fitted `MLPClassifier` (with `classes`, one logit per class) or `MLPRegressor` (without)
+    that evaluates the trained torch network `module` (Linear layers and polynomial activations)
+    exactly; a fitted affine `scaler` in front of it (StandardScaler, MinMaxScaler, MaxAbsScaler)
+    is folded into the first layer so clients send raw features. Used to deploy networks trained
+    elsewhere, e.g. federatedly: call `compile(X)` then `predict(..., fhe=...)` or `save`."""
+    from veil.ml.linear import _fold_scaler
+
+    first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        raise TypeError("the network has no nn.Linear layer")
+    n_in = first.in_features
+    program = module_to_program(copy.deepcopy(module).eval().float(), (n_in,))
+    ops = list(program.ops)
+    if not isinstance(ops[0], Linear):
+        raise TypeError("the network must begin with an nn.Linear layer")
+    if scaler is not None:
+        W, b = _fold_scaler(scaler, ops[0].weight, ops[0].bias)
+        ops[0] = type(ops[0])(W, b)
+    program = Program(n_in, ops)
+    est: MLPClassifier | MLPRegressor
+    if classes is not None:
+        est = MLPClassifier(hidden_layer_sizes=tuple(op.n_out for op in ops[:-1] if isinstance(op, Linear)))
+        est.classes_ = np.asarray(classes)
+        if len(est.classes_) != program.n_outputs:
+            raise ShapeError(f"{len(est.classes_)} classes for a network with {program.n_outputs} outputs")
+        est.output_spec_ = OutputSpec("classifier", classes=tuple(est.classes_.tolist()), proba="softmax")
+    else:
+        est = MLPRegressor(hidden_layer_sizes=tuple(op.n_out for op in ops[:-1] if isinstance(op, Linear)))
+        est.n_outputs_ = program.n_outputs
+        est.output_spec_ = OutputSpec("regressor", ravel=program.n_outputs == 1)
+    est.n_features_in_ = n_in
+    est.network_ = copy.deepcopy(module).eval()
+    est.program_ = program
+    return est
+
+
+__all__ = ["CompiledTorchModel", "MLPClassifier", "MLPRegressor", "compile_torch_model", "mlp_from_torch"]

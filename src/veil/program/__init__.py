@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from veil.errors import WireFormatError
+from veil.he import CKKSParameters
 from veil.program.affine import CircuitClient, LinearCircuit
 from veil.program.ir import Linear, Poly, Program, normalise
 from veil.program.leveled import LeveledCircuit, ProgramClient
+from veil.program.packing import RowLayout
 from veil.program.planner import LayoutPlan, plan
 
 Circuit = LinearCircuit | LeveledCircuit
@@ -61,5 +63,73 @@ def load_client(spec: Any) -> Client:
     return CircuitClient(spec)
 
 
+def _layout_params(side: Circuit | Client) -> dict[str, CKKSParameters]:
+    if isinstance(side, LinearCircuit):
+        return {name: s.params for name, s in side.scales.items()}
+    if isinstance(side, LeveledCircuit | ProgramClient):
+        return {name: p.params for name, p in side.plans.items()}
+    return dict(side.params)
+
+
+def key_needs(side: Circuit | Client) -> dict[str, dict[str, Any]]:
+    """Per layout, what a client's public bundle must hold for this program: the parameter
+    fingerprint, whether relinearization keys are needed and the Galois rotation steps. Servers and
+    clients of the same artefact answer alike, so a deploy can check the two halves agree and a
+    model's description can tell a client which keys it will be asked for."""
+    needs: dict[str, dict[str, Any]] = {}
+    for name, params in sorted(_layout_params(side).items()):
+        if isinstance(side, LeveledCircuit | ProgramClient):
+            plan = side.plans[name]
+            relin, steps = plan.relin, sorted(plan.rotation_steps)
+        else:
+            packing = side.layout(name)
+            relin = False
+            steps = sorted(packing.rotation_steps) if isinstance(packing, RowLayout) else []
+        needs[name] = {"params": params.fingerprint, "relin": relin, "rotation_steps": steps}
+    return needs
+
+
+def depth(side: Circuit | Client) -> int:
+    """Multiplicative depth (rescales) of the program: 0 for an affine model."""
+    if isinstance(side, LeveledCircuit):
+        return len(side.stages)
+    if isinstance(side, ProgramClient):
+        return len(next(iter(side.plans.values())).params.coeff_modulus_bits) - 2
+    return 0
+
+
+def ciphertext_bytes(params: CKKSParameters) -> int:
+    """An upper bound on one fresh serialized ciphertext: two polynomials of N coefficients per
+    data prime, 8 bytes each (SEAL's compression only makes it smaller). Used to size requests."""
+    primes = max(1, len(params.coeff_modulus_bits) - 1)
+    return 2 * params.poly_modulus_degree * primes * 8 + 128
+
+
+def request_bytes(side: Client, layout: str, n_samples: int) -> int:
+    """An upper bound on the body of an encrypted request of `n_samples` rows in `layout`."""
+    return side.layout(layout).n_input_cts(n_samples) * ciphertext_bytes(_layout_params(side)[layout]) + 4096
+
+
+def rows_per_request(side: Client, layout: str, max_bytes: int, cap: int) -> int:
+    """The most rows (at most `cap`) whose encrypted request in `layout` stays within `max_bytes`,
+    but never fewer than fill the first ciphertext group (one request must carry something)."""
+    def fits(n: int) -> bool:
+        return request_bytes(side, layout, n) <= max_bytes
+
+    packing = side.layout(layout)
+    lo, hi = 1, max(1, cap)
+    if not fits(1):  # one group is over budget: send exactly one full group
+        first = packing.n_input_cts(1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if packing.n_input_cts(mid) == first else (lo, mid - 1)
+        return lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 __all__ = ["Circuit", "CircuitClient", "Client", "LayoutPlan", "LeveledCircuit", "Linear", "LinearCircuit",
-           "Poly", "Program", "ProgramClient", "compile_program", "load_client", "load_server", "plan"]
+           "Poly", "Program", "ProgramClient", "ciphertext_bytes", "compile_program", "depth", "key_needs",
+           "load_client", "load_server", "plan", "request_bytes", "rows_per_request"]

@@ -27,7 +27,7 @@ from veil.he import HEContext, PublicBundle, wire
 from veil.he.ciphertext import Ciphertext, add_many
 from veil.program.ir import Linear, Op, Poly, Program
 from veil.program.packing import BatchLayout, DiagonalLayout
-from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps
+from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps, required_keys
 
 KIND = "leveled"
 COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
@@ -39,9 +39,12 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int) -> dict[str, LayoutPlan]:
+def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
+                stages: list[Op] | None = None) -> dict[str, LayoutPlan]:
     """The consistency both sides check on loading: a plan per known layout, filed under its own
-    name, with bounds for every feature and one prime per stage plus the first and special ones."""
+    name, with bounds for every feature, one prime per stage plus the first and special ones, and
+    exactly the evaluation keys the program needs (the server, which knows the stages: a forged
+    plan is refused here, not per request)."""
     if not plans:
         raise WireFormatError("a leveled circuit needs a plan for at least one layout")
     for name, p in plans.items():
@@ -51,8 +54,13 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int) -> di
             raise ShapeError("input bounds do not match the number of features")
         if len(p.params.coeff_modulus_bits) != depth + 2:
             raise WireFormatError("the modulus chain does not match the program's depth")
-        if p.layout == "row":
-            make_packing(p, n_features, 1)
+        if stages is not None:
+            relin, steps, half = required_keys(stages, n_features, name, p.params.slot_count, p.relin_last)
+            if (p.relin, tuple(sorted(p.rotation_steps)), p.half) != (relin, steps, half):
+                raise WireFormatError(f"the {name} plan's evaluation keys (relin {p.relin}, rotation steps, "
+                                      f"half {p.half}) are not the ones its program needs")
+        if (name == "row" and 2 * p.half > p.params.slot_count) or (name == "row" and p.half < n_features):
+            raise WireFormatError("the row layout's blocks do not fit the ring")
     return dict(plans)
 
 
@@ -71,7 +79,7 @@ class LeveledCircuit:
     def __init__(self, stages: list[Op], n_features: int, plans: dict[str, LayoutPlan]) -> None:
         self.program = Program(n_features, stages)
         self.stages = self.program.ops
-        self.plans = check_plans(plans, n_features, len(self.stages))
+        self.plans = check_plans(plans, n_features, len(self.stages), self.stages)
         self._contexts: dict[str, HEContext] = {}
         self._diagonals: dict[int, list[list[tuple[int, int, seal.Plaintext]]]] = {}
 

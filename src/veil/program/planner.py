@@ -190,6 +190,25 @@ def diagonal_steps(half: int) -> tuple[int, int, tuple[int, ...]]:
     return baby, giant, tuple(range(1, baby)) + tuple(g * baby for g in range(1, giant))
 
 
+def required_keys(stages: list[Op], n_inputs: int, layout: str, slot_count: int,
+                  relin_last: bool = False) -> tuple[bool, tuple[int, ...], int]:
+    """(relin, rotation steps, half) that evaluating `stages` in `layout` needs: relinearization
+    wherever a squared ciphertext is multiplied again or rotated (and for the last square too when
+    `relin_last`), the Galois steps of the diagonal method (plus the block re-duplication between
+    Linear stages) and the row block width. A plan must declare exactly these, so a forged plan is
+    refused when loaded rather than failing per request."""
+    squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
+    if layout == "batch":
+        return (bool(squares) and (relin_last or squares[0] < squares[-1])), (), 0
+    widths = [n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)]
+    half = next_pow2(max(widths))
+    relin = bool(squares) and (relin_last or squares[0] < len(stages) - 1)
+    _, _, steps = diagonal_steps(half)
+    n_linear = sum(1 for op in stages if isinstance(op, Linear))
+    dup = (slot_count - half,) if n_linear > 1 else ()
+    return relin, tuple(sorted(set(steps + dup))), half
+
+
 def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | None = None,
          headroom: float = DEFAULT_HEADROOM,
          layouts: tuple[str, ...] = LAYOUTS) -> tuple[list[Op], dict[str, LayoutPlan]]:
@@ -210,32 +229,19 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
             "128-bit ring can hold next to a useful scale: use tighter input_bounds, smaller weights "
             "or fewer squares")
     value_bits = max(1, math.ceil(math.log2(peak)))
-    squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
-    widths = [program.n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)]
     plans: dict[str, LayoutPlan] = {}
     for name in layouts:
         if name not in LAYOUTS:
             raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
         row = name == "row"
-        if row:  # every square but a final one feeds a rotation
-            needs = bool(squares) and squares[0] < len(stages) - 1
-        else:  # only squares that feed another square
-            needs = bool(squares) and squares[0] < squares[-1]
+        needs = required_keys(stages, program.n_inputs, name, 0)[0]
         params, s = choose_parameters(len(stages), value_bits, needs or row)
         relin_last = False
-        if squares and _unrelinearized_noise(params, s) > MAX_UNRELINEARIZED_NOISE:
+        if any(isinstance(op, Poly) for op in stages) and _unrelinearized_noise(params, s) > MAX_UNRELINEARIZED_NOISE:
             relin_last = True
             params, s = choose_parameters(len(stages), value_bits, True)
-        relin = needs or relin_last
-        if not row:
-            plans[name] = LayoutPlan(name, params, s, tuple(box), relin, (), 0, relin_last)
+        relin, steps, half = required_keys(stages, program.n_inputs, name, params.slot_count, relin_last)
+        if row and 2 * half > params.slot_count:
             continue
-        half = next_pow2(max(widths))
-        if 2 * half > params.slot_count:
-            continue
-        _, _, steps = diagonal_steps(half)
-        n_linear = sum(1 for op in stages if isinstance(op, Linear))
-        dup = (params.slot_count - half,) if n_linear > 1 else ()
-        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, tuple(sorted(set(steps + dup))), half,
-                                 relin_last)
+        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, steps, half, relin_last)
     return stages, plans

@@ -159,7 +159,8 @@ def _info(record: ModelRecord) -> dict[str, Any]:
     meta = record.meta
     return {"name": record.name, "version": record.version, "created": record.created,
             "model": meta.get("model", ""), "n_features": meta["n_features"],
-            "n_outputs": meta["n_outputs"], "layouts": meta.get("layouts", [])}
+            "n_outputs": meta["n_outputs"], "layouts": meta.get("layouts", []),
+            "kind": meta.get("kind", "affine"), "depth": meta.get("depth", 0), "keys": meta.get("keys", {})}
 
 
 def _key_info(record: KeyRecord) -> dict[str, Any]:

@@ -16,8 +16,14 @@ import numpy as np
 
 from veil.errors import VeilError
 from veil.ml import ModelClient
+from veil.program import rows_per_request
 
 RETRY_STATUS = (502, 503, 504)
+MAX_CHUNK_ROWS = 16384
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+"""Requests are sized to stay under this by default: a quarter of the server's default body limit
+(256 MiB), so a leveled network (one ~0.4-0.5 MB ciphertext per feature per 4096 rows) and an affine
+model alike are sent in bounded pieces."""
 
 
 class RequestError(VeilError):
@@ -46,13 +52,17 @@ class Client:
 
     `verify` is True, False or a CA bundle path; `cert` is a client certificate (path or
     (cert, key)) for mutual TLS. Transport failures and 502/503/504 are retried `retries` times.
+    Inputs are sent `chunk_size` rows per request; by default (None) as many rows, up to
+    MAX_CHUNK_ROWS, as keep each encrypted request under `max_request_bytes` for the model and
+    layout at hand (ciphertext sizes differ by orders of magnitude between model kinds).
     """
 
     def __init__(self, url: str, token: str, *, verify: bool | str = True, cert: Any = None,
                  timeout: float = 120.0, retries: int = 3, backoff: float = 0.25,
-                 chunk_size: int = 16384) -> None:
+                 chunk_size: int | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.chunk_size = retries, backoff, chunk_size
+        self.max_request_bytes = max_request_bytes
         self._http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"},
                                   verify=tls_context(verify, cert), timeout=timeout)
         self._models: dict[tuple[str, int], ModelClient] = {}
@@ -136,16 +146,25 @@ class Client:
                                  headers={"content-type": "application/octet-stream", "x-veil-key-id": key_id})
         return response.content
 
-    def _chunks(self, n: int) -> Iterator[slice]:
-        for start in range(0, n, self.chunk_size):
-            yield slice(start, min(n, start + self.chunk_size))
+    def chunk_rows(self, mc: ModelClient, layout: str = "auto") -> int:
+        """Rows per request for this model: `chunk_size` when set, else the most rows whose
+        request fits `max_request_bytes` in every layout `layout` may pick."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        names = sorted(mc.circuit.params) if layout == "auto" else [layout]
+        return min(rows_per_request(mc.circuit, name, self.max_request_bytes, MAX_CHUNK_ROWS) for name in names)
+
+    @staticmethod
+    def _chunks(n: int, size: int) -> Iterator[slice]:
+        for start in range(0, n, size):
+            yield slice(start, min(n, start + size))
 
     def _run(self, X: Any, model: str, version: int | None, layout: str,
              progress: Callable[[int], None] | None) -> tuple[ModelClient, np.ndarray]:
         version, mc = self.model(model, version)
         X = mc.circuit.check_input(X)
         parts = []
-        for part in self._chunks(len(X)):
+        for part in self._chunks(len(X), self.chunk_rows(mc, layout)):
             name, request = mc.encrypt(X[part], layout)
             key_id = self.register(mc.public_bundle_bytes(name))
             parts.append(mc.decrypt(self.send(model, version, key_id, request)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -61,14 +61,28 @@ class DeployRequest(BaseModel):
     client: dict = Field(description="client.json written by veil.ml's save (no weights)")
 
 
+class KeyNeeds(BaseModel):
+    """What a public bundle registered for one layout of a model must hold."""
+
+    params: str = Field(description="fingerprint of the CKKS parameters of this layout")
+    relin: bool = Field(description="whether relinearization keys are needed (polynomial activations)")
+    rotation_steps: list[int] = Field(description="Galois rotation steps the evaluation uses")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int
     created: float
     model: str
+    kind: Literal["affine", "leveled"] = Field(
+        description="affine: a linear model (no ciphertext multiplication); leveled: a network with "
+                    "polynomial activations (one rescale per stage)")
+    depth: int = Field(ge=0, description="rescales per evaluation: 0 for affine models")
     n_features: int
     n_outputs: int
     layouts: list[str]
+    keys: dict[str, KeyNeeds] = Field(description="per layout, the evaluation keys a bundle must hold "
+                                                  "(empty for models deployed before this was recorded)")
 
 
 class ModelDetail(ModelInfo):

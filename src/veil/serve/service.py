@@ -15,6 +15,7 @@ from veil.errors import VeilError
 from veil.he import PublicBundle
 from veil.he.keys import key_id
 from veil.ml import ModelClient, ModelServer
+from veil.program import CircuitClient, LeveledCircuit, LinearCircuit, ProgramClient, depth, key_needs
 from veil.serve.auth import Principal
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import ConflictError, ForbiddenError, IntegrityError, NotFoundError, ServeError
@@ -39,6 +40,30 @@ def _identity(name: str, version: int, kind: str, digest: str) -> str:
     content) it was sealed as, so neither a copy under another name nor an older version's file put
     in a newer version's place (a rollback, even with the registry edited to match) authenticates."""
     return f"veil-model:{name}:{version}:{kind}:{digest}"
+
+
+def _describe(model: ModelServer, spec: ModelClient) -> dict[str, Any]:
+    """The public description of a deployment, after checking that its two halves describe the
+    same program: same kind, shapes, layouts, parameters and evaluation keys, and (for a leveled
+    program) the same plans; a client built from a mismatched client.json could only fail later,
+    on every request."""
+    circuit, client = model.circuit, spec.circuit
+    if isinstance(client, ProgramClient) != isinstance(circuit, LeveledCircuit):
+        raise ServeError("server and client artefacts describe different models (kinds differ)")
+    if (client.n_features, client.n_outputs) != (circuit.n_features, circuit.n_outputs):
+        raise ServeError("server and client artefacts describe different models")
+    needs = key_needs(circuit)
+    if key_needs(client) != needs:
+        raise ServeError("server and client artefacts describe different models (layouts, parameters or keys)")
+    if isinstance(circuit, LeveledCircuit) and isinstance(client, ProgramClient):
+        if client.plans != circuit.plans:
+            raise ServeError("server and client artefacts describe different models (plans differ)")
+    elif (isinstance(circuit, LinearCircuit) and isinstance(client, CircuitClient)
+          and client.input_bits != {k: v.input_bits for k, v in circuit.scales.items()}):
+        raise ServeError("server and client artefacts describe different models (input scales differ)")
+    return {"model": model.model, "kind": circuit.kind, "depth": depth(circuit),
+            "n_features": circuit.n_features, "n_outputs": circuit.n_outputs,
+            "layouts": sorted(needs), "keys": needs}
 
 
 class _LRU(OrderedDict):
@@ -151,17 +176,17 @@ class Service:
         try:
             model = ModelServer.from_dict(server)
             spec = ModelClient.from_dict(client)
-        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RuntimeError, VeilError) as exc:
+            meta = _describe(model, spec)
+        except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, RuntimeError,
+                VeilError) as exc:
+            if isinstance(exc, ServeError):
+                raise
             raise ServeError(f"invalid model artefact: {type(exc).__name__}: {exc}"[:500]) from None
-        circuit = model.circuit
-        if (spec.circuit.n_features, spec.circuit.n_outputs) != (circuit.n_features, circuit.n_outputs):
-            raise ServeError("server and client artefacts describe different models")
         server_bytes = json.dumps(server).encode()
         client_bytes = json.dumps(client).encode()
-        meta = {"model": model.model, "n_features": circuit.n_features, "n_outputs": circuit.n_outputs,
-                "layouts": sorted(circuit.scales), "deployed_by": principal.name,
-                "server_sha256": hashlib.sha256(server_bytes).hexdigest(),
-                "client_sha256": hashlib.sha256(client_bytes).hexdigest()}
+        meta.update({"deployed_by": principal.name,
+                     "server_sha256": hashlib.sha256(server_bytes).hexdigest(),
+                     "client_sha256": hashlib.sha256(client_bytes).hexdigest()})
         for attempt in range(RESERVE_ATTEMPTS):
             number = version if version is not None else self.store.reserve_version(name)
             try:
