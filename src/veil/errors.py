@@ -43,3 +43,7 @@ class FederatedConfigError(VeilError, ValueError):
 
 class FederatedStatisticsError(VeilError, ValueError):
     """An owner's feature statistics that cannot be aggregated (non-finite, or beyond the SecAgg+ range)."""
+
+
+class ExecutorError(VeilError, RuntimeError):
+    """A worker process of a parallel encrypted run died or could not start (killed, out of memory)."""

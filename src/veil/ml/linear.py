@@ -3,7 +3,14 @@
 Each class takes exactly its scikit-learn counterpart's constructor parameters, fits with
 scikit-learn, and adds `compile(X_calibration)` plus an `fhe` switch on every prediction method:
 "disable" (plaintext), "simulate" (quantization, noise and wrap-around of CKKS, no encryption)
-and "execute" (real CKKS encryption, in-process client and server).
+and "execute" (real CKKS encryption, client and server on this machine).
+
+With fhe="execute", inputs of more than one chunk (`veil.program.parallel.DEFAULT_CHUNK_CTS` full
+ciphertexts, 8,192 rows for the batch layout) run chunk by chunk in `workers` local processes
+(`workers=None`: one per CPU; `workers=1`: chunked in this process), so memory stays bounded
+whatever the number of rows and every core is used; smaller inputs run in-process in one go. The
+keyword is on the prediction methods, not `__init__`, because the constructors mirror
+scikit-learn's signatures exactly.
 """
 
 from __future__ import annotations
@@ -21,13 +28,16 @@ from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, StandardScaler
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from veil.errors import NotCompiledError
 from veil.ml.circuit import DEFAULT_HEADROOM, CircuitClient, LinearCircuit
 from veil.ml.outputs import OutputSpec
+from veil.program import parallel
 
 FHE_MODES = ("disable", "simulate", "execute")
+_FINITE_KW = ("ensure_all_finite" if "ensure_all_finite" in inspect.signature(check_array).parameters
+              else "force_all_finite")
 SERVER_FILE = "server.json"
 CLIENT_FILE = "client.json"
 FORMAT = "veil-linear/1"
@@ -141,16 +151,24 @@ class EncryptedLinearModel(BaseEstimator):
         self.__dict__.pop("fhe_client_", None)
         return self
 
-    def _check_X(self, X: Any) -> np.ndarray:
+    def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
+        """Validated dense X as float64. For the encrypted path (`encrypted`) float32 stays
+        float32 and finiteness is left to the client's per-chunk check, so a large input is
+        neither copied nor scanned with float64 temporaries (the client converts chunk by chunk,
+        exactly, and refuses NaN or infinity with ValueError)."""
         check_is_fitted(self, "weights_")
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        return X
+        if not encrypted:
+            return validate_data(self, X, reset=False, dtype=np.float64)
+        return validate_data(self, X, reset=False, dtype=(np.float64, np.float32), **{_FINITE_KW: False})
 
-    def _raw(self, X: Any, fhe: str, layout: str = "auto") -> np.ndarray:
-        """Raw affine outputs (n_samples, n_outputs) computed in the requested mode."""
+    def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None) -> np.ndarray:
+        """Raw affine outputs (n_samples, n_outputs) computed in the requested mode; `workers`
+        only matters for fhe="execute" on more than one chunk of rows (see the module docstring)."""
         if fhe not in FHE_MODES:
             raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
-        X = self._check_X(X)
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+        X = self._check_X(X, encrypted=fhe == "execute")
         if fhe == "disable":
             return X @ self.weights_.T + self.bias_
         if not hasattr(self, "circuit_"):
@@ -159,6 +177,11 @@ class EncryptedLinearModel(BaseEstimator):
         name = client.choose_layout(len(X)) if layout == "auto" else layout
         if fhe == "simulate":
             return self.circuit_.simulate(X, name)
+        if len(X) > parallel.DEFAULT_CHUNK_CTS * client.params[name].slot_count:
+            return parallel.execute_chunked(
+                X, server_dict=self.circuit_.to_dict(), client_spec=self.circuit_.client_spec(),
+                load_server=LinearCircuit.from_dict, load_client=CircuitClient,
+                keys={name: client.keys(name).to_bytes()}, layout=name, workers=workers)
         request = client.encrypt(X, name)
         response = self.circuit_.run(request, client.public_bundle(name))
         return client.decrypt(response)
@@ -208,13 +231,15 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
     def _output_spec(self, model: Any, coef: np.ndarray) -> OutputSpec:
         return OutputSpec("classifier", classes=tuple(model.classes_), proba=self._proba_kind(model))
 
-    def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+    def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                          workers: int | None = None) -> np.ndarray:
         """Signed distance (binary) or per-class scores, as scikit-learn returns them."""
-        raw = self._raw(X, fhe, layout)
+        raw = self._raw(X, fhe, layout, workers)
         return self.output_spec_.decision(raw)
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        raw = self._raw(X, fhe, layout)
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                workers: int | None = None) -> np.ndarray:
+        raw = self._raw(X, fhe, layout, workers)
         return self.output_spec_.predict(raw)
 
     def _has_proba(self) -> bool:
@@ -222,9 +247,10 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
         return self.output_spec_.proba is not None
 
     @available_if(_has_proba)
-    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                      workers: int | None = None) -> np.ndarray:
         """Class probabilities, computed on the client after decryption."""
-        raw = self._raw(X, fhe, layout)
+        raw = self._raw(X, fhe, layout, workers)
         return self.output_spec_.predict_proba(raw)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
@@ -234,8 +260,9 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
 class _RegressorBase(RegressorMixin, EncryptedLinearModel):
     _task = "regressor"
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        raw = self._raw(X, fhe, layout)
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                workers: int | None = None) -> np.ndarray:
+        raw = self._raw(X, fhe, layout, workers)
         return self.output_spec_.predict(raw)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:

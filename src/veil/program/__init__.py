@@ -1,0 +1,1 @@
+"""Programs evaluated under encryption: circuits, their compilation and their execution."""
