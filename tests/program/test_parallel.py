@@ -113,6 +113,14 @@ def test_single_worker_runs_chunked_in_process(digits_model):
     assert_within_noise(raw, reference(digits_model, X))
 
 
+def test_progress_bar_goes_to_stderr_on_request(digits_model, capsys):
+    with ChunkedExecutor(**setup(digits_model, workers=1)) as ex:
+        ex.run(resampled(SLOTS + 1), "batch", chunk_rows=SLOTS, progress=True)
+        assert "rows" in capsys.readouterr().err
+        ex.run(resampled(SLOTS + 1), "batch", chunk_rows=SLOTS, progress=False)
+        assert capsys.readouterr().err == ""
+
+
 def test_worker_error_is_raised_with_its_type(digits_model, executor):
     X = resampled(5 * SLOTS, seed=3)
     X[2 * SLOTS + 5, 10] = 1e6

@@ -116,7 +116,7 @@ def _chunk_bytes(X: Any, lo: int, hi: int) -> tuple[bytes, str]:
 
 def _progress_bar(total: int, n_chunks: int, progress: bool | None) -> Any:
     """A tqdm bar on stderr in rows; None shows it only for many chunks and on a terminal."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if progress is None:
         disable: bool | None = None if n_chunks >= PROGRESS_MIN_CHUNKS else True
