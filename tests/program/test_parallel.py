@@ -232,14 +232,14 @@ def peak_growth(n: int, workers: int, tmp_path) -> dict:
 @pytest.mark.timeout(180)
 def test_memory_stays_bounded_for_300k_rows(tmp_path):
     """The whole-batch path needs ~7.5 KB per row (> 2 GB for 300,000 rows); chunked, the parent
-    grows only by the (n, 10) float64 outputs plus in-flight chunks (~50 MB measured), and each
-    worker peaks at ~270 MB, of which ~170 MB is its imports (numpy, SEAL, scikit-learn) and the
-    rest one chunk in flight. The total bounds every process together (the children also
-    include multiprocessing's small resource tracker)."""
+    grows only by the (n, 10) float64 outputs plus in-flight chunks (~55 MB measured), and each
+    worker peaks at ~310 MB, of which ~170 MB is its imports (numpy, SEAL, scikit-learn) and the
+    rest one 16,384-row chunk in flight (~680 MB in all measured). The total bounds every
+    process together (the children also include multiprocessing's small resource tracker)."""
     workers = 2
     r = peak_growth(300_000, workers, tmp_path)
     parent = r["peak"] - r["before"]
     assert r["agree"] == 1.0
     assert len(r["children"]) >= workers, r
     assert parent < 150, r
-    assert parent + sum(r["children"]) < 700, r
+    assert parent + sum(r["children"]) < 800, r

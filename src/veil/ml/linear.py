@@ -6,7 +6,7 @@ scikit-learn, and adds `compile(X_calibration)` plus an `fhe` switch on every pr
 and "execute" (real CKKS encryption, client and server on this machine).
 
 With fhe="execute", inputs of more than one chunk (`veil.program.parallel.DEFAULT_CHUNK_CTS` full
-ciphertexts, 8,192 rows for the batch layout) run chunk by chunk in `workers` local processes
+ciphertexts, 16,384 rows for the batch layout) run chunk by chunk in `workers` local processes
 (`workers=None`: one per CPU; `workers=1`: chunked in this process), so memory stays bounded
 whatever the number of rows and every core is used; smaller inputs run in-process in one go. The
 keyword is on the prediction methods, not `__init__`, because the constructors mirror

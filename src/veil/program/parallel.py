@@ -46,8 +46,8 @@ import numpy as np
 from veil.errors import ExecutorError, ShapeError
 from veil.he.keys import SecretKeys
 
-DEFAULT_CHUNK_CTS = 2
-"""Default chunk size in full ciphertexts' worth of rows (2 x 4096 = 8,192 rows for the batch
+DEFAULT_CHUNK_CTS = 4
+"""Default chunk size in full ciphertexts' worth of rows (4 x 4096 = 16,384 rows for the batch
 layout): big enough that per-chunk overhead (IPC, headers) is negligible, small enough that a few
 chunks per worker balance the load and each in-flight chunk stays at tens of megabytes."""
 IN_FLIGHT_PER_WORKER = 2
