@@ -47,3 +47,7 @@ class FederatedStatisticsError(VeilError, ValueError):
 
 class ScaleMismatchError(VeilError, ValueError):
     """Ciphertext operands at different levels or scales, or an operation the level chain cannot hold."""
+
+
+class ExecutorError(VeilError, RuntimeError):
+    """A worker process of a parallel encrypted run died or could not start (killed, out of memory)."""

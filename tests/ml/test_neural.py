@@ -120,3 +120,14 @@ def test_saved_mlp_runs_through_model_server_and_client(tmp_path):
         np.testing.assert_allclose(raw, model._raw(X[:7], "disable"), atol=1e-5)
         np.testing.assert_array_equal(client.predict(raw), model.predict(X[:7]))
     assert b"weight" not in (tmp_path / "client.json").read_bytes()
+
+
+def test_large_inputs_run_chunked_over_worker_processes():
+    X, y = load("iris")
+    model = ml.MLPClassifier(hidden_layer_sizes=(8,), max_iter=30, random_state=0).fit(X, y).compile(X)
+    rng = np.random.default_rng(0)
+    big = X[rng.integers(0, len(X), size=20_000)] * rng.uniform(0.9, 1.1, size=(20_000, 4))
+    raw = model._raw(big, "execute", "batch", workers=2)
+    ref = model._raw(big, "disable")
+    np.testing.assert_allclose(raw, ref, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(model.predict(big[:5000], fhe="execute", workers=1), model.predict(big[:5000]))

@@ -1,4 +1,11 @@
-"""scikit-learn-compatible encrypted models built on `veil.he`."""
+"""scikit-learn-compatible encrypted models built on `veil.program`.
+
+The neural-network names (MLPs, `compile_torch_model`, activations) import torch on first use
+only, so linear models, servers and worker processes do not pay torch's start-up and memory.
+"""
+
+import importlib
+from typing import Any
 
 from veil.ml.deploy import ModelClient, ModelServer
 from veil.ml.linear import (
@@ -18,10 +25,20 @@ from veil.ml.linear import (
     TweedieRegressor,
     from_sklearn_model,
 )
-from veil.ml.neural import CompiledTorchModel, MLPClassifier, MLPRegressor, compile_torch_model, mlp_from_torch
 from veil.ml.outputs import OutputSpec
-from veil.ml.torch_compile import Polynomial, Square, UnsupportedLayerError, relu_polynomial, replace_relu
 from veil.program.affine import CircuitClient, LinearCircuit
+
+_LAZY = {name: "veil.ml.neural" for name in
+         ("CompiledTorchModel", "MLPClassifier", "MLPRegressor", "compile_torch_model", "mlp_from_torch")}
+_LAZY.update({name: "veil.ml.torch_compile" for name in
+              ("Polynomial", "Square", "UnsupportedLayerError", "relu_polynomial", "replace_relu")})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'veil.ml' has no attribute {name!r}")
+
 
 __all__ = [
     "ESTIMATORS",

@@ -8,21 +8,35 @@ and `save`, which writes a model-agnostic artefact that `veil serve` and `ModelS
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.utils.validation import check_array, validate_data
 
 from veil.errors import NotCompiledError
 from veil.ml.outputs import OutputSpec
-from veil.program import Circuit, Client, load_client, load_server
+from veil.program import Circuit, Client, load_client, load_server, parallel
 
 FHE_MODES = ("disable", "simulate", "execute")
 SERVER_FILE = "server.json"
 CLIENT_FILE = "client.json"
 FORMAT = "veil-model/1"
 READABLE_FORMATS = (FORMAT, "veil-linear/1")
+_FINITE_KW = ("ensure_all_finite" if "ensure_all_finite" in inspect.signature(check_array).parameters
+              else "force_all_finite")
+
+
+def check_features(estimator: Any, X: Any, encrypted: bool) -> np.ndarray:
+    """Validated dense X as float64. For the encrypted path float32 stays float32 and finiteness
+    is left to the client's per-chunk check, so a large input is neither copied nor scanned with
+    float64 temporaries (the client converts chunk by chunk, exactly, and refuses NaN or infinity
+    with ValueError)."""
+    if not encrypted:
+        return validate_data(estimator, X, reset=False, dtype=np.float64)
+    return validate_data(estimator, X, reset=False, dtype=(np.float64, np.float32), **{_FINITE_KW: False})
 
 
 class EncryptedModelMixin:
@@ -34,14 +48,19 @@ class EncryptedModelMixin:
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _check_X(self, X: Any) -> np.ndarray:
+    def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
         raise NotImplementedError
 
-    def _raw(self, X: Any, fhe: str, layout: str = "auto") -> np.ndarray:
-        """Raw outputs (n_samples, n_outputs) computed in the requested mode."""
+    def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None) -> np.ndarray:
+        """Raw outputs (n_samples, n_outputs) computed in the requested mode. With fhe="execute",
+        inputs above one chunk (`parallel.DEFAULT_CHUNK_CTS` full ciphertexts) run chunk by chunk
+        in `workers` local processes (None: one per CPU; 1: chunked in this process), so memory
+        stays bounded whatever the number of rows; smaller inputs run here in one go."""
         if fhe not in FHE_MODES:
             raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
-        X = self._check_X(X)
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+        X = self._check_X(X, encrypted=fhe == "execute")
         if fhe == "disable":
             return self._plain_raw(X)
         if not hasattr(self, "circuit_"):
@@ -50,6 +69,11 @@ class EncryptedModelMixin:
         name = client.choose_layout(len(X)) if layout == "auto" else layout
         if fhe == "simulate":
             return self.circuit_.simulate(X, name)
+        if len(X) > parallel.DEFAULT_CHUNK_CTS * client.params[name].slot_count:
+            return parallel.execute_chunked(
+                X, server_dict=self.circuit_.to_dict(), client_spec=self.circuit_.client_spec(),
+                load_server=load_server, load_client=load_client,
+                keys={name: client.keys(name).to_bytes()}, layout=name, workers=workers)
         request = client.encrypt(X, name)
         response = self.circuit_.run(request, client.public_bundle(name))
         return client.decrypt(response)

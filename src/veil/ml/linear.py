@@ -3,7 +3,14 @@
 Each class takes exactly its scikit-learn counterpart's constructor parameters, fits with
 scikit-learn, and adds `compile(X_calibration)` plus an `fhe` switch on every prediction method:
 "disable" (plaintext), "simulate" (quantization, noise and wrap-around of CKKS, no encryption)
-and "execute" (real CKKS encryption, in-process client and server).
+and "execute" (real CKKS encryption, client and server on this machine).
+
+With fhe="execute", inputs of more than one chunk (`veil.program.parallel.DEFAULT_CHUNK_CTS` full
+ciphertexts, 16,384 rows for the batch layout) run chunk by chunk in `workers` local processes
+(`workers=None`: one per CPU; `workers=1`: chunked in this process), so memory stays bounded
+whatever the number of rows and every core is used; smaller inputs run in-process in one go. The
+keyword is on the prediction methods, not `__init__`, because the constructors mirror
+scikit-learn's signatures exactly.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, StandardScaler
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
-from veil.ml.base import EncryptedModelMixin
+from veil.ml.base import EncryptedModelMixin, check_features
 from veil.ml.outputs import OutputSpec
 from veil.program import Linear, Program, compile_program
 from veil.program.affine import DEFAULT_HEADROOM
@@ -153,10 +160,9 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
         self.__dict__.pop("fhe_client_", None)
         return self
 
-    def _check_X(self, X: Any) -> np.ndarray:
+    def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
         check_is_fitted(self, "weights_")
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        return X
+        return check_features(self, X, encrypted)
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         return X @ self.weights_.T + self.bias_
@@ -171,13 +177,15 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
     def _output_spec(self, model: Any, coef: np.ndarray) -> OutputSpec:
         return OutputSpec("classifier", classes=tuple(model.classes_), proba=self._proba_kind(model))
 
-    def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+    def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                          workers: int | None = None) -> np.ndarray:
         """Signed distance (binary) or per-class scores, as scikit-learn returns them."""
-        raw = self._raw(X, fhe, layout)
+        raw = self._raw(X, fhe, layout, workers)
         return self.output_spec_.decision(raw)
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        raw = self._raw(X, fhe, layout)
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                workers: int | None = None) -> np.ndarray:
+        raw = self._raw(X, fhe, layout, workers)
         return self.output_spec_.predict(raw)
 
     def _has_proba(self) -> bool:
@@ -185,9 +193,10 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
         return self.output_spec_.proba is not None
 
     @available_if(_has_proba)
-    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                      workers: int | None = None) -> np.ndarray:
         """Class probabilities, computed on the client after decryption."""
-        raw = self._raw(X, fhe, layout)
+        raw = self._raw(X, fhe, layout, workers)
         return self.output_spec_.predict_proba(raw)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
@@ -197,8 +206,9 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
 class _RegressorBase(RegressorMixin, EncryptedLinearModel):
     _task = "regressor"
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        raw = self._raw(X, fhe, layout)
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                workers: int | None = None) -> np.ndarray:
+        raw = self._raw(X, fhe, layout, workers)
         return self.output_spec_.predict(raw)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:

@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from veil.errors import ShapeError
-from veil.ml.base import EncryptedModelMixin
+from veil.ml.base import EncryptedModelMixin, check_features
 from veil.ml.outputs import OutputSpec
 from veil.ml.torch_compile import Square, module_to_program, relu_polynomial
 from veil.program import Circuit, Linear, Program, compile_program
@@ -152,9 +152,9 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
         self.__dict__.pop("fhe_client_", None)
         return self
 
-    def _check_X(self, X: Any) -> np.ndarray:
+    def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
         check_is_fitted(self, "program_")
-        return validate_data(self, X, reset=False, dtype=np.float64)
+        return check_features(self, X, encrypted)
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         return self.program_.evaluate(X)
@@ -178,12 +178,14 @@ class MLPClassifier(ClassifierMixin, _EncryptedMLP):
     def _output_spec(self) -> OutputSpec:
         return OutputSpec("classifier", classes=tuple(self.classes_.tolist()), proba="softmax")
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        return self.output_spec_.predict(self._raw(X, fhe, layout))
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                workers: int | None = None) -> np.ndarray:
+        return self.output_spec_.predict(self._raw(X, fhe, layout, workers))
 
-    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
+    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                      workers: int | None = None) -> np.ndarray:
         """Softmax of the decrypted logits, computed on the client."""
-        return self.output_spec_.predict_proba(self._raw(X, fhe, layout))
+        return self.output_spec_.predict_proba(self._raw(X, fhe, layout, workers))
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
         return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
@@ -210,8 +212,9 @@ class MLPRegressor(RegressorMixin, _EncryptedMLP):
     def _output_spec(self) -> OutputSpec:
         return OutputSpec("regressor", ravel=self._ravel)
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        return self.output_spec_.predict(self._raw(X, fhe, layout))
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                workers: int | None = None) -> np.ndarray:
+        return self.output_spec_.predict(self._raw(X, fhe, layout, workers))
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
         return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
@@ -228,7 +231,7 @@ class CompiledTorchModel(EncryptedModelMixin):
         self.circuit_ = circuit
         self.output_spec_ = OutputSpec("regressor", ravel=False)
 
-    def _check_X(self, X: Any) -> np.ndarray:
+    def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
         X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
         X = np.asarray(X, dtype=np.float64)
         if X.shape[1:] != self.input_shape and X.shape[1:] != (self.program_.n_inputs,):
@@ -238,9 +241,11 @@ class CompiledTorchModel(EncryptedModelMixin):
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         return self.program_.evaluate(X)
 
-    def forward(self, X: Any, fhe: str = "disable", layout: str = "auto") -> np.ndarray:
-        """Outputs of the module on X (n, *input_shape): in plaintext, simulated or encrypted."""
-        return self._raw(X, fhe, layout)
+    def forward(self, X: Any, fhe: str = "disable", layout: str = "auto",
+                workers: int | None = None) -> np.ndarray:
+        """Outputs of the module on X (n, *input_shape): in plaintext, simulated or encrypted
+        (large inputs in chunks over `workers` local processes, as the estimators' predict)."""
+        return self._raw(X, fhe, layout, workers)
 
     __call__ = forward
 

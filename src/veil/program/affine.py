@@ -174,6 +174,7 @@ class LinearCircuit:
         self.scales = _check_scales(scales)
         self._contexts: dict[str, HEContext] = {}
         self._row_weights: list[tuple[seal.Plaintext, seal.Plaintext]] | None = None
+        self._batch_weights: list[tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]] | None = None
         self._quantized: dict[int, np.ndarray] = {}
 
     @property
@@ -213,11 +214,13 @@ class LinearCircuit:
         return self._contexts[layout]
 
     def prepare(self) -> LinearCircuit:
-        """Build SEAL contexts and encode the row-layout weights now rather than on first request."""
+        """Build SEAL contexts and encode the weights of every layout now rather than on first request."""
         for name in self.scales:
             self.context(name)
         if "row" in self.scales:
             self.row_weights()
+        if "batch" in self.scales:
+            self.batch_weights()
         return self
 
     def quantized(self, bits: int) -> np.ndarray:
@@ -290,17 +293,32 @@ class LinearCircuit:
             out = self._run_row(ctx, layout, cts, bundle)
         return ctx.pack(out, {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
 
+    def batch_weights(self) -> list[tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]]:
+        """Per output: the (feature, encoded nonzero weight) pairs and the encoded bias of the
+        batch layout, cached: they are the same for every request, so encoding them once saves
+        an encode per multiplication. The bias is at the product scale 2^(input_bits+weight_bits),
+        the only scale `run` lets a request's ciphertexts reach it with."""
+        if self._batch_weights is None:
+            ctx, s = self.context("batch"), self.scales["batch"]
+            Wq = self.quantized(s.weight_bits)
+            scale_w = 2.0**s.weight_bits
+            product = 2.0 ** s.input_bits * scale_w
+            self._batch_weights = [
+                ([(f, ctx.encode(float(w), scale_w)) for f, w in enumerate(Wq[c]) if w != 0.0],
+                 ctx.encode(float(self.bias[c]), product))
+                for c in range(self.n_outputs)]
+        return self._batch_weights
+
     def _run_batch(self, ctx: HEContext, layout: BatchLayout, cts: list, n: int) -> list:
-        ev, wbits = ctx.evaluator, self.scales["batch"].weight_bits
-        Wq = self.quantized(wbits)
+        ev = ctx.evaluator
+        plains = self.batch_weights()
         out = []
         for b in range(layout.n_batches(n)):
             feats = cts[b * self.n_features:(b + 1) * self.n_features]
-            for c in range(self.n_outputs):
-                terms = [ev.multiply_plain(ct, ctx.encode(float(w), 2.0**wbits))
-                         for ct, w in zip(feats, Wq[c], strict=True) if w != 0.0]
+            for weights, bias in plains:
+                terms = [ev.multiply_plain(feats[f], w) for f, w in weights]
                 acc = terms[0] if len(terms) == 1 else ev.add_many(terms)
-                ev.add_plain_inplace(acc, ctx.encode(float(self.bias[c]), acc.scale()))
+                ev.add_plain_inplace(acc, bias)
                 out.append(acc)
         return out
 
