@@ -20,7 +20,7 @@ Steps:
 
 Error bound: every stage adds CKKS noise of about NOISE_SLOTS * N / 2^s per slot (rescale
 rounding dominates fresh-encryption and key-switching noise), amplified by later weights and by
-the derivative of later squares; the planner prefers scales of at least 2^36 (about 1e-8 per
+the derivative of later squares; the planner prefers scales of at least 2^32 (about 5e-7 per
 stage at N=8192) and moves to a larger ring before going below. `simulate` adds noise of this
 size after every stage; the tests check both against the plaintext program.
 """
@@ -42,7 +42,7 @@ from veil.program.packing import next_pow2
 INPUT_HEADROOM = 2.0
 DEFAULT_HEADROOM = 4.0
 MIN_SCALE_BITS = 26
-PREFERRED_SCALE_BITS = 36
+PREFERRED_SCALE_BITS = 32
 MAX_SCALE_BITS = 40
 MAX_PRIME_BITS = 60
 DEGREES = (8192, 16384, 32768)
