@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from he_linear import draw_samples, git_state, load_average, machine_info, versions
 from veil import ml
 from veil.he import PublicBundle
-from veil.program import load_client, load_server
+from veil.program import load_client, load_server, parallel
 
 RNG_SEED = 20261130
 AGREEMENT_THRESHOLD = 0.995
@@ -118,7 +118,8 @@ def one_batch(model: Any, X: np.ndarray) -> dict:
 def throughput(model: Any, X: np.ndarray, workers: int) -> dict:
     """End-to-end batch-layout throughput through predict's chunked executor."""
     ref = model._raw(X, "disable")
-    raw(model, X[:len(X) // 2], "batch", workers)  # starts the worker pool: not part of the timing
+    chunk = parallel.DEFAULT_CHUNK_CTS * model.fhe_client.params["batch"].slot_count
+    raw(model, X[:chunk + 1], "batch", workers)  # two chunks start the worker pool: not timed
     t = time.perf_counter()
     out = raw(model, X, "batch", workers)
     elapsed = time.perf_counter() - t
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     models = train_models(X, y)
     print(f"trained in {time.perf_counter() - t:.1f}s; load {load_average()}", flush=True)
-    sizes = {"logistic_regression": 16 * 8192, "mlp_64_32_10": 8 * 4096, "cnn": 4 * 4096}
+    sizes = {"logistic_regression": 32 * 8192, "mlp_64_32_10": 16 * 4096, "cnn": 8 * 4096}
     results: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                                "machine": machine_info(), "git": git_state(), "versions": versions(),
                                "load_before": load_average(), "workers": args.workers,
