@@ -184,7 +184,7 @@ def test_input_limit_guarantees_no_wrap_around():
     out = model.decision_function(edge[None, :], fhe="execute", layout="batch")
     np.testing.assert_allclose(out, model.decision_function(edge[None, :]), rtol=1e-3)
     with pytest.raises(PrecisionError):
-        model.predict(edge[None, :] * 1.01, fhe="execute")
+        model.predict(edge[None, :] * 1.01, fhe="execute", layout="batch")
 
 
 def test_simulate_reflects_precision_of_execute():

@@ -50,3 +50,39 @@ def test_row_layout_refuses_too_many_features():
         RowLayout(64, 100, 2)
     with pytest.raises(ShapeError, match="unknown layout"):
         make_layout("diagonal", 64, 3, 2)
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 129, 255, 256, 257, 600])
+def test_two_samples_per_slot_round_trip(n):
+    lay = BatchLayout(128, 3, 2, per_slot=2)
+    X = np.arange(n * 3, dtype=np.float64).reshape(n, 3) + 0.5
+    vectors = lay.pack(X)
+    assert len(vectors) == lay.n_input_cts(n) == 3 * -(-n // 256)
+    assert all(np.iscomplexobj(v) and v.shape == (128,) for v in vectors)
+    Y = lay.unpack([v for b in range(lay.n_batches(n)) for v in vectors[3 * b:3 * b + 2]], n)
+    np.testing.assert_array_equal(Y, X[:, :2])
+
+
+def test_affine_batch_layout_holds_two_samples_per_slot_under_encryption():
+    from sklearn.datasets import load_digits
+
+    from veil import ml
+
+    X, y = load_digits(return_X_y=True)
+    model = ml.LogisticRegression(max_iter=500).fit(X, y).compile(X)
+    big = np.vstack([X] * 5)[:8193]
+    client = model.fhe_client
+    assert client.layout("batch").n_input_cts(8193) == 2 * 64
+    raw = model.decision_function(big, fhe="execute", layout="batch")
+    ref = model.decision_function(big)
+    np.testing.assert_allclose(raw, ref, atol=1e-3 * np.abs(ref).max())
+    np.testing.assert_array_equal(model.predict(big, fhe="execute", layout="batch"), model.predict(big))
+    with pytest.raises(Exception, match="per_slot"):
+        ml.ModelClient.from_dict({"format": "veil-model/1", "output": model.output_spec_.to_dict(),
+                                  "circuit": {**client_spec_with(model, per_slot=3)}})
+
+
+def client_spec_with(model, **batch):
+    spec = model.circuit_.client_spec()
+    spec["scales"]["batch"] = {**spec["scales"]["batch"], **batch}
+    return spec

@@ -60,15 +60,21 @@ class HEContext:
     def slot_count(self) -> int:
         return self.encoder.slot_count()
 
-    def encode(self, values: np.ndarray | float, scale: float) -> seal.Plaintext:
-        """Encode a real vector (zero-padded to the slot count) or a scalar broadcast to all slots."""
+    def encode(self, values: np.ndarray | complex, scale: float) -> seal.Plaintext:
+        """Encode a real or complex vector (zero-padded to the slot count) or a scalar broadcast
+        to all slots. Complex values put a second real number in each slot's imaginary part."""
         if np.isscalar(values):
+            if isinstance(values, complex | np.complexfloating):
+                return self.encoder.encode_complex(complex(values), float(scale))
             return self.encoder.encode(float(values), float(scale))
-        arr = np.asarray(values, dtype=np.float64).ravel()
+        is_complex = np.iscomplexobj(values)
+        arr = np.asarray(values, dtype=np.complex128 if is_complex else np.float64).ravel()
         if arr.size > self.slot_count:
             raise ValueError(f"{arr.size} values do not fit in {self.slot_count} slots")
         if not np.all(np.isfinite(arr)):
             raise ValueError("cannot encode NaN or infinite values")
+        if is_complex:
+            return self.encoder.encode_complex(arr, float(scale))
         return self.encoder.encode(arr, float(scale))
 
     def load_ciphertext(self, blob: bytes, max_size: int = 2) -> seal.Ciphertext:

@@ -164,6 +164,10 @@ class SecretKeys:
         """Decrypt and decode one ciphertext to its real slot values."""
         return self.context.encoder.decode(self._decryptor.decrypt(ct))
 
+    def decrypt_complex(self, ct: seal.Ciphertext) -> np.ndarray:
+        """Decrypt and decode one ciphertext to its complex slot values (two reals per slot)."""
+        return self.context.encoder.decode_complex(self._decryptor.decrypt(ct))
+
     def to_bytes(self) -> bytes:
         """Serialize for the owner's own storage (never send this to a server)."""
         header = {"params": self.params.to_dict(), "rotation_steps": list(self.rotation_steps),

@@ -26,6 +26,8 @@ FRESH_NOISE_STD = 3.2
 """SEAL's error standard deviation per coefficient; fresh slot noise is this times sqrt(N/2)."""
 MIN_PRODUCT_BITS = 24
 DEFAULT_PRESETS = {"batch": "depth0", "row": "depth0-rotations"}
+PER_SLOT = {"batch": 2}
+"""The batch layout of an affine map puts two samples in each slot (real and imaginary parts)."""
 # Rough single-core costs (ms) measured for the presets above; only used to pick a layout.
 _COST_MS = {"batch": {"encrypt": 0.95, "mul": 0.06, "decrypt": 0.3},
             "row": {"encrypt": 0.5, "mul": 0.03, "rot": 0.35, "decrypt": 0.15}}
@@ -70,15 +72,18 @@ class LayoutScales:
     input_bits: int
     weight_bits: int
     input_limit: InputLimit
+    per_slot: int = 1
 
     def to_dict(self) -> dict:
         return {"params": self.params.to_dict(), "input_bits": self.input_bits,
-                "weight_bits": self.weight_bits, "input_limit": self.input_limit.to_dict()}
+                "weight_bits": self.weight_bits, "input_limit": self.input_limit.to_dict(),
+                "per_slot": self.per_slot}
 
     @classmethod
     def from_dict(cls, d: dict) -> LayoutScales:
         return cls(CKKSParameters.from_dict(d["params"]), wire.strict_int(d["input_bits"], "input_bits", 0, 120),
-                   wire.strict_int(d["weight_bits"], "weight_bits", 0, 120), InputLimit.from_dict(d["input_limit"]))
+                   wire.strict_int(d["weight_bits"], "weight_bits", 0, 120), InputLimit.from_dict(d["input_limit"]),
+                   wire.strict_int(d.get("per_slot", 1), "per_slot", 1, 2))
 
 
 def input_weights(W: np.ndarray) -> np.ndarray:
@@ -91,14 +96,16 @@ def input_weights(W: np.ndarray) -> np.ndarray:
 
 
 def choose_scales(params: CKKSParameters, input_bounds: np.ndarray, W: np.ndarray, bias: np.ndarray,
-                  observed: float) -> LayoutScales:
+                  observed: float, per_slot: int = 1) -> LayoutScales:
     """Split the data modulus between input and weight scales so that any output of an input
     within `input_bounds` (or of weighted magnitude up to the resulting limit) fits, balancing the
-    two error sources; refuse if too few bits would be left for precision."""
+    two error sources; refuse if too few bits would be left for precision. With two samples per
+    slot a slot's magnitude is up to sqrt(2) times the larger of its two outputs."""
     data_bits = params.data_modulus_bits
     a, bias_max = input_weights(W), float(np.max(np.abs(bias)))
+    margin = math.sqrt(per_slot)
     output_bound = max(observed, float(a @ input_bounds) + bias_max, 1e-12)
-    out_bits = max(1, math.ceil(math.log2(output_bound)))
+    out_bits = max(1, math.ceil(math.log2(output_bound * margin)))
     product = data_bits - 2 - out_bits
     if product < MIN_PRODUCT_BITS:
         raise PrecisionError(
@@ -113,9 +120,9 @@ def choose_scales(params: CKKSParameters, input_bounds: np.ndarray, W: np.ndarra
     in_bits = round((product + math.log2(noise / rounding)) / 2)
     in_cap = data_bits - 2 - max(0, math.ceil(math.log2(max(float(np.max(input_bounds)), 1e-12))))
     in_bits = int(min(max(in_bits, 8), product - 8, in_cap))
-    limit = InputLimit(tuple(float(v) for v in a), 2.0**out_bits - bias_max,
-                       2.0 ** (data_bits - 2 - in_bits))
-    return LayoutScales(params, in_bits, product - in_bits, limit)
+    limit = InputLimit(tuple(float(v) for v in a), 2.0**out_bits / margin - bias_max,
+                       2.0 ** (data_bits - 2 - in_bits) / margin)
+    return LayoutScales(params, in_bits, product - in_bits, limit, per_slot)
 
 
 def quantize_weights(W: np.ndarray, bits: int) -> np.ndarray:
@@ -128,9 +135,10 @@ def quantize_weights(W: np.ndarray, bits: int) -> np.ndarray:
     return Wq / 2.0**bits
 
 
-def choose_layout(n_samples: int, n_features: int, n_outputs: int, slots: dict[str, int]) -> str:
+def choose_layout(n_samples: int, n_features: int, n_outputs: int, slots: dict[str, int],
+                  per_slot: int = 1) -> str:
     """Pick the layout with the lower estimated end-to-end time for this many samples."""
-    batch = BatchLayout(slots["batch"], n_features, n_outputs)
+    batch = BatchLayout(slots["batch"], n_features, n_outputs, per_slot=per_slot)
     nb = batch.n_batches(n_samples)
     c = _COST_MS["batch"]
     cost_batch = nb * (n_features * (c["encrypt"] + n_outputs * c["mul"]) + n_outputs * c["decrypt"])
@@ -205,7 +213,8 @@ class LinearCircuit:
                 raise PrecisionError("calibration data exceed the given input_bounds")
         observed = float(np.max(np.abs(X @ W.T + b))) * headroom
         chosen = dict(DEFAULT_PRESETS, **(presets or {}))
-        scales = {name: choose_scales(preset(p), bounds, W, b, observed) for name, p in chosen.items()}
+        scales = {name: choose_scales(preset(p), bounds, W, b, observed, PER_SLOT.get(name, 1))
+                  for name, p in chosen.items()}
         return cls(W, b, scales)
 
     def context(self, layout: str) -> HEContext:
@@ -246,7 +255,8 @@ class LinearCircuit:
             raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
         if name not in self.scales:
             raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.scales)}")
-        return make_layout(name, self.scales[name].params.slot_count, self.n_features, self.n_outputs)
+        s = self.scales[name]
+        return make_layout(name, s.params.slot_count, self.n_features, self.n_outputs, s.per_slot)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "weights": self.weights.tolist(), "bias": self.bias.tolist(),
@@ -265,7 +275,8 @@ class LinearCircuit:
         """What a client needs to encrypt and decrypt: no weights."""
         return {"kind": self.kind, "n_features": self.n_features, "n_outputs": self.n_outputs,
                 "scales": {k: {"params": v.params.to_dict(), "input_bits": v.input_bits,
-                               "input_limit": v.input_limit.to_dict()} for k, v in self.scales.items()}}
+                               "input_limit": v.input_limit.to_dict(), "per_slot": v.per_slot}
+                           for k, v in self.scales.items()}}
 
     def run(self, request: bytes, bundle: PublicBundle) -> bytes:
         """Evaluate the map on an encrypted request; the answer is ciphertexts only."""
@@ -305,7 +316,8 @@ class LinearCircuit:
             product = 2.0 ** s.input_bits * scale_w
             self._batch_weights = [
                 ([(f, ctx.encode(float(w), scale_w)) for f, w in enumerate(Wq[c]) if w != 0.0],
-                 ctx.encode(float(self.bias[c]), product))
+                 ctx.encode(complex(self.bias[c], self.bias[c]) if s.per_slot == 2 else float(self.bias[c]),
+                            product))
                 for c in range(self.n_outputs)]
         return self._batch_weights
 
@@ -360,6 +372,8 @@ class CircuitClient:
         self.params = {k: CKKSParameters.from_dict(v["params"]) for k, v in spec["scales"].items()}
         self.input_bits = {k: int(v["input_bits"]) for k, v in spec["scales"].items()}
         self.input_limits = {k: InputLimit.from_dict(v["input_limit"]) for k, v in spec["scales"].items()}
+        self.per_slot = {k: wire.strict_int(v.get("per_slot", 1), "per_slot", 1, 2)
+                         for k, v in spec["scales"].items()}
         self._keys: dict[str, SecretKeys] = {}
 
     def layout(self, name: str) -> BatchLayout | RowLayout:
@@ -368,11 +382,12 @@ class CircuitClient:
             raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
         if name not in self.params:
             raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.params)}")
-        return make_layout(name, self.params[name].slot_count, self.n_features, self.n_outputs)
+        return make_layout(name, self.params[name].slot_count, self.n_features, self.n_outputs,
+                           self.per_slot[name])
 
     def choose_layout(self, n_samples: int) -> str:
         return choose_layout(n_samples, self.n_features, self.n_outputs,
-                             {k: p.slot_count for k, p in self.params.items()})
+                             {k: p.slot_count for k, p in self.params.items()}, self.per_slot.get("batch", 1))
 
     def keys(self, layout: str) -> SecretKeys:
         """Secret keys for a layout, generated on first use (rotation keys only for the row layout)."""
@@ -423,4 +438,5 @@ class CircuitClient:
             raise ShapeError("response does not match this model's outputs")
         if len(cts) != lay.n_output_cts(n):
             raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {lay.n_output_cts(n)}")
-        return lay.unpack([keys.decrypt(ct) for ct in cts], n)
+        decrypt = keys.decrypt_complex if self.per_slot[layout] == 2 else keys.decrypt
+        return lay.unpack([decrypt(ct) for ct in cts], n)

@@ -25,12 +25,25 @@ def next_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """Samples in slots, one ciphertext per feature per batch of `slots` samples."""
+    """Samples in slots, one ciphertext per feature per batch. With `per_slot=2` each slot holds
+    two samples, one in its real part and one in its imaginary part: a map with real weights acts
+    on both parts independently, so affine models evaluate twice the samples per operation (not
+    for programs with squares, which would mix the parts)."""
 
     slots: int
     n_features: int
     n_outputs: int
     name: str = "batch"
+    per_slot: int = 1
+
+    def __post_init__(self) -> None:
+        if self.per_slot not in (1, 2):
+            raise ShapeError(f"a slot holds 1 or 2 samples, not {self.per_slot}")
+
+    @property
+    def capacity(self) -> int:
+        """Samples per ciphertext."""
+        return self.slots * self.per_slot
 
     def n_input_cts(self, n_samples: int) -> int:
         return self.n_batches(n_samples) * self.n_features
@@ -39,23 +52,34 @@ class BatchLayout:
         return self.n_batches(n_samples) * self.n_outputs
 
     def n_batches(self, n_samples: int) -> int:
-        return math.ceil(n_samples / self.slots)
+        return math.ceil(n_samples / self.capacity)
 
     def pack(self, X: np.ndarray) -> list[np.ndarray]:
-        """Slot vectors in order (batch, feature)."""
+        """Slot vectors in order (batch, feature); complex when two samples share a slot."""
         out = []
         for b in range(self.n_batches(len(X))):
-            block = X[b * self.slots:(b + 1) * self.slots]
-            out.extend(block[:, f] for f in range(self.n_features))
+            block = X[b * self.capacity:(b + 1) * self.capacity]
+            if self.per_slot == 1:
+                out.extend(block[:, f] for f in range(self.n_features))
+                continue
+            both = np.zeros((self.slots, self.n_features), dtype=np.complex128)
+            both.real[:min(len(block), self.slots)] = block[:self.slots]
+            both.imag[:max(0, len(block) - self.slots)] = block[self.slots:]
+            out.extend(both[:, f] for f in range(self.n_features))
         return out
 
     def unpack(self, vectors: list[np.ndarray], n_samples: int) -> np.ndarray:
         """Outputs (n_samples, n_outputs) from decrypted vectors in order (batch, output)."""
         Y = np.empty((n_samples, self.n_outputs))
         for b in range(self.n_batches(n_samples)):
-            lo, hi = b * self.slots, min(n_samples, (b + 1) * self.slots)
+            lo, hi = b * self.capacity, min(n_samples, (b + 1) * self.capacity)
             for c in range(self.n_outputs):
-                Y[lo:hi, c] = vectors[b * self.n_outputs + c][:hi - lo]
+                v = vectors[b * self.n_outputs + c]
+                if self.per_slot == 1:
+                    Y[lo:hi, c] = np.real(v[:hi - lo])
+                else:
+                    both = np.concatenate([np.real(v), np.imag(v)])
+                    Y[lo:hi, c] = both[:hi - lo]
         return Y
 
 
@@ -146,9 +170,10 @@ class RowLayout:
         return picked.reshape(n_samples, self.n_groups * self.group)[:, :self.n_outputs]
 
 
-def make_layout(name: str, slots: int, n_features: int, n_outputs: int) -> BatchLayout | RowLayout:
+def make_layout(name: str, slots: int, n_features: int, n_outputs: int,
+                per_slot: int = 1) -> BatchLayout | RowLayout:
     if name == "batch":
-        return BatchLayout(slots, n_features, n_outputs)
+        return BatchLayout(slots, n_features, n_outputs, per_slot=per_slot)
     if name == "row":
         return RowLayout(slots, n_features, n_outputs)
     raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
