@@ -138,6 +138,11 @@ def interval_bounds(stages: list[Op], bounds: np.ndarray) -> list[float]:
     """Largest |value| after each stage for any input in the box (centre-radius arithmetic)."""
     lo, hi = -bounds, bounds.copy()
     out = []
+    with np.errstate(over="ignore", invalid="ignore"):  # an unbounded program gives inf: refused by plan
+        return _propagate(stages, lo, hi, out)
+
+
+def _propagate(stages: list[Op], lo: np.ndarray, hi: np.ndarray, out: list[float]) -> list[float]:
     for op in stages:
         if isinstance(op, Linear):
             c, r = (lo + hi) / 2, (hi - lo) / 2
@@ -150,7 +155,8 @@ def interval_bounds(stages: list[Op], bounds: np.ndarray) -> list[float]:
             lin = np.stack([c1 * lo, c1 * hi])
             sq = np.stack([c2 * sq_lo, c2 * sq_hi])
             lo, hi = c0 + lin.min(0) + sq.min(0), c0 + lin.max(0) + sq.max(0)
-        out.append(float(np.max(np.maximum(np.abs(lo), np.abs(hi)))))
+        peak = float(np.max(np.maximum(np.abs(lo), np.abs(hi))))
+        out.append(peak if math.isfinite(peak) else math.inf)  # nan from inf * 0 is unbounded too
     return out
 
 
