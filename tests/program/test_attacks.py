@@ -196,3 +196,20 @@ def test_model_artefacts_with_missing_parts_or_wrong_classes_are_refused(affine)
     for bad in ({}, {"circuit": None}, []):
         with pytest.raises(VeilError):
             ModelServer.from_dict(bad)
+
+
+@pytest.mark.parametrize("layout", ["batch", "row"])
+def test_affine_request_below_the_top_level_is_refused(layout):
+    """With a multi-level preset, mod-switched request ciphertexts reached SEAL and raised a bare
+    ValueError (HTTP 500) instead of a typed error."""
+    rng = np.random.default_rng(1)
+    W, b, X = rng.normal(size=(3, 5)), rng.normal(size=3), rng.normal(size=(50, 5))
+    server = LinearCircuit.calibrate(W, b, X, presets={layout: "depth1"})
+    client = load_client(server.client_spec())
+    ctx = client.keys(layout).context
+    header, cts = ctx.unpack(client.encrypt(X[:3], layout))
+    for ct in cts:
+        ctx.evaluator.mod_switch_to_next_inplace(ct)
+    forged = ctx.pack(cts, {k: v for k, v in header.items() if k != "params"})
+    with pytest.raises(ShapeError, match="fresh"):
+        server.run(forged, client.public_bundle(layout))

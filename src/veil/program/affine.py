@@ -346,6 +346,9 @@ class LinearCircuit:
         expected_scale = 2.0 ** self.scales[name].input_bits
         if any(ct.scale() != expected_scale for ct in cts):
             raise ShapeError("ciphertext scale does not match the model's input scale")
+        fresh = tuple(ctx.parms_id_at(ctx.top_level))
+        if any(tuple(ct.parms_id()) != fresh for ct in cts):
+            raise ShapeError("ciphertexts must be fresh (at the top level of the modulus chain)")
         if name == "batch":
             out = self._run_batch(ctx, layout, cts, n)
         else:
