@@ -213,3 +213,10 @@ def test_affine_request_below_the_top_level_is_refused(layout):
     forged = ctx.pack(cts, {k: v for k, v in header.items() if k != "params"})
     with pytest.raises(ShapeError, match="fresh"):
         server.run(forged, client.public_bundle(layout))
+
+
+def test_program_with_scalar_polynomial_coefficients_is_refused(leveled):
+    """Found by the mutation fuzz: `"coeffs": 1` raised a bare TypeError."""
+    d = leveled[0].to_dict()
+    with pytest.raises(WireFormatError):
+        load_server(_mutated(d, ("program", "ops", 1, "coeffs"), 1))
