@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from veil.errors import ShapeError, VeilError, WireFormatError
-from veil.he import wire
+from veil.errors import KeyMaterialError, ShapeError, VeilError, WireFormatError
+from veil.he import PublicBundle, SecretKeys, wire
 from veil.ml.deploy import ModelClient, ModelServer
 from veil.program import LeveledCircuit, Linear, LinearCircuit, Poly, Program, load_client, load_server, plan
 
@@ -220,3 +220,16 @@ def test_program_with_scalar_polynomial_coefficients_is_refused(leveled):
     d = leveled[0].to_dict()
     with pytest.raises(WireFormatError):
         load_server(_mutated(d, ("program", "ops", 1, "coeffs"), 1))
+
+
+def test_bundle_declaring_steps_its_galois_keys_do_not_cover_is_refused(leveled):
+    """Keys for steps 5..10 relabelled as the plan's steps were accepted; the row request then
+    raised a bare ValueError ("Galois key not present") inside SEAL."""
+    _server, client, _req, _resp = leveled
+    plan_ = client.plans["row"]
+    other = SecretKeys.generate(plan_.params, rotation_steps=[5, 6, 7, 9, 10], relin=True)
+    msg = wire.decode(other.public_bundle().to_bytes())
+    forged = wire.Message(msg.kind, dict(msg.header, rotation_steps=list(plan_.rotation_steps)), msg.blobs)
+    with pytest.raises(KeyMaterialError, match="holds no Galois keys"):
+        PublicBundle.from_bytes(forged.to_bytes())
+    assert PublicBundle.from_bytes(client.public_bundle("row").to_bytes()).rotation_steps == plan_.rotation_steps
