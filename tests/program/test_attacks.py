@@ -233,3 +233,12 @@ def test_bundle_declaring_steps_its_galois_keys_do_not_cover_is_refused(leveled)
     with pytest.raises(KeyMaterialError, match="holds no Galois keys"):
         PublicBundle.from_bytes(forged.to_bytes())
     assert PublicBundle.from_bytes(client.public_bundle("row").to_bytes()).rotation_steps == plan_.rotation_steps
+
+
+@pytest.mark.parametrize("kind", ["leveled", "affine"])
+def test_non_finite_inputs_are_typed_errors(kind, request):
+    client = request.getfixturevalue(kind)[1]
+    X = np.zeros((2, client.n_features))
+    X[1, 0] = np.nan
+    with pytest.raises(ShapeError):
+        client.encrypt(X, "batch")

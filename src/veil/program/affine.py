@@ -468,7 +468,7 @@ class CircuitClient:
         if len(X) == 0:
             raise ShapeError("no samples to encrypt")
         if not np.all(np.isfinite(X)):
-            raise ValueError("inputs contain NaN or infinite values")
+            raise ShapeError("inputs contain NaN or infinite values")
         return X
 
     def encrypt(self, X: np.ndarray, layout: str) -> bytes:
