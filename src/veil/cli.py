@@ -71,7 +71,7 @@ def _demo_http(args: argparse.Namespace, model: object, path: str, X_test: np.nd
                 response = client.send("demo", version, key_id, request)
                 t_srv = time.perf_counter() - t
                 t = time.perf_counter()
-                pred = mc.predict(mc.decrypt(response))
+                pred = mc.predict(mc.decrypt(response, len(X_test)))
                 t_dec = time.perf_counter() - t
     p = mc.circuit.params[layout]
     print(f"CKKS N={p.poly_modulus_degree}, modulus {list(p.coeff_modulus_bits)} bits, 128-bit security, "
@@ -103,7 +103,7 @@ def _demo_local(args: argparse.Namespace, model: object, path: str, X_test: np.n
     response = server.run(request, bundle)
     t_srv = time.perf_counter() - t
     t = time.perf_counter()
-    pred = client.predict(client.decrypt(response))
+    pred = client.predict(client.decrypt(response, len(X_test)))
     t_dec = time.perf_counter() - t
     rows = [("keygen + load public bundle (once)", t_keys, len(bundle_bytes), "public bundle, sent once"),
             ("encrypt + serialize (client)", t_enc, len(request), "request: ciphertexts only"),

@@ -106,6 +106,11 @@ class PublicBundle:
                 if galois.size() != len(steps):
                     raise KeyMaterialError(
                         f"bundle holds {galois.size()} Galois keys for {len(steps)} declared steps")
+                # the Galois element of a rotation by s slots is 3^s mod 2N (3 has order N/2)
+                absent = [s for s in steps if not galois.has_key(
+                    pow(3, s % context.slot_count, 2 * context.params.poly_modulus_degree))]
+                if absent:
+                    raise KeyMaterialError(f"bundle declares rotation steps {absent} it holds no Galois keys for")
             if relin:
                 relin_keys = context.seal.from_relin_str(blobs.pop(0))
         except (RuntimeError, ValueError) as exc:

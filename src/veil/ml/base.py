@@ -76,7 +76,7 @@ class EncryptedModelMixin:
                 keys={name: client.keys(name).to_bytes()}, layout=name, workers=workers)
         request = client.encrypt(X, name)
         response = self.circuit_.run(request, client.public_bundle(name))
-        return client.decrypt(response)
+        return client.decrypt(response, len(X))
 
     @property
     def fhe_client(self) -> Client:

@@ -44,7 +44,9 @@ class ModelServer:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelServer:
-        return cls(load_server(data["circuit"]).prepare(), data.get("model", ""))
+        if not isinstance(data, dict):
+            raise WireFormatError("a model artefact must be an object")
+        return cls(load_server(data.get("circuit")).prepare(), str(data.get("model", "")))
 
     def load_bundle(self, data: bytes) -> PublicBundle:
         """Parse a client's public bundle (a secret key is refused with KeyMaterialError)."""
@@ -59,6 +61,7 @@ class ModelClient:
 
     def __init__(self, spec: dict, output: OutputSpec, model: str = "") -> None:
         self.circuit = load_client(spec)
+        output.check_outputs(self.circuit.n_outputs)
         self.output = output
         self.model = model
 
@@ -69,7 +72,9 @@ class ModelClient:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelClient:
-        return cls(data["circuit"], OutputSpec.from_dict(data["output"]), data.get("model", ""))
+        if not isinstance(data, dict):
+            raise WireFormatError("a model artefact must be an object")
+        return cls(data.get("circuit"), OutputSpec.from_dict(data.get("output")), str(data.get("model", "")))
 
     @property
     def n_features(self) -> int:
@@ -90,9 +95,10 @@ class ModelClient:
         name = self.choose_layout(len(X)) if layout == "auto" else layout
         return name, self.circuit.encrypt(X, name)
 
-    def decrypt(self, response: bytes) -> np.ndarray:
-        """Raw decrypted outputs, shape (n_samples, n_outputs)."""
-        return self.circuit.decrypt(response)
+    def decrypt(self, response: bytes, n_samples: int | None = None) -> np.ndarray:
+        """Raw decrypted outputs, shape (n_samples, n_outputs); pass the request's row count as
+        `n_samples` to refuse a response for any other number of rows."""
+        return self.circuit.decrypt(response, n_samples)
 
     def predict(self, raw: np.ndarray) -> np.ndarray:
         return self.output.predict(raw)

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.special import expit, softmax
 
+from veil.errors import WireFormatError
+
 PROBA_KINDS = (None, "softmax", "ovr_log", "modified_huber")
 LINKS = ("identity", "log")
 
@@ -38,11 +40,23 @@ class OutputSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> OutputSpec:
+    def from_dict(cls, d: object) -> OutputSpec:
+        """Parse untrusted JSON; anything malformed is a `WireFormatError`."""
+        if not isinstance(d, dict) or not (d.get("classes") is None or isinstance(d["classes"], list)):
+            raise WireFormatError("an output specification is an object (classes, if any, a list)")
         d = dict(d)
         if d.get("classes") is not None:
             d["classes"] = tuple(d["classes"])
-        return cls(**d)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise WireFormatError(f"invalid output specification: {exc}") from None
+
+    def check_outputs(self, n_outputs: int) -> None:
+        """Refuse classes that the model's outputs cannot index (one score for two classes, else one per class)."""
+        if self.task == "classifier" and (self.classes is None
+                                          or len(self.classes) != (2 if n_outputs == 1 else n_outputs)):
+            raise WireFormatError(f"{n_outputs} outputs cannot name the classes {self.classes!r}")
 
     @property
     def classes_array(self) -> np.ndarray:

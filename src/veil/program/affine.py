@@ -16,6 +16,7 @@ import seal
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
 from veil.he.params import CKKSParameters, preset
+from veil.program.ir import MAX_DIM, Linear
 from veil.program.packing import LAYOUTS, BatchLayout, RowLayout, make_layout
 
 DEFAULT_HEADROOM = 16.0
@@ -47,8 +48,23 @@ class InputLimit:
         return {"magnitudes": list(self.magnitudes), "limit": self.limit, "value_limit": self.value_limit}
 
     @classmethod
-    def from_dict(cls, d: dict) -> InputLimit:
+    def from_dict(cls, d: object) -> InputLimit:
+        """Parse untrusted JSON: finite non-negative numbers only (a NaN limit refuses nothing)."""
+        if not isinstance(d, dict) or not isinstance(d.get("magnitudes"), list):
+            raise WireFormatError("an input limit is an object with magnitudes, limit and value_limit")
+        values = [*d["magnitudes"], d.get("limit"), d.get("value_limit")]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in values):
+            raise WireFormatError("input limit magnitudes, limit and value_limit must be finite non-negative numbers")
         return cls(tuple(float(w) for w in d["magnitudes"]), float(d["limit"]), float(d["value_limit"]))
+
+    def check_fits(self, params: CKKSParameters, input_bits: int, per_slot: int, n_features: int) -> None:
+        """Refuse a limit that admits inputs whose encryption would not fit the data modulus."""
+        if len(self.magnitudes) != n_features:
+            raise ShapeError(f"input limit has {len(self.magnitudes)} magnitudes for {n_features} features")
+        room = 2.0 ** (params.data_modulus_bits - 2) * (1 + 1e-9)
+        if self.value_limit * math.sqrt(per_slot) * 2.0**input_bits > room:
+            raise WireFormatError("the input limit admits values that do not fit the modulus at the input scale")
 
     def check(self, X: np.ndarray) -> None:
         """Raise PrecisionError naming the first sample the model was not compiled for."""
@@ -62,6 +78,16 @@ class InputLimit:
                 f"{load[i]:.4g} > {self.limit:.4g} or a value above {self.value_limit:.4g}); "
                 "recompile with calibration data or input_bounds covering it"
             )
+
+
+def _parse_scales(scales: object) -> dict[str, dict]:
+    if not isinstance(scales, dict) or not all(isinstance(v, dict) for v in scales.values()):
+        raise WireFormatError("scales must be an object of layout objects")
+    _check_scales(scales)
+    for name, v in scales.items():
+        if v.get("per_slot", 1) != 1 and name != "batch":
+            raise WireFormatError(f"only the batch layout holds two samples per slot, not {name!r}")
+    return scales
 
 
 @dataclass(frozen=True)
@@ -80,10 +106,28 @@ class LayoutScales:
                 "per_slot": self.per_slot}
 
     @classmethod
-    def from_dict(cls, d: dict) -> LayoutScales:
-        return cls(CKKSParameters.from_dict(d["params"]), wire.strict_int(d["input_bits"], "input_bits", 0, 120),
-                   wire.strict_int(d["weight_bits"], "weight_bits", 0, 120), InputLimit.from_dict(d["input_limit"]),
+    def from_dict(cls, d: object) -> LayoutScales:
+        if not isinstance(d, dict):
+            raise WireFormatError("layout scales must be an object")
+        params = CKKSParameters.from_dict(d.get("params"))
+        input_bits = wire.strict_int(d.get("input_bits"), "input_bits", 0, 120)
+        weight_bits = wire.strict_int(d.get("weight_bits"), "weight_bits", 0, 120)
+        if input_bits + weight_bits > params.data_modulus_bits - 3:
+            raise WireFormatError(f"a product scale of 2^{input_bits + weight_bits} leaves no room for outputs "
+                                  f"in a {params.data_modulus_bits}-bit modulus")
+        return cls(params, input_bits, weight_bits, InputLimit.from_dict(d.get("input_limit")),
                    wire.strict_int(d.get("per_slot", 1), "per_slot", 1, 2))
+
+    def check_weights(self, W: np.ndarray, bias: np.ndarray) -> None:
+        """The server's check of a loaded limit against the weights it holds: any input the limit
+        admits gives outputs that fit the modulus at the product scale (no wrap-around)."""
+        lim = self.input_limit
+        lim.check_fits(self.params, self.input_bits, self.per_slot, W.shape[1])
+        room = 2.0 ** (self.params.data_modulus_bits - 2) * (1 + 1e-9)
+        peak = (lim.limit + float(np.max(np.abs(bias)))) * math.sqrt(self.per_slot)
+        if (np.any(np.asarray(lim.magnitudes) < np.max(np.abs(W), axis=0))
+                or peak * 2.0 ** (self.input_bits + self.weight_bits) > room):
+            raise WireFormatError("the input limit admits inputs whose outputs would wrap around the modulus")
 
 
 def input_weights(W: np.ndarray) -> np.ndarray:
@@ -180,6 +224,10 @@ class LinearCircuit:
         if not (np.all(np.isfinite(self.weights)) and np.all(np.isfinite(self.bias))):
             raise ShapeError("weights and bias must be finite")
         self.scales = _check_scales(scales)
+        for name, s in self.scales.items():
+            if s.per_slot != 1 and name != "batch":
+                raise WireFormatError(f"only the batch layout holds two samples per slot, not {name!r}")
+            s.check_weights(self.weights, self.bias)
         self._contexts: dict[str, HEContext] = {}
         self._row_weights: list[tuple[seal.Plaintext, seal.Plaintext]] | None = None
         self._batch_weights: list[tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]] | None = None
@@ -265,11 +313,11 @@ class LinearCircuit:
     @classmethod
     def from_dict(cls, d: dict) -> LinearCircuit:
         """Rebuild from `to_dict` output; malformed structure raises WireFormatError, not a crash."""
-        scales = d["scales"]
-        if not isinstance(scales, dict):
-            raise WireFormatError(f"scales must be an object keyed by layout, got {type(scales).__name__}")
-        return cls(np.asarray(d["weights"]), np.asarray(d["bias"]),
-                   {k: LayoutScales.from_dict(v) for k, v in scales.items()})
+        if not isinstance(d, dict):
+            raise WireFormatError("an affine circuit must be an object")
+        scales = _parse_scales(d.get("scales"))
+        op = Linear(d.get("weights"), d.get("bias"))
+        return cls(op.weight, op.bias, {k: LayoutScales.from_dict(v) for k, v in scales.items()})
 
     def client_spec(self) -> dict:
         """What a client needs to encrypt and decrypt: no weights."""
@@ -298,6 +346,9 @@ class LinearCircuit:
         expected_scale = 2.0 ** self.scales[name].input_bits
         if any(ct.scale() != expected_scale for ct in cts):
             raise ShapeError("ciphertext scale does not match the model's input scale")
+        fresh = tuple(ctx.parms_id_at(ctx.top_level))
+        if any(tuple(ct.parms_id()) != fresh for ct in cts):
+            raise ShapeError("ciphertexts must be fresh (at the top level of the modulus chain)")
         if name == "batch":
             out = self._run_batch(ctx, layout, cts, n)
         else:
@@ -367,13 +418,18 @@ class CircuitClient:
     """Client side: keys, encryption of inputs in a layout, decryption of outputs."""
 
     def __init__(self, spec: dict) -> None:
-        self.n_features = int(spec["n_features"])
-        self.n_outputs = int(spec["n_outputs"])
-        self.params = {k: CKKSParameters.from_dict(v["params"]) for k, v in spec["scales"].items()}
-        self.input_bits = {k: int(v["input_bits"]) for k, v in spec["scales"].items()}
-        self.input_limits = {k: InputLimit.from_dict(v["input_limit"]) for k, v in spec["scales"].items()}
-        self.per_slot = {k: wire.strict_int(v.get("per_slot", 1), "per_slot", 1, 2)
-                         for k, v in spec["scales"].items()}
+        if not isinstance(spec, dict):
+            raise WireFormatError("a client specification must be an object")
+        self.n_features = wire.strict_int(spec.get("n_features"), "n_features", 1, MAX_DIM)
+        self.n_outputs = wire.strict_int(spec.get("n_outputs"), "n_outputs", 1, MAX_DIM)
+        scales = _parse_scales(spec.get("scales"))
+        self.params = {k: CKKSParameters.from_dict(v.get("params")) for k, v in scales.items()}
+        self.input_bits = {k: wire.strict_int(v.get("input_bits"), "input_bits", 0,
+                                              self.params[k].data_modulus_bits - 3) for k, v in scales.items()}
+        self.input_limits = {k: InputLimit.from_dict(v.get("input_limit")) for k, v in scales.items()}
+        self.per_slot = {k: wire.strict_int(v.get("per_slot", 1), "per_slot", 1, 2) for k, v in scales.items()}
+        for k, lim in self.input_limits.items():
+            lim.check_fits(self.params[k], self.input_bits[k], self.per_slot[k], self.n_features)
         self._keys: dict[str, SecretKeys] = {}
 
     def layout(self, name: str) -> BatchLayout | RowLayout:
@@ -412,7 +468,7 @@ class CircuitClient:
         if len(X) == 0:
             raise ShapeError("no samples to encrypt")
         if not np.all(np.isfinite(X)):
-            raise ValueError("inputs contain NaN or infinite values")
+            raise ShapeError("inputs contain NaN or infinite values")
         return X
 
     def encrypt(self, X: np.ndarray, layout: str) -> bytes:
@@ -424,7 +480,9 @@ class CircuitClient:
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X),
                                        "n_features": self.n_features})
 
-    def decrypt(self, response: bytes) -> np.ndarray:
+    def decrypt(self, response: bytes, n_samples: int | None = None) -> np.ndarray:
+        """Outputs of a response; `n_samples`, when given, is the row count of the request it
+        answers, and a response declaring any other count is refused (never silently reshaped)."""
         msg = wire.decode(response, wire.Kind.CIPHERTEXTS)
         layout = msg.header.get("layout")
         lay = self.layout(layout)
@@ -436,6 +494,8 @@ class CircuitClient:
         n = header.get("n_samples")
         if not _count(header.get("n_outputs")) or header.get("n_outputs") != self.n_outputs or not _count(n):
             raise ShapeError("response does not match this model's outputs")
+        if n_samples is not None and n != n_samples:
+            raise ShapeError(f"response declares {n} samples, the request held {n_samples}")
         if len(cts) != lay.n_output_cts(n):
             raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {lay.n_output_cts(n)}")
         decrypt = keys.decrypt_complex if self.per_slot[layout] == 2 else keys.decrypt

@@ -143,7 +143,10 @@ class Program:
             if kind == "linear":
                 ops.append(Linear(raw.get("weight"), raw.get("bias")))
             elif kind == "poly":
-                ops.append(Poly(tuple(raw.get("coeffs") or ())))
+                coeffs = raw.get("coeffs")
+                if not isinstance(coeffs, list):
+                    raise WireFormatError("polynomial coefficients must be a list")
+                ops.append(Poly(tuple(coeffs)))
             else:
                 raise WireFormatError(f"unknown op {kind!r}; known: linear, poly")
         return cls(data.get("n_inputs"), ops)

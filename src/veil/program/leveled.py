@@ -27,7 +27,7 @@ from veil.he import HEContext, PublicBundle, wire
 from veil.he.ciphertext import Ciphertext, add_many
 from veil.program.ir import Linear, Op, Poly, Program
 from veil.program.packing import BatchLayout, DiagonalLayout
-from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps, required_keys
+from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps, interval_bounds, required_keys
 
 KIND = "leveled"
 COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
@@ -52,13 +52,31 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
             raise WireFormatError(f"plan for {p.layout!r} filed under {name!r}")
         if len(p.input_bounds) != n_features:
             raise ShapeError("input bounds do not match the number of features")
-        if len(p.params.coeff_modulus_bits) != depth + 2:
+        bits = p.params.coeff_modulus_bits
+        if len(bits) != depth + 2:
             raise WireFormatError("the modulus chain does not match the program's depth")
+        if any(b != p.scale_bits for b in bits[1:-1]) or bits[0] < p.scale_bits + 3:
+            raise WireFormatError(f"the {name} plan's scale 2^{p.scale_bits} does not match its modulus chain "
+                                  f"{list(bits)}: every rescale must divide by a prime of the scale's size, "
+                                  "and the first prime must exceed it")
+        if max(p.input_bounds) >= 2.0 ** (sum(bits[:-1]) - p.scale_bits - 2):
+            raise WireFormatError(f"the {name} plan's input bounds do not fit its modulus")
+        if p.layout == "batch" and (p.half or p.rotation_steps):
+            raise WireFormatError("the batch layout uses no blocks or rotations")
+        if p.layout == "row" and (p.half < 1 or p.half & (p.half - 1)
+                                  or not set(diagonal_steps(p.half)[2]) <= set(p.rotation_steps)):
+            raise WireFormatError(f"the row layout's block half-width {p.half} must be a power of two "
+                                  "with the rotation steps of its diagonal method")
         if stages is not None:
             relin, steps, half = required_keys(stages, n_features, name, p.params.slot_count, p.relin_last)
             if (p.relin, tuple(sorted(p.rotation_steps)), p.half) != (relin, steps, half):
                 raise WireFormatError(f"the {name} plan's evaluation keys (relin {p.relin}, rotation steps, "
                                       f"half {p.half}) are not the ones its program needs")
+            with np.errstate(over="ignore", invalid="ignore"):
+                peak = float(np.max(interval_bounds(stages, np.asarray(p.input_bounds))))
+            if not math.isfinite(peak) or bits[0] < p.scale_bits + max(1, math.ceil(math.log2(max(peak, 1.0)))) + 2:
+                raise WireFormatError(f"the {name} plan's first prime ({bits[0]} bits) cannot hold values up to "
+                                      f"{peak:.3g} at scale 2^{p.scale_bits}: outputs would wrap around")
         if (name == "row" and 2 * p.half > p.params.slot_count) or (name == "row" and p.half < n_features):
             raise WireFormatError("the row layout's blocks do not fit the ring")
     return dict(plans)
@@ -398,7 +416,7 @@ class ProgramClient:
         if len(X) == 0:
             raise ShapeError("no samples to encrypt")
         if not np.all(np.isfinite(X)):
-            raise ValueError("inputs contain NaN or infinite values")
+            raise ShapeError("inputs contain NaN or infinite values")
         return X
 
     def encrypt(self, X: Any, layout: str) -> bytes:
@@ -410,7 +428,9 @@ class ProgramClient:
         cts = [keys.encrypt(v, scale) for v in packing.pack(X)]
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X), "n_features": self.n_features})
 
-    def decrypt(self, response: bytes) -> np.ndarray:
+    def decrypt(self, response: bytes, n_samples: int | None = None) -> np.ndarray:
+        """Outputs of a response; `n_samples`, when given, is the row count of the request it
+        answers, and a response declaring any other count is refused (never silently reshaped)."""
         msg = wire.decode(response, wire.Kind.CIPHERTEXTS)
         layout = msg.header.get("layout")
         packing = self.layout(layout)
@@ -421,6 +441,8 @@ class ProgramClient:
         n = header.get("n_samples")
         if not _count(n) or header.get("n_outputs") != self.n_outputs:
             raise ShapeError("response does not match this model's outputs")
+        if n_samples is not None and n != n_samples:
+            raise ShapeError(f"response declares {n} samples, the request held {n_samples}")
         if len(cts) != packing.n_output_cts(n):
             raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {packing.n_output_cts(n)}")
         return packing.unpack([keys.decrypt(ct) for ct in cts], n)

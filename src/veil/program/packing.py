@@ -52,7 +52,7 @@ class BatchLayout:
         return self.n_batches(n_samples) * self.n_outputs
 
     def n_batches(self, n_samples: int) -> int:
-        return math.ceil(n_samples / self.capacity)
+        return -(-n_samples // self.capacity)
 
     def pack(self, X: np.ndarray) -> list[np.ndarray]:
         """Slot vectors in order (batch, feature); complex when two samples share a slot."""
@@ -125,7 +125,7 @@ class RowLayout:
         return tuple(1 << i for i in range(int(math.log2(self.block))))
 
     def n_input_cts(self, n_samples: int) -> int:
-        return math.ceil(n_samples / self.samples_per_ct)
+        return -(-n_samples // self.samples_per_ct)
 
     def n_output_cts(self, n_samples: int) -> int:
         return self.n_input_cts(n_samples) * self.n_groups
@@ -202,7 +202,7 @@ class DiagonalLayout:
         return self.slots // (2 * self.half)
 
     def n_input_cts(self, n_samples: int) -> int:
-        return math.ceil(n_samples / self.samples_per_ct)
+        return -(-n_samples // self.samples_per_ct)
 
     def n_output_cts(self, n_samples: int) -> int:
         return self.n_input_cts(n_samples)

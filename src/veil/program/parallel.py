@@ -68,7 +68,7 @@ class _Pipeline:
     def __call__(self, X: np.ndarray, layout: str) -> np.ndarray:
         request = self.client.encrypt(X, layout)
         response = self.server.run(request, self.client.public_bundle(layout))
-        return self.client.decrypt(response)
+        return self.client.decrypt(response, len(X))
 
 
 def _build(server_dict: dict, client_spec: dict, load_server: Loader, load_client: Loader,

@@ -167,7 +167,7 @@ class Client:
         for part in self._chunks(len(X), self.chunk_rows(mc, layout)):
             name, request = mc.encrypt(X[part], layout)
             key_id = self.register(mc.public_bundle_bytes(name))
-            parts.append(mc.decrypt(self.send(model, version, key_id, request)))
+            parts.append(mc.decrypt(self.send(model, version, key_id, request), part.stop - part.start))
             if progress is not None:
                 progress(part.stop - part.start)
         return mc, np.vstack(parts)
@@ -192,10 +192,11 @@ class Client:
                      layout: str = "auto") -> np.ndarray:
         """Like `predict_raw` but through the base64 JSON endpoints."""
         version, mc = self.model(model, version)
+        X = mc.circuit.check_input(X)
         name, request = mc.encrypt(X, layout)
         bundle = mc.public_bundle_bytes(name)
         info = self._request("POST", "/v1/keys/json", json={"bundle": base64.b64encode(bundle).decode()})
         body = {"key_id": info.json()["key_id"], "ciphertexts": base64.b64encode(request).decode()}
         out = self._request("POST", f"/v1/models/{model}/predict/json", json=body,
                             params={"version": version}).json()
-        return mc.decrypt(base64.b64decode(out["ciphertexts"]))
+        return mc.decrypt(base64.b64decode(out["ciphertexts"]), len(X))

@@ -59,8 +59,11 @@ def _describe(model: ModelServer, spec: ModelClient) -> dict[str, Any]:
         if client.plans != circuit.plans:
             raise ServeError("server and client artefacts describe different models (plans differ)")
     elif (isinstance(circuit, LinearCircuit) and isinstance(client, CircuitClient)
-          and client.input_bits != {k: v.input_bits for k, v in circuit.scales.items()}):
-        raise ServeError("server and client artefacts describe different models (input scales differ)")
+          and (client.input_bits, client.input_limits, client.per_slot)
+          != ({k: v.input_bits for k, v in circuit.scales.items()},
+              {k: v.input_limit for k, v in circuit.scales.items()},
+              {k: v.per_slot for k, v in circuit.scales.items()})):
+        raise ServeError("server and client artefacts describe different models (input scales or limits differ)")
     return {"model": model.model, "kind": circuit.kind, "depth": depth(circuit),
             "n_features": circuit.n_features, "n_outputs": circuit.n_outputs,
             "layouts": sorted(needs), "keys": needs}
