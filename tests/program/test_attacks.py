@@ -242,3 +242,15 @@ def test_non_finite_inputs_are_typed_errors(kind, request):
     X[1, 0] = np.nan
     with pytest.raises(ShapeError):
         client.encrypt(X, "batch")
+
+
+def test_programs_too_wide_for_server_memory_are_refused_at_load():
+    """A 1 MB artefact must not make each batch request hold tens of GB of ciphertexts."""
+    rng = np.random.default_rng(0)
+    narrow = Program(4, [Linear(rng.normal(size=(8, 4)), np.zeros(8)), Poly((0.0, 0.0, 1.0)),
+                         Linear(rng.normal(size=(1, 8)), np.zeros(1))])
+    stages, plans = plan(narrow, rng.normal(size=(10, 4)), layouts=("batch",))
+    wide = [Linear(np.ones((65536, 4)), np.zeros(65536)), stages[1], Linear(np.ones((1, 65536)), np.zeros(1))]
+    with pytest.raises(ShapeError, match="GiB"):
+        LeveledCircuit(wide, 4, plans)
+    LeveledCircuit(stages, 4, plans)

@@ -30,6 +30,9 @@ from veil.program.packing import BatchLayout, DiagonalLayout
 from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps, interval_bounds, required_keys
 
 KIND = "leveled"
+MAX_BATCH_WORKING_BYTES = 4 << 30
+"""Largest working set of one batch-layout evaluation (two layers of ciphertexts live at once):
+a forged or oversized program is refused at load, not by exhausting the server's memory."""
 COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
 """Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
 PROGRAM_LAYOUTS = ("batch", "row")
@@ -50,6 +53,14 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
     for name, p in plans.items():
         if name != p.layout:
             raise WireFormatError(f"plan for {p.layout!r} filed under {name!r}")
+        if name == "batch" and stages is not None:
+            widest = max([n_features] + [op.n_out for op in stages if isinstance(op, Linear)])
+            ct_bytes = 2 * p.params.poly_modulus_degree * (len(p.params.coeff_modulus_bits) - 1) * 8
+            if 2 * widest * ct_bytes > MAX_BATCH_WORKING_BYTES:
+                raise ShapeError(
+                    f"a layer of {widest} values holds {2 * widest * ct_bytes / 2**30:.1f} GiB of ciphertexts "
+                    f"per batch of samples (limit {MAX_BATCH_WORKING_BYTES / 2**30:.0f} GiB): use narrower "
+                    "layers (fewer channels, pooling earlier)")
         if len(p.input_bounds) != n_features:
             raise ShapeError("input bounds do not match the number of features")
         bits = p.params.coeff_modulus_bits
