@@ -1,8 +1,10 @@
 """Property-based fuzzing of the whole HTTP API from its own OpenAPI schema (schemathesis), in-process
 over ASGI, with every default check on, a fixed seed and few examples per operation.
 
-The server holds a deployed model and a registered key; positive cases use them half the time
-(chosen by the generated data, so runs are reproducible) to reach the deep paths, not only 404s.
+The server holds two deployed models, a linear one (iris) and a network (mlp: leveled program,
+other parameters, 3-component responses), and a registered key for each; positive cases use them
+half the time (chosen by the generated data, so runs are reproducible) to reach the deep paths,
+not only 404s.
 One deliberate setting: operations whose body is opaque to any schema (a CKKS ciphertext, a key
 bundle, a model artefact) may answer 400 to schema-valid data. Nothing may answer 5xx.
 """
@@ -63,30 +65,37 @@ as_client, as_admin = _schema_as("alice"), _schema_as("admin")
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    """A deployed model (iris) and alice's registered key in the app under test."""
+    """Two deployed models (a linear one and a network) and alice's registered key for each."""
     root = tmp_path_factory.mktemp("fuzz")
     X, y = load_iris(return_X_y=True)
-    path = ml.LogisticRegression(max_iter=500).fit(X, y).compile(X).save(root / "iris")
-    SERVICE.deploy(Principal("admin", "admin"), "iris", json.loads((path / "server.json").read_text()),
-                   json.loads((path / "client.json").read_text()))
-    bundle = ml.ModelClient.load(path).public_bundle_bytes("batch")
-    yield {"key_id": SERVICE.register_key(Principal("alice", "client"), bundle).key_id}
+    models = {"iris": ml.LogisticRegression(max_iter=500).fit(X, y),
+              "mlp": ml.MLPClassifier(hidden_layer_sizes=(4,), max_iter=20, random_state=0).fit(X, y)}
+    keys = {}
+    for name, model in models.items():
+        path = model.compile(X).save(root / name)
+        SERVICE.deploy(Principal("admin", "admin"), name, json.loads((path / "server.json").read_text()),
+                       json.loads((path / "client.json").read_text()))
+        bundle = ml.ModelClient.load(path).public_bundle_bytes("batch")
+        keys[name] = SERVICE.register_key(Principal("alice", "client"), bundle).key_id
+    yield keys
     _DATA.cleanup()
 
 
 def _known_objects(case, api) -> None:
-    """In positive cases, point about half of the requests at the deployed model and registered key."""
+    """In positive cases, point about half of the requests at a deployed model and its registered key."""
     if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE:
         return
     params = case.path_parameters or {}
+    model = "iris"
     if "name" in params and len(str(params["name"])) % 2 == 0:
-        params["name"] = "iris"
+        model = "mlp" if len(str(params["name"])) % 4 == 0 else "iris"
+        params["name"] = model
     if "key_id" in params and case.method.upper() == "GET" and len(str(params["key_id"])) % 2 == 0:
-        params["key_id"] = api["key_id"]
+        params["key_id"] = api[model]
     if case.headers and "x-veil-key-id" in case.headers:
-        case.headers["x-veil-key-id"] = api["key_id"]
+        case.headers["x-veil-key-id"] = api[model]
     if isinstance(case.body, dict) and "key_id" in case.body:
-        case.body["key_id"] = api["key_id"]
+        case.body["key_id"] = api[model]
 
 
 @as_client.parametrize()
