@@ -95,13 +95,20 @@ def keys_info(model: Any) -> dict:
     return out
 
 
+def session(model: Any, X: np.ndarray, layout: str) -> tuple[Any, Any, PublicBundle]:
+    """A client, a server that loads the artefact from JSON and the bundle it received, warmed up
+    by one untimed request so contexts and cached plaintexts exist on both sides."""
+    client = load_client(json.loads(json.dumps(model.circuit_.client_spec())))
+    server = load_server(json.loads(json.dumps(model.circuit_.to_dict())))
+    bundle = PublicBundle.from_bytes(client.public_bundle(layout).to_bytes())
+    client.decrypt(server.run(client.encrypt(X[:1], layout), bundle))
+    return client, server, bundle
+
+
 def one_batch(model: Any, X: np.ndarray) -> dict:
     """Phases and bytes of one in-process batch-layout request (server loads the artefact from JSON)."""
     X = X.reshape(len(X), -1)
-    client = load_client(json.loads(json.dumps(model.circuit_.client_spec())))
-    server = load_server(json.loads(json.dumps(model.circuit_.to_dict())))
-    bundle = PublicBundle.from_bytes(client.public_bundle("batch").to_bytes())
-    client.decrypt(server.run(client.encrypt(X[:1], "batch"), bundle))
+    client, server, bundle = session(model, X, "batch")
     t0 = time.perf_counter()
     request = client.encrypt(X, "batch")
     t1 = time.perf_counter()
@@ -131,10 +138,7 @@ def throughput(model: Any, X: np.ndarray, workers: int) -> dict:
 def latency(model: Any, X: np.ndarray, runs: int) -> dict:
     """Single samples, row layout, warm keys: median end-to-end milliseconds and bytes."""
     X = X.reshape(len(X), -1)
-    client = load_client(json.loads(json.dumps(model.circuit_.client_spec())))
-    server = load_server(json.loads(json.dumps(model.circuit_.to_dict())))
-    bundle = PublicBundle.from_bytes(client.public_bundle("row").to_bytes())
-    client.decrypt(server.run(client.encrypt(X[:1], "row"), bundle))
+    client, server, bundle = session(model, X, "row")
     totals, agree, up, down = [], 0, 0, 0
     for i in range(runs):
         t = time.perf_counter()

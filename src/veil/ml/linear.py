@@ -49,13 +49,19 @@ def _mirror_init(sk_cls: type) -> Any:
     return __init__
 
 
+def fold_standardization(W: np.ndarray, b: np.ndarray, mean: np.ndarray,
+                         scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W ((x - mean) / scale) + b as one affine map on raw x."""
+    W2 = W / scale
+    return W2, b - W2 @ mean
+
+
 def _fold_scaler(scaler: Any, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Merge an affine scaler in front of the model into its weights: the client sends raw features."""
     if isinstance(scaler, StandardScaler):
         scale = scaler.scale_ if scaler.scale_ is not None else np.ones(W.shape[1])
         mean = scaler.mean_ if scaler.with_mean else np.zeros(W.shape[1])
-        W2 = W / scale
-        return W2, b - W2 @ mean
+        return fold_standardization(W, b, mean, scale)
     if isinstance(scaler, MinMaxScaler):
         return W * scaler.scale_, b + W @ scaler.min_
     if isinstance(scaler, MaxAbsScaler):

@@ -26,6 +26,7 @@ from torch import nn
 
 from veil.errors import ShapeError
 from veil.ml.base import EncryptedModelMixin, check_features
+from veil.ml.linear import _fold_scaler, fold_standardization
 from veil.ml.outputs import OutputSpec
 from veil.ml.torch_compile import Square, module_to_program, relu_polynomial
 from veil.program import Circuit, Linear, Program, compile_program
@@ -131,9 +132,8 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
     def _to_program(self) -> Program:
         """The trained network as a program on raw features (standardization folded in)."""
         net = module_to_program(self.network_, (self.n_features_in_,))
-        scale = np.diag(1.0 / self.x_scale_)
-        ops = [type(net.ops[0])(net.ops[0].weight @ scale, net.ops[0].bias - net.ops[0].weight @ scale @ self.x_mean_),
-               *net.ops[1:]]
+        first = net.ops[0]
+        ops = [Linear(*fold_standardization(first.weight, first.bias, self.x_mean_, self.x_scale_)), *net.ops[1:]]
         return Program(self.n_features_in_, self._output_ops(ops))
 
     def _output_ops(self, ops: list) -> list:
@@ -207,7 +207,7 @@ class MLPRegressor(RegressorMixin, _EncryptedMLP):
 
     def _output_ops(self, ops: list) -> list:
         last = ops[-1]
-        return [*ops[:-1], type(last)(last.weight * self.y_scale_[:, None], last.bias * self.y_scale_ + self.y_mean_)]
+        return [*ops[:-1], Linear(last.weight * self.y_scale_[:, None], last.bias * self.y_scale_ + self.y_mean_)]
 
     def _output_spec(self) -> OutputSpec:
         return OutputSpec("regressor", ravel=self._ravel)
@@ -270,8 +270,6 @@ def mlp_from_torch(module: nn.Module, classes: Any = None, scaler: Any = None) -
     exactly; a fitted affine `scaler` in front of it (StandardScaler, MinMaxScaler, MaxAbsScaler)
     is folded into the first layer so clients send raw features. Used to deploy networks trained
     elsewhere, e.g. federatedly: call `compile(X)` then `predict(..., fhe=...)` or `save`."""
-    from veil.ml.linear import _fold_scaler
-
     first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
     if first is None:
         raise TypeError("the network has no nn.Linear layer")
@@ -282,7 +280,7 @@ def mlp_from_torch(module: nn.Module, classes: Any = None, scaler: Any = None) -
         raise TypeError("the network must begin with an nn.Linear layer")
     if scaler is not None:
         W, b = _fold_scaler(scaler, ops[0].weight, ops[0].bias)
-        ops[0] = type(ops[0])(W, b)
+        ops[0] = Linear(W, b)
     program = Program(n_in, ops)
     est: MLPClassifier | MLPRegressor
     if classes is not None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import seal
 
-from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
+from veil.errors import PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
 from veil.he.params import CKKSParameters, preset
+from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.ir import MAX_DIM, Linear
 from veil.program.packing import LAYOUTS, BatchLayout, RowLayout, make_layout
 
@@ -197,11 +199,6 @@ def choose_layout(n_samples: int, n_features: int, n_outputs: int, slots: dict[s
     return "row" if cost_row < cost_batch else "batch"
 
 
-def _count(value: object) -> bool:
-    """A header count: a true positive integer (JSON `true` or `2.0` is not a count)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _check_scales(scales: object) -> dict[str, LayoutScales]:
     if not isinstance(scales, dict) or not scales:
         raise WireFormatError("a model needs scales for at least one layout")
@@ -211,7 +208,7 @@ def _check_scales(scales: object) -> dict[str, LayoutScales]:
     return scales
 
 
-class LinearCircuit:
+class LinearCircuit(ServerBase):
     """Server side of the affine map: weights, bias and the scales per layout."""
 
     kind = "affine"
@@ -265,11 +262,6 @@ class LinearCircuit:
                   for name, p in chosen.items()}
         return cls(W, b, scales)
 
-    def context(self, layout: str) -> HEContext:
-        if layout not in self._contexts:
-            self._contexts[layout] = HEContext(self.scales[layout].params)
-        return self._contexts[layout]
-
     def prepare(self) -> LinearCircuit:
         """Build SEAL contexts and encode the weights of every layout now rather than on first request."""
         for name in self.scales:
@@ -297,13 +289,9 @@ class LinearCircuit:
                                  for wv, bv in layout.weight_vectors(Wq, self.bias)]
         return self._row_weights
 
-    def layout(self, name: str) -> BatchLayout | RowLayout:
+    def layout(self, name: object) -> BatchLayout | RowLayout:
         """The packing of layout `name` (a value from an untrusted header: anything else is refused)."""
-        if not isinstance(name, str):
-            raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
-        if name not in self.scales:
-            raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.scales)}")
-        s = self.scales[name]
+        s = self.scales[checked_layout(name, self.scales)]
         return make_layout(name, s.params.slot_count, self.n_features, self.n_outputs, s.per_slot)
 
     def to_dict(self) -> dict:
@@ -326,29 +314,12 @@ class LinearCircuit:
                                "input_limit": v.input_limit.to_dict(), "per_slot": v.per_slot}
                            for k, v in self.scales.items()}}
 
+    def input_scale(self, layout: str) -> float:
+        return 2.0 ** self.scales[layout].input_bits
+
     def run(self, request: bytes, bundle: PublicBundle) -> bytes:
         """Evaluate the map on an encrypted request; the answer is ciphertexts only."""
-        msg = wire.decode(request, wire.Kind.CIPHERTEXTS)
-        name = msg.header.get("layout")
-        layout = self.layout(name)
-        ctx = self.context(name)
-        if bundle.params != ctx.params:
-            raise ShapeError(f"key bundle is for parameters {bundle.params.fingerprint}, "
-                             f"the {name} layout needs {ctx.params.fingerprint}")
-        header, cts = ctx.unpack(msg)
-        n, f = header.get("n_samples"), header.get("n_features")
-        if not _count(n) or not _count(f) or f != self.n_features:
-            raise ShapeError(f"request declares {n} samples of {f} features; model expects "
-                             f"{self.n_features} features")
-        if len(cts) != layout.n_input_cts(n):
-            raise ShapeError(f"{name} layout with {n} samples needs {layout.n_input_cts(n)} "
-                             f"ciphertexts, got {len(cts)}")
-        expected_scale = 2.0 ** self.scales[name].input_bits
-        if any(ct.scale() != expected_scale for ct in cts):
-            raise ShapeError("ciphertext scale does not match the model's input scale")
-        fresh = tuple(ctx.parms_id_at(ctx.top_level))
-        if any(tuple(ct.parms_id()) != fresh for ct in cts):
-            raise ShapeError("ciphertexts must be fresh (at the top level of the modulus chain)")
+        name, layout, ctx, cts, n = self.open_request(request, bundle)
         if name == "batch":
             out = self._run_batch(ctx, layout, cts, n)
         else:
@@ -414,7 +385,7 @@ class LinearCircuit:
         return Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
 
 
-class CircuitClient:
+class CircuitClient(ClientBase):
     """Client side: keys, encryption of inputs in a layout, decryption of outputs."""
 
     def __init__(self, spec: dict) -> None:
@@ -432,12 +403,9 @@ class CircuitClient:
             lim.check_fits(self.params[k], self.input_bits[k], self.per_slot[k], self.n_features)
         self._keys: dict[str, SecretKeys] = {}
 
-    def layout(self, name: str) -> BatchLayout | RowLayout:
+    def layout(self, name: object) -> BatchLayout | RowLayout:
         """The packing of layout `name` (from a header the server wrote: checked all the same)."""
-        if not isinstance(name, str):
-            raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
-        if name not in self.params:
-            raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.params)}")
+        name = checked_layout(name, self.params)
         return make_layout(name, self.params[name].slot_count, self.n_features, self.n_outputs,
                            self.per_slot[name])
 
@@ -458,19 +426,6 @@ class CircuitClient:
             raise ShapeError("these keys were made for other parameters")
         self._keys[layout] = keys
 
-    def public_bundle(self, layout: str) -> PublicBundle:
-        return self.keys(layout).public_bundle()
-
-    def check_input(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ShapeError(f"expected an array of shape (n, {self.n_features}), got {X.shape}")
-        if len(X) == 0:
-            raise ShapeError("no samples to encrypt")
-        if not np.all(np.isfinite(X)):
-            raise ShapeError("inputs contain NaN or infinite values")
-        return X
-
     def encrypt(self, X: np.ndarray, layout: str) -> bytes:
         X = self.check_input(X)
         keys, lay = self.keys(layout), self.layout(layout)
@@ -480,23 +435,6 @@ class CircuitClient:
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X),
                                        "n_features": self.n_features})
 
-    def decrypt(self, response: bytes, n_samples: int | None = None) -> np.ndarray:
-        """Outputs of a response; `n_samples`, when given, is the row count of the request it
-        answers, and a response declaring any other count is refused (never silently reshaped)."""
-        msg = wire.decode(response, wire.Kind.CIPHERTEXTS)
-        layout = msg.header.get("layout")
-        lay = self.layout(layout)
-        if layout not in self._keys:
-            raise KeyMaterialError(f"this client holds no {layout!r} keys: the response was not "
-                                   "encrypted for it")
-        keys = self._keys[layout]
-        header, cts = keys.context.unpack(msg)
-        n = header.get("n_samples")
-        if not _count(header.get("n_outputs")) or header.get("n_outputs") != self.n_outputs or not _count(n):
-            raise ShapeError("response does not match this model's outputs")
-        if n_samples is not None and n != n_samples:
-            raise ShapeError(f"response declares {n} samples, the request held {n_samples}")
-        if len(cts) != lay.n_output_cts(n):
-            raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {lay.n_output_cts(n)}")
-        decrypt = keys.decrypt_complex if self.per_slot[layout] == 2 else keys.decrypt
-        return lay.unpack([decrypt(ct) for ct in cts], n)
+    def _decryptor(self, layout: str, keys: SecretKeys) -> Any:
+        """Two samples per slot decode from both parts of each complex slot."""
+        return keys.decrypt_complex if self.per_slot[layout] == 2 else keys.decrypt

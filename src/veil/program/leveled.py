@@ -23,8 +23,9 @@ import numpy as np
 import seal
 
 from veil.errors import KeyMaterialError, ShapeError, WireFormatError
-from veil.he import HEContext, PublicBundle, wire
+from veil.he import HEContext, PublicBundle, SecretKeys, wire
 from veil.he.ciphertext import Ciphertext, add_many
+from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.ir import Linear, Op, Poly, Program
 from veil.program.packing import BatchLayout, DiagonalLayout
 from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps, interval_bounds, required_keys
@@ -36,10 +37,6 @@ a forged or oversized program is refused at load, not by exhausting the server's
 COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
 """Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
 PROGRAM_LAYOUTS = ("batch", "row")
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
@@ -88,7 +85,7 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
             if not math.isfinite(peak) or bits[0] < p.scale_bits + max(1, math.ceil(math.log2(max(peak, 1.0)))) + 2:
                 raise WireFormatError(f"the {name} plan's first prime ({bits[0]} bits) cannot hold values up to "
                                       f"{peak:.3g} at scale 2^{p.scale_bits}: outputs would wrap around")
-        if (name == "row" and 2 * p.half > p.params.slot_count) or (name == "row" and p.half < n_features):
+        if name == "row" and (2 * p.half > p.params.slot_count or p.half < n_features):
             raise WireFormatError("the row layout's blocks do not fit the ring")
     return dict(plans)
 
@@ -100,7 +97,7 @@ def make_packing(plan: LayoutPlan, n_features: int, n_outputs: int) -> BatchLayo
     return DiagonalLayout(slots, n_features, n_outputs, plan.half)
 
 
-class LeveledCircuit:
+class LeveledCircuit(ServerBase):
     """Server side of a leveled program: stages (weights stay here) and per-layout plans."""
 
     kind = KIND
@@ -125,22 +122,13 @@ class LeveledCircuit:
     def scales(self) -> dict[str, LayoutPlan]:
         return self.plans
 
-    def context(self, layout: str) -> HEContext:
-        if layout not in self._contexts:
-            self._contexts[layout] = HEContext(self.plans[layout].params)
-        return self._contexts[layout]
-
     def prepare(self) -> LeveledCircuit:
         for name in self.plans:
             self.context(name)
         return self
 
     def layout(self, name: object) -> BatchLayout | DiagonalLayout:
-        if not isinstance(name, str):
-            raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
-        if name not in self.plans:
-            raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.plans)}")
-        return make_packing(self.plans[name], self.n_features, self.n_outputs)
+        return make_packing(self.plans[checked_layout(name, self.plans)], self.n_features, self.n_outputs)
 
     def to_dict(self) -> dict:
         return {"kind": KIND, "program": self.program.to_dict(),
@@ -218,31 +206,19 @@ class LeveledCircuit:
         return out
 
     # SEAL backend ------------------------------------------------------------------------
+    def input_scale(self, layout: str) -> float:
+        return 2.0 ** self.plans[layout].scale_bits
+
     def run(self, request: bytes, bundle: PublicBundle) -> bytes:
         """Evaluate the program on an encrypted request; the answer is ciphertexts only."""
-        msg = wire.decode(request, wire.Kind.CIPHERTEXTS)
-        name = msg.header.get("layout")
-        packing = self.layout(name)
-        plan, ctx = self.plans[name], self.context(name)
-        if bundle.params != ctx.params:
-            raise ShapeError(f"key bundle is for parameters {bundle.params.fingerprint}, "
-                             f"the {name} layout needs {ctx.params.fingerprint}")
+        name, packing, ctx, raw, n = self.open_request(request, bundle)
+        plan = self.plans[name]
         if plan.relin and bundle.relin_keys is None:
             raise KeyMaterialError("this program needs relinearization keys; the bundle has none")
         missing = set(plan.rotation_steps) - set(bundle.rotation_steps)
         if missing:
             raise KeyMaterialError(f"key bundle lacks Galois keys for rotation steps {sorted(missing)}")
-        header, raw = ctx.unpack(msg)
-        n, f = header.get("n_samples"), header.get("n_features")
-        if not _count(n) or not _count(f) or f != self.n_features:
-            raise ShapeError(f"request declares {n} samples of {f} features; model expects {self.n_features}")
-        if len(raw) != packing.n_input_cts(n):
-            raise ShapeError(f"{name} layout with {n} samples needs {packing.n_input_cts(n)} "
-                             f"ciphertexts, got {len(raw)}")
         cts = [Ciphertext(ctx, ct) for ct in raw]
-        top, delta = ctx.top_level, 2.0 ** plan.scale_bits
-        if any(ct.level != top or ct.scale != delta for ct in cts):
-            raise ShapeError("ciphertexts must be fresh, at the model's input scale")
         if name == "batch":
             out = []
             for b in range(packing.n_batches(n)):
@@ -362,8 +338,10 @@ class LeveledCircuit:
         return x
 
 
-class ProgramClient:
+class ProgramClient(ClientBase):
     """Client side of a leveled program: keys per layout, encryption, decryption."""
+
+    response_max_size = 3  # the last square may be left unrelinearized
 
     def __init__(self, spec: dict) -> None:
         if not isinstance(spec, dict) or spec.get("kind") != KIND or not isinstance(spec.get("plans"), dict):
@@ -382,11 +360,7 @@ class ProgramClient:
         self._keys: dict[str, Any] = {}
 
     def layout(self, name: object) -> BatchLayout | DiagonalLayout:
-        if not isinstance(name, str):
-            raise WireFormatError(f"layout must be a string, got {type(name).__name__}")
-        if name not in self.plans:
-            raise ShapeError(f"unknown layout {name!r}; this model supports {sorted(self.plans)}")
-        return make_packing(self.plans[name], self.n_features, self.n_outputs)
+        return make_packing(self.plans[checked_layout(name, self.plans)], self.n_features, self.n_outputs)
 
     def choose_layout(self, n_samples: int) -> str:
         """The layout with the lower estimated cost for this many samples (`cost_ms` from the server)."""
@@ -399,9 +373,7 @@ class ProgramClient:
             total[name] = units * self.cost_ms[name]
         return min(total, key=lambda k: (total[k], k))
 
-    def keys(self, layout: str) -> Any:
-        from veil.he import SecretKeys
-
+    def keys(self, layout: str) -> SecretKeys:
         if layout not in self._keys:
             plan = self.plans[layout]
             self.layout(layout)
@@ -409,26 +381,13 @@ class ProgramClient:
                                                      relin=plan.relin)
         return self._keys[layout]
 
-    def set_keys(self, layout: str, keys: Any) -> None:
+    def set_keys(self, layout: str, keys: SecretKeys) -> None:
         plan = self.plans[layout]
         if keys.params != plan.params:
             raise ShapeError("these keys were made for other parameters")
         if set(plan.rotation_steps) - set(keys.rotation_steps) or (plan.relin and not keys.relin):
             raise KeyMaterialError("these keys lack evaluation keys the program needs")
         self._keys[layout] = keys
-
-    def public_bundle(self, layout: str) -> PublicBundle:
-        return self.keys(layout).public_bundle()
-
-    def check_input(self, X: Any) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ShapeError(f"expected an array of shape (n, {self.n_features}), got {X.shape}")
-        if len(X) == 0:
-            raise ShapeError("no samples to encrypt")
-        if not np.all(np.isfinite(X)):
-            raise ShapeError("inputs contain NaN or infinite values")
-        return X
 
     def encrypt(self, X: Any, layout: str) -> bytes:
         X = self.check_input(X)
@@ -438,22 +397,3 @@ class ProgramClient:
         scale = 2.0 ** plan.scale_bits
         cts = [keys.encrypt(v, scale) for v in packing.pack(X)]
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X), "n_features": self.n_features})
-
-    def decrypt(self, response: bytes, n_samples: int | None = None) -> np.ndarray:
-        """Outputs of a response; `n_samples`, when given, is the row count of the request it
-        answers, and a response declaring any other count is refused (never silently reshaped)."""
-        msg = wire.decode(response, wire.Kind.CIPHERTEXTS)
-        layout = msg.header.get("layout")
-        packing = self.layout(layout)
-        if layout not in self._keys:
-            raise KeyMaterialError(f"this client holds no {layout!r} keys: the response was not encrypted for it")
-        keys = self._keys[layout]
-        header, cts = keys.context.unpack(msg, max_size=3)
-        n = header.get("n_samples")
-        if not _count(n) or header.get("n_outputs") != self.n_outputs:
-            raise ShapeError("response does not match this model's outputs")
-        if n_samples is not None and n != n_samples:
-            raise ShapeError(f"response declares {n} samples, the request held {n_samples}")
-        if len(cts) != packing.n_output_cts(n):
-            raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {packing.n_output_cts(n)}")
-        return packing.unpack([keys.decrypt(ct) for ct in cts], n)
