@@ -1,4 +1,4 @@
-"""The `veil` command: demo, serve, worker, deploy, predict, keygen, token, openapi."""
+"""The `veil` command: demo, serve, worker, deploy, predict, keygen, token, openapi, bench."""
 
 from __future__ import annotations
 
@@ -281,6 +281,15 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Measure plaintext, HE, MPC, federated learning and TEE side by side (see `veil.bench`)."""
+    from veil.bench import BenchConfig, run_bench
+
+    run_bench(BenchConfig(dataset=args.dataset, model=args.model, quick=args.quick, out=args.out,
+                          progress=not args.quiet), echo=print)
+    return 0
+
+
 def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -382,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     openapi = sub.add_parser("openapi", help="print the server's OpenAPI schema")
     openapi.add_argument("--out")
     openapi.set_defaults(func=_openapi)
+
+    bench = sub.add_parser("bench", help="measure plaintext, HE, MPC, federated learning and TEE side by side")
+    bench.add_argument("--quick", action="store_true", help="fewer epochs, rounds and samples (under 3 minutes)")
+    bench.add_argument("--dataset", default="digits",
+                       help="scikit-learn dataset (digits, iris, wine, breast_cancer) or an .npz file with X and y")
+    bench.add_argument("--model", choices=("logreg", "mlp"), default="logreg")
+    bench.add_argument("--out", default="bench-results", help="directory for bench.json, bench.md and bench.png")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_bench)
 
     from veil.fl import cli as fl_cli
     from veil.mpc import cli as mpc_cli

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +47,37 @@ def load_dataset(name: str, test_size: float = 0.2, seed: int = 0) -> Dataset:
         loader, task = BUNDLED[name]
         X, y = loader(return_X_y=True)
     elif name.endswith(".npz") and Path(name).is_file():
-        with np.load(name) as data:
-            X, y = data["X"], data["y"]
+        X, y = _read_npz(name)
         task = "classification" if y.dtype.kind in "iub" else "regression"
     else:
         raise FederatedConfigError(f"unknown dataset {name!r}: use one of {sorted(BUNDLED)} "
                                    "or a .npz file with X and y")
     X = np.asarray(X, dtype=np.float64)
     stratify = y if task == "classification" else None
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed,
-                                                        stratify=stratify)
+    try:
+        X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed,
+                                                            stratify=stratify)
+    except ValueError as exc:  # e.g. a class with a single row cannot be stratified
+        raise FederatedConfigError(f"dataset {name!r} cannot be split into train and test: {exc}") from None
     return Dataset(X_train, y_train, X_test, y_test, task)
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """X (2-D, finite numbers) and y (1-D, one per row) from an .npz file, or `FederatedConfigError`
+    saying what is wrong (unreadable file, missing array, wrong shape or type); pickles are refused."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("X", "y") if k not in data.files]
+            if missing:
+                raise FederatedConfigError(f"{path} has no array {' or '.join(missing)} (it holds {data.files})")
+            X, y = data["X"], data["y"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise FederatedConfigError(f"cannot read {path} as an .npz file with X and y: {exc}") from None
+    if X.ndim != 2 or y.ndim != 1 or len(X) != len(y) or len(X) == 0:
+        raise FederatedConfigError(f"{path}: X must be 2-D (rows, features) and y 1-D with one label per row; "
+                                   f"got X {X.shape} and y {y.shape}")
+    if X.dtype.kind not in "iufb" or y.dtype.kind not in "iufb":
+        raise FederatedConfigError(f"{path}: X and y must be numeric, got {X.dtype} and {y.dtype}")
+    if not np.all(np.isfinite(X)):
+        raise FederatedConfigError(f"{path}: X holds NaN or infinite values")
+    return X, y

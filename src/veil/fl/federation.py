@@ -158,6 +158,7 @@ class FLResult:
     scaler: FederatedScaler | None = None
     statistics: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
+    traffic: dict[str, int] | None = None
 
     def accuracy(self) -> list[float]:
         return [h.get("accuracy", float("nan")) for h in self.history]
@@ -198,7 +199,7 @@ class FLResult:
                 "privacy": None if self.privacy is None else self.privacy.to_dict(), "wall_time": self.wall_time,
                 "n_features": self.n_features, "classes": classes,
                 "scaler": None if self.scaler is None else self.scaler.to_dict(), "statistics": self.statistics,
-                "export": self.export}
+                "export": self.export, "traffic": self.traffic}
 
 
 @functools.lru_cache(maxsize=4)
@@ -576,7 +577,7 @@ def load_result(out: Path) -> FLResult:
     scaler = FederatedScaler.from_dict(data["scaler"]) if data.get("scaler") else None
     return FLResult(FLConfig(**data["config"]), data["history"], weights, data["rejected"], privacy,
                     data["wall_time"], data["n_features"], data["classes"], scaler=scaler,
-                    statistics=data.get("statistics"), export=data.get("export"))
+                    statistics=data.get("statistics"), export=data.get("export"), traffic=data.get("traffic"))
 
 
 def save_checkpoint(result: FLResult, directory: Path) -> None:

@@ -6,6 +6,8 @@ a second per round, which makes sweeps (datasets x settings) and tests affordabl
 own `Context` across messages (SecAgg+ keeps its protocol state there). A reply that does not come
 back within the timeout given to `send_and_receive` is left out, exactly as on the deployment engine;
 an exception raised by a `ClientApp` becomes an error reply (`CLIENT_APP_RAISED_EXCEPTION`).
+The grid counts what would cross the network: each message's size as Flower's protobuf
+serialization (what the gRPC transport sends), in each direction (`traffic`).
 
 One Flower internal is touched: `flwr.supercore.task_identity.TaskIdentity`, which `Message` reads to
 fill in the sender of instructions (Flower's own runtimes set it in the same way).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import logging
+import threading
 import traceback
 import uuid
 from collections.abc import Iterable
@@ -23,6 +26,7 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.serde import message_to_proto
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -60,6 +64,8 @@ class InProcessGrid(Grid):
         # workers left busy by a client past its deadline must not starve later rounds
         self.pool = cf.ThreadPoolExecutor(max_workers=4 * n_nodes, thread_name_prefix="veil-node")
         self.pending: dict[str, cf.Future] = {}
+        self.traffic = {"bytes_to_nodes": 0, "bytes_from_nodes": 0, "messages": 0}
+        self._traffic_lock = threading.Lock()
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
@@ -93,7 +99,15 @@ class InProcessGrid(Grid):
             log.debug("node %s raised:\n%s", msg.metadata.dst_node_id, traceback.format_exc())
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        self._count(msg, reply)
         return reply
+
+    def _count(self, msg: Message, reply: Message) -> None:
+        down, up = message_to_proto(msg).ByteSize(), message_to_proto(reply).ByteSize()
+        with self._traffic_lock:
+            self.traffic["bytes_to_nodes"] += down
+            self.traffic["bytes_from_nodes"] += up
+            self.traffic["messages"] += 2
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Start delivering each message to its node; returns the message ids."""
@@ -140,8 +154,9 @@ class InProcessGrid(Grid):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def run_server_app(server_app: Any, client_app: Any, n_nodes: int, run_config: dict | None = None) -> None:
-    """Run `server_app` to completion against `n_nodes` in-process owners running `client_app`."""
+def run_server_app(server_app: Any, client_app: Any, n_nodes: int, run_config: dict | None = None) -> dict[str, int]:
+    """Run `server_app` to completion against `n_nodes` in-process owners running `client_app`;
+    returns the grid's traffic counters (serialized bytes each way, messages)."""
     grid = InProcessGrid(client_app, n_nodes, run_config)
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=dict(run_config or {}))
@@ -149,3 +164,4 @@ def run_server_app(server_app: Any, client_app: Any, n_nodes: int, run_config: d
         server_app(grid, context)
     finally:
         grid.close()
+    return dict(grid.traffic)

@@ -40,7 +40,8 @@ def run_simulation(config: FLConfig, partitions: list | None = None,
     `partitions` (list of per-owner (X, y)) and `test` (held-out (X, y)) replace the named dataset, so
     any array dataset can be federated. `engine` is Flower's simulation engine ("ray"; its files go to
     `workdir`, a fresh temporary directory if None) or veil's in-process grid ("inprocess", see
-    `veil.fl.inprocess`): the same apps, without Ray's start-up. A run stopped by too few clients or a
+    `veil.fl.inprocess`): the same apps, without Ray's start-up, and the result's `traffic` counts the
+    serialized messages each way. A run stopped by too few clients or a
     failing statistics round raises `FederationError` with the server's reason."""
     if partitions is not None and (test is None or len(partitions) != config.clients):
         raise FederatedConfigError("with explicit partitions give one per client and a held-out test set")
@@ -57,12 +58,14 @@ def run_simulation(config: FLConfig, partitions: list | None = None,
         from veil.fl.inprocess import run_server_app
 
         try:
-            run_server_app(server, client, config.clients, config.to_run_config())
+            traffic = run_server_app(server, client, config.clients, config.to_run_config())
         except FederationError:
             raise
         except Exception as exc:
             raise FederationError(f"the ServerApp failed: {type(exc).__name__}: {exc}") from exc
-        return _checked(box, config, start)
+        result = _checked(box, config, start)
+        result.traffic = traffic
+        return result
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     with tempfile.TemporaryDirectory(prefix="veil-fl-", dir=workdir) as tmp:
