@@ -38,6 +38,7 @@ def bench(tmp_path_factory):
 def test_every_mode_and_the_files(bench):
     out, report, _ = bench
     assert [r["mode"] for r in report["rows"]] == MODES
+    assert report["models"] == ["mlp"] and {r["model"] for r in report["rows"]} == {"mlp"}
     assert (report["n_train"], report["n_test"], report["n_features"]) == (120, 30, 4)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "bench.md").read_text()
@@ -115,9 +116,15 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys, content, message):
         load(BenchConfig(dataset=name))
 
 
+def test_both_models_by_default():
+    contexts = load(BenchConfig(dataset="iris"))
+    assert [c.model_kind for c in contexts] == ["logreg", "mlp"]
+    assert contexts[0].data is contexts[1].data
+
+
 def test_unknown_model_is_refused():
     with pytest.raises(BenchError, match="unknown model"):
-        load(BenchConfig(dataset="iris", model="forest"))
+        load(BenchConfig(dataset="iris", models=("forest",)))
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--model", "forest"])
     assert exc.value.code == 2

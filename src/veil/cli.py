@@ -285,7 +285,8 @@ def _bench(args: argparse.Namespace) -> int:
     """Measure plaintext, HE, MPC, federated learning and TEE side by side (see `veil.bench`)."""
     from veil.bench import BenchConfig, run_bench
 
-    run_bench(BenchConfig(dataset=args.dataset, model=args.model, quick=args.quick, out=args.out,
+    models = (args.model,) if args.model else BenchConfig.models
+    run_bench(BenchConfig(dataset=args.dataset, models=models, quick=args.quick, out=args.out,
                           progress=not args.quiet), echo=print)
     return 0
 
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer epochs, rounds and samples (under 3 minutes)")
     bench.add_argument("--dataset", default="digits",
                        help="scikit-learn dataset (digits, iris, wine, breast_cancer) or an .npz file with X and y")
-    bench.add_argument("--model", choices=("logreg", "mlp"), default="logreg")
+    bench.add_argument("--model", choices=("logreg", "mlp"), help="measure only this model (default: both)")
     bench.add_argument("--out", default="bench-results", help="directory for bench.json, bench.md and bench.png")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)

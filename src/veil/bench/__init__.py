@@ -16,10 +16,11 @@ MLP with square activations) on the same train/test split (`veil.fl.data.load_da
 Each mode is a function of `veil.bench.modes` returning a row (accuracy, agreement with plaintext
 predictions, time per sample and per epoch or round, slowdown against plaintext time of the same
 kind, bytes on the wire, key sizes, who sees what). `run_bench` runs them in order with a progress
-bar and `veil.bench.report` writes bench.json, bench.md and bench.png.
+bar, for the logistic regression and then the MLP (or the one chosen), and `veil.bench.report`
+writes bench.json, bench.md and bench.png.
 
     from veil.bench import BenchConfig, run_bench
-    report = run_bench(BenchConfig(dataset="iris", quick=True, out="bench-results"))
+    report = run_bench(BenchConfig(dataset="iris", models=("mlp",), quick=True, out="bench-results"))
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class BenchConfig:
     dataset : str
         A scikit-learn dataset name (digits, iris, wine, breast_cancer) or an .npz file with a 2-D
         float array X and 1-D integer labels y.
-    model : str
-        "logreg" or "mlp" (one hidden layer, square activation).
+    models : tuple of str
+        Which of "logreg" and "mlp" (one hidden layer, square activation) to measure; both by default,
+        one after the other, each in every mode.
     quick : bool
         Fewer epochs, rounds and timed samples (under about three minutes on two cores).
     out : str
@@ -62,19 +64,20 @@ class BenchConfig:
     """
 
     dataset: str = "digits"
-    model: str = "logreg"
+    models: tuple[str, ...] = MODELS
     quick: bool = False
     out: str = DEFAULT_OUT
     progress: bool = True
 
 
-def load(config: BenchConfig) -> Context:
-    """Validate `config` and load the split; raises `BenchError` saying what is wrong."""
+def load(config: BenchConfig) -> list[Context]:
+    """Validate `config` and load the split: one context per model; raises `BenchError` saying what is wrong."""
     from veil.errors import FederatedConfigError
     from veil.fl.data import load_dataset
 
-    if config.model not in MODELS:
-        raise BenchError(f"unknown model {config.model!r}: use one of {MODELS}")
+    unknown = [m for m in config.models if m not in MODELS]
+    if unknown or not config.models:
+        raise BenchError(f"unknown model {', '.join(map(repr, unknown)) or '(none given)'}: use one of {MODELS}")
     try:
         data = load_dataset(config.dataset)
     except FederatedConfigError as exc:
@@ -84,7 +87,8 @@ def load(config: BenchConfig) -> Context:
                          "(integer labels y)")
     if len(data.classes) < 2:
         raise BenchError(f"{config.dataset!r} has a single class; at least 2 are needed")
-    return Context(config.dataset, config.model, data, Settings.for_run(config.quick))
+    settings = Settings.for_run(config.quick)
+    return [Context(config.dataset, model, data, settings) for model in dict.fromkeys(config.models)]
 
 
 def _steps() -> list[tuple[str, Callable[[Context], dict[str, Any]]]]:
@@ -103,39 +107,39 @@ def _load_average() -> str:
 
 
 def run_bench(config: BenchConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every mode on `config`'s data and model, write the files into `config.out` and return the
-    report (what bench.json holds). `echo` receives the terminal table at the end. Torch runs on one
-    thread meanwhile (restored afterwards)."""
+    """Run every mode on `config`'s data for each model, write the files into `config.out` and return
+    the report (what bench.json holds; each row names its model). `echo` receives the terminal table
+    at the end. Torch runs on one thread meanwhile (restored afterwards)."""
 
     import torch
     from tqdm import tqdm
 
     from veil.bench import report
 
-    ctx = load(config)
+    contexts = load(config)
     load_before = _load_average()
     start = time.perf_counter()
     rows = []
-    steps = _steps()
+    steps = [(ctx, name, step) for ctx in contexts for name, step in _steps()]
     threads = torch.get_num_threads()
     # the networks are tiny: more torch threads only contend (Flower's owners ran 40x slower on iris)
     torch.set_num_threads(1)
     try:
         with tqdm(total=len(steps), unit="mode", disable=not config.progress, file=sys.stderr) as bar:
-            for name, step in steps:
-                bar.set_description(name)
-                rows.append(step(ctx))
+            for ctx, name, step in steps:
+                bar.set_description(f"{ctx.model_kind}: {name}")
+                rows.append({"model": ctx.model_kind, **step(ctx)})
                 bar.update()
     finally:
         torch.set_num_threads(threads)
-    d = ctx.data
-    result = {"dataset": config.dataset, "model": config.model, "quick": config.quick,
+    d = contexts[0].data
+    result = {"dataset": config.dataset, "models": [c.model_kind for c in contexts], "quick": config.quick,
               "n_train": len(d.X_train), "n_test": len(d.X_test), "n_features": int(d.X_train.shape[1]),
               "classes": [c.item() if hasattr(c, "item") else c for c in d.classes],
               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
               "load_before": load_before, "load_after": _load_average(),
-              "wall_seconds": time.perf_counter() - start, "settings": asdict(ctx.settings),
+              "wall_seconds": time.perf_counter() - start, "settings": asdict(contexts[0].settings),
               "seed_guesses": SEED_GUESSES, "rows": rows}
     paths = report.write(result, Path(config.out))
     if echo is not None:

@@ -15,7 +15,9 @@ from veil.bench.modes import SEED_GUESSES
 GUESS_RANGES = {"plaintext": (1.0, 1.0), "HE": (5e3, 2e4), "FL": (5e3, 2e4), "MPC": (10.0, 100.0),
                 "TEE": (1.1, 10.0)}
 
-COLUMNS = ("mode", "accuracy", "agreement", "inference s/sample", "slowdown (inference)", "training s/unit",
+MODEL_NAMES = {"logreg": "logistic regression", "mlp": "MLP, square activation"}
+
+COLUMNS = ("mode", "accuracy", "agreement", "inference per sample", "slowdown (inference)", "training time",
            "slowdown (training)", "bytes on wire", "key bytes", "seed's guess")
 
 
@@ -36,6 +38,11 @@ def _num(value: float | None, kind: str) -> str:
         return f"{100 * value:.1f}%"
     if kind == "x":
         return f"{value:,.0f}x" if value >= 10 else f"{value:.2g}x"
+    if kind == "s":
+        for unit, size in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+            if value >= size:
+                return f"{value / size:.3g} {unit}"
+        return f"{value * 1e9:.3g} ns"
     if kind == "bytes":
         for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
             if value >= size:
@@ -60,41 +67,53 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+def _by_model(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return {m: [r for r in report["rows"] if r["model"] == m] for m in report["models"]}
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The results as Markdown: the numbers table, then what each row measures and who sees what."""
-    rows = report["rows"]
+    """The results as Markdown: a numbers table per model, then what each row measures and who sees what."""
     lines = [f"`veil bench` on {report['dataset']} ({report['n_train']} train / {report['n_test']} test rows, "
-             f"{report['n_features']} features), model {report['model']}, {report['date']}, "
-             f"load average {report['load_before']} -> {report['load_after']}, "
-             f"{'quick' if report['quick'] else 'full'} run in {report['wall_seconds']:.0f} s", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
-    lines += ["", "| mode | what it measures | who sees what |", "|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['measures']} | {r['threat_model']} |" for r in rows]
+             f"{report['n_features']} features), {report['date']}, load average {report['load_before']} -> "
+             f"{report['load_after']}, {'quick' if report['quick'] else 'full'} run in "
+             f"{report['wall_seconds']:.0f} s"]
+    for model, rows in _by_model(report).items():
+        lines += ["", f"**{MODEL_NAMES[model]}**", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    lines += ["", "| model | mode | what it measures | who sees what |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['mode']} | {r['measures']} | {r['threat_model']} |" for r in report["rows"]]
     return "\n".join(lines) + "\n"
 
 
 def terminal_table(report: dict[str, Any]) -> str:
-    """The numbers table aligned for a terminal."""
-    cells = [list(COLUMNS), *table_rows(report["rows"])]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells]
+    """The numbers table aligned for a terminal, one block per model."""
+    header = ["model", *COLUMNS]
+    cells = [header] + [[r["model"], *c] for r, c in zip(report["rows"], table_rows(report["rows"]), strict=True)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(header))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """bench.png: slowdown against plaintext (inference and training) and bytes on the wire per mode, log axes;
-    a mode without a number (TEE) is labelled "not measured"."""
-    rows = report["rows"]
-    names = [r["mode"] for r in rows]
-    fig = Figure(figsize=(13, 5), layout="constrained")
+    """bench.png: per model, slowdown against plaintext (inference and training, with the seed's guesses)
+    and bytes on the wire per mode, log axes; a mode without a number (TEE) is labelled "not measured"."""
+    groups = _by_model(report)
+    fig = Figure(figsize=(13, 5 * len(groups)), layout="constrained")
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    for (model, rows), (ax1, ax2) in zip(groups.items(), axes, strict=True):
+        _plot_model(report["dataset"], model, rows, ax1, ax2)
+    fig.savefig(path, dpi=110)
+
+
+def _plot_model(dataset: str, model: str, rows: list[dict[str, Any]], ax1: Any, ax2: Any) -> None:
+    names = [r["mode"] for r in rows]
     ys = range(len(rows))
     for offset, key, label, color in ((-0.2, "inference_slowdown", "inference", "tab:blue"),
                                       (0.2, "training_slowdown", "training", "tab:orange")):
-        ax1.barh([y + offset for y in ys], [r[key] or float("nan") for r in rows], height=0.4, label=label, color=color)
+        ax1.barh([y + offset for y in ys], [r[key] or float("nan") for r in rows], height=0.4, label=label,
+                 color=color)
     guessed = [(y, GUESS_RANGES[k]) for y, r in zip(ys, rows, strict=True)
                for k in GUESS_RANGES if r["mode"].startswith(k)]
     for i, (y, (lo, hi)) in enumerate(guessed):
@@ -102,16 +121,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
                  label="seed's guess" if i == 0 else None)
     ax1.set_xscale("log")
     ax1.set_xlabel("slowdown against plaintext (x, log)")
-    ax1.set_yticks(list(ys), names)
-    ax1.set_ylim(len(rows) - 0.5, -0.5)
+    ax1.set_title(f"{dataset}, {MODEL_NAMES[model]}: time against plaintext")
     ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
-    ax1.set_title(f"{report['dataset']}, {report['model']}: time against plaintext")
     ax2.barh(list(ys), [r["bytes_on_wire"] or float("nan") for r in rows], color="tab:green")
     ax2.set_xscale("log")
     ax2.set_xlabel("bytes on the wire for the measured run (log)")
-    ax2.set_yticks(list(ys), names)
-    ax2.set_ylim(len(rows) - 0.5, -0.5)
     ax2.set_title("bytes on the wire")
+    for ax in (ax1, ax2):
+        ax.set_yticks(list(ys), names)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
     for y, r in zip(ys, rows, strict=True):
         measured = r["accuracy"] is not None
         if r["inference_slowdown"] is None and r["training_slowdown"] is None:
@@ -120,7 +138,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
         if not r["bytes_on_wire"]:
             ax2.text(0.5, y, "no network" if measured else "not measured", va="center", ha="center", color="gray",
                      transform=ax2.get_yaxis_transform())
-    fig.savefig(path, dpi=110)
 
 
 def write(report: dict[str, Any], out: Path) -> dict[str, Path]:
