@@ -16,7 +16,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from veil.bench.network import TrainSpec, build_network, plain_twin
+from veil.bench.timing import best_of
 from veil.errors import VeilError
 from veil.fl.data import Dataset
 
@@ -32,7 +32,6 @@ ROW_KEYS = ("mode", "measures", "accuracy", "agreement", "agreement_with", "infe
             "inference_slowdown", "training_s_per_unit", "training_unit", "training_slowdown", "bytes_on_wire",
             "key_bytes", "threat_model", "details")
 
-PLAIN_REPEATS = 5
 SEED_GUESSES = {"plaintext": "1x (baseline)", "HE": "~10000x slower", "MPC": "10~100x slower",
                 "TEE": "10%~10x slower"}
 
@@ -102,17 +101,6 @@ def row(mode: str, measures: str, threat_model: str, **values: Any) -> dict[str,
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
-
-
-def best_of(fn: Callable[[], object], repeats: int = PLAIN_REPEATS) -> float:
-    """Fastest of `repeats` timed calls of `fn` (seconds): plaintext batches take milliseconds, so one
-    call would measure the scheduler of a shared machine as much as the model."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _fill(X: np.ndarray, n: int) -> np.ndarray:
@@ -377,9 +365,7 @@ def federated(ctx: Context, secagg: bool) -> dict[str, Any]:
     central = make_learner(fl_model, d.X_train.shape[1], d.classes, max_iter=cfg.max_iter, epochs=cfg.epochs,
                            lr=cfg.lr, seed=cfg.seed)
     Xs = StandardScaler().fit_transform(d.X_train)
-    t0 = time.perf_counter()
-    central.fit(Xs, d.y_train, {})
-    central_s = time.perf_counter() - t0
+    central_s = best_of(lambda: central.fit(Xs, d.y_train, {}))
     model = to_veil_model(result, d.X_train)
     fed_plain = result.predict(d.X_test)
     n = model.fhe_client.params["batch"].slot_count
