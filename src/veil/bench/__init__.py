@@ -109,9 +109,10 @@ def _load_average() -> str:
 def run_bench(config: BenchConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every mode on `config`'s data for each model, write the files into `config.out` and return
     the report (what bench.json holds; each row names its model). `echo` receives the terminal table
-    at the end. Torch runs on one thread meanwhile (restored afterwards)."""
+    at the end. Torch and the BLAS libraries run on one thread meanwhile (restored afterwards)."""
 
     import torch
+    from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
     from veil.bench import report
@@ -122,10 +123,12 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] | None = None) ->
     rows = []
     steps = [(ctx, name, step) for ctx in contexts for name, step in _steps()]
     threads = torch.get_num_threads()
-    # the networks are tiny: more torch threads only contend (Flower's owners ran 40x slower on iris)
+    # the models are tiny: more threads only contend. On this 2-core machine under load, Flower's owners
+    # ran 40x slower with 2 torch threads and scikit-learn's lbfgs on digits 100x slower with 2 BLAS threads
     torch.set_num_threads(1)
     try:
-        with tqdm(total=len(steps), unit="mode", disable=not config.progress, file=sys.stderr) as bar:
+        bar = tqdm(total=len(steps), unit="mode", disable=not config.progress, file=sys.stderr)
+        with threadpool_limits(limits=1), bar:
             for ctx, name, step in steps:
                 bar.set_description(f"{ctx.model_kind}: {name}")
                 rows.append({"model": ctx.model_kind, **step(ctx)})
