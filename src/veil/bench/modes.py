@@ -385,7 +385,7 @@ def federated(ctx: Context, secagg: bool) -> dict[str, Any]:
     return row("FL + SecAgg+" if secagg else "FL", f"Flower, {cfg.clients} owners, {cfg.rounds} rounds, {what}; "
                "round = training time per round against the same local training done once on all rows; "
                "inference = the federated model on ciphertexts (batch layout)",
-               threat + "; at inference the HE row's guarantees", accuracy=float(np.mean(pred == d.y_test)),
+               threat + "; at inference, the guarantees of the HE rows", accuracy=float(np.mean(pred == d.y_test)),
                agreement=float(np.mean(pred == fed_plain)), agreement_with="federated model in plaintext",
                inference_s_per_sample=m["seconds"] / n, inference_slowdown=_ratio(m["seconds"] / n, plain_s),
                training_s_per_unit=per_round, training_unit="round", training_slowdown=_ratio(per_round, central_s),

@@ -92,6 +92,7 @@ class InProcessGrid(Grid):
         # a copy each way, as a transport would: mods edit records in place, and Flower's workflows
         # share record objects between the messages of one stage
         msg = copy.deepcopy(msg)
+        sent = message_to_proto(msg).ByteSize()  # measured before the node's mods edit it
         try:
             reply = copy.deepcopy(self.client_app(msg, self.contexts[msg.metadata.dst_node_id]))
         except Exception as exc:  # a failing owner becomes an error reply, as on Flower's runtimes
@@ -99,15 +100,12 @@ class InProcessGrid(Grid):
             log.debug("node %s raised:\n%s", msg.metadata.dst_node_id, traceback.format_exc())
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-        self._count(msg, reply)
-        return reply
-
-    def _count(self, msg: Message, reply: Message) -> None:
-        down, up = message_to_proto(msg).ByteSize(), message_to_proto(reply).ByteSize()
+        received = message_to_proto(reply).ByteSize()
         with self._traffic_lock:
-            self.traffic["bytes_to_nodes"] += down
-            self.traffic["bytes_from_nodes"] += up
+            self.traffic["bytes_to_nodes"] += sent
+            self.traffic["bytes_from_nodes"] += received
             self.traffic["messages"] += 2
+        return reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Start delivering each message to its node; returns the message ids."""
