@@ -116,6 +116,13 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys, content, message):
         load(BenchConfig(dataset=name))
 
 
+def test_unwritable_output_directory_fails_before_measuring(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    assert cli.main(["bench", "--quick", "--quiet", "--dataset", "iris", "--out", str(blocker / "out")]) == 2
+    assert "cannot write results" in capsys.readouterr().err
+
+
 def test_both_models_by_default():
     contexts = load(BenchConfig(dataset="iris"))
     assert [c.model_kind for c in contexts] == ["logreg", "mlp"]

@@ -118,6 +118,10 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] | None = None) ->
     from veil.bench import report
 
     contexts = load(config)
+    try:  # before minutes of measurements, not after
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"cannot write results to {config.out}: {exc}") from None
     load_before = _load_average()
     start = time.perf_counter()
     rows = []
