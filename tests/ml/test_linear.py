@@ -141,11 +141,11 @@ def test_from_sklearn_model_with_scaler_pipelines(sk_model, dataset, scaler):
 def test_from_sklearn_model_refuses_unsupported():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import PolynomialFeatures, StandardScaler
-    from sklearn.tree import DecisionTreeClassifier
+    from sklearn.neighbors import KNeighborsClassifier
 
     X, y = load("iris")
     with pytest.raises(TypeError, match="no encrypted equivalent"):
-        ml.from_sklearn_model(DecisionTreeClassifier().fit(X, y))
+        ml.from_sklearn_model(KNeighborsClassifier().fit(X, y))
     with pytest.raises(TypeError, match="cannot fold"):
         ml.from_sklearn_model(make_pipeline(PolynomialFeatures(), linear_model.Ridge()).fit(X, y))
     with pytest.raises(TypeError, match="wraps"):

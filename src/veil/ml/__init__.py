@@ -1,7 +1,8 @@
 """scikit-learn-compatible encrypted models built on `veil.program`.
 
 The neural-network names (MLPs, `compile_torch_model`, activations) import torch on first use
-only, so linear models, servers and worker processes do not pay torch's start-up and memory.
+only, and the tree ensembles xgboost, so linear models, servers and worker processes do not pay
+their start-up and memory.
 """
 
 import importlib
@@ -10,6 +11,7 @@ from typing import Any
 from veil.ml.deploy import ModelClient, ModelServer
 from veil.ml.linear import (
     ESTIMATORS,
+    TREE_NAMES,
     ElasticNet,
     EncryptedLinearModel,
     GammaRegressor,
@@ -32,6 +34,7 @@ _LAZY = {name: "veil.ml.neural" for name in
          ("CompiledTorchModel", "MLPClassifier", "MLPRegressor", "compile_torch_model", "mlp_from_torch")}
 _LAZY.update({name: "veil.ml.torch_compile" for name in
               ("Polynomial", "Square", "UnsupportedLayerError", "relu_polynomial", "replace_relu")})
+_LAZY.update({name: "veil.ml.trees" for name in TREE_NAMES})
 
 
 def __getattr__(name: str) -> Any:
@@ -44,9 +47,13 @@ __all__ = [
     "ESTIMATORS",
     "CircuitClient",
     "CompiledTorchModel",
+    "DecisionTreeClassifier",
+    "DecisionTreeRegressor",
     "ElasticNet",
     "EncryptedLinearModel",
     "GammaRegressor",
+    "GradientBoostingClassifier",
+    "GradientBoostingRegressor",
     "Lasso",
     "LinearCircuit",
     "LinearRegression",
@@ -60,12 +67,16 @@ __all__ = [
     "OutputSpec",
     "PoissonRegressor",
     "Polynomial",
+    "RandomForestClassifier",
+    "RandomForestRegressor",
     "Ridge",
     "SGDClassifier",
     "SGDRegressor",
     "Square",
     "TweedieRegressor",
     "UnsupportedLayerError",
+    "XGBClassifier",
+    "XGBRegressor",
     "compile_torch_model",
     "from_sklearn_model",
     "mlp_from_torch",

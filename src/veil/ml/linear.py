@@ -292,19 +292,35 @@ for _cls in ESTIMATORS:
     _cls.__qualname__ = _cls.__name__
 
 
-def from_sklearn_model(model: Any, X: Any = None, n_bits: Any = None) -> EncryptedLinearModel:
+TREE_NAMES = ("DecisionTreeClassifier", "DecisionTreeRegressor", "GradientBoostingClassifier",
+              "GradientBoostingRegressor", "RandomForestClassifier", "RandomForestRegressor", "XGBClassifier",
+              "XGBRegressor")
+"""Tree ensembles (`veil.ml.trees`, imported on first use: it loads xgboost)."""
+
+
+def from_sklearn_model(model: Any, X: Any = None, n_bits: Any = None) -> Any:
     """Convert any supported fitted scikit-learn model (or scaler Pipeline, whose last step may
-    already be a veil estimator) to its veil class; with `X`, compile it too. `n_bits` is accepted
-    for Concrete ML compatibility and ignored (see `EncryptedLinearModel.from_sklearn_model`)."""
+    already be a veil estimator) or xgboost model to its veil class; with `X`, compile it too (tree
+    models need X: their public grid is drawn from it). `n_bits` is the trees' grid resolution;
+    linear models accept and ignore it (see `EncryptedLinearModel.from_sklearn_model`)."""
     final = model.steps[-1][1] if isinstance(model, Pipeline) else model
     for cls in ESTIMATORS:
         if type(final) is cls._sklearn_cls or type(final) is cls:
             return cls.from_sklearn_model(model, X, n_bits)
+    if type(final).__name__ in TREE_NAMES:
+        from veil.ml import trees
+
+        for tree_cls in trees.TREE_ESTIMATORS:
+            if type(final) is tree_cls._library:
+                if final is not model:
+                    raise TypeError("tree models take raw features: convert the fitted tree model itself, "
+                                    "not a Pipeline (their thresholds are on a public grid, no scaling needed)")
+                return tree_cls.from_sklearn_model(model, X, **({} if n_bits is None else {"n_bits": n_bits}))
     if isinstance(final, neural_network.MLPClassifier | neural_network.MLPRegressor):
         kind = type(final).__name__
         raise TypeError(f"a scikit-learn {kind} cannot be converted: its activations (ReLU, tanh, logistic) "
                         f"are not polynomials, which is all CKKS evaluates. Train veil.ml.{kind} instead: "
                         "the same parameters, with a polynomial activation, then compile(X) and save")
     raise TypeError(f"no encrypted equivalent for {type(final).__name__}; supported: "
-                    f"{', '.join(c.__name__ for c in ESTIMATORS)}")
+                    f"{', '.join([c.__name__ for c in ESTIMATORS] + list(TREE_NAMES))}")
 

@@ -12,7 +12,10 @@ from scipy.special import expit, softmax
 
 from veil.errors import WireFormatError
 
-PROBA_KINDS = (None, "softmax", "ovr_log", "modified_huber")
+PROBA_KINDS = (None, "softmax", "ovr_log", "modified_huber", "probability")
+"""How decrypted scores become probabilities: softmax (logits; expit for one score), one-vs-rest
+logistic, modified Huber, or `probability`: the scores are already class probabilities (tree
+averages; for two classes the one score is p1 - p0), clipped against CKKS noise."""
 LINKS = ("identity", "log")
 
 
@@ -82,7 +85,10 @@ class OutputSpec:
                 p = expit(raw[:, 0])
                 return np.column_stack([1 - p, p])
             return softmax(raw, axis=1)
-        p = expit(raw) if self.proba == "ovr_log" else (np.clip(raw, -1, 1) + 1) / 2
+        if self.proba == "probability" and raw.shape[1] > 1:
+            p = np.clip(raw, 0.0, 1.0)
+        else:
+            p = expit(raw) if self.proba == "ovr_log" else (np.clip(raw, -1, 1) + 1) / 2
         if raw.shape[1] == 1:
             return np.column_stack([1 - p[:, 0], p[:, 0]])
         total = p.sum(axis=1, keepdims=True)

@@ -1,6 +1,7 @@
 """The program layer: a small IR of encrypted operations, its planner, backends and artefacts.
 
-`ml/` compiles models into programs (`ir.Program`); the planner (`planner.plan`) chooses
+`ml/` compiles models into programs (`ir.Program`, or `products.ProductSum` for sums of products of
+0/1 literals such as tree ensembles); the planner (`planner.plan`) chooses
 parameters, levels and scales per layout; `affine.LinearCircuit` (depth 0, no rescale) and
 `leveled.LeveledCircuit` (networks) run them under SEAL, in simulation or in plaintext. Servers and
 clients load any compiled artefact through `load_server` and `load_client` without knowing
@@ -11,25 +12,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from veil.errors import WireFormatError
+from veil.errors import ShapeError, WireFormatError
 from veil.he import CKKSParameters
 from veil.program.affine import CircuitClient, LinearCircuit
+from veil.program.encoding import ThermometerEncoding
 from veil.program.ir import Linear, Poly, Program, normalise
 from veil.program.leveled import LeveledCircuit, ProgramClient
 from veil.program.packing import RowLayout
 from veil.program.planner import LayoutPlan, plan
+from veil.program.products import ProductSum, ProductSumCircuit, ProductSumClient, compile_product_sum
 
 Circuit = LinearCircuit | LeveledCircuit
 Client = CircuitClient | ProgramClient
 
 
 def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
-                    presets: dict[str, str] | None = None) -> Circuit:
+                    presets: dict[str, str] | None = None, encoding: ThermometerEncoding | None = None) -> Circuit:
     """Plan and build the circuit of any program. A program that normalises to one affine map (a
     linear model, or a network whose activations are all affine) runs on the depth-0 affine
     backend: no rescale, one 60-bit prime, no evaluation keys in batch layout; anything with a
-    square runs on the leveled backend."""
+    square runs on the leveled backend. With a public input `encoding`, X holds raw features and
+    the program reads their encoding (the client encodes before encrypting)."""
     stages = normalise(program)
+    if encoding is not None:
+        if len(stages) == 1:
+            raise ShapeError("a program over an input encoding must have a square (the leveled backend)")
+        X = encoding.encode(X)
     if len(stages) == 1:
         only = stages[0]
         assert isinstance(only, Linear)
@@ -37,8 +45,8 @@ def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom
         return LinearCircuit.calibrate(only.weight, only.bias, X, presets=presets, input_bounds=input_bounds,
                                        **kwargs)
     kwargs = {} if headroom is None else {"headroom": headroom}
-    stages, plans = plan(program, X, input_bounds=input_bounds, **kwargs)
-    return LeveledCircuit(stages, program.n_inputs, plans)
+    stages, plans = plan(program, X, input_bounds=input_bounds, non_negative=encoding is not None, **kwargs)
+    return LeveledCircuit(stages, program.n_inputs, plans, encoding)
 
 
 def load_server(data: Any) -> Circuit:
@@ -47,6 +55,8 @@ def load_server(data: Any) -> Circuit:
         raise WireFormatError(f"a circuit must be an object, got {type(data).__name__}")
     if data.get("kind") == LeveledCircuit.kind:
         return LeveledCircuit.from_dict(data)
+    if data.get("kind") == ProductSumCircuit.kind:
+        return ProductSumCircuit.from_dict(data)
     if data.get("kind", "affine") != "affine":
         raise WireFormatError(f"unknown circuit kind {data.get('kind')!r}")
     return LinearCircuit.from_dict(data)
@@ -58,6 +68,8 @@ def load_client(spec: Any) -> Client:
         raise WireFormatError(f"a client specification must be an object, got {type(spec).__name__}")
     if spec.get("kind") == LeveledCircuit.kind:
         return ProgramClient(spec)
+    if spec.get("kind") == ProductSumClient.kind:
+        return ProductSumClient(spec)
     if spec.get("kind", "affine") != "affine":
         raise WireFormatError(f"unknown circuit kind {spec.get('kind')!r}")
     return CircuitClient(spec)
@@ -90,11 +102,10 @@ def key_needs(side: Circuit | Client) -> dict[str, dict[str, Any]]:
 
 
 def depth(side: Circuit | Client) -> int:
-    """Multiplicative depth (rescales) of the program: 0 for an affine model."""
-    if isinstance(side, LeveledCircuit):
-        return len(side.stages)
-    if isinstance(side, ProgramClient):
-        return len(next(iter(side.plans.values())).params.coeff_modulus_bits) - 2
+    """Multiplicative depth (rescales, the primes of the modulus chain between the first and the
+    special one) of the program in its deepest layout: 0 for an affine model."""
+    if isinstance(side, LeveledCircuit | ProgramClient):
+        return max(len(p.params.coeff_modulus_bits) - 2 for p in side.plans.values())
     return 0
 
 
@@ -130,6 +141,29 @@ def rows_per_request(side: Client, layout: str, max_bytes: int, cap: int) -> int
     return lo
 
 
-__all__ = ["Circuit", "CircuitClient", "Client", "LayoutPlan", "LeveledCircuit", "Linear", "LinearCircuit",
-           "Poly", "Program", "ProgramClient", "ciphertext_bytes", "compile_program", "depth", "key_needs",
-           "load_client", "load_server", "plan", "request_bytes", "rows_per_request"]
+__all__ = [
+    "Circuit",
+    "CircuitClient",
+    "Client",
+    "LayoutPlan",
+    "LeveledCircuit",
+    "Linear",
+    "LinearCircuit",
+    "Poly",
+    "ProductSum",
+    "ProductSumCircuit",
+    "ProductSumClient",
+    "Program",
+    "ProgramClient",
+    "ThermometerEncoding",
+    "ciphertext_bytes",
+    "compile_product_sum",
+    "compile_program",
+    "depth",
+    "key_needs",
+    "load_client",
+    "load_server",
+    "plan",
+    "request_bytes",
+    "rows_per_request",
+]

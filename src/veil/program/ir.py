@@ -96,6 +96,18 @@ class Poly:
 
 
 Op = Linear | Poly
+MAX_EXACT_WEIGHT = 16
+
+
+def is_exact(op: Op) -> bool:
+    """A Linear whose weights are small integers and whose every row has one: in the batch
+    layout it is sums and differences of ciphertexts (plus a plaintext bias), exact and free of
+    any rescale, so it costs no level (a row of zeros would have to be made from nothing)."""
+    if not isinstance(op, Linear):
+        return False
+    W = op.weight
+    return bool(np.all(np.round(W) == W) and np.all(np.abs(W) <= MAX_EXACT_WEIGHT)
+                and np.all(np.any(W != 0, axis=1)))
 
 
 class Program:

@@ -22,29 +22,38 @@ from typing import Any
 import numpy as np
 import seal
 
-from veil.errors import KeyMaterialError, ShapeError, WireFormatError
+from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
 from veil.he.ciphertext import Ciphertext, add_many
 from veil.program.common import ClientBase, ServerBase, checked_layout
-from veil.program.ir import Linear, Op, Poly, Program
+from veil.program.encoding import ThermometerEncoding, load_encoding
+from veil.program.ir import Linear, Op, Poly, Program, is_exact
 from veil.program.packing import BatchLayout, DiagonalLayout
-from veil.program.planner import NOISE_SLOTS, LayoutPlan, diagonal_steps, interval_bounds, required_keys
+from veil.program.planner import (
+    NOISE_SLOTS,
+    LayoutPlan,
+    check_intermediate,
+    diagonal_steps,
+    interval_bounds,
+    required_keys,
+    stage_levels,
+)
 
 KIND = "leveled"
 MAX_BATCH_WORKING_BYTES = 4 << 30
 """Largest working set of one batch-layout evaluation (two layers of ciphertexts live at once):
 a forged or oversized program is refused at load, not by exhausting the server's memory."""
-COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
+COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
 """Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
 PROGRAM_LAYOUTS = ("batch", "row")
 
 
 def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
-                stages: list[Op] | None = None) -> dict[str, LayoutPlan]:
+                stages: list[Op] | None = None, non_negative: bool = False) -> dict[str, LayoutPlan]:
     """The consistency both sides check on loading: a plan per known layout, filed under its own
-    name, with bounds for every feature, one prime per stage plus the first and special ones, and
-    exactly the evaluation keys the program needs (the server, which knows the stages: a forged
-    plan is refused here, not per request)."""
+    name, with bounds for every feature, one prime per level-consuming stage (at most `depth`)
+    plus the first and special ones, and exactly the evaluation keys the program needs (the
+    server, which knows the stages: a forged plan is refused here, not per request)."""
     if not plans:
         raise WireFormatError("a leveled circuit needs a plan for at least one layout")
     for name, p in plans.items():
@@ -61,7 +70,8 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
         if len(p.input_bounds) != n_features:
             raise ShapeError("input bounds do not match the number of features")
         bits = p.params.coeff_modulus_bits
-        if len(bits) != depth + 2:
+        levels = depth if stages is None else sum(stage_levels(stages, name))
+        if not 2 < len(bits) <= levels + 2 or (stages is not None and len(bits) != levels + 2):
             raise WireFormatError("the modulus chain does not match the program's depth")
         if any(b != p.scale_bits for b in bits[1:-1]) or bits[0] < p.scale_bits + 3:
             raise WireFormatError(f"the {name} plan's scale 2^{p.scale_bits} does not match its modulus chain "
@@ -81,7 +91,12 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
                 raise WireFormatError(f"the {name} plan's evaluation keys (relin {p.relin}, rotation steps, "
                                       f"half {p.half}) are not the ones its program needs")
             with np.errstate(over="ignore", invalid="ignore"):
-                peak = float(np.max(interval_bounds(stages, np.asarray(p.input_bounds))))
+                bounds = interval_bounds(stages, np.asarray(p.input_bounds), non_negative)
+            try:
+                check_intermediate(stages, bounds, p.params, p.scale_bits, name)
+            except PrecisionError as exc:
+                raise WireFormatError(f"the {name} plan cannot hold this program: {exc}") from None
+            peak = bounds[-1]
             if not math.isfinite(peak) or bits[0] < p.scale_bits + max(1, math.ceil(math.log2(max(peak, 1.0)))) + 2:
                 raise WireFormatError(f"the {name} plan's first prime ({bits[0]} bits) cannot hold values up to "
                                       f"{peak:.3g} at scale 2^{p.scale_bits}: outputs would wrap around")
@@ -102,17 +117,34 @@ class LeveledCircuit(ServerBase):
 
     kind = KIND
 
-    def __init__(self, stages: list[Op], n_features: int, plans: dict[str, LayoutPlan]) -> None:
-        self.program = Program(n_features, stages)
+    def __init__(self, stages: list[Op], n_inputs: int, plans: dict[str, LayoutPlan],
+                 encoding: ThermometerEncoding | None = None) -> None:
+        self.program = Program(n_inputs, stages)
         self.stages = self.program.ops
-        self.plans = check_plans(plans, n_features, len(self.stages), self.stages)
+        self.encoding = encoding
+        if encoding is not None and encoding.width != n_inputs:
+            raise ShapeError(f"the input encoding gives {encoding.width} values, the program takes {n_inputs}")
+        self.plans = self._check_plans(plans)
         self._contexts: dict[str, HEContext] = {}
         self._diagonals: dict[int, list[list[tuple[int, int, seal.Plaintext]]]] = {}
+
+    def _check_plans(self, plans: dict[str, LayoutPlan]) -> dict[str, LayoutPlan]:
+        return check_plans(plans, self.n_inputs, len(self.stages), self.stages, non_negative=self.encoding is not None)
 
     # interface shared with LinearCircuit ---------------------------------------------------
     @property
     def n_features(self) -> int:
+        """Features a client sends (before its public input encoding, if any)."""
+        return self.encoding.n_features if self.encoding is not None else self.program.n_inputs
+
+    @property
+    def n_inputs(self) -> int:
+        """Values encrypted per sample: the program's inputs."""
         return self.program.n_inputs
+
+    def encode(self, X: np.ndarray) -> np.ndarray:
+        """The program's inputs for raw features X (the client's public encoding, if any)."""
+        return self.encoding.encode(X) if self.encoding is not None else np.asarray(X, dtype=np.float64)
 
     @property
     def n_outputs(self) -> int:
@@ -128,24 +160,29 @@ class LeveledCircuit(ServerBase):
         return self
 
     def layout(self, name: object) -> BatchLayout | DiagonalLayout:
-        return make_packing(self.plans[checked_layout(name, self.plans)], self.n_features, self.n_outputs)
+        return make_packing(self.plans[checked_layout(name, self.plans)], self.n_inputs, self.n_outputs)
+
+    def _encoding_dict(self) -> dict:
+        return {} if self.encoding is None else {"encoding": self.encoding.to_dict()}
 
     def to_dict(self) -> dict:
         return {"kind": KIND, "program": self.program.to_dict(),
-                "plans": {k: v.to_dict() for k, v in self.plans.items()}}
+                "plans": {k: v.to_dict() for k, v in self.plans.items()}, **self._encoding_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LeveledCircuit:
         if not isinstance(d, dict) or d.get("kind") != KIND or not isinstance(d.get("plans"), dict):
             raise WireFormatError("not a leveled circuit")
         program = Program.from_dict(d.get("program"))
-        return cls(program.ops, program.n_inputs, {k: LayoutPlan.from_dict(v) for k, v in d["plans"].items()})
+        return cls(program.ops, program.n_inputs, {k: LayoutPlan.from_dict(v) for k, v in d["plans"].items()},
+                   load_encoding(d.get("encoding")))
 
     def client_spec(self) -> dict:
-        """What a client needs to encrypt and decrypt: parameters and bounds, no weights."""
-        return {"kind": KIND, "n_features": self.n_features, "n_outputs": self.n_outputs,
+        """What a client needs to encrypt and decrypt: parameters, bounds and the public input
+        encoding, no weights."""
+        return {"kind": self.kind, "n_features": self.n_inputs, "n_outputs": self.n_outputs,
                 "depth": len(self.stages), "plans": {k: v.to_dict() for k, v in self.plans.items()},
-                "cost_ms": {k: round(self.cost_ms(k), 3) for k in self.plans}}
+                "cost_ms": {k: round(self.cost_ms(k), 3) for k in self.plans}, **self._encoding_dict()}
 
     def cost_ms(self, layout: str) -> float:
         """Estimated single-core milliseconds per unit of work: one batch of `slots` samples in the
@@ -155,12 +192,15 @@ class LeveledCircuit(ServerBase):
         plan = self.plans[layout]
         per = plan.params.poly_modulus_degree / 8192
         top = len(plan.params.coeff_modulus_bits) - 1
-        cost = COST_MS_PER_PRIME["encrypt"] * top * (self.n_features if layout == "batch" else 1)
-        width, seen_linear = self.n_features, False
-        for i, op in enumerate(self.stages):
-            primes = top - i
+        cost = COST_MS_PER_PRIME["encrypt"] * top * (self.n_inputs if layout == "batch" else 1)
+        width, seen_linear, used = self.n_inputs, False, 0
+        for i, (op, costs) in enumerate(zip(self.stages, stage_levels(self.stages, layout), strict=True)):
+            primes = top - used
+            used += int(costs)
             if isinstance(op, Linear):
-                if layout == "batch":
+                if layout == "batch" and not costs:
+                    ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["add"]
+                elif layout == "batch":
                     ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["mul_add"]
                     ops += op.n_out * COST_MS_PER_PRIME["rescale"]
                 else:
@@ -178,7 +218,7 @@ class LeveledCircuit(ServerBase):
 
     # plaintext and simulation backends -----------------------------------------------------
     def evaluate(self, X: np.ndarray) -> np.ndarray:
-        return self.program.evaluate(X)
+        return self.program.evaluate(self.encode(X))
 
     def simulate(self, X: np.ndarray, layout: str = "batch", rng: np.random.Generator | None = None) -> np.ndarray:
         """What `run` computes, without encryption: inputs rounded to the input scale, weights to
@@ -186,14 +226,17 @@ class LeveledCircuit(ServerBase):
         encryption and after every stage (sqrt(N) times more once a square is left
         unrelinearized, as measured)."""
         plan = self.plans[layout]
-        X = np.asarray(X, dtype=np.float64)
+        X = self.encode(X)
         plan.check_input(X)
         rng = rng if rng is not None else np.random.default_rng()
         delta = 2.0 ** plan.scale_bits
         sigma = NOISE_SLOTS * plan.params.poly_modulus_degree / delta
         out = np.round(X * delta) / delta + rng.normal(size=X.shape) * sigma
         three = False
-        for i, op in enumerate(self.stages):
+        for i, (op, costs) in enumerate(zip(self.stages, stage_levels(self.stages, layout), strict=True)):
+            if isinstance(op, Linear) and not costs:
+                out = out @ op.weight.T + op.bias  # sums of ciphertexts: exact, the noise only adds up
+                continue
             if isinstance(op, Linear):
                 Wq = np.round(op.weight * delta) / delta
                 out = out @ Wq.T + op.bias
@@ -222,7 +265,7 @@ class LeveledCircuit(ServerBase):
         if name == "batch":
             out = []
             for b in range(packing.n_batches(n)):
-                out.extend(self._run_batch(cts[b * self.n_features:(b + 1) * self.n_features], bundle))
+                out.extend(self._run_batch(cts[b * self.n_inputs:(b + 1) * self.n_inputs], bundle))
         else:
             out = [self._run_row(ct, bundle, packing) for ct in cts]
         return ctx.pack([c.data for c in out], {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
@@ -243,7 +286,9 @@ class LeveledCircuit(ServerBase):
 
     def _run_batch(self, xs: list[Ciphertext], bundle: PublicBundle) -> list[Ciphertext]:
         for i, op in enumerate(self.stages):
-            if isinstance(op, Linear):
+            if is_exact(op):
+                xs = self._linear_exact(op, xs)
+            elif isinstance(op, Linear):
                 xs = self._linear_batch(op, xs)
             else:
                 relin = self.plans["batch"].relinearize_at(i, self.stages)
@@ -276,6 +321,39 @@ class LeveledCircuit(ServerBase):
             if b != 0.0:
                 ev.add_plain_inplace(acc, ctx.encode_at(float(b), scale * q, pid))
             ev.rescale_to_next_inplace(acc)
+            out.append(Ciphertext(ctx, acc))
+        return out
+
+    @staticmethod
+    def _linear_exact(op: Linear, xs: list[Ciphertext]) -> list[Ciphertext]:
+        """y_j = sum_i w_ji x_i + b_j with small integer weights: additions and subtractions of
+        ciphertexts at one level and scale (larger integers as products by a scale-1 plaintext,
+        which changes no scale), then the bias at that scale. No rescale: no level is used."""
+        first = xs[0]
+        for x in xs[1:]:
+            first._check_aligned(x, "combine")
+        ctx = first.context
+        ev, pid, scale = ctx.evaluator, first.data.parms_id(), first.scale
+        datas = [x.data for x in xs]
+        out = []
+        for w_row, b in zip(op.weight, op.bias, strict=True):
+            acc: seal.Ciphertext | None = None
+            for j in np.flatnonzero(w_row):
+                w = int(w_row[j])
+                if abs(w) != 1:
+                    term = ev.multiply_plain(datas[j], ctx.encode_at(float(abs(w)), 1.0, pid))
+                else:
+                    term = datas[j]
+                if acc is None:
+                    acc = ev.negate(term) if w < 0 else seal.Ciphertext(term)
+                elif w < 0:
+                    ev.sub_inplace(acc, term)
+                else:
+                    ev.add_inplace(acc, term)
+            if acc is None:
+                raise ShapeError("an exact linear stage needs a non-zero weight in every row")
+            if b != 0.0:
+                ev.add_plain_inplace(acc, ctx.encode_at(float(b), scale, pid))
             out.append(Ciphertext(ctx, acc))
         return out
 
@@ -341,16 +419,21 @@ class LeveledCircuit(ServerBase):
 class ProgramClient(ClientBase):
     """Client side of a leveled program: keys per layout, encryption, decryption."""
 
+    kind = KIND
     response_max_size = 3  # the last square may be left unrelinearized
 
     def __init__(self, spec: dict) -> None:
-        if not isinstance(spec, dict) or spec.get("kind") != KIND or not isinstance(spec.get("plans"), dict):
+        if not isinstance(spec, dict) or spec.get("kind") != self.kind or not isinstance(spec.get("plans"), dict):
             raise WireFormatError("not a leveled client specification")
-        self.n_features = wire.strict_int(spec.get("n_features"), "n_features", 1, 1 << 16)
+        self.n_inputs = wire.strict_int(spec.get("n_features"), "n_features", 1, 1 << 16)
         self.n_outputs = wire.strict_int(spec.get("n_outputs"), "n_outputs", 1, 1 << 16)
         depth = wire.strict_int(spec.get("depth"), "depth", 1, 1 << 10)
-        self.plans = check_plans({k: LayoutPlan.from_dict(v) for k, v in spec["plans"].items()},
-                                 self.n_features, depth)
+        self.encoding = load_encoding(spec.get("encoding"))
+        if self.encoding is not None and self.encoding.width != self.n_inputs:
+            raise ShapeError(f"the input encoding gives {self.encoding.width} values, the program takes "
+                             f"{self.n_inputs}")
+        self.n_features = self.encoding.n_features if self.encoding is not None else self.n_inputs
+        self.plans = self._check_plans({k: LayoutPlan.from_dict(v) for k, v in spec["plans"].items()}, depth)
         self.params = {k: p.params for k, p in self.plans.items()}
         costs = spec.get("cost_ms")
         if not isinstance(costs, dict) or set(costs) != set(self.plans) or not all(
@@ -359,8 +442,11 @@ class ProgramClient(ClientBase):
         self.cost_ms = {k: float(v) for k, v in costs.items()}
         self._keys: dict[str, Any] = {}
 
+    def _check_plans(self, plans: dict[str, LayoutPlan], depth: int) -> dict[str, LayoutPlan]:
+        return check_plans(plans, self.n_inputs, depth)
+
     def layout(self, name: object) -> BatchLayout | DiagonalLayout:
-        return make_packing(self.plans[checked_layout(name, self.plans)], self.n_features, self.n_outputs)
+        return make_packing(self.plans[checked_layout(name, self.plans)], self.n_inputs, self.n_outputs)
 
     def choose_layout(self, n_samples: int) -> str:
         """The layout with the lower estimated cost for this many samples (`cost_ms` from the server)."""
@@ -391,6 +477,8 @@ class ProgramClient(ClientBase):
 
     def encrypt(self, X: Any, layout: str) -> bytes:
         X = self.check_input(X)
+        if self.encoding is not None:
+            X = self.encoding.encode(X)
         packing, plan = self.layout(layout), self.plans[layout]
         plan.check_input(X)
         keys = self.keys(layout)

@@ -2,7 +2,9 @@
 
 Steps:
 1. `ir.normalise` rewrites the program as alternating stages Linear, Poly, Linear, ... where
-   each stage costs exactly one rescale, so the multiplicative depth D is the number of stages.
+   each stage costs exactly one rescale, so the multiplicative depth D is the number of stages,
+   except that in the batch layout a Linear with small integer weights (`ir.is_exact`) is sums
+   of ciphertexts and costs none (`stage_levels`).
 2. Interval arithmetic propagates the accepted input box (per feature, INPUT_HEADROOM times the
    largest calibration magnitude, or the caller's `input_bounds`) through every stage, giving a
    bound on every intermediate and output value for ANY accepted input; the client refuses
@@ -36,7 +38,7 @@ import seal
 from veil.errors import PrecisionError, ShapeError, WireFormatError
 from veil.he.params import MAX_DEGREE, CKKSParameters
 from veil.he.wire import strict_int
-from veil.program.ir import Linear, Op, Poly, Program, normalise
+from veil.program.ir import Linear, Op, Poly, Program, is_exact, normalise
 from veil.program.packing import next_pow2
 
 INPUT_HEADROOM = 2.0
@@ -134,9 +136,16 @@ def input_box(X: np.ndarray, input_bounds: float | np.ndarray | None) -> np.ndar
     return np.where(peak > 0, peak, max(floor, 1e-6))
 
 
-def interval_bounds(stages: list[Op], bounds: np.ndarray) -> list[float]:
-    """Largest |value| after each stage for any input in the box (centre-radius arithmetic)."""
-    lo, hi = -bounds, bounds.copy()
+def stage_levels(stages: list[Op], layout: str) -> list[bool]:
+    """Whether each stage costs a level (a rescale) in `layout`: all of them in the row layout
+    (its diagonals are real-valued plaintexts), all but the exact Linears in the batch layout."""
+    return [layout != "batch" or not is_exact(op) for op in stages]
+
+
+def interval_bounds(stages: list[Op], bounds: np.ndarray, non_negative: bool = False) -> list[float]:
+    """Largest |value| after each stage for any input in the box |x| <= bounds, or 0 <= x <= bounds
+    with `non_negative` (encoded bits) (centre-radius arithmetic)."""
+    lo, hi = (np.zeros_like(bounds) if non_negative else -bounds), bounds.copy()
     out = []
     with np.errstate(over="ignore", invalid="ignore"):  # an unbounded program gives inf: refused by plan
         return _propagate(stages, lo, hi, out)
@@ -160,15 +169,30 @@ def _propagate(stages: list[Op], lo: np.ndarray, hi: np.ndarray, out: list[float
     return out
 
 
+def check_intermediate(stages: list[Op], bounds: list[float], params: CKKSParameters, scale_bits: int,
+                       layout: str) -> None:
+    """Every intermediate value, at the scale it is held at, must fit the primes left at its level
+    (a value that wraps around the modulus is a silent wrong answer)."""
+    bits = params.coeff_modulus_bits
+    used = 0
+    for bound, costs in zip(bounds[:-1], stage_levels(stages, layout)[:-1], strict=True):
+        used += int(costs)
+        room = sum(bits[:len(bits) - 1 - used]) - scale_bits - 2
+        if not math.isfinite(bound) or math.log2(max(bound, 1.0)) >= room:
+            raise PrecisionError(f"intermediate values reach {bound:.3g}, more than the {room} bits left at their "
+                                 "level: use tighter input_bounds, smaller weights or fewer squares")
+
+
 def _max_bits(n: int) -> int:
     return seal.CoeffModulus.MaxBitCount(n, seal.sec_level_type.tc128)
 
 
-def choose_parameters(depth: int, value_bits: int, keyswitch: bool) -> tuple[CKKSParameters, int]:
+def choose_parameters(depth: int, value_bits: int, keyswitch: bool,
+                      preferred: int = PREFERRED_SCALE_BITS) -> tuple[CKKSParameters, int]:
     """Smallest ring that holds the chain [first, s x depth, special] at 128-bit security with a
-    scale of at least PREFERRED_SCALE_BITS (the largest such scale), else the smallest ring with any
+    scale of at least `preferred` bits (the largest such scale), else the smallest ring with any
     scale down to MIN_SCALE_BITS: precision first, then speed."""
-    for low in (PREFERRED_SCALE_BITS, MIN_SCALE_BITS):
+    for low in (preferred, MIN_SCALE_BITS):
         for n in DEGREES:
             for s in range(MAX_SCALE_BITS, low - 1, -1):
                 first = s + value_bits + 2
@@ -216,9 +240,11 @@ def required_keys(stages: list[Op], n_inputs: int, layout: str, slot_count: int,
 
 
 def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | None = None,
-         headroom: float = DEFAULT_HEADROOM,
-         layouts: tuple[str, ...] = LAYOUTS) -> tuple[list[Op], dict[str, LayoutPlan]]:
-    """Normalised stages and one `LayoutPlan` per layout that can hold the program."""
+         headroom: float = DEFAULT_HEADROOM, layouts: tuple[str, ...] = LAYOUTS,
+         non_negative: bool = False) -> tuple[list[Op], dict[str, LayoutPlan]]:
+    """Normalised stages and one `LayoutPlan` per layout that can hold the program. The first
+    prime holds the outputs' bound; intermediate values live at higher levels and must only fit
+    the primes left there (`non_negative`: inputs are in [0, bound], as encoded bits are)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != program.n_inputs or len(X) == 0:
         raise ShapeError(f"calibration data must be (n>0, {program.n_inputs}), got {X.shape}")
@@ -226,7 +252,8 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
         raise ShapeError("calibration data contain NaN or infinite values")
     stages = normalise(program)
     box = input_box(X, input_bounds)
-    bound = max(interval_bounds(stages, box))
+    bounds = interval_bounds(stages, box, non_negative)
+    bound = bounds[-1]
     observed = float(np.max(np.abs(Program(program.n_inputs, stages).evaluate(X)))) * headroom
     peak = max(bound, observed, 1.0)
     if not math.isfinite(peak) or peak >= 2.0 ** (MAX_PRIME_BITS - MIN_SCALE_BITS):
@@ -241,11 +268,13 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
             raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
         row = name == "row"
         needs = required_keys(stages, program.n_inputs, name, 0)[0]
-        params, s = choose_parameters(len(stages), value_bits, needs or row)
+        levels = sum(stage_levels(stages, name))
+        params, s = choose_parameters(levels, value_bits, needs or row)
         relin_last = False
         if any(isinstance(op, Poly) for op in stages) and _unrelinearized_noise(params, s) > MAX_UNRELINEARIZED_NOISE:
             relin_last = True
-            params, s = choose_parameters(len(stages), value_bits, True)
+            params, s = choose_parameters(levels, value_bits, True)
+        check_intermediate(stages, bounds, params, s, name)
         relin, steps, half = required_keys(stages, program.n_inputs, name, params.slot_count, relin_last)
         if row and 2 * half > params.slot_count:
             continue
