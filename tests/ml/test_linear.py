@@ -139,9 +139,9 @@ def test_from_sklearn_model_with_scaler_pipelines(sk_model, dataset, scaler):
 
 
 def test_from_sklearn_model_refuses_unsupported():
+    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import PolynomialFeatures, StandardScaler
-    from sklearn.neighbors import KNeighborsClassifier
 
     X, y = load("iris")
     with pytest.raises(TypeError, match="no encrypted equivalent"):

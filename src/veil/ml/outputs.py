@@ -17,6 +17,10 @@ PROBA_KINDS = (None, "softmax", "ovr_log", "modified_huber", "probability")
 logistic, modified Huber, or `probability`: the scores are already class probabilities (tree
 averages; for two classes the one score is p1 - p0), clipped against CKKS noise."""
 LINKS = ("identity", "log")
+TIE_TOLERANCE = 1e-5
+"""Class probabilities of trees tie exactly (a leaf with half its samples in each of two classes);
+scores within this of the best count as tied and go to the first class, in every mode, as
+scikit-learn's argmax does in plaintext, so CKKS noise (about 1e-6) never decides a tie."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,11 @@ class OutputSpec:
     def predict(self, raw: np.ndarray) -> np.ndarray:
         if self.task == "classifier":
             classes = self.classes_array
+            tol = TIE_TOLERANCE if self.proba == "probability" else 0.0
             if raw.shape[1] == 1:
-                return classes[(raw[:, 0] > 0).astype(int)]
+                return classes[(raw[:, 0] > tol).astype(int)]
+            if tol:
+                return classes[np.argmax(raw >= raw.max(axis=1, keepdims=True) - tol, axis=1)]
             return classes[np.argmax(raw, axis=1)]
         out = np.exp(raw) if self.link == "log" else raw
         return self.decision(out)

@@ -59,7 +59,7 @@ from veil.program.planner import DEFAULT_HEADROOM
 from veil.program.products import MAX_FACTORS, Literal
 
 GRIDS = ("uniform", "quantile")
-DEFAULT_N_BITS = 5
+DEFAULT_N_BITS = 4
 MAX_N_BITS = 8
 
 

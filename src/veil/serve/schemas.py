@@ -74,9 +74,10 @@ class ModelInfo(BaseModel):
     version: int
     created: float
     model: str
-    kind: Literal["affine", "leveled"] = Field(
+    kind: Literal["affine", "leveled", "product-sum"] = Field(
         description="affine: a linear model (no ciphertext multiplication); leveled: a network with "
-                    "polynomial activations (one rescale per stage)")
+                    "polynomial activations (one rescale per stage); product-sum: a tree ensemble (sums of "
+                    "products of 0/1 literals over a public input grid the client encodes)")
     depth: int = Field(ge=0, description="rescales per evaluation: 0 for affine models")
     n_features: int
     n_outputs: int

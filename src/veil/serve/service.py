@@ -56,8 +56,11 @@ def _describe(model: ModelServer, spec: ModelClient) -> dict[str, Any]:
     if key_needs(client) != needs:
         raise ServeError("server and client artefacts describe different models (layouts, parameters or keys)")
     if isinstance(circuit, LeveledCircuit) and isinstance(client, ProgramClient):
-        if client.plans != circuit.plans:
-            raise ServeError("server and client artefacts describe different models (plans differ)")
+        if circuit.kind != client.kind or client.plans != circuit.plans:
+            raise ServeError("server and client artefacts describe different models (kinds or plans differ)")
+        if (None if client.encoding is None else client.encoding.to_dict()) != (
+                None if circuit.encoding is None else circuit.encoding.to_dict()):
+            raise ServeError("server and client artefacts describe different models (input encodings differ)")
     elif (isinstance(circuit, LinearCircuit) and isinstance(client, CircuitClient)
           and (client.input_bits, client.input_limits, client.per_slot)
           != ({k: v.input_bits for k, v in circuit.scales.items()},
