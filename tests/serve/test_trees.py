@@ -113,3 +113,17 @@ def test_malformed_tree_artefacts_answer_4xx_json(setup, server):
             assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
             assert response.json()["error"] and response.json()["detail"], name
         assert not [m for m in http.get("/v1/models").json() if m["name"].startswith("bad-")]
+
+
+def test_auto_layout_skips_a_batch_group_over_the_request_budget(setup, server):
+    """One batch group of this model is ~450 ciphertexts (over 64 MiB): "auto" sends rows instead,
+    and a budget that holds the group lets "auto" choose by cost again."""
+    clf, _, Xc = setup["cancer"]
+    with _user(server, setup["tokens"]["alice"]) as client:
+        _, mc = client.model("cancer")
+        assert client.auto_layouts(mc) == ["row"]
+        np.testing.assert_allclose(client.predict_raw(Xc[:3], "cancer"), clf._raw(Xc[:3], "disable"), atol=1e-3)
+        assert len(client._key_ids) == 1
+    with _user(server, setup["tokens"]["alice"], max_request_bytes=1 << 30) as client:
+        _, mc = client.model("cancer")
+        assert client.auto_layouts(mc) == ["batch", "row"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from veil.errors import VeilError
 from veil.ml import ModelClient
-from veil.program import rows_per_request
+from veil.program import request_bytes, rows_per_request
 
 RETRY_STATUS = (502, 503, 504)
 MAX_CHUNK_ROWS = 16384
@@ -146,12 +146,21 @@ class Client:
                                  headers={"content-type": "application/octet-stream", "x-veil-key-id": key_id})
         return response.content
 
+    def auto_layouts(self, mc: ModelClient) -> list[str]:
+        """The layouts "auto" may pick: those whose smallest request (one group of ciphertexts)
+        fits `max_request_bytes`, or all of them if none does. A tree ensemble's batch group is
+        one ciphertext per grid bit (hundreds of MB for 30 features), which the server's body limit
+        would refuse, so such a model goes row by row unless the layout is named."""
+        names = sorted(mc.circuit.params)
+        fitting = [n for n in names if request_bytes(mc.circuit, n, 1) <= self.max_request_bytes]
+        return fitting or names
+
     def chunk_rows(self, mc: ModelClient, layout: str = "auto") -> int:
         """Rows per request for this model: `chunk_size` when set, else the most rows whose
         request fits `max_request_bytes` in every layout `layout` may pick."""
         if self.chunk_size is not None:
             return self.chunk_size
-        names = sorted(mc.circuit.params) if layout == "auto" else [layout]
+        names = self.auto_layouts(mc) if layout == "auto" else [layout]
         return min(rows_per_request(mc.circuit, name, self.max_request_bytes, MAX_CHUNK_ROWS) for name in names)
 
     @staticmethod
@@ -164,8 +173,13 @@ class Client:
         version, mc = self.model(model, version)
         X = mc.circuit.check_input(X)
         parts = []
+        allowed = self.auto_layouts(mc) if layout == "auto" else [layout]
         for part in self._chunks(len(X), self.chunk_rows(mc, layout)):
-            name, request = mc.encrypt(X[part], layout)
+            name = layout
+            if layout == "auto":
+                name = mc.choose_layout(part.stop - part.start)
+                name = name if name in allowed else allowed[0]
+            name, request = mc.encrypt(X[part], name)
             key_id = self.register(mc.public_bundle_bytes(name))
             parts.append(mc.decrypt(self.send(model, version, key_id, request), part.stop - part.start))
             if progress is not None:
