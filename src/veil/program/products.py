@@ -493,7 +493,8 @@ def plan_product_sum(ps: ProductSum, X: np.ndarray, headroom: float = DEFAULT_HE
         plans.update(batch)
     if "row" in layouts:
         observed = float(np.max(np.abs(ps.evaluate(X)))) * headroom
-        value_bits = max(1, math.ceil(math.log2(max(ps.output_bound(), observed, 1.0))))
+        # (a bound of exactly 2^k, as 1.0000000000000009 probabilities times the headroom give, is k bits)
+        value_bits = max(1, math.ceil(math.log2(max(ps.output_bound(), observed, 1.0)) - 1e-9))
         params, s = choose_parameters(slot_row_levels(ps), value_bits, True, preferred=ROW_SCALE_BITS)
         while True:
             try:
