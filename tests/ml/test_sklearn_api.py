@@ -36,6 +36,9 @@ def _instances():
     for cls in ml.ESTIMATORS:
         kwargs = {"random_state": 0} if "random_state" in inspect.signature(cls).parameters else {}
         yield cls(**kwargs)
+    for name in ml.TREE_NAMES:
+        small = {} if name.startswith("DecisionTree") else {"n_estimators": 5}
+        yield getattr(ml, name)(random_state=0, **small)
 
 
 @parametrize_with_checks(list(_instances()),

@@ -220,3 +220,12 @@ def test_encoding_parses_untrusted_json_strictly():
         with pytest.raises(VeilError):
             ThermometerEncoding.from_dict(bad)
 
+
+
+def test_a_constant_model_still_runs_encrypted():
+    """Every tree a single leaf (constant targets): one zero-valued term keeps the circuit uniform."""
+    X, _ = load("iris", scaled=False)
+    y = np.full(len(X), 3.25)
+    model = ml.GradientBoostingRegressor(n_estimators=3, random_state=0).fit(X, y).compile(X)
+    for layout in ("batch", "row"):
+        np.testing.assert_allclose(model.predict(X[:4], fhe="execute", layout=layout), 3.25, rtol=1e-3)

@@ -253,7 +253,10 @@ def ensemble_products(ens: _Ensemble, encoding: ThermometerEncoding, n_outputs: 
                 outputs.append(int(c))
                 groups.append(tree_id)
     if not paths:
-        raise ShapeError("every tree of this model is a single leaf: it is a constant, with nothing to encrypt")
+        # a constant model (every tree one leaf): the term b (1 - b), always 0, keeps the circuit
+        # uniform (b and 1 - b in two pairs: paired together their sum is the constant 1, no ciphertext)
+        literal_ids = {(0.0, ((0, 1.0),)): 0, (1.0, ((0, -1.0),)): 1}
+        paths, values, outputs, groups = [[0, -1, 1, -1]], [1.0], [0], [0]
     width = 1 << max(1, math.ceil(math.log2(max(len(p) for p in paths))))
     if width > MAX_FACTORS:
         raise ShapeError(f"paths test up to {max(len(p) for p in paths)} features; at most {MAX_FACTORS} "
@@ -342,7 +345,7 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
     # fitting ----------------------------------------------------------------------------------
     def fit(self, X: Any, y: Any, **fit_params: Any) -> _EncryptedTreeModel:
         """Build the public grid from X, train the library model on the grid cells; returns self."""
-        X = validate_data(self, X, dtype=np.float64)
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=not self._classifier)
         y = self._targets(y)
         encoding = make_grid(X, self.n_bits, self.grid)
         model = self._library(**self._library_params())
@@ -357,7 +360,7 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least two classes")
+            raise ValueError(f"{type(self).__name__} needs at least two classes; got one class")
         return codes
 
     def _absorb(self, model: Any, encoding: ThermometerEncoding, cells: bool, X: np.ndarray) -> None:
@@ -426,7 +429,8 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
     def predict(self, X: Any, fhe: str = "disable", layout: str = "auto", workers: int | None = None) -> np.ndarray:
         """Classes or values; with fhe="execute" the client encodes and encrypts X, the circuit
         runs on ciphertexts and the client decrypts (large X in chunks over `workers` processes)."""
-        return self.output_spec_.predict(self._raw(X, fhe, layout, workers))
+        raw = self._raw(X, fhe, layout, workers)
+        return self.output_spec_.predict(raw)
 
 
 class _TreeClassifierMixin:
@@ -438,7 +442,8 @@ class _TreeClassifierMixin:
     def predict_proba(self: Any, X: Any, fhe: str = "disable", layout: str = "auto",
                       workers: int | None = None) -> np.ndarray:
         """Class probabilities computed on the client from the decrypted raw outputs."""
-        return self.output_spec_.predict_proba(self._raw(X, fhe, layout, workers))
+        raw = self._raw(X, fhe, layout, workers)
+        return self.output_spec_.predict_proba(raw)
 
     def _outputs(self: Any) -> tuple[int, OutputSpec]:
         n = 1 if len(self.classes_) == 2 else len(self.classes_)
