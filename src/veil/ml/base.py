@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.utils.validation import check_array, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from veil.errors import NotCompiledError
 from veil.ml.outputs import OutputSpec
@@ -48,8 +48,12 @@ class EncryptedModelMixin:
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    _fitted_attr = "program_"
+
     def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
-        raise NotImplementedError
+        """Validated inputs of a fitted estimator (`_fitted_attr` names what fitting sets)."""
+        check_is_fitted(self, self._fitted_attr)
+        return check_features(self, X, encrypted)
 
     def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None) -> np.ndarray:
         """Raw outputs (n_samples, n_outputs) computed in the requested mode. With fhe="execute",

@@ -28,7 +28,7 @@ from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, StandardScaler
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
-from veil.ml.base import EncryptedModelMixin, check_features
+from veil.ml.base import EncryptedModelMixin
 from veil.ml.outputs import OutputSpec
 from veil.program import Linear, Program, compile_program
 from veil.program.affine import DEFAULT_HEADROOM
@@ -72,6 +72,8 @@ def _fold_scaler(scaler: Any, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray,
 
 class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
     """Shared machinery: fit through scikit-learn, compile to a `LinearCircuit`, predict per mode."""
+
+    _fitted_attr = "weights_"
 
     _sklearn_cls: ClassVar[type]
     _task: ClassVar[str]
@@ -165,10 +167,6 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
         self.circuit_ = compile_program(self.program_, X, input_bounds, headroom, presets)
         self.__dict__.pop("fhe_client_", None)
         return self
-
-    def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
-        check_is_fitted(self, "weights_")
-        return check_features(self, X, encrypted)
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         return X @ self.weights_.T + self.bias_

@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from veil.errors import ShapeError
-from veil.ml.base import EncryptedModelMixin, check_features
+from veil.ml.base import EncryptedModelMixin
 from veil.ml.linear import _fold_scaler, fold_standardization
 from veil.ml.outputs import OutputSpec
 from veil.ml.torch_compile import Square, module_to_program, relu_polynomial
@@ -151,10 +151,6 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
         self.circuit_ = compile_program(self.program_, X, input_bounds, headroom)
         self.__dict__.pop("fhe_client_", None)
         return self
-
-    def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
-        check_is_fitted(self, "program_")
-        return check_features(self, X, encrypted)
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         return self.program_.evaluate(X)

@@ -51,7 +51,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from veil.errors import ShapeError
-from veil.ml.base import EncryptedModelMixin, check_features
+from veil.ml.base import EncryptedModelMixin
 from veil.ml.outputs import OutputSpec
 from veil.program import ProductSum, compile_product_sum
 from veil.program.encoding import MAX_EDGES, ThermometerEncoding
@@ -418,10 +418,6 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
         self.circuit_ = compile_product_sum(self.program_, X, self.encoding_, headroom)
         self.__dict__.pop("fhe_client_", None)
         return self
-
-    def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
-        check_is_fitted(self, "program_")
-        return check_features(self, X, encrypted)
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         return self.program_.evaluate(self.encoding_.encode(X))
