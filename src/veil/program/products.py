@@ -118,8 +118,10 @@ class ProductSum:
 
     def evaluate(self, X: np.ndarray) -> np.ndarray:
         """The plaintext reference on inputs X (n, n_inputs)."""
-        W, c = self.literal_matrix()
-        lit = np.column_stack([np.asarray(X, dtype=np.float64) @ W.T + c, np.ones(len(X))])
+        X = np.asarray(X, dtype=np.float64)
+        lit = np.ones((len(X), len(self.literals) + 1))  # the last column is the constant 1 (index -1)
+        for k, (const, terms) in enumerate(self.literals):
+            lit[:, k] = const + sum(w * X[:, i] for i, w in terms)
         prod = np.prod(lit[:, self.factors], axis=2)  # index -1 is the column of ones
         out = np.tile(self.base, (len(X), 1))
         np.add.at(out.T, self.outputs, (prod * self.values).T)
@@ -141,7 +143,6 @@ class ProductSum:
         """The batch-layout program (module docstring): pairing Linears with weights +-1 and the
         products p_r, identical pairs computed once, then values and base."""
         paths = [list(row) for row in self.factors]
-        W_lit, c_lit = self.literal_matrix()
         ops: list = []
         unit, prev_width = 1.0, self.n_inputs
         for r in range(self.rounds):
@@ -160,13 +161,17 @@ class ProductSum:
                 for x in (x1, x2):
                     if x < 0:
                         b[j] += unit
-                    elif r == 0:
-                        W[j] += W_lit[x]
-                        b[j] += c_lit[x]
+                    elif r == 0:  # the literals are sparse: never a dense (literals x inputs) matrix
+                        const, terms = self.literals[x]
+                        b[j] += const
+                        for i, w in terms:
+                            W[j, i] += w
                     else:
                         W[j, x] += 1.0
             ops += [Linear(W, b), Poly((0.0, -unit, 1.0))]
             unit, prev_width = 2.0 * unit * unit, len(pair_ids)
+        if self.n_outputs * prev_width > MAX_DENSE:
+            raise ShapeError(f"{self.n_outputs} outputs of {prev_width} products is more than the batch layout holds")
         W_out = np.zeros((self.n_outputs, prev_width))
         np.add.at(W_out, (self.outputs, [p[0] for p in paths]), self.values / unit)
         ops.append(Linear(W_out, self.base))
@@ -205,6 +210,8 @@ class ProductSum:
         if not all(_number(v) for v in d["values"] + d["base"]) or not all(_index(v) for v in d["outputs"] + groups):
             raise WireFormatError("values and base must be numbers, outputs and groups integer indices")
         widths = {len(r) for r in factors}
+        if not factors:
+            raise ShapeError("a product sum needs at least one term")
         if len(widths) > 1:
             raise ShapeError("every term must have the same number of factors")
         return cls(d.get("n_inputs"), literals, np.asarray(factors, dtype=np.int64).reshape(len(factors), -1),
@@ -213,7 +220,9 @@ class ProductSum:
 
 
 def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    # a JSON integer may be too large for a float (math.isfinite would raise OverflowError)
+    return (isinstance(v, float) and math.isfinite(v)) or (isinstance(v, int) and not isinstance(v, bool)
+                                                         and abs(v) < 2 ** 1023)
 
 
 def _index(v: object, low: int = 0) -> bool:
