@@ -199,3 +199,27 @@ def test_compile_without_encoding_accepts_its_own_plan():
 
     ps, X, _ = _r4_products(1.0)
     compile_product_sum(ps, X)
+
+
+def test_forged_row_plan_with_a_huge_selection_is_refused_at_load():
+    """Fixed: a forged artefact that passes the batch bound (lowering <= MAX_DENSE) with a row
+    plan at N=16384 made `SlotCircuit._selection` build 2064 dense diagonals (0.13 GiB, at load,
+    through `client_spec()`'s cost) and encode them (about 1 GiB) on the first request; a real one
+    (n_inputs 4096 at N=32768) reaches tens of GiB."""
+    from veil.he import CKKSParameters
+    from veil.program.planner import LayoutPlan
+    from veil.program.products import SlotGeometry, plan_product_sum
+
+    n, T = 4096, 512
+    lits = [(0.0, tuple(((t * 8 + j * 1031) % n, 1.0) for j in range(8))) for t in range(T)]
+    ps = ProductSum(n, lits, np.array([[t, -1] for t in range(T)]), np.ones(T), np.zeros(T, dtype=np.int64),
+                    np.zeros(1))
+    params = CKKSParameters(16384, (60, 40, 40, 40, 60))
+    geometry = SlotGeometry(ps, params.slot_count)
+    assert geometry.n_diagonals(ps) > 2000
+    forged = LayoutPlan("row", params, 40, (1.0,) * n, True, geometry.rotation_steps, n, False)
+    with pytest.raises(VeilError, match="GiB"):
+        ProductSumCircuit(ps, {"row": forged})
+    X = (np.random.default_rng(zlib.crc32(b"huge-row")).random((4, n)) < 0.5).astype(float)
+    planned = plan_product_sum(ps, X, layouts=("row",))  # the planner's own ring (N=8192) stays under the bound
+    assert ProductSumCircuit(ps, planned).plans.keys() == {"row"}

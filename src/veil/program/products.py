@@ -60,6 +60,11 @@ ROW_SCALE_BITS = 30
 N=8192, far below what 0/1 products and tree outputs need) over a larger ring at 2^32: its
 rotations cost N * primes^2, so the ring is most of its latency."""
 
+MAX_ROW_WORDS = 1 << 27
+"""Largest row-layout selection (nonzero diagonals x N x data primes, 8-byte words: 1 GiB of encoded
+plaintexts): beyond it a model has no row plan (the batch layout serves it), and a forged artefact
+claiming one is refused at load instead of allocating tens of gigabytes on its first request."""
+
 MAX_FACTORS = 16
 MAX_LITERAL_TERMS = 8
 MAX_DENSE = 1 << 25
@@ -257,6 +262,23 @@ class SlotGeometry:
             step *= 2
         self.sum_steps = tuple(sums)
 
+    def n_diagonals(self, ps: ProductSum) -> int:
+        """Nonzero diagonals of the selection (`SlotCircuit._selection`), counted without allocating."""
+        ks: set[int] = set()
+        for t, row in enumerate(ps.factors):
+            for p in range(self.pairs):
+                e = p * self.h + int(self.term_slot[t])
+                for lit in (row[2 * p], row[2 * p + 1]):
+                    if lit >= 0:
+                        ks.update((i - e) % self.period for i, _ in ps.literals[lit][1])
+        return len(ks)
+
+    def check_size(self, ps: ProductSum, params: CKKSParameters) -> None:
+        words = self.n_diagonals(ps) * params.poly_modulus_degree * len(params.coeff_modulus_bits)
+        if words > MAX_ROW_WORDS:
+            raise ShapeError(f"the row layout's selection would encode {words * 8 / 2 ** 30:.1f} GiB of diagonals: "
+                             "use the batch layout")
+
     @property
     def rotation_steps(self) -> tuple[int, ...]:
         steps = set(self.offsets) | set(self.sum_steps)
@@ -427,6 +449,7 @@ class ProductSumCircuit(LeveledCircuit):
             if p.layout != "row":
                 raise WireFormatError(f"plan for {p.layout!r} filed under 'row'")
             geometry = SlotGeometry(self.products, p.params.slot_count)
+            geometry.check_size(self.products, p.params)
             _check_row_plan(p, self.products.n_inputs, slot_row_levels(self.products), geometry)
             if self.products.output_bound() >= 2.0 ** (p.params.coeff_modulus_bits[0] - p.scale_bits - 2):
                 raise WireFormatError("the row plan's first prime cannot hold this program's outputs")
@@ -514,6 +537,11 @@ def plan_product_sum(ps: ProductSum, X: np.ndarray, headroom: float = DEFAULT_HE
                     geometry = None
                     break
                 params = CKKSParameters(larger[0], params.coeff_modulus_bits)
+        if geometry is not None:
+            try:
+                geometry.check_size(ps, params)
+            except ShapeError:
+                geometry = None
         if geometry is not None:
             plans["row"] = LayoutPlan("row", params, s, (1.0,) * ps.n_inputs, True, geometry.rotation_steps,
                                       next_pow2(ps.n_inputs), False)
