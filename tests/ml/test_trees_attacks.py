@@ -124,3 +124,23 @@ def test_edges_signed_zero_huge_and_far_inputs():
         np.testing.assert_allclose(model._raw(P, "execute", layout=layout), plain, atol=1e-3)
     # -0.0 and 0.0 encode alike; an edge value goes left (x <= edge)
     assert np.array_equal(model.encoding_.encode(np.array([[-0.0] * 3])), model.encoding_.encode(np.zeros((1, 3))))
+
+
+def test_requests_carry_ciphertexts_and_a_minimal_header_only():
+    """Curious server: a request holds no feature value (float64/float32 bytes or text) and its
+    header only the layout, the row count, the feature count and the public parameters."""
+    import struct
+
+    from veil.he import wire
+
+    X, y, _ = _data("curious-server")
+    model = ml.XGBClassifier(n_estimators=2, max_depth=2, random_state=0).fit(X, y).compile(X)
+    client = load_client(model.circuit_.client_spec())
+    probe = np.array([[1.2345678901234, -9.87654321, 3.14159265358979]])
+    for layout in ("batch", "row"):
+        request = client.encrypt(probe, layout)
+        header = wire.decode(request, wire.Kind.CIPHERTEXTS).header
+        assert set(header) == {"layout", "n_samples", "n_features", "params"}
+        for v in probe.ravel():
+            for packed in (struct.pack("<d", v), struct.pack(">d", v), struct.pack("<f", v), repr(v).encode()[:8]):
+                assert packed not in request
