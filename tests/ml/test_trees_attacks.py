@@ -144,3 +144,33 @@ def test_requests_carry_ciphertexts_and_a_minimal_header_only():
         for v in probe.ravel():
             for packed in (struct.pack("<d", v), struct.pack(">d", v), struct.pack("<f", v), repr(v).encode()[:8]):
                 assert packed not in request
+
+
+def test_honest_client_sees_only_outputs_in_every_slot():
+    """Curious (honest) client decrypting all slots, real and imaginary: the row answer holds
+    f_c(x) at every slot congruent to c mod K and zero elsewhere; each batch answer holds f_c of
+    the samples and, in unused slots, f_c of the all-zero code (an input the client may send)."""
+    X, y, _ = _data("all-slots")
+    yc = y + (X[:, 2] > 0.5)  # three classes: K = 4, one empty slot per period
+    model = ml.RandomForestClassifier(n_estimators=3, max_depth=3, random_state=0).fit(X, yc).compile(X)
+    server = load_server(model.circuit_.to_dict())
+    client = load_client(model.circuit_.client_spec())
+    Xq = X[:3]
+    plain = model._raw(Xq, "disable")
+    floor = model._raw(np.full((1, 3), -1e9), "disable")[0]  # all-zero code
+    for layout in ("batch", "row"):
+        response = server.run(client.encrypt(Xq, layout), client.public_bundle(layout))
+        keys = client.keys(layout)
+        _, cts = keys.context.unpack(response, max_size=3)
+        vectors = [keys.decrypt_complex(ct) for ct in cts]
+        for v in vectors:
+            assert np.max(np.abs(v.imag)) < 1e-3
+        if layout == "row":
+            for i, v in enumerate(vectors):
+                period = np.r_[plain[i], 0.0].astype(np.float64)
+                np.testing.assert_allclose(v.real, np.tile(period, len(v) // 4), atol=1e-3)
+        else:
+            for c, v in enumerate(vectors):
+                expect = np.full(len(v), floor[c])
+                expect[:3] = plain[:, c]
+                np.testing.assert_allclose(v.real, expect, atol=1e-3)
