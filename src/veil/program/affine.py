@@ -55,7 +55,7 @@ class InputLimit:
         if not isinstance(d, dict) or not isinstance(d.get("magnitudes"), list):
             raise WireFormatError("an input limit is an object with magnitudes, limit and value_limit")
         values = [*d["magnitudes"], d.get("limit"), d.get("value_limit")]
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 2 ** 1023 and math.isfinite(v)
                    for v in values):
             raise WireFormatError("input limit magnitudes, limit and value_limit must be finite non-negative numbers")
         return cls(tuple(float(w) for w in d["magnitudes"]), float(d["limit"]), float(d["value_limit"]))

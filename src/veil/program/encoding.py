@@ -36,7 +36,7 @@ class ThermometerEncoding:
         for f, row in enumerate(edges):
             try:
                 arr = np.asarray(row, dtype=np.float64)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond a float
                 raise WireFormatError(f"edges of feature {f} must be numbers") from None
             if arr.ndim != 1 or not 1 <= len(arr) <= MAX_EDGES:
                 raise ShapeError(f"feature {f} needs 1 to {MAX_EDGES} edges, got shape {arr.shape}")
@@ -80,6 +80,9 @@ class ThermometerEncoding:
         if not isinstance(d, dict) or d.get("kind") != KIND or not isinstance(d.get("edges"), list):
             raise WireFormatError("not a thermometer encoding")
         strict_int(len(d["edges"]), "number of encoded features", 1, MAX_WIDTH, ShapeError)
+        if not all(isinstance(row, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in row)
+                   for row in d["edges"]):
+            raise WireFormatError("edges must be lists of numbers")  # numpy would parse "1.5" and True
         return cls(d["edges"])
 
 

@@ -97,7 +97,7 @@ class LayoutPlan:
         params = CKKSParameters.from_dict(d.get("params"))
         bounds = d.get("input_bounds")
         if not isinstance(bounds, list) or not all(
-                isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b) and b >= 0
+                isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 2 ** 1023 and math.isfinite(b)
                 for b in bounds):
             raise WireFormatError("input_bounds must be a list of finite non-negative numbers")
         steps = d.get("rotation_steps")

@@ -60,6 +60,11 @@ ROW_SCALE_BITS = 30
 N=8192, far below what 0/1 products and tree outputs need) over a larger ring at 2^32: its
 rotations cost N * primes^2, so the ring is most of its latency."""
 
+MAX_ROW_WORDS = 1 << 27
+"""Largest row-layout selection (nonzero diagonals x N x data primes, 8-byte words: 1 GiB of encoded
+plaintexts): beyond it a model has no row plan (the batch layout serves it), and a forged artefact
+claiming one is refused at load instead of allocating tens of gigabytes on its first request."""
+
 MAX_FACTORS = 16
 MAX_LITERAL_TERMS = 8
 MAX_DENSE = 1 << 25
@@ -118,8 +123,10 @@ class ProductSum:
 
     def evaluate(self, X: np.ndarray) -> np.ndarray:
         """The plaintext reference on inputs X (n, n_inputs)."""
-        W, c = self.literal_matrix()
-        lit = np.column_stack([np.asarray(X, dtype=np.float64) @ W.T + c, np.ones(len(X))])
+        X = np.asarray(X, dtype=np.float64)
+        lit = np.ones((len(X), len(self.literals) + 1))  # the last column is the constant 1 (index -1)
+        for k, (const, terms) in enumerate(self.literals):
+            lit[:, k] = const + sum(w * X[:, i] for i, w in terms)
         prod = np.prod(lit[:, self.factors], axis=2)  # index -1 is the column of ones
         out = np.tile(self.base, (len(X), 1))
         np.add.at(out.T, self.outputs, (prod * self.values).T)
@@ -141,7 +148,6 @@ class ProductSum:
         """The batch-layout program (module docstring): pairing Linears with weights +-1 and the
         products p_r, identical pairs computed once, then values and base."""
         paths = [list(row) for row in self.factors]
-        W_lit, c_lit = self.literal_matrix()
         ops: list = []
         unit, prev_width = 1.0, self.n_inputs
         for r in range(self.rounds):
@@ -160,13 +166,17 @@ class ProductSum:
                 for x in (x1, x2):
                     if x < 0:
                         b[j] += unit
-                    elif r == 0:
-                        W[j] += W_lit[x]
-                        b[j] += c_lit[x]
+                    elif r == 0:  # the literals are sparse: never a dense (literals x inputs) matrix
+                        const, terms = self.literals[x]
+                        b[j] += const
+                        for i, w in terms:
+                            W[j, i] += w
                     else:
                         W[j, x] += 1.0
             ops += [Linear(W, b), Poly((0.0, -unit, 1.0))]
             unit, prev_width = 2.0 * unit * unit, len(pair_ids)
+        if self.n_outputs * prev_width > MAX_DENSE:
+            raise ShapeError(f"{self.n_outputs} outputs of {prev_width} products is more than the batch layout holds")
         W_out = np.zeros((self.n_outputs, prev_width))
         np.add.at(W_out, (self.outputs, [p[0] for p in paths]), self.values / unit)
         ops.append(Linear(W_out, self.base))
@@ -205,6 +215,8 @@ class ProductSum:
         if not all(_number(v) for v in d["values"] + d["base"]) or not all(_index(v) for v in d["outputs"] + groups):
             raise WireFormatError("values and base must be numbers, outputs and groups integer indices")
         widths = {len(r) for r in factors}
+        if not factors:
+            raise ShapeError("a product sum needs at least one term")
         if len(widths) > 1:
             raise ShapeError("every term must have the same number of factors")
         return cls(d.get("n_inputs"), literals, np.asarray(factors, dtype=np.int64).reshape(len(factors), -1),
@@ -213,7 +225,9 @@ class ProductSum:
 
 
 def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    # a JSON integer may be too large for a float (math.isfinite would raise OverflowError)
+    return (isinstance(v, float) and math.isfinite(v)) or (isinstance(v, int) and not isinstance(v, bool)
+                                                         and abs(v) < 2 ** 1023)
 
 
 def _index(v: object, low: int = 0) -> bool:
@@ -247,6 +261,23 @@ class SlotGeometry:
             sums.append(step)
             step *= 2
         self.sum_steps = tuple(sums)
+
+    def n_diagonals(self, ps: ProductSum) -> int:
+        """Nonzero diagonals of the selection (`SlotCircuit._selection`), counted without allocating."""
+        ks: set[int] = set()
+        for t, row in enumerate(ps.factors):
+            for p in range(self.pairs):
+                e = p * self.h + int(self.term_slot[t])
+                for lit in (row[2 * p], row[2 * p + 1]):
+                    if lit >= 0:
+                        ks.update((i - e) % self.period for i, _ in ps.literals[lit][1])
+        return len(ks)
+
+    def check_size(self, ps: ProductSum, params: CKKSParameters) -> None:
+        words = self.n_diagonals(ps) * params.poly_modulus_degree * len(params.coeff_modulus_bits)
+        if words > MAX_ROW_WORDS:
+            raise ShapeError(f"the row layout's selection would encode {words * 8 / 2 ** 30:.1f} GiB of diagonals: "
+                             "use the batch layout")
 
     @property
     def rotation_steps(self) -> tuple[int, ...]:
@@ -418,6 +449,7 @@ class ProductSumCircuit(LeveledCircuit):
             if p.layout != "row":
                 raise WireFormatError(f"plan for {p.layout!r} filed under 'row'")
             geometry = SlotGeometry(self.products, p.params.slot_count)
+            geometry.check_size(self.products, p.params)
             _check_row_plan(p, self.products.n_inputs, slot_row_levels(self.products), geometry)
             if self.products.output_bound() >= 2.0 ** (p.params.coeff_modulus_bits[0] - p.scale_bits - 2):
                 raise WireFormatError("the row plan's first prime cannot hold this program's outputs")
@@ -506,6 +538,11 @@ def plan_product_sum(ps: ProductSum, X: np.ndarray, headroom: float = DEFAULT_HE
                     geometry = None
                     break
                 params = CKKSParameters(larger[0], params.coeff_modulus_bits)
+        if geometry is not None:
+            try:
+                geometry.check_size(ps, params)
+            except ShapeError:
+                geometry = None
         if geometry is not None:
             plans["row"] = LayoutPlan("row", params, s, (1.0,) * ps.n_inputs, True, geometry.rotation_steps,
                                       next_pow2(ps.n_inputs), False)
