@@ -102,8 +102,8 @@ def test_disable_is_the_library_model_on_grid_cells_exactly(name):
 def test_from_fitted_library_model_snaps_thresholds_and_reports_the_cost(name):
     Xtr, Xte, ytr, yte = _split("breast_cancer")
     library = _library(getattr(ml, name)(random_state=0, **SMALL[name])).fit(Xtr, ytr)
-    model = ml.from_sklearn_model(library, Xtr, n_bits=6)
-    assert type(model).__name__ == name and model.n_bits == 6
+    model = ml.from_sklearn_model(library, Xtr, n_bits=5)
+    assert type(model).__name__ == name and model.n_bits == 5
     assert model.quantization_agreement_ >= 0.9
     assert np.mean(model.predict(Xtr) == library.predict(Xtr)) == pytest.approx(model.quantization_agreement_)
     enc = model.predict(Xte, fhe="execute")

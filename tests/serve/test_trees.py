@@ -65,9 +65,9 @@ def test_served_trees_equal_plaintext(setup, server, layout):
         np.testing.assert_allclose(raw, clf._raw(Xc, "disable"), atol=1e-3)
         np.testing.assert_allclose(client.predict(Xr, "diabetes", layout=layout), reg.predict(Xr), rtol=1e-3)
         if layout == "row":
-            assert np.array_equal(client.predict(Xc, "cancer", layout=layout), clf.predict(Xc))
-            np.testing.assert_allclose(client.predict_proba(Xc, "cancer", layout=layout), clf.predict_proba(Xc),
-                                       atol=1e-3)
+            assert np.array_equal(client.predict(Xc[:4], "cancer", layout=layout), clf.predict(Xc[:4]))
+            np.testing.assert_allclose(client.predict_proba(Xc[:4], "cancer", layout=layout),
+                                       clf.predict_proba(Xc[:4]), atol=1e-3)
 
 
 def test_model_detail_names_the_kind_and_the_row_keys(setup, server):

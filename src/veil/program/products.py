@@ -52,9 +52,18 @@ from veil.program.encoding import ThermometerEncoding, load_encoding
 from veil.program.ir import MAX_DIM, Linear, Poly, Program, normalise
 from veil.program.leveled import COST_MS_PER_PRIME, LeveledCircuit, ProgramClient, check_plans
 from veil.program.packing import BatchLayout, DiagonalLayout, next_pow2
-from veil.program.planner import DEFAULT_HEADROOM, DEGREES, LAYOUTS, LayoutPlan, choose_parameters, plan
+from veil.program.planner import (
+    DEFAULT_HEADROOM,
+    DEGREES,
+    LAYOUTS,
+    NOISE_SLOTS,
+    LayoutPlan,
+    choose_parameters,
+    plan,
+)
 
 KIND = "product-sum"
+MAX_OUTPUT_SHIFT = 200
 ROW_SCALE_BITS = 30
 """The row layout prefers the smaller ring at a scale of 2^30 (about 2e-6 of noise per level at
 N=8192, far below what 0/1 products and tree outputs need) over a larger ring at 2^32: its
@@ -131,6 +140,11 @@ class ProductSum:
         out = np.tile(self.base, (len(X), 1))
         np.add.at(out.T, self.outputs, (prod * self.values).T)
         return out
+
+    def scaled(self, factor: float) -> ProductSum:
+        """The same product sum with every value and the base multiplied by `factor`."""
+        return ProductSum(self.n_inputs, self.literals, self.factors, self.values * factor, self.outputs,
+                          self.base * factor, self.groups)
 
     def output_bound(self) -> float:
         """Largest |f_c| on 0/1 literals: |base_c| plus, per group, its largest |v_t|. A group is
@@ -428,30 +442,46 @@ def _check_row_plan(p: LayoutPlan, n_inputs: int, levels: int | None, geometry: 
         raise WireFormatError("the row plan's rotation steps are not the ones its program needs")
 
 
+def output_shift(ps: ProductSum) -> int:
+    """k such that the output bound times 2^k is in [1, 2): CKKS noise is absolute (about 1e-6
+    per level, 1e-4 after the row layout's rotate-and-sum), so outputs are computed at unit
+    magnitude and the client divides by 2^k; tiny regression targets keep their relative precision,
+    large ones a small first prime."""
+    bound = ps.output_bound()
+    if bound <= 0.0:
+        return 0
+    return int(np.clip(-math.floor(math.log2(bound)), -MAX_OUTPUT_SHIFT, MAX_OUTPUT_SHIFT))
+
+
 class ProductSumCircuit(LeveledCircuit):
     """Server side of a product sum: the batch layout runs its lowered program on the leveled
-    backend, the row layout runs `SlotCircuit`. Only the product sum (weights included) is stored."""
+    backend, the row layout runs `SlotCircuit`, both on the product sum scaled by 2^output_shift
+    (`output_shift`); the client divides. Only the product sum (weights included) and the shift
+    are stored."""
 
     kind = KIND
 
     def __init__(self, ps: ProductSum, plans: dict[str, LayoutPlan], encoding: ThermometerEncoding | None = None,
-                 ) -> None:
-        self.products = ps
+                 shift: int = 0) -> None:
+        if isinstance(shift, bool) or not isinstance(shift, int) or abs(shift) > MAX_OUTPUT_SHIFT:
+            raise WireFormatError(f"the output shift must be an integer of at most {MAX_OUTPUT_SHIFT} in magnitude")
+        self.products, self.shift = ps, shift
+        self.evaluated = ps.scaled(2.0**shift)
         self._slots: SlotCircuit | None = None
-        program = ps.lower()
-        super().__init__(normalise(program), ps.n_inputs, plans, encoding)
+        super().__init__(normalise(self.evaluated.lower()), ps.n_inputs, plans, encoding)
 
     def _check_plans(self, plans: dict[str, LayoutPlan]) -> dict[str, LayoutPlan]:
         batch = {k: v for k, v in plans.items() if k != "row"}
-        checked = super()._check_plans(batch) if batch else {}
+        # the inputs of a product sum are 0/1 (its literals' contract), as the planner assumed
+        checked = check_plans(batch, self.n_inputs, len(self.stages), self.stages, non_negative=True) if batch else {}
         if "row" in plans:
             p = plans["row"]
             if p.layout != "row":
                 raise WireFormatError(f"plan for {p.layout!r} filed under 'row'")
-            geometry = SlotGeometry(self.products, p.params.slot_count)
-            geometry.check_size(self.products, p.params)
-            _check_row_plan(p, self.products.n_inputs, slot_row_levels(self.products), geometry)
-            if self.products.output_bound() >= 2.0 ** (p.params.coeff_modulus_bits[0] - p.scale_bits - 2):
+            geometry = SlotGeometry(self.evaluated, p.params.slot_count)
+            geometry.check_size(self.evaluated, p.params)
+            _check_row_plan(p, self.evaluated.n_inputs, slot_row_levels(self.evaluated), geometry)
+            if self.evaluated.output_bound() >= 2.0 ** (p.params.coeff_modulus_bits[0] - p.scale_bits - 2):
                 raise WireFormatError("the row plan's first prime cannot hold this program's outputs")
             checked["row"] = p
         if not checked:
@@ -460,7 +490,7 @@ class ProductSumCircuit(LeveledCircuit):
 
     def slot_circuit(self) -> SlotCircuit:
         if self._slots is None:
-            self._slots = SlotCircuit(self.products, self.plans["row"].params.slot_count)
+            self._slots = SlotCircuit(self.evaluated, self.plans["row"].params.slot_count)
         return self._slots
 
     def layout(self, name: object) -> BatchLayout | DiagonalLayout | SlotLayout:
@@ -470,7 +500,7 @@ class ProductSumCircuit(LeveledCircuit):
         return super().layout(name)
 
     def to_dict(self) -> dict:
-        return {"kind": KIND, "products": self.products.to_dict(),
+        return {"kind": KIND, "products": self.products.to_dict(), "output_shift": self.shift,
                 "plans": {k: v.to_dict() for k, v in self.plans.items()}, **self._encoding_dict()}
 
     @classmethod
@@ -478,7 +508,26 @@ class ProductSumCircuit(LeveledCircuit):
         if not isinstance(d, dict) or d.get("kind") != KIND or not isinstance(d.get("plans"), dict):
             raise WireFormatError("not a product-sum circuit")
         return cls(ProductSum.from_dict(d.get("products")),
-                   {k: LayoutPlan.from_dict(v) for k, v in d["plans"].items()}, load_encoding(d.get("encoding")))
+                   {k: LayoutPlan.from_dict(v) for k, v in d["plans"].items()}, load_encoding(d.get("encoding")),
+                   d.get("output_shift", 0))
+
+    def client_spec(self) -> dict:
+        """The leveled client's specification plus the output shift the client divides by."""
+        return {**super().client_spec(), "output_shift": self.shift}
+
+    def evaluate(self, X: np.ndarray) -> np.ndarray:
+        return self.products.evaluate(self.encode(X))
+
+    def simulate(self, X: np.ndarray, layout: str = "batch", rng: np.random.Generator | None = None) -> np.ndarray:
+        """The leveled simulation of the lowered program, unscaled; for the row layout plus the
+        noise its rotate-and-sum gathers from every slot (sqrt(slots) times one level's)."""
+        rng = rng if rng is not None else np.random.default_rng()
+        out = super().simulate(X, "batch" if layout == "row" and "batch" in self.plans else layout, rng)
+        if layout == "row":
+            plan = self.plans["row"]
+            sigma = NOISE_SLOTS * plan.params.poly_modulus_degree / 2.0**plan.scale_bits
+            out = out + rng.normal(size=out.shape) * sigma * math.sqrt(plan.params.slot_count)
+        return out / 2.0**self.shift
 
     def cost_ms(self, layout: str) -> float:
         if layout != "row":
@@ -486,7 +535,7 @@ class ProductSumCircuit(LeveledCircuit):
         plan = self.plans["row"]
         primes = len(plan.params.coeff_modulus_bits) - 1
         per = plan.params.poly_modulus_degree / 8192
-        return slot_cost_ms(self.products, self.slot_circuit().geometry, COST_MS_PER_PRIME, primes) * per
+        return slot_cost_ms(self.evaluated, self.slot_circuit().geometry, COST_MS_PER_PRIME, primes) * per
 
     def _run_row(self, x: Ciphertext, bundle: PublicBundle, packing: Any) -> Ciphertext:
         return self.slot_circuit().run(x, bundle)
@@ -496,6 +545,17 @@ class ProductSumClient(ProgramClient):
     """Client side of a product sum: the leveled client, with the row layout's packing."""
 
     kind = KIND
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__(spec)
+        shift = spec.get("output_shift", 0)
+        if isinstance(shift, bool) or not isinstance(shift, int) or abs(shift) > MAX_OUTPUT_SHIFT:
+            raise WireFormatError(f"the output shift must be an integer of at most {MAX_OUTPUT_SHIFT} in magnitude")
+        self.shift = shift
+
+    def decrypt(self, response: bytes, n_samples: int | None = None) -> np.ndarray:
+        """Outputs of a response, divided by the 2^output_shift they were computed at."""
+        return super().decrypt(response, n_samples) / 2.0**self.shift
 
     def _check_plans(self, plans: dict[str, LayoutPlan], depth: int) -> dict[str, LayoutPlan]:
         batch = {k: v for k, v in plans.items() if k != "row"}
@@ -552,9 +612,10 @@ def plan_product_sum(ps: ProductSum, X: np.ndarray, headroom: float = DEFAULT_HE
 def compile_product_sum(ps: ProductSum, X: np.ndarray, encoding: ThermometerEncoding | None = None,
                         headroom: float = DEFAULT_HEADROOM) -> ProductSumCircuit:
     """Plan and build the circuit of a product sum for raw inputs X (encoded first, if an
-    encoding is given)."""
+    encoding is given), its outputs computed at unit magnitude (`output_shift`)."""
     Xe = encoding.encode(X) if encoding is not None else np.asarray(X, dtype=np.float64)
-    return ProductSumCircuit(ps, plan_product_sum(ps, Xe, headroom), encoding)
+    shift = output_shift(ps)
+    return ProductSumCircuit(ps, plan_product_sum(ps.scaled(2.0**shift), Xe, headroom), encoding, shift)
 
 
 __all__ = ["ProductSum", "ProductSumCircuit", "ProductSumClient", "SlotCircuit", "SlotGeometry", "SlotLayout",
