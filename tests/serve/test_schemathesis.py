@@ -1,8 +1,9 @@
 """Property-based fuzzing of the whole HTTP API from its own OpenAPI schema (schemathesis), in-process
 over ASGI, with every default check on, a fixed seed and few examples per operation.
 
-The server holds two deployed models, a linear one (iris) and a network (mlp: leveled program,
-other parameters, 3-component responses), and a registered key for each; positive cases use them
+The server holds three deployed models, a linear one (iris), a network (mlp: leveled program,
+other parameters, 3-component responses) and a tree ensemble (trees: product-sum program over a
+public input grid, relinearization keys), and a registered key for each; positive cases use them
 half the time (chosen by the generated data, so runs are reproducible) to reach the deep paths,
 not only 404s.
 One deliberate setting: operations whose body is opaque to any schema (a CKKS ciphertext, a key
@@ -65,11 +66,12 @@ as_client, as_admin = _schema_as("alice"), _schema_as("admin")
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    """Two deployed models (a linear one and a network) and alice's registered key for each."""
+    """Three deployed models (linear, network, trees) and alice's registered key for each."""
     root = tmp_path_factory.mktemp("fuzz")
     X, y = load_iris(return_X_y=True)
     models = {"iris": ml.LogisticRegression(max_iter=500).fit(X, y),
-              "mlp": ml.MLPClassifier(hidden_layer_sizes=(4,), max_iter=20, random_state=0).fit(X, y)}
+              "mlp": ml.MLPClassifier(hidden_layer_sizes=(4,), max_iter=20, random_state=0).fit(X, y),
+              "trees": ml.DecisionTreeClassifier(max_depth=3, random_state=0).fit(X, y)}
     keys = {}
     for name, model in models.items():
         path = model.compile(X).save(root / name)
@@ -88,7 +90,7 @@ def _known_objects(case, api) -> None:
     params = case.path_parameters or {}
     model = "iris"
     if "name" in params and len(str(params["name"])) % 2 == 0:
-        model = "mlp" if len(str(params["name"])) % 4 == 0 else "iris"
+        model = ("iris", "mlp", "trees")[len(str(params["name"])) % 3]
         params["name"] = model
     if "key_id" in params and case.method.upper() == "GET" and len(str(params["key_id"])) % 2 == 0:
         params["key_id"] = api[model]
