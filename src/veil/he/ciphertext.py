@@ -191,13 +191,20 @@ class Ciphertext:
         return self
 
 
-def add_many(values: list[Ciphertext]) -> Ciphertext:
-    """Sum of aligned ciphertexts (one SEAL call)."""
+def aligned(values: list[Ciphertext], what: str) -> Ciphertext:
+    """The first of `values` once all are checked to share its parameters, level and scale (so a
+    loop over their SEAL objects may combine them directly)."""
     if not values:
-        raise ValueError("nothing to add")
+        raise ValueError(f"nothing to {what}")
     first = values[0]
     for v in values[1:]:
-        first._check_aligned(v, "add")
+        first._check_aligned(v, what)
+    return first
+
+
+def add_many(values: list[Ciphertext]) -> Ciphertext:
+    """Sum of aligned ciphertexts (one SEAL call)."""
+    first = aligned(values, "add")
     if len(values) == 1:
         return first.copy()
     return Ciphertext(first.context, first.context.evaluator.add_many([v.data for v in values]))

@@ -24,7 +24,7 @@ import seal
 
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
-from veil.he.ciphertext import Ciphertext, add_many
+from veil.he.ciphertext import Ciphertext, add_many, aligned
 from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.encoding import ThermometerEncoding, load_encoding
 from veil.program.ir import Linear, Op, Poly, Program, is_exact
@@ -300,9 +300,7 @@ class LeveledCircuit(ServerBase):
         """y_j = sum_i w_ji x_i + b_j, weights encoded at the prime the rescale removes. The hot
         loop calls SEAL directly (one product and one in-place sum per non-zero weight): the
         operands are aligned by construction, having been checked as one level and one scale."""
-        first = xs[0]
-        for x in xs[1:]:
-            first._check_aligned(x, "combine")
+        first = aligned(xs, "combine")
         ctx, q = first.context, float(first.next_prime())
         ev, pid, scale = ctx.evaluator, first.data.parms_id(), first.scale
         datas = [x.data for x in xs]
@@ -329,9 +327,7 @@ class LeveledCircuit(ServerBase):
         """y_j = sum_i w_ji x_i + b_j with small integer weights: additions and subtractions of
         ciphertexts at one level and scale (larger integers as products by a scale-1 plaintext,
         which changes no scale), then the bias at that scale. No rescale: no level is used."""
-        first = xs[0]
-        for x in xs[1:]:
-            first._check_aligned(x, "combine")
+        first = aligned(xs, "combine")
         ctx = first.context
         ev, pid, scale = ctx.evaluator, first.data.parms_id(), first.scale
         datas = [x.data for x in xs]
