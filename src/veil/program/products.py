@@ -311,9 +311,9 @@ class SlotCircuit:
     """The row-layout evaluation of a `ProductSum` (module docstring): diagonals and masks are
     encoded once per level and cached."""
 
-    def __init__(self, ps: ProductSum, slots: int) -> None:
+    def __init__(self, ps: ProductSum, geometry: SlotGeometry) -> None:
         self.ps = ps
-        self.geometry = SlotGeometry(ps, slots)
+        self.geometry = geometry
         self._diagonals: list[list[tuple[int, seal.Plaintext]]] | None = None
         self._diag_vectors, self._bias = self._selection()
 
@@ -468,6 +468,7 @@ class ProductSumCircuit(LeveledCircuit):
         self.products, self.shift = ps, shift
         self.evaluated = ps.scaled(2.0**shift)
         self._slots: SlotCircuit | None = None
+        self._row_geometry: SlotGeometry | None = None  # set by _check_plans when there is a row plan
         super().__init__(normalise(self.evaluated.lower()), ps.n_inputs, plans, encoding)
 
     def _check_plans(self, plans: dict[str, LayoutPlan]) -> dict[str, LayoutPlan]:
@@ -481,6 +482,7 @@ class ProductSumCircuit(LeveledCircuit):
             geometry = SlotGeometry(self.evaluated, p.params.slot_count)
             geometry.check_size(self.evaluated, p.params)
             _check_row_plan(p, self.evaluated.n_inputs, slot_row_levels(self.evaluated), geometry)
+            self._row_geometry = geometry
             if self.evaluated.output_bound() >= 2.0 ** (p.params.coeff_modulus_bits[0] - p.scale_bits - 2):
                 raise WireFormatError("the row plan's first prime cannot hold this program's outputs")
             checked["row"] = p
@@ -490,7 +492,8 @@ class ProductSumCircuit(LeveledCircuit):
 
     def slot_circuit(self) -> SlotCircuit:
         if self._slots is None:
-            self._slots = SlotCircuit(self.evaluated, self.plans["row"].params.slot_count)
+            assert self._row_geometry is not None
+            self._slots = SlotCircuit(self.evaluated, self._row_geometry)
         return self._slots
 
     def layout(self, name: object) -> BatchLayout | DiagonalLayout | SlotLayout:
@@ -535,7 +538,8 @@ class ProductSumCircuit(LeveledCircuit):
         plan = self.plans["row"]
         primes = len(plan.params.coeff_modulus_bits) - 1
         per = plan.params.poly_modulus_degree / 8192
-        return slot_cost_ms(self.evaluated, self.slot_circuit().geometry, COST_MS_PER_PRIME, primes) * per
+        assert self._row_geometry is not None
+        return slot_cost_ms(self.evaluated, self._row_geometry, COST_MS_PER_PRIME, primes) * per
 
     def _run_row(self, x: Ciphertext, bundle: PublicBundle, packing: Any) -> Ciphertext:
         return self.slot_circuit().run(x, bundle)
