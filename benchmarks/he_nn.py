@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,14 @@ def session(model: Any, X: np.ndarray, layout: str) -> tuple[Any, Any, PublicBun
     return client, server, bundle
 
 
-def one_batch(model: Any, X: np.ndarray) -> dict:
-    """Phases and bytes of one in-process batch-layout request (server loads the artefact from JSON)."""
+def argmax_labels(model: Any, raw: np.ndarray) -> np.ndarray:
+    """Classes of raw outputs for the networks here (the CNN's outputs are plain logits)."""
+    return raw.argmax(1)
+
+
+def one_batch(model: Any, X: np.ndarray, labels: Callable[[Any, np.ndarray], np.ndarray] = argmax_labels) -> dict:
+    """Phases and bytes of one in-process batch-layout request (server loads the artefact from JSON);
+    `labels` turns raw outputs into the classes compared with the plaintext model's."""
     X = X.reshape(len(X), -1)
     client, server, bundle = session(model, X, "batch")
     t0 = time.perf_counter()
@@ -119,23 +126,28 @@ def one_batch(model: Any, X: np.ndarray) -> dict:
     ref = model._raw(X, "disable")
     return {"n": len(X), "encrypt_s": t1 - t0, "server_s": t2 - t1, "decrypt_s": t3 - t2,
             "samples_per_s": len(X) / (t3 - t0), "bytes_up": len(request), "bytes_down": len(response),
-            "agreement": float(np.mean(out.argmax(1) == ref.argmax(1)))}
+            "input_ciphertexts": client.layout("batch").n_input_cts(len(X)),
+            "agreement": float(np.mean(labels(model, out) == labels(model, ref)))}
 
 
-def throughput(model: Any, X: np.ndarray, workers: int) -> dict:
-    """End-to-end batch-layout throughput through predict's chunked executor."""
+def throughput(model: Any, X: np.ndarray, workers: int,
+               labels: Callable[[Any, np.ndarray], np.ndarray] = argmax_labels, warm: bool = True) -> dict:
+    """End-to-end batch-layout throughput through predict's chunked executor (with `warm`, the
+    worker pool is started by an untimed run of two chunks first)."""
     ref = model._raw(X, "disable")
-    chunk = parallel.DEFAULT_CHUNK_CTS * model.fhe_client.params["batch"].slot_count
-    raw(model, X[:chunk + 1], "batch", workers)  # two chunks start the worker pool: not timed
+    if warm:
+        chunk = parallel.DEFAULT_CHUNK_CTS * model.fhe_client.params["batch"].slot_count
+        raw(model, X[:chunk + 1], "batch", workers)
     t = time.perf_counter()
     out = raw(model, X, "batch", workers)
     elapsed = time.perf_counter() - t
     return {"n": len(X), "workers": workers, "seconds": elapsed, "samples_per_s": len(X) / elapsed,
-            "agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
+            "agreement": float(np.mean(labels(model, out) == labels(model, ref))),
             "max_abs_error": float(np.max(np.abs(out - ref)))}
 
 
-def latency(model: Any, X: np.ndarray, runs: int) -> dict:
+def latency(model: Any, X: np.ndarray, runs: int,
+            labels: Callable[[Any, np.ndarray], np.ndarray] = argmax_labels) -> dict:
     """Single samples, row layout, warm keys: median end-to-end milliseconds and bytes."""
     X = X.reshape(len(X), -1)
     client, server, bundle = session(model, X, "row")
@@ -146,7 +158,7 @@ def latency(model: Any, X: np.ndarray, runs: int) -> dict:
         response = server.run(request, bundle)
         out = client.decrypt(response)
         totals.append(time.perf_counter() - t)
-        agree += int(out.argmax(1)[0] == model._raw(X[i:i + 1], "disable").argmax(1)[0])
+        agree += int(labels(model, out)[0] == labels(model, model._raw(X[i:i + 1], "disable"))[0])
         up, down = len(request), len(response)
     return {"runs": runs, "median_ms": 1e3 * statistics.median(totals), "min_ms": 1e3 * min(totals),
             "bytes_up": up, "bytes_down": down, "agreement": agree / runs}
