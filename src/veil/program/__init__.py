@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from veil.errors import ShapeError, WireFormatError
+from veil.errors import WireFormatError
 from veil.he import CKKSParameters
 from veil.program.affine import CircuitClient, LinearCircuit
 from veil.program.encoding import ThermometerEncoding
@@ -27,17 +27,13 @@ Client = CircuitClient | ProgramClient
 
 
 def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
-                    presets: dict[str, str] | None = None, encoding: ThermometerEncoding | None = None) -> Circuit:
+                    presets: dict[str, str] | None = None) -> Circuit:
     """Plan and build the circuit of any program. A program that normalises to one affine map (a
     linear model, or a network whose activations are all affine) runs on the depth-0 affine
     backend: no rescale, one 60-bit prime, no evaluation keys in batch layout; anything with a
-    square runs on the leveled backend. With a public input `encoding`, X holds raw features and
-    the program reads their encoding (the client encodes before encrypting)."""
+    square runs on the leveled backend. (Programs over a public input encoding, tree ensembles, are
+    product sums: `compile_product_sum`.)"""
     stages = normalise(program)
-    if encoding is not None:
-        if len(stages) == 1:
-            raise ShapeError("a program over an input encoding must have a square (the leveled backend)")
-        X = encoding.encode(X)
     if len(stages) == 1:
         only = stages[0]
         assert isinstance(only, Linear)
@@ -45,8 +41,8 @@ def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom
         return LinearCircuit.calibrate(only.weight, only.bias, X, presets=presets, input_bounds=input_bounds,
                                        **kwargs)
     kwargs = {} if headroom is None else {"headroom": headroom}
-    stages, plans = plan(program, X, input_bounds=input_bounds, non_negative=encoding is not None, **kwargs)
-    return LeveledCircuit(stages, program.n_inputs, plans, encoding)
+    stages, plans = plan(program, X, input_bounds=input_bounds, **kwargs)
+    return LeveledCircuit(stages, program.n_inputs, plans)
 
 
 def load_server(data: Any) -> Circuit:
