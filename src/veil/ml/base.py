@@ -55,6 +55,16 @@ class EncryptedModelMixin:
         check_is_fitted(self, self._fitted_attr)
         return check_features(self, X, encrypted)
 
+    def _set_circuit(self, circuit: Circuit) -> None:
+        """Install a compiled circuit; the in-process client (keys for the previous one) goes."""
+        self.circuit_ = circuit
+        self.__dict__.pop("fhe_client_", None)
+
+    def _forget_circuit(self) -> None:
+        """After (re)fitting: a compiled circuit and its client describe the previous model."""
+        for attr in ("circuit_", "fhe_client_"):
+            self.__dict__.pop(attr, None)
+
     def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None) -> np.ndarray:
         """Raw outputs (n_samples, n_outputs) computed in the requested mode. With fhe="execute",
         inputs above one chunk (`parallel.DEFAULT_CHUNK_CTS` full ciphertexts) run chunk by chunk

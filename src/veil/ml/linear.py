@@ -118,8 +118,7 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
             if hasattr(scalers[0], "feature_names_in_"):
                 self.feature_names_in_ = scalers[0].feature_names_in_
         self.output_spec_ = self._output_spec(model, coef)
-        for attr in ("circuit_", "fhe_client_"):
-            self.__dict__.pop(attr, None)
+        self._forget_circuit()
 
     def _output_spec(self, model: Any, coef: np.ndarray) -> OutputSpec:
         return OutputSpec("regressor", ravel=coef.ndim == 1)
@@ -162,10 +161,8 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
 
         `input_bounds` (scalar or per feature) states the largest |x| the model must accept; by
         default twice the largest magnitude in X. Inputs beyond it are refused with PrecisionError."""
-        check_is_fitted(self, "weights_")
         X = self._check_X(X)
-        self.circuit_ = compile_program(self.program_, X, input_bounds, headroom, presets)
-        self.__dict__.pop("fhe_client_", None)
+        self._set_circuit(compile_program(self.program_, X, input_bounds, headroom, presets))
         return self
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import validate_data
 from torch import nn
 
 from veil.errors import ShapeError
@@ -125,8 +125,7 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
         self.network_ = net.eval()
         self.program_ = self._to_program()
         self.output_spec_ = self._output_spec()
-        for attr in ("circuit_", "fhe_client_"):
-            self.__dict__.pop(attr, None)
+        self._forget_circuit()
         return self
 
     def _to_program(self) -> Program:
@@ -146,10 +145,8 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
                 headroom: float = DEFAULT_HEADROOM) -> _EncryptedMLP:
         """Plan CKKS parameters for inputs like X (each feature up to twice its largest calibration
         magnitude, or `input_bounds`); returns self."""
-        check_is_fitted(self, "program_")
         X = self._check_X(X)
-        self.circuit_ = compile_program(self.program_, X, input_bounds, headroom)
-        self.__dict__.pop("fhe_client_", None)
+        self._set_circuit(compile_program(self.program_, X, input_bounds, headroom))
         return self
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:

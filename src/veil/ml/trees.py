@@ -377,7 +377,6 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
             raise ShapeError(f"could not read this {type(model).__name__}'s trees exactly (its outputs differ "
                              f"from the extracted trees by up to {spread:.3g})")
         ens.base = np.asarray(ens.base, dtype=np.float64) + offset.mean(axis=0)
-        self.ensemble_ = ens
         self.program_ = ensemble_products(ens, encoding, n_outputs)
         if not cells:
             plain = self._library_raw(model, X)
@@ -386,8 +385,7 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
             if self._classifier:
                 self.quantization_agreement_ = float(np.mean(self.output_spec_.predict(plain)
                                                              == self.output_spec_.predict(snapped)))
-        for attr in ("circuit_", "fhe_client_"):
-            self.__dict__.pop(attr, None)
+        self._forget_circuit()
 
     @classmethod
     def from_sklearn_model(cls, sklearn_model: Any, X: Any = None, n_bits: int = DEFAULT_N_BITS,
@@ -415,8 +413,7 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
         """Plan CKKS parameters (the encoded inputs are bits, so X only needs the right shape and
         finite values; the grid stays the one `fit` drew); returns self."""
         X = self._check_X(X)
-        self.circuit_ = compile_product_sum(self.program_, X, self.encoding_, headroom)
-        self.__dict__.pop("fhe_client_", None)
+        self._set_circuit(compile_product_sum(self.program_, X, self.encoding_, headroom))
         return self
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
