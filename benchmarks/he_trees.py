@@ -61,10 +61,7 @@ SIZES = {"decision_tree_d5": 32768, "random_forest_50": 16384, "xgboost_100": 32
 def accuracy(model: Any, Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray) -> dict:
     """Library model on raw features, the grid model (disable), the encrypted model (execute), and
     a library model converted with from_sklearn_model (thresholds snapped to the grid)."""
-    params = model.get_params()
-    params.pop("n_bits")
-    params.pop("grid")
-    library = model._library(**params).fit(Xtr, ytr)
+    library = model._library(**model._library_params()).fit(Xtr, ytr)
     converted = type(model).from_sklearn_model(library, Xtr)
     enc = model.predict(Xte, fhe="execute", layout="batch")
     return {"library": float(library.score(Xte, yte)), "grid_disable": float(model.score(Xte, yte)),

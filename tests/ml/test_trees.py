@@ -32,10 +32,7 @@ def _split(name: str):
 
 def _library(model: trees._EncryptedTreeModel):
     """The unencrypted library model with the same parameters, trained on raw features."""
-    params = model.get_params()
-    params.pop("n_bits")
-    params.pop("grid")
-    return model._library(**params)
+    return model._library(**model._library_params())
 
 
 @pytest.mark.parametrize("dataset", CLASSIFICATION)
