@@ -156,6 +156,56 @@ def test_dead_worker_raises_executor_error_not_a_hang(digits_model):
         assert ex._pool is None
 
 
+class DyingServer:
+    """A server that exits abruptly on its second chunk: a worker killed in the middle of a run."""
+
+    def __init__(self, server_dict: dict) -> None:
+        self.circuit, self.calls = LinearCircuit.from_dict(server_dict), 0
+
+    def run(self, request: bytes, bundle) -> bytes:
+        self.calls += 1
+        if self.calls == 2:
+            os._exit(9)
+        return self.circuit.run(request, bundle)
+
+
+@pytest.mark.timeout(120)
+def test_worker_killed_mid_run_raises_executor_error(digits_model):
+    args = setup(digits_model)
+    args["load_server"] = DyingServer
+    with ChunkedExecutor(**args) as ex:
+        with pytest.raises(ExecutorError, match="exit status 9"):
+            ex.run(resampled(6 * SLOTS), "batch", chunk_rows=SLOTS, progress=False)
+        assert ex._pool is None
+
+
+NO_GUARD_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from veil.ml import LogisticRegression
+
+    X, y = load_digits(return_X_y=True)
+    model = LogisticRegression(max_iter=2000).fit(X, y).compile(X)
+    rows = np.tile(X, (23, 1))[:40_000]
+    print("agreement", np.mean(model.predict(rows, fhe="execute", workers=2) == model.predict(rows)))
+""")
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("how", ["script", "stdin"])
+def test_script_without_main_guard_predicts_40000_rows(tmp_path, how):
+    """Workers are fresh interpreters that never import the caller's __main__, so a plain script
+    (and `python -`) needs no `if __name__ == "__main__":` guard; multiprocessing's spawn re-ran
+    the script in every worker, which then hung the parent."""
+    script = tmp_path / "plain.py"
+    script.write_text(NO_GUARD_SCRIPT)
+    command = [sys.executable, str(script)] if how == "script" else [sys.executable, "-"]
+    out = subprocess.run(command, input=None if how == "script" else NO_GUARD_SCRIPT, capture_output=True,
+                         text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["agreement", "1.0"], out.stdout
+
+
 def test_loaders_must_be_picklable(digits_model):
     args = setup(digits_model)
     args["load_server"] = lambda d: LinearCircuit.from_dict(d)

@@ -20,26 +20,33 @@ only pipes to the client's own worker processes; no server process ever sees the
 deployment the server workers are separate machines or processes that receive only the public
 bundle and ciphertexts.
 
-Worker processes are started with the "spawn" method (torch may be loaded in the parent, which
-makes fork unsafe), so a script that triggers a parallel run must guard its entry point with
-``if __name__ == "__main__":`` as with any multiprocessing code.
+Workers are fresh interpreters (`python -m veil.program.worker`), not multiprocessing children:
+they import veil only, never the caller's `__main__`, so a plain script without an
+``if __name__ == "__main__":`` guard, a notebook and ``python -`` work alike (multiprocessing's
+"spawn" re-runs the script in every child, which then dies or waits forever). Parent and worker
+exchange length-prefixed pickles over the worker's stdin and stdout (`send_frame`, `recv_frame`);
+the worker moves its stdout to stderr first, so nothing the libraries print corrupts the frames.
+A worker that exits, is killed or never starts closes its pipe: the parent sees the end of the
+stream and raises `ExecutorError` with the worker's exit status and last lines of stderr.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
+import contextlib
 import hashlib
 import math
-import multiprocessing
 import os
 import pickle
+import queue
+import struct
+import subprocess
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -53,7 +60,13 @@ chunks per worker balance the load and each in-flight chunk stays at tens of meg
 IN_FLIGHT_PER_WORKER = 2
 PROGRESS_MIN_CHUNKS = 16
 """With progress=None a bar is shown (on a terminal) from this many chunks on."""
-START_METHOD = "spawn"
+START_TIMEOUT = 300.0
+"""Seconds a new worker may take to import veil and rebuild its circuits before it counts as
+failed to start (a few seconds normally; generous for a loaded machine)."""
+STOP_TIMEOUT = 10.0
+STDERR_LINES = 20
+"""Last lines of a worker's stderr kept for the error raised when it dies."""
+WORKER_MODULE = "veil.program.worker"
 
 Loader = Callable[[dict], Any]
 
@@ -81,29 +94,175 @@ def _build(server_dict: dict, client_spec: dict, load_server: Loader, load_clien
     return _Pipeline(server, client)
 
 
-_worker_pipeline: _Pipeline | None = None
-_worker_error: BaseException | None = None
-
-
-def _init_worker(server_dict: dict, client_spec: dict, load_server: Loader, load_client: Loader,
-                 keys: dict[str, bytes]) -> None:
-    """Pool initializer. A failure is kept and raised by the first task, so the caller gets the
-    typed exception instead of a broken pool."""
-    global _worker_pipeline, _worker_error
-    try:
-        _worker_pipeline = _build(server_dict, client_spec, load_server, load_client, keys)
-    except Exception as exc:
-        _worker_error = exc
-
-
-def _run_chunk(layout: str, data: bytes, dtype: str, n_features: int) -> np.ndarray:
-    """Worker task: rebuild the chunk from raw bytes and run the whole pipeline on it."""
-    if _worker_error is not None:
-        raise _worker_error
-    if _worker_pipeline is None:
-        raise ExecutorError("worker process was not initialised")
+def run_chunk(pipeline: _Pipeline, layout: str, data: bytes, dtype: str, n_features: int) -> np.ndarray:
+    """One task: rebuild the chunk's rows from raw bytes and run the whole pipeline on them."""
     X = np.frombuffer(data, dtype=dtype).reshape(-1, n_features)
-    return _worker_pipeline(X, layout)
+    return pipeline(X, layout)
+
+
+_HEADER = struct.Struct(">Q")
+
+
+def send_frame(stream: IO[bytes], obj: Any) -> None:
+    """Write one length-prefixed pickle and flush it."""
+    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(blob)))
+    stream.write(blob)
+    stream.flush()
+
+
+def recv_frame(stream: IO[bytes]) -> Any:
+    """Read one frame written by `send_frame`; EOFError at a clean or truncated end of stream."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError("end of stream")
+    size = _HEADER.unpack(header)[0]
+    blob = stream.read(size)
+    if len(blob) < size:
+        raise EOFError("stream ended inside a frame")
+    return pickle.loads(blob)
+
+
+def portable_exception(exc: BaseException) -> BaseException:
+    """`exc` if it survives a pickle round trip (its type and notes reach the parent), otherwise
+    an ExecutorError carrying its type name and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return ExecutorError(f"{type(exc).__name__}: {exc}")
+
+
+def _worker_env() -> dict[str, str]:
+    """The parent's environment with its import path, so a worker finds veil (and any module a
+    loader lives in) where the parent found them."""
+    env = dict(os.environ)
+    paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))
+    return env
+
+
+class _Worker:
+    """One worker interpreter and the threads that feed it tasks and read its replies.
+
+    Replies land on the pool's shared queue as (worker, message); when the worker's stdout ends
+    (it exited, was killed, or failed to start), the reader posts (worker, None)."""
+
+    def __init__(self, index: int, setup: bytes, replies: queue.Queue) -> None:
+        self.index = index
+        executable = sys.executable or "python3"
+        self.proc = subprocess.Popen([executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_worker_env())
+        self.stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        self.tasks: queue.Queue = queue.Queue()
+        self.in_flight = 0
+        self.tasks.put(setup)
+        self._replies = replies
+        for target, name in ((self._write, "writer"), (self._read, "reader"), (self._drain, "stderr")):
+            threading.Thread(target=target, name=f"veil-worker-{index}-{name}", daemon=True).start()
+
+    def _write(self) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            while (item := self.tasks.get()) is not None:
+                if isinstance(item, bytes):
+                    stdin.write(item)
+                    stdin.flush()
+                else:
+                    send_frame(stdin, item)
+        except (OSError, ValueError):
+            pass  # the worker is gone: its reader reports it
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                self._replies.put((self, recv_frame(stdout)))
+        except Exception:
+            self._replies.put((self, None))
+
+    def _drain(self) -> None:
+        stderr = self.proc.stderr
+        assert stderr is not None
+        for line in iter(stderr.readline, b""):
+            self.stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    def death(self) -> ExecutorError:
+        """The error for a worker whose stream ended: exit status and the end of its stderr."""
+        try:
+            code = self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        tail = "\n".join(self.stderr)
+        return ExecutorError(
+            f"a worker process died during encrypted evaluation (exit status {code}: killed or out of "
+            f"memory?); retry with fewer workers or smaller chunks" + (f"\nits last output:\n{tail}" if tail else ""))
+
+    def stop(self) -> None:
+        self.tasks.put(None)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _ProcessPool:
+    """`workers` worker interpreters holding the same circuits and keys, fed chunk tasks.
+
+    Start-up: each worker receives the setup frame and answers ("ready",) once its circuits are
+    built, or ("error", exception); the pool is usable when all are ready. Tasks: the caller puts
+    one on the least busy worker (`submit`) and collects ("ok" | "error", task id, value) replies
+    (`next_reply`); a worker's end of stream raises ExecutorError instead of waiting forever."""
+
+    def __init__(self, workers: int, setup: tuple) -> None:
+        blob = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _HEADER.pack(len(blob)) + blob
+        self.replies: queue.Queue = queue.Queue()
+        self.workers: list[_Worker] = []
+        try:
+            for i in range(workers):
+                self.workers.append(_Worker(i, frame, self.replies))
+            ready = 0
+            while ready < workers:
+                _, message = self._get(START_TIMEOUT, "start")
+                if message[0] == "error":
+                    raise message[1]
+                ready += 1
+        except BaseException:
+            self.close()
+            raise
+
+    def _get(self, timeout: float | None, doing: str) -> tuple[_Worker, Any]:
+        try:
+            worker, message = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise ExecutorError(f"worker processes did not {doing} within {timeout:.0f} s") from None
+        if message is None:
+            raise worker.death()
+        return worker, message
+
+    def submit(self, task_id: int, task: tuple) -> None:
+        worker = min(self.workers, key=lambda w: w.in_flight)
+        worker.in_flight += 1
+        worker.tasks.put(("task", task_id, *task))
+
+    def next_reply(self) -> tuple[str, int, Any]:
+        """The next task reply: ("ok", task id, outputs) or ("error", task id, exception)."""
+        worker, message = self._get(None, "answer")
+        worker.in_flight -= 1
+        return message
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
 
 
 def _chunk_bytes(X: Any, lo: int, hi: int) -> tuple[bytes, str]:
@@ -146,7 +305,7 @@ class ChunkedExecutor:
         self.workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
         self.client = load_client(client_spec)
         self._local: _Pipeline | None = None
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: _ProcessPool | None = None
         self._lock = threading.Lock()
         ref = weakref.ref(self)
         atexit.register(lambda: (ex := ref()) is not None and ex.close())
@@ -204,8 +363,8 @@ class ChunkedExecutor:
     def _pooled(self, X: Any, layout: str, bounds: list[tuple[int, int]],
                 n_features: int) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
         pool = self._get_pool()
-        pending: dict[Future, tuple[int, int]] = {}
-        todo = iter(bounds)
+        pending: dict[int, tuple[int, int]] = {}
+        todo = enumerate(bounds)
         limit = IN_FLIGHT_PER_WORKER * self.workers
         try:
             while True:
@@ -213,55 +372,42 @@ class ChunkedExecutor:
                     nxt = next(todo, None)
                     if nxt is None:
                         break
-                    data, dtype = _chunk_bytes(X, *nxt)
-                    pending[pool.submit(_run_chunk, layout, data, dtype, n_features)] = nxt
+                    task_id, (lo, hi) = nxt
+                    data, dtype = _chunk_bytes(X, lo, hi)
+                    pool.submit(task_id, (layout, data, dtype, n_features))
+                    pending[task_id] = (lo, hi)
                 if not pending:
                     return
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    lo, hi = pending.pop(fut)
-                    try:
-                        Y = fut.result()
-                    except BrokenProcessPool as exc:
-                        self._discard_pool()
-                        raise ExecutorError(
-                            "a worker process died during encrypted evaluation (killed or out of "
-                            "memory?), or could not start (a script using parallel execution must "
-                            "guard its entry point with `if __name__ == \"__main__\":`); retry with "
-                            "fewer workers or smaller chunks") from exc
-                    except Exception as exc:
-                        exc.add_note(f"in the chunk of rows {lo}:{hi} (sample numbers above count from {lo})")
-                        raise
-                    yield (lo, hi), Y
+                status, task_id, value = pool.next_reply()
+                lo, hi = pending.pop(task_id)
+                if status == "error":
+                    value.add_note(f"in the chunk of rows {lo}:{hi} (sample numbers above count from {lo})")
+                    raise value
+                yield (lo, hi), value
         finally:
-            for fut in pending:
-                fut.cancel()
+            if pending:
+                self._discard_pool()  # replies still due would be taken for a later run's
 
     def _local_pipeline(self) -> _Pipeline:
         if self._local is None:
             self._local = _build(*self._setup)
         return self._local
 
-    def _get_pool(self) -> ProcessPoolExecutor:
+    def _get_pool(self) -> _ProcessPool:
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self.workers, mp_context=multiprocessing.get_context(START_METHOD),
-                    initializer=_init_worker, initargs=self._setup)
+                self._pool = _ProcessPool(self.workers, self._setup)
             return self._pool
 
     def _discard_pool(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.close()
 
     def close(self) -> None:
         """Stop the worker processes (idempotent); a later `run` starts a new pool."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        self._discard_pool()
 
     def __enter__(self) -> ChunkedExecutor:
         return self
