@@ -19,6 +19,7 @@ from veil.he import HEContext, PublicBundle, SecretKeys, wire
 from veil.he.params import CKKSParameters, preset
 from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.ir import MAX_DIM, Linear
+from veil.program.kinds import CircuitKind, register
 from veil.program.packing import LAYOUTS, BatchLayout, RowLayout, make_layout
 
 DEFAULT_HEADROOM = 16.0
@@ -208,10 +209,20 @@ def _check_scales(scales: object) -> dict[str, LayoutScales]:
     return scales
 
 
-class LinearCircuit(ServerBase):
-    """Server side of the affine map: weights, bias and the scales per layout."""
+class AffineKind:
+    """The `affine` kind's answers, alike on both halves: depth 0, Galois keys for the row
+    layout's rotations only, never relinearization keys."""
 
     kind = "affine"
+    depth = 0
+
+    def evaluation_keys(self, layout: str) -> tuple[bool, tuple[int, ...]]:
+        packing = self.layout(layout)
+        return False, tuple(packing.rotation_steps) if isinstance(packing, RowLayout) else ()
+
+
+class LinearCircuit(AffineKind, ServerBase):
+    """Server side of the affine map: weights, bias and the scales per layout."""
 
     def __init__(self, weights: np.ndarray, bias: np.ndarray, scales: dict[str, LayoutScales]) -> None:
         self.weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
@@ -317,6 +328,11 @@ class LinearCircuit(ServerBase):
     def input_scale(self, layout: str) -> float:
         return 2.0 ** self.scales[layout].input_bits
 
+    def agreement(self) -> dict[str, Any]:
+        return {"input_bits": {k: v.input_bits for k, v in self.scales.items()},
+                "input_limits": {k: v.input_limit.to_dict() for k, v in self.scales.items()},
+                "per_slot": {k: v.per_slot for k, v in self.scales.items()}}
+
     def run(self, request: bytes, bundle: PublicBundle) -> bytes:
         """Evaluate the map on an encrypted request; the answer is ciphertexts only."""
         name, layout, ctx, cts, n = self.open_request(request, bundle)
@@ -385,7 +401,7 @@ class LinearCircuit(ServerBase):
         return Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
 
 
-class CircuitClient(ClientBase):
+class CircuitClient(AffineKind, ClientBase):
     """Client side: keys, encryption of inputs in a layout, decryption of outputs."""
 
     def __init__(self, spec: dict) -> None:
@@ -426,6 +442,11 @@ class CircuitClient(ClientBase):
             raise ShapeError("these keys were made for other parameters")
         self._keys[layout] = keys
 
+    def agreement(self) -> dict[str, Any]:
+        return {"input_bits": dict(self.input_bits),
+                "input_limits": {k: v.to_dict() for k, v in self.input_limits.items()},
+                "per_slot": dict(self.per_slot)}
+
     def encrypt(self, X: np.ndarray, layout: str) -> bytes:
         X = self.check_input(X)
         keys, lay = self.keys(layout), self.layout(layout)
@@ -438,3 +459,6 @@ class CircuitClient(ClientBase):
     def _decryptor(self, layout: str, keys: SecretKeys) -> Any:
         """Two samples per slot decode from both parts of each complex slot."""
         return keys.decrypt_complex if self.per_slot[layout] == 2 else keys.decrypt
+
+
+register(CircuitKind("affine", LinearCircuit.from_dict, CircuitClient))

@@ -1,5 +1,7 @@
-"""What the affine and leveled circuits and their clients share: layout lookup from untrusted
-headers, a per-layout SEAL context cache, the input check, and the checks on a response."""
+"""What the circuits of every kind and their clients share: layout lookup from untrusted headers,
+a per-layout SEAL context cache, the input check, the checks on a response, and the interface a
+circuit kind answers on both halves (`veil.program.kinds`): `kind`, `depth`, `layout_params`,
+`evaluation_keys` and `agreement`."""
 
 from __future__ import annotations
 
@@ -26,7 +28,30 @@ def checked_layout(name: object, known: dict[str, Any]) -> str:
     return name
 
 
-class ServerBase:
+class KindInterface:
+    """What both halves of a model answer alike, whatever its kind (`veil.program.kinds`)."""
+
+    kind: str
+
+    @property
+    def depth(self) -> int:
+        """Rescales of the deepest layout (0 for a depth-0 program)."""
+        raise NotImplementedError
+
+    def layout_params(self) -> dict[str, CKKSParameters]:
+        raise NotImplementedError
+
+    def evaluation_keys(self, layout: str) -> tuple[bool, tuple[int, ...]]:
+        """(relinearization keys needed, Galois rotation steps) of a layout."""
+        raise NotImplementedError
+
+    def agreement(self) -> dict[str, Any]:
+        """What the server and the client of one model must agree on beyond shapes and keys
+        (plans, input scales, encodings), as comparable plain values."""
+        raise NotImplementedError
+
+
+class ServerBase(KindInterface):
     """A SEAL context per layout, built on first use (`scales[layout].params`), and the checks every
     request passes before any evaluation; a circuit kind supplies `layout` (its packing) and
     `input_scale`."""
@@ -34,6 +59,9 @@ class ServerBase:
     scales: dict[str, Any]
     n_features: int
     _contexts: dict[str, HEContext]
+
+    def layout_params(self) -> dict[str, CKKSParameters]:
+        return {name: s.params for name, s in self.scales.items()}
 
     def layout(self, name: object) -> Any:
         raise NotImplementedError
@@ -72,7 +100,7 @@ class ServerBase:
         return name, packing, ctx, cts, n
 
 
-class ClientBase:
+class ClientBase(KindInterface):
     """Keys per layout, the input check and decryption with its checks; a circuit kind supplies
     `layout` (its packing), `keys` and, where a response may hold 3-component ciphertexts or two
     samples per slot, `response_max_size` and `_decryptor`."""
@@ -82,6 +110,9 @@ class ClientBase:
     params: dict[str, CKKSParameters]
     _keys: dict[str, Any]
     response_max_size = 2
+
+    def layout_params(self) -> dict[str, CKKSParameters]:
+        return dict(self.params)
 
     def layout(self, name: object) -> Any:
         raise NotImplementedError

@@ -28,6 +28,7 @@ from veil.he.ciphertext import Ciphertext, add_many, aligned
 from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.encoding import ThermometerEncoding, load_encoding
 from veil.program.ir import Linear, Op, Poly, Program, is_exact
+from veil.program.kinds import CircuitKind, register
 from veil.program.packing import BatchLayout, DiagonalLayout
 from veil.program.planner import (
     NOISE_SLOTS,
@@ -112,10 +113,29 @@ def make_packing(plan: LayoutPlan, n_features: int, n_outputs: int) -> BatchLayo
     return DiagonalLayout(slots, n_features, n_outputs, plan.half)
 
 
-class LeveledCircuit(ServerBase):
-    """Server side of a leveled program: stages (weights stay here) and per-layout plans."""
+class LeveledKind:
+    """The answers of the leveled kinds, alike on both halves: everything follows from the plans
+    (and the public input encoding)."""
 
     kind = KIND
+    plans: dict[str, LayoutPlan]
+    encoding: ThermometerEncoding | None
+
+    @property
+    def depth(self) -> int:
+        return max(len(p.params.coeff_modulus_bits) - 2 for p in self.plans.values())
+
+    def evaluation_keys(self, layout: str) -> tuple[bool, tuple[int, ...]]:
+        plan = self.plans[layout]
+        return plan.relin, tuple(plan.rotation_steps)
+
+    def agreement(self) -> dict[str, Any]:
+        return {"plans": {k: v.to_dict() for k, v in self.plans.items()},
+                "encoding": None if self.encoding is None else self.encoding.to_dict()}
+
+
+class LeveledCircuit(LeveledKind, ServerBase):
+    """Server side of a leveled program: stages (weights stay here) and per-layout plans."""
 
     def __init__(self, stages: list[Op], n_inputs: int, plans: dict[str, LayoutPlan],
                  encoding: ThermometerEncoding | None = None) -> None:
@@ -412,10 +432,9 @@ class LeveledCircuit(ServerBase):
         return x
 
 
-class ProgramClient(ClientBase):
+class ProgramClient(LeveledKind, ClientBase):
     """Client side of a leveled program: keys per layout, encryption, decryption."""
 
-    kind = KIND
     response_max_size = 3  # the last square may be left unrelinearized
 
     def __init__(self, spec: dict) -> None:
@@ -481,3 +500,6 @@ class ProgramClient(ClientBase):
         scale = 2.0 ** plan.scale_bits
         cts = [keys.encrypt(v, scale) for v in packing.pack(X)]
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X), "n_features": self.n_features})
+
+
+register(CircuitKind(KIND, LeveledCircuit.from_dict, ProgramClient))

@@ -11,11 +11,11 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from veil.errors import VeilError
+from veil.errors import VeilError, WireFormatError
 from veil.he import PublicBundle
 from veil.he.keys import key_id
 from veil.ml import ModelClient, ModelServer
-from veil.program import CircuitClient, LeveledCircuit, LinearCircuit, ProgramClient, depth, key_needs
+from veil.program import describe
 from veil.serve.auth import Principal
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import ConflictError, ForbiddenError, IntegrityError, NotFoundError, ServeError
@@ -44,32 +44,13 @@ def _identity(name: str, version: int, kind: str, digest: str) -> str:
 
 def _describe(model: ModelServer, spec: ModelClient) -> dict[str, Any]:
     """The public description of a deployment, after checking that its two halves describe the
-    same program: same kind, shapes, layouts, parameters and evaluation keys, and (for a leveled
-    program) the same plans; a client built from a mismatched client.json could only fail later,
-    on every request."""
-    circuit, client = model.circuit, spec.circuit
-    if isinstance(client, ProgramClient) != isinstance(circuit, LeveledCircuit):
-        raise ServeError("server and client artefacts describe different models (kinds differ)")
-    if (client.n_features, client.n_outputs) != (circuit.n_features, circuit.n_outputs):
-        raise ServeError("server and client artefacts describe different models")
-    needs = key_needs(circuit)
-    if key_needs(client) != needs:
-        raise ServeError("server and client artefacts describe different models (layouts, parameters or keys)")
-    if isinstance(circuit, LeveledCircuit) and isinstance(client, ProgramClient):
-        if circuit.kind != client.kind or client.plans != circuit.plans:
-            raise ServeError("server and client artefacts describe different models (kinds or plans differ)")
-        if (None if client.encoding is None else client.encoding.to_dict()) != (
-                None if circuit.encoding is None else circuit.encoding.to_dict()):
-            raise ServeError("server and client artefacts describe different models (input encodings differ)")
-    elif (isinstance(circuit, LinearCircuit) and isinstance(client, CircuitClient)
-          and (client.input_bits, client.input_limits, client.per_slot)
-          != ({k: v.input_bits for k, v in circuit.scales.items()},
-              {k: v.input_limit for k, v in circuit.scales.items()},
-              {k: v.per_slot for k, v in circuit.scales.items()})):
-        raise ServeError("server and client artefacts describe different models (input scales or limits differ)")
-    return {"model": model.model, "kind": circuit.kind, "depth": depth(circuit),
-            "n_features": circuit.n_features, "n_outputs": circuit.n_outputs,
-            "layouts": sorted(needs), "keys": needs}
+    same program (`veil.program.describe`): a client built from a mismatched client.json could
+    only fail later, on every request."""
+    try:
+        described = describe(model.circuit, spec.circuit)
+    except WireFormatError as exc:
+        raise ServeError(str(exc)) from None
+    return {"model": model.model, **described}
 
 
 class _LRU(OrderedDict):
