@@ -1,6 +1,7 @@
 """What the federated server receives: under SecAgg+ no owner's row count, metric or statistic in clear,
 and the server app never reads the owners' rows (README, "What the server learns"). In-process grid."""
 
+import random
 import re
 import sys
 from typing import ClassVar
@@ -267,3 +268,37 @@ def test_a_training_round_secagg_cannot_finish_stops_the_run(monkeypatch):
     monkeypatch.setattr(SklearnLearner, "fit", failing)
     with pytest.raises(FederationError, match="round 1: no aggregate"):
         run_simulation(FLConfig(**{**SKEW, "secagg": True}), engine="inprocess")
+
+
+def test_the_documented_limit_sampled_rounds_reveal_counts_through_their_totals(monkeypatch):
+    """README, "Limits": SecAgg+ hands the server each round's total weight (the rows of the owners that
+    answered). With 3 of 5 owners sampled per round, 8 rounds of subset totals give every owner's count."""
+    import flwr.server.workflow.secure_aggregation.secaggplus_workflow as workflow
+
+    totals, answered = [], {}
+    unmask_stage, factor_extract = workflow.SecAggPlusWorkflow.unmask_stage, workflow.factor_extract
+
+    def unmask(self, grid, context, state):
+        answered["nodes"], answered["max_weight"] = sorted(state.active_node_ids), state.max_weight
+        return unmask_stage(self, grid, context, state)
+
+    def extract(parameters):
+        factor, rest = factor_extract(parameters)
+        totals.append((answered["nodes"], factor / SECAGG_LEVELS * answered["max_weight"]))
+        return factor, rest
+
+    monkeypatch.setattr(workflow.SecAggPlusWorkflow, "unmask_stage", unmask)
+    monkeypatch.setattr(workflow, "factor_extract", extract)
+    state = random.getstate()
+    random.seed(0)  # Flower samples owners with the `random` module: a fixed draw of subsets
+    try:
+        run_simulation(FLConfig(**{**SKEW, "secagg": True, "rounds": 8, "fraction_fit": 0.6}), engine="inprocess")
+    finally:
+        random.setstate(state)
+    nodes = sorted({n for subset, _ in totals for n in subset})
+    sampled = [(subset, total) for subset, total in totals if len(subset) == 3]
+    everyone = max(total for subset, total in totals if len(subset) == OWNERS)  # N, from a statistics round
+    A = np.array([[float(n in subset) for n in nodes] for subset, _ in sampled] + [[1.0] * OWNERS])
+    counts = np.linalg.lstsq(A, np.array([t for _, t in sampled] + [everyone]), rcond=None)[0]
+    assert len(sampled) == 8 and np.linalg.matrix_rank(A) == OWNERS
+    assert sorted(np.round(counts).astype(int).tolist()) == SIZES
