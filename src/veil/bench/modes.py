@@ -389,9 +389,9 @@ def federated(ctx: Context, secagg: bool) -> dict[str, Any]:
     what = "logistic regression (1 L-BFGS iteration per round)" if fl_model == "logreg" else (
         f"torch MLP {d.X_train.shape[1]}-64-{len(d.classes)}, ReLU-fitted quadratic, "
         f"{cfg.epochs} local epochs per round")
-    threat = ("the server sees only the SecAgg+ sum of the owners' updates (and aggregate feature statistics); "
-              "each owner keeps its rows" if secagg else
-              "the server sees every owner's model update and feature statistics; each owner keeps its rows")
+    threat = ("the server sees only the SecAgg+ sum of the owners' updates (and aggregate feature statistics, "
+              "the total row count); each owner keeps its rows" if secagg else
+              "the server sees every owner's model update, feature statistics and row count; each owner keeps its rows")
     return row("FL + SecAgg+" if secagg else "FL", f"Flower, {cfg.clients} owners, {cfg.rounds} rounds, {what}; "
                "round = training time per round against the same local training done once on all rows; "
                "inference = the federated model on ciphertexts (batch layout)",

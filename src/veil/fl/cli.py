@@ -44,6 +44,7 @@ def _config(args: argparse.Namespace) -> Any:
                     rounds=15 if args.rounds is None else args.rounds,
                     strategy=args.strategy, partition=args.partition, alpha=args.alpha, seed=args.seed,
                     max_iter=args.max_iter, epochs=args.epochs, lr=args.lr, secagg=args.secagg,
+                    secagg_max_rows=args.secagg_max_rows,
                     dp=args.dp, noise_multiplier=args.noise_multiplier, clipping_norm=args.clipping_norm,
                     delta=args.delta, proximal_mu=args.proximal_mu,
                     scaling="off" if args.no_standardize else args.scaling, stats_noise=args.stats_noise,
@@ -211,6 +212,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=0.3, help="local learning rate (torch)")
     run.add_argument("--proximal-mu", type=float, default=0.1, help="FedProx proximal term (torch)")
     run.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+ (server sees only the sum)")
+    run.add_argument("--secagg-max-rows", type=int, default=100_000,
+                     help="SecAgg+: public bound on one owner's rows (an owner with more drops out visibly)")
     run.add_argument("--dp", choices=("off", "server", "client"), default="off",
                      help="Gaussian DP with server-side or client-side fixed clipping")
     run.add_argument("--noise-multiplier", type=float, default=1.0)

@@ -39,6 +39,26 @@ class Dataset:
         return np.unique(np.concatenate([self.y_train, self.y_test]))
 
 
+@dataclass
+class HeldOut:
+    """The server's part of a named dataset: its held-out rows and the task's public description (the
+    number of features and the label set, None for regression), never the training rows the owners split."""
+
+    X: np.ndarray
+    y: np.ndarray
+    n_features: int
+    classes: np.ndarray | None
+
+
+def held_out(name: str, test_size: float = 0.2, seed: int = 0) -> HeldOut:
+    """The held-out split of `load_dataset(name, test_size, seed)` and the task description.
+
+    A bundled or `.npz` dataset is one file holding every row, so it is read whole and split; the
+    training split is dropped here, before anything on the server could use it."""
+    data = load_dataset(name, test_size, seed)
+    return HeldOut(data.X_test, data.y_test, data.X_test.shape[1], data.classes)
+
+
 def load_dataset(name: str, test_size: float = 0.2, seed: int = 0) -> Dataset:
     """A bundled dataset by name, or a `.npz` file with arrays X and y (task inferred from y's dtype).
 

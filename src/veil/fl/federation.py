@@ -4,6 +4,10 @@ Both use Flower's compatibility API (`NumPyClient`, `flwr.server.strategy`, `Def
 the only one on which SecAgg+ works in Flower 1.41. The same app objects run on the simulation
 engine (configuration captured in Python) and the deployment engine (configuration read from the
 run config and each SuperNode's node config).
+
+The server app never holds an owner's rows: it gets the configuration, its own held-out set and the
+task's public description (`Task`: feature count and label set), and under SecAgg+ it learns row counts
+only as sums inside the secure aggregate (see `masked_only_mod` and `veil.fl.preprocessing`).
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Parameters, Status
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp.grid import Grid
 
 from veil.errors import FederatedConfigError, FederationError
 from veil.fl import preprocessing as prep
-from veil.fl.data import Dataset, load_dataset
+from veil.fl.data import Dataset, HeldOut, held_out, load_dataset
 from veil.fl.learners import make_learner
 from veil.fl.partition import partition
 from veil.fl.preprocessing import FederatedScaler
@@ -54,6 +60,10 @@ class FLConfig:
     instead let each owner converge to its own optimum, and FedAvg of those drifts away from the
     central one under label skew. Torch models take 10 local epochs of SGD at `lr=0.3` (batches of 32)
     on standardized features, which reaches central accuracy on the same datasets.
+
+    `secagg_max_rows` is the public bound on one owner's rows under SecAgg+: the first round counts rows
+    in units of it (an owner with more drops out visibly), and the resulting bound on the total is
+    SecAgg+'s max_weight for weighting owners by rows (`veil.fl.preprocessing`, "SecAgg+ and row counts").
     """
 
     dataset: str = "digits"
@@ -74,6 +84,7 @@ class FLConfig:
     secagg_shares: int = 0
     secagg_threshold: int = 0
     secagg_clip: float = 8.0
+    secagg_max_rows: int = 100_000
     dp: str = "off"
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0
@@ -105,7 +116,22 @@ class FLConfig:
             raise FederatedConfigError(f"min_clients must be in [1, clients={self.clients}], got {self.min_clients}")
         if self.round_timeout < 0 or self.stats_noise < 0 or self.stats_clip <= 0:
             raise FederatedConfigError("round_timeout and stats_noise must be >= 0 and stats_clip > 0")
+        if self.secagg_max_rows < 1:
+            raise FederatedConfigError(f"secagg_max_rows must be >= 1, got {self.secagg_max_rows}")
+        if self.secagg and self.dp == "server":
+            raise FederatedConfigError("dp='server' clips each owner's update on the server, which under SecAgg+ "
+                                       "holds only their sum (the epsilon would not hold): use dp='client'")
         self.fault_map()
+
+    def row_weighted(self, stage: int | None = None) -> bool:
+        """Whether owners weigh by their row count in a training round (`stage` None) or statistics
+        stage `stage` (see `veil.fl.preprocessing`); otherwise each owner weighs 1.
+
+        Never under DP (one owner then moves the mean by at most C/m), nor in statistics stages 0 and 1,
+        which only fix units and count rows (and so need no `max_weight` under SecAgg+)."""
+        if self.dp != "off":
+            return False
+        return stage is None or (stage >= 2 and self.stats_noise == 0)
 
     def min_fit(self, fraction: float) -> int:
         """Owners sampled per round: `fraction` of all, at least `min_clients`."""
@@ -202,9 +228,31 @@ class FLResult:
                 "export": self.export, "traffic": self.traffic}
 
 
+@dataclass
+class Task:
+    """The learning task's public description, agreed by every party before training: the number of
+    features and the label set (None for regression). Server and owners build the same model from it,
+    so neither derives it from another owner's rows."""
+
+    n_features: int
+    classes: np.ndarray | None = None
+
+    @classmethod
+    def of_arrays(cls, n_features: int, labels: list[np.ndarray]) -> Task:
+        """The description of a split its author holds whole (a simulation): the union of its labels,
+        or None when they are not integers (regression)."""
+        y = np.concatenate([np.asarray(part) for part in labels])
+        return cls(n_features, np.unique(y) if y.dtype.kind in "iub" else None)
+
+
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, seed: int) -> Dataset:
     return load_dataset(name, seed=seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _held_out(name: str, seed: int) -> HeldOut:
+    return held_out(name, seed=seed)
 
 
 @functools.lru_cache(maxsize=4)
@@ -214,24 +262,24 @@ def _partitions(name: str, seed: int, clients: int, scheme: str, alpha: float) -
 
 
 def _owners(cfg: FLConfig, partitions: list | None) -> list:
+    """The owners' rows (owner side only): `partitions`, or the named dataset's training split cut as
+    `cfg` says, of which each SuperNode takes its own."""
     if partitions is not None:
         return partitions
     return _partitions(cfg.dataset, cfg.seed, cfg.clients, cfg.partition, cfg.alpha)
 
 
-def _shape_of(cfg: FLConfig, partitions: list | None) -> tuple[int, np.ndarray | None]:
-    """(n_features, all classes or None): from the named dataset, or the union of the owners' labels."""
-    if partitions is None:
-        data = _dataset(cfg.dataset, cfg.seed)
-        return data.X_train.shape[1], data.classes
-    labels = np.concatenate([np.asarray(p[1]) for p in partitions])
-    return np.asarray(partitions[0][0]).shape[1], np.unique(labels) if labels.dtype.kind in "iub" else None
+def _task(cfg: FLConfig, task: Task | None) -> Task:
+    """`task`, or the named dataset's description."""
+    if task is not None:
+        return task
+    view = _held_out(cfg.dataset, cfg.seed)
+    return Task(view.n_features, view.classes)
 
 
-def _learner(cfg: FLConfig, partitions: list | None) -> Any:
-    n_features, classes = _shape_of(cfg, partitions)
-    return make_learner(cfg.model, n_features, classes, max_iter=cfg.max_iter, epochs=cfg.epochs, lr=cfg.lr,
-                        seed=cfg.seed)
+def _learner(cfg: FLConfig, task: Task) -> Any:
+    return make_learner(cfg.model, task.n_features, task.classes, max_iter=cfg.max_iter, epochs=cfg.epochs,
+                        lr=cfg.lr, seed=cfg.seed)
 
 
 def _fault(weights: list[np.ndarray], kind: str) -> list[np.ndarray]:
@@ -258,9 +306,16 @@ class OwnerClient(NumPyClient):
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return self.learner.get_weights()
 
-    def _weight(self, n: int) -> int:
-        # under DP every owner gets the same weight, so one owner moves the mean by at most C/m
-        return 1 if self.cfg.dp != "off" else n
+    def _weight(self, n: int, stage: int | None, config: dict) -> int:
+        """This owner's weight in a round (`FLConfig.row_weighted`): its `n` rows, or 1. Under SecAgg+ a
+        row weight goes inside the masked vector as n / max_weight, so it must not exceed the round's
+        public `veil-max-weight`: SecAgg+ would only log a warning and clip."""
+        if not self.cfg.row_weighted(stage):
+            return 1
+        if self.cfg.secagg and n > float(config.get("veil-max-weight", 0)):
+            raise FederatedConfigError("this owner holds more rows than the round's SecAgg+ max_weight (an owner "
+                                       "that missed the statistics rounds, or rows beyond secagg_max_rows)")
+        return n
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         if self.fault == "crash":
@@ -276,24 +331,29 @@ class OwnerClient(NumPyClient):
         self.learner.set_weights(parameters)
         n = self.learner.fit(X, self.y, config)
         weights = self.learner.get_weights()
-        if self.cfg.secagg and max(float(np.abs(w).max()) for w in weights) > self.cfg.secagg_clip:
-            # SecAgg+ would silently clip it; failing makes the owner a visible dropout instead
-            raise FederatedConfigError(f"update exceeds the SecAgg+ clipping range {self.cfg.secagg_clip}; "
-                                       "raise secagg_clip")
+        if self.cfg.secagg:
+            # the server sees only the sum, so it cannot drop a bad update: SecAgg+ would silently clip a
+            # large one and turn NaN into garbage integers in the sum; failing makes the owner a visible dropout
+            if not all(np.isfinite(w).all() for w in weights):
+                raise FederatedConfigError("non-finite update (NaN or infinity): not sent through SecAgg+")
+            if max(float(np.abs(w).max(initial=0.0)) for w in weights) > self.cfg.secagg_clip:
+                raise FederatedConfigError(f"update exceeds the SecAgg+ clipping range {self.cfg.secagg_clip}; "
+                                           "raise secagg_clip")
         if self.fault in FAULTS[:4]:
             weights = _fault(weights, self.fault)
-        return weights, self._weight(n), {}
+        return weights, self._weight(n, None, config), {}
 
     def _statistics(self, config: dict) -> tuple[list[np.ndarray], int, dict]:
         stage = int(config["veil-stage"])
         reference = np.frombuffer(config.get("veil-reference", b""), dtype="<f8")
         d = self.X.shape[1]
+        bound = config.get("veil-row-bound")
         vector = prep.owner_stats(self.X, stage, [reference[i * d:(i + 1) * d] for i in range(len(reference) // d)],
                                   minmax=bool(config.get("veil-minmax", False)),
-                                  count_unit=float(config.get("veil-count-unit", 1.0)))
+                                  count_unit=float(config.get("veil-count-unit", 1.0)),
+                                  row_bound=None if bound is None else float(bound))
         prep.check_owner_vector(vector, self.cfg.secagg)
-        weight = 1 if self.cfg.stats_noise > 0 or self.cfg.dp != "off" else len(self.y)
-        return [vector], weight, {}
+        return [vector], self._weight(len(self.X), stage, config), {}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self.learner.set_weights(parameters)
@@ -316,16 +376,52 @@ def _from_context(context: Context) -> FLConfig:
     return FLConfig.from_run_config(dict(context.run_config))
 
 
-def _is_statistics(msg: Any) -> bool:
+def _statistics_stage(msg: Any) -> int | None:
+    """The statistics stage a fit message asks for, or None for training (and other messages)."""
     if not msg.has_content():
-        return False
+        return None
     record = msg.content.config_records.get("fitins.config")
-    return record is not None and record.get("veil-task") == "stats"
+    if record is None or record.get("veil-task") != "stats":
+        return None
+    return int(record["veil-stage"])
 
 
-def make_client_app(config: FLConfig | None = None, partitions: list | None = None) -> ClientApp:
+def masked_only_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+    """Outside `secaggplus_mod`: under SecAgg+ an owner's replies carry nothing in clear but the SecAgg+
+    protocol's own record.
+
+    Flower's `secaggplus_mod` puts the owner's weight (its row count) inside the masked vector and clears
+    the parameters, but leaves the reply's other `FitRes` fields in clear: `num_examples` (the row count
+    again), `metrics` and `status`. The server's `SecAggPlusWorkflow` builds one `FitRes` per owner from
+    them for the strategy, all carrying the same aggregate as parameters, so their weights cannot change
+    what any strategy computes. The reply is rebuilt from the protocol record (public keys, encrypted
+    shares, masked vector, key shares) and, in the masked-vector stage, constants: `num_examples` 1 (a
+    positive count, as the validating strategies require), no metrics, status OK. Messages outside the
+    SecAgg+ training protocol (evaluation, queries) are refused: they would be answered in clear."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        raise FederationError(f"under SecAgg+ an owner answers only SecAgg+ training messages, not "
+                              f"{msg.metadata.message_type!r}")
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = None if configs is None else configs.get(Key.STAGE)  # read first: secaggplus_mod pops it
+    reply = call_next(msg, ctx)
+    if reply.has_error():
+        return reply
+    content = RecordDict({RECORD_KEY_CONFIGS: reply.content.config_records[RECORD_KEY_CONFIGS]})
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        if compat.recorddict_to_fitres(reply.content, keep_input=True).status.code != Code.OK:
+            raise FederationError("the owner's fit did not succeed")
+        placeholder = FitRes(Status(Code.OK, "Success"), Parameters(tensors=[], tensor_type="numpy.ndarray"), 1, {})
+        for key, record in compat.fitres_to_recorddict(placeholder, keep_input=False).items():
+            content[key] = record
+        content.array_records["fitres.parameters"].clear()  # as secaggplus_mod leaves it
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(config: FLConfig | None = None, partitions: list | None = None,
+                    task: Task | None = None) -> ClientApp:
     """The data owners' `ClientApp`. Without `config` it reads the Flower run config (deployment);
-    without `partitions` owner `partition-id` (from its node config) loads its share of `dataset`."""
+    without `partitions` owner `partition-id` (from its node config) loads its share of `dataset`.
+    `task` (the public description every party agrees on) defaults to the named dataset's."""
     resolve: ConfigSource = (lambda ctx: config) if config is not None else _from_context
 
     def client_fn(context: Context) -> Client:
@@ -335,14 +431,16 @@ def make_client_app(config: FLConfig | None = None, partitions: list | None = No
         fault = cfg.fault_map().get(pid)
         if fault == "garbage":
             return GarbageClient()
-        return OwnerClient(_learner(cfg, partitions), X, y, cfg, fault).to_client()
+        return OwnerClient(_learner(cfg, _task(cfg, task)), X, y, cfg, fault).to_client()
 
     def clip(msg: Any, ctx: Context, call_next: Any) -> Any:
         # client-side clipping of model updates (dp="client") and, under SecAgg+ with DP statistics,
-        # of statistics vectors: each with the clipping norm its DP wrapper put in the fit config
+        # of statistics vectors (not the row count, stage 0): each with the clipping norm its DP wrapper
+        # put in the fit config
         cfg = resolve(ctx)
-        stats = _is_statistics(msg)
-        if (stats and cfg.stats_noise > 0 and cfg.secagg) or (not stats and cfg.dp == "client"):
+        stage = _statistics_stage(msg)
+        if (stage is not None and stage > 0 and cfg.stats_noise > 0 and cfg.secagg) or (
+                stage is None and cfg.dp == "client"):
             return fixedclipping_mod(msg, ctx, call_next)
         return call_next(msg, ctx)
 
@@ -352,7 +450,7 @@ def make_client_app(config: FLConfig | None = None, partitions: list | None = No
         if cfg.dp == "client" or (cfg.stats_noise > 0 and cfg.secagg):
             chain = functools.partial(clip, call_next=chain)
         if cfg.secagg:
-            chain = functools.partial(secaggplus_mod, call_next=chain)
+            chain = functools.partial(masked_only_mod, call_next=functools.partial(secaggplus_mod, call_next=chain))
         return chain(msg, ctx)
 
     return ClientApp(client_fn=client_fn, mods=[privacy_mods])
@@ -392,25 +490,68 @@ class RoundTimeoutGrid(Grid):
 
 
 def _fit_workflow(cfg: FLConfig, clipping_range: float, max_weight: float) -> Any:
+    """Flower's SecAgg+ fit workflow, or None without SecAgg+. Owners' weights travel inside the masked
+    vectors as weight / `max_weight`, a public bound on every owner's weight (1 when all weigh 1)."""
     if not cfg.secagg:
         return None
     shares, threshold = cfg.secagg_params()
     return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold, clipping_range=clipping_range,
-                              max_weight=max_weight, timeout=cfg.round_timeout or None)
+                              quantization_range=prep.SECAGG_LEVELS, max_weight=max_weight,
+                              timeout=cfg.round_timeout or None)
 
 
-def federated_statistics(grid: Grid, context: Context, cfg: FLConfig, n_features: int,
-                         max_rows: int) -> tuple[FederatedScaler, dict[str, Any]]:
+def _max_weight(cfg: FLConfig, stage: int | None, rows_bound: int) -> float:
+    """SecAgg+'s max_weight for a round: the public upper bound on the row count when owners weigh by
+    rows (`FLConfig.row_weighted`), else 1."""
+    return float(rows_bound) if cfg.row_weighted(stage) else 1.0
+
+
+def _statistics_round(grid: Grid, context: Context, cfg: FLConfig, stage: int, config: dict[str, Any], size: int,
+                      rows_bound: int, name: str) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
+    """One statistics round named `name`: every owner's vector of length `size` for `stage` of
+    `veil.fl.preprocessing` (`config` goes into the fit config), through SecAgg+ when `cfg.secagg`, with
+    the statistics' DP noise except for the row count (stage 0); returns (the aggregate, the number of
+    owners aggregated, the updates dropped)."""
+    config = {"veil-task": "stats", "veil-stage": stage, **config}
+    if cfg.secagg and cfg.row_weighted(stage):
+        config["veil-max-weight"] = float(rows_bound)
+    strategy = build_stats_strategy(cfg, size, lambda _rnd: dict(config), noise=stage > 0)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+    workflow = _fit_workflow(cfg, prep.STATS_CLIPPING_RANGE, _max_weight(cfg, stage, rows_bound))
+    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+    if strategy.last is None:
+        raise FederationError(f"statistics round {name}: no owner's statistics could be aggregated")
+    return strategy.last[0], strategy.aggregated[-1], [{**row, "round": name} for row in strategy.rejected]
+
+
+def federated_count(grid: Grid, context: Context, cfg: FLConfig) -> tuple[int, list[dict[str, Any]]]:
+    """Under SecAgg+ without statistics rounds that count rows (`scaling="off"`, or DP statistics): one
+    unweighted SecAgg+ round of n_i / B (B = `cfg.secagg_max_rows`, public) -> (an upper bound on the
+    federation's row count, to be the training rounds' public max_weight; the updates dropped). See
+    `preprocessing.rows_upper_bound`. It carries no DP noise (`stats_noise` does not cover it): the
+    server learns the total row count, and nothing per owner."""
+    bound = float(cfg.secagg_max_rows)
+    vector, owners, rejected = _statistics_round(grid, context, cfg, 0, {"veil-row-bound": bound},
+                                                 prep.stats_size(0, 0), 0, "count")
+    return prep.rows_upper_bound(float(vector[0]), owners, bound), rejected
+
+
+def federated_statistics(grid: Grid, context: Context, cfg: FLConfig,
+                         n_features: int) -> tuple[FederatedScaler, dict[str, Any]]:
     """Run the statistics rounds of `veil.fl.preprocessing` (through SecAgg+ when `cfg.secagg`) and
-    return the federated scaler with a summary (rounds, owners aggregated, wall time)."""
+    return the federated scaler with a summary (rounds, owners aggregated, total rows, wall time).
+
+    Under SecAgg+ with row weights the first stage also counts rows (unweighted, n_i / `secagg_max_rows`):
+    its upper bound on the row count (`rows_bound` in the summary) is the public max_weight of the later
+    statistics rounds and of training, so the server chooses it without seeing any owner's count."""
     start = time.perf_counter()
     minmax = cfg.scaling == "minmax"
-    equal = cfg.stats_noise > 0 or cfg.dp != "off"
+    bound = float(cfg.secagg_max_rows) if cfg.secagg and cfg.row_weighted(2) else None
     reference: list[np.ndarray] = []
     aggregated, rejected = [], []
     m = s = r = np.zeros(n_features)
     varies = np.ones(n_features, dtype=bool)
-    n_total, count_unit, done = 0, 1.0, False
+    n_total, rows_bound, count_unit, done = 0, 0, 1.0, False
     exact = not cfg.secagg and cfg.stats_noise == 0  # float64 end to end: no magnitude or refinement rounds
     if exact:
         reference = [np.ones(n_features)]
@@ -419,20 +560,18 @@ def federated_statistics(grid: Grid, context: Context, cfg: FLConfig, n_features
         stage += 1
         step = min(stage + 1, 3) if exact else min(stage, 3)
         blob = np.concatenate(reference).astype("<f8").tobytes() if reference else b""
-        config = {"veil-task": "stats", "veil-stage": step, "veil-minmax": minmax, "veil-reference": blob,
-                  "veil-count-unit": count_unit}
-        strategy = build_stats_strategy(cfg, prep.stats_size(step, n_features, minmax),
-                                        lambda _rnd, c=config: dict(c))
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
-        workflow = _fit_workflow(cfg, prep.STATS_CLIPPING_RANGE, 1.0 if equal else float(max_rows))
-        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
-        if strategy.last is None:
-            raise FederationError(f"statistics round {stage}: no owner's statistics could be aggregated")
-        vector, owners = strategy.last[0], strategy.aggregated[-1]
+        config: dict[str, Any] = {"veil-minmax": minmax, "veil-reference": blob, "veil-count-unit": count_unit}
+        if step == 1 and bound is not None:
+            config["veil-row-bound"] = bound
+        vector, owners, dropped = _statistics_round(grid, context, cfg, step, config,
+                                                    prep.stats_size(step, n_features, minmax), rows_bound,
+                                                    f"stats-{stage}")
         aggregated.append(owners)
-        rejected.extend({**row, "round": f"stats-{stage}"} for row in strategy.rejected)
+        rejected.extend(dropped)
         if step == 1:
-            r, count_unit, varies = prep.reference_unit(vector, owners)
+            r, count_unit, varies = prep.reference_unit(vector, bound)
+            if bound is not None:
+                rows_bound = prep.rows_upper_bound(float(vector[-1]), owners, bound)
             reference = [r]
         elif step == 2 and exact:
             scaler = prep.scaler_from_moments(vector, owners)
@@ -448,7 +587,7 @@ def federated_statistics(grid: Grid, context: Context, cfg: FLConfig, n_features
             # under DP every round costs privacy and noise would keep features "unresolved": one refinement
             done = done or exact or cfg.stats_noise > 0 or stage >= prep.MAX_PASSES
             reference = [m, s]
-    summary = {"rounds": stage, "owners_aggregated": aggregated, "n_samples": n_total,
+    summary = {"rounds": stage, "owners_aggregated": aggregated, "n_samples": n_total, "rows_bound": rows_bound,
                "wall_time": time.perf_counter() - start, "rejected": rejected, "secagg": cfg.secagg,
                "noise_multiplier": cfg.stats_noise, "clipping_norm": cfg.stats_clip if cfg.stats_noise else None}
     if cfg.stats_noise > 0:
@@ -458,12 +597,17 @@ def federated_statistics(grid: Grid, context: Context, cfg: FLConfig, n_features
 
 
 def make_server_app(config: FLConfig | None = None, test: tuple[np.ndarray, np.ndarray] | None = None,
-                    partitions: list | None = None, on_round: Callable[[dict], None] | None = None,
+                    task: Task | None = None, on_round: Callable[[dict], None] | None = None,
                     on_result: Callable[[FLResult], None] | None = None,
                     on_error: Callable[[BaseException], None] | None = None) -> ServerApp:
     """The `ServerApp`: federated statistics and scaler (unless `scaling="off"`), then `rounds` rounds of
     the strategy (through SecAgg+ if asked), evaluating the global model on the server's held-out set
     after each round, checkpointing it when `checkpoint_dir` is set, and reporting a result.
+
+    It takes no owner's rows: `test` is the server's own held-out set and `task` the public task
+    description (both default to the named dataset's held-out split and description, `data.held_out`).
+    Under SecAgg+ with row weights, the public max_weight comes from a secure count (first statistics
+    stage, or `federated_count`), never from the owners' partitions.
 
     With `resume` (a checkpoint directory) the scaler, history and global model come from the
     checkpoint and training continues after its last completed round. `on_error` receives any
@@ -474,7 +618,7 @@ def make_server_app(config: FLConfig | None = None, test: tuple[np.ndarray, np.n
     @app.main()
     def main(grid: Any, context: Context) -> None:
         try:
-            _serve(resolve(context), grid, context, test, partitions, on_round, on_result)
+            _serve(resolve(context), grid, context, test, task, on_round, on_result)
         except BaseException as exc:
             if on_error is not None:
                 on_error(exc)
@@ -484,41 +628,50 @@ def make_server_app(config: FLConfig | None = None, test: tuple[np.ndarray, np.n
 
 
 def _serve(cfg: FLConfig, grid: Any, context: Context, test: tuple[np.ndarray, np.ndarray] | None,
-           partitions: list | None, on_round: Callable[[dict], None] | None,
+           task: Task | None, on_round: Callable[[dict], None] | None,
            on_result: Callable[[FLResult], None] | None) -> None:
     start = time.perf_counter()
     grid = RoundTimeoutGrid(grid, cfg.round_timeout or None)
+    task = _task(cfg, task)
     if test is None:
-        data = _dataset(cfg.dataset, cfg.seed)
-        test = (data.X_test, data.y_test)
+        view = _held_out(cfg.dataset, cfg.seed)
+        test = (view.X, view.y)
     X_test, y_test = test
-    learner = _learner(cfg, partitions)
-    n_features, classes = _shape_of(cfg, partitions)
-    result = FLResult(cfg, weights=learner.get_weights(), n_features=n_features,
-                      classes=None if classes is None else classes.tolist())
-    max_rows = max(len(p[1]) for p in _owners(cfg, partitions))
-    done, n_total = 0, 0
+    learner = _learner(cfg, task)
+    result = FLResult(cfg, weights=learner.get_weights(), n_features=task.n_features,
+                      classes=None if task.classes is None else task.classes.tolist())
+    done, n_total, rows_bound = 0, 0, 0
     if cfg.resume:
         saved = load_checkpoint(Path(cfg.resume))
         result.weights, result.history, result.scaler = saved.weights, saved.history, saved.scaler
         result.statistics, result.rejected = saved.statistics, saved.rejected
         done = int(saved.history[-1]["round"]) if saved.history else 0
         n_total = int((saved.statistics or {}).get("n_samples", 0))
+        rows_bound = int((saved.statistics or {}).get("rows_bound", 0))
     elif cfg.scaling != "off":
-        result.scaler, result.statistics = federated_statistics(grid, context, cfg, n_features, max_rows)
-        n_total = result.statistics["n_samples"]
+        result.scaler, result.statistics = federated_statistics(grid, context, cfg, task.n_features)
+        n_total, rows_bound = result.statistics["n_samples"], result.statistics["rows_bound"]
         result.rejected.extend(result.statistics.pop("rejected"))
+    if cfg.secagg and cfg.row_weighted() and not rows_bound:
+        rows_bound, dropped = federated_count(grid, context, cfg)
+        result.rejected.extend(dropped)
     X_eval = result.transform(X_test)
     fit_extra: dict[str, Any] = {}
     if result.scaler is not None:
         fit_extra["veil-scaler"] = result.scaler.pack()
     if n_total:
         fit_extra["veil-total"] = n_total
+    if cfg.secagg and cfg.row_weighted():
+        fit_extra["veil-max-weight"] = float(rows_bound)
     remaining = cfg.rounds - done
     if remaining <= 0:
         raise FederatedConfigError(f"the checkpoint already holds {done} rounds; ask for more than {cfg.rounds}")
 
     def evaluate_fn(server_round: int, weights: list[np.ndarray], _: dict) -> tuple[float, dict]:
+        if server_round > len(strategy.aggregated):
+            # Flower's SecAgg+ workflow ends a round without calling the strategy when too few owners answer
+            raise FederationError(f"round {done + server_round}: no aggregate (SecAgg+ stopped: fewer owners "
+                                  "answered than its reconstruction threshold)")
         learner.set_weights(weights)
         loss, metrics = learner.evaluate(X_eval, y_test)
         result.weights = [np.array(w) for w in weights]
@@ -542,9 +695,7 @@ def _serve(cfg: FLConfig, grid: Any, context: Context, test: tuple[np.ndarray, n
     strategy = build_strategy(cfg, result.weights, evaluate_fn,
                               lambda rnd: {"server_round": done + rnd, **fit_extra})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
-    # weights are scaled by num_examples / max_weight before quantization: the largest owner
-    # uses the whole quantization range
-    workflow = _fit_workflow(cfg, cfg.secagg_clip, 1.0 if cfg.dp != "off" else float(max_rows))
+    workflow = _fit_workflow(cfg, cfg.secagg_clip, _max_weight(cfg, None, rows_bound))
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
     result.rejected = [*kept, *strategy.rejected]
     if cfg.dp != "off":

@@ -2,18 +2,24 @@
 
 No owner may see another's rows, so the statistics themselves are federated. Before training the server
 runs three or more statistics rounds through the same Flower fit workflow as training (SecAgg+ when
-enabled), each one a FedAvg-weighted mean of one vector per owner (weight = the owner's row count):
+enabled), each one a FedAvg mean of one vector per owner; from stage 2 on weighted by the owner's row
+count n_i (each owner weighs 1 under DP), the first stage always unweighted:
 
 1. magnitude: per feature, whether the owner's root mean square is non-zero, and if so its log2
    (clipped to +-60), and whether the owner's column varies at all (the aggregate tells the server
-   which features are constant within every owner, so it does not refine those forever). The ratio
-   of the first two gives a power-of-two reference unit r per feature (four times the geometric
-   mean magnitude, for headroom), so that the next vectors are O(1) numbers: SecAgg+
-   quantizes every value into a fixed range (here +-64 with 2^22 levels, about 3e-5 resolution),
-   which raw features of very different scales (1e-3 .. 1e3) would not survive.
+   which features are constant within every owner, so it does not refine those forever), plus a
+   count entry. The ratio of the first two gives a power-of-two reference unit r per feature (four
+   times the geometric mean magnitude over the owners, for headroom), so that the next vectors are
+   O(1) numbers: SecAgg+ quantizes every value into a fixed range (here +-64 with 2^22 levels, about
+   3e-5 resolution), which raw features of very different scales (1e-3 .. 1e3) would not survive.
+   The count entry is n_i / B under SecAgg+ with row weights (B the public bound `secagg_max_rows`):
+   the server gets N / (K B) for K owners, hence N up to SecAgg+'s rounding and an upper bound on N
+   (`rows_upper_bound`) that is the next rounds' public `max_weight`; otherwise (DP: every round
+   unweighted) it is 1 / n_i. Either gives c, the power of two nearest the mean rows per owner.
 2. moments: per feature mean(x / r) and mean((x / r)^2), plus c / n_i, whose weighted mean is c K / N
-   (K owners aggregated; c a power of two near N / K from a first 1 / n_i sent in stage 1): the
-   server derives the total row count N and a first mean m and std s.
+   (K owners aggregated): the server derives the total row count N and a first mean m and std s.
+   An owner holding fewer than c / 64 rows cannot send c / n_i within SecAgg+'s range and drops out
+   visibly.
 3. refinement, repeated: mean(u) and mean(u^2) of u = (x - m) / s, which removes the cancellation of
    E[x^2] - E[x]^2 for features whose spread is small against their mean. While some feature's
    variance in these units is below `RESOLVED` (and it is not constant), m and s are updated and
@@ -31,11 +37,29 @@ The server then fixes the scaler (center c, scale a per feature: x' = (x - c) / 
 owners with every training round, and the exported `veil.ml` model folds it into its weights, so an
 encrypted client sends raw features.
 
+SecAgg+ and row counts
+----------------------
+Flower's SecAgg+ puts each owner's weight inside its masked vector (it sends n_i / max_weight and the
+update scaled by it, quantized), so the server recovers only the sum of the weights and of the weighted
+vectors. `max_weight` must be public and at least every n_i (a larger n_i would be clipped silently),
+and not much larger than N: each owner's weighted vector is quantized with the same absolute step, so
+the aggregate's error grows as max_weight / N. The server therefore never looks at an owner's rows to
+choose it: the first stage is unweighted and carries n_i / B (B public, an owner with more rows fails
+visibly), which bounds N from above, exceeding it by less than 2 K B * 2 * 64 / 2^22 rows; that bound
+is the max_weight of every later row-weighted round (the aggregate's error is then that of max_weight
+= N, about sqrt(K) quantization steps), and owners check their n_i against it (`veil-max-weight`).
+Without such a first stage (no statistics, or DP statistics, whose noise would swamp the count) a
+count of its own, stage 0 ([n_i / B] unweighted, without noise), precedes training. The reply fields
+Flower leaves in clear (`num_examples`, metrics, status) are replaced by constants on the owner
+(`veil.fl.federation.masked_only_mod`).
+
 What the server learns
 ----------------------
 - `standard` with SecAgg+: only the aggregates above, i.e. per feature the global mean log-magnitude,
-  the fraction of rows held by owners whose column is non-zero and by owners whose column varies, the
-  mean and variance, and the total row count; never one owner's statistics.
+  the fraction of owners whose column is non-zero and of owners whose column varies, the mean and
+  variance, and the total row count of the owners that answered each round; never one owner's
+  statistics or row count. (Owners that drop out of one round but not another change that total:
+  the difference is their row count.)
 - `standard` without SecAgg+: each owner's own stage-2 vector (r = 1), i.e. its row count and per
   feature its mean and mean square (as it would learn each owner's model update without SecAgg+).
 - `minmax`: additionally the histogram of every feature over the bins, and the moments around the
@@ -70,6 +94,7 @@ from veil.errors import FederatedConfigError, FederatedStatisticsError
 SCALINGS = ("standard", "minmax", "off")
 LOG_CLIP = 60.0
 STATS_CLIPPING_RANGE = 64.0
+SECAGG_LEVELS = 2 ** 22  # SecAgg+'s quantization levels over [-clipping range, clipping range]
 HIST_BINS = 32
 HIST_RANGE = 4.0
 MAX_PASSES = 8
@@ -77,12 +102,23 @@ RESOLVED = 0.25
 
 
 def owner_stats(X: np.ndarray, stage: int, reference: list[np.ndarray], minmax: bool = False,
-                count_unit: float = 1.0) -> np.ndarray:
-    """One owner's statistics vector for `stage` (1, 2 or 3) given the server's `reference` arrays.
+                count_unit: float = 1.0, row_bound: float | None = None) -> np.ndarray:
+    """One owner's statistics vector for `stage` (0, 1, 2 or 3) given the server's `reference` arrays.
 
-    Stage 1 takes no reference; stage 2 takes [r] and `count_unit` c (it sends c / n_i, whose weighted
-    mean c K / N is then close to 1, where quantization is finest); stage 3 takes [m, s]."""
+    Stage 0 is the count alone, [n_i / row_bound] (a SecAgg+ run without statistics rounds); stage 1
+    takes no reference and ends with n_i / `row_bound` when given, else 1 / n_i; stage 2 takes [r] and
+    `count_unit` c (it sends c / n_i, whose weighted mean c K / N is then close to 1, where quantization
+    is finest); stage 3 takes [m, s]."""
     X = np.asarray(X, dtype=np.float64)
+    if stage in (0, 1) and row_bound is not None and len(X) > row_bound:
+        # the count would leave SecAgg+'s range or exceed the public max_weight: a visible dropout, and
+        # the message does not say by how much
+        raise FederatedStatisticsError("this owner holds more rows than the public bound secagg_max_rows")
+    count = [len(X) / row_bound] if row_bound is not None else [1.0 / len(X)]
+    if stage == 0:
+        if row_bound is None:
+            raise FederatedStatisticsError("the count stage needs the public row bound")
+        return np.asarray(count)
     if stage == 1:
         rms = np.sqrt(np.mean(X * X, axis=0))
         present = (rms > 0).astype(np.float64)
@@ -90,7 +126,7 @@ def owner_stats(X: np.ndarray, stage: int, reference: list[np.ndarray], minmax: 
             log_rms = np.where(rms > 0, np.clip(np.log2(np.where(rms > 0, rms, 1.0)), -LOG_CLIP, LOG_CLIP), 0.0)
         varies = (X.max(0) > X.min(0)).astype(np.float64)
         # log-magnitudes in units of LOG_CLIP, so that every statistic is O(1) (DP clipping, SecAgg+ range)
-        return np.concatenate([present, log_rms / LOG_CLIP, varies, [1.0 / len(X)]])
+        return np.concatenate([present, log_rms / LOG_CLIP, varies, count])
     if stage == 2:
         z = X / reference[0]
         return np.concatenate([z.mean(0), (z * z).mean(0), [count_unit / len(X)]])
@@ -108,6 +144,8 @@ def owner_stats(X: np.ndarray, stage: int, reference: list[np.ndarray], minmax: 
 
 def stats_size(stage: int, n_features: int, minmax: bool = False) -> int:
     """Length of the vector `owner_stats` returns for `stage`."""
+    if stage == 0:
+        return 1
     if stage == 1:
         return 3 * n_features + 1
     if stage == 2:
@@ -115,17 +153,32 @@ def stats_size(stage: int, n_features: int, minmax: bool = False) -> int:
     return 2 * n_features + (n_features * (HIST_BINS + 2) if minmax else 0)
 
 
-def reference_unit(aggregate: np.ndarray, n_owners: int) -> tuple[np.ndarray, float, np.ndarray]:
-    """Stage 1 -> (r, c, varies): r is four times the power of two nearest the mean log-magnitude of the
-    owners holding non-zero values (all-zero features get 1); c the power of two nearest N / K (rows
-    per owner); `varies` marks features that vary within at least one owner."""
+def reference_unit(aggregate: np.ndarray, row_bound: float | None = None) -> tuple[np.ndarray, float, np.ndarray]:
+    """Stage 1 (unweighted mean over the owners) -> (r, c, varies): r is four times the power of two
+    nearest the mean log-magnitude of the owners holding non-zero values (all-zero features get 1); c
+    the power of two nearest the mean rows per owner (N / K from the entries n_i / `row_bound`; without
+    a bound the harmonic mean of the n_i from the entries 1 / n_i); `varies` marks features that vary
+    within at least one owner."""
     d = (len(aggregate) - 1) // 3
-    present, log_sum, inv = aggregate[:d], aggregate[d:2 * d], float(aggregate[-1])
+    present, log_sum, count = aggregate[:d], aggregate[d:2 * d], float(aggregate[-1])
     varies = aggregate[2 * d:3 * d] > 1e-9
-    count_unit = float(np.exp2(np.round(np.log2(n_owners / inv)))) if inv > 0 else 1.0
+    per_owner = row_bound * count if row_bound is not None else (1.0 / count if count > 0 else 0.0)
+    count_unit = float(np.exp2(np.round(np.log2(per_owner)))) if per_owner >= 1 else 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_log = np.where(present > 1e-9, LOG_CLIP * log_sum / np.where(present > 1e-9, present, 1.0), 0.0)
     return np.where(present > 1e-9, np.exp2(np.round(mean_log) + 2), 1.0), count_unit, varies
+
+
+def rows_upper_bound(count: float, n_owners: int, row_bound: float) -> int:
+    """An upper bound on the row count N of `n_owners` owners from the unweighted SecAgg+ mean `count` of
+    their n_i / `row_bound` (stage 0 or the last entry of stage 1).
+
+    SecAgg+ rounds each owner's value stochastically to its grid, off by less than one step
+    (2 * STATS_CLIPPING_RANGE / SECAGG_LEVELS), so the mean is off by less than one step and
+    N = K B * mean by less than K B steps: K B (mean + step) bounds N from above and exceeds it by less
+    than 2 K B steps (30 rows with the default B = 10^5 and 5 owners)."""
+    step = 2 * STATS_CLIPPING_RANGE / SECAGG_LEVELS
+    return max(1, math.ceil(n_owners * row_bound * (count + step)))
 
 
 def first_moments(aggregate: np.ndarray, r: np.ndarray, n_owners: int,
@@ -246,7 +299,8 @@ def check_owner_vector(vector: np.ndarray, secagg: bool) -> None:
     """Refuse, visibly, a statistics vector SecAgg+ would silently clip (the owner becomes a dropout)."""
     if secagg and float(np.max(np.abs(vector), initial=0.0)) > STATS_CLIPPING_RANGE:
         raise FederatedStatisticsError(f"a statistic exceeds the SecAgg+ range +-{STATS_CLIPPING_RANGE}: "
-                                       "this owner's data is far from the others' in scale")
+                                       "this owner's data is far from the others' in scale, or it holds "
+                                       "far fewer rows than the others")
     if not np.all(np.isfinite(vector)):
         raise FederatedStatisticsError("non-finite statistics (NaN or infinity in the owner's features)")
 

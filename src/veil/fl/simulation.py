@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from veil.errors import FederatedConfigError, FederationError
-from veil.fl.federation import FLConfig, FLResult, make_client_app, make_server_app
+from veil.fl.federation import FLConfig, FLResult, Task, make_client_app, make_server_app
 
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
@@ -38,11 +38,13 @@ def run_simulation(config: FLConfig, partitions: list | None = None,
     """Train with `config.clients` virtual SuperNodes; returns the server's result.
 
     `partitions` (list of per-owner (X, y)) and `test` (held-out (X, y)) replace the named dataset, so
-    any array dataset can be federated. `engine` is Flower's simulation engine ("ray"; its files go to
-    `workdir`, a fresh temporary directory if None) or veil's in-process grid ("inprocess", see
-    `veil.fl.inprocess`): the same apps, without Ray's start-up, and the result's `traffic` counts the
-    serialized messages each way. A run stopped by too few clients or a
-    failing statistics round raises `FederationError` with the server's reason."""
+    any array dataset can be federated: the owners' apps get the partitions, the server app only `test`
+    and the task description (feature count, the union of the owners' labels) that this function, which
+    holds the whole split, derives as the owners would agree on it. `engine` is Flower's simulation engine
+    ("ray"; its files go to `workdir`, a fresh temporary directory if None) or veil's in-process grid
+    ("inprocess", see `veil.fl.inprocess`): the same apps, without Ray's start-up, and the result's
+    `traffic` counts the serialized messages each way. A run stopped by too few clients or a failing
+    statistics round raises `FederationError` with the server's reason."""
     if partitions is not None and (test is None or len(partitions) != config.clients):
         raise FederatedConfigError("with explicit partitions give one per client and a held-out test set")
     if engine not in ENGINES:
@@ -51,8 +53,9 @@ def run_simulation(config: FLConfig, partitions: list | None = None,
         os.environ.setdefault(key, value)
     box: list[FLResult] = []
     errors: list[BaseException] = []
-    server = make_server_app(config, test, partitions, on_round, box.append, errors.append)
-    client = make_client_app(config, partitions)
+    task = None if partitions is None else Task.of_arrays(np.asarray(test[0]).shape[1], [p[1] for p in partitions])
+    server = make_server_app(config, test, task, on_round, box.append, errors.append)
+    client = make_client_app(config, partitions, task)
     start = time.perf_counter()
     if engine == "inprocess":
         from veil.fl.inprocess import run_server_app

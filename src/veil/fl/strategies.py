@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from flwr.app import Error
 from flwr.common import FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import (
@@ -67,6 +68,7 @@ class ValidatingMixin:
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict]:
         good = []
+        failures = _distinct(failures)
         for failure in failures:  # crashed owners, and (after a timeout) owners that never answered
             reason = f"client failed: {failure}" if isinstance(failure, BaseException) else "client failed"
             log.warning("round %d: %s", server_round, reason)
@@ -99,6 +101,20 @@ class ValidatingMixin:
         if params is not None:
             self.last = parameters_to_ndarrays(params)
         return params, metrics
+
+
+def _distinct(failures: list) -> list:
+    """`failures` with each failed reply once: Flower's SecAgg+ workflow lists a reply that carries an
+    error twice (two exceptions wrapping the same `Error`)."""
+    seen, out = set(), []
+    for failure in failures:
+        error = failure.args[0] if isinstance(failure, BaseException) and failure.args else None
+        if not isinstance(error, Error):
+            out.append(failure)
+        elif id(error) not in seen:
+            seen.add(id(error))
+            out.append(failure)
+    return out
 
 
 def validating(cls: type[Strategy]) -> type[Strategy]:
@@ -152,15 +168,17 @@ def build_strategy(cfg: FLConfig, initial: list[np.ndarray], evaluate_fn: Callab
     return _track(strategy, initial, cfg.min_clients)
 
 
-def build_stats_strategy(cfg: FLConfig, size: int, fit_config: Callable[[int], dict]) -> Strategy:
+def build_stats_strategy(cfg: FLConfig, size: int, fit_config: Callable[[int], dict],
+                         noise: bool = True) -> Strategy:
     """FedAvg over every owner's statistics vector of length `size` (see `veil.fl.preprocessing`).
 
-    With `cfg.stats_noise` > 0 it is wrapped in Flower's fixed-clipping Gaussian DP (each vector clipped
-    to L2 norm `cfg.stats_clip`, owners weighted equally): server-side clipping, or client-side clipping
-    under SecAgg+, where the server only holds the sum."""
+    With `cfg.stats_noise` > 0 (and `noise`) it is wrapped in Flower's fixed-clipping Gaussian DP (each
+    vector clipped to L2 norm `cfg.stats_clip`, owners weighted equally): server-side clipping, or
+    client-side clipping under SecAgg+, where the server only holds the sum. `noise=False` is for the
+    row count SecAgg+ needs as a public bound (`federation.federated_count`), which noise would not bound."""
     initial = [np.zeros(size)]
     params = ndarrays_to_parameters(initial)
-    if cfg.stats_noise <= 0:
+    if cfg.stats_noise <= 0 or not noise:
         strategy = _base(cfg, params, None, True, fit_config, name="fedavg", fraction_fit=1.0)
     else:
         inner = _base(cfg, params, None, False, fit_config, name="fedavg", fraction_fit=1.0)
