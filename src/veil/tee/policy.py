@@ -159,7 +159,8 @@ def load_policy(path: str | Path, plugins: Mapping[str, VerifierFactory] | None 
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyFileError(f"cannot read policy {path}: {exc.strerror}") from None
     if len(raw) > MAX_POLICY_BYTES:
@@ -272,9 +273,14 @@ def _hex_set(value: object, where: str, size: int | None) -> frozenset[bytes]:
 def _root(base_dir: Path, name: str, where: str) -> bytes:
     path = base_dir / name
     try:
-        data = path.read_bytes()
+        if not path.is_file():
+            raise PolicyFileError(f"{where}: {path} is not a regular file")
+        with path.open("rb") as f:
+            data = f.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyFileError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyFileError(f"{where}: {path} is larger than {MAX_POLICY_BYTES} bytes")
     load_certificates(data, f"{where} {name}", PolicyFileError)
     return data
 

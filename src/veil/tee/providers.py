@@ -125,11 +125,7 @@ class TsmProvider:
         _check_report_data(report_data)
         if not self.root.is_dir():
             raise DeviceError(f"no TSM report interface at {self.root}: not a TDX or SEV-SNP guest with configfs-tsm")
-        entry = self.root / f"veil-{secrets.token_hex(8)}"
-        try:
-            entry.mkdir()
-        except OSError as exc:
-            raise DeviceError(f"cannot create a TSM report entry: {exc.strerror}") from None
+        entry = self._create_entry()
         try:
             (entry / "inblob").write_bytes(report_data)
             before = self._generation(entry)
@@ -142,11 +138,7 @@ class TsmProvider:
         except OSError as exc:
             raise DeviceError(f"TSM report failed: {exc.strerror or exc}") from None
         finally:
-            try:
-                entry.rmdir()
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise DeviceError(f"cannot remove TSM report entry {entry}: {exc.strerror}") from None
+            self._remove_entry(entry)
         platform = TSM_PROVIDERS.get(provider)
         if platform is None:
             raise DeviceError(f"TSM provider {provider!r} is not one of {sorted(TSM_PROVIDERS)}")
@@ -157,6 +149,23 @@ class TsmProvider:
         endorsements = {k: v for k, v in parse_snp_cert_table(auxblob).items() if k in ("vcek", "vlek")} \
             if platform == "sev-snp" and auxblob else {}
         return Evidence(platform, blob, endorsements)
+
+    def _create_entry(self) -> Path:
+        """mkdir in configfs makes the kernel create the entry's attribute files."""
+        entry = self.root / f"veil-{secrets.token_hex(8)}"
+        try:
+            entry.mkdir()
+        except OSError as exc:
+            raise DeviceError(f"cannot create a TSM report entry: {exc.strerror}") from None
+        return entry
+
+    def _remove_entry(self, entry: Path) -> None:
+        """rmdir in configfs removes the entry with its attribute files."""
+        try:
+            entry.rmdir()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise DeviceError(f"cannot remove TSM report entry {entry}: {exc.strerror}") from None
 
     @staticmethod
     def _generation(entry: Path) -> int:
