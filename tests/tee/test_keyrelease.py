@@ -220,3 +220,12 @@ def test_server_evidence_must_bind_its_tls_key(machine, tmp_path):
         check_binding(claims, tls_report_data(nonce, relay_key), "the server's TLS key")
     with pytest.raises(BindingError):
         check_binding(claims, tls_report_data(b"\x08" * 32, server_key), "the server's TLS key")
+
+
+def test_attested_low_order_public_key_is_refused_not_a_crash(broker, machine, caplog):
+    """An attested enclave that binds the all-zero X25519 point gets a typed refusal, not a ValueError."""
+    challenge = broker.challenge()
+    zero = bytes(32)
+    evidence = machine.attest(key_release_report_data(challenge.nonce, zero, challenge.context))
+    request = KeyRequest(nonce=challenge.nonce, public_key=zero, evidence=evidence)
+    _refused(broker, request, KeyReleaseError, "KeyReleaseError", caplog)

@@ -263,8 +263,9 @@ _ERROR_KINDS: Sequence[tuple[tuple[str, ...], type[AttestationError]]] = (
     (("Debug mode",), DebugError),
     (("Revoked", "revoked"), RevokedError),
     (("Expired", "expired", "NotValidYet", "not yet valid", "in the future"), ExpiredError),
-    (("decode quote", "Failed to extract PCK", "Failed to parse quote"), EvidenceFormatError),
+    (("decode quote", "Failed to extract PCK", "Failed to parse quote", "Failed to parse PCK"), EvidenceFormatError),
     (("certificate chain", "UnknownIssuer", "root CA", "Root CA", "issuer"), ChainError),
+    (("Unknown QE vendor", "Unsupported", "unsupported", "not supported"), UnsupportedEvidenceError),
     (("signature is invalid", "Signature is invalid", "hash mismatch", "InvalidSignature", "signature"),
      SignatureError),
     (("TCB level", "TCBInfo", "TCB info", "QE Identity", "QE identity", "FMSPC", "CRL", "collateral"),
@@ -325,12 +326,13 @@ class DcapVerifier:
         return self._claims(verified, frame, fingerprint(root))
 
     def _claims(self, verified: Mapping, frame: QuoteFrame, root_sha256: str) -> Claims:
-        header = dcap_qvl.parse_quote(frame.quote).header
+        parsed = dcap_qvl.parse_quote(frame.quote)
+        header = parsed.header
         kind, body = next(iter(verified["report"].items()))
         fields = {k: bytes.fromhex(v) if isinstance(v, str) else v for k, v in body.items()}
         tcb = {"qe_svn": header.qe_svn, "pce_svn": header.pce_svn}
         details = {"version": frame.version, "body": kind, "advisory_ids": tuple(verified.get("advisory_ids", ())),
-                   "fmspc": dcap_qvl.parse_quote(frame.quote).fmspc()}
+                   "fmspc": parsed.fmspc()}
         if self.platform == "sgx":
             tcb["isv_svn"] = fields["isv_svn"]
             return Claims(platform="sgx", measurement=fields["mr_enclave"], report_data=fields["report_data"],

@@ -215,8 +215,7 @@ class KeyBroker:
         platform = request.evidence.platform if request.evidence is not None else "none"
         try:
             claims = self._check(request, at)
-            wrapped = SUITE.encrypt(self._key, X25519PublicKey.from_public_bytes(request.public_key),
-                                    info=_info(request.nonce, self.context, request.evidence))
+            wrapped = self._wrap(request)
         except AttestationError as exc:
             self.counter.refuse(platform, type(exc).__name__)
             log.warning("key release refused: platform=%s reason=%s detail=%s", platform, type(exc).__name__, exc)
@@ -224,6 +223,13 @@ class KeyBroker:
         self.counter.grant(platform)
         log.info("key released: platform=%s measurement=%s", platform, claims.measurement.hex())
         return KeyGrant(nonce=request.nonce, wrapped_key=wrapped)
+
+    def _wrap(self, request: KeyRequest) -> bytes:
+        try:
+            return SUITE.encrypt(self._key, X25519PublicKey.from_public_bytes(request.public_key),
+                                 info=_info(request.nonce, self.context, request.evidence))
+        except ValueError as exc:  # a low-order X25519 point: no shared secret exists
+            raise KeyReleaseError(f"cannot wrap to the worker's public key: {exc}") from None
 
     def _check(self, request: KeyRequest, at: datetime | None) -> Claims:
         with self._lock:
