@@ -33,10 +33,11 @@ from veil.tee import (
     ExpiredError,
     MeasurementError,
     PolicyError,
+    SignatureError,
     TcbError,
     UnsupportedEvidenceError,
 )
-from veil.tee.dcap import Collateral, _raw_members, parse_quote_frame
+from veil.tee.dcap import Collateral, _raw_members, _typed, parse_quote_frame
 
 CASES = sorted(DCAP_CASES)
 SGX_BODY, TD_BODY = 48, 48
@@ -257,3 +258,21 @@ def test_pcs_response_must_be_one_signed_object():
                             pck_crl_chain=b"", root_ca_crl=b"")
     with pytest.raises(CollateralError):
         Collateral.from_json(b"not json")
+
+
+@pytest.mark.parametrize("message, kind", [
+    ("Verification failed: Debug mode is enabled", DebugError),
+    ("Verification failed: CrlExpired { time: UnixTime(1), next_update: UnixTime(0) }", ExpiredError),
+    ("Verification failed: TCBInfo issue date is in the future", ExpiredError),
+    ("Verification failed: Failed to verify certificate chain\n\nCaused by:\n    UnknownIssuer", ChainError),
+    ("Verification failed: Failed to parse root CA CRL\n\nCaused by:\n  UnsupportedCrlSignature", ChainError),
+    ("Verification failed: Unknown QE vendor ID", UnsupportedEvidenceError),
+    ("Verification failed: Failed to parse PCK certificate", EvidenceFormatError),
+    ("Verification failed: ISV enclave report signature is invalid", SignatureError),
+    ("Verification failed: No matching TCB level found", CollateralError),
+    ("Verification failed: SEPT_VE_DISABLE is not enabled", PolicyError),
+    ("Verification failed: something new", AttestationError),
+])
+def test_dcap_qvl_failures_map_to_typed_errors(message, kind):
+    error = _typed(ValueError(message))
+    assert type(error) is kind and "\n" not in str(error)
