@@ -21,3 +21,9 @@ class ProtocolError(MPCError, ValueError):
 
 class AccessError(MPCError, PermissionError):
     """A reveal to a party other than the one named in the call."""
+
+
+class RangeError(MPCError, ArithmeticError):
+    """In the range-check mode (`veil.mpc.range_checks`): a secret value left the range in which
+    its operation is exact or meets its stated error bound (a product that wrapped around the
+    ring, an approximation outside its domain). Raised by every party at the same check point."""
