@@ -24,5 +24,10 @@ class ProtocolError(MPCError, ValueError):
     """An operation that the protocols cannot perform securely or that is used wrongly."""
 
 
+class AgreementError(ProtocolError):
+    """The parties were started on different terms (share files, result holder): every party
+    stops before computing."""
+
+
 class AccessError(MPCError, PermissionError):
     """A reveal to a party other than the one named in the call."""
