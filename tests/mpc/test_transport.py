@@ -393,16 +393,29 @@ TRICKLE = b"\x16\x03\x01\x40\x00\x01\x00\x3f\xfc" + bytes(64)
 GARBAGE = b"\x16\x03\x01\x00\x40" + bytes(range(64))  # a handshake record that is no ClientHello
 
 
+def _client_hello() -> bytes:
+    """A real TLS 1.3 ClientHello (from a client without a certificate), to send and then stall."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        ctx.wrap_bio(inb, outb).do_handshake()
+    return outb.read()
+
+
 class Strangers:
     """Connections from 127.0.0.1 without a certificate, each kept open (reconnected when the
     party closes it) until `stop`: ``silent`` ones send nothing, ``trickle`` ones one byte of a
-    TLS record every 3 s, ``garbage`` ones a handshake record that is no ClientHello. They keep
+    TLS record every 3 s, ``garbage`` ones a handshake record that is no ClientHello, ``hello``
+    ones a real ClientHello and then nothing (the party has answered them). They keep
     trying to connect (non-blocking, every ``again`` s) before the party listens, so they are
     there from its first accept."""
 
     def __init__(self, ports: list[int], n: int, kinds=("silent", "trickle", "garbage"), again: float = 0.05):
         self.slots = [(port, kind) for port in ports for kind in kinds for _ in range(n)]
         self.again = again
+        self.first = {"garbage": GARBAGE, "hello": _client_hello()}
         self.socks: dict[int, socket.socket] = {}
         self.up: set[int] = set()  # slots whose connection is established
         self.sent = [0] * len(self.slots)
@@ -460,9 +473,9 @@ class Strangers:
                         self.connects[kind] += 1
                         self.next[i] = 0.0
                         sel.modify(s, selectors.EVENT_READ, i)
-                        if kind == "garbage":
+                        if kind in self.first:
                             with contextlib.suppress(OSError):
-                                s.send(GARBAGE)
+                                s.send(self.first[kind])
                         continue
                     try:
                         alive = bool(s.recv(4096))
@@ -487,13 +500,14 @@ class Strangers:
 def test_slow_and_silent_strangers_do_not_stop_a_process_run(tmp_path, n):
     """Issue 19 (A): 16 strangers trickling one byte every 3 s held all 16 join slots and every
     real rank exited with 'did not join'. Now n strangers of each kind (silent, trickling,
-    garbage ClientHello) on each listening party, there before the parties listen and
-    reconnecting whenever closed, do not stop 2 parties + dealer (processes, mutual TLS)."""
+    garbage ClientHello, real ClientHello then silence) on each listening party, there before
+    the parties listen and reconnecting whenever closed, do not stop 2 parties + dealer
+    (processes, mutual TLS)."""
     world = 3
     pki = certs.make_dev_pki(tmp_path / "pki", 2)
     ports = [free_port(), free_port()]
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    strangers = Strangers(ports, n)
+    strangers = Strangers(ports, n, kinds=("silent", "trickle", "garbage", "hello"))
     time.sleep(0.5)
     procs = []
     try:
