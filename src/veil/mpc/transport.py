@@ -245,8 +245,9 @@ class _Link:
                     self.cond.notify_all()
                 return
             with self.cond:
-                self.pending.popleft()
-                self.queued -= len(data)
+                if self.pending and self.pending[0] is data:  # (an abort may have emptied the queue)
+                    self.pending.popleft()
+                    self.queued -= len(data)
                 self.stats.wire_bytes_sent += len(data)
                 self.cond.notify_all()
 
