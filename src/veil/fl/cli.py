@@ -31,7 +31,8 @@ def _progress(rounds: int, quiet: bool) -> tuple[Any, Any]:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from veil.fl.federation import CHECKPOINT_DIR, FLConfig, load_checkpoint
+    from veil.fl.checkpoint import CHECKPOINT_DIR, load_checkpoint
+    from veil.fl.config import FLConfig
 
     checkpoint = str((Path(args.out) / CHECKPOINT_DIR).resolve())
     if args.resume:
@@ -56,8 +57,8 @@ def _config(args: argparse.Namespace) -> Any:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
+    from veil.fl.config import FLResult
     from veil.fl.data import load_dataset
-    from veil.fl.federation import FLResult
 
     logging.getLogger("flwr").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     cfg = _config(args)
@@ -98,7 +99,7 @@ def _submit_existing(args: argparse.Namespace, cfg: Any, out: Path, on_round: An
 def _finish(result: Any, data: Any, out: Path, args: argparse.Namespace) -> dict:
     """Save the global model (as `veil.ml`: linear, or a polynomial network for torch-mlp), optionally
     deploy it, summarise."""
-    from veil.fl.federation import save_result
+    from veil.fl.checkpoint import save_result
 
     summary: dict[str, Any] = {"history": result.history, "rejected": len(result.rejected),
                                "privacy": None if result.privacy is None else result.privacy.to_dict(),
