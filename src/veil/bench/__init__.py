@@ -37,10 +37,10 @@ from typing import Any
 
 from veil.bench.modes import SEED_GUESSES, BenchError, Context, Settings
 
-MODELS = ("logreg", "mlp")
+BENCH_MODELS = ("logreg", "mlp")  # what `veil bench` measures; the FL row maps mlp to FL model "torch-mlp"
 DEFAULT_OUT = "bench-results"
 
-__all__ = ["MODELS", "SEED_GUESSES", "BenchConfig", "BenchError", "load", "run_bench"]
+__all__ = ["BENCH_MODELS", "SEED_GUESSES", "BenchConfig", "BenchError", "load", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class BenchConfig:
     """
 
     dataset: str = "digits"
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] = BENCH_MODELS
     quick: bool = False
     out: str = DEFAULT_OUT
     progress: bool = True
@@ -75,9 +75,9 @@ def load(config: BenchConfig) -> list[Context]:
     from veil.errors import FederatedConfigError
     from veil.fl.data import load_dataset
 
-    unknown = [m for m in config.models if m not in MODELS]
+    unknown = [m for m in config.models if m not in BENCH_MODELS]
     if unknown or not config.models:
-        raise BenchError(f"unknown model {', '.join(map(repr, unknown)) or '(none given)'}: use one of {MODELS}")
+        raise BenchError(f"unknown model {', '.join(map(repr, unknown)) or '(none given)'}: use one of {BENCH_MODELS}")
     try:
         data = load_dataset(config.dataset)
     except FederatedConfigError as exc:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from veil.fl.names import MODELS, STRATEGIES
+from veil.fl.names import FL_MODELS, STRATEGIES
 
 
 def _progress(rounds: int, quiet: bool) -> tuple[Any, Any]:
@@ -199,7 +199,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a model federatedly and save it as a veil.ml model")
     run.add_argument("--clients", type=int, default=10)
     run.add_argument("--rounds", type=int, default=None, help="training rounds (default 15)")
-    run.add_argument("--model", choices=MODELS, default="logreg",
+    run.add_argument("--model", choices=FL_MODELS, default="logreg",
                      help="torch-mlp trains Linear-polynomial-Linear (ReLU's quadratic fit as the activation "
                           "from the start), so the exported encrypted network is exactly the trained one")
     run.add_argument("--dataset", default="digits", help="digits, iris, wine, breast_cancer, diabetes or a .npz")
