@@ -35,6 +35,7 @@ ROW_KEYS = ("mode", "measures", "accuracy", "agreement", "agreement_with", "infe
             "inference_slowdown", "training_s_per_unit", "training_unit", "training_slowdown", "bytes_on_wire",
             "key_bytes", "threat_model", "details")
 
+# the rule-of-thumb slowdowns commonly quoted for each technology, printed beside the measured ones
 SEED_GUESSES = {"plaintext": "1x (baseline)", "HE": "~10000x slower", "MPC": "10~100x slower",
                 "TEE": "10%~10x slower"}
 
