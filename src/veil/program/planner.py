@@ -17,8 +17,9 @@ Steps:
    largest scale that fits; beyond N=32768, a `PrecisionError` says what to change.
 4. Per layout, the evaluation keys the program needs: the batch layout relinearizes only squares
    followed by another square (so a one-hidden-layer network needs no keys at all); the row layout
-   needs the baby-step and giant-step rotations of the diagonal method, the block duplication
-   rotation, and relinearization keys when a square precedes another stage.
+   needs the rotations of its geometry (`veil.program.tiled`: the first stage by client-side windows
+   or by the diagonal method, whichever the cost model finds cheaper, then the diagonal method) and
+   relinearization keys when a square precedes another stage.
 
 Error bound: every stage adds CKKS noise of about NOISE_SLOTS * N / 2^s per slot (rescale
 rounding dominates fresh-encryption and key-switching noise), amplified by later weights and by
@@ -39,7 +40,7 @@ from veil.errors import PrecisionError, ShapeError, WireFormatError
 from veil.he.params import MAX_DEGREE, CKKSParameters
 from veil.he.wire import strict_int
 from veil.program.ir import Linear, Op, Poly, Program, is_exact, normalise
-from veil.program.packing import next_pow2
+from veil.program.tiled import MAX_ROW_WORDS, TiledGeometry, build, plaintext_words
 
 INPUT_HEADROOM = 2.0
 DEFAULT_HEADROOM = 4.0
@@ -55,6 +56,8 @@ times the ternary secret (about N/4 per slot after decoding), which dominates fr
 LAYOUTS = ("batch", "row")
 MAX_UNRELINEARIZED_NOISE = 1e-6
 """Largest per-slot noise accepted for skipping the last relinearization (see `relinearize_at`)."""
+COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
+"""Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class LayoutPlan:
     rotation_steps: tuple[int, ...]
     half: int
     relin_last: bool = False
+    geometry: TiledGeometry | None = None
+    """Where values sit in the row layout of a leveled program (`veil.program.tiled`)."""
 
     def relinearize_at(self, stage: int, stages: list[Op]) -> bool:
         """Whether the square of `stage` is relinearized: always when another stage rotates (row
@@ -82,9 +87,12 @@ class LayoutPlan:
         return any(isinstance(op, Poly) for op in later)
 
     def to_dict(self) -> dict:
-        return {"layout": self.layout, "params": self.params.to_dict(), "scale_bits": self.scale_bits,
-                "input_bounds": list(self.input_bounds), "relin": self.relin,
-                "rotation_steps": list(self.rotation_steps), "half": self.half, "relin_last": self.relin_last}
+        out = {"layout": self.layout, "params": self.params.to_dict(), "scale_bits": self.scale_bits,
+               "input_bounds": list(self.input_bounds), "relin": self.relin,
+               "rotation_steps": list(self.rotation_steps), "half": self.half, "relin_last": self.relin_last}
+        if self.geometry is not None:
+            out["geometry"] = self.geometry.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: object) -> LayoutPlan:
@@ -107,10 +115,13 @@ class LayoutPlan:
         if not isinstance(relin, bool) or not isinstance(relin_last, bool) or (relin_last and not relin):
             raise WireFormatError("relin and relin_last must be true or false (relin_last implies relin)")
         slots = params.slot_count
+        if len(steps) > slots:
+            raise WireFormatError("rotation_steps lists more steps than there are slots")
+        geometry = None if d.get("geometry") is None else TiledGeometry.from_dict(d["geometry"], slots)
         return cls(layout, params, strict_int(d.get("scale_bits"), "scale_bits", MIN_SCALE_BITS, MAX_PRIME_BITS),
                    tuple(float(b) for b in bounds), relin,
                    tuple(strict_int(s, "rotation step", 1, slots - 1) for s in steps),
-                   strict_int(d.get("half"), "half", 0, slots), relin_last)
+                   strict_int(d.get("half"), "half", 0, slots), relin_last, geometry)
 
     def check_input(self, X: np.ndarray) -> None:
         """Refuse (PrecisionError) any sample outside the box the parameters were planned for."""
@@ -213,30 +224,54 @@ def _unrelinearized_noise(params: CKKSParameters, scale_bits: int) -> float:
     return NOISE_SLOTS * n * math.sqrt(n) / 2.0**scale_bits
 
 
-def diagonal_steps(half: int) -> tuple[int, int, tuple[int, ...]]:
-    """Baby-step count B, giant-step count G and the rotation steps of a half x half product."""
-    baby = 1 << math.ceil(math.log2(half) / 2) if half > 1 else 1
-    giant = half // baby
-    return baby, giant, tuple(range(1, baby)) + tuple(g * baby for g in range(1, giant))
-
-
-def required_keys(stages: list[Op], n_inputs: int, layout: str, slot_count: int,
-                  relin_last: bool = False) -> tuple[bool, tuple[int, ...], int]:
+def required_keys(stages: list[Op], layout: str, relin_last: bool = False,
+                  geometry: TiledGeometry | None = None) -> tuple[bool, tuple[int, ...], int]:
     """(relin, rotation steps, half) that evaluating `stages` in `layout` needs: relinearization
     wherever a squared ciphertext is multiplied again or rotated (and for the last square too when
-    `relin_last`), the Galois steps of the diagonal method (plus the block re-duplication between
-    Linear stages) and the row block width. A plan must declare exactly these, so a forged plan is
-    refused when loaded rather than failing per request."""
+    `relin_last`), and in the row layout the Galois steps of its `geometry`. A plan must declare
+    exactly these, so a forged plan is refused when loaded rather than failing per request."""
     squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
     if layout == "batch":
         return (bool(squares) and (relin_last or squares[0] < squares[-1])), (), 0
-    widths = [n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)]
-    half = next_pow2(max(widths))
     relin = bool(squares) and (relin_last or squares[0] < len(stages) - 1)
-    _, _, steps = diagonal_steps(half)
-    n_linear = sum(1 for op in stages if isinstance(op, Linear))
-    dup = (slot_count - half,) if n_linear > 1 else ()
-    return relin, tuple(sorted(set(steps + dup))), half
+    return relin, geometry.rotation_steps if geometry is not None else (), 0
+
+
+def row_cost_ms(stages: list[Op], geometry: TiledGeometry, params: CKKSParameters,
+                relinearized: list[bool] | None = None) -> float:
+    """Estimated single-core milliseconds of one group of samples in the row layout: its
+    encryptions, then per stage its products, rotations, squares and rescales at the primes left
+    there (`relinearized[i]`: whether the square of stage i is relinearized, a key switch)."""
+    c = COST_MS_PER_PRIME
+    top = len(params.coeff_modulus_bits) - 1
+    counts = iter(geometry.op_counts())
+    cost = 0.0
+    for i, op in enumerate(stages):
+        if isinstance(op, Linear):
+            ops = next(counts)
+            one = ops["input_cts"] * c["encrypt"] + ops["mul_plain"] * c["mul_add"]
+            one += ops["rotations"] * c["rotate"] + c["rescale"]
+        else:
+            one = c["square"] + c["rescale"] + (c["rotate"] if relinearized and relinearized[i] else 0.0)
+        cost += one * (top - i)
+    return cost * params.poly_modulus_degree / 8192
+
+
+def row_geometry(stages: list[Op], n_inputs: int, params: CKKSParameters) -> TiledGeometry:
+    """The cheaper row geometry (`row_cost_ms`) of the first stage by client-side windows or by the
+    diagonal method, among those whose plaintexts fit MAX_ROW_WORDS; ShapeError if none does."""
+    top = len(params.coeff_modulus_bits) - 1
+    found = []
+    for first in ("windows", "diagonal"):
+        try:
+            geometry = build(stages, n_inputs, params.slot_count, first)
+        except ShapeError:
+            continue
+        if plaintext_words(geometry, top, params.poly_modulus_degree) <= MAX_ROW_WORDS:
+            found.append(geometry)
+    if not found:
+        raise ShapeError(f"no row layout of this program fits N={params.poly_modulus_degree}: use the batch layout")
+    return min(found, key=lambda g: row_cost_ms(stages, g, params))
 
 
 def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | None = None,
@@ -267,7 +302,7 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
         if name not in LAYOUTS:
             raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
         row = name == "row"
-        needs = required_keys(stages, program.n_inputs, name, 0)[0]
+        needs = required_keys(stages, name)[0]
         levels = sum(stage_levels(stages, name))
         params, s = choose_parameters(levels, value_bits, needs or row)
         relin_last = False
@@ -275,8 +310,12 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
             relin_last = True
             params, s = choose_parameters(levels, value_bits, True)
         check_intermediate(stages, bounds, params, s, name)
-        relin, steps, half = required_keys(stages, program.n_inputs, name, params.slot_count, relin_last)
-        if row and 2 * half > params.slot_count:
-            continue
-        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, steps, half, relin_last)
+        geometry = None
+        if row:
+            try:
+                geometry = row_geometry(stages, program.n_inputs, params)
+            except ShapeError:
+                continue
+        relin, steps, half = required_keys(stages, name, relin_last, geometry)
+        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, steps, half, relin_last, geometry)
     return stages, plans
