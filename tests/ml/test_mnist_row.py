@@ -10,6 +10,7 @@ from torch import nn
 
 from tests.ml.datasets import mnist
 from veil import ml
+from veil.program import parallel, request_bytes
 
 NETWORKS = {
     "cryptonets": lambda: nn.Sequential(nn.ZeroPad2d((1, 0, 1, 0)), nn.Conv2d(1, 5, 5, stride=2), ml.Square(),
@@ -64,3 +65,14 @@ def test_several_images_in_one_row_request(network):
     plain = model.forward(X[2:5])
     np.testing.assert_array_equal(enc.argmax(1), plain.argmax(1))
     np.testing.assert_allclose(enc, plain, atol=RELATIVE_ERROR * np.abs(plain).max())
+
+
+def test_row_chunks_stay_bounded_in_bytes(network):
+    """A row-layout request carries several ciphertexts per image (megabytes): a default chunk,
+    which `forward` sends in one go, holds as many images as fit MAX_CHUNK_BYTES, not 16,384."""
+    _name, model, _X, _y = network
+    client = model.fhe_client
+    rows = parallel.default_chunk_rows(client, "row")
+    assert 1 <= rows < parallel.DEFAULT_CHUNK_CTS * client.params["row"].slot_count
+    assert request_bytes(client, "row", rows) <= parallel.MAX_CHUNK_BYTES < request_bytes(client, "row", rows + 1)
+    assert parallel.default_chunk_rows(client, "batch") % client.params["batch"].slot_count == 0

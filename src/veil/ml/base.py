@@ -67,7 +67,7 @@ class EncryptedModelMixin:
 
     def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None) -> np.ndarray:
         """Raw outputs (n_samples, n_outputs) computed in the requested mode. With fhe="execute",
-        inputs above one chunk (`parallel.DEFAULT_CHUNK_CTS` full ciphertexts) run chunk by chunk
+        inputs above one chunk (`parallel.default_chunk_rows`) run chunk by chunk
         in `workers` local processes (None: one per CPU; 1: chunked in this process), so memory
         stays bounded whatever the number of rows; smaller inputs run here in one go."""
         if fhe not in FHE_MODES:
@@ -83,7 +83,7 @@ class EncryptedModelMixin:
         name = client.choose_layout(len(X)) if layout == "auto" else layout
         if fhe == "simulate":
             return self.circuit_.simulate(X, name)
-        if len(X) > parallel.DEFAULT_CHUNK_CTS * client.params[name].slot_count:
+        if len(X) > parallel.default_chunk_rows(client, name):
             return parallel.execute_chunked(
                 X, server_dict=self.circuit_.to_dict(), client_spec=self.circuit_.client_spec(),
                 load_server=load_server, load_client=load_client,
