@@ -230,10 +230,6 @@ class TiledGeometry:
         return self.diagonals[0].period_in
 
     @property
-    def output_period(self) -> int:
-        return self.diagonals[-1].rows if self.diagonals else self.windows.period  # type: ignore[union-attr]
-
-    @property
     def n_linear(self) -> int:
         return len(self.diagonals) + (self.windows is not None)
 
@@ -356,7 +352,8 @@ def build(stages: list[Op], n_inputs: int, slots: int, first: str) -> TiledGeome
 
 
 def plaintext_words(geometry: TiledGeometry, primes_top: int, degree: int) -> int:
-    """Words of the plaintexts the server encodes (stage l sits at primes_top - l primes)."""
+    """Words of the plaintexts the server encodes: Linear stage l of a normalised program (stage
+    2l, the stages alternating with Polys) sits at primes_top - 2l primes."""
     words = 0
     for level, ops in enumerate(geometry.op_counts()):
         words += ops["mul_plain"] * degree * max(1, primes_top - 2 * level)
