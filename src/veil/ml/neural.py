@@ -142,11 +142,11 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
         raise NotImplementedError
 
     def compile(self, X: Any, input_bounds: float | np.ndarray | None = None,
-                headroom: float = DEFAULT_HEADROOM) -> _EncryptedMLP:
+                headroom: float = DEFAULT_HEADROOM, bounds: str = "sound") -> _EncryptedMLP:
         """Plan CKKS parameters for inputs like X (each feature up to twice its largest calibration
-        magnitude, or `input_bounds`); returns self."""
+        magnitude, or `input_bounds`; `bounds` as in `compile_torch_model`); returns self."""
         X = self._check_X(X)
-        self._set_circuit(compile_program(self.program_, X, input_bounds, headroom))
+        self._set_circuit(compile_program(self.program_, X, input_bounds, headroom, bounds=bounds))
         return self
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
@@ -244,8 +244,14 @@ class CompiledTorchModel(EncryptedModelMixin):
 
 
 def compile_torch_model(module: nn.Module, X_calibration: Any, input_bounds: float | np.ndarray | None = None,
-                        headroom: float = DEFAULT_HEADROOM) -> CompiledTorchModel:
-    """Compile `module` (in eval mode) for encrypted inference on inputs like `X_calibration`."""
+                        headroom: float = DEFAULT_HEADROOM, bounds: str = "sound") -> CompiledTorchModel:
+    """Compile `module` (in eval mode) for encrypted inference on inputs like `X_calibration`.
+
+    `bounds` says what the ring is sized for: "sound" (the default) the outputs of every input in
+    the accepted box (`input_bounds`, or twice the calibration range per feature), by interval
+    arithmetic; "calibrated" the values each stage reaches on `X_calibration` times `headroom`,
+    for networks whose sound bounds no ring holds: inputs unlike the calibration data may then
+    push an output out of range, which the client detects and reports as `PrecisionError`."""
     X = X_calibration.detach().cpu().numpy() if isinstance(X_calibration, torch.Tensor) else np.asarray(X_calibration)
     if X.ndim < 2 or len(X) == 0:
         raise ShapeError("X_calibration must hold at least one sample: shape (n, *input_shape)")
@@ -253,7 +259,7 @@ def compile_torch_model(module: nn.Module, X_calibration: Any, input_bounds: flo
     flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
     if input_bounds is not None and np.ndim(input_bounds) > 0:
         input_bounds = np.asarray(input_bounds, dtype=np.float64).reshape(-1)
-    circuit = compile_program(program, flat, input_bounds, headroom)
+    circuit = compile_program(program, flat, input_bounds, headroom, bounds=bounds)
     return CompiledTorchModel(copy.deepcopy(module).eval(), program, tuple(X.shape[1:]), circuit)
 
 

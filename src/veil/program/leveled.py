@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,8 @@ from veil.program.planner import (
     LayoutPlan,
     check_intermediate,
     interval_bounds,
+    output_primes,
+    output_value_bits,
     required_keys,
     row_cost_ms,
     stage_levels,
@@ -51,16 +54,36 @@ a forged or oversized program is refused at load, not by exhausting the server's
 PROGRAM_LAYOUTS = ("batch", "row")
 
 
+def _sound_output(p: LayoutPlan, stages: list[Op], non_negative: bool) -> LayoutPlan:
+    """A sound plan with its output bound checked against the interval bounds the server computes
+    itself from the plan's input box (and recorded, for a plan written before it was)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bounds = interval_bounds(stages, np.asarray(p.input_bounds), non_negative)
+    try:
+        check_intermediate(stages, bounds, p.params, p.scale_bits, p.layout)
+    except PrecisionError as exc:
+        raise WireFormatError(f"the {p.layout} plan cannot hold this program: {exc}") from None
+    peak = bounds[-1]
+    # (relative slack: a sum in another order may differ in its last bits from the planner's)
+    if not math.isfinite(peak) or (p.output_bound and p.output_bound < peak * (1 - 1e-9)):
+        raise WireFormatError(f"the {p.layout} plan's output bound {p.output_bound:.3g} is below the program's "
+                              f"sound bound {peak:.3g} over its input box: outputs could wrap around")
+    return p if p.output_bound else replace(p, output_bound=peak)
+
+
 def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
                 stages: list[Op] | None = None, non_negative: bool = False,
                 n_outputs: int | None = None) -> dict[str, LayoutPlan]:
     """The consistency both sides check on loading: a plan per known layout, filed under its own
     name, with bounds for every feature, one prime per level-consuming stage (at most `depth`)
-    plus the first and special ones, a row geometry that holds the program's widths (`n_outputs`:
-    the client's count, which knows no stages) and exactly the evaluation keys the program needs
-    (the server, which knows the stages: a forged plan is refused here, not per request)."""
+    plus the output level's and the special one, an output level that holds the planned output
+    bound, a row geometry that holds the program's widths (`n_outputs`: the client's count, which
+    knows no stages) and exactly the evaluation keys the program needs (the server, which knows
+    the stages, also recomputes a sound plan's bounds: a forged plan is refused here, not per
+    request). Returns the plans, each with its output bound."""
     if not plans:
         raise WireFormatError("a leveled circuit needs a plan for at least one layout")
+    checked: dict[str, LayoutPlan] = {}
     for name, p in plans.items():
         if name != p.layout:
             raise WireFormatError(f"plan for {p.layout!r} filed under {name!r}")
@@ -74,10 +97,18 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
                     "layers (fewer channels, pooling earlier)")
         if len(p.input_bounds) != n_features:
             raise ShapeError("input bounds do not match the number of features")
+        if stages is not None and p.bounds == "sound":  # calibrated bounds came from data the server lacks
+            p = _sound_output(p, stages, non_negative)
         bits = p.params.coeff_modulus_bits
         levels = depth if stages is None else sum(stage_levels(stages, name))
-        if not 2 < len(bits) <= levels + 2 or (stages is not None and len(bits) != levels + 2):
+        value_bits = output_value_bits(p.output_bound, p.bounds)
+        bottom = len(output_primes(p.scale_bits, value_bits))
+        if not 2 < len(bits) <= levels + bottom + 1 or (stages is not None and len(bits) != levels + bottom + 1):
             raise WireFormatError("the modulus chain does not match the program's depth")
+        if sum(bits[:bottom]) < p.scale_bits + value_bits + 2:
+            raise WireFormatError(f"the {name} plan's output level ({sum(bits[:bottom])} bits) cannot hold outputs "
+                                  f"up to {p.output_bound:.3g} at scale 2^{p.scale_bits} ({p.bounds} bounds): "
+                                  "they would wrap around")
         if any(b != p.scale_bits for b in bits[1:-1]) or bits[0] < p.scale_bits + 3:
             raise WireFormatError(f"the {name} plan's scale 2^{p.scale_bits} does not match its modulus chain "
                                   f"{list(bits)}: every rescale must divide by a prime of the scale's size, "
@@ -93,17 +124,8 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
             if (p.relin, tuple(sorted(p.rotation_steps)), p.half) != (relin, steps, half):
                 raise WireFormatError(f"the {name} plan's evaluation keys (relin {p.relin}, rotation steps, "
                                       f"half {p.half}) are not the ones its program needs")
-            with np.errstate(over="ignore", invalid="ignore"):
-                bounds = interval_bounds(stages, np.asarray(p.input_bounds), non_negative)
-            try:
-                check_intermediate(stages, bounds, p.params, p.scale_bits, name)
-            except PrecisionError as exc:
-                raise WireFormatError(f"the {name} plan cannot hold this program: {exc}") from None
-            peak = bounds[-1]
-            if not math.isfinite(peak) or bits[0] < p.scale_bits + max(1, math.ceil(math.log2(max(peak, 1.0)))) + 2:
-                raise WireFormatError(f"the {name} plan's first prime ({bits[0]} bits) cannot hold values up to "
-                                      f"{peak:.3g} at scale 2^{p.scale_bits}: outputs would wrap around")
-    return dict(plans)
+        checked[name] = p
+    return checked
 
 
 def _check_row_geometry(p: LayoutPlan, n_features: int, stages: list[Op] | None, n_outputs: int | None) -> None:
@@ -528,6 +550,10 @@ class ProgramClient(LeveledKind, ClientBase):
 
     def layout(self, name: object) -> BatchLayout | TiledLayout:
         return make_packing(self.plans[checked_layout(name, self.plans)], self.n_inputs, self.n_outputs)
+
+    def check_outputs(self, layout: str, Y: np.ndarray) -> np.ndarray:
+        """Outputs beyond the plan's output bound raise PrecisionError (`LayoutPlan.check_output`)."""
+        return self.plans[layout].check_output(Y)
 
     def choose_layout(self, n_samples: int) -> str:
         """The layout with the lower estimated cost for this many samples (`cost_ms` from the server)."""
