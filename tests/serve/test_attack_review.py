@@ -5,6 +5,8 @@ the key ids is in test_cluster.py."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import itertools
 import json
@@ -19,11 +21,15 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sklearn.datasets import load_iris
 
 from veil import ml
+from veil.errors import WireFormatError
 from veil.he import PublicBundle, SecretKeys, preset
-from veil.serve import Client
+from veil.serve import Client, schemas
+from veil.serve.app import _json_with_base64
 from veil.serve.auth import TokenStore, add_token_to_file, revoke_tokens
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import QuotaExceededError, UnauthorizedError
@@ -497,6 +503,52 @@ def test_json_twins_parse_and_decode_off_the_event_loop_with_fastapis_answers(en
     with Client(server, env["tokens"]["alice"]) as alice:
         raw = alice.predict_json(X[:8], "iris")
     np.testing.assert_allclose(raw, iris.decision_function(X[:8]), atol=1e-3)
+
+
+def test_large_base64_values_are_never_parsed_whole(monkeypatch):
+    """Pydantic holds the interpreter for a whole parse; a twin's base64 value (8 MiB here) must be cut
+    out of the body before pydantic sees it, and decoded from the body itself."""
+    raw = bytes(range(256)) * (6 * MiB // 256)
+    body = json.dumps({"key_id": "ab" * 16, "ciphertexts": base64.b64encode(raw).decode()}).encode()
+    seen: list[int] = []
+    validate = schemas.PredictJSON.model_validate_json
+
+    def spy(data, **kw):
+        seen.append(len(data))
+        return validate(data, **kw)
+
+    monkeypatch.setattr(schemas.PredictJSON, "model_validate_json", spy)
+    parsed, payload = _json_with_base64(schemas.PredictJSON, "ciphertexts", "application/json", body)
+    assert payload == raw and parsed.key_id == "ab" * 16
+    assert seen and max(seen) < 200
+
+
+REFERENCE_BODIES = [b'{"bundle":"QUJD"}', b' {\r\n "bundle" :\t"QUJD" , "x": "y"}\n', b'{"x":"\\"", "bundle":"QUJD"}',
+                    b'{"bundle":"QU\\/D"}', b'{"bundle":"QUJD","bundle":"QQ=="}', b'{"bundle":1}', b'{}', b'[]',
+                    b'{"bundle":"QUJD"} x', b'{"bundle":"QUJD",}', b'{"bundle":"AA==AAAA"}', b'{"bundle":"AAA"}',
+                    b'{"bundle":"QUJD\x01"}', '{"bundle":"QUJD", "\u00e9": "\u00e9"}'.encode(),
+                    b'{"bundle":"' + b"A" * (2 * MiB - 4) + b'AA==AAAA"}', b'{"bundle":"QUJD"', b'', b'{"bundle":null}']
+
+
+@pytest.mark.parametrize("body", REFERENCE_BODIES, ids=range(len(REFERENCE_BODIES)))
+def test_the_base64_fast_path_answers_like_a_whole_parse(body):
+    """Pydantic and `base64.b64decode(validate=True)` on the whole body, as before issue 19, give the same
+    bytes or the same status; the one difference: a raw control character inside the base64 value
+    (invalid JSON and invalid base64 alike) answers 400 rather than 422."""
+    def outcome(parse):
+        try:
+            return parse()
+        except (RequestValidationError, ValidationError):
+            return 422
+        except (WireFormatError, binascii.Error):
+            return 400
+
+    def reference():
+        parsed = schemas.RegisterKeyJSON.model_validate_json(body)
+        return base64.b64decode(parsed.bundle, validate=True)
+
+    fast = outcome(lambda: _json_with_base64(schemas.RegisterKeyJSON, "bundle", "application/json", body)[1])
+    assert fast == (400 if b"\x01" in body else outcome(reference))
 
 
 # --- 3. revocation is atomic with the writes a token makes ------------------------------------

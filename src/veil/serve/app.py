@@ -1,7 +1,6 @@
 """FastAPI application: key registry, model deployment, prediction on ciphertexts, operations."""
 
 import asyncio
-import base64
 import binascii
 import email.message
 import json
@@ -45,11 +44,15 @@ OCTET = "application/octet-stream"
 DEFAULT_MAX_BODY = 256 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 120.0
 """Seconds a request body may take to arrive, counted from its headers (408 past it)."""
-B64_SLICE = 1 << 20
-"""Base64 is decoded this many characters at a time (a multiple of 4), so the thread decoding a large
-JSON body hands the interpreter back to the event loop between slices."""
+SLICE = 1 << 20
+"""Large bodies are searched, copied and base64-coded this many bytes at a time (a multiple of 4), so
+the thread doing it hands the interpreter back to the event loop between slices."""
+JSON_SPACE = re.compile(rb"[ \t\r\n]*")
 AUTH_SCOPE = "veil.auth"
 """Scope key under which `Gate` leaves a request's principal, or the 401 it deserves."""
+BODY_SCOPE = "veil.body"
+"""Scope key under which `Gate` leaves the body it read (routes take it from there: Starlette's
+`Request.body()` would copy it once more, on the event loop)."""
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 """A client's X-Request-Id is kept only if it matches this; otherwise the server makes its own, so
 nothing a client chooses beyond these characters reaches response headers or log lines."""
@@ -126,7 +129,8 @@ class Gate:
        its connection is closed: a caller without a token gets nothing buffered or parsed.
     3. An authenticated body is read here, whole, before the app runs: over `limit` bytes (declared
        or while streaming) answers 413, not complete within `timeout` seconds of the headers answers
-       408; both close the connection. The app then receives the body as a single message.
+       408; both close the connection. The app then finds the body in the scope (`request_body`),
+       and receives it as a single message if it asks.
     """
 
     def __init__(self, app: ASGIApp, tokens: TokenStore, limit: int, timeout: float, metrics: "Metrics") -> None:
@@ -143,6 +147,7 @@ class Gate:
         declared = headers.get("content-length", "").strip()
         has_body = declared not in ("", "0") or "transfer-encoding" in headers
         if not has_body:
+            scope[BODY_SCOPE] = b""
             await self.app(scope, receive, send)
             return
         if isinstance(verdict, UnauthorizedError):
@@ -165,6 +170,7 @@ class Gate:
             return
         except _GoneError:
             return
+        scope[BODY_SCOPE] = body
         await self.app(scope, _replay(body, receive), send)
 
     async def _read(self, receive: Receive) -> bytes:
@@ -179,7 +185,8 @@ class Gate:
                 raise _TooLargeError
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                # joining hundreds of MiB takes a while (page faults): off the loop (the copy releases the GIL)
+                return b"".join(chunks) if size <= SLICE else await run_in_threadpool(b"".join, chunks)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str,
                       detail: str) -> None:
@@ -238,6 +245,11 @@ def authenticated(scope: Scope) -> Principal:
     raise verdict if isinstance(verdict, UnauthorizedError) else UnauthorizedError("missing bearer token")
 
 
+def request_body(request: Request) -> bytes:
+    """The body `Gate` read for this request, without copying it."""
+    return request.scope.get(BODY_SCOPE, b"")
+
+
 def request_id(given: str | None) -> str:
     """A client's X-Request-Id if it matches `REQUEST_ID_RE`, else a new one."""
     return given if given and REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex[:16]
@@ -260,16 +272,20 @@ def _key_info(record: KeyRecord) -> dict[str, Any]:
             "rotation_steps": list(record.rotation_steps), "created": record.created}
 
 
-def _b64(text: str, what: str) -> bytes:
-    """Strict base64 (alphabet, padding only at the end), decoded `B64_SLICE` characters at a time;
-    called off the event loop."""
-    if len(text) % 4:
-        raise WireFormatError(f"{what} is not valid base64")
-    out = []
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _b64(data: str | bytes | memoryview, what: str) -> bytes:
+    """Strict base64 (alphabet, padding only at the end), decoded `SLICE` bytes at a time so the thread
+    decoding a large body hands the interpreter back to the event loop between slices."""
     try:
-        for start in range(0, len(text), B64_SLICE):
-            piece = text[start:start + B64_SLICE]
-            if start + B64_SLICE < len(text) and "=" in piece:
+        view = memoryview(data.encode("ascii") if isinstance(data, str) else data)
+        if len(view) % 4:
+            raise ValueError("length not a multiple of 4")
+        out = []
+        for start in range(0, len(view), SLICE):
+            piece = view[start:start + SLICE]
+            if start + SLICE < len(view) and piece[-1] == ord("="):  # strict mode sees one slice only
                 raise ValueError("padding before the end")
             out.append(binascii.a2b_base64(piece, strict_mode=True))
     except (ValueError, binascii.Error):
@@ -277,7 +293,79 @@ def _b64(text: str, what: str) -> bytes:
     return b"".join(out)
 
 
-Body = TypeVar("Body", bound=BaseModel)
+def _b64encode(data: bytes) -> bytes:
+    """Base64 of `data`, encoded a slice at a time (3 bytes become 4, so the slices concatenate)."""
+    view, step = memoryview(data), 3 * (SLICE // 4)
+    return b"".join(binascii.b2a_base64(view[i:i + step], newline=False) for i in range(0, len(view), step))
+
+
+def _find(data: bytes, byte: bytes, start: int, stop: int) -> int:
+    """`data.find(byte, start, stop)` for a single byte, one `SLICE` at a time."""
+    for at in range(start, stop, SLICE):
+        found = data.find(byte, at, min(stop, at + SLICE))
+        if found >= 0:
+            return found
+    return -1
+
+
+def _skip_space(body: bytes, i: int) -> int:
+    return JSON_SPACE.match(body, i).end()  # type: ignore[union-attr]
+
+
+def _plain_string(body: bytes, i: int) -> tuple[int, int] | None:
+    """(start, end) of the characters of the JSON string opening at `i`, if it holds no escape."""
+    if body[i:i + 1] != b'"':
+        return None
+    end = _find(body, b'"', i + 1, len(body))
+    if end < 0 or _find(body, b"\\", i + 1, end) >= 0:
+        return None
+    return i + 1, end
+
+
+def _plain_strings(body: bytes) -> dict[bytes, tuple[int, int]] | None:
+    """Spans of the values, by key, of a JSON object whose members are all strings without escapes and
+    whose keys are distinct; None for any other body."""
+    i = _skip_space(body, 0)
+    if body[i:i + 1] != b"{":
+        return None
+    spans: dict[bytes, tuple[int, int]] = {}
+    i = _skip_space(body, i + 1)
+    while True:
+        key = _plain_string(body, i)
+        if key is None:
+            return None
+        i = _skip_space(body, key[1] + 1)
+        if body[i:i + 1] != b":":
+            return None
+        value = _plain_string(body, _skip_space(body, i + 1))
+        name = body[key[0]:key[1]]
+        if value is None or name in spans:
+            return None
+        spans[name] = value
+        i = _skip_space(body, value[1] + 1)
+        if body[i:i + 1] == b"}":
+            return spans if _skip_space(body, i + 1) == len(body) else None
+        if body[i:i + 1] != b",":
+            return None
+        i = _skip_space(body, i + 1)
+
+
+def _json_with_base64(model: type[Body], field: str, content_type: str | None, body: bytes) -> tuple[Body, bytes]:
+    """A base64 twin's body validated as `model`, and its base64 `field` decoded (in a worker thread).
+
+    Pydantic holds the interpreter for a whole parse (~4 ms per MiB, so a 200 MiB body would stall the
+    event loop for most of a second). In the body clients send, a flat object of plain strings (base64
+    needs no escape), the value is cut out by windowed searches, pydantic validates the rest and
+    `_b64` decodes the value from the body itself, a slice at a time. Any other body is parsed whole,
+    with the same answers."""
+    span = (_plain_strings(body) or {}).get(field.encode())
+    if span is None:
+        parsed = _parse_json(model, content_type, body)
+        return parsed, _b64(getattr(parsed, field), field)
+    start, end = span
+    return _parse_json(model, content_type, body[:start] + body[end:]), _b64(memoryview(body)[start:end], field)
+
+
 JSON_BODIES: tuple[type[BaseModel], ...] = (schemas.RegisterKeyJSON, schemas.PredictJSON, schemas.DeployRequest)
 """Request bodies parsed by `_json_body` rather than by FastAPI, which would parse and validate them on
 the event loop; `create_app` adds their schemas to the OpenAPI document."""
@@ -291,8 +379,7 @@ def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
 
 async def _json_body(request: Request, model: type[Body]) -> Body:
     """The request's JSON body validated as `model` in a worker thread (422 as FastAPI would answer)."""
-    body = await request.body()
-    return await run_in_threadpool(_parse_json, model, request.headers.get("content-type"), body)
+    return await run_in_threadpool(_parse_json, model, request.headers.get("content-type"), request_body(request))
 
 
 def _parse_json(model: type[Body], content_type: str | None, body: bytes) -> Body:
@@ -476,14 +563,15 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     async def register_key(request: Request, who: Auth) -> dict:
         """Register a public key bundle (binary body); a secret key is refused. Counts against the
         token's key quota (403 quota_exceeded when full)."""
-        return await _register(who, await request.body())
+        return await _register(who, request_body(request))
 
     @app.post("/v1/keys/json", response_model=schemas.KeyInfo, tags=["keys"],
               openapi_extra=_json_body_doc(schemas.RegisterKeyJSON))
     async def register_key_json(request: Request, who: Auth) -> dict:
         """Same as /v1/keys with the bundle in base64 JSON."""
-        body = await _json_body(request, schemas.RegisterKeyJSON)
-        return _key_info(await run_in_threadpool(lambda: service.register_key(who, _b64(body.bundle, "bundle"))))
+        _, bundle = await run_in_threadpool(_json_with_base64, schemas.RegisterKeyJSON, "bundle",
+                                            request.headers.get("content-type"), request_body(request))
+        return await _register(who, bundle)
 
     @app.get("/v1/keys/{key_id:veil_key_id}", response_model=schemas.KeyInfo, tags=["keys"])
     async def get_key(key_id: KEY_ID, who: Auth) -> dict:
@@ -525,20 +613,20 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
                       version: VERSION = None) -> Response:
         """Evaluate on a binary CIPHERTEXTS message; the answer holds ciphertexts only. The key id
         must be one the caller registered (admins included)."""
-        payload = await request.body()
-        used, out = await executor.predict(who, name, version, x_veil_key_id, payload)
+        used, out = await executor.predict(who, name, version, x_veil_key_id, request_body(request))
         return Response(out, media_type=OCTET, headers={"x-veil-model-version": str(used)})
 
     @app.post("/v1/models/{name}/predict/json", response_model=schemas.PredictionJSON, tags=["predict"],
               openapi_extra=_json_body_doc(schemas.PredictJSON))
     async def predict_json(name: NAME, request: Request, who: Auth, version: VERSION = None) -> Response:
         """Same as /predict with base64 JSON (a third larger on the wire)."""
-        body = await _json_body(request, schemas.PredictJSON)
-        payload = await run_in_threadpool(_b64, body.ciphertexts, "ciphertexts")
+        body, payload = await run_in_threadpool(_json_with_base64, schemas.PredictJSON, "ciphertexts",
+                                                request.headers.get("content-type"), request_body(request))
         used, out = await executor.predict(who, name, version, body.key_id, payload)
 
-        def answer() -> bytes:
-            return json.dumps({"model": name, "version": used, "ciphertexts": base64.b64encode(out).decode()}).encode()
+        def answer() -> bytes:  # base64 needs no JSON escape
+            head = json.dumps({"model": name, "version": used})[:-1].encode()
+            return b"".join([head, b', "ciphertexts": "', _b64encode(out), b'"}'])
 
         return Response(await run_in_threadpool(answer), media_type="application/json")
 
