@@ -5,11 +5,13 @@ the key ids is in test_cluster.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import itertools
 import json
+import os
 import select
 import socket
 import sqlite3
@@ -34,7 +36,7 @@ from veil.serve.auth import TokenStore, add_token_to_file, revoke_tokens
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import QuotaExceededError, UnauthorizedError
 from veil.serve.registry import KeyQuota, KeyRecord, SQLiteStore, legacy_key_id, scoped_key_id
-from veil.serve.server import ServerConfig
+from veil.serve.server import ServerConfig, build
 from veil.serve.service import Service
 
 from .helpers import running_server
@@ -487,6 +489,28 @@ def test_the_head_deadline_restarts_at_each_response(env, tmp_path):
             assert status == 200 and json.loads(body) == {"status": "ok"}, i
 
 
+def test_absurd_content_lengths_answer_413_through_asgi_too(env):
+    """h11 refuses malformed lengths over the network; an ASGI caller of the app gets a 4xx, not a 500."""
+    app, _ = build(env["config"](data_dir=str(env["root"] / "asgi")))
+    auth = f"Bearer {env['tokens']['alice']}".encode()
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    for length in (b"9" * 5000, "\u00b2".encode("latin-1"), b"1" * 19):
+        sent.clear()
+        scope = {"type": "http", "method": "POST", "path": "/v1/keys", "raw_path": b"/v1/keys", "query_string": b"",
+                 "headers": [(b"content-length", length), (b"authorization", auth)],
+                 "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
+                 "root_path": "", "asgi": {"version": "3.0"}}
+        asyncio.run(app(scope, receive, send))
+        assert sent[0]["status"] in (400, 413), (length[:5], sent[0]["status"])
+
+
 def test_json_twins_parse_and_decode_off_the_event_loop_with_fastapis_answers(env, server):
     """The JSON bodies FastAPI no longer parses answer as it did: 422 for malformed JSON, a wrong
     content type or a schema violation, 400 for bad base64; and the twins still work."""
@@ -591,6 +615,26 @@ def test_revocation_waits_for_a_commit_in_progress(revocable):
         assert not done.wait(0.5), "revoke must wait while a commit holds the token"
     revoker.join(10)
     assert done.is_set()
+    with pytest.raises(UnauthorizedError), carol.committing():
+        pass
+
+
+def test_a_commit_sees_a_revocation_the_file_metadata_hides(revocable):
+    """The commit-time check re-reads the tokens file whatever its metadata: here the revoking edit
+    keeps the file's inode, size and modification time (coarse timestamps and reused inodes can do that)."""
+    path = revocable["path"]
+    carol = revocable["store"].authenticate(f"Bearer {revocable['names']['carol']}")
+    before, st = path.read_text(), path.stat()
+    data = json.loads(before)
+    for row in data["tokens"]:
+        if row["name"] == "carol":
+            row["sha256"] = "0" * len(row["sha256"])  # carol's token no longer matches
+    after = json.dumps(data, indent=2)
+    assert len(after) == len(before)
+    with open(path, "r+") as fh:  # in place: same inode
+        fh.write(after)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_ino, path.stat().st_size, path.stat().st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
     with pytest.raises(UnauthorizedError), carol.committing():
         pass
 

@@ -146,6 +146,7 @@ class Gate:
         scope[AUTH_SCOPE] = verdict
         declared = headers.get("content-length", "").strip()
         has_body = declared not in ("", "0") or "transfer-encoding" in headers
+        length = declared_length(declared)
         if not has_body:
             scope[BODY_SCOPE] = b""
             await self.app(scope, receive, send)
@@ -153,7 +154,7 @@ class Gate:
         if isinstance(verdict, UnauthorizedError):
             await self._refuse(scope, receive, send, 401, "unauthorized", str(verdict))
             return
-        if declared.isdigit() and int(declared) > self.limit:
+        if length is not None and length > self.limit:
             await self._refuse(scope, receive, send, 413, "payload_too_large",
                                f"request body exceeds {self.limit} bytes")
             return
@@ -243,6 +244,15 @@ def authenticated(scope: Scope) -> Principal:
     if isinstance(verdict, Principal):
         return verdict
     raise verdict if isinstance(verdict, UnauthorizedError) else UnauthorizedError("missing bearer token")
+
+
+def declared_length(value: str) -> int | None:
+    """A Content-Length header's value, if it is one (ASCII digits); a length beyond any body
+    counts as 2**63 rather than being converted (Python refuses integers of over 4300 digits)."""
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= 18 else 2**63
 
 
 def request_body(request: Request) -> bytes:
@@ -478,8 +488,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         route = request.scope.get("route")
         name = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
         elapsed = time.perf_counter() - start
-        declared = request.headers.get("content-length") or "0"
-        size_in = int(declared) if declared.isdigit() else 0
+        size_in = min(declared_length(request.headers.get("content-length", "")) or 0, max_body)
         size_out = int(response.headers.get("content-length") or 0)
         metrics.requests.labels(name, str(response.status_code)).inc()
         metrics.latency.labels(name).observe(elapsed)

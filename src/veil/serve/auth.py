@@ -107,7 +107,8 @@ class TokenStore:
 
     def refresh(self, force: bool = False) -> None:
         """Re-read the tokens file if its metadata changed (checked at most every `RELOAD_INTERVAL`
-        seconds, or now with `force`); a file that cannot be read or parsed keeps the previous
+        seconds), or now and whatever its metadata with `force` (timestamps can be coarser than two
+        edits apart, and inodes are reused); a file that cannot be read or parsed keeps the previous
         tokens (and logs why) rather than locking everyone out."""
         if self._path is None:
             return
@@ -121,7 +122,7 @@ class TokenStore:
                 stamp: tuple | None = (st.st_mtime_ns, st.st_size, st.st_ino)
             except FileNotFoundError:
                 stamp = None
-            if stamp == self._stamp:
+            if stamp == self._stamp and not force:
                 return
             try:
                 entries = {} if stamp is None else _read_rows(self._path)
@@ -129,7 +130,7 @@ class TokenStore:
                 log.error("tokens file unreadable; keeping the previous tokens",
                           extra={"path": str(self._path), "error": str(exc)[:200]})
                 return
-            changed = self._stamp is not None
+            changed = self._stamp is not None and (stamp != self._stamp or entries != self._from_file)
             self._from_file, self._stamp = entries, stamp
             if changed:
                 log.info("tokens reloaded", extra={"path": str(self._path), "tokens": len(entries)})
@@ -156,8 +157,8 @@ class TokenStore:
     @contextlib.contextmanager
     def hold(self, principal: Principal) -> Iterator[None]:
         """Keep `principal`'s token from being revoked while the block runs: take the tokens file's
-        lock shared (`veil token add|revoke` take it exclusive), re-read the file if it changed, and
-        raise 401 if the token is no longer in it. See the module docstring."""
+        lock shared (`veil token add|revoke` take it exclusive), re-read the file, and raise 401 if
+        the token is no longer in it. See the module docstring."""
         fd = _open_lock(self._path) if self._path is not None else None
         try:
             if fd is not None:
