@@ -1,4 +1,4 @@
-"""The `veil` command: demo, serve, worker, deploy, predict, keygen, token, openapi, bench."""
+"""The `veil` command: demo, serve, worker, deploy, predict, keygen, token, openapi, bench, tee."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from veil.errors import VeilError
 
 DATASETS = ("iris", "wine", "breast_cancer", "digits")
 TOKEN_ENV = "VEIL_TOKEN"
+TEE_OPTIONS = ("attest_policy", "attest", "attest_provider", "dcap_collateral", "pccs_url", "nonce_ttl")
+"""`ServerConfig` fields set from options of the same name (serve: all; worker: its own attestation)."""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -129,14 +131,15 @@ def _server_config(args: argparse.Namespace) -> veil.serve.ServerConfig:
     from veil.serve import ServerConfig
 
     optional = {k: v for k, v in (("max_keys", args.max_keys), ("max_key_bytes", _mb(args.max_key_mb)),
-                                ("body_timeout", args.body_timeout), ("head_timeout", args.head_timeout))
+                                ("body_timeout", args.body_timeout), ("head_timeout", args.head_timeout),
+                                *((k, getattr(args, k, None)) for k in TEE_OPTIONS))
                 if v is not None}
     return ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, tokens_file=args.tokens,
                         model_key_file=args.model_key_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_client_ca=args.tls_client_ca, max_body=int(args.max_body_mb * 1024 * 1024),
                         queue=args.queue, log_level=args.log_level, insecure=args.insecure,
                         protect_metrics=args.protect_metrics, protect_docs=args.protect_docs,
-                        **optional)
+                        attest_verifiers=tuple(getattr(args, "attest_verifier", None) or ()), **optional)
 
 
 def _mb(value: float | None) -> int | None:
@@ -275,10 +278,36 @@ def _openapi(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from veil.serve.server import configure_logging
+    from veil.serve.tee_setup import broker_options
     from veil.serve.worker import run_worker
 
     configure_logging(args.log_level)
-    run_worker(_server_config(args), name=args.name, claim_idle=args.claim_idle)
+    run_worker(_server_config(args), name=args.name, claim_idle=args.claim_idle, broker=broker_options(args))
+    return 0
+
+
+def _tee_manifest(args: argparse.Namespace) -> int:
+    """Write the enclave description of `veil worker` (the files `veil.tee.manifest` makes) into --out."""
+    from veil.tee.manifest import gramine_manifest, nitro_build_commands, nitro_dockerfile
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    worker_args = ["--queue", args.queue, "--attest", "sgx" if args.platform == "gramine" else "nitro",
+                   "--key-broker", args.key_broker, "--key-broker-token-file", args.token_file]
+    if args.key_broker_ca:
+        worker_args += ["--key-broker-ca", args.key_broker_ca]
+    if args.platform == "gramine":
+        if args.pccs_url:
+            worker_args += ["--pccs-url", args.pccs_url]
+        written = {"veil-worker.manifest.template": gramine_manifest(
+            worker_args=worker_args, model_dir=args.model_dir,
+            extra_trusted=[p for p in (args.key_broker_ca,) if p])}
+    else:
+        written = {"Dockerfile": nitro_dockerfile(worker_args=worker_args),
+                   "build.sh": "#!/bin/sh\nset -eu\n" + "\n".join(nitro_build_commands()) + "\n"}
+    for name, text in written.items():
+        (out / name).write_text(text)
+        print(out / name)
     return 0
 
 
@@ -321,6 +350,25 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
                    help="MiB of key bundles one principal may store (default 256)")
 
 
+def _add_tee_server_options(p: argparse.ArgumentParser) -> None:
+    from veil.tee.providers import PROVIDERS
+
+    group = p.add_argument_group("trusted execution")
+    group.add_argument("--attest-policy", metavar="FILE",
+                       help="release the model key to workers (veil worker --attest) whose evidence this policy "
+                            "accepts")
+    group.add_argument("--attest-verifier", action="append", default=[], metavar="PLATFORM=MODULE:FACTORY",
+                       help="a verifier plug-in for the policy (development and tests); repeatable")
+    group.add_argument("--attest", choices=sorted(PROVIDERS),
+                       help="this server runs in an enclave of this platform: it attests to clients (bound to "
+                            "its TLS key) and serves /predict/plain")
+    group.add_argument("--attest-provider", metavar="MODULE:FACTORY",
+                       help="evidence provider plug-in instead of the device (development and tests)")
+    group.add_argument("--dcap-collateral", metavar="FILE", help="Intel collateral JSON for SGX/TDX evidence")
+    group.add_argument("--pccs-url", metavar="URL", help="PCCS (or Intel PCS) to fetch SGX/TDX collateral from")
+    group.add_argument("--nonce-ttl", type=_positive_float, help="seconds a key-release nonce lives (default 60)")
+
+
 def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, help="https://host:port")
     p.add_argument("--token", help=f"bearer token (default ${TOKEN_ENV})")
@@ -330,6 +378,8 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from veil.serve.auth import ROLES
+
     parser = argparse.ArgumentParser(prog="veil", description=__doc__)
     parser.add_argument("--version", action="version", version=f"veil {veil.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -344,18 +394,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(serve)
     serve.set_defaults(func=_serve)
 
+    _add_tee_server_options(serve)
+
+    from veil.serve.tee_setup import add_attest_options
+
     worker = sub.add_parser("worker", help="consume prediction jobs from the Redis queue")
     _add_server_options(worker)
     worker.add_argument("--name", help="consumer name (default host-pid)")
     worker.add_argument("--claim-idle", type=float, default=30.0,
                         help="seconds before another worker's unacknowledged job is taken over")
+    add_attest_options(worker)
     worker.set_defaults(func=_worker)
+
+    tee = sub.add_parser("tee", help="trusted execution: enclave descriptions for `veil worker`")
+    tee_actions = tee.add_subparsers(dest="action", required=True)
+    manifest = tee_actions.add_parser("manifest", help="write a Gramine manifest (SGX) or a Nitro enclave image")
+    manifest.add_argument("--out", required=True, help="directory to write into")
+    manifest.add_argument("--platform", choices=("gramine", "nitro"), default="gramine")
+    manifest.add_argument("--queue", required=True, help="the Redis URL the enclave's worker consumes (rediss://...)")
+    manifest.add_argument("--key-broker", required=True, help="URL of the front end started with --attest-policy")
+    manifest.add_argument("--token-file", default="/secrets/worker.token",
+                          help="where the enclave reads its worker token (an allowed file, not measured)")
+    manifest.add_argument("--key-broker-ca", help="CA bundle of the key broker (measured into the enclave)")
+    manifest.add_argument("--model-dir", default="/models", help="Gramine: the encrypted model store (allowed files)")
+    manifest.add_argument("--pccs-url", help="Gramine: the PCCS the worker fetches its collateral from")
+    manifest.set_defaults(func=_tee_manifest)
 
     token = sub.add_parser("token", help="add, revoke or list bearer tokens (a running server follows the file)")
     actions = token.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="create a token (printed once, stored as a hash)")
     add.add_argument("name")
-    add.add_argument("--role", choices=("admin", "client"), default="client")
+    add.add_argument("--role", choices=ROLES, default="client",
+                     help="admin deploys; client registers keys and predicts; worker only gets the model key by "
+                          "attested key release")
     add.add_argument("--max-keys", type=_non_negative, help="this token's key bundle quota (default: server's)")
     add.add_argument("--max-key-mb", type=_non_negative_float, help="this token's key storage quota in MiB")
     revoke = actions.add_parser("revoke", help="remove tokens by name, or by the id `veil token list` shows")

@@ -3,25 +3,35 @@
 Its evidence is ``MAGIC | measurement (48) | debug (1) | report data (64) | DER ECDSA signature``,
 with the attestation key's certificate as the ``cert`` endorsement. `FakeVerifier` is the plug-in
 that verifies it; it exists only here and is registered only in the tests' own policies
-(``load_policy(..., plugins={"veil-test": FakeVerifier})``), never in veil itself.
+(``load_policy(..., plugins={"veil-test": FakeVerifier})``, or ``veil serve --attest-verifier
+veil-test=tests.tee.fakeplatform:FakeVerifier``), never in veil itself.
+
+For processes started by the end-to-end tests, a machine is written to a directory (`save`) and
+`provider` (``--attest-provider tests.tee.fakeplatform:provider``) loads the one that
+``$VEIL_TEST_TEE_DIR`` names; `replaying_provider` always answers the evidence it made first (a
+server replaying old evidence instead of attesting each client's nonce).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
 from cryptography.x509.oid import NameOID
 
 from veil.tee import ChainError, Claims, Evidence, EvidenceFormatError, ExpiredError, SignatureError
 
 PLATFORM = "veil-test"
+DIR_ENV = "VEIL_TEST_TEE_DIR"
 MAGIC = b"VEILFAKE"
 HEADER = len(MAGIC) + 48 + 1 + 64
 
@@ -53,6 +63,31 @@ class FakePlatform:
     @property
     def root_pem(self) -> bytes:
         return self.root.public_bytes(Encoding.PEM)
+
+    def save(self, directory: Path) -> Path:
+        """Write this machine (keys, certificates, measurement) for `load` in another process."""
+        directory.mkdir(parents=True, exist_ok=True)
+        pem = {"root_key": self._root_key, "key": self._key}
+        for name, key in pem.items():
+            (directory / f"{name}.pem").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
+                                                                      NoEncryption()))
+        (directory / "root.pem").write_bytes(self.root_pem)
+        (directory / "cert.pem").write_bytes(self.cert.public_bytes(Encoding.PEM))
+        (directory / "machine.json").write_text(json.dumps({"measurement": self.measurement.hex(),
+                                                            "debug": self.debug}))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> FakePlatform:
+        machine = cls.__new__(cls)
+        meta = json.loads((directory / "machine.json").read_text())
+        machine.measurement, machine.debug = bytes.fromhex(meta["measurement"]), meta["debug"]
+        machine.platform = PLATFORM
+        machine._root_key = load_pem_private_key((directory / "root_key.pem").read_bytes(), None)
+        machine._key = load_pem_private_key((directory / "key.pem").read_bytes(), None)
+        machine.root = x509.load_pem_x509_certificate((directory / "root.pem").read_bytes())
+        machine.cert = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
+        return machine
 
     def attest(self, report_data: bytes) -> Evidence:
         assert len(report_data) == 64
@@ -95,3 +130,26 @@ class FakeVerifier:
         return Claims(platform=PLATFORM, measurement=blob[offset:offset + 48], debug=bool(blob[offset + 48]),
                       report_data=blob[offset + 49:HEADER],
                       root_sha256=hashlib.sha256(root.public_bytes(Encoding.DER)).hexdigest())
+
+
+def provider() -> FakePlatform:
+    """``--attest-provider`` factory: the machine saved in ``$VEIL_TEST_TEE_DIR``."""
+    return FakePlatform.load(Path(os.environ[DIR_ENV]))
+
+
+class _Replaying:
+    platform = PLATFORM
+
+    def __init__(self, machine: FakePlatform) -> None:
+        self.machine, self.first = machine, None
+
+    def attest(self, report_data: bytes) -> Evidence:
+        if self.first is None:
+            self.first = self.machine.attest(report_data)
+        return self.first
+
+
+def replaying_provider() -> _Replaying:
+    """``--attest-provider`` factory of a server that replays its first evidence to every client."""
+    return _Replaying(provider())
+

@@ -1,7 +1,18 @@
-"""Serving: FastAPI server, client SDK, key and model registries, Redis cluster backend."""
+"""Serving: FastAPI server, client SDK, key and model registries, Redis cluster backend.
 
-from veil.serve.app import create_app
-from veil.serve.client import Client, RequestError
-from veil.serve.server import ServerConfig, build, serve
+The names below are imported on first use, so `veil`'s command line can read option helpers of
+submodules (`veil.serve.auth`, `veil.serve.tee_setup`) without loading the server.
+"""
 
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"Client": "veil.serve.client", "RequestError": "veil.serve.client", "ServerConfig": "veil.serve.server",
+            "build": "veil.serve.server", "create_app": "veil.serve.app", "serve": "veil.serve.server"}
 __all__ = ["Client", "RequestError", "ServerConfig", "build", "create_app", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'veil.serve' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

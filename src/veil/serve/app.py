@@ -38,6 +38,8 @@ from veil.serve.auth import Principal, TokenStore
 from veil.serve.errors import INTERNAL_DETAIL, UnauthorizedError, error_fields
 from veil.serve.registry import MAX_VERSION, KeyRecord, ModelRecord
 from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN, Service
+from veil.serve.tee import JSON_BODIES as TEE_JSON_BODIES
+from veil.serve.tee import RefusalCollector, TeeState, add_routes
 
 log = logging.getLogger("veil.serve")
 OCTET = "application/octet-stream"
@@ -376,7 +378,8 @@ def _json_with_base64(model: type[Body], field: str, content_type: str | None, b
     return _parse_json(model, content_type, body[:start] + body[end:]), _b64(memoryview(body)[start:end], field)
 
 
-JSON_BODIES: tuple[type[BaseModel], ...] = (schemas.RegisterKeyJSON, schemas.PredictJSON, schemas.DeployRequest)
+JSON_BODIES: tuple[type[BaseModel], ...] = (schemas.RegisterKeyJSON, schemas.PredictJSON, schemas.DeployRequest,
+                                             *TEE_JSON_BODIES)
 """Request bodies parsed by `_json_body` rather than by FastAPI, which would parse and validate them on
 the event loop; `create_app` adds their schemas to the OpenAPI document."""
 
@@ -434,15 +437,20 @@ VERSION = Annotated[int | None, Query(ge=1, le=MAX_VERSION, description="default
 
 def create_app(service: Service, tokens: TokenStore, executor: Executor | None = None,
                max_body: int = DEFAULT_MAX_BODY, protect_metrics: bool = False,
-               protect_docs: bool = False, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> Gate:
+               protect_docs: bool = False, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+               tee: TeeState | None = None) -> Gate:
     """Build the ASGI app; the caller chooses storage, tokens and where predictions run.
 
     Requests pass through `Gate` (authentication from the headers, then the body, at most `max_body`
     bytes arriving within `body_timeout` seconds). `protect_metrics` and `protect_docs` make /metrics,
     and /docs, /redoc and /openapi.json, require a valid bearer token (any role) for servers whose
-    operations data should not be public."""
+    operations data should not be public. `tee` makes it a key broker and/or an attested enclave
+    (`veil.serve.tee`); its endpoints exist either way and answer 404 where it is not set."""
     executor = executor or LocalExecutor(service)
+    tee = tee or TeeState()
     metrics = Metrics.create()
+    if tee.broker is not None:
+        metrics.registry.register(RefusalCollector(tee.broker.counter))
     app = FastAPI(title="veil", version=veil.__version__, responses=ERRORS, docs_url=None, redoc_url=None,
                   openapi_url=None,
                   description="Encrypted inference: clients send CKKS ciphertexts and get ciphertexts back.")
@@ -639,6 +647,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
         return Response(await run_in_threadpool(answer), media_type="application/json")
 
+    add_routes(app, tee, service, principal, _json_body, _json_body_doc)
     return Gate(app, tokens, max_body, body_timeout, metrics)
 
 

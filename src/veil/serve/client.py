@@ -1,4 +1,8 @@
-"""`veil.Client`: keys stay here; only public bundles and ciphertexts cross the network."""
+"""`veil.Client`: keys stay here; only public bundles and ciphertexts cross the network.
+
+With ``attest=policy`` the client trusts an enclave instead of encrypting: before its first request
+it verifies the server's evidence, bound to the server's TLS key (`veil.serve.attested`), keeps every
+connection pinned to that key, and sends plaintext features to ``/predict/plain``."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -18,7 +22,13 @@ from veil.errors import VeilError
 from veil.ml import ModelClient
 from veil.program import request_bytes, rows_per_request
 
+if TYPE_CHECKING:
+    from veil.serve.attested import AttestedServer
+    from veil.tee import Policy
+
 RETRY_STATUS = (502, 503, 504)
+PLAIN_VALUE_BYTES = 25
+"""Upper estimate of one feature's bytes in a plaintext JSON request (for chunking by bytes)."""
 MAX_CHUNK_ROWS = 16384
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 """Requests are sized to stay under this by default: a quarter of the server's default body limit
@@ -55,18 +65,51 @@ class Client:
     Inputs are sent `chunk_size` rows per request; by default (None) as many rows, up to
     MAX_CHUNK_ROWS, as keep each encrypted request under `max_request_bytes` for the model and
     layout at hand (ciphertext sizes differ by orders of magnitude between model kinds).
+
+    `attest` (a `veil.tee.Policy`, or a policy file) trusts the server's enclave instead of
+    encrypting: `predict`, `predict_proba` and `predict_raw` send plaintext features to
+    ``/predict/plain``, and no request at all is sent before the server's evidence verified under the
+    policy and bound the TLS key of the connection (`attest()`; failures are `veil.tee` errors such
+    as `BindingError`, `MeasurementError` or `NoEvidenceError`). Every connection afterwards must
+    present the attested certificate. ``verify=False`` then means the evidence alone authenticates
+    the server.
     """
 
     def __init__(self, url: str, token: str, *, verify: bool | str = True, cert: Any = None,
                  timeout: float = 120.0, retries: int = 3, backoff: float = 0.25,
-                 chunk_size: int | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+                 chunk_size: int | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 attest: Policy | str | Path | None = None) -> None:
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.chunk_size = retries, backoff, chunk_size
         self.max_request_bytes = max_request_bytes
-        self._http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {token}"},
-                                  verify=tls_context(verify, cert), timeout=timeout)
+        self._token, self._verify, self._cert, self._timeout = token, verify, cert, timeout
+        if isinstance(attest, str | Path):
+            from veil.tee import load_policy
+
+            attest = load_policy(attest)
+        self.attest_policy = attest
+        self.attested: AttestedServer | None = None
+        self._http = self._session(tls_context(verify, cert))
         self._models: dict[tuple[str, int], ModelClient] = {}
         self._key_ids: dict[str, str] = {}
+
+    def _session(self, verify: ssl.SSLContext | bool) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {self._token}"}, verify=verify,
+                            timeout=self._timeout)
+
+    def attest(self) -> AttestedServer:
+        """Verify the server's enclave now (see the class docstring) and pin later connections to its
+        attested TLS certificate; raises the `veil.tee.AttestationError` naming what failed."""
+        from veil.serve.attested import attest_server
+
+        if self.attest_policy is None:
+            raise ValueError("this client was made without attest=: there is no policy to verify the server by")
+        attested = attest_server(self.url, self._token, self.attest_policy, verify=self._verify, cert=self._cert,
+                                 timeout=self._timeout)
+        self._http.close()
+        self._http = self._session(attested.context)
+        self.attested = attested
+        return attested
 
     def __enter__(self) -> Client:
         return self
@@ -78,6 +121,8 @@ class Client:
         self._http.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.attest_policy is not None and self.attested is None:
+            self.attest()
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.request(method, path, **kwargs)
@@ -168,8 +213,35 @@ class Client:
         for start in range(0, n, size):
             yield slice(start, min(n, start + size))
 
+    def send_plain(self, model: str, version: int | None, X: np.ndarray) -> np.ndarray:
+        """POST plaintext features to an attested server; returns its raw outputs (n, n_outputs)."""
+        if self.attest_policy is None:
+            raise ValueError("plaintext is sent only to an attested server: make the client with attest=policy")
+        body = {"features": np.asarray(X, dtype=np.float64).tolist()}
+        out = self._request("POST", f"/v1/models/{model}/predict/plain", json=body,
+                            params={} if version is None else {"version": version}).json()
+        raw = np.asarray(out.get("outputs"), dtype=np.float64)
+        if raw.ndim != 2 or len(raw) != len(X):
+            raise RequestError(200, "bad_response", f"expected {len(X)} rows of outputs, got shape {raw.shape}")
+        return raw
+
+    def _run_plain(self, X: Any, model: str, version: int | None,
+                   progress: Callable[[int], None] | None) -> tuple[ModelClient, np.ndarray]:
+        version, mc = self.model(model, version)
+        X = mc.circuit.check_input(X)
+        rows = self.chunk_size or max(1, min(MAX_CHUNK_ROWS, self.max_request_bytes //
+                                             (PLAIN_VALUE_BYTES * mc.n_features)))
+        parts = []
+        for part in self._chunks(len(X), rows):
+            parts.append(self.send_plain(model, version, X[part]))
+            if progress is not None:
+                progress(part.stop - part.start)
+        return mc, np.vstack(parts)
+
     def _run(self, X: Any, model: str, version: int | None, layout: str,
              progress: Callable[[int], None] | None) -> tuple[ModelClient, np.ndarray]:
+        if self.attest_policy is not None:
+            return self._run_plain(X, model, version, progress)
         version, mc = self.model(model, version)
         X = mc.circuit.check_input(X)
         parts = []
@@ -193,7 +265,8 @@ class Client:
 
     def predict(self, X: Any, model: str, version: int | None = None, layout: str = "auto",
                 progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Plaintext predictions for X, computed by the server on ciphertexts only."""
+        """Plaintext predictions for X, computed by the server on ciphertexts only (with `attest`:
+        on plaintext, by the attested enclave)."""
         mc, raw = self._run(X, model, version, layout, progress)
         return mc.predict(raw)
 

@@ -38,16 +38,12 @@ class ArtefactCipher:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ArtefactCipher | None:
         """Key from VEIL_MODEL_KEY (base64 or hex) or from the file named by VEIL_MODEL_KEY_FILE."""
-        env = os.environ if environ is None else environ
-        if env.get(KEY_ENV):
-            return cls(parse_key(env[KEY_ENV]))
-        if env.get(KEY_FILE_ENV):
-            return cls.from_file(env[KEY_FILE_ENV])
-        return None
+        key = key_from_env(environ)
+        return None if key is None else cls(key)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ArtefactCipher:
-        return cls(parse_key(Path(path).read_text().strip()))
+        return cls(key_from_file(path))
 
     def encrypt(self, data: bytes, identity: str) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
@@ -62,6 +58,20 @@ class ArtefactCipher:
         except InvalidTag:
             raise IntegrityError(
                 f"artefact {identity!r} failed authentication: tampered or wrong key") from None
+
+
+def key_from_env(environ: dict[str, str] | None = None) -> bytes | None:
+    """The model key from VEIL_MODEL_KEY (base64 or hex) or the file VEIL_MODEL_KEY_FILE names, if set."""
+    env = os.environ if environ is None else environ
+    if env.get(KEY_ENV):
+        return parse_key(env[KEY_ENV])
+    if env.get(KEY_FILE_ENV):
+        return key_from_file(env[KEY_FILE_ENV])
+    return None
+
+
+def key_from_file(path: str | Path) -> bytes:
+    return parse_key(Path(path).read_text().strip())
 
 
 def parse_key(text: str) -> bytes:

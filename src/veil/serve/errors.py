@@ -16,6 +16,7 @@ from veil.errors import (
     VeilError,
     WireFormatError,
 )
+from veil.tee.errors import AttestationError, EvidenceFormatError, KeyReleaseError, NoEvidenceError
 
 
 class ServeError(VeilError):
@@ -63,10 +64,20 @@ class UnavailableError(ServeError):
     status, code = 503, "unavailable"
 
 
-# Status of the errors raised below the serving layer (he, ml); checked in order, first match wins.
+class TeeUnavailableError(ServeError):
+    """A trusted-execution endpoint on a server not configured for it (no --attest-policy, or not
+    running in an attested enclave: no --attest)."""
+
+    status, code = 404, "tee_unavailable"
+
+
+# Status of the errors raised below the serving layer (he, ml, tee); checked in order, first match wins.
+# Attestation: malformed evidence or messages are 400; evidence refused (chain, signature, binding,
+# policy, nonce, or none at all) is 403.
 VEIL_ERROR_STATUS: tuple[tuple[type[VeilError], int], ...] = (
     (WireFormatError, 400), (KeyMaterialError, 400), (InsecureParametersError, 400),
-    (ShapeError, 422), (PrecisionError, 422))
+    (ShapeError, 422), (PrecisionError, 422),
+    (NoEvidenceError, 403), (EvidenceFormatError, 400), (KeyReleaseError, 400), (AttestationError, 403))
 INTERNAL_DETAIL = "the server failed to handle this request; it has been logged"
 
 

@@ -14,6 +14,9 @@ Layout under a prefix (default ``veil:``):
 * ``result:<request id>``: a list receiving the single answer; ``done:<request id>``: the marker set
   (SET NX) by whoever answers first, a worker or the front end giving up, so a request answers once.
 * ``stats``: counters (answered, duplicates, timeouts, expired) for operations and tests.
+* ``tee:nonce:<hex>``: an outstanding key-release nonce (value: the worker it was issued to, expiring
+  with the nonce); ``tee:nonces``: sorted set of them by deadline, which bounds how many are kept
+  (`RedisNonceStore`).
 """
 
 from __future__ import annotations
@@ -117,6 +120,29 @@ return 0
 """
 
 
+_ISSUE_NONCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+while redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) do
+  local oldest = redis.call('ZPOPMIN', KEYS[1])
+  redis.call('DEL', ARGV[4] .. oldest[1])
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[5])
+return 1
+"""
+
+_CONSUME_NONCE = """
+local owner = redis.call('GET', KEYS[2])
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+if not owner then return 0 end
+if owner ~= ARGV[2] then return -1 end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Keys:
     """Redis key names under one prefix, shared by front ends and workers."""
@@ -163,6 +189,13 @@ class Keys:
 
     def done(self, request_id: str) -> str:
         return f"{self.prefix}done:{request_id}"
+
+    @property
+    def tee_nonces(self) -> str:
+        return self.prefix + "tee:nonces"
+
+    def tee_nonce(self, nonce_hex: str = "") -> str:
+        return f"{self.prefix}tee:nonce:{nonce_hex}"
 
 
 def connect(url: str, socket_timeout: float | None = 30.0) -> redis.Redis:
@@ -378,3 +411,44 @@ class RedisExecutor:
 
     async def aclose(self) -> None:
         await self._async.aclose()
+
+
+class RedisNonceStore:
+    """Key-release nonces shared by every front end of a Redis cluster (`veil.tee.NonceStore`).
+
+    Any front end may answer a challenge another one issued (a load balancer need not be sticky),
+    and still only once: consuming is one Lua script (GET, DEL), so two front ends racing with the
+    same nonce cannot both succeed. Lifetimes are Redis key expiries (Redis's clock, not the front
+    ends'); at most `max_pending` nonces are kept, the oldest forgotten first. A front end that
+    cannot reach Redis refuses (503) rather than falling back to memory.
+    """
+
+    def __init__(self, url: str, ttl: float = 60.0, max_pending: int = 4096, prefix: str = DEFAULT_PREFIX) -> None:
+        if ttl <= 0 or max_pending < 1:
+            raise ValueError("nonce ttl and max_pending must be positive")
+        self.ttl, self.max_pending, self.keys = ttl, max_pending, Keys(prefix)
+        self.client = connect(url, socket_timeout=5.0)
+        self._issue = self.client.register_script(_ISSUE_NONCE)
+        self._consume = self.client.register_script(_CONSUME_NONCE)
+
+    def issue(self, nonce: bytes, owner: str) -> None:
+        try:
+            self._issue(keys=[self.keys.tee_nonces, self.keys.tee_nonce(nonce.hex())],
+                        args=[owner, max(1, int(self.ttl * 1000)), self.max_pending, self.keys.tee_nonce(),
+                              nonce.hex()])
+        except redis.RedisError as exc:
+            raise UnavailableError(f"the nonce store is unreachable: {type(exc).__name__}") from None
+
+    def consume(self, nonce: bytes, owner: str) -> None:
+        from veil.tee import NonceError
+
+        try:
+            got = self._consume(keys=[self.keys.tee_nonces, self.keys.tee_nonce(nonce.hex())],
+                                args=[nonce.hex(), owner])
+        except redis.RedisError as exc:
+            raise UnavailableError(f"the nonce store is unreachable: {type(exc).__name__}") from None
+        if got == 0:
+            raise NonceError("nonce is unknown, was already used or expired")
+        if got == -1:
+            raise NonceError("nonce was issued to another worker")
+

@@ -100,3 +100,77 @@ class PredictionJSON(BaseModel):
     model: str
     version: int
     ciphertexts: str = Field(description="base64 of the encrypted outputs", json_schema_extra=BASE64)
+
+
+# Trusted execution (`veil.serve.tee`): key release to attested workers, and attested plaintext serving.
+B64_NONCE = {**BASE64, "description": "base64 of 32 random bytes", "minLength": 44, "maxLength": 44}
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class EvidenceBody(BaseModel):
+    """Platform evidence as `veil.tee.Evidence.to_dict` writes it (bytes in standard base64)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    platform: str = Field(pattern=r"^[a-z0-9-]{1,32}$", description="sgx, tdx, sev-snp, nitro (or a plug-in's)")
+    blob: str = Field(description="the report, quote or document exactly as the platform produced it",
+                      json_schema_extra=BASE64)
+    endorsements: dict[str, Annotated[str, Field(json_schema_extra=BASE64)]] = Field(
+        default_factory=dict, description="vcek/vlek (SEV-SNP), collateral (SGX/TDX): what verifies the blob")
+
+
+class KeyChallenge(BaseModel):
+    """Step 1 of key release: a single-use nonce for the worker token that asked."""
+
+    nonce: str = Field(json_schema_extra=B64_NONCE)
+    context: str = Field(description="base64 of the deployment context bound into the report data",
+                         json_schema_extra=BASE64)
+    expires_in: float = Field(description="seconds the nonce stays usable")
+
+
+class KeyReleaseRequest(BaseModel):
+    """Step 2: the nonce, the worker's ephemeral X25519 public key, and evidence over both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nonce: str = Field(json_schema_extra=B64_NONCE)
+    public_key: str = Field(description="base64 of the 32-byte X25519 key made in the enclave",
+                            json_schema_extra={**BASE64, "minLength": 44, "maxLength": 44})
+    evidence: EvidenceBody | None = Field(description="null when the worker cannot attest (refused and counted)")
+
+
+class KeyReleaseGrant(BaseModel):
+    """Step 3: the model key, HPKE-wrapped to the worker's ephemeral key."""
+
+    nonce: str = Field(json_schema_extra=B64_NONCE)
+    wrapped_key: str = Field(json_schema_extra=BASE64)
+
+
+class EvidenceRequest(BaseModel):
+    """A client's fresh nonce; the server attests over it and its TLS public key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nonce: str = Field(json_schema_extra=B64_NONCE)
+
+
+class ServerEvidence(BaseModel):
+    """The server's evidence: report data = `veil.tee.tls_report_data(nonce, TLS SubjectPublicKeyInfo)`."""
+
+    platform: str
+    evidence: EvidenceBody
+
+
+class PlainPredictRequest(BaseModel):
+    """Plaintext features, accepted only by a server running in an attested enclave."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: list[list[FiniteFloat]] = Field(min_length=1, description="n_samples rows of n_features numbers")
+
+
+class PlainPrediction(BaseModel):
+    model: str
+    version: int
+    outputs: list[list[float]] = Field(description="raw outputs (n_samples, n_outputs), before post-processing")
+

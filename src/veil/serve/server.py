@@ -33,7 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from veil.net import free_port
 from veil.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, Executor, LocalExecutor, create_app
 from veil.serve.auth import TokenStore
-from veil.serve.crypto import ArtefactCipher
+from veil.serve.crypto import ArtefactCipher, key_from_env, key_from_file
 from veil.serve.registry import KeyQuota, SQLiteStore, Store
 from veil.serve.service import DEFAULT_KEY_QUOTA, Service
 
@@ -94,6 +94,22 @@ class ServerConfig:
     max_keys: int | None = DEFAULT_KEY_QUOTA.max_keys
     """Default number of key bundles one principal may store (a token row may set its own)."""
     max_key_bytes: int | None = DEFAULT_KEY_QUOTA.max_bytes
+    attest_policy: str | None = None
+    """Policy file (`veil.tee.load_policy`): this server releases the model key to workers whose
+    evidence it accepts (`veil worker --attest`)."""
+    attest_verifiers: tuple[str, ...] | list[str] = ()
+    """Further verifiers for the policy, as ``PLATFORM=module:factory`` (plug-ins, development)."""
+    attest: str | None = None
+    """This process's own TEE platform (sgx, tdx, sev-snp, nitro): a server attests itself to clients
+    and serves plaintext predictions; a worker attests to obtain the model key."""
+    attest_provider: str | None = None
+    """An evidence provider as ``module:factory`` instead of `attest`'s device (development)."""
+    dcap_collateral: str | None = None
+    """Intel collateral JSON file added to SGX/TDX evidence (kept current by the operator)."""
+    pccs_url: str | None = None
+    """PCCS (or Intel PCS) base URL to fetch SGX/TDX collateral from, instead of a file."""
+    nonce_ttl: float = 60.0
+    """Seconds a key-release nonce stays usable."""
 
     @property
     def tokens_path(self) -> Path:
@@ -101,13 +117,18 @@ class ServerConfig:
 
 
 def load_cipher(config: ServerConfig) -> ArtefactCipher:
+    """The model key's cipher (see `load_model_key`)."""
+    return ArtefactCipher(load_model_key(config))
+
+
+def load_model_key(config: ServerConfig) -> bytes:
     """Model key from VEIL_MODEL_KEY, VEIL_MODEL_KEY_FILE or --model-key-file; otherwise a key is
     created once in the data directory (mode 0600) and a warning says to keep it elsewhere."""
     if config.model_key_file:
-        return ArtefactCipher.from_file(config.model_key_file)
-    cipher = ArtefactCipher.from_env()
-    if cipher is not None:
-        return cipher
+        return key_from_file(config.model_key_file)
+    key = key_from_env()
+    if key is not None:
+        return key
     path = Path(config.data_dir) / "model.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,12 +137,15 @@ def load_cipher(config: ServerConfig) -> ArtefactCipher:
             fh.write(ArtefactCipher.generate_key().hex())
         log.warning("created a model key beside the data; set VEIL_MODEL_KEY(_FILE) to keep it apart",
                     extra={"path": str(path)})
-    return ArtefactCipher.from_file(path)
+    return key_from_file(path)
 
 
 def build(config: ServerConfig) -> tuple[Any, Service]:
     """The ASGI app and its service for a configuration (SQLite, or Redis with --queue)."""
-    cipher = load_cipher(config)
+    from veil.serve.tee_setup import tee_state
+
+    model_key = load_model_key(config)
+    cipher = ArtefactCipher(model_key)
     quota = KeyQuota(config.max_keys, config.max_key_bytes)
     store: Store
     executor: Executor | None
@@ -142,7 +166,8 @@ def build(config: ServerConfig) -> tuple[Any, Service]:
                     "one (the tokens file is followed while the server runs)",
                     extra={"path": str(config.tokens_path)})
     app = create_app(service, tokens, executor, config.max_body, protect_metrics=config.protect_metrics,
-                     protect_docs=config.protect_docs, body_timeout=config.body_timeout)
+                     protect_docs=config.protect_docs, body_timeout=config.body_timeout,
+                     tee=tee_state(config, model_key))
     return app, service
 
 

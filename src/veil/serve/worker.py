@@ -6,7 +6,11 @@ Jobs pending on a consumer idle for `claim_idle` seconds (a dead worker) are tak
 XAUTOCLAIM by any live worker; a live worker keeps its current job by refreshing it (XCLAIM JUSTID).
 
 Run as ``python -m veil.serve.worker --queue redis://host:6379/0``; every worker needs the front
-ends' model key (VEIL_MODEL_KEY, VEIL_MODEL_KEY_FILE or --model-key-file).
+ends' model key: from VEIL_MODEL_KEY, VEIL_MODEL_KEY_FILE or --model-key-file, or, with
+``--attest sgx|tdx|sev-snp|nitro --key-broker https://front:8000``, by key release: at start the
+worker attests through its platform's device and a front end running with ``--attest-policy``
+releases the key to its evidence (`veil.serve.attested.request_model_key`). A worker that cannot
+attest, or whose measurement the policy does not list, gets no key and exits saying why.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -27,7 +32,7 @@ from typing import Any
 import redis
 
 from veil.errors import VeilError
-from veil.serve.crypto import KEY_ENV, KEY_FILE_ENV
+from veil.serve.crypto import KEY_ENV, KEY_FILE_ENV, ArtefactCipher
 from veil.serve.errors import NotFoundError, UnavailableError
 from veil.serve.redis_backend import (
     DEFAULT_PREFIX,
@@ -40,6 +45,7 @@ from veil.serve.redis_backend import (
 )
 from veil.serve.server import ServerConfig, configure_logging, load_cipher
 from veil.serve.service import Service
+from veil.serve.tee_setup import BROKER_TOKEN_ENV, KeyBrokerOptions, add_attest_options, broker_options
 
 log = logging.getLogger("veil.serve")
 DEFAULT_CLAIM_IDLE = 30.0
@@ -213,24 +219,45 @@ class Worker:
                 self.client.xgroup_delconsumer(self.keys.stream, self.keys.group, self.name)
 
 
-def _cipher(config: ServerConfig) -> Any:
-    """The front ends' model key; a worker never creates one (it could not read any model)."""
-    has_key = (config.model_key_file or os.environ.get(KEY_ENV) or os.environ.get(KEY_FILE_ENV)
-               or (Path(config.data_dir) / "model.key").exists())
-    if not has_key:
-        raise SystemExit("veil worker needs the front ends' model key: set VEIL_MODEL_KEY, "
-                         "VEIL_MODEL_KEY_FILE or --model-key-file")
-    return load_cipher(config)
+def _cipher(config: ServerConfig, broker: KeyBrokerOptions | None = None) -> Any:
+    """The front ends' model key; a worker never creates one (it could not read any model). With
+    `config.attest` (or `attest_provider`) it comes by key release from `broker`, and a key in the
+    environment or a file is refused: it would make the attestation pointless."""
+    from veil.serve.tee_setup import collateral_source, evidence_provider
+
+    provider = evidence_provider(config)
+    if provider is None:
+        has_key = (config.model_key_file or os.environ.get(KEY_ENV) or os.environ.get(KEY_FILE_ENV)
+                   or (Path(config.data_dir) / "model.key").exists())
+        if not has_key:
+            raise SystemExit("veil worker needs the front ends' model key: set VEIL_MODEL_KEY, "
+                             "VEIL_MODEL_KEY_FILE or --model-key-file, or attest (--attest PLATFORM --key-broker URL)")
+        return load_cipher(config)
+    if config.model_key_file or os.environ.get(KEY_ENV) or os.environ.get(KEY_FILE_ENV):
+        raise ValueError("an attesting worker gets the model key by key release: unset VEIL_MODEL_KEY, "
+                         "VEIL_MODEL_KEY_FILE and --model-key-file")
+    if broker is None:
+        raise ValueError("an attesting worker needs --key-broker URL and a worker token "
+                         f"({BROKER_TOKEN_ENV} or --key-broker-token-file)")
+    from veil.serve.attested import request_model_key
+    from veil.serve.client import tls_context
+
+    key = request_model_key(broker.url, broker.token, provider, verify=tls_context(broker.ca or True),
+                            collateral=collateral_source(config))
+    log.info("model key released to this worker", extra={"platform": provider.platform, "broker": broker.url})
+    return ArtefactCipher(key)
 
 
 def run_worker(config: ServerConfig, name: str | None = None, claim_idle: float = DEFAULT_CLAIM_IDLE,
-               stop_event: threading.Event | None = None, max_jobs: int | None = None) -> int:
+               stop_event: threading.Event | None = None, max_jobs: int | None = None,
+               broker: KeyBrokerOptions | None = None) -> int:
     """Serve jobs from `config.queue` until SIGTERM/SIGINT, `stop_event` or `max_jobs`.
-    Returns the number of jobs evaluated."""
+    Returns the number of jobs evaluated. An attesting worker (`config.attest`) first obtains the
+    model key from `broker` and raises `veil.tee.KeyReleaseError` if it is refused."""
     if not config.queue:
         raise ValueError("a worker needs a queue URL (--queue redis://...)")
     stop = stop_event or threading.Event()
-    service = Service(RedisStore(config.queue), _cipher(config))
+    service = Service(RedisStore(config.queue), _cipher(config, broker))
     worker = Worker(config.queue, service, name=name, claim_idle=claim_idle)
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -260,11 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="veil-data", help="where a model.key may be found")
     parser.add_argument("--max-jobs", type=int, help="exit after this many jobs")
     parser.add_argument("--log-level", default="info")
+    add_attest_options(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     config = ServerConfig(queue=args.queue, model_key_file=args.model_key_file, data_dir=args.data_dir,
-                          log_level=args.log_level)
-    run_worker(config, name=args.name, claim_idle=args.claim_idle, max_jobs=args.max_jobs)
+                          log_level=args.log_level, attest=args.attest, attest_provider=args.attest_provider,
+                          dcap_collateral=args.dcap_collateral, pccs_url=args.pccs_url)
+    try:
+        run_worker(config, name=args.name, claim_idle=args.claim_idle, max_jobs=args.max_jobs,
+                   broker=broker_options(args))
+    except (VeilError, ValueError, OSError) as exc:
+        print(f"veil worker: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,6 +6,7 @@
 - `load_policy`: the operator's strict policy file (platforms, roots, measurements, TCB, debug).
 - `KeyBroker` / `KeyRequester`: the nonce-bound key-release protocol (`veil.tee.keyrelease`).
 - `veil.tee.providers`: evidence from Gramine, the TSM configfs, /dev/sev-guest and the Nitro NSM.
+- `veil.tee.collateral`: Intel's SGX/TDX collateral from a file or the operator's PCCS.
 - `veil.tee.manifest`: a Gramine manifest and a Nitro enclave image for `veil worker`.
 """
 
@@ -33,7 +34,16 @@ from veil.tee.errors import (
                              TcbError,
                              UnsupportedEvidenceError,
 )
-from veil.tee.keyrelease import Challenge, KeyBroker, KeyGrant, KeyRequest, KeyRequester, RefusalCounter
+from veil.tee.keyrelease import (
+    Challenge,
+    KeyBroker,
+    KeyGrant,
+    KeyRequest,
+    KeyRequester,
+    MemoryNonceStore,
+    NonceStore,
+    RefusalCounter,
+)
 from veil.tee.nitro import NitroVerifier
 from veil.tee.policy import PlatformPolicy, Policy, load_policy, parse_policy
 from veil.tee.sevsnp import SevSnpVerifier
@@ -41,8 +51,9 @@ from veil.tee.sevsnp import SevSnpVerifier
 __all__ = [
     "AttestationError", "BindingError", "ChainError", "Challenge", "Claims", "Collateral", "CollateralError",
     "DcapVerifier", "DebugError", "DeviceError", "Evidence", "EvidenceFormatError", "ExpiredError", "KeyBroker",
-    "KeyGrant", "KeyReleaseError", "KeyRequest", "KeyRequester", "MeasurementError", "NitroVerifier",
-    "NoEvidenceError", "NonceError", "PlatformError", "PlatformPolicy", "Policy", "PolicyError", "PolicyFileError",
-    "RefusalCounter", "RevokedError", "SevSnpVerifier", "SignatureError", "TcbError", "UnsupportedEvidenceError",
-    "Verifier", "check_binding", "key_release_report_data", "load_policy", "parse_policy", "tls_report_data",
+    "KeyGrant", "KeyReleaseError", "KeyRequest", "KeyRequester", "MeasurementError", "MemoryNonceStore",
+    "NitroVerifier", "NoEvidenceError", "NonceError", "NonceStore", "PlatformError", "PlatformPolicy", "Policy",
+    "PolicyError", "PolicyFileError", "RefusalCounter", "RevokedError", "SevSnpVerifier", "SignatureError",
+    "TcbError", "UnsupportedEvidenceError", "Verifier", "check_binding", "key_release_report_data", "load_policy",
+    "parse_policy", "tls_report_data",
 ]

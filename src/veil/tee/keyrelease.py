@@ -2,14 +2,16 @@
 
 Protocol (one round trip after the challenge; no step trusts the worker's word alone):
 
-1. Broker -> worker: `KeyBroker.challenge` makes a 32-byte nonce from the OS CSPRNG, remembers it
-   with its expiry (default 60 s) and sends it with the broker's context string.
+1. Broker -> worker: `KeyBroker.challenge(owner)` makes a 32-byte nonce from the OS CSPRNG, stores
+   it in its `NonceStore` with its expiry (default 60 s) and the identity of the worker that asked
+   (`owner`: in `veil serve`, the name of the worker token), and sends it with the broker's context.
 2. Worker: `KeyRequester` generates an ephemeral X25519 key pair inside the enclave and asks its
    platform for evidence whose report data is
    ``key_release_report_data(nonce, public key, context)`` (`veil.tee.binding`), then sends
    `KeyRequest(nonce, public key, evidence)`.
-3. Broker: `KeyBroker.release` (a) takes the nonce out of the pending set (single use: a second
-   request with it, or one after expiry, is a `NonceError`, whatever its evidence); (b) refuses a
+3. Broker: `KeyBroker.release(request, owner)` (a) takes the nonce out of the store (single use: a
+   second request with it, one after expiry, or one by another worker than the one it was issued
+   to, is a `NonceError`, whatever its evidence); (b) refuses a
    request without evidence; (c) verifies the evidence with the policy's verifier for its platform
    and checks the claims against the policy (`veil.tee.policy`); (d) checks that the report data is
    exactly the binding of this nonce, this public key and this context; (e) wraps the model key to
@@ -20,7 +22,7 @@ Protocol (one round trip after the challenge; no step trusts the worker's word a
    grant, or a grant made for other evidence, nonce or context, fails as `KeyReleaseError`.
 
 Every refusal in step 3 is raised as the `AttestationError` subclass naming the failed step, counted
-in `RefusalCounter` by platform and reason (to be exported as a Prometheus counter) and logged
+in `RefusalCounter` by platform and reason (`veil serve` exports it on /metrics) and logged
 (platform, reason, detail; never nonces or keys). Only the enclave ever holds the ephemeral private
 key, so the model key is readable only inside software whose measurement the policy names.
 """
@@ -38,6 +40,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -167,6 +170,58 @@ class RefusalCounter:
             return sum(self._refused.values())
 
 
+class NonceStore(Protocol):
+    """Where a broker keeps its outstanding nonces: single use, expiring, bounded.
+
+    `issue` remembers a nonce for `ttl` seconds as issued to `owner`; `consume` removes it and raises
+    `NonceError` if it was unknown, already used, expired or issued to another owner. Both must be
+    atomic: a nonce is consumed at most once however many requests race for it.
+    """
+
+    ttl: float
+
+    def issue(self, nonce: bytes, owner: str) -> None: ...
+
+    def consume(self, nonce: bytes, owner: str) -> None: ...
+
+
+class MemoryNonceStore:
+    """Nonces of one broker process: an insertion-ordered map, the oldest forgotten past `max_pending`.
+
+    Expired nonces are dropped whenever a new one is issued; an expired one still held is refused as
+    expired, a forgotten one as unknown.
+    """
+
+    def __init__(self, ttl: float = 60.0, max_pending: int = 1024, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        if ttl <= 0 or max_pending < 1:
+            raise ValueError("nonce ttl and max_pending must be positive")
+        self.ttl, self._max_pending, self._clock = ttl, max_pending, clock
+        self._pending: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self, nonce: bytes, owner: str) -> None:
+        now = self._clock()
+        with self._lock:
+            for old, (deadline, _) in list(self._pending.items()):
+                if deadline < now:
+                    del self._pending[old]
+            while len(self._pending) >= self._max_pending:
+                self._pending.popitem(last=False)
+            self._pending[nonce] = (now + self.ttl, owner)
+
+    def consume(self, nonce: bytes, owner: str) -> None:
+        with self._lock:
+            entry = self._pending.pop(nonce, None)
+        if entry is None:
+            raise NonceError("nonce is unknown or was already used")
+        deadline, issued_to = entry
+        if self._clock() > deadline:
+            raise NonceError("nonce expired before the request arrived")
+        if issued_to != owner:
+            raise NonceError("nonce was issued to another worker")
+
+
 class KeyBroker:
     """Holds the model key and releases it, wrapped, to workers whose fresh evidence the policy trusts.
 
@@ -175,54 +230,55 @@ class KeyBroker:
     policy : the operator's `Policy`; its verifiers and requirements decide.
     model_key : the 32-byte key (``VEIL_MODEL_KEY``) to release.
     context : bound into the report data and the wrapping; names this deployment.
-    nonce_ttl : seconds a challenge stays usable.
-    max_pending : challenges remembered at once; past it the oldest is forgotten (and then refused).
-    clock : monotonic seconds, for the nonce lifetimes (tests pass a fake one).
+    nonce_ttl : seconds a challenge stays usable (for the default in-memory store).
+    max_pending : challenges remembered at once by the default store; past it the oldest is forgotten
+        (and then refused).
+    clock : monotonic seconds, for the default store's nonce lifetimes (tests pass a fake one).
+    nonces : where nonces live instead of this process's memory (`veil serve --queue` shares them in
+        Redis, so any front end can answer a challenge another one issued, still only once).
     """
 
     def __init__(self, policy: Policy, model_key: bytes, *, context: bytes = DEFAULT_CONTEXT,
                  nonce_ttl: float = 60.0, max_pending: int = 1024, clock: Callable[[], float] = time.monotonic,
-                 counter: RefusalCounter | None = None) -> None:
+                 counter: RefusalCounter | None = None, nonces: NonceStore | None = None) -> None:
         if len(model_key) != 32:
             raise ValueError("the model key must be 32 bytes")
         if not 0 < len(context) <= MAX_CONTEXT_BYTES or nonce_ttl <= 0 or max_pending < 1:
             raise ValueError("context must be 1..256 bytes, nonce_ttl and max_pending positive")
-        self.policy, self.context, self.nonce_ttl = policy, context, nonce_ttl
+        self.policy, self.context = policy, context
+        self.nonces = nonces or MemoryNonceStore(nonce_ttl, max_pending, clock)
+        self.nonce_ttl = self.nonces.ttl
         self.counter = counter or RefusalCounter()
-        self._key, self._clock, self._max_pending = model_key, clock, max_pending
-        self._pending: OrderedDict[bytes, float] = OrderedDict()
-        self._lock = threading.Lock()
+        self._key = model_key
 
-    def challenge(self) -> Challenge:
-        """Step 1: a fresh single-use nonce."""
+    def challenge(self, owner: str = "") -> Challenge:
+        """Step 1: a fresh single-use nonce, usable only by `owner`."""
         nonce = os.urandom(NONCE_BYTES)
-        now = self._clock()
-        with self._lock:
-            for old, deadline in list(self._pending.items()):
-                if deadline < now:
-                    del self._pending[old]
-            while len(self._pending) >= self._max_pending:
-                self._pending.popitem(last=False)
-            self._pending[nonce] = now + self.nonce_ttl
+        self.nonces.issue(nonce, owner)
         return Challenge(nonce=nonce, context=self.context, expires_in=self.nonce_ttl)
 
-    def release(self, request: KeyRequest, *, at: datetime | None = None) -> KeyGrant:
+    def release(self, request: KeyRequest, *, owner: str = "", at: datetime | None = None) -> KeyGrant:
         """Step 3: verify and wrap, or raise (and count and log) the refusal.
 
-        `at` is the certificate-validity time handed to the verifier (default: now); nonce lifetimes
-        always follow the broker's own clock.
+        `owner` is who sends the request (it must be who asked for the nonce); `at` is the
+        certificate-validity time handed to the verifier (default: now); nonce lifetimes always follow
+        the store's own clock.
         """
         platform = request.evidence.platform if request.evidence is not None else "none"
         try:
-            claims = self._check(request, at)
+            claims = self._check(request, owner, at)
             wrapped = self._wrap(request)
         except AttestationError as exc:
-            self.counter.refuse(platform, type(exc).__name__)
-            log.warning("key release refused: platform=%s reason=%s detail=%s", platform, type(exc).__name__, exc)
+            self.refused(platform, exc)
             raise
         self.counter.grant(platform)
-        log.info("key released: platform=%s measurement=%s", platform, claims.measurement.hex())
+        log.info("key released: platform=%s measurement=%s owner=%s", platform, claims.measurement.hex(), owner)
         return KeyGrant(nonce=request.nonce, wrapped_key=wrapped)
+
+    def refused(self, platform: str, exc: AttestationError) -> None:
+        """Count and log one refusal (also for requests refused before they reach `release`)."""
+        self.counter.refuse(platform, type(exc).__name__)
+        log.warning("key release refused: platform=%s reason=%s detail=%s", platform, type(exc).__name__, exc)
 
     def _wrap(self, request: KeyRequest) -> bytes:
         try:
@@ -231,13 +287,8 @@ class KeyBroker:
         except ValueError as exc:  # a low-order X25519 point: no shared secret exists
             raise KeyReleaseError(f"cannot wrap to the worker's public key: {exc}") from None
 
-    def _check(self, request: KeyRequest, at: datetime | None) -> Claims:
-        with self._lock:
-            deadline = self._pending.pop(request.nonce, None)
-        if deadline is None:
-            raise NonceError("nonce is unknown or was already used")
-        if self._clock() > deadline:
-            raise NonceError("nonce expired before the request arrived")
+    def _check(self, request: KeyRequest, owner: str, at: datetime | None) -> Claims:
+        self.nonces.consume(request.nonce, owner)
         if request.evidence is None:
             raise NoEvidenceError("key request carries no evidence: the worker did not attest")
         if len(request.public_key) != X25519_BYTES:

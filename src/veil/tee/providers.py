@@ -14,6 +14,10 @@ One small class per device, each raising `DeviceError` when its device is absent
 
 Collateral and endorsement keys that the device does not return (Intel's collateral, a VCEK from
 AMD's key distribution service) are added to the `Evidence` by the caller.
+
+`provider_for(platform)` is the provider `veil worker --attest PLATFORM` and `veil serve --attest
+PLATFORM` use; `detect()` tells whether this machine has an attestation device at all (for
+`veil bench`), and `NO_DEVICE` says which ones were looked for.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import struct
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Protocol
 
 import cbor2
@@ -245,3 +250,41 @@ class NitroNsmProvider:
         if not isinstance(document, bytes) or not document:
             raise DeviceError("NSM answer holds no attestation document")
         return Evidence(self.platform, document)
+
+
+TSM_ROOT = "/sys/kernel/config/tsm/report"
+DEVICES = (("sgx", "/dev/attestation"), ("tdx", "/dev/tdx_guest"), ("sev-snp", "/dev/sev-guest"),
+           ("nitro", "/dev/nsm"))
+"""Where each platform's attestation device appears (a TDX or SNP guest also has the TSM configfs)."""
+NO_DEVICE = ("no TEE device: " + ", ".join(path for _, path in DEVICES) +
+             f" and the TSM configfs ({TSM_ROOT}) absent")
+
+
+def _sev_snp() -> EvidenceProvider:
+    """The TSM configfs where the kernel has it (it also returns the host's VCEK), else /dev/sev-guest."""
+    return TsmProvider(platform="sev-snp") if Path(TSM_ROOT).is_dir() else SevGuestProvider()
+
+
+PROVIDERS: Mapping[str, Callable[[], EvidenceProvider]] = MappingProxyType({
+    "sgx": GramineProvider,
+    "tdx": lambda: TsmProvider(platform="tdx"),
+    "sev-snp": _sev_snp,
+    "nitro": NitroNsmProvider,
+})
+
+
+def provider_for(platform: str) -> EvidenceProvider:
+    """The evidence provider of a platform veil knows (`PROVIDERS`); ValueError for any other."""
+    if platform not in PROVIDERS:
+        raise ValueError(f"unknown TEE platform {platform!r}: use one of {sorted(PROVIDERS)}")
+    return PROVIDERS[platform]()
+
+
+def detect(root: str | Path = "/") -> tuple[str, str] | None:
+    """(platform, device path) of the first attestation device present under `root`, or None."""
+    base = Path(root)
+    for platform, device in DEVICES:
+        if (base / device.lstrip("/")).exists():
+            return platform, device
+    return None
+
