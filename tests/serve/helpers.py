@@ -1,12 +1,18 @@
-"""Test helpers: self-signed TLS material; the server runs through `veil.serve.server.serve_in_background`."""
+"""Test helpers: self-signed TLS material; the server runs through `veil.serve.server.serve_in_background`;
+throwaway redis-servers, child processes that are always stopped, and bounded polling."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -66,5 +72,57 @@ def make_certs(directory: Path) -> Certs:
     return Certs(directory / "ca.pem", out["server_cert"], out["server_key"], out["client_cert"],
                  out["client_key"], directory / "rogue.pem", directory / "rogue.key")
 
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
+    """Poll until `predicate` is truthy; fail the test (never hang) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            value = predicate()
+            if value:
+                return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path, *extra: str, url: str | None = None) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port, without persistence unless `extra` options
+    say otherwise; yields its URL (`url`, with {port} filled in, for TLS or AUTH)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    listen = ["--port", "0", "--tls-port", str(port)] if "--tls-cert-file" in extra else ["--port", str(port)]
+    proc = subprocess.Popen(["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(directory), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = (url or "redis://127.0.0.1:{port}/0").format(port=port)
+    try:
+        wait_for(lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 10, "redis-server")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """A child process that is always stopped (SIGTERM, then SIGKILL) when the block ends."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 running_server = serve_in_background
-__all__ = ["Certs", "free_port", "make_certs", "running_server"]
+__all__ = ["Certs", "free_port", "make_certs", "process", "redis_server", "running_server", "wait_for"]

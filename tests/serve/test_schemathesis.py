@@ -6,14 +6,19 @@ other parameters, 3-component responses) and a tree ensemble (trees: product-sum
 public input grid, relinearization keys), and a registered key for each; positive cases use them
 half the time (chosen by the generated data, so runs are reproducible) to reach the deep paths,
 not only 404s.
+The trusted-execution endpoints are live: the app is a key broker (a policy trusting the test-only
+attester of `tests.tee.fakeplatform`) and an attested enclave (that attester as its provider).
 One deliberate setting: operations whose body is opaque to any schema (a CKKS ciphertext, a key
-bundle, a model artefact) may answer 400 to schema-valid data. Nothing may answer 5xx.
+bundle, a model artefact, signed evidence) may answer 400 to schema-valid data, the evidence
+endpoints also 403 (evidence refused), and plaintext prediction 422 (the feature count is the
+model's, not the schema's). Nothing may answer 5xx.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -21,17 +26,22 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.generation.modes import GenerationMode
 from sklearn.datasets import load_iris
 
+from tests.tee.fakeplatform import PLATFORM, FakePlatform, FakeVerifier
+from tests.tee.vectors import write_policy
 from veil import ml
 from veil.serve.app import create_app
 from veil.serve.auth import Principal, TokenStore
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.registry import SQLiteStore
 from veil.serve.service import Service
+from veil.serve.tee import EnclaveAttester, TeeState
+from veil.tee import KeyBroker
 
 pytestmark = pytest.mark.timeout(300)
 TOKENS = {"admin": "admin-token-for-fuzzing", "alice": "alice-token-for-fuzzing"}
 OPAQUE_BODIES = ["POST /v1/keys", "POST /v1/keys/json", "POST /v1/models", "POST /v1/models/{name}/predict",
                  "POST /v1/models/{name}/predict/json"]
+TEE_BODIES = ["POST /v1/tee/key-release", "POST /v1/tee/evidence", "POST /v1/models/{name}/predict/plain"]
 CONFIG = f"""
 seed = 13
 [generation]
@@ -41,6 +51,9 @@ enabled = false
 [[operations]]
 include-name = {json.dumps(OPAQUE_BODIES)}
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409"]
+[[operations]]
+include-name = {json.dumps(TEE_BODIES)}
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "422"]
 """
 
 
@@ -51,7 +64,12 @@ SERVICE = Service(SQLiteStore(_DATA.name), ArtefactCipher(ArtefactCipher.generat
 _TOKENS = TokenStore()
 for _name, _token in TOKENS.items():
     _TOKENS.add(_token, _name, "admin" if _name == "admin" else "client")
-APP = create_app(SERVICE, _TOKENS)
+_MACHINE = FakePlatform()
+_TEE = TeeState(broker=KeyBroker(write_policy(Path(_DATA.name), {PLATFORM: {"roots": [_MACHINE.root_pem],
+                                                                         "measurements": [_MACHINE.measurement.hex()]}},
+                                              plugins={PLATFORM: FakeVerifier}), bytes(32)),
+                attester=EnclaveAttester(_MACHINE, b"the server's SubjectPublicKeyInfo"))
+APP = create_app(SERVICE, _TOKENS, tee=_TEE)
 
 
 def _schema_as(who: str) -> schemathesis.schemas.BaseSchema:

@@ -611,13 +611,16 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         return _info(record)
 
     @app.get("/v1/models", response_model=list[schemas.ModelInfo], tags=["models"])
-    async def list_models(_: Auth) -> list[dict]:
-        """Every deployed version of every model."""
+    async def list_models(who: Auth) -> list[dict]:
+        """Every deployed version of every model (client or admin tokens)."""
+        who.require("client")
         return [_info(r) for r in await run_in_threadpool(service.store.list_models)]
 
     @app.get("/v1/models/{name}", response_model=schemas.ModelDetail, tags=["models"])
-    async def model_detail(name: NAME, _: Auth, version: VERSION = None) -> dict:
-        """A model's public description with the client specification needed to encrypt."""
+    async def model_detail(name: NAME, who: Auth, version: VERSION = None) -> dict:
+        """A model's public description with the client specification needed to encrypt (client or
+        admin tokens)."""
+        who.require("client")
         record = await run_in_threadpool(service.record, name, version)
         spec = await run_in_threadpool(service.client_spec, record)
         return dict(_info(record), client=spec)

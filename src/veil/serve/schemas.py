@@ -103,7 +103,7 @@ class PredictionJSON(BaseModel):
 
 
 # Trusted execution (`veil.serve.tee`): key release to attested workers, and attested plaintext serving.
-B64_NONCE = {**BASE64, "description": "base64 of 32 random bytes", "minLength": 44, "maxLength": 44}
+B64_NONCE = {**BASE64, "description": "base64 of 32 random bytes (44 characters)"}
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -134,8 +134,8 @@ class KeyReleaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     nonce: str = Field(json_schema_extra=B64_NONCE)
-    public_key: str = Field(description="base64 of the 32-byte X25519 key made in the enclave",
-                            json_schema_extra={**BASE64, "minLength": 44, "maxLength": 44})
+    public_key: str = Field(description="base64 of the 32-byte X25519 key made in the enclave (44 characters)",
+                            json_schema_extra=BASE64)
     evidence: EvidenceBody | None = Field(description="null when the worker cannot attest (refused and counted)")
 
 
