@@ -2,7 +2,9 @@
 
 The values checked are the modes' own guarantees: CKKS predictions equal the plaintext model's (the
 HE modes, and the federated model on ciphertexts against itself in plaintext), MPC training follows
-the same training in plaintext, the TEE row carries no number, and every networked mode moved bytes.
+the same training in plaintext, the TEE row carries no number here (no attestation device) and says
+why, and every networked mode moved bytes; the TEE row is measured, with the test-only attester of
+`tests.tee.fakeplatform` standing in for a device, when a device and a policy trusting it exist.
 """
 
 import json
@@ -16,7 +18,7 @@ from veil.bench import BenchConfig, BenchError, load
 
 pytestmark = pytest.mark.timeout(300)
 
-MODES = ["plaintext", "HE batch", "HE row", "HE serve", "MPC", "FL", "FL + SecAgg+", "TEE (SGX)"]
+MODES = ["plaintext", "HE batch", "HE row", "HE serve", "MPC", "FL", "FL + SecAgg+", "TEE"]
 NUMBERS = ("accuracy", "agreement", "inference_s_per_sample", "inference_slowdown", "training_s_per_unit",
            "training_slowdown", "bytes_on_wire", "key_bytes")
 
@@ -48,11 +50,37 @@ def test_every_mode_and_the_files(bench):
         assert r["threat_model"] and r["measures"]
 
 
-def test_tee_row_has_no_numbers(bench):
-    tee = bench[2]["TEE (SGX)"]
+def test_tee_row_has_no_numbers_and_says_why(bench):
+    tee = bench[2]["TEE"]
     assert all(tee[k] is None for k in NUMBERS)
     assert tee["details"]["measured"] is False
-    assert tee["measures"].startswith("not measured")
+    assert tee["measures"].startswith("not measured: no TEE device: /dev/attestation")
+    for device in ("/dev/sev-guest", "/dev/nsm", "/dev/tdx_guest", "/sys/kernel/config/tsm/report"):
+        assert device in tee["measures"]
+
+
+def test_tee_row_is_measured_on_an_attesting_platform(tmp_path, monkeypatch):
+    """With a device (the fake attester in its place) and a policy trusting it, the row carries numbers."""
+    from tests.tee.fakeplatform import PLATFORM, FakePlatform, FakeVerifier
+    from tests.tee.vectors import write_policy
+    from veil.bench import modes
+
+    machine = FakePlatform()
+    trusted = {"roots": [machine.root_pem], "measurements": [machine.measurement.hex()]}
+    policy = write_policy(tmp_path, {PLATFORM: trusted}, plugins={PLATFORM: FakeVerifier})
+    monkeypatch.setattr("veil.tee.providers.detect", lambda: (PLATFORM, "/dev/veil-test"))
+    monkeypatch.setattr("veil.serve.tee_setup.provider_for", lambda platform: machine)
+    ctx = load(BenchConfig(dataset="iris", models=("logreg",), quick=True, attest_policy=policy))[0]
+    modes.plaintext(ctx)
+    tee = modes.tee(ctx)
+    assert tee["mode"] == f"TEE ({PLATFORM})" and tee["details"]["measured"] is True
+    assert tee["agreement"] == 1.0
+    assert tee["accuracy"] == pytest.approx(float(np.mean(ctx.plain_pred == ctx.data.y_test)))
+    assert tee["inference_s_per_sample"] > 0 and tee["inference_slowdown"] > 0 and tee["details"]["attestation_s"] > 0
+    assert tee["details"]["measurement"] == machine.measurement.hex()
+    no_policy = load(BenchConfig(dataset="iris", models=("logreg",), quick=True))[0]
+    assert modes.tee(no_policy)["measures"] == (f"not measured: {PLATFORM} device /dev/veil-test found, but no "
+                                                "--attest-policy trusting it was given")
 
 
 def test_he_modes_equal_plaintext(bench):

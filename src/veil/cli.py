@@ -301,9 +301,10 @@ def _tee_manifest(args: argparse.Namespace) -> int:
             worker_args += ["--pccs-url", args.pccs_url]
         written = {"veil-worker.manifest.template": gramine_manifest(
             worker_args=worker_args, model_dir=args.model_dir,
-            extra_trusted=[p for p in (args.key_broker_ca,) if p])}
+            extra_trusted=[p for p in (args.key_broker_ca,) if p], extra_allowed=[args.token_file])}
     else:
-        written = {"Dockerfile": nitro_dockerfile(worker_args=worker_args),
+        written = {"Dockerfile": nitro_dockerfile(worker_args=worker_args,
+                                                  extra_files=[("worker.token", args.token_file)]),
                    "build.sh": "#!/bin/sh\nset -eu\n" + "\n".join(nitro_build_commands()) + "\n"}
     for name, text in written.items():
         (out / name).write_text(text)
@@ -317,7 +318,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     models = (args.model,) if args.model else BenchConfig.models
     run_bench(BenchConfig(dataset=args.dataset, models=models, quick=args.quick, out=args.out,
-                          progress=not args.quiet), echo=print)
+                          progress=not args.quiet, attest_policy=args.attest_policy), echo=print)
     return 0
 
 
@@ -477,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", choices=("logreg", "mlp"), help="measure only this model (default: both)")
     bench.add_argument("--out", default="bench-results", help="directory for bench.json, bench.md and bench.png")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--attest-policy", metavar="FILE",
+                       help="inside an enclave or confidential VM: a policy trusting it, to measure the TEE row")
     bench.set_defaults(func=_bench)
 
     from veil.fl import cli as fl_cli

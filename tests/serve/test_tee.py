@@ -491,3 +491,31 @@ def tls_relay(upstream: str, certs) -> Iterator[tuple[str, list[bytes]]]:
         stop.set()
         listener.close()
         thread.join(5)
+
+
+@pytest.mark.parametrize("kind", ["logreg", "mlp", "trees"])
+def test_plaintext_outputs_equal_what_the_encrypted_path_decrypts(tmp_path, kind):
+    """/predict/plain evaluates the deployed circuit itself: its raw outputs are the CKKS path's, up to
+    CKKS's approximation, for an affine model, a leveled network and a tree ensemble."""
+    from veil.serve.tee import plain_outputs
+
+    X, y = load_iris(return_X_y=True)
+    model = {"logreg": ml.LogisticRegression(max_iter=500),
+             "mlp": ml.MLPClassifier(hidden_layer_sizes=(4,), max_iter=50, random_state=0),
+             "trees": ml.DecisionTreeClassifier(max_depth=3, random_state=0)}[kind].fit(X, y).compile(X)
+    path = model.save(tmp_path / kind)
+    server, client = ml.ModelServer.load(path), ml.ModelClient.load(path)
+    layout, request = client.encrypt(X[:16])
+    decrypted = client.decrypt(server.run(request, server.load_bundle(client.public_bundle_bytes(layout))), 16)
+    plain = plain_outputs(server.circuit, X)
+    np.testing.assert_allclose(plain[:16], decrypted, atol=1e-3)
+    assert np.array_equal(client.predict(plain), model.predict(X, fhe="disable"))
+
+
+def test_a_worker_whose_broker_is_unreachable_gets_a_clear_error(tee):
+    from veil.serve.attested import request_model_key
+    from veil.tee import KeyReleaseError
+
+    with pytest.raises(KeyReleaseError, match="cannot reach the key broker"):
+        request_model_key(f"https://127.0.0.1:{free_port()}", "t", tee["machines"]["good"], attempts=2,
+                          backoff=0.01, timeout=2)

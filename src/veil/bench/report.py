@@ -62,7 +62,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                     "-" if r["training_slowdown"] is None else _num(r["training_slowdown"], "x"),
                     _num(r["bytes_on_wire"], "bytes"), _num(r["key_bytes"], "bytes"), seed_guess(r["mode"])])
     for cells, r in zip(out, rows, strict=True):
-        if r["mode"].startswith("TEE"):
+        if r["mode"].startswith("TEE") and not r["details"].get("measured"):
             cells[1:9] = ["not measured"] + ["-"] * 7
     return out
 

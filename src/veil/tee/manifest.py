@@ -47,7 +47,7 @@ def _outermost(paths: Sequence[str]) -> list[str]:
 
 def gramine_manifest(*, worker_args: Sequence[str] = (), python: str | None = None, model_dir: str = "/models",
                      enclave_size: str = "8G", max_threads: int = 64,
-                     extra_trusted: Sequence[str] = ()) -> str:
+                     extra_trusted: Sequence[str] = (), extra_allowed: Sequence[str] = ()) -> str:
     """A Gramine manifest template running ``python -m veil.serve.worker WORKER_ARGS`` with DCAP attestation.
 
     Parameters
@@ -58,6 +58,9 @@ def gramine_manifest(*, worker_args: Sequence[str] = (), python: str | None = No
     model_dir : where the encrypted model store is mounted; allowed, not trusted (ciphertext only).
     enclave_size, max_threads : SGX enclave size and thread slots.
     extra_trusted : further files or directories to measure (e.g. the TLS CA bundle).
+    extra_allowed : further files read unmeasured (e.g. the worker token file: a credential that
+        only lets its holder ask for key release, which the evidence still decides); each file's
+        directory is mounted.
     """
     python = str(Path(python or sys.executable).resolve())
     prefix_paths = sorted({str(Path(p).resolve()) for p in (
@@ -73,8 +76,11 @@ def gramine_manifest(*, worker_args: Sequence[str] = (), python: str | None = No
               {"path": "/usr/{{ arch_libdir }}", "uri": "file:/usr/{{ arch_libdir }}"},
               *({"path": p, "uri": f"file:{p}"} for p in _outermost([*prefix_paths, str(Path(python).parent)])),
               {"path": model_dir, "uri": f"file:{model_dir}"},
+              *({"path": d, "uri": f"file:{d}"} for d in _outermost([str(Path(f).parent) for f in extra_allowed])
+                if d != model_dir),
               {"type": "tmpfs", "path": "/tmp"}]
     argv = [python, "-m", WORKER_MODULE, *worker_args]
+    allowed = [f"file:{model_dir}/", "file:/etc/hosts", "file:/etc/resolv.conf", *(f"file:{f}" for f in extra_allowed)]
     lines = [
         "# Gramine manifest template for `veil worker`, written by veil.tee.manifest.gramine_manifest.",
         "# Render with gramine-manifest, sign with gramine-sgx-sign; put the printed MRENCLAVE into the",
@@ -95,16 +101,20 @@ def gramine_manifest(*, worker_args: Sequence[str] = (), python: str | None = No
         f"sgx.max_threads = {_toml(max_threads)}",
         'sgx.remote_attestation = "dcap"',
         f"sgx.trusted_files = {_toml(trusted)}",
-        f"sgx.allowed_files = {_toml([f'file:{model_dir}/', 'file:/etc/hosts', 'file:/etc/resolv.conf'])}",
+        f"sgx.allowed_files = {_toml(allowed)}",
         "",
     ]
     return "\n".join(lines)
 
 
 def nitro_dockerfile(*, worker_args: Sequence[str] = (), base_image: str = "python:3.11-slim",
-                     requirements: str = "requirements.txt") -> str:
-    """The Docker image a Nitro enclave runs: pinned requirements, veil, and the worker as its fixed command."""
+                     requirements: str = "requirements.txt", extra_files: Sequence[tuple[str, str]] = ()) -> str:
+    """The Docker image a Nitro enclave runs: pinned requirements, veil, and the worker as its fixed command.
+
+    `extra_files` are (build-context path, image path) pairs copied in, e.g. the worker token: an
+    enclave has no host filesystem, so what it reads is part of the image (and of PCR2)."""
     command = json.dumps(["python", "-m", WORKER_MODULE, *worker_args])
+    copies = [f"COPY {json.dumps([src, dst])}" for src, dst in extra_files]
     return "\n".join([
         "# Nitro enclave image for `veil worker`, written by veil.tee.manifest.nitro_dockerfile.",
         "# nitro-cli build-enclave measures this image: PCR0 (image), PCR1 (kernel), PCR2 (application).",
@@ -115,6 +125,7 @@ def nitro_dockerfile(*, worker_args: Sequence[str] = (), base_image: str = "pyth
         "RUN pip install --no-cache-dir --require-hashes -r /app/requirements.txt",
         "COPY dist/ /app/dist/",
         "RUN pip install --no-cache-dir --no-deps /app/dist/*.whl",
+        *copies,
         f"CMD {command}",
         "",
     ])
