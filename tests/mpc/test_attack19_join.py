@@ -164,3 +164,57 @@ def test_replayed_ffdhe8192_client_hellos_do_not_stop_a_process_run(tmp_path):
     assert codes == [0, 0, 0], [e[-1500:] for e in errs]
     out = torch.load(tmp_path / "out0.pt", weights_only=False)
     assert torch.allclose(out["z"], torch.full((256,), 1234.5678 * -8.25), rtol=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_a_full_pool_of_answered_strangers_churning_does_not_keep_the_real_ranks_out(tmp_path, monkeypatch):
+    """Every stranger sends a real ClientHello (so it is 'answered' and as protected as a real rank)
+    and reconnects at once when closed; with room for 16 joining connections and 64 strangers per
+    slot, the real ranks must still join."""
+    from veil.mpc import transport
+
+    from .test_transport import Strangers, _rank_thread
+
+    monkeypatch.setattr(transport, "MAX_PENDING_JOINS", 16)
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    port = free_port()
+    peers = [f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"]
+    strangers = Strangers([port], 64, kinds=("hello",), again=0.0)
+    results: dict = {}
+    try:
+        t0 = _rank_thread(0, 3, peers, pki[0], results, join_timeout=40.0)
+        time.sleep(1.0)
+        t1 = _rank_thread(1, 3, peers, pki[1], results, join_timeout=40.0)
+        t2 = _rank_thread(2, 3, peers, pki[2], results, join_timeout=40.0)
+        for t in (t0, t1, t2):
+            t.join(60)
+    finally:
+        strangers.stop()
+    for r in range(2):
+        assert not isinstance(results[r], BaseException), results[r]
+        assert torch.allclose(results[r][0], torch.full((4,), 1.5), atol=1e-3)
+    assert sum(strangers.closed_by_party.values()) > 16, strangers.closed_by_party
+
+
+@pytest.mark.timeout(120)
+def test_an_owner_certificate_of_the_same_ca_cannot_take_a_rank(tmp_path):
+    """A data owner's (or result holder's) certificate is signed by the parties' own CA, but names
+    `urn:veil:mpc:owner:NAME`: claiming party 1 or the dealer with it is refused, and the real
+    ranks then join."""
+    from .test_transport import _rank_thread, _tls_client
+
+    pki = certs.make_dev_pki(tmp_path / "pki", 2, owners=("alice",))
+    port = free_port()
+    peers = [f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"]
+    results: dict = {}
+    t0 = _rank_thread(0, 3, peers, pki[0], results)
+    time.sleep(0.5)
+    tries = [_tls_client(pki["alice"], pki[0].ca, port, {"rank": r, "world": 3, "session": "s"}) for r in (1, 2)]
+    assert all(t != "answered" for t in tries), tries
+    t1 = _rank_thread(1, 3, peers, pki[1], results)
+    t2 = _rank_thread(2, 3, peers, pki[2], results)
+    for t in (t0, t1, t2):
+        t.join(60)
+    assert not isinstance(results[0], BaseException), results[0]
+    assert torch.allclose(results[0][0], torch.full((4,), 1.5), atol=1e-3)
+    assert sum("owner:alice" in r for r in results[0][1]) == 2, results[0][1]
