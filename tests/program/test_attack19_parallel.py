@@ -52,8 +52,8 @@ def _both(calls: list) -> list:
 
 @pytest.mark.xfail(strict=True, reason=(
     "finding: ChunkedExecutor.run is not safe for two threads: both runs number their chunks from 0 and "
-    "take replies from the pool's one queue, so each run may write the other's decrypted rows into its "
-    "output (silently wrong predictions), or fail with a KeyError"))
+    "take replies from the pool's one queue; observed: both callers fail with an untyped KeyError(chunk id) "
+    "(4 of 4 trials), and a run can take the other's decrypted rows for its own while that id is pending"))
 @pytest.mark.timeout(240)
 def test_two_threads_running_one_executor_each_get_their_own_rows(digits_model):
     X1, X2 = resampled(4 * SLOTS, seed=1), resampled(4 * SLOTS, seed=2)
