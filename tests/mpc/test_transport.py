@@ -529,13 +529,15 @@ def test_slow_and_silent_strangers_do_not_stop_a_process_run(tmp_path, n):
     out = torch.load(tmp_path / "out0.pt", weights_only=False)
     assert torch.allclose(out["z"], torch.full((256,), 1234.5678 * -8.25), rtol=1e-4)
     # the strangers were there: party 0 (the last to be joined) was holding at least n of them
-    # when the real ranks had joined, and both listening parties refused garbage
+    # when the real ranks had joined and refused garbage; party 1, joined by the dealer alone (often
+    # within milliseconds of listening), refused garbage or closed strangers still joining
     import re
 
     held = re.search(r"closed (\d+) connections still joining when the join ended", errs[0])
     assert held and int(held[1]) >= n, (strangers.connects, errs[0][-2000:])
     assert all(c >= n for c in strangers.connects.values()), strangers.connects
-    assert "unexpected message" in errs[0] and "unexpected message" in errs[1], errs
+    assert "unexpected message" in errs[0], errs[0][-2000:]
+    assert re.search(r"unexpected message|closed \d+ connections still joining", errs[1]), errs[1][-2000:]
 
 
 @pytest.mark.timeout(120)
