@@ -421,6 +421,7 @@ class Strangers:
         self.sent = [0] * len(self.slots)
         self.next = [0.0] * len(self.slots)
         self.connects = dict.fromkeys(kinds, 0)
+        self.connects_to = dict.fromkeys(ports, 0)
         self.closed_by_party = dict.fromkeys(kinds, 0)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -471,6 +472,7 @@ class Strangers:
                         self.up.add(i)
                         self.sent[i] = 0
                         self.connects[kind] += 1
+                        self.connects_to[self.slots[i][0]] += 1
                         self.next[i] = 0.0
                         sel.modify(s, selectors.EVENT_READ, i)
                         if kind in self.first:
@@ -529,15 +531,15 @@ def test_slow_and_silent_strangers_do_not_stop_a_process_run(tmp_path, n):
     out = torch.load(tmp_path / "out0.pt", weights_only=False)
     assert torch.allclose(out["z"], torch.full((256,), 1234.5678 * -8.25), rtol=1e-4)
     # the strangers were there: party 0 (the last to be joined) was holding at least n of them
-    # when the real ranks had joined and refused garbage; party 1, joined by the dealer alone (often
-    # within milliseconds of listening), refused garbage or closed strangers still joining
+    # when the real ranks had joined and refused garbage; at least n reached party 1, which the
+    # dealer alone joins, often within milliseconds of listening (before any garbage is read)
     import re
 
     held = re.search(r"closed (\d+) connections still joining when the join ended", errs[0])
     assert held and int(held[1]) >= n, (strangers.connects, errs[0][-2000:])
     assert all(c >= n for c in strangers.connects.values()), strangers.connects
     assert "unexpected message" in errs[0], errs[0][-2000:]
-    assert re.search(r"unexpected message|closed \d+ connections still joining", errs[1]), errs[1][-2000:]
+    assert strangers.connects_to[ports[1]] >= n, strangers.connects_to
 
 
 @pytest.mark.timeout(120)
