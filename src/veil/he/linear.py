@@ -106,7 +106,7 @@ def write_ciphertext(context: HEContext, prefix: bytes, data: np.ndarray, scale:
     _TOTAL.pack_into(head, _INNER_AT + 8, 16 + 8 + 8 * count)
     _TOTAL.pack_into(head, _COUNT_AT, count)
     try:
-        return context.seal.from_cipher_str(bytes(head) + np.ascontiguousarray(data, dtype="<u8").tobytes())
+        return context.seal.from_cipher_str(b"".join((head, np.ascontiguousarray(data, dtype="<u8").data)))
     except (RuntimeError, ValueError) as exc:
         raise WireFormatError(f"SEAL refused a computed ciphertext: {exc}") from None
 
@@ -262,6 +262,18 @@ class WeightedSum:
         if (block, k) not in self._limb_cache:
             self._limb_cache[(block, k)] = _limbs(self.W[self._blocks[block]], k, self.sparse)
         return self._limb_cache[(block, k)]
+
+    def limb_products(self, size: int, n: int) -> list[tuple[np.ndarray | sparse.csr_matrix, tuple[int, int]]]:
+        """The matrix products one evaluation on ciphertexts of `size` components and degree `n`
+        computes, as (weight limb, shape of the coefficient limbs it multiplies), one per weight
+        limb, row block, prime and component: its arithmetic, for benchmarks of the limit."""
+        out = []
+        for b in range(len(self._blocks)):
+            for q in self.primes:
+                plan = self.plan(q)
+                out.extend((limb, (self.n_in, plan.n_x * n)) for limb in self._weight_limbs(b, plan.k_w)
+                           for _ in range(size))
+        return out
 
     def _bias_residues(self, scale: float) -> np.ndarray:
         """(n_out, primes) residues of the bias encoded at the product scale (exact integers)."""

@@ -25,6 +25,7 @@ import seal
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
 from veil.he.ciphertext import Ciphertext, add_many, aligned
+from veil.he.linear import SPARSE_DENSITY, WeightedSum, seal_round
 from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.encoding import ThermometerEncoding, load_encoding
 from veil.program.ir import Linear, Op, Poly, Program, is_exact
@@ -44,8 +45,11 @@ KIND = "leveled"
 MAX_BATCH_WORKING_BYTES = 4 << 30
 """Largest working set of one batch-layout evaluation (two layers of ciphertexts live at once):
 a forged or oversized program is refused at load, not by exhausting the server's memory."""
-COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
-"""Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
+COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8,
+                     "weighted_sum": 0.011, "weighted_sum_sparse": 0.07}
+"""Single-core costs per prime of the current level at N=8192 (two components), measured on the
+project machine: SEAL's operations, and `WeightedSum` per non-zero weight (BLAS for dense weights,
+about 12 times below a multiply_plain and add_inplace; CSR for sparse ones, about 2 times)."""
 PROGRAM_LAYOUTS = ("batch", "row")
 
 
@@ -147,6 +151,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
         self.plans = self._check_plans(plans)
         self._contexts: dict[str, HEContext] = {}
         self._diagonals: dict[int, list[list[tuple[int, int, seal.Plaintext]]]] = {}
+        self._kernels: dict[tuple[int, int], WeightedSum] = {}
 
     def _check_plans(self, plans: dict[str, LayoutPlan]) -> dict[str, LayoutPlan]:
         return check_plans(plans, self.n_inputs, len(self.stages), self.stages, non_negative=self.encoding is not None)
@@ -212,29 +217,53 @@ class LeveledCircuit(LeveledKind, ServerBase):
         plan = self.plans[layout]
         per = plan.params.poly_modulus_degree / 8192
         top = len(plan.params.coeff_modulus_bits) - 1
-        cost = COST_MS_PER_PRIME["encrypt"] * top * (self.n_inputs if layout == "batch" else 1)
-        width, seen_linear, used = self.n_inputs, False, 0
+        if layout == "batch":
+            return self._batch_cost_ms(plan, top) * per
+        cost = COST_MS_PER_PRIME["encrypt"] * top
+        seen_linear, used = False, 0
         for i, (op, costs) in enumerate(zip(self.stages, stage_levels(self.stages, layout), strict=True)):
             primes = top - used
             used += int(costs)
             if isinstance(op, Linear):
-                if layout == "batch" and not costs:
-                    ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["add"]
-                elif layout == "batch":
-                    ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["mul_add"]
-                    ops += op.n_out * COST_MS_PER_PRIME["rescale"]
-                else:
-                    _, _, steps = diagonal_steps(plan.half)
-                    rotations = len(steps) + (1 if seen_linear else 0)
-                    ops = rotations * COST_MS_PER_PRIME["rotate"] + plan.half * COST_MS_PER_PRIME["mul_add"]
-                    ops += COST_MS_PER_PRIME["rescale"]
-                seen_linear, width = True, op.n_out
+                _, _, steps = diagonal_steps(plan.half)
+                rotations = len(steps) + (1 if seen_linear else 0)
+                ops = rotations * COST_MS_PER_PRIME["rotate"] + plan.half * COST_MS_PER_PRIME["mul_add"]
+                ops += COST_MS_PER_PRIME["rescale"]
+                seen_linear = True
             else:
                 relin = COST_MS_PER_PRIME["rotate"] if plan.relinearize_at(i, self.stages) else 0.0
-                one = COST_MS_PER_PRIME["square"] + relin + COST_MS_PER_PRIME["rescale"]
-                ops = one * (width if layout == "batch" else 1)
+                ops = COST_MS_PER_PRIME["square"] + relin + COST_MS_PER_PRIME["rescale"]
             cost += ops * primes
         return cost * per
+
+    def _batch_cost_ms(self, plan: LayoutPlan, top: int) -> float:
+        """One batch as `_run_batch` evaluates it: a square followed by a Linear is neither
+        relinearized nor rescaled, and the Linear's outputs (3 components) are relinearized once
+        and rescaled twice."""
+        c = COST_MS_PER_PRIME
+        cost = c["encrypt"] * top * self.n_inputs
+        width, primes, pending = self.n_inputs, top, None
+        for i, op in enumerate(self.stages):
+            if is_exact(op):
+                cost += np.count_nonzero(op.weight) * c["add"] * primes
+                width = op.n_out
+            elif isinstance(op, Linear):
+                nnz = np.count_nonzero(op.weight)
+                per_weight = c["weighted_sum_sparse"] if nnz < SPARSE_DENSITY * op.weight.size else c["weighted_sum"]
+                comps = 1.5 if pending is not None else 1.0
+                relin = c["rotate"] if pending is not None and plan.relinearize_at(pending, self.stages) else 0.0
+                rescales = 2 if pending is not None else 1
+                cost += (nnz * per_weight * comps + op.n_out * (relin + rescales * c["rescale"])) * primes
+                primes -= rescales
+                width, pending = op.n_out, None
+            elif self.deferred(i):
+                cost += width * c["square"] * primes
+                pending = i
+            else:
+                relin = c["rotate"] if plan.relinearize_at(i, self.stages) else 0.0
+                cost += width * (c["square"] + relin + c["rescale"]) * primes
+                primes -= 1
+        return cost
 
     # plaintext and simulation backends -----------------------------------------------------
     def evaluate(self, X: np.ndarray) -> np.ndarray:
@@ -291,7 +320,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
         return ctx.pack([c.data for c in out], {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
 
     def _poly(self, z: Ciphertext, op: Poly, relin: bool, bundle: PublicBundle,
-              c0_vector: np.ndarray | None = None) -> Ciphertext:
+              c0_vector: np.ndarray | None = None, rescale: bool = True) -> Ciphertext:
         c0, c1, sign = op.coeffs
         t = z.square()
         if relin:
@@ -302,45 +331,68 @@ class LeveledCircuit(LeveledKind, ServerBase):
             t.add_(z.mul_plain_(c1, z.scale))
         if c0 != 0.0:
             t.add_(c0 if c0_vector is None else c0_vector * c0)
-        return t.rescale_()
+        return t.rescale_() if rescale else t
 
     def _run_batch(self, xs: list[Ciphertext], bundle: PublicBundle) -> list[Ciphertext]:
+        """The stages on one batch. A Poly followed by a (non-exact) Linear is left at the product
+        scale, unrelinearized and unrescaled: the Linear then takes the squares as they are, and its
+        outputs (usually far fewer) are relinearized once, at the scale of the products (where key
+        switching adds the least noise), and rescaled twice. A Poly elsewhere (last, or before an
+        exact Linear) is relinearized and rescaled at once."""
+        plan = self.plans["batch"]
+        pending: int | None = None
         for i, op in enumerate(self.stages):
             if is_exact(op):
                 xs = self._linear_exact(op, xs)
             elif isinstance(op, Linear):
-                xs = self._linear_batch(op, xs)
+                relin = pending is not None and plan.relinearize_at(pending, self.stages)
+                xs = self._linear_batch(i, op, xs, bundle if relin else None, 2 if pending is not None else 1)
+                pending = None
+            elif self.deferred(i):
+                xs = [self._poly(z, op, False, bundle, rescale=False) for z in xs]
+                pending = i
             else:
-                relin = self.plans["batch"].relinearize_at(i, self.stages)
-                xs = [self._poly(z, op, relin, bundle) for z in xs]
+                xs = [self._poly(z, op, plan.relinearize_at(i, self.stages), bundle) for z in xs]
         return xs
 
-    @staticmethod
-    def _linear_batch(op: Linear, xs: list[Ciphertext]) -> list[Ciphertext]:
-        """y_j = sum_i w_ji x_i + b_j, weights encoded at the prime the rescale removes. The hot
-        loop calls SEAL directly (one product and one in-place sum per non-zero weight): the
-        operands are aligned by construction, having been checked as one level and one scale."""
+    def deferred(self, stage: int) -> bool:
+        """Whether the batch layout leaves the Poly `stage` unrelinearized and unrescaled for the
+        Linear after it (any Linear that costs a level)."""
+        nxt = self.stages[stage + 1] if stage + 1 < len(self.stages) else None
+        return isinstance(nxt, Linear) and not is_exact(nxt)
+
+    def _linear_batch(self, stage: int, op: Linear, xs: list[Ciphertext], relin: PublicBundle | None,
+                      rescales: int) -> list[Ciphertext]:
+        """y_j = sum_i w_ji x_i + b_j, weights encoded at the prime the first rescale removes, as
+        one `WeightedSum` over the ciphertexts' RNS coefficients (bit-identical to a multiply_plain
+        and an add_inplace per non-zero weight); then relinearized with `relin`'s keys (when given)
+        and rescaled `rescales` times."""
         first = aligned(xs, "combine")
-        ctx, q = first.context, float(first.next_prime())
-        ev, pid, scale = ctx.evaluator, first.data.parms_id(), first.scale
-        datas = [x.data for x in xs]
+        ctx, level = first.context, first.level
+        kernel = self._weighted_sum(stage, ctx, level, float(first.next_prime()))
         out = []
-        for w_row, b in zip(op.weight, op.bias, strict=True):
-            nz = np.flatnonzero(np.round(w_row * q))
-            # an all-zero row keeps one unit weight (1/q): SEAL refuses key-independent results
-            pairs = [(int(j), float(w_row[j])) for j in nz] or [(0, 1.0 / q)]
-            acc = None
-            for j, w in pairs:
-                term = ev.multiply_plain(datas[j], ctx.encode_at(w, q, pid))
-                if acc is None:
-                    acc = term
-                else:
-                    ev.add_inplace(acc, term)
-            if b != 0.0:
-                ev.add_plain_inplace(acc, ctx.encode_at(float(b), scale * q, pid))
-            ev.rescale_to_next_inplace(acc)
-            out.append(Ciphertext(ctx, acc))
+        for ct in kernel([x.data for x in xs]):
+            y = Ciphertext(ctx, ct)
+            if relin is not None:
+                y.relinearize_(relin.relin_keys)
+            for _ in range(rescales):
+                y.rescale_()
+            out.append(y)
         return out
+
+    def _weighted_sum(self, stage: int, ctx: HEContext, level: int, q: float) -> WeightedSum:
+        """The kernel of a Linear stage at `level` (cached: it depends on the weights and the level
+        only). A row whose weights all round to zero at scale q keeps one unit weight (1/q on the
+        first input), far below CKKS noise: SEAL refuses key-independent results."""
+        key = (stage, level)
+        if key not in self._kernels:
+            op = self.stages[stage]
+            assert isinstance(op, Linear)
+            W = op.weight.copy()
+            empty = ~seal_round(W * q).any(axis=1)
+            W[empty, 0] = 1.0 / q
+            self._kernels[key] = WeightedSum(ctx, W, op.bias, q, level)
+        return self._kernels[key]
 
     @staticmethod
     def _linear_exact(op: Linear, xs: list[Ciphertext]) -> list[Ciphertext]:
