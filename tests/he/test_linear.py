@@ -145,3 +145,23 @@ def test_seal_validates_every_written_ciphertext(keys):
     data[0, 0, 0] = ctx.seal.first_context_data().parms().coeff_modulus()[0].value()
     with pytest.raises(WireFormatError, match="SEAL refused"):
         write_ciphertext(ctx, blob[:DATA_OFFSET], data, ct.scale())
+
+
+def test_blocks_of_rows_and_columns_give_the_same_bytes(keys, monkeypatch):
+    """Outputs computed in several blocks of rows (bounded memory) and of coefficients (bounded
+    working set) are the same bytes as SEAL's chain, bias included."""
+    import veil.he.linear as linear
+
+    rng = np.random.default_rng(10)
+    ctx = keys.context
+    cts = _inputs(keys, 20, rng, 2, 0)
+    level = ctx.top_level
+    ct_bytes = 2 * (level + 1) * ctx.params.poly_modulus_degree * 8
+    monkeypatch.setattr(linear, "OUTPUT_BLOCK_BYTES", 3 * ct_bytes)
+    monkeypatch.setattr(linear, "WORKING_BYTES", 8 * 20 * 64 * 4)
+    W, bias = rng.normal(size=(8, 20)), rng.normal(size=8)
+    q = float(ctx.prime_at(level))
+    kernel = WeightedSum(ctx, W, bias, q, level)
+    assert len(kernel._blocks) == 3
+    got = kernel(cts)
+    assert [c.to_string() for c in got] == [c.to_string() for c in seal_chain(ctx, cts, W, bias, q)]

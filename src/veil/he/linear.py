@@ -48,7 +48,9 @@ from veil.he.context import HEContext
 EXACT_BITS = 52
 """Every float64 partial sum stays below 2^EXACT_BITS, so products, sums and the reduction modulo q
 (which adds at most q to a value) are exact."""
-OUTPUT_BLOCK_BYTES = 192 << 20
+OUTPUT_BLOCK_BYTES = 768 << 20
+"""Output rows are computed in blocks of at most this many bytes of 2-component ciphertexts (1.5
+times that for 3 components); each block reads the inputs again, so blocks are large."""
 WORKING_BYTES = 16 << 20
 MAX_WEIGHT_LIMBS = 4
 SPARSE_DENSITY = 0.125
@@ -245,7 +247,7 @@ class WeightedSum:
         if self._l1 >= 2.0**61:
             raise ShapeError("weights too large for an exact product (a row sum of |weight * scale| reaches 2^61)")
         self.sparse = np.count_nonzero(self.W) < SPARSE_DENSITY * self.W.size
-        ct_bytes = 3 * len(self.primes) * context.params.poly_modulus_degree * 8
+        ct_bytes = 2 * len(self.primes) * context.params.poly_modulus_degree * 8
         per = max(1, OUTPUT_BLOCK_BYTES // ct_bytes)
         self._blocks = [np.arange(lo, min(lo + per, self.n_out)) for lo in range(0, self.n_out, per)]
         self._plans: dict[int, LimbPlan] = {}

@@ -6,7 +6,11 @@ and weights plus Gaussian noise of the CKKS magnitude, no encryption) and `evalu
 
 Batch layout (samples in slots, one ciphertext per feature, no rotations): a Linear stage is, per
 output, a sum of ciphertexts times scalar plaintexts encoded at the prime the rescale divides by,
-so the scale is unchanged by the stage; a Poly stage is s t^2 + c1 t + c0 per ciphertext.
+computed for all outputs at once as a matrix product over the ciphertexts' RNS coefficients
+(`veil.he.linear.WeightedSum`, bit-identical to SEAL's multiply_plain and add_inplace per weight);
+a Poly stage is s t^2 + c1 t + c0 per ciphertext. A Poly followed by such a Linear is left at
+scale 2^(2s), unrelinearized and unrescaled; the Linear relinearizes its (fewer) outputs once and
+rescales them twice, so each pair still costs two levels and the scale returns to about 2^s.
 
 Row layout (one sample per block of 2*half slots, see `DiagonalLayout`): a Linear stage is the
 diagonal method W x = sum_i diag_i(W) * rot(x, i) in baby-step giant-step form,
