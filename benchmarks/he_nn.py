@@ -337,10 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cryptonets:
         from mnist_nets import compiled_cryptonets
 
-        net, X_test, _, plain_accuracy = compiled_cryptonets()
+        compiled, X_test, _, plain_accuracy = compiled_cryptonets()
         images = np.concatenate([X_test] * -(-args.cryptonets // len(X_test)))[:args.cryptonets]
         results["cryptonets"] = {"plain_accuracy": plain_accuracy,
-                                 **cryptonets_bounds(net, images, args.workers)}
+                                 **cryptonets_bounds(compiled, images, args.workers)}
         print(json.dumps({k: v for k, v in results["cryptonets"].items() if k.endswith("_per_s")
                           or k.startswith("veil_fraction")}), flush=True)
     results["load_after"] = load_average()
