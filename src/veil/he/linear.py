@@ -234,9 +234,8 @@ class WeightedSum:
         self.bias = np.zeros(self.n_out) if bias is None else np.asarray(bias, dtype=np.float64).ravel()
         if self.bias.shape != (self.n_out,) or not (np.all(np.isfinite(W)) and np.all(np.isfinite(self.bias))):
             raise ShapeError("weights and bias must be finite, with one bias per row")
-        data = context._by_level[level]
-        self.primes = [m.value() for m in data.parms().coeff_modulus()]
-        self.modulus_bits = data.total_coeff_modulus_bit_count()
+        self.primes = context.primes_at(level)
+        self.modulus_bits = context.modulus_bits_at(level)
         scaled = W * self.weight_scale
         if np.any(np.abs(scaled) >= 2.0**62):
             raise ShapeError("a weight times its scale reaches 2^62: encode at a smaller scale")
