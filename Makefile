@@ -31,7 +31,7 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP) system-deps
 	$(BIN)/python benchmarks/he_linear.py

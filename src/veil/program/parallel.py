@@ -24,10 +24,17 @@ Workers are fresh interpreters (`python -m veil.program.worker`), not multiproce
 they import veil only, never the caller's `__main__`, so a plain script without an
 ``if __name__ == "__main__":`` guard, a notebook and ``python -`` work alike (multiprocessing's
 "spawn" re-runs the script in every child, which then dies or waits forever). Parent and worker
-exchange length-prefixed pickles over the worker's stdin and stdout (`send_frame`, `recv_frame`);
-the worker moves its stdout to stderr first, so nothing the libraries print corrupts the frames.
-A worker that exits, is killed or never starts closes its pipe: the parent sees the end of the
-stream and raises `ExecutorError` with the worker's exit status and last lines of stderr.
+exchange length-prefixed pickles (`send_frame`, `recv_frame`) over two pipes of their own, passed
+to the worker as file descriptors, never over its stdin or stdout: whatever the interpreter prints
+(a sitecustomize or .pth hook, a debugger, a library) goes to its stdout and stderr, which the
+parent only keeps the last lines of, and cannot corrupt a frame. A worker that exits, is killed or
+never starts closes its pipe: the parent sees the end of the stream and raises `ExecutorError` with
+the worker's exit status and last lines of output.
+
+Concurrency: one executor runs one input at a time (`run` takes the executor's lock, so two threads
+calling it are served one after the other, each with its own rows); the shared executors of
+`executor_for` are retired, never closed under a running call: a retired executor stops its
+workers when its last running call returns.
 """
 
 from __future__ import annotations
@@ -69,8 +76,8 @@ START_TIMEOUT = 300.0
 """Seconds a new worker may take to import veil and rebuild its circuits before it counts as
 failed to start (a few seconds normally; generous for a loaded machine)."""
 STOP_TIMEOUT = 10.0
-STDERR_LINES = 20
-"""Last lines of a worker's stderr kept for the error raised when it dies."""
+OUTPUT_LINES = 20
+"""Last lines of a worker's output (stdout and stderr) kept for the error raised when it dies."""
 WORKER_MODULE = "veil.program.worker"
 
 Loader = Callable[[dict], Any]
@@ -150,61 +157,76 @@ def _worker_env() -> dict[str, str]:
 class _Worker:
     """One worker interpreter and the threads that feed it tasks and read its replies.
 
-    Replies land on the pool's shared queue as (worker, message); when the worker's stdout ends
-    (it exited, was killed, or failed to start), the reader posts (worker, None)."""
+    Frames go over two dedicated pipes (`pass_fds`); the worker's stdout and stderr are one
+    stream whose last lines are kept for errors. Replies land on the pool's shared queue as
+    (worker, message); when the frame pipe ends (the worker exited, was killed, or failed to
+    start), the reader posts (worker, None)."""
 
     def __init__(self, index: int, setup: bytes, replies: queue.Queue) -> None:
         self.index = index
         executable = sys.executable or "python3"
-        self.proc = subprocess.Popen([executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_worker_env())
-        self.stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        task_r, task_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [executable, "-m", WORKER_MODULE, str(task_r), str(reply_w)], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(task_r, reply_w), env=_worker_env())
+        except BaseException:
+            for fd in (task_w, reply_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(task_r)
+            os.close(reply_w)
+        self._frames_out = os.fdopen(task_w, "wb")
+        self._frames_in = os.fdopen(reply_r, "rb")
+        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
         self.tasks: queue.Queue = queue.Queue()
         self.in_flight = 0
         self.tasks.put(setup)
         self._replies = replies
-        for target, name in ((self._write, "writer"), (self._read, "reader"), (self._drain, "stderr")):
+        for target, name in ((self._write, "writer"), (self._read, "reader"), (self._drain, "output")):
             threading.Thread(target=target, name=f"veil-worker-{index}-{name}", daemon=True).start()
 
     def _write(self) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
+        stream = self._frames_out
         try:
             while (item := self.tasks.get()) is not None:
                 if isinstance(item, bytes):
-                    stdin.write(item)
-                    stdin.flush()
+                    stream.write(item)
+                    stream.flush()
                 else:
-                    send_frame(stdin, item)
+                    send_frame(stream, item)
         except (OSError, ValueError):
             pass  # the worker is gone: its reader reports it
         finally:
             with contextlib.suppress(OSError):
-                stdin.close()
+                stream.close()
 
     def _read(self) -> None:
-        stdout = self.proc.stdout
-        assert stdout is not None
         try:
             while True:
-                self._replies.put((self, recv_frame(stdout)))
+                self._replies.put((self, recv_frame(self._frames_in)))
         except Exception:
             self._replies.put((self, None))
+        finally:
+            with contextlib.suppress(OSError):
+                self._frames_in.close()
 
     def _drain(self) -> None:
-        stderr = self.proc.stderr
-        assert stderr is not None
-        for line in iter(stderr.readline, b""):
-            self.stderr.append(line.decode("utf-8", "replace").rstrip())
+        output = self.proc.stdout
+        assert output is not None
+        for line in iter(output.readline, b""):
+            self.output.append(line.decode("utf-8", "replace").rstrip())
 
     def death(self) -> ExecutorError:
-        """The error for a worker whose stream ended: exit status and the end of its stderr."""
+        """The error for a worker whose stream ended: exit status and the end of its output."""
         try:
             code = self.proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        tail = "\n".join(self.stderr)
+        tail = "\n".join(self.output)
         return ExecutorError(
             f"a worker process died during encrypted evaluation (exit status {code}: killed or out of "
             f"memory?); retry with fewer workers or smaller chunks" + (f"\nits last output:\n{tail}" if tail else ""))
@@ -312,6 +334,9 @@ class ChunkedExecutor:
         self._local: _Pipeline | None = None
         self._pool: _ProcessPool | None = None
         self._lock = threading.Lock()
+        self._run_lock = threading.Lock()
+        self._running = 0
+        self._retired = False
         ref = weakref.ref(self)
         atexit.register(lambda: (ex := ref()) is not None and ex.close())
 
@@ -332,7 +357,8 @@ class ChunkedExecutor:
 
         Inputs of at most one chunk, or a single worker, run in this process (still chunk by
         chunk); otherwise chunks go to the pool, at most `2 * workers` at a time. An error in a
-        chunk is raised as its own (veil) exception type, with a note naming the chunk's rows."""
+        chunk is raised as its own (veil) exception type, with a note naming the chunk's rows.
+        Calls from several threads run one after the other (one pool, one reply stream)."""
         if getattr(X, "ndim", None) != 2:
             X = np.asarray(X)
             if X.ndim != 2:
@@ -343,12 +369,21 @@ class ChunkedExecutor:
         rows = self.chunk_rows(layout, chunk_rows)
         bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
         out: np.ndarray | None = None
-        with _progress_bar(n, len(bounds), progress) as bar:
-            for (lo, hi), Y in self._results(X, layout, bounds, n_features):
-                if out is None:
-                    out = np.empty((n, Y.shape[1]), dtype=np.float64)
-                out[lo:hi] = Y
-                bar.update(hi - lo)
+        with self._lock:
+            self._running += 1
+        try:
+            with self._run_lock, _progress_bar(n, len(bounds), progress) as bar:
+                for (lo, hi), Y in self._results(X, layout, bounds, n_features):
+                    if out is None:
+                        out = np.empty((n, Y.shape[1]), dtype=np.float64)
+                    out[lo:hi] = Y
+                    bar.update(hi - lo)
+        finally:
+            with self._lock:
+                self._running -= 1
+                last_of_retired = self._retired and self._running == 0
+            if last_of_retired:
+                self._discard_pool()
         assert out is not None
         return out
 
@@ -414,6 +449,15 @@ class ChunkedExecutor:
         """Stop the worker processes (idempotent); a later `run` starts a new pool."""
         self._discard_pool()
 
+    def retire(self) -> None:
+        """Stop the worker processes once no call is running: now if idle, else when the last
+        running `run` returns (a later `run` still works and stops its pool when it returns)."""
+        with self._lock:
+            self._retired = True
+            idle = self._running == 0
+        if idle:
+            self._discard_pool()
+
     def __enter__(self) -> ChunkedExecutor:
         return self
 
@@ -432,8 +476,9 @@ def _digest(setup: tuple) -> str:
 def executor_for(*, server_dict: dict, client_spec: dict, load_server: Loader, load_client: Loader,
                  keys: dict[str, bytes], workers: int | None = None) -> ChunkedExecutor:
     """The shared executor for this circuit, keys and worker count, reusing its warm pool when
-    the same setup is asked for again (the previous one is closed when the setup changes, so at
-    most one set of worker processes is alive)."""
+    the same setup is asked for again. When the setup changes the previous executor is retired
+    (`ChunkedExecutor.retire`): its workers stop once its running calls return, so only calls
+    in progress keep an older set of worker processes alive."""
     global _cached
     workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
     key = _digest((server_dict, client_spec, load_server, load_client, sorted(keys.items()), workers))
@@ -442,7 +487,7 @@ def executor_for(*, server_dict: dict, client_spec: dict, load_server: Loader, l
             return _cached[1]
         old, _cached = _cached, None
     if old is not None:
-        old[1].close()
+        old[1].retire()
     ex = ChunkedExecutor(server_dict=server_dict, client_spec=client_spec, load_server=load_server,
                          load_client=load_client, keys=keys, workers=workers)
     with _cache_lock:
