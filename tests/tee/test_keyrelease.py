@@ -170,6 +170,17 @@ def test_debug_machine_and_unlisted_platform_get_no_key(broker, debug_machine, c
     _refused(broker, requester.request(snp), PlatformError, "PlatformError", caplog)
 
 
+def test_refusals_of_invented_platforms_share_one_counter(broker, other_machine, caplog):
+    """The platform a request names is the requester's word: 50 invented names are counted as one
+    'other' series, not 50 (each would be a Prometheus series for as long as the server runs)."""
+    for i in range(50):
+        requester = KeyRequester(broker.challenge())
+        _refused(broker, requester.request(Evidence(f"made-up-{i}", b"x")), PlatformError, "PlatformError", caplog)
+    _, request = attest(broker, other_machine)
+    _refused(broker, request, MeasurementError, "MeasurementError", caplog)
+    assert broker.counter.refusals() == {("other", "PlatformError"): 50, (PLATFORM, "MeasurementError"): 1}
+
+
 def test_grant_opens_only_for_its_requester_and_unchanged(broker, machine):
     requester, request = attest(broker, machine)
     grant = broker.release(request)

@@ -59,6 +59,8 @@ X25519_BYTES = 32
 MAX_CONTEXT_BYTES = 256
 MAX_WRAPPED_BYTES = 1024
 DEFAULT_CONTEXT = b"veil-model-key"
+OTHER_PLATFORM = "other"
+"""Refusals whose evidence names a platform the policy does not know are counted under this name."""
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
 
@@ -276,9 +278,14 @@ class KeyBroker:
         return KeyGrant(nonce=request.nonce, wrapped_key=wrapped)
 
     def refused(self, platform: str, exc: AttestationError) -> None:
-        """Count and log one refusal (also for requests refused before they reach `release`)."""
-        self.counter.refuse(platform, type(exc).__name__)
-        log.warning("key release refused: platform=%s reason=%s detail=%s", platform, type(exc).__name__, exc)
+        """Count and log one refusal (also for requests refused before they reach `release`).
+
+        The platform is the requester's word: it is counted under its own name only when the policy
+        names it (or it is ``none``, no evidence), else as ``other``, so a caller cannot add a counter
+        per invented name (unbounded memory and /metrics output)."""
+        label = platform if platform == "none" or platform in self.policy.platforms else OTHER_PLATFORM
+        self.counter.refuse(label, type(exc).__name__)
+        log.warning("key release refused: platform=%s reason=%s detail=%s", label, type(exc).__name__, exc)
 
     def _wrap(self, request: KeyRequest) -> bytes:
         try:
