@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import ssl
@@ -249,11 +250,59 @@ def test_replayed_nonce_and_another_workers_nonce_get_no_key(tee, cluster):
 
 
 @needs_redis
+def test_key_release_refuses_what_the_broker_did_not_challenge_or_that_binds_another_key(tee, cluster):
+    """Attacks on POST /v1/tee/key-release over HTTP, none of which gets the key: genuine evidence over a
+    nonce the worker made up; an honest worker's evidence posted with a relay's own public key; evidence
+    over one challenge posted with another challenge's nonce; no evidence; and a correct request posted
+    with a client token, refused before its nonce is touched (the worker then still gets the key)."""
+    ca, url, good = tee["certs"].ca, cluster["url"], tee["machines"]["good"]
+    worker, alice = ({"authorization": f"Bearer {tee['token'][n]}"} for n in ("w-good", "alice"))
+    reasons = {("NonceError", PLATFORM): 1, ("BindingError", PLATFORM): 2, ("NoEvidenceError", "none"): 1}
+    before = {r: metric(url, ca, "veil_tee_key_refusals_total", platform=p, reason=r) for r, p in reasons}
+    with httpx.Client(base_url=url, verify=tls(ca), timeout=30) as http:
+        def challenge() -> KeyRequester:
+            got = http.post("/v1/tee/key-release/challenge", headers=worker)
+            assert got.status_code == 200, got.text
+            return KeyRequester(Challenge.from_dict(got.json()))
+
+        def refused(body: dict, error: str, headers: dict = worker) -> None:
+            answer = http.post("/v1/tee/key-release", json=body, headers=headers)
+            assert (answer.status_code, answer.json()["error"]) == (403, error), answer.text
+            assert "wrapped_key" not in answer.text
+
+        context = challenge().challenge.context
+        made_up = KeyRequester(Challenge(os.urandom(32), context, 60))
+        refused(made_up.request(good.attest(made_up.report_data)).to_dict(), "NonceError")
+        honest = challenge()
+        body = honest.request(good.attest(honest.report_data)).to_dict()
+        relay = KeyRequester(honest.challenge)
+        refused(dict(body, public_key=base64.b64encode(relay.public_key).decode()), "BindingError")
+        first, second = challenge(), challenge()
+        body = first.request(good.attest(first.report_data)).to_dict()
+        refused(dict(body, nonce=base64.b64encode(second.challenge.nonce).decode()), "BindingError")
+        refused(challenge().request(None).to_dict(), "NoEvidenceError")
+        honest = challenge()
+        body = honest.request(good.attest(honest.report_data)).to_dict()
+        refused(body, "forbidden", headers=alice)
+        granted = http.post("/v1/tee/key-release", json=body, headers=worker)
+        assert granted.status_code == 200, granted.text
+        assert honest.unwrap(KeyGrant.from_dict(granted.json())) == tee["key"]
+    for (reason, platform), count in reasons.items():
+        assert metric(url, ca, "veil_tee_key_refusals_total", platform=platform, reason=reason) == \
+            before[reason] + count, reason
+
+
+@needs_redis
 def test_worker_tokens_only_ask_for_keys_and_only_they_do(tee, cluster):
     """A worker token sits in an enclave's unmeasured files, readable by the host: it opens nothing else."""
     answer = httpx.post(f"{cluster['url']}/v1/tee/key-release/challenge", verify=tls(tee["certs"].ca),
                         headers={"authorization": f"Bearer {tee['token']['alice']}"})
     assert (answer.status_code, answer.json()["error"]) == (403, "forbidden")
+    for path, body in (("/v1/tee/evidence", {"nonce": base64.b64encode(bytes(32)).decode()}),
+                       ("/v1/models/iris/predict/plain", {"features": [[1.0, 2.0, 3.0, 4.0]]})):
+        answer = httpx.post(f"{cluster['url']}{path}", json=body, verify=tls(tee["certs"].ca),
+                            headers={"authorization": f"Bearer {tee['token']['w-good']}"})
+        assert (answer.status_code, answer.json()["error"]) == (403, "forbidden"), path
     with Client(cluster["url"], tee["token"]["w-good"], verify=str(tee["certs"].ca)) as worker:
         for call in (worker.models, lambda: worker.model("iris"),
                      lambda: worker.register(ml.ModelClient.load(tee["model_dir"]).public_bundle_bytes("batch"))):
@@ -400,7 +449,10 @@ def test_a_server_that_is_no_enclave_gets_nothing_and_refuses_plaintext(tee):
             assert (answer.status_code, answer.json()["error"]) == (404, "tee_unavailable"), path
 
 
-def test_attest_needs_https_and_plugin_names_are_checked(tee):
+def test_attest_needs_https_and_plugin_names_are_checked(tee, monkeypatch):
+    monkeypatch.setenv(DIR_ENV, str(tee["root"] / "machine-good"))
+    with pytest.raises(ValueError, match="needs --tls-cert"):
+        build(server_config(tee, tls_cert=None, tls_key=None, attest_provider="tests.tee.fakeplatform:provider"))
     with Client("http://127.0.0.1:9", "t", attest=tee["policy"]) as client, \
             pytest.raises(AttestationError, match="https"):
         client.models()
@@ -456,14 +508,26 @@ def tls_relay(upstream: str, certs) -> Iterator[tuple[str, list[bytes]]]:
     seen: list[bytes] = []
     stop = threading.Event()
 
-    def pipe(src: socket.socket, dst: socket.socket, record: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if record:
-                    seen.append(data)
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.close()
+    def relay(down: ssl.SSLSocket, up: ssl.SSLSocket) -> None:
+        """Both directions of one connection in one thread (an SSL socket is not safe to read and write
+        from two threads at once). A readable socket may hold a TLS record without application data (a
+        TLS 1.3 session ticket): its read times out quickly instead of blocking the other direction."""
+        other = {down: up, up: down}
+        with contextlib.suppress(OSError, ValueError), down, up:
+            while not stop.is_set():
+                ready = [s for s in other if s.pending()] or select.select(list(other), [], [], 0.2)[0]
+                for src in ready:
+                    src.settimeout(0.2)
+                    try:
+                        data = src.recv(65536)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        return
+                    if src is down:
+                        seen.append(data)
+                    other[src].settimeout(10)
+                    other[src].sendall(data)
 
     def accept() -> None:
         while not stop.is_set():
@@ -480,8 +544,7 @@ def tls_relay(upstream: str, certs) -> Iterator[tuple[str, list[bytes]]]:
             except OSError:
                 raw.close()
                 continue
-            for args in ((down, up, True), (up, down, False)):
-                threading.Thread(target=pipe, args=args, daemon=True).start()
+            threading.Thread(target=relay, args=(down, up), daemon=True).start()
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
