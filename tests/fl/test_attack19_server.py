@@ -192,20 +192,20 @@ def test_a_server_choosing_max_weight_per_owner_cannot_learn_the_counts():
     assert all(all(answered.values()) for answered in patterns)
 
 
-def test_a_server_varying_secaggs_max_weight_per_owner_learns_one_bit_per_run():
+def test_a_server_varying_secaggs_max_weight_per_owner_learns_nothing_from_refusals():
     """The same search through SecAgg+'s own max_weight (and the fit config's): the first row-weighted
-    round fixes each owner's bound for the run, so only that round's answer depends on the count
-    (rows <= 64 or not); every later round carries a different bound and is refused, by every owner."""
-    rows = _rows()
+    round fixes each owner's bound for the run and a count above it is clipped, not refused, so every
+    owner answers it; every later round carries a different bound and is refused, by every owner."""
     cfg = FLConfig(**{**SKEW, "secagg": True, "rounds": 7})
     grid = _grid(cfg)
-    patterns = []
+    patterns, reasons = [], []
 
     def probe(mid):
         bounds = {n: float(mid[n]) for n in mid}
         seen = _secagg_round(grid, cfg, {n: {"veil-max-weight": bounds[n]} for n in mid},
                              intercept=_setup_per_owner(Key.MAX_WEIGHT, bounds))
         patterns.append(seen.answered())
+        reasons.append(seen.reasons())
         return patterns[-1]
 
     try:
@@ -213,8 +213,9 @@ def test_a_server_varying_secaggs_max_weight_per_owner_learns_one_bit_per_run():
     finally:
         grid.close()
     assert sorted(hi for lo, hi in found.values() if hi - lo == 1) != SIZES
-    assert patterns[0] == {n: rows[n] <= 64 for n in rows}  # the one bit
+    assert all(patterns[0].values())  # 64 rows each: the 70-row owner is weighed at 64, not refused
     assert not any(any(answered.values()) for answered in patterns[1:])
+    assert all(len(set(later.values())) == 1 for later in reasons[1:])  # each round, one reason for all owners
 
 
 def test_a_server_choosing_the_row_bound_per_owner_learns_nothing():
@@ -235,11 +236,11 @@ def _reference(cfg: FLConfig) -> np.ndarray:
     return np.exp2(np.ceil(np.log2(np.abs(held_out_view(cfg).X).max(0))) + 2)
 
 
-def test_a_server_choosing_the_count_unit_per_owner_learns_one_bit_per_run():
-    """Stage 2 sends c / n_i and refuses when it leaves SecAgg+'s range (n_i < c / 64), so a count unit
-    c chosen per owner is a count oracle: binary search over 7 stage-2 rounds. An owner answers stage 2
-    once per run: only the first round's answers depend on the counts (rows >= 64 or not)."""
-    rows = _rows()
+def test_a_server_choosing_the_count_unit_per_owner_learns_nothing():
+    """Stage 2 sends c / n_i, and earlier versions refused when it left SecAgg+'s range (n_i < c / 64),
+    so a count unit c chosen per owner was a count oracle: binary search over 7 stage-2 rounds. Weighed
+    by rows the entry travels as c / max_weight, which owners hold to the range whatever their rows, and
+    they answer stage 2 once per run: the first round is answered by all, the later ones by none."""
     cfg = FLConfig(**{**SKEW, "secagg": True})
     blob = _reference(cfg).astype("<f8").tobytes()
     grid = _grid(cfg)
@@ -249,15 +250,31 @@ def test_a_server_choosing_the_count_unit_per_owner_learns_one_bit_per_run():
         configs = {n: {"veil-task": "stats", "veil-stage": 2, "veil-reference": blob, "veil-max-weight": 1000.0,
                        "veil-count-unit": 64.0 * (mid[n] + 1)} for n in mid}
         patterns.append(_secagg_round(grid, cfg, configs, stage=2).answered())
-        return {n: not ok for n, ok in patterns[-1].items()}  # refused: n_i < mid + 1, i.e. n_i <= mid
+        return {n: not ok for n, ok in patterns[-1].items()}  # refused meant n_i < mid + 1, i.e. n_i <= mid
 
     try:
         found = _binary_search(7, probe, -1, 127)  # the first c is 4096, a power of two like the server's
     finally:
         grid.close()
     assert sorted(hi for lo, hi in found.values() if hi - lo == 1) != SIZES
-    assert patterns[0] == {n: rows[n] >= 64 for n in rows}  # c = 4096: the one bit
+    assert all(patterns[0].values())  # c = 4096: 2048 / n_i > 64 for the owners of 2 and 17 rows
     assert not any(any(answered.values()) for answered in patterns[1:])
+
+
+def test_a_count_unit_beyond_the_runs_max_weight_is_refused_by_every_owner():
+    """The count unit's bound is c <= 32 max_weight, the same for every owner: a larger c is refused by
+    all, whatever their rows."""
+    cfg = FLConfig(**{**SKEW, "secagg": True})
+    blob = _reference(cfg).astype("<f8").tobytes()
+    grid = _grid(cfg)
+    try:
+        configs = {n: {"veil-task": "stats", "veil-stage": 2, "veil-reference": blob,
+                       "veil-count-unit": 64.0 * 1024} for n in grid.node_ids}
+        seen = _secagg_round(grid, cfg, configs, stage=2)
+    finally:
+        grid.close()
+    assert not any(seen.answered().values())
+    assert all("count unit is too large" in reason for reason in seen.reasons().values())
 
 
 def test_a_server_probing_refinement_references_gets_at_most_one_refusal_per_owner():
@@ -440,9 +457,21 @@ def test_more_training_rounds_than_the_run_has_are_refused():
     assert all("more training rounds" in reason for reason in rounds[2].reasons().values())
 
 
-def test_an_owner_above_the_rounds_max_weight_refuses_instead_of_being_clipped():
-    """SecAgg+ only logs a weight above max_weight and clips it; the owner refuses instead (with a reason
-    that carries no count)."""
+def test_an_owner_above_the_rounds_max_weight_is_weighed_at_the_bound(monkeypatch):
+    """SecAgg+ would take a weight above max_weight as a ratio above 1 (its factor can overflow the sum);
+    a refusal would tell the server whether the count exceeds a bound of its choosing. The owner answers
+    and is weighed at the bound: the sum of weights is that of min(n_i, 50)."""
+    import flwr.server.workflow.secure_aggregation.secaggplus_workflow as workflow
+
+    totals = []
+    factor_extract = workflow.factor_extract
+
+    def extract(parameters):
+        factor, rest = factor_extract(parameters)
+        totals.append(factor / SECAGG_LEVELS * 50.0)
+        return factor, rest
+
+    monkeypatch.setattr(workflow, "factor_extract", extract)
     rows = _rows()
     cfg = FLConfig(**{**SKEW, "secagg": True})
     grid = _grid(cfg)
@@ -450,9 +479,8 @@ def test_an_owner_above_the_rounds_max_weight_refuses_instead_of_being_clipped()
         seen = _secagg_round(grid, cfg, {n: {"veil-max-weight": 50.0} for n in grid.node_ids}, max_weight=50.0)
     finally:
         grid.close()
-    assert seen.answered() == {n: rows[n] <= 50 for n in rows}
-    (reason,) = seen.reasons().values()
-    assert "max_weight" in reason and "70" not in reason
+    assert all(seen.answered().values())
+    assert totals == [pytest.approx(sum(min(n, 50) for n in rows.values()), abs=0.01)]
 
 
 def test_under_secagg_owners_ignore_a_config_that_asks_for_statistics_in_clear():

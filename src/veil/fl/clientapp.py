@@ -3,7 +3,7 @@
 An owner answers two kinds of fit message: statistics (`veil-task: stats`, the vectors of
 `veil.fl.preprocessing`) and training (its learner, fitted on its own rows scaled by the federated
 scaler). Under SecAgg+ it refuses to send what the server could not check inside the sum (a non-finite
-or out-of-range update, more rows than the run's public bounds), `masked_only_mod` replaces the reply
+or out-of-range update, more rows than `secagg_max_rows`), `masked_only_mod` replaces the reply
 fields Flower leaves in clear, and `veil.fl.terms` holds every message to the run's public terms and
 makes the owner's first refusal its last answer in the run. `make_client_app(owner_factory=...)` is
 the seam for other owner behaviour (the robustness tests plug in owners that crash, stall or send
@@ -34,7 +34,7 @@ from veil.fl.config import FLConfig, Task, config_source, resolve_task
 from veil.fl.data import Dataset, load_dataset
 from veil.fl.partition import partition
 from veil.fl.preprocessing import FederatedScaler
-from veil.fl.terms import run_terms_mod, weight_bound_mod
+from veil.fl.terms import run_terms_mod, weight_clip_mod
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,8 +73,8 @@ class OwnerClient(NumPyClient):
 
     def _weight(self, n: int, stage: int | None) -> int:
         """This owner's weight in a round (`FLConfig.row_weighted`): its `n` rows, or 1. Under SecAgg+ a
-        row weight goes inside the masked vector as n / max_weight (`veil.fl.terms.weight_bound_mod`
-        refuses one above it, which SecAgg+ would only clip)."""
+        row weight goes inside the masked vector as n / max_weight (`veil.fl.terms.weight_clip_mod`
+        clips one above it, which SecAgg+ would pass on as a ratio above 1)."""
         return n if self.cfg.row_weighted(stage) else 1
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
@@ -107,7 +107,7 @@ class OwnerClient(NumPyClient):
         vector = prep.owner_stats(self.X, stage, parts, minmax=self.cfg.scaling == "minmax",
                                   count_unit=float(config.get("veil-count-unit", 1.0)),
                                   row_bound=self.cfg.count_bound(stage))
-        prep.check_owner_vector(vector, self.cfg.secagg)
+        prep.check_owner_vector(vector, self.cfg.secagg, weighted_count=stage == 2 and self.cfg.row_weighted(2))
         return [vector], self._weight(len(self.X), stage), {}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
@@ -197,7 +197,7 @@ def make_client_app(config: FLConfig | None = None, partitions: list | None = No
         if cfg.dp == "client" or (cfg.stats_noise > 0 and cfg.secagg):
             chain = functools.partial(clip, call_next=chain)
         if cfg.secagg:
-            chain = functools.partial(secaggplus_mod, call_next=functools.partial(weight_bound_mod, call_next=chain))
+            chain = functools.partial(secaggplus_mod, call_next=functools.partial(weight_clip_mod, call_next=chain))
             chain = functools.partial(run_terms_mod, cfg=cfg, call_next=functools.partial(masked_only_mod,
                                                                                           call_next=chain))
         return chain(msg, ctx)

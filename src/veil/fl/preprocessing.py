@@ -18,8 +18,9 @@ count n_i (each owner weighs 1 under DP), the first stage always unweighted:
    unweighted) it is 1 / n_i. Either gives c, the power of two nearest the mean rows per owner.
 2. moments: per feature mean(x / r) and mean((x / r)^2), plus c / n_i, whose weighted mean is c K / N
    (K owners aggregated): the server derives the total row count N and a first mean m and std s.
-   An owner holding fewer than c / 64 rows cannot send c / n_i within SecAgg+'s range and drops out
-   visibly (for the rest of the run: `veil.fl.terms`).
+   Weighed by rows under SecAgg+, that entry travels as c / max_weight, within range whatever n_i;
+   unweighted (DP statistics) an owner holding fewer than c / 64 rows cannot send c / n_i within
+   SecAgg+'s range and drops out visibly (for the rest of the run: `veil.fl.terms`).
 3. refinement, repeated: mean(u) and mean(u^2) of u = (x - m) / s, which removes the cancellation of
    E[x^2] - E[x]^2 for features whose spread is small against their mean. While some feature's
    variance in these units is below `RESOLVED` (and it is not constant), m and s are updated and
@@ -311,9 +312,15 @@ def final_scaler(kind: str, aggregate: np.ndarray, m: np.ndarray, s: np.ndarray,
                            mean, std)
 
 
-def check_owner_vector(vector: np.ndarray, secagg: bool) -> None:
-    """Refuse, visibly, a statistics vector SecAgg+ would silently clip (the owner becomes a dropout)."""
-    if secagg and float(np.max(np.abs(vector), initial=0.0)) > STATS_CLIPPING_RANGE:
+def check_owner_vector(vector: np.ndarray, secagg: bool, weighted_count: bool = False) -> None:
+    """Refuse, visibly, a statistics vector SecAgg+ would silently clip (the owner becomes a dropout).
+
+    With `weighted_count` (stage 2 weighed by rows under SecAgg+) the last entry c / n_i is not held to
+    the range here: SecAgg+ carries it multiplied by the weight n_i / max_weight, i.e. as c / max_weight,
+    which does not depend on n_i (`veil.fl.terms` holds c to the run's max_weight). Refusing c / n_i > 64
+    would tell a server that chooses c per owner whether n_i < c / 64."""
+    held = vector[:-1] if weighted_count else vector
+    if secagg and float(np.max(np.abs(held), initial=0.0)) > STATS_CLIPPING_RANGE:
         raise FederatedStatisticsError(f"a statistic exceeds the SecAgg+ range +-{STATS_CLIPPING_RANGE}: "
                                        "this owner's data is far from the others' in scale, or it holds "
                                        "far fewer rows than the others")

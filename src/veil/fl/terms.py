@@ -15,27 +15,34 @@ a curious server every owner's exact row count. So an owner
    Flower's SecAgg+ workflow cannot finish a round in which a sampled owner fails before the masked
    vectors).
 
-What refusals tell the server is then at most at which masked-vector message each owner left, and
-which of veil's fixed reasons it gave (five can depend on its rows: more rows than the row bound, a
-weight above the run's max_weight, a non-finite reply, a reply beyond SecAgg+'s range, and
-`OTHER_FAILURE` for any error outside veil's checks, whose own text stays in the owner's log): one of
-1 + 5 M outcomes for the M <= 9 + `rounds` such messages of a run, at most log2(1 + 5 M) bits per owner
-and run (6.9 with the default 15 rounds); for each bound fixed at the start, one bit (the owner either
-satisfies it or leaves at its first use). A server that starts several runs learns this much in each.
+No bound an owner checks its row count against is the server's choice: the row bound is the run
+config's, a weight above SecAgg+'s max_weight is clipped (`weight_clip_mod`), not refused, and the
+count unit is held to that max_weight, not to the rows. What refusals tell the server is then at most
+at which masked-vector message each owner left, and which of veil's fixed reasons it gave (four can
+depend on its data: more rows than the run config's row bound, a non-finite reply, a reply beyond
+SecAgg+'s range around the server's references or parameters, and `OTHER_FAILURE` for any error
+outside veil's checks, whose own text stays in the owner's log): one of 1 + 4 M outcomes for the
+M <= 9 + `rounds` such messages of a run, at most log2(1 + 4 M) bits per owner and run (6.6 with the
+default 15 rounds), none of them about its row count but the one bit against the public row bound
+(and, with DP statistics, whose stage 2 is unweighted, whether n_i < c / 64 for the c of the owner's
+one stage-2 round). A server that starts several runs learns this much in each.
 
 Everything the server sends that the owner's behaviour depends on, and how it is held
 (`run_terms_mod` checks it before the owner touches its rows):
 
 - SecAgg+ setup, number of shares, reconstruction threshold, quantization range, modulus and clipping
   range: equal to `rounds.secagg_terms` for the round's kind (statistics or training), else refused.
-- SecAgg+ setup, max_weight: the bound on the owner's weight inside the masked vector (SecAgg+ would
-  clip a larger weight silently; `weight_bound_mod` refuses instead). 1 in unweighted rounds; in
-  row-weighted rounds the value of the first such round, a different one later refused. One bit.
+- SecAgg+ setup, max_weight: the bound on the owner's weight inside the masked vector (`weight_clip_mod`
+  weighs a larger count at the bound). 1 in unweighted rounds; in row-weighted rounds the value of the
+  first such round, a different one later refused (whatever the rows). The first value is the server's
+  choice per owner: it scales that owner's share of the sums (see "Not held").
 - the row bound B of the count entries: `secagg_max_rows` of the run config, never a message; an owner
   above it refuses its first masked-vector message (`OwnerClient`). One bit, against a public value.
 - statistics stage (`veil-stage`): stages 0, 1 and 2 once per run, stage 3 at most `MAX_PASSES - 2` times.
-- count unit c (stage 2): a power of two >= 1; refused when c / n_i leaves SecAgg+'s range (n_i < c / 64).
-  Stage 2 comes once: one bit.
+- count unit c (stage 2): a power of two >= 1, and, weighed by rows, at most `COUNT_UNIT_LIMIT` times
+  the run's max_weight (c / n_i then travels as c / max_weight); else refused, whatever the rows.
+  Unweighted (DP statistics) it is refused when c / n_i leaves SecAgg+'s range (n_i < c / 64); stage 2
+  comes once: one bit.
 - references r (stage 2), m and s (stage 3): well-formed or refused (`preprocessing.owner_stats`); a
   statistic beyond SecAgg+'s range is refused. They change legitimately between refinement rounds:
   bounded by the stage budget and the exit rule.
@@ -56,7 +63,10 @@ Everything the server sends that the owner's behaviour depends on, and how it is
 Not held: timing (how long an owner takes grows with its rows and depends on them; a refusal before
 local training comes back sooner than an answer; replies are not padded), and which other owners take
 part in a round (SecAgg+'s keys are not authenticated, so owners cannot check it): a server that leaves
-an owner out of one round reads that owner's weight from the difference of two totals. On the
+an owner out of one round reads that owner's weight from the difference of two totals, and values it
+may choose per owner within these terms (the first max_weight, references, parameters) scale that
+owner's share of a sum the same way (a max_weight of its own per owner puts each weight at its own
+place in the sum of weights, at most once per run since it is then fixed). On the
 deployment engine the run config reaches each SuperNode through the SuperLink, once per run: a server
 could give owners different ones, which changes nothing above (each is still fixed for the run).
 """
@@ -64,6 +74,7 @@ could give owners different ones, which changes nothing above (each is still fix
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 from typing import Any
 
@@ -74,7 +85,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from veil.errors import FederatedConfigError, FederationError, VeilError
+from veil.errors import FederationError, VeilError
 from veil.fl import preprocessing as prep
 from veil.fl.config import FLConfig
 from veil.fl.rounds import secagg_terms
@@ -92,6 +103,10 @@ ServerApp's statistics loop runs at most `MAX_PASSES` rounds: stages 1 and 2, th
 SETUP_KEYS = {Key.SHARE_NUMBER: "num_shares", Key.THRESHOLD: "reconstruction_threshold",
               Key.CLIPPING_RANGE: "clipping_range", Key.TARGET_RANGE: "quantization_range",
               Key.MOD_RANGE: "modulus_range", Key.MAX_WEIGHT: "max_weight"}
+COUNT_UNIT_LIMIT = prep.STATS_CLIPPING_RANGE / 2
+"""The largest count unit c / max_weight an owner accepts in a row-weighted stage 2: c / n_i travels
+weighted, as c / max_weight, and half SecAgg+'s range leaves room for its rounding of the weight (an
+honest server's c is about N / K, its max_weight above N)."""
 CLIPPING_NORM = "clipping_norm"  # the key Flower's client-side DP wrapper puts in the fit config
 
 
@@ -166,6 +181,9 @@ class RunTerms:
         if stage is not None:
             if any(np.any(a != 0) for a in parameters_to_ndarrays(fitins.parameters)):
                 raise FederationError("a statistics round starts from zeros")
+            unit = float(config.get("veil-count-unit", 1.0))
+            if stage == 2 and cfg.row_weighted(stage) and unit > COUNT_UNIT_LIMIT * pinned:
+                raise FederationError("the count unit is too large for the run's max_weight")
             return
         scaler, total = bytes(config.get("veil-scaler", b"")), int(config.get("veil-total", 0))
         if "scaler" not in self.record:  # the first training round fixes them for the run
@@ -213,14 +231,20 @@ def run_terms_mod(msg: Message, ctx: Context, call_next: Any, cfg: FLConfig) -> 
     return reply
 
 
-def weight_bound_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
-    """Inside `secaggplus_mod`: refuse a weight (the reply's `num_examples`) above the round's SecAgg+
-    max_weight, which SecAgg+ would only log and clip. The bound is the one `run_terms_mod` held to the
-    run's terms."""
+def weight_clip_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+    """Inside `secaggplus_mod`: weigh the reply (its `num_examples`) at most the round's SecAgg+ max_weight.
+    SecAgg+ would take a larger weight as a ratio above 1 (only logged, and its quantized factor can
+    overflow the sum). Clipped, not refused: the bound's first value is the server's choice per owner,
+    so a refusal would answer "more rows than x" for an x of its choosing. An honest server's bound is
+    above the rows of every owner that took part in the count; the clip stays in the owner's log."""
     reply = call_next(msg, ctx)
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
         return reply
-    if compat.recorddict_to_fitres(reply.content, keep_input=True).num_examples > RunTerms(ctx).round_max_weight:
-        raise FederatedConfigError("this owner holds more rows than the round's SecAgg+ max_weight (an owner "
-                                   "that missed the statistics rounds, or rows beyond secagg_max_rows)")
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    bound = math.floor(RunTerms(ctx).round_max_weight)
+    if fitres.num_examples > bound:
+        log.warning("node %s holds more rows than the round's SecAgg+ max_weight: weighed at the bound",
+                    msg.metadata.dst_node_id)
+        fitres.num_examples = bound
+        reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
     return reply
