@@ -13,7 +13,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from veil.errors import FederatedConfigError, FederationError
-from veil.fl import clientapp, strategies
+from veil.fl import clientapp, strategies, terms
 from veil.fl.clientapp import make_client_app
 from veil.fl.config import FLConfig
 from veil.fl.data import load_dataset
@@ -136,17 +136,18 @@ def test_under_secagg_counts_still_weigh_inside_the_secure_sum(monkeypatch):
     assert secure.accuracy() == pytest.approx(plain.accuracy(), abs=0.03)
 
 
-def test_an_owner_beyond_the_public_bound_drops_out_visibly(monkeypatch):
-    """Owners with more rows than `secagg_max_rows` fail the counting stage, and one that then holds more
-    than the securely counted bound fails each later row-weighted round: dropped and listed, never
-    clipped silently, and no reason carries a row count."""
+def test_an_owner_beyond_the_public_bound_leaves_the_run_visibly(monkeypatch):
+    """Owners with more rows than `secagg_max_rows` refuse their first message and then leave the run:
+    listed as dropped in every later round with a fixed reason (never clipped silently, never back once
+    the secure count would admit them), and no reason carries a row count."""
     _, _, result = _observe(monkeypatch, secagg_max_rows=35)
     reasons = [(row["round"], row["reason"]) for row in result.rejected]
     assert sum("secagg_max_rows" in reason for rnd, reason in reasons if rnd == "stats-1") == 2  # 36 and 70 rows
-    later = [rnd for rnd, reason in reasons if "max_weight" in reason]
-    assert "stats-2" in later and {1, 2} <= set(later)  # the 70-row owner, in every later round
+    later = [f"stats-{k}" for k in range(2, result.statistics["rounds"] + 1)] + [1, 2]
+    assert all(sum(terms.LEFT in reason for rnd, reason in reasons if rnd == name) == 2 for name in later)
+    assert len(reasons) == 2 * (1 + len(later))
     assert not any(re.search(r"\b(36|70)\b", reason) for _, reason in reasons)
-    assert result.statistics["n_samples"] == sum(SIZES) - 70  # the owners that could be weighed
+    assert result.statistics["n_samples"] == sum(SIZES) - 70 - 36  # the owners that stayed
 
 
 def test_under_secagg_an_owner_refuses_to_answer_in_clear():
@@ -239,7 +240,8 @@ def test_server_side_dp_under_secagg_is_refused():
 
 def test_under_secagg_a_non_finite_update_is_a_visible_dropout(monkeypatch):
     """The server cannot validate one owner's update under SecAgg+ (it sees the sum), and SecAgg+ turns
-    NaN into garbage integers inside it: the owner refuses to send it and is listed as dropped."""
+    NaN into garbage integers inside it: the owner refuses to send it, is listed as dropped, and leaves
+    the run (its refusal depends on its rows, so it is its last answer)."""
     fit = SklearnLearner.fit
 
     def diverging(self, X, y, config=None):
@@ -251,7 +253,9 @@ def test_under_secagg_a_non_finite_update_is_a_visible_dropout(monkeypatch):
     monkeypatch.setattr(SklearnLearner, "fit", diverging)
     result = run_simulation(FLConfig(**{**SKEW, "secagg": True}), engine="inprocess")
     dropped = [row["round"] for row in result.rejected if "non-finite update" in row["reason"]]
-    assert dropped == [1, 2]
+    assert dropped == [1]
+    assert [row["round"] for row in result.rejected if terms.LEFT in row["reason"]] == [2]
+    assert len(result.rejected) == 2
     assert all(np.isfinite(w).all() and np.abs(w).max() < 8 for w in result.weights)
     assert result.accuracy()[-1] >= 0.8
 

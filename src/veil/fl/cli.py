@@ -214,7 +214,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument("--proximal-mu", type=float, default=0.1, help="FedProx proximal term (torch)")
     run.add_argument("--secagg", action="store_true", help="aggregate with SecAgg+ (server sees only the sum)")
     run.add_argument("--secagg-max-rows", type=int, default=100_000,
-                     help="SecAgg+: public bound on one owner's rows (an owner with more drops out visibly)")
+                     help="SecAgg+: public bound on one owner's rows (an owner with more leaves the run visibly)")
     run.add_argument("--dp", choices=("off", "server", "client"), default="off",
                      help="Gaussian DP with server-side or client-side fixed clipping")
     run.add_argument("--noise-multiplier", type=float, default=1.0)

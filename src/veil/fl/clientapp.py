@@ -3,10 +3,12 @@
 An owner answers two kinds of fit message: statistics (`veil-task: stats`, the vectors of
 `veil.fl.preprocessing`) and training (its learner, fitted on its own rows scaled by the federated
 scaler). Under SecAgg+ it refuses to send what the server could not check inside the sum (a non-finite
-or out-of-range update, more rows than the round's public max_weight) and `masked_only_mod` replaces
-the reply fields Flower leaves in clear. `make_client_app(owner_factory=...)` is the seam for other
-owner behaviour (the robustness tests plug in owners that crash, stall or send malformed updates):
-the factory builds each owner's Flower client, and the privacy mods wrap it unchanged.
+or out-of-range update, more rows than `secagg_max_rows`), `masked_only_mod` replaces the reply
+fields Flower leaves in clear, and `veil.fl.terms` holds every message to the run's public terms and
+makes the owner's first refusal its last answer in the run. `make_client_app(owner_factory=...)` is
+the seam for other owner behaviour (the robustness tests plug in owners that crash, stall or send
+malformed updates): the factory builds each owner's Flower client, and the privacy mods wrap it
+unchanged.
 
 The owners' rows are resolved here only (`_owners`: explicit partitions, or the named dataset's
 training split cut as the configuration says); the ServerApp never calls these functions.
@@ -32,6 +34,7 @@ from veil.fl.config import FLConfig, Task, config_source, resolve_task
 from veil.fl.data import Dataset, load_dataset
 from veil.fl.partition import partition
 from veil.fl.preprocessing import FederatedScaler
+from veil.fl.terms import run_terms_mod, weight_clip_mod
 
 
 @functools.lru_cache(maxsize=4)
@@ -58,7 +61,9 @@ class OwnerClient(NumPyClient):
 
     A fit message whose config says `veil-task: stats` asks instead for the owner's feature statistics
     (see `veil.fl.preprocessing`); training messages carry the federated scaler (`veil-scaler`), which
-    the owner applies to its own rows, and the federation's row count (`veil-total`)."""
+    the owner applies to its own rows, and the federation's row count (`veil-total`). Bounds and
+    settings come from the run's configuration `cfg`, never from a message: under SecAgg+ with row
+    weights an owner holding more than `secagg_max_rows` refuses its first message."""
 
     def __init__(self, learner: Any, X: np.ndarray, y: np.ndarray, cfg: FLConfig) -> None:
         self.learner, self.X, self.y, self.cfg = learner, X, y, cfg
@@ -66,18 +71,15 @@ class OwnerClient(NumPyClient):
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return self.learner.get_weights()
 
-    def _weight(self, n: int, stage: int | None, config: dict) -> int:
+    def _weight(self, n: int, stage: int | None) -> int:
         """This owner's weight in a round (`FLConfig.row_weighted`): its `n` rows, or 1. Under SecAgg+ a
-        row weight goes inside the masked vector as n / max_weight, so it must not exceed the round's
-        public `veil-max-weight`: SecAgg+ would only log a warning and clip."""
-        if not self.cfg.row_weighted(stage):
-            return 1
-        if self.cfg.secagg and n > float(config.get("veil-max-weight", 0)):
-            raise FederatedConfigError("this owner holds more rows than the round's SecAgg+ max_weight (an owner "
-                                       "that missed the statistics rounds, or rows beyond secagg_max_rows)")
-        return n
+        row weight goes inside the masked vector as n / max_weight (`veil.fl.terms.weight_clip_mod`
+        clips one above it, which SecAgg+ would pass on as a ratio above 1)."""
+        return n if self.cfg.row_weighted(stage) else 1
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        if self.cfg.secagg and self.cfg.row_weighted():
+            prep.check_rows(len(self.X), self.cfg.secagg_max_rows)  # at the first message, whatever it asks
         if config.get("veil-task") == "stats":
             return self._statistics(config)
         X = self.X
@@ -95,19 +97,18 @@ class OwnerClient(NumPyClient):
             if max(float(np.abs(w).max(initial=0.0)) for w in weights) > self.cfg.secagg_clip:
                 raise FederatedConfigError(f"update exceeds the SecAgg+ clipping range {self.cfg.secagg_clip}; "
                                            "raise secagg_clip")
-        return weights, self._weight(n, None, config), {}
+        return weights, self._weight(n, None), {}
 
     def _statistics(self, config: dict) -> tuple[list[np.ndarray], int, dict]:
         stage = int(config["veil-stage"])
         reference = np.frombuffer(config.get("veil-reference", b""), dtype="<f8")
         d = self.X.shape[1]
-        bound = config.get("veil-row-bound")
-        vector = prep.owner_stats(self.X, stage, [reference[i * d:(i + 1) * d] for i in range(len(reference) // d)],
-                                  minmax=bool(config.get("veil-minmax", False)),
+        parts = [reference[i * d:(i + 1) * d] for i in range(-(-len(reference) // d))]  # a short tail is refused
+        vector = prep.owner_stats(self.X, stage, parts, minmax=self.cfg.scaling == "minmax",
                                   count_unit=float(config.get("veil-count-unit", 1.0)),
-                                  row_bound=None if bound is None else float(bound))
-        prep.check_owner_vector(vector, self.cfg.secagg)
-        return [vector], self._weight(len(self.X), stage, config), {}
+                                  row_bound=self.cfg.count_bound(stage))
+        prep.check_owner_vector(vector, self.cfg.secagg, weighted_count=stage == 2 and self.cfg.row_weighted(2))
+        return [vector], self._weight(len(self.X), stage), {}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self.learner.set_weights(parameters)
@@ -183,13 +184,10 @@ def make_client_app(config: FLConfig | None = None, partitions: list | None = No
         return owner_factory(pid, cfg.learner(resolve_task(cfg, task)), X, y, cfg)
 
     def clip(msg: Any, ctx: Context, call_next: Any) -> Any:
-        # client-side clipping of model updates (dp="client") and, under SecAgg+ with DP statistics,
-        # of statistics vectors (not the row count, stage 0): each with the clipping norm its DP wrapper
-        # put in the fit config
-        cfg = resolve(ctx)
-        stage = _statistics_stage(msg)
-        if (stage is not None and stage > 0 and cfg.stats_noise > 0 and cfg.secagg) or (
-                stage is None and cfg.dp == "client"):
+        # client-side clipping (`FLConfig.owner_clipping`) of model updates (dp="client") and, under SecAgg+
+        # with DP statistics, of statistics vectors, with the clipping norm its DP wrapper put in the fit
+        # config (under SecAgg+ `veil.fl.terms` holds that norm to the run's)
+        if resolve(ctx).owner_clipping(_statistics_stage(msg)) is not None:
             return fixedclipping_mod(msg, ctx, call_next)
         return call_next(msg, ctx)
 
@@ -199,7 +197,9 @@ def make_client_app(config: FLConfig | None = None, partitions: list | None = No
         if cfg.dp == "client" or (cfg.stats_noise > 0 and cfg.secagg):
             chain = functools.partial(clip, call_next=chain)
         if cfg.secagg:
-            chain = functools.partial(masked_only_mod, call_next=functools.partial(secaggplus_mod, call_next=chain))
+            chain = functools.partial(secaggplus_mod, call_next=functools.partial(weight_clip_mod, call_next=chain))
+            chain = functools.partial(run_terms_mod, cfg=cfg, call_next=functools.partial(masked_only_mod,
+                                                                                          call_next=chain))
         return chain(msg, ctx)
 
     return ClientApp(client_fn=client_fn, mods=[privacy_mods])

@@ -46,8 +46,13 @@ class FLConfig:
     on standardized features, which reaches central accuracy on the same datasets.
 
     `secagg_max_rows` is the public bound on one owner's rows under SecAgg+: the first round counts rows
-    in units of it (an owner with more drops out visibly), and the resulting bound on the total is
-    SecAgg+'s max_weight for weighting owners by rows (`veil.fl.preprocessing`, "SecAgg+ and row counts").
+    in units of it (an owner with more leaves the run at its first message), and the resulting bound on
+    the total is SecAgg+'s max_weight for weighting owners by rows (`veil.fl.preprocessing`, "SecAgg+ and
+    row counts"). Owners take this and every other public term of the run from this configuration, never
+    from a message (`veil.fl.terms`). `secagg_threshold`, when set, must exceed half of `secagg_shares`
+    (the default is a strict majority): owners check each other's survival only through the server, and
+    a lower threshold would let a server that tells owners different survivors collect both secrets of
+    one owner and unmask its vector.
     """
 
     dataset: str = "digits"
@@ -100,6 +105,10 @@ class FLConfig:
             raise FederatedConfigError("round_timeout and stats_noise must be >= 0 and stats_clip > 0")
         if self.secagg_max_rows < 1:
             raise FederatedConfigError(f"secagg_max_rows must be >= 1, got {self.secagg_max_rows}")
+        if self.secagg and (self.secagg_shares or self.secagg_threshold):
+            shares, threshold = self.secagg_params()
+            if 2 * threshold <= shares:
+                raise FederatedConfigError(f"secagg_threshold {threshold} must exceed half of the {shares} shares")
         if self.secagg and self.dp == "server":
             raise FederatedConfigError("dp='server' clips each owner's update on the server, which under SecAgg+ "
                                        "holds only their sum (the epsilon would not hold): use dp='client'")
@@ -113,6 +122,23 @@ class FLConfig:
         if self.dp != "off":
             return False
         return stage is None or (stage >= 2 and self.stats_noise == 0)
+
+    def count_bound(self, stage: int) -> float | None:
+        """The public bound B (`secagg_max_rows`) in whose units statistics stage `stage` sends the owner's
+        row count (n_i / B), or None when the stage sends no such entry (stage 1 then sends 1 / n_i): the
+        count stage 0 always; stage 1 under SecAgg+ when the later rounds weigh by rows (their max_weight
+        comes from it). Server and owners both read it here."""
+        if stage == 0 or (stage == 1 and self.secagg and self.row_weighted(2)):
+            return float(self.secagg_max_rows)
+        return None
+
+    def owner_clipping(self, stage: int | None) -> float | None:
+        """The L2 norm an owner clips its reply to (`fixedclipping_mod`) in a round of statistics stage
+        `stage` (None: training), or None: training updates under `dp="client"`, statistics vectors (not the
+        count) under SecAgg+ with DP noise, which the server cannot clip since it sees only the sum."""
+        if stage is None:
+            return self.clipping_norm if self.dp == "client" else None
+        return self.stats_clip if stage > 0 and self.stats_noise > 0 and self.secagg else None
 
     def min_fit(self, fraction: float) -> int:
         """Owners sampled per round: `fraction` of all, at least `min_clients`."""

@@ -18,8 +18,9 @@ count n_i (each owner weighs 1 under DP), the first stage always unweighted:
    unweighted) it is 1 / n_i. Either gives c, the power of two nearest the mean rows per owner.
 2. moments: per feature mean(x / r) and mean((x / r)^2), plus c / n_i, whose weighted mean is c K / N
    (K owners aggregated): the server derives the total row count N and a first mean m and std s.
-   An owner holding fewer than c / 64 rows cannot send c / n_i within SecAgg+'s range and drops out
-   visibly.
+   Weighed by rows under SecAgg+, that entry travels as c / max_weight, within range whatever n_i;
+   unweighted (DP statistics) an owner holding fewer than c / 64 rows cannot send c / n_i within
+   SecAgg+'s range and drops out visibly (for the rest of the run: `veil.fl.terms`).
 3. refinement, repeated: mean(u) and mean(u^2) of u = (x - m) / s, which removes the cancellation of
    E[x^2] - E[x]^2 for features whose spread is small against their mean. While some feature's
    variance in these units is below `RESOLVED` (and it is not constant), m and s are updated and
@@ -44,10 +45,12 @@ update scaled by it, quantized), so the server recovers only the sum of the weig
 vectors. `max_weight` must be public and at least every n_i (a larger n_i would be clipped silently),
 and not much larger than N: each owner's weighted vector is quantized with the same absolute step, so
 the aggregate's error grows as max_weight / N. The server therefore never looks at an owner's rows to
-choose it: the first stage is unweighted and carries n_i / B (B public, an owner with more rows fails
-visibly), which bounds N from above, exceeding it by less than 2 K B * 2 * 64 / 2^22 rows; that bound
-is the max_weight of every later row-weighted round (the aggregate's error is then that of max_weight
-= N, about sqrt(K) quantization steps), and owners check their n_i against it (`veil-max-weight`).
+choose it: the first stage is unweighted and carries n_i / B (B = `secagg_max_rows` of the run config,
+which owners read there; an owner with more rows leaves the run visibly), which bounds N from above,
+exceeding it by less than 2 K B * 2 * 64 / 2^22 rows; that bound is the max_weight of every later
+row-weighted round (the aggregate's error is then that of max_weight = N, about sqrt(K) quantization
+steps). Owners check their n_i against SecAgg+'s own max_weight, which the first row-weighted round
+fixes for the run (`veil.fl.terms`: no bound an owner checks its rows against can change per round).
 Without such a first stage (no statistics, or DP statistics, whose noise would swamp the count) a
 count of its own, stage 0 ([n_i / B] unweighted, without noise), precedes training. The reply fields
 Flower leaves in clear (`num_examples`, metrics, status) are replaced by constants on the owner
@@ -59,7 +62,8 @@ What the server learns
   the fraction of owners whose column is non-zero and of owners whose column varies, the mean and
   variance, and the total row count of the owners that answered each round; never one owner's
   statistics or row count. (Owners that drop out of one round but not another change that total:
-  the difference is their row count.)
+  the difference is their row count.) From owners' refusals it learns at most at which round each
+  owner left the run (`veil.fl.terms`).
 - `standard` without SecAgg+: each owner's own stage-2 vector (r = 1), i.e. its row count and per
   feature its mean and mean square (as it would learn each owner's model update without SecAgg+).
 - `minmax`: additionally the histogram of every feature over the bins, and the moments around the
@@ -95,10 +99,18 @@ SCALINGS = ("standard", "minmax", "off")
 LOG_CLIP = 60.0
 STATS_CLIPPING_RANGE = 64.0
 SECAGG_LEVELS = 2 ** 22  # SecAgg+'s quantization levels over [-clipping range, clipping range]
+SECAGG_MODULUS = 2 ** 32  # SecAgg+'s masks and sums are taken modulo this (Flower's default)
 HIST_BINS = 32
 HIST_RANGE = 4.0
 MAX_PASSES = 8
 RESOLVED = 0.25
+
+
+def check_rows(n_rows: int, row_bound: float) -> None:
+    """Refuse, visibly and without saying by how much, an owner holding more rows than the public bound
+    `secagg_max_rows`: its count would exceed every later round's public max_weight."""
+    if n_rows > row_bound:
+        raise FederatedStatisticsError("this owner holds more rows than the public bound secagg_max_rows")
 
 
 def owner_stats(X: np.ndarray, stage: int, reference: list[np.ndarray], minmax: bool = False,
@@ -108,12 +120,17 @@ def owner_stats(X: np.ndarray, stage: int, reference: list[np.ndarray], minmax: 
     Stage 0 is the count alone, [n_i / row_bound] (a SecAgg+ run without statistics rounds); stage 1
     takes no reference and ends with n_i / `row_bound` when given, else 1 / n_i; stage 2 takes [r] and
     `count_unit` c (it sends c / n_i, whose weighted mean c K / N is then close to 1, where quantization
-    is finest); stage 3 takes [m, s]."""
+    is finest); stage 3 takes [m, s]. References and units of another form than the server's (r and s
+    positive, m finite, c a power of two >= 1) are refused whatever the rows."""
     X = np.asarray(X, dtype=np.float64)
-    if stage in (0, 1) and row_bound is not None and len(X) > row_bound:
-        # the count would leave SecAgg+'s range or exceed the public max_weight: a visible dropout, and
-        # the message does not say by how much
-        raise FederatedStatisticsError("this owner holds more rows than the public bound secagg_max_rows")
+    if stage in (0, 1) and row_bound is not None:
+        check_rows(len(X), row_bound)  # the count would leave SecAgg+'s range or exceed the public max_weight
+    if stage in (2, 3):
+        if (len(reference) != stage - 1 or any(len(a) != X.shape[1] or not np.all(np.isfinite(a)) for a in reference)
+                or not np.all(reference[-1] > 0)):
+            raise FederatedStatisticsError(f"malformed reference for statistics stage {stage}")
+        if stage == 2 and not (count_unit >= 1 and math.frexp(count_unit)[0] == 0.5):
+            raise FederatedStatisticsError("the count unit must be a power of two >= 1")
     count = [len(X) / row_bound] if row_bound is not None else [1.0 / len(X)]
     if stage == 0:
         if row_bound is None:
@@ -295,9 +312,15 @@ def final_scaler(kind: str, aggregate: np.ndarray, m: np.ndarray, s: np.ndarray,
                            mean, std)
 
 
-def check_owner_vector(vector: np.ndarray, secagg: bool) -> None:
-    """Refuse, visibly, a statistics vector SecAgg+ would silently clip (the owner becomes a dropout)."""
-    if secagg and float(np.max(np.abs(vector), initial=0.0)) > STATS_CLIPPING_RANGE:
+def check_owner_vector(vector: np.ndarray, secagg: bool, weighted_count: bool = False) -> None:
+    """Refuse, visibly, a statistics vector SecAgg+ would silently clip (the owner becomes a dropout).
+
+    With `weighted_count` (stage 2 weighed by rows under SecAgg+) the last entry c / n_i is not held to
+    the range here: SecAgg+ carries it multiplied by the weight n_i / max_weight, i.e. as c / max_weight,
+    which does not depend on n_i (`veil.fl.terms` holds c to the run's max_weight). Refusing c / n_i > 64
+    would tell a server that chooses c per owner whether n_i < c / 64."""
+    held = vector[:-1] if weighted_count else vector
+    if secagg and float(np.max(np.abs(held), initial=0.0)) > STATS_CLIPPING_RANGE:
         raise FederatedStatisticsError(f"a statistic exceeds the SecAgg+ range +-{STATS_CLIPPING_RANGE}: "
                                        "this owner's data is far from the others' in scale, or it holds "
                                        "far fewer rows than the others")

@@ -1,7 +1,8 @@
 """How the ServerApp runs one fit round, statistics or training: a bounded wait and the fit workflow.
 
 `RoundTimeoutGrid` bounds the wait for the owners' replies by `round_timeout`; `fit_workflow` is
-Flower's default fit step, or SecAgg+'s with `max_weight`, the round's public bound on an owner's weight.
+Flower's default fit step, or SecAgg+'s with the round's public parameters (`secagg_terms`, which owners
+check: `veil.fl.terms`), among them `max_weight`, the round's public bound on an owner's weight.
 The statistics rounds (`veil.fl.statistics_rounds`) and the training rounds (`veil.fl.serverapp`) both
 run through them.
 """
@@ -50,18 +51,28 @@ class RoundTimeoutGrid(Grid):
         return self.grid.send_and_receive(messages, timeout=self.timeout if timeout is None else timeout)
 
 
-def fit_workflow(cfg: FLConfig, clipping_range: float, max_weight: float) -> Any:
-    """Flower's SecAgg+ fit workflow, or None without SecAgg+. Owners' weights travel inside the masked
-    vectors as weight / `max_weight`, a public bound on every owner's weight (1 when all weigh 1)."""
+def secagg_terms(cfg: FLConfig, stage: int | None, rows_bound: float) -> dict[str, Any]:
+    """SecAgg+'s public parameters for a round of statistics stage `stage` (None: training), as
+    `SecAggPlusWorkflow` keywords: what the ServerApp configures and what every owner requires
+    (`veil.fl.terms`). The clipping range is the statistics' fixed range or `cfg.secagg_clip`; owners'
+    weights travel inside the masked vectors as weight / `max_weight`, a public bound on every owner's
+    weight (`max_weight`)."""
+    shares, threshold = cfg.secagg_params()
+    return {"num_shares": shares, "reconstruction_threshold": threshold,
+            "clipping_range": cfg.secagg_clip if stage is None else prep.STATS_CLIPPING_RANGE,
+            "quantization_range": prep.SECAGG_LEVELS, "modulus_range": prep.SECAGG_MODULUS,
+            "max_weight": max_weight(cfg, stage, rows_bound)}
+
+
+def fit_workflow(cfg: FLConfig, stage: int | None, rows_bound: float) -> Any:
+    """Flower's SecAgg+ fit workflow for a round of `stage` (None: training) with `secagg_terms`, or None
+    without SecAgg+."""
     if not cfg.secagg:
         return None
-    shares, threshold = cfg.secagg_params()
-    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold, clipping_range=clipping_range,
-                              quantization_range=prep.SECAGG_LEVELS, max_weight=max_weight,
-                              timeout=cfg.round_timeout or None)
+    return SecAggPlusWorkflow(**secagg_terms(cfg, stage, rows_bound), timeout=cfg.round_timeout or None)
 
 
-def max_weight(cfg: FLConfig, stage: int | None, rows_bound: int) -> float:
+def max_weight(cfg: FLConfig, stage: int | None, rows_bound: float) -> float:
     """SecAgg+'s max_weight for a round: the public upper bound on the row count when owners weigh by
     rows (`FLConfig.row_weighted`), else 1."""
     return float(rows_bound) if cfg.row_weighted(stage) else 1.0

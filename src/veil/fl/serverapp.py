@@ -10,8 +10,8 @@ checkpoint written (`veil.fl.checkpoint`); the `FLResult` goes to `on_result` an
 
 The server app never holds an owner's rows: it gets the configuration, its own held-out set and the
 task's public description (`Task`: feature count and label set), and under SecAgg+ it learns row counts
-only as sums inside the secure aggregate (see `veil.fl.clientapp.masked_only_mod` and
-`veil.fl.preprocessing`).
+only as sums inside the secure aggregate (see `veil.fl.clientapp.masked_only_mod`,
+`veil.fl.preprocessing` and, for what owners accept from any server, `veil.fl.terms`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from veil.errors import FederatedConfigError, FederationError
 from veil.fl.checkpoint import append_progress, load_checkpoint, save_checkpoint, save_result
 from veil.fl.config import FLConfig, FLResult, Task, config_source, held_out_view, resolve_task
 from veil.fl.privacy import privacy_report
-from veil.fl.rounds import RoundTimeoutGrid, fit_workflow, max_weight
+from veil.fl.rounds import RoundTimeoutGrid, fit_workflow
 from veil.fl.statistics_rounds import federated_count, federated_statistics
 from veil.fl.strategies import build_strategy
 
@@ -100,8 +100,6 @@ def _run_federation(cfg: FLConfig, grid: Any, context: Context, test: tuple[np.n
         fit_extra["veil-scaler"] = result.scaler.pack()
     if n_total:
         fit_extra["veil-total"] = n_total
-    if cfg.secagg and cfg.row_weighted():
-        fit_extra["veil-max-weight"] = float(rows_bound)
     remaining = cfg.rounds - done
     if remaining <= 0:
         raise FederatedConfigError(f"the checkpoint already holds {done} rounds; ask for more than {cfg.rounds}")
@@ -132,7 +130,7 @@ def _run_federation(cfg: FLConfig, grid: Any, context: Context, test: tuple[np.n
     strategy = build_strategy(cfg, result.weights, evaluate_fn,
                               lambda rnd: {"server_round": done + rnd, **fit_extra})
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
-    workflow = fit_workflow(cfg, cfg.secagg_clip, max_weight(cfg, None, rows_bound))
+    workflow = fit_workflow(cfg, None, rows_bound)
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
     result.rejected = [*kept, *strategy.rejected]
     if cfg.dp != "off":

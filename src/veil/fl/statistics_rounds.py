@@ -23,7 +23,7 @@ from veil.errors import FederationError
 from veil.fl import preprocessing as prep
 from veil.fl.config import FLConfig
 from veil.fl.preprocessing import FederatedScaler
-from veil.fl.rounds import fit_workflow, max_weight
+from veil.fl.rounds import fit_workflow
 from veil.fl.strategies import build_stats_strategy
 
 
@@ -34,11 +34,9 @@ def statistics_round(grid: Grid, context: Context, cfg: FLConfig, stage: int, co
     the statistics' DP noise except for the row count (stage 0); returns (the aggregate, the number of
     owners aggregated, the updates dropped)."""
     config = {"veil-task": "stats", "veil-stage": stage, **config}
-    if cfg.secagg and cfg.row_weighted(stage):
-        config["veil-max-weight"] = float(rows_bound)
     strategy = build_stats_strategy(cfg, size, lambda _rnd: dict(config), noise=stage > 0)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
-    workflow = fit_workflow(cfg, prep.STATS_CLIPPING_RANGE, max_weight(cfg, stage, rows_bound))
+    workflow = fit_workflow(cfg, stage, rows_bound)
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
     if strategy.last is None:
         raise FederationError(f"statistics round {name}: no owner's statistics could be aggregated")
@@ -51,10 +49,8 @@ def federated_count(grid: Grid, context: Context, cfg: FLConfig) -> tuple[int, l
     federation's row count, to be the training rounds' public max_weight; the updates dropped). See
     `preprocessing.rows_upper_bound`. It carries no DP noise (`stats_noise` does not cover it): the
     server learns the total row count, and nothing per owner."""
-    bound = float(cfg.secagg_max_rows)
-    vector, owners, rejected = statistics_round(grid, context, cfg, 0, {"veil-row-bound": bound},
-                                                prep.stats_size(0, 0), 0, "count")
-    return prep.rows_upper_bound(float(vector[0]), owners, bound), rejected
+    vector, owners, rejected = statistics_round(grid, context, cfg, 0, {}, prep.stats_size(0, 0), 0, "count")
+    return prep.rows_upper_bound(float(vector[0]), owners, cfg.secagg_max_rows), rejected
 
 
 def federated_statistics(grid: Grid, context: Context, cfg: FLConfig,
@@ -67,7 +63,7 @@ def federated_statistics(grid: Grid, context: Context, cfg: FLConfig,
     statistics rounds and of training, so the server chooses it without seeing any owner's count."""
     start = time.perf_counter()
     minmax = cfg.scaling == "minmax"
-    bound = float(cfg.secagg_max_rows) if cfg.secagg and cfg.row_weighted(2) else None
+    bound = cfg.count_bound(1)
     reference: list[np.ndarray] = []
     aggregated, rejected = [], []
     m = s = r = np.zeros(n_features)
@@ -81,9 +77,7 @@ def federated_statistics(grid: Grid, context: Context, cfg: FLConfig,
         stage += 1
         step = min(stage + 1, 3) if exact else min(stage, 3)
         blob = np.concatenate(reference).astype("<f8").tobytes() if reference else b""
-        config: dict[str, Any] = {"veil-minmax": minmax, "veil-reference": blob, "veil-count-unit": count_unit}
-        if step == 1 and bound is not None:
-            config["veil-row-bound"] = bound
+        config: dict[str, Any] = {"veil-reference": blob, "veil-count-unit": count_unit}
         vector, owners, dropped = statistics_round(grid, context, cfg, step, config,
                                                    prep.stats_size(step, n_features, minmax), rows_bound,
                                                    f"stats-{stage}")
