@@ -51,10 +51,6 @@ def _loud_or_right(outcomes: list, ref: torch.Tensor, tol: float) -> bool:
 # ---- findings -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: the product check recomputes x*w from x and w truncated by 8 bits; for |w| < 2^-8 the "
-    "truncated w is 0 (or 1) at random, so a wrapped product of |x| ~ 2^45 (inside the documented "
-    "|v| < 2^46) by w = 6 * 2^-16 passes the check ~98% of the time"))
 @pytest.mark.timeout(120)
 def test_the_product_check_catches_a_wrap_with_a_tiny_operand():
     x, w = torch.tensor([2.0**45]), torch.tensor([6 * 2.0**-16])

@@ -145,6 +145,86 @@ def test_wrapping_products_raise_in_the_range_check_mode():
         assert "product" in msg, name
 
 
+def _outcomes(bodies) -> list:
+    """Each body() in its own `range_checks` block of one party program: the revealed value, or
+    "RangeError"."""
+
+    def prog():
+        out = []
+        for body in bodies:
+            try:
+                with mpc.range_checks():
+                    out.append(body())
+            except mpc.RangeError:
+                out.append("RangeError")
+        return out
+
+    return mpc.run_local(prog)[0]
+
+
+def test_the_product_check_catches_a_product_that_wraps_by_a_multiple_of_the_ring():
+    """x y = 2^48 is 2^80 in raw units: the ring product is exactly 0, and so was the landed check's
+    recomputation from operands cut by 8 bits, so the check mode returned 0 with no RangeError
+    (operands inside every bound). The coarse recomputation sees such products."""
+    k = 16
+    cases = {
+        "2^24 * 2^24": lambda: _shared(torch.tensor([2.0**24])) * _shared(torch.tensor([2.0**24]), 1),
+        "2^36 * 2^12": lambda: _shared(torch.tensor([-(2.0**36)])) * _shared(torch.tensor([2.0**12]), 1),
+        "matmul of 16 terms 2^22 * 2^22": lambda: _shared(torch.full((1, k), 2.0**22)) @ _shared(
+            torch.full((k, 1), 2.0**22), 1),
+        "matmul with a public weight": lambda: _shared(torch.full((1, k), 2.0**22)) @ torch.full((k, 1), 2.0**22),
+    }
+    for name, body in cases.items():
+        assert "product" in _raises_range_error(lambda body=body: body().reveal(0)), name
+
+
+def test_the_product_check_is_right_or_loud_over_every_magnitude():
+    """Random products of operands from 2^-16 to 2^45 (both signs, random low bits): every outcome
+    is right or a RangeError, and inside the check's stated domain (x^2 + y^2 <= 2^73, |x y| <
+    2^30) every one is right."""
+    g = torch.Generator().manual_seed(23)
+    pairs = []
+    for _ in range(48):
+        ex, ey = torch.randint(-16, 46, (2,), generator=g).tolist()
+        sx, sy = (torch.randint(0, 2, (2,), generator=g) * 2 - 1).tolist()
+        fx, fy = (1 + torch.rand(2, generator=g)).tolist()
+        pairs.append((sx * fx * 2.0**ex, sy * fy * 2.0**ey))
+    pairs += [(2.0**45, 6 * 2.0**-16), (2.0**36 * 1.3, -0.7 * 2.0**-10), (46341.5, 23170.25), (1.5 * 2**20, 2.0**10)]
+    xs = [torch.tensor([x]) for x, _ in pairs]
+    ys = [torch.tensor([y]) for _, y in pairs]
+    outcomes = _outcomes([lambda i=i: (_shared(xs[i]) * _shared(ys[i], 1)).reveal(0) for i in range(len(pairs))])
+    inside = 0
+    for (x, y), got in zip(pairs, outcomes, strict=True):
+        ref = torch.tensor(x, dtype=torch.float64) * y
+        in_domain = x * x + y * y <= 2.0**73 and abs(x * y) < 2.0**30
+        inside += in_domain
+        if isinstance(got, str):
+            assert not in_domain, (x, y)
+            continue
+        err = (got.double() - ref).abs()
+        assert bool((err <= (abs(x) + abs(y)) * 2**-F + 4 * LSB + 1e-6 * ref.abs()).all()), (x, y, got)
+    assert inside >= 10 and "RangeError" in outcomes
+
+
+def test_the_product_check_never_fires_inside_its_domain(mode):
+    """Mixed scales inside the domain stated in `veil.mpc.checks` (||x row||^2 + ||y column||^2 <=
+    2^73 / K, |P| < 2^30): a large operand times a tiny one, K = 1 and K = 784, secret and public
+    weights (exactly representable, so the only error is the truncation)."""
+    g = torch.Generator().manual_seed(29)
+    x = ((torch.rand(4, 784, generator=g) * 2 - 1) * 2e6).round()  # ||row||^2 ~ 1e15 < 2^73 / 784
+    w = ((torch.rand(784, 3, generator=g) * 2 - 1) * 2**9).round() * 2**-16  # exact in fixed point
+    a, b = torch.tensor([1.3 * 2.0**35, -(2.0**30)]), torch.tensor([-(2.0**-8), 2.0**-3])
+
+    def body():
+        prods = (_shared(x) @ _shared(w, 1), _shared(x) @ w, _shared(a) * _shared(b, 1))
+        return tuple(p.reveal(0) for p in prods)
+
+    mm, mmp, el = _run(body, mode)
+    ref = x.double() @ w.double()
+    assert (mm.double() - ref).abs().max() <= 0.01 and (mmp.double() - ref).abs().max() <= 0.01
+    assert ((el.double() - a.double() * b.double()).abs() <= 4.0).all()  # float32 decoding of 2^27
+
+
 def test_the_check_mode_opens_one_bit_per_check_point_and_raises_before_revealing(monkeypatch):
     events: list = []
     orig_open, orig_reveal = P.open_ring, P.reveal_ring
@@ -215,6 +295,53 @@ def test_the_check_mode_view_is_independent_of_the_secrets(monkeypatch):
         v = _record_view(monkeypatch, program(x, y), 2, 1)
         runs.append(torch.cat([(t >> 32).double() for t in v]).numpy())
     assert stats.ks_2samp(runs[0], runs[1]).pvalue > 1e-4
+
+
+def test_the_product_check_beyond_2_18_terms_per_output_bounds_every_element():
+    """A contraction of 2^18 + 1 terms is past what the squares certify: each operand element is
+    compared with R / 2K instead; a sum that wraps raises, one inside the range is right."""
+    k = (1 << 18) + 1
+    g = torch.Generator().manual_seed(37)
+    x, w = torch.randn(1, k, generator=g), torch.randn(k, 1, generator=g)
+    big = torch.full((1, k), 2.0**12)
+    got = _outcomes([lambda: (_shared(x) @ _shared(w, 1)).reveal(0),
+                     lambda: (_shared(big) @ _shared(big.t(), 1)).reveal(0)])
+    assert got[1] == "RangeError" and not isinstance(got[0], str)
+    assert abs(float(got[0]) - float(x.double() @ w.double())) <= 0.05
+
+
+def test_the_dealer_sees_a_check_bit_only_through_what_the_parties_do_next(monkeypatch):
+    """The dealer never receives the opened bit, but a RangeError changes what the parties ask it
+    for next (here the program stops): the requests before the check point do not depend on the
+    data, those after it do (the README counts the bit as learnt by the dealer too)."""
+    from veil.mpc import provider
+
+    def dealer_view(x: torch.Tensor) -> list:
+        heads: list = []
+        decode = provider._decode_header
+
+        def spy(t):
+            kind, spec = decode(t)
+            heads.append((kind, str(spec)))
+            return kind, spec
+
+        def prog():
+            a = _shared(x)
+            try:
+                with mpc.range_checks():
+                    (a * a).reveal(0)
+            except mpc.RangeError:
+                return "stopped"
+            (a * a * a).reveal(0)
+            return "went on"
+
+        monkeypatch.setattr(provider, "_decode_header", spy)
+        assert mpc.run_local(prog)[0] == ("stopped" if float(x.abs().max()) > 2**15 else "went on")
+        monkeypatch.undo()
+        return heads
+
+    inside, outside = dealer_view(torch.tensor([3.0, 4.0])), dealer_view(torch.tensor([3.0, 1e5]))
+    assert len(outside) < len(inside) and inside[: len(outside) - 1] == outside[:-1]
 
 
 # ---- softmax with a large logit gap --------------------------------------------------------------
