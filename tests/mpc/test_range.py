@@ -381,6 +381,63 @@ def test_sigmoid_family_and_softplus_for_any_input(mode):
         assert ((res[k].double() - ref).abs() <= 0.05 + 0.01 * x.double().abs()).all(), (k, res[k])
 
 
+def test_sigmoid_forms_and_bce_with_logits_for_any_input(mode):
+    """SiLU and GELU (forward and gradient), Softplus with beta != 1 and BCEWithLogitsLoss (secret
+    and public targets) at logits beyond 2^30: the landed code multiplied x by sigmoid(x), by beta,
+    by the target in the ring and wrapped (silu(3 * 2^30) = -1.1e9, its gradient off by 2e4)."""
+    x = torch.tensor([3 * 2.0**30, -(2.0**40), 2.0**33, -5.0, 0.3, 40.0, -40.0])
+    t = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 0.2, 1.0])
+    fs = {"silu": nn.functional.silu, "gelu": nn.functional.gelu,
+          "softplus 1.5": lambda v: nn.functional.softplus(v, beta=1.5),
+          "softplus -2": lambda v: nn.functional.softplus(v, beta=-2.0)}
+    refs = {}
+    for k, f in fs.items():
+        xr = x.double().clone().requires_grad_(True)
+        y = f(xr)
+        y.sum().backward()
+        refs[k] = (y.detach(), xr.grad)
+    bce = nn.functional.binary_cross_entropy_with_logits(x.double(), t.double(), reduction="none")
+
+    def body():
+        out = {}
+        for k, f in fs.items():
+            a = _shared(x)
+            a.requires_grad_(True)
+            y = f(a)
+            y.sum().backward()
+            out[k] = (y.reveal(0), a.grad.reveal(0))
+        for name, tt in (("secret", _shared(t, 1)), ("public", t)):
+            loss = nn.functional.binary_cross_entropy_with_logits(_shared(x), tt, reduction="none")
+            out["bce " + name] = loss.reveal(0)
+        return out
+
+    res = _run(body, mode)
+    for k, (y, grad) in refs.items():  # sigmoid within 0.01 times the clamped |x|, GELU's sigmoid form 0.021
+        assert ((res[k][0].double() - y).abs() <= 0.05 + 1e-6 * y.abs()).all(), (k, res[k][0])
+        assert ((res[k][1].double() - grad).abs() <= 0.05).all(), (k, res[k][1])
+    for k in ("bce secret", "bce public"):
+        assert ((res[k].double() - bce).abs() <= 0.05 + 1e-6 * bce.abs()).all(), (k, res[k])
+
+
+def test_a_public_factor_of_a_wide_product_beyond_its_bound_is_refused():
+    x = torch.tensor([1.0, 2.0])
+    with pytest.raises(mpc.ProtocolError, match="mul_wide"):
+        mpc.run_local(lambda: nn.functional.binary_cross_entropy_with_logits(_shared(x), torch.tensor([0.5, 2.0**31])))
+
+
+def test_a_wide_product_beyond_the_fixed_point_range_raises_in_the_range_check_mode():
+    """BCEWithLogits's x t is exact while |x t| < 2^46: a public target of 2^20 times a logit of
+    2^30 wraps and is caught exactly; a secret target is held to |t| <= 1 (exact for any logit)."""
+    x, bce = torch.tensor([2.0**30, 1.0]), nn.functional.binary_cross_entropy_with_logits
+    assert "wide product" in _raises_range_error(lambda: bce(_shared(x), torch.tensor([2.0**20, 1.0])).reveal(0))
+    assert "wide product" in _raises_range_error(lambda: bce(_shared(x), _shared(torch.tensor([0.0, 2.0]), 1))
+                                                 .reveal(0))
+    t = torch.tensor([1.0, 2.0**12])  # |x t| = 2^30, 2^12: exact, beyond what `mul` holds
+    ref = bce(x.double(), t.double(), reduction="none")
+    got = _run(lambda: bce(_shared(x), t, reduction="none").reveal(0), "checked")
+    assert ((got.double() - ref).abs() <= 0.05 + 1e-6 * ref.abs()).all(), got
+
+
 def test_approximations_outside_their_domain_raise_in_the_range_check_mode():
     cases = {
         "exp input": lambda: torch.exp(_shared(torch.tensor([1.0, 10.0]))),

@@ -142,6 +142,43 @@ def mul(rt: P.Runtime, a, b) -> MPCTensor:
     return wrap(out)
 
 
+def mul_wide(rt: P.Runtime, a, t) -> torch.Tensor:
+    """Shares of a t for a secret a in the fixed-point range and a factor t (secret or public)
+    with |t| < 2^(62 - 2f): exact while |a t| < 2^(62 - f) (the fixed-point range; for |t| <= 1,
+    every a), where `mul` needs |a t| < 2^(62 - 2f). For factors known to be small, such as
+    targets and probabilities.
+
+    In raw units, a = 2^f ah + al with ah = a / 2^f (exact division: |al| <= 2^f), so a t / 2^f =
+    ah t + al t / 2^f: ah t is an integer times a fixed-point value (no truncation, |ah t| <=
+    |a t| / 2^f + |t| < 2^62) and |al t| <= 2^f |t| < 2^62 is truncated once. Three rounds (a
+    division, one Beaver round for both products, a truncation); two with a public t. A public t
+    beyond its bound is refused (`ProtocolError`); in the range-check mode |ah t| < 2^62 is
+    checked exactly for a public t (`checks.scaled`), and |t| <= 1 for a secret one (which
+    makes a t exact for every a: the check raises for a secret factor beyond 1 even when the
+    product would have been exact).
+    """
+    f = rt.frac_bits
+    xs = share_of(a)
+    limit = 2.0 ** (62 - 2 * f)
+    pt = public_value(t)
+    if pt is not None:
+        pt = torch.as_tensor(pt, dtype=torch.float64)
+        if bool((pt.abs() >= limit).any()):
+            raise ProtocolError(f"mul_wide needs a factor |t| < 2^{62 - 2 * f}")
+        tr = ring.encode(pt, f)
+    else:
+        tr = share_of(t)
+        checks.within(rt, tr, -1.0, 1.0, "secret factor |t| <= 1 of a wide product")
+    xs, tr = torch.broadcast_tensors(xs, tr)
+    ah = P.truncate(rt, xs)
+    al = xs - ah * (1 << f)
+    if pt is not None:
+        checks.scaled(rt, ah, tr, 1, f"wide product |x t| < 2^{62 - f}")
+        return ah * tr + P.truncate(rt, al * tr)
+    both = P.beaver(rt, "mul", torch.stack([ah, al]), torch.stack([tr, tr]))
+    return both[0] + P.truncate(rt, both[1])
+
+
 def square(rt: P.Runtime, s: torch.Tensor, what: str = "square") -> torch.Tensor:
     """Fixed-point square of shares (`P.square_fixed`), |x| < 2^15 checked in the range-check mode."""
     checks.square(rt, s, what)
