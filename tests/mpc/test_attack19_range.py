@@ -59,11 +59,6 @@ def test_the_product_check_catches_a_wrap_with_a_tiny_operand():
     assert _loud_or_right(outcomes, ref, 1e-3), outcomes  # on main: [-1.07e9] * 3, no RangeError
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: mse_loss sums the squares before dividing by n; with |x - t| = 3e4 (< 2^15, the "
-    "README's stated range for exact MSELoss) over 2^18 elements the sum leaves the ring and the loss "
-    "is wrong (-1.7e8 for 9e8), in the default mode and silently in the range-check mode (sums are "
-    "not checked)"))
 @pytest.mark.timeout(300)
 def test_mse_loss_inside_its_stated_range_is_right_or_loud():
     n = 1 << 18
@@ -73,10 +68,6 @@ def test_mse_loss_inside_its_stated_range_is_right_or_loud():
     assert _loud_or_right(outcomes, ref, 1e-3), outcomes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: BatchNorm in eval mode with secret running statistics checks nothing in the "
-    "range-check mode; a running_var of 4e9 (beyond inv_sqrt_wide's 2^30 and the README's var < 2^20) "
-    "gives outputs of ~1e7 where the truth is ~1e-3, with no RangeError"))
 @pytest.mark.timeout(120)
 def test_batchnorm_eval_with_a_huge_secret_running_var_is_right_or_loud():
     torch.manual_seed(7)

@@ -511,6 +511,40 @@ def test_normalisation_beyond_its_range_raises_in_the_range_check_mode():
     assert "x - mean" in _raises_range_error(lambda: share_module(nn.BatchNorm1d(2), 0)(_shared(y)).reveal(0))
 
 
+def test_batchnorm_eval_with_a_secret_running_var_outside_its_range_raises_in_the_range_check_mode():
+    """inv_sqrt_wide holds 0 <= var + eps < 2^30 only; a secret running_var beyond (or negative) is
+    caught in the range-check mode (the README states the range for the default mode)."""
+    x = torch.randn(8, 2)
+    for var in (4e9, -3.0):
+        bn = nn.BatchNorm1d(2)
+        bn.running_var.fill_(var)
+        bn.eval()
+        msg = _raises_range_error(lambda bn=bn: share_module(bn, 0)(_shared(x)).reveal(0))
+        assert "running_var" in msg, var
+
+
+def test_mse_loss_is_exact_for_any_count_inside_its_range(mode):
+    """|x - t| up to 3e4 (< 2^15): the mean over counts on both sides of 2^14 (where `sum_div` takes
+    its third division) and the sum while it stays in the fixed-point range; the landed code summed
+    the squares first, which wraps once the sum passes 2^46 (2^18 of these squares)."""
+    g = torch.Generator().manual_seed(31)
+    outs, refs = [], []
+    for n, red in ((3, "mean"), (16383, "mean"), (1 << 14, "mean"), (70_000, "mean"), (1 << 15, "sum"), (5, "sum")):
+        x = (torch.rand(n, generator=g) * 2 - 1) * 3e4
+        t = (torch.rand(n, generator=g) * 2 - 1) * 3e2
+        outs.append(_run(lambda x=x, t=t, red=red: nn.functional.mse_loss(_shared(x), _shared(t, 1), reduction=red)
+                         .reveal(0), mode))
+        refs.append(nn.functional.mse_loss(x.double(), t.double(), reduction=red))
+    for o, r in zip(outs, refs, strict=True):
+        assert abs(float(o) - float(r)) <= 4 * LSB + 2**-22 * abs(float(r)), (float(o), float(r))
+
+
+def test_an_mse_sum_beyond_the_fixed_point_range_raises_in_the_range_check_mode():
+    n = 1 << 17  # 2^17 squares of 3e4: 1.2e14, beyond the fixed-point range 2^46
+    assert "mse_loss" in _raises_range_error(
+        lambda: nn.functional.mse_loss(_shared(torch.full((n,), 3e4)), torch.zeros(n), reduction="sum").reveal(0))
+
+
 def test_inv_sqrt_wide_covers_every_value_with_2f_fractional_bits(n_parties):
     w = torch.tensor([33.0, 1600.0, 2.0**13, 1e5, 2.0**21, 1e8, 2.0**29.5], dtype=torch.float64)
 

@@ -225,6 +225,41 @@ def reduce(rt, s: torch.Tensor, reduction: int) -> torch.Tensor:
     return s.sum()
 
 
+def sum_div(rt: P.Runtime, s: torch.Tensor, d: int, what: str) -> torch.Tensor:
+    """Shares of sum(s) / d (a scalar) for raw values |s_i| < 2^62 each, whose plain sum may leave
+    the ring: exact to at most two units in the last place while |sum / d| < 2^62 - 2^58 raw, just
+    below the fixed-point range (checked in the range-check mode when n 2^62 / d allows more).
+
+    With n terms and 2^t > 2n: each s_i = q_i 2^t + l_i, q_i = s_i / 2^t (exact division, one
+    round) and |l_i| <= 2^t local, so Q = sum q_i (|Q| < 2^61 + n) and L = sum l_i (|L| <= n 2^t)
+    cannot wrap. With 2^t = a g and d = b g (g = gcd(2^t, d)): A = Q / b (exact division, one
+    round) and rem = Q - b A (|rem| <= b) give sum / d = a A + (rem 2^t + L) / d exactly; the last
+    term is one more division when it can exceed two units (|rem 2^t + L| / d <= a + n 2^t / d),
+    else dropped. Two rounds; three when it is needed (for a mean of untruncated products, d = n 2^f,
+    when n >= 2^(f - 2)), which needs (b + n) 2^t + d <= 2^62 (n up to about 2^29; else
+    `ProtocolError`).
+    """
+    n = s.numel()
+    if d <= 0 or d > 1 << 60:
+        raise ProtocolError(f"sum_div needs a divisor in [1, 2^60], got {d}")
+    t = n.bit_length() + 1
+    q = P.div_public(rt, s.reshape(-1), 1 << t)
+    low = (s.reshape(-1) - q * (1 << t)).sum()
+    total = q.sum()
+    g = math.gcd(1 << t, d)
+    a, b = (1 << t) // g, d // g
+    whole = P.div_public(rt, total, b) if b > 1 else total
+    if checks.active(rt) and n * (1 << 62) // d >= (1 << 62) - (1 << 58):  # the result can leave the range
+        bound = float(((1 << 62) - (1 << 58)) // a - 1)
+        checks.within(rt, whole.reshape(1), -bound, bound, what, frac_bits=0)
+    out = whole * a
+    if a + (n << t) // d + 1 > 2:
+        if (b + n) * (1 << t) + d > 1 << 62:
+            raise ProtocolError(f"{what}: too many terms ({n}) for an exact sum")
+        out = out + P.div_public(rt, (total - whole * b) * (1 << t) + low, d)
+    return out
+
+
 def pair(v) -> tuple[int, int]:
     v = list(v) if isinstance(v, list | tuple) else [v]
     return (int(v[0]), int(v[-1]))
