@@ -51,10 +51,6 @@ def _loud_or_right(outcomes: list, ref: torch.Tensor, tol: float) -> bool:
 # ---- findings -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: the product check recomputes x*w from x and w truncated by 8 bits; for |w| < 2^-8 the "
-    "truncated w is 0 (or 1) at random, so a wrapped product of |x| ~ 2^45 (inside the documented "
-    "|v| < 2^46) by w = 6 * 2^-16 passes the check ~98% of the time"))
 @pytest.mark.timeout(120)
 def test_the_product_check_catches_a_wrap_with_a_tiny_operand():
     x, w = torch.tensor([2.0**45]), torch.tensor([6 * 2.0**-16])
@@ -63,11 +59,6 @@ def test_the_product_check_catches_a_wrap_with_a_tiny_operand():
     assert _loud_or_right(outcomes, ref, 1e-3), outcomes  # on main: [-1.07e9] * 3, no RangeError
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: mse_loss sums the squares before dividing by n; with |x - t| = 3e4 (< 2^15, the "
-    "README's stated range for exact MSELoss) over 2^18 elements the sum leaves the ring and the loss "
-    "is wrong (-1.7e8 for 9e8), in the default mode and silently in the range-check mode (sums are "
-    "not checked)"))
 @pytest.mark.timeout(300)
 def test_mse_loss_inside_its_stated_range_is_right_or_loud():
     n = 1 << 18
@@ -77,10 +68,6 @@ def test_mse_loss_inside_its_stated_range_is_right_or_loud():
     assert _loud_or_right(outcomes, ref, 1e-3), outcomes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: BatchNorm in eval mode with secret running statistics checks nothing in the "
-    "range-check mode; a running_var of 4e9 (beyond inv_sqrt_wide's 2^30 and the README's var < 2^20) "
-    "gives outputs of ~1e7 where the truth is ~1e-3, with no RangeError"))
 @pytest.mark.timeout(120)
 def test_batchnorm_eval_with_a_huge_secret_running_var_is_right_or_loud():
     torch.manual_seed(7)
@@ -93,10 +80,6 @@ def test_batchnorm_eval_with_a_huge_secret_running_var_is_right_or_loud():
     assert _loud_or_right(outcomes, ref, 0.05), outcomes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding (README): SiLU/GELU/BCEWithLogits are listed as valid for 'any input', but x sigmoid(x) "
-    "is a ring product that wraps for |x| >= 2^30: silu(3 * 2^30) = -1.1e9, silu(2^32) = 0 in the default "
-    "mode (the range-check mode does raise: see the passing test below)"))
 @pytest.mark.timeout(120)
 def test_silu_is_right_for_any_input_in_the_default_mode():
     x = torch.tensor([3 * 2.0**30, -3.0, 2.0**32])
@@ -109,9 +92,13 @@ def test_silu_is_right_for_any_input_in_the_default_mode():
 
 
 @pytest.mark.timeout(120)
-def test_the_range_check_mode_raises_for_silu_beyond_2_30():
-    outcomes = _checked(lambda: nn.functional.silu(_shared(torch.tensor([3 * 2.0**30, 1.0]))).reveal(0), times=2)
-    assert outcomes == ["RangeError"] * 2, outcomes
+def test_silu_beyond_2_30_is_right_in_the_range_check_mode_too():
+    """Was: the range-check mode raises for silu(3 * 2^30) (the product x sigmoid(x) wrapped);
+    SiLU now keeps its products bounded, so there is nothing to raise and the value is right."""
+    x = torch.tensor([3 * 2.0**30, 1.0])
+    outcomes = _checked(lambda: nn.functional.silu(_shared(x)).reveal(0), times=2)
+    assert _loud_or_right(outcomes, nn.functional.silu(x.double()), 1e-3), outcomes
+    assert "RangeError" not in outcomes, outcomes
 
 
 @pytest.mark.timeout(120)

@@ -145,6 +145,86 @@ def test_wrapping_products_raise_in_the_range_check_mode():
         assert "product" in msg, name
 
 
+def _outcomes(bodies) -> list:
+    """Each body() in its own `range_checks` block of one party program: the revealed value, or
+    "RangeError"."""
+
+    def prog():
+        out = []
+        for body in bodies:
+            try:
+                with mpc.range_checks():
+                    out.append(body())
+            except mpc.RangeError:
+                out.append("RangeError")
+        return out
+
+    return mpc.run_local(prog)[0]
+
+
+def test_the_product_check_catches_a_product_that_wraps_by_a_multiple_of_the_ring():
+    """x y = 2^48 is 2^80 in raw units: the ring product is exactly 0, and so was the landed check's
+    recomputation from operands cut by 8 bits, so the check mode returned 0 with no RangeError
+    (operands inside every bound). The coarse recomputation sees such products."""
+    k = 16
+    cases = {
+        "2^24 * 2^24": lambda: _shared(torch.tensor([2.0**24])) * _shared(torch.tensor([2.0**24]), 1),
+        "2^36 * 2^12": lambda: _shared(torch.tensor([-(2.0**36)])) * _shared(torch.tensor([2.0**12]), 1),
+        "matmul of 16 terms 2^22 * 2^22": lambda: _shared(torch.full((1, k), 2.0**22)) @ _shared(
+            torch.full((k, 1), 2.0**22), 1),
+        "matmul with a public weight": lambda: _shared(torch.full((1, k), 2.0**22)) @ torch.full((k, 1), 2.0**22),
+    }
+    for name, body in cases.items():
+        assert "product" in _raises_range_error(lambda body=body: body().reveal(0)), name
+
+
+def test_the_product_check_is_right_or_loud_over_every_magnitude():
+    """Random products of operands from 2^-16 to 2^45 (both signs, random low bits): every outcome
+    is right or a RangeError, and inside the check's stated domain (x^2 + y^2 <= 2^73, |x y| <
+    2^30) every one is right."""
+    g = torch.Generator().manual_seed(23)
+    pairs = []
+    for _ in range(48):
+        ex, ey = torch.randint(-16, 46, (2,), generator=g).tolist()
+        sx, sy = (torch.randint(0, 2, (2,), generator=g) * 2 - 1).tolist()
+        fx, fy = (1 + torch.rand(2, generator=g)).tolist()
+        pairs.append((sx * fx * 2.0**ex, sy * fy * 2.0**ey))
+    pairs += [(2.0**45, 6 * 2.0**-16), (2.0**36 * 1.3, -0.7 * 2.0**-10), (46341.5, 23170.25), (1.5 * 2**20, 2.0**10)]
+    xs = [torch.tensor([x]) for x, _ in pairs]
+    ys = [torch.tensor([y]) for _, y in pairs]
+    outcomes = _outcomes([lambda i=i: (_shared(xs[i]) * _shared(ys[i], 1)).reveal(0) for i in range(len(pairs))])
+    inside = 0
+    for (x, y), got in zip(pairs, outcomes, strict=True):
+        ref = torch.tensor(x, dtype=torch.float64) * y
+        in_domain = x * x + y * y <= 2.0**73 and abs(x * y) < 2.0**30
+        inside += in_domain
+        if isinstance(got, str):
+            assert not in_domain, (x, y)
+            continue
+        err = (got.double() - ref).abs()
+        assert bool((err <= (abs(x) + abs(y)) * 2**-F + 4 * LSB + 1e-6 * ref.abs()).all()), (x, y, got)
+    assert inside >= 10 and "RangeError" in outcomes
+
+
+def test_the_product_check_never_fires_inside_its_domain(mode):
+    """Mixed scales inside the domain stated in `veil.mpc.checks` (||x row||^2 + ||y column||^2 <=
+    2^73 / K, |P| < 2^30): a large operand times a tiny one, K = 1 and K = 784, secret and public
+    weights (exactly representable, so the only error is the truncation)."""
+    g = torch.Generator().manual_seed(29)
+    x = ((torch.rand(4, 784, generator=g) * 2 - 1) * 2e6).round()  # ||row||^2 ~ 1e15 < 2^73 / 784
+    w = ((torch.rand(784, 3, generator=g) * 2 - 1) * 2**9).round() * 2**-16  # exact in fixed point
+    a, b = torch.tensor([1.3 * 2.0**35, -(2.0**30)]), torch.tensor([-(2.0**-8), 2.0**-3])
+
+    def body():
+        prods = (_shared(x) @ _shared(w, 1), _shared(x) @ w, _shared(a) * _shared(b, 1))
+        return tuple(p.reveal(0) for p in prods)
+
+    mm, mmp, el = _run(body, mode)
+    ref = x.double() @ w.double()
+    assert (mm.double() - ref).abs().max() <= 0.01 and (mmp.double() - ref).abs().max() <= 0.01
+    assert ((el.double() - a.double() * b.double()).abs() <= 4.0).all()  # float32 decoding of 2^27
+
+
 def test_the_check_mode_opens_one_bit_per_check_point_and_raises_before_revealing(monkeypatch):
     events: list = []
     orig_open, orig_reveal = P.open_ring, P.reveal_ring
@@ -217,6 +297,53 @@ def test_the_check_mode_view_is_independent_of_the_secrets(monkeypatch):
     assert stats.ks_2samp(runs[0], runs[1]).pvalue > 1e-4
 
 
+def test_the_product_check_beyond_2_18_terms_per_output_bounds_every_element():
+    """A contraction of 2^18 + 1 terms is past what the squares certify: each operand element is
+    compared with R / 2K instead; a sum that wraps raises, one inside the range is right."""
+    k = (1 << 18) + 1
+    g = torch.Generator().manual_seed(37)
+    x, w = torch.randn(1, k, generator=g), torch.randn(k, 1, generator=g)
+    big = torch.full((1, k), 2.0**12)
+    got = _outcomes([lambda: (_shared(x) @ _shared(w, 1)).reveal(0),
+                     lambda: (_shared(big) @ _shared(big.t(), 1)).reveal(0)])
+    assert got[1] == "RangeError" and not isinstance(got[0], str)
+    assert abs(float(got[0]) - float(x.double() @ w.double())) <= 0.05
+
+
+def test_the_dealer_sees_a_check_bit_only_through_what_the_parties_do_next(monkeypatch):
+    """The dealer never receives the opened bit, but a RangeError changes what the parties ask it
+    for next (here the program stops): the requests before the check point do not depend on the
+    data, those after it do (the README counts the bit as learnt by the dealer too)."""
+    from veil.mpc import provider
+
+    def dealer_view(x: torch.Tensor) -> list:
+        heads: list = []
+        decode = provider._decode_header
+
+        def spy(t):
+            kind, spec = decode(t)
+            heads.append((kind, str(spec)))
+            return kind, spec
+
+        def prog():
+            a = _shared(x)
+            try:
+                with mpc.range_checks():
+                    (a * a).reveal(0)
+            except mpc.RangeError:
+                return "stopped"
+            (a * a * a).reveal(0)
+            return "went on"
+
+        monkeypatch.setattr(provider, "_decode_header", spy)
+        assert mpc.run_local(prog)[0] == ("stopped" if float(x.abs().max()) > 2**15 else "went on")
+        monkeypatch.undo()
+        return heads
+
+    inside, outside = dealer_view(torch.tensor([3.0, 4.0])), dealer_view(torch.tensor([3.0, 1e5]))
+    assert len(outside) < len(inside) and inside[: len(outside) - 1] == outside[:-1]
+
+
 # ---- softmax with a large logit gap --------------------------------------------------------------
 
 
@@ -252,6 +379,63 @@ def test_sigmoid_family_and_softplus_for_any_input(mode):
     for k, f in funcs.items():  # sigmoid within 0.01 (so x sigmoid(x) within 0.01 |x|), log within 0.05
         ref = f(x.double())
         assert ((res[k].double() - ref).abs() <= 0.05 + 0.01 * x.double().abs()).all(), (k, res[k])
+
+
+def test_sigmoid_forms_and_bce_with_logits_for_any_input(mode):
+    """SiLU and GELU (forward and gradient), Softplus with beta != 1 and BCEWithLogitsLoss (secret
+    and public targets) at logits beyond 2^30: the landed code multiplied x by sigmoid(x), by beta,
+    by the target in the ring and wrapped (silu(3 * 2^30) = -1.1e9, its gradient off by 2e4)."""
+    x = torch.tensor([3 * 2.0**30, -(2.0**40), 2.0**33, -5.0, 0.3, 40.0, -40.0])
+    t = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 0.2, 1.0])
+    fs = {"silu": nn.functional.silu, "gelu": nn.functional.gelu,
+          "softplus 1.5": lambda v: nn.functional.softplus(v, beta=1.5),
+          "softplus -2": lambda v: nn.functional.softplus(v, beta=-2.0)}
+    refs = {}
+    for k, f in fs.items():
+        xr = x.double().clone().requires_grad_(True)
+        y = f(xr)
+        y.sum().backward()
+        refs[k] = (y.detach(), xr.grad)
+    bce = nn.functional.binary_cross_entropy_with_logits(x.double(), t.double(), reduction="none")
+
+    def body():
+        out = {}
+        for k, f in fs.items():
+            a = _shared(x)
+            a.requires_grad_(True)
+            y = f(a)
+            y.sum().backward()
+            out[k] = (y.reveal(0), a.grad.reveal(0))
+        for name, tt in (("secret", _shared(t, 1)), ("public", t)):
+            loss = nn.functional.binary_cross_entropy_with_logits(_shared(x), tt, reduction="none")
+            out["bce " + name] = loss.reveal(0)
+        return out
+
+    res = _run(body, mode)
+    for k, (y, grad) in refs.items():  # sigmoid within 0.01 times the clamped |x|, GELU's sigmoid form 0.021
+        assert ((res[k][0].double() - y).abs() <= 0.05 + 1e-6 * y.abs()).all(), (k, res[k][0])
+        assert ((res[k][1].double() - grad).abs() <= 0.05).all(), (k, res[k][1])
+    for k in ("bce secret", "bce public"):
+        assert ((res[k].double() - bce).abs() <= 0.05 + 1e-6 * bce.abs()).all(), (k, res[k])
+
+
+def test_a_public_factor_of_a_wide_product_beyond_its_bound_is_refused():
+    x = torch.tensor([1.0, 2.0])
+    with pytest.raises(mpc.ProtocolError, match="mul_wide"):
+        mpc.run_local(lambda: nn.functional.binary_cross_entropy_with_logits(_shared(x), torch.tensor([0.5, 2.0**31])))
+
+
+def test_a_wide_product_beyond_the_fixed_point_range_raises_in_the_range_check_mode():
+    """BCEWithLogits's x t is exact while |x t| < 2^46: a public target of 2^20 times a logit of
+    2^30 wraps and is caught exactly; a secret target is held to |t| <= 1 (exact for any logit)."""
+    x, bce = torch.tensor([2.0**30, 1.0]), nn.functional.binary_cross_entropy_with_logits
+    assert "wide product" in _raises_range_error(lambda: bce(_shared(x), torch.tensor([2.0**20, 1.0])).reveal(0))
+    assert "wide product" in _raises_range_error(lambda: bce(_shared(x), _shared(torch.tensor([0.0, 2.0]), 1))
+                                                 .reveal(0))
+    t = torch.tensor([1.0, 2.0**12])  # |x t| = 2^30, 2^12: exact, beyond what `mul` holds
+    ref = bce(x.double(), t.double(), reduction="none")
+    got = _run(lambda: bce(_shared(x), t, reduction="none").reveal(0), "checked")
+    assert ((got.double() - ref).abs() <= 0.05 + 1e-6 * ref.abs()).all(), got
 
 
 def test_approximations_outside_their_domain_raise_in_the_range_check_mode():
@@ -325,6 +509,40 @@ def test_normalisation_beyond_its_range_raises_in_the_range_check_mode():
     assert "variance" in _raises_range_error(lambda: share_module(nn.BatchNorm1d(2), 0)(_shared(x)).reveal(0))
     y = torch.tensor([[0.0, 0.0], [0.0, 1e5]])  # |x - mean| = 5e4 > 2^15
     assert "x - mean" in _raises_range_error(lambda: share_module(nn.BatchNorm1d(2), 0)(_shared(y)).reveal(0))
+
+
+def test_batchnorm_eval_with_a_secret_running_var_outside_its_range_raises_in_the_range_check_mode():
+    """inv_sqrt_wide holds 0 <= var + eps < 2^30 only; a secret running_var beyond (or negative) is
+    caught in the range-check mode (the README states the range for the default mode)."""
+    x = torch.randn(8, 2)
+    for var in (4e9, -3.0):
+        bn = nn.BatchNorm1d(2)
+        bn.running_var.fill_(var)
+        bn.eval()
+        msg = _raises_range_error(lambda bn=bn: share_module(bn, 0)(_shared(x)).reveal(0))
+        assert "running_var" in msg, var
+
+
+def test_mse_loss_is_exact_for_any_count_inside_its_range(mode):
+    """|x - t| up to 3e4 (< 2^15): the mean over counts on both sides of 2^14 (where `sum_div` takes
+    its third division) and the sum while it stays in the fixed-point range; the landed code summed
+    the squares first, which wraps once the sum passes 2^46 (2^18 of these squares)."""
+    g = torch.Generator().manual_seed(31)
+    outs, refs = [], []
+    for n, red in ((3, "mean"), (16383, "mean"), (1 << 14, "mean"), (70_000, "mean"), (1 << 15, "sum"), (5, "sum")):
+        x = (torch.rand(n, generator=g) * 2 - 1) * 3e4
+        t = (torch.rand(n, generator=g) * 2 - 1) * 3e2
+        outs.append(_run(lambda x=x, t=t, red=red: nn.functional.mse_loss(_shared(x), _shared(t, 1), reduction=red)
+                         .reveal(0), mode))
+        refs.append(nn.functional.mse_loss(x.double(), t.double(), reduction=red))
+    for o, r in zip(outs, refs, strict=True):
+        assert abs(float(o) - float(r)) <= 4 * LSB + 2**-22 * abs(float(r)), (float(o), float(r))
+
+
+def test_an_mse_sum_beyond_the_fixed_point_range_raises_in_the_range_check_mode():
+    n = 1 << 17  # 2^17 squares of 3e4: 1.2e14, beyond the fixed-point range 2^46
+    assert "mse_loss" in _raises_range_error(
+        lambda: nn.functional.mse_loss(_shared(torch.full((n,), 3e4)), torch.zeros(n), reduction="sum").reveal(0))
 
 
 def test_inv_sqrt_wide_covers_every_value_with_2f_fractional_bits(n_parties):

@@ -21,7 +21,8 @@ float64 torch):
   resolution (2^-16 / |result|, so 1% + 2^-16 sqrt(w) for 1/sqrt(w)), w = 0 read as 2^-32. For
   Adam and the normalisation layers.
 - ``sigmoid``: sigma(|x|) = 1/(1 + exp(-|x|)) (denominator in [1, 2]) and the sign bit, |x|
-  clamped to 32 by comparisons batched with the sign's. Absolute error <= 0.01 for every x.
+  clamped to 32 by comparisons batched with the sign's (`abs_clamped`, which the sigmoid-form
+  activations use to keep every product bounded). Absolute error <= 0.01 for every x.
 - ``softmax``: max subtraction (tournament comparisons), `exp_nonpos`, reciprocal of the sum
   (which lies in [1, k]). Absolute error <= 0.02 per probability for k <= 100 classes, for any
   gap between the logits (within the fixed-point range).
@@ -105,19 +106,41 @@ def sqrt(rt: P.Runtime, x: torch.Tensor) -> torch.Tensor:
     return P.mul(rt, x, inv_sqrt(rt, x))
 
 
-def sigmoid(rt: P.Runtime, x: torch.Tensor) -> torch.Tensor:
-    """Logistic function, stable for every input: sigma(-|x|) from |x| clamped to EXP_FLOOR.
+def abs_clamped(rt: P.Runtime, x: torch.Tensor, c: float, relu: bool = False):
+    """(s, m, r): integer shares of s = [x >= 0], shares of m = min(|x|, c) and, if ``relu``, of
+    relu(x) = x s (else None), for every x the ring holds and a public c > 0.
 
-    One batch of comparisons (8 rounds) gives s = [x >= 0], p = [x >= C], q = [x <= -C] (C =
-    EXP_FLOOR); min(|x|, C) = x (2s - p + q - 1) + C (p + q), one product with integer bits.
+    One batch of comparisons (8 rounds) gives s, p = [x >= c], q = [x <= -c]; then m = x (2s - p
+    + q - 1) + c (p + q) and x s are products with integer bits, exact, in one Beaver round.
     """
-    c = _pub(rt, EXP_FLOOR, x)
-    s, p, q = P.ge_zero(rt, torch.stack([x, x - c, -x - c]))
+    cc = _pub(rt, c, x)
+    s, p, q = P.ge_zero(rt, torch.stack([x, x - cc, -x - cc]))
     one_int = P.public(rt, torch.ones_like(s))
-    ax = P.beaver(rt, "mul", x, 2 * s - p + q - one_int) + (p + q) * round(EXP_FLOOR * rt.scale)
-    pos = reciprocal(rt, _pub(rt, 1.0, x) + exp(rt, -ax), iters=6)
-    one = _pub(rt, 1.0, x)
+    bits = 2 * s - p + q - one_int
+    if relu:
+        prod = P.beaver(rt, "mul", torch.stack([x, x]), torch.stack([bits, s]))
+        sel, r = prod[0], prod[1]
+    else:
+        sel, r = P.beaver(rt, "mul", x, bits), None
+    return s, sel + (p + q) * round(c * rt.scale), r
+
+
+def sigmoid_pos(rt: P.Runtime, a: torch.Tensor) -> torch.Tensor:
+    """sigma(a) = 1 / (1 + exp(-a)) for a in [0, EXP_FLOOR] (the denominator is in [1, 2])."""
+    return reciprocal(rt, _pub(rt, 1.0, a) + exp(rt, -a), iters=6)
+
+
+def sign_select(rt: P.Runtime, pos: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """sigma(x) from pos = sigma(|x|) and the integer bit s = [x >= 0]: pos if s, else 1 - pos."""
+    one = _pub(rt, 1.0, pos)
     return one - pos + P.beaver(rt, "mul", 2 * pos - one, s)
+
+
+def sigmoid(rt: P.Runtime, x: torch.Tensor) -> torch.Tensor:
+    """Logistic function, stable for every input: sigma(|x|) with |x| clamped to EXP_FLOOR
+    (`abs_clamped`), then the sign (one Beaver product with the bit)."""
+    s, m, _ = abs_clamped(rt, x, EXP_FLOOR)
+    return sign_select(rt, sigmoid_pos(rt, m), s)
 
 
 def shifted_exp(rt: P.Runtime, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,22 +24,55 @@ that call inside the block and call `check_ranges()` before it.
 What is checked, and the cost (each check is one batch of comparisons: 8 rounds):
 
 - elementwise products, matrix products and convolutions of two secrets, or of a secret and a
-  public tensor (`product`): the product is recomputed from operands truncated by f/2 bits
-  each (so its ring value cannot wrap while |x y| < 2^(62 - f), 2^46 for f = 16, the range of
-  any fixed-point value), and compared with the result: a wrap moves the result by 2^(64 - 2f)
-  (2^32), the recomputation differs by at most (|x| + |y|) 2^(-f/2) per term, so the check
-  never fires while the sum of |x| + |y| over the terms of an output stays below 2^(63 - 3f/2)
-  (2^39). One more truncation round, Beaver product and comparison per product;
+  public tensor (`product`). In raw units (values times 2^f), for one output with K terms
+  (`terms`: 1 elementwise, the contracted length of a matrix product, C kh kw of a
+  convolution), x_k and y_k its operands' elements and P = sum x_k y_k its exact value (2f
+  fractional bits): the output out is exact while P lies in [-2^62, 2^62)
+  (`primitives.div_public`); otherwise out - P / 2^f is a nonzero multiple of 2^(64 - f), up to
+  one unit. Three checks, with all their comparisons in one batch (f = 16: hx = hy = 8, g = 23):
+
+  1. size: sum |x_k| + sum |y_k| <= R = 2^(62 - hy) (2^54), without a comparison per element:
+     u = v / 2^32 for every operand element (exact division for operands in the fixed-point
+     range, |v| < 2^62, where `primitives.div_public` is exact; |u| <= 2^30, so u^2 never wraps)
+     gives |v| <= 2^32 (|u| + 1), and by Cauchy-Schwarz sum |v| <= 2^32 (sqrt(2K S) + 2K) for S
+     the sum of the output's 2K squares u^2. S is summed as 2^t sum q + sum l (u^2 = 2^t q + l,
+     2^t > 4K, so neither sum wraps) and V = sum q + (sum l) / 2^t <= vmax is one comparison
+     per output (`ProductBounds` derives vmax);
+  2. fine: ``fine`` = bilinear(x / 2^hx, y / 2^hy) (hx + hy = f) differs from P / 2^f by at most
+     sum (|x_k| / 2^hx + |y_k| / 2^hy + 3) + 1 <= 2^46 + 3K + 1 < tau = 2^(63 - f) under check 1,
+     and |out - fine| < tau is checked: a wrong out is off by j 2^(64 - f) with 0 < |j| < 2^f
+     while |P| < 2^(63 + f), at least 2^(64 - f) - tau > tau from fine (only a j that 2^f
+     divides vanishes in the ring);
+  3. coarse: ``coarse`` = bilinear(x / 2^g, y / 2^g), g = f + hy - 1, approximates P / 2^(2g)
+     within R / 2^g + 3K (2^31 + 3K) and, under check 1, never wraps (|coarse| <= (R/2)^2 /
+     2^(2g) + ... < 2^61); |coarse| < top = 2^(62 + f - 2g) (2^32) holds for every |P| < 2^62 and
+     fails for every |P| >= 2^(63 + f), the products check 2 cannot see.
+
+  So a wrong product always raises, whatever the operands (outside check 1's bound by check 1
+  itself). The check never fires while every output's exact value |P| < 2^(62 - 2f) (2^30 for
+  f = 16: the documented product range) and, in real units, ||x row||^2 + ||y column||^2 <=
+  2^73 / K (f = 16: e.g. |x|, |y| <= 2^36 elementwise, or one operand up to 2^36 / K per element
+  times a tiny one). Cost, on top of the product's 2 rounds: three exact divisions of the
+  operands (by 2^hx, 2^g, 2^32), two Beaver products of them (local if an operand is public),
+  a square of u with its division by 2^t, one division per output and 5 comparisons per
+  output: 16 rounds (14 with a public operand). Beyond MAX_TERMS = 2^18 terms per output, where
+  vmax leaves no room, check 1 compares every operand element instead (|v| <= R / 2K: two
+  comparisons per element, no squares; 12 rounds, 10 with a public operand).
 - squares (|x| < 2^(31 - f)); secret times public scalar or tensor (|x v| < 2^62 in raw units,
   per element); the untruncated squares of the normalisation layers (|x - mean| < 2^(31 - f))
-  and their variances (< 2^20: `_ops.norm_ops`); Adam's exact g^2;
+  and their variances (< 2^20: `_ops.norm_ops`), a secret running variance of BatchNorm in eval
+  mode (0 <= var + eps < 2^30); Adam's exact g^2; the wide products of BCEWithLogitsLoss
+  (`_ops.common.mul_wide`: |x t| < 2^(62 - f) for a public target, |t| <= 1 for a secret one);
+  the sum of an MSELoss with ``reduction="sum"`` when it can leave the ring (`_ops.common.sum_div`);
 - the inputs of exp, reciprocal (and division by a secret), log, sqrt/rsqrt (`approx.DOMAINS`),
   of BCELoss on probabilities, and the sum of exponentials of a softmax or log-softmax over
   more than 100 classes.
 
-Not checked: additions and sums (keep them within the fixed-point range, 2^(62 - f) = 2^46),
-and products whose exact value is itself beyond 2^(62 - f). The products inside approximations
-are not checked either: their domains bound them.
+Not checked: other additions and sums (keep them within the fixed-point range, 2^(62 - f) = 2^46); the
+products inside the approximations (their domains bound them); the products that layer rules
+compute on shares directly (`primitives.mul`: normalised values and their gradients, softmax's
+backward, Adam's update, BCELoss's gradient), whose factors are normalised values,
+probabilities or inverse roots, times an upstream gradient that is not checked there.
 """
 
 from __future__ import annotations
@@ -51,7 +84,7 @@ import torch
 
 from veil.mpc import approx, ring
 from veil.mpc import primitives as P
-from veil.mpc.errors import RangeError
+from veil.mpc.errors import ProtocolError, RangeError
 
 __all__ = ["Pending", "active", "check_ranges", "domain", "flush", "product", "range_checks", "scaled", "square",
            "within"]
@@ -110,19 +143,30 @@ def flush(rt: P.Runtime) -> None:
                          + " (see veil.mpc.checks)")
 
 
+def _count_negative(rt: P.Runtime, parts: list[torch.Tensor], what: str) -> None:
+    """Count the elements below zero of the shares in ``parts`` (one batch of comparisons)."""
+    parts = [p.reshape(-1) for p in parts if p.numel()]
+    if not parts:
+        return
+    inside = P.ge_zero(rt, torch.cat(parts))
+    total = P.public(rt, torch.tensor(inside.numel(), dtype=torch.int64))
+    rt.checks.add(total - inside.sum(), what)
+
+
+def _bound(rt: P.Runtime, v, like: torch.Tensor) -> torch.Tensor:
+    """Shares of the public raw bound(s) ``v`` (an int or an int64 tensor) broadcast to ``like``."""
+    return P.public(rt, torch.as_tensor(v, dtype=torch.int64).expand(like.shape).contiguous())
+
+
 def _count_outside(rt: P.Runtime, x: torch.Tensor, lo, hi, what: str) -> None:
     """Count the elements of shares ``x`` below raw ``lo`` or above raw ``hi`` (ints or public
     int64 tensors broadcastable to x; None for no bound)."""
     parts = []
     if lo is not None:
-        parts.append(x - P.public(rt, torch.as_tensor(lo, dtype=torch.int64).expand(x.shape).contiguous()))
+        parts.append(x - _bound(rt, lo, x))
     if hi is not None:
-        parts.append(P.public(rt, torch.as_tensor(hi, dtype=torch.int64).expand(x.shape).contiguous()) - x)
-    if not parts or x.numel() == 0:
-        return
-    inside = P.ge_zero(rt, torch.stack(parts))
-    total = P.public(rt, torch.tensor(inside.numel(), dtype=torch.int64))
-    rt.checks.add(total - inside.sum(), what)
+        parts.append(_bound(rt, hi, x) - x)
+    _count_negative(rt, parts, what)
 
 
 def within(rt: P.Runtime, x: torch.Tensor, lo: float | None, hi: float | None, what: str,
@@ -164,27 +208,110 @@ def scaled(rt: P.Runtime, x: torch.Tensor, v: torch.Tensor | int, divisor: int, 
     _count_outside(rt, x, -bound, bound, what)
 
 
+def terms(op: str, x_shape, y_shape) -> int:
+    """How many terms are summed into one output element of ``ring.bilinear(op, x, y)`` (at most,
+    for convolutions): 1 for "mul", the contracted length for "matmul", C kh kw for "conv2d" and
+    O kh kw for "conv2d_gi" (y the kernel), N Ho Wo for "conv2d_gw" (y the output gradient)."""
+    if op == "mul":
+        return 1
+    if op == "matmul":
+        return max(1, int(x_shape[-1]))
+    if op == "conv2d":
+        return max(1, int(y_shape[1]) * int(y_shape[2]) * int(y_shape[3]))
+    if op in ("conv2d_gi", "conv2d_gw"):
+        return max(1, int(y_shape[0]) * int(y_shape[2]) * int(y_shape[3]))
+    raise ProtocolError(f"unknown bilinear op {op!r}")
+
+
+MAX_TERMS = 1 << 18  # terms per output of a checked product
+SQUARE_CUT = 32  # u = v / 2^32: |u| <= 2^30 for an operand in the fixed-point range, so u^2 never wraps
+
+
+class ProductBounds:
+    """The constants of `product` for f fractional bits and k terms per output, in raw units.
+
+    ``hx``, ``hy`` (hx + hy = f) cut the operands of the fine recomputation and ``g`` those of
+    the coarse one; ``l1`` is the bound R on sum |x| + sum |y| over the terms of an output, which
+    the check of the truncated squares certifies when their scaled sum ``V`` is at most ``vmax``
+    (``t``: the bits that sum is divided by); ``tau`` bounds |out - fine| (half the jump 2^(64 -
+    f) of a wrong output) and ``top`` |coarse|. The constructor checks every inequality the
+    module docstring relies on with exact integers and refuses a frac_bits or k for which one
+    fails (`ProtocolError`).
+    """
+
+    def __init__(self, f: int, k: int) -> None:
+        self.hx, self.hy = hx, hy = f // 2, f - f // 2
+        self.g = g = f + hy - 1
+        self.tau = 1 << (63 - f)
+        self.top = 1 << (62 + f - 2 * g)
+        self.l1 = 1 << (62 - hy)
+        self.t = (2 * k).bit_length() + 1
+        root = (self.l1 >> SQUARE_CUT) - 2 * k  # sum |v| <= 2^32 (sqrt(2k S) + 2k) <= l1 iff S <= root^2 / 2k
+        self.vmax = ((root * root // (2 * k)) >> self.t) - 1 if k <= MAX_TERMS else None
+        self.limit = self.l1 // (2 * k)  # beyond MAX_TERMS: every element |v| <= limit instead
+        fine_err = (self.l1 >> hx) + 3 * k + 2
+        coarse_err = (self.l1 >> g) + 3 * k + 1
+        ok = ((self.vmax is None or self.vmax >= 0) and self.limit > 0 and fine_err < self.tau and 63 + f >= 2 * g
+              and (1 << (63 + f - 2 * g)) - coarse_err >= self.top  # |P| >= 2^(63 + f): |coarse| >= top
+              and (1 << max(0, 62 - 2 * g)) + 1 + coarse_err < self.top  # |P| < 2^62: |coarse| < top
+              and ((self.l1 // 2) ** 2 >> (2 * g)) + (self.l1 >> g) + 2 * k + 1 + self.top < 1 << 62)  # no wrap
+        if not ok:
+            raise ProtocolError(f"the range-check mode cannot check products with frac_bits={f} and {k} terms "
+                                "per output")
+
+
 def product(rt: P.Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict, out: torch.Tensor,
             public: str | None, what: str) -> None:
-    """Check a fixed-point product ``out`` = bilinear(op, x, y) / 2^f against a recomputation from
-    operands truncated by f/2 bits (see the module docstring). ``public`` names the operand ("x"
-    or "y") given as a public raw tensor, the other ones being shares."""
+    """Check a fixed-point product ``out`` = bilinear(op, x, y) / 2^f (see the module docstring):
+    the operands' size, the fine recomputation and the coarse one, in one batch of comparisons.
+    ``public`` names the operand ("x" or "y") given as a public raw tensor, the other ones being
+    shares; what derives from a public operand is computed in the clear (`P.public`)."""
     if not active(rt):
         return
-    f = rt.frac_bits
-    hx, hy = f // 2, f - f // 2
-    if public is None:
-        flat = P.truncate(rt, torch.cat([x.reshape(-1), y.reshape(-1)]), hx) if hx == hy else None
-        if flat is not None:
-            xr, yr = flat[: x.numel()].reshape(x.shape), flat[x.numel():].reshape(y.shape)
+    b = ProductBounds(rt.frac_bits, terms(op, x.shape, y.shape))
+
+    def divided(bits: int, bits_y: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x / 2^bits, y / 2^bits_y): exact divisions of shares (one batch), floors of a public operand."""
+        by = bits if bits_y is None else bits_y
+        if public is None and by == bits:
+            flat = P.truncate(rt, torch.cat([x.reshape(-1), y.reshape(-1)]), bits)
+            return flat[: x.numel()].reshape(x.shape), flat[x.numel():].reshape(y.shape)
+        xr = torch.div(x, 1 << bits, rounding_mode="floor") if public == "x" else P.truncate(rt, x, bits)
+        yr = torch.div(y, 1 << by, rounding_mode="floor") if public == "y" else P.truncate(rt, y, by)
+        return xr, yr
+
+    def bilinear(xr: torch.Tensor, yr: torch.Tensor) -> torch.Tensor:
+        return P.beaver(rt, op, xr, yr, params) if public is None else ring.bilinear(op, xr, yr, params)
+
+    diff = out - bilinear(*divided(b.hx, b.hy))
+    coarse = bilinear(*divided(b.g))
+    parts = []
+    for v, t in ((diff, b.tau), (coarse, b.top)):  # |v| < t
+        parts += [_bound(rt, t - 1, v) - v, v + _bound(rt, t - 1, v)]
+    if b.vmax is None:  # more terms than the squares can certify: each element |v| <= limit
+        for name, v in (("x", x), ("y", y)):
+            if name != public:
+                parts += [v + _bound(rt, b.limit, v), _bound(rt, b.limit, v) - v]
+            elif bool((v.abs() > b.limit).any()):  # a public operand's bound is public: count it in the clear
+                rt.checks.add(P.public(rt, torch.tensor(1, dtype=torch.int64)), what)
+        _count_negative(rt, parts, what)
+        return
+    # the truncated squares u^2 of both operands, split as 2^t q + l, summed over each output's terms
+    us = divided(SQUARE_CUT)
+    secret = [u for name, u in zip("xy", us, strict=True) if name != public]
+    sq, qs = P.square_divided(rt, torch.cat([u.reshape(-1) for u in secret]), 1 << b.t)
+    q_l, off = {}, 0
+    for name, u in zip("xy", us, strict=True):
+        if name == public:
+            q = torch.div(u * u, 1 << b.t, rounding_mode="floor")
+            q, low = P.public(rt, q), P.public(rt, u * u - (q << b.t))
         else:
-            xr, yr = P.truncate(rt, x, hx), P.truncate(rt, y, hy)
-        coarse = P.beaver(rt, op, xr, yr, params)
-    else:
-        xr = torch.div(x, 1 << hx, rounding_mode="floor") if public == "x" else P.truncate(rt, x, hx)
-        yr = torch.div(y, 1 << hy, rounding_mode="floor") if public == "y" else P.truncate(rt, y, hy)
-        coarse = ring.bilinear(op, xr, yr, params)
-    diff = out - coarse
-    tau = P.public(rt, torch.full_like(diff, 1 << (63 - f)))  # half the jump of a wrap, 2^(64 - f)
-    big = P.ge_zero(rt, torch.stack([diff - tau, -diff - tau]))  # |diff| >= tau: at most one bit is 1
-    rt.checks.add(big.sum(), what)
+            q = qs[off: off + u.numel()].reshape(u.shape)
+            low = sq[off: off + u.numel()].reshape(u.shape) - q * (1 << b.t)
+            off += u.numel()
+        q_l[name] = (q, low)
+    ones_x, ones_y = torch.ones_like(x), torch.ones_like(y)
+    sums = [ring.bilinear(op, q_l["x"][i], ones_y, params) + ring.bilinear(op, ones_x, q_l["y"][i], params)
+            for i in (0, 1)]
+    size = sums[0] + P.truncate(rt, sums[1], b.t)
+    _count_negative(rt, [*parts, _bound(rt, b.vmax, size) - size], what)

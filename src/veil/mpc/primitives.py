@@ -314,12 +314,19 @@ def product(rt: Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict
     return _divide_with(rt, _beaver_with(rt, op, x, y, params, t), rt.scale, t)
 
 
+def square_divided(rt: Runtime, x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shares of x*x (exact, no truncation) and of x*x / d (`div_public`, d > 1), from one dealer
+    request (2 rounds)."""
+    t = rt.dealer.square(x.shape, d=d)
+    s = _square_with(rt, x, t)
+    return s, _divide_with(rt, s, d, t)
+
+
 def square_fixed(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
     """Fixed-point x*x: dealer square pair and exact truncation in one request (2 rounds); exact
     while |x| < 2^(31 - frac_bits)."""
     rt.truncations += 1
-    t = rt.dealer.square(x.shape, d=rt.scale)
-    return _divide_with(rt, _square_with(rt, x, t), rt.scale, t)
+    return square_divided(rt, x, rt.scale)[1]
 
 
 def mul(rt: Runtime, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from veil.mpc import approx, checks
 from veil.mpc import primitives as P
-from veil.mpc._ops.common import encode_public, mul, mul_public, reduce, share_of, to_share, wrap
+from veil.mpc._ops.common import encode_public, mul, mul_public, mul_wide, reduce, share_of, to_share, wrap
 from veil.mpc._ops.registry import register
 from veil.mpc.errors import ProtocolError
 
@@ -34,12 +34,18 @@ aten = torch.ops.aten
 GELU_K = 1.702  # GELU(x) ~ x sigmoid(1.702 x)
 
 
-def _cached(x, key, make: Callable):
-    """``make()`` once per input tensor (until the input is written)."""
+def _aux_of(x) -> dict:
+    """The dict of values kept on an input tensor (`MPCTensor._aux`, dropped if it is written)."""
     aux = x._aux
     if aux is None:
         aux = {}
         x._aux = aux
+    return aux
+
+
+def _cached(x, key, make: Callable):
+    """``make()`` once per input tensor (until the input is written)."""
+    aux = _aux_of(x)
     if key not in aux:
         aux[key] = make()
     return aux[key]
@@ -50,9 +56,29 @@ def _relu_of(rt, x):
     return _cached(x, "relu", lambda: P.relu(rt, to_share(rt, x)))
 
 
+def _clamped_of(rt, x, k: float, relu: bool):
+    """(s, m, km, r) of an input, computed once per k > 0: integer shares of s = [x >= 0], shares
+    of m = min(|x|, EXP_FLOOR / k), of km = k m (in [0, EXP_FLOOR]) and, if ``relu``, of relu(x)
+    (`approx.abs_clamped`). Clamping before scaling keeps k x and every later product bounded."""
+    aux = _aux_of(x)
+    got = aux.get(("clamped", k))
+    if got is None or (relu and got[3] is None):
+        s, m, r = approx.abs_clamped(rt, to_share(rt, x), approx.EXP_FLOOR / k, relu)
+        got = aux[("clamped", k)] = (s, m, m if k == 1 else mul_public(rt, m, k), r)
+    return got
+
+
+def _pos_of(rt, x, k: float) -> torch.Tensor:
+    """Shares of sigmoid(k |x|) (|x| clamped: `_clamped_of`), computed once per input and k > 0."""
+    return _cached(x, ("sigmoid_pos", k), lambda: approx.sigmoid_pos(rt, _clamped_of(rt, x, k, False)[2]))
+
+
 def _sigmoid_of(rt, x, k: float = 1.0) -> torch.Tensor:
-    """Shares of sigmoid(k x), computed once per input and k."""
-    return _cached(x, ("sigmoid", k), lambda: approx.sigmoid(rt, mul_public(rt, to_share(rt, x), k)))
+    """Shares of sigmoid(k x) for a public k != 0, computed once per input and k."""
+    if k < 0:
+        return _one(rt, to_share(rt, x)) - _sigmoid_of(rt, x, -k)
+    return _cached(x, ("sigmoid", k),
+                   lambda: approx.sign_select(rt, _pos_of(rt, x, k), _clamped_of(rt, x, k, False)[0]))
 
 
 def _one(rt, like: torch.Tensor) -> torch.Tensor:
@@ -128,9 +154,30 @@ def _tanh_bw(rt, func, grad, out):
     return mul(rt, grad, wrap(_one(rt, out) - P.square_fixed(rt, o)))
 
 
+def _sigmoid_form(rt, x, k: float):
+    """x sigmoid(k x) = relu(x) - |x| sigmoid(-k |x|), the second term as m (1 - sigmoid(k m)) with
+    m = min(|x|, EXP_FLOOR / k): every product is bounded, so it holds for every input (beyond the
+    clamp the exact term is below e^-32 EXP_FLOOR)."""
+    _, m, _, r = _clamped_of(rt, x, k, True)
+    return wrap(r - P.mul(rt, m, _one(rt, m) - _pos_of(rt, x, k)))
+
+
+def _sigmoid_form_bw(rt, grad, x, k: float):
+    """d/dx [x sigmoid(k x)] = sigmoid(k x) + k x sigmoid(k x) (1 - sigmoid(k x)), times grad. The
+    second term is (2s - 1) km p (1 - p) with p = sigmoid(k m) (`_clamped_of`): bounded products,
+    and one Beaver product with the bit s for both signs."""
+    s, _, km, _ = _clamped_of(rt, x, k, False)
+    pos = _pos_of(rt, x, k)
+    one = _one(rt, pos)
+    v = P.mul(rt, km, P.mul(rt, pos, one - pos))
+    signed = P.beaver(rt, "mul", torch.stack([2 * pos - one, v]), torch.stack([s, s]))
+    d = one - pos + signed[0] + 2 * signed[1] - v  # sigmoid(k x) + (2s - 1) v
+    return mul(rt, grad, wrap(d))
+
+
 @register(aten.silu)
 def _silu(rt, func, x):
-    return mul(rt, x, wrap(_sigmoid_of(rt, x)))
+    return _sigmoid_form(rt, x, 1.0)
 
 
 @register(aten.silu_backward)
@@ -138,17 +185,9 @@ def _silu_bw(rt, func, grad, x):
     return _sigmoid_form_bw(rt, grad, x, 1.0)
 
 
-def _sigmoid_form_bw(rt, grad, x, k: float):
-    """d/dx [x sigmoid(k x)] = s + k x s (1 - s), s = sigmoid(k x); times grad."""
-    s = wrap(_sigmoid_of(rt, x, k))
-    s1 = mul(rt, s, wrap(_one(rt, x) - share_of(s)))
-    d = share_of(s) + mul_public(rt, share_of(mul(rt, x, s1)), k)
-    return mul(rt, grad, wrap(d))
-
-
 @register(aten.gelu)
 def _gelu(rt, func, x, approximate="none"):
-    return mul(rt, x, wrap(_sigmoid_of(rt, x, GELU_K)))
+    return _sigmoid_form(rt, x, GELU_K)
 
 
 @register(aten.gelu_backward)
@@ -156,17 +195,23 @@ def _gelu_bw(rt, func, grad, x, approximate="none"):
     return _sigmoid_form_bw(rt, grad, x, GELU_K)
 
 
-def _log1p_exp_neg_abs(rt, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """log(1 + exp(-|z|)) given relu(z) = r (so |z| = 2r - z); the argument of log is in (1, 2]."""
-    return approx.log(rt, _one(rt, z) + approx.exp_nonpos(rt, z - 2 * r))
+def _log1p_exp_neg(rt, a: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(-a)) for a in [0, EXP_FLOOR] (a clamped |x|); the argument of log is in (1, 2]."""
+    return approx.log(rt, _one(rt, a) + approx.exp(rt, -a))
 
 
 @register(aten.softplus)
 def _softplus(rt, func, x, beta=1.0, threshold=20.0):
-    z = mul_public(rt, to_share(rt, x), float(beta)) if beta != 1 else to_share(rt, x)
-    r, _ = P.relu(rt, z)
-    out = r + _log1p_exp_neg_abs(rt, z, r)
-    return wrap(out if beta == 1 else mul_public(rt, out, 1.0 / float(beta)))
+    """relu(x) + log(1 + exp(-beta |x|)) / beta, |x| clamped at EXP_FLOOR / beta before the scaling
+    (`_clamped_of`), so beta x never leaves the ring; for beta < 0, softplus_beta(x) =
+    -softplus_|beta|(-x) = x - relu(x) - log(1 + exp(-|beta x|)) / |beta|."""
+    b = float(beta)
+    if b == 0:
+        raise ProtocolError("softplus with beta = 0 is not defined")
+    _, _, km, r = _clamped_of(rt, x, abs(b), True)
+    lg = _log1p_exp_neg(rt, km)
+    lg = lg if b == 1 else mul_public(rt, lg, 1.0 / abs(b))
+    return wrap(r + lg if b > 0 else to_share(rt, x) - r - lg)
 
 
 @register(aten.softplus_backward)
@@ -202,13 +247,13 @@ def _elu_bw(rt, func, grad, alpha, scale, input_scale, is_result, x):
 
 @register(aten.binary_cross_entropy_with_logits)
 def _bce_logits(rt, func, x, target, weight=None, pos_weight=None, reduction=1):
-    """relu(x) - x t + log(1 + exp(-|x|)), averaged or summed as asked."""
+    """relu(x) - x t + log(1 + exp(-|x|)), averaged or summed as asked; x t by `mul_wide`, exact
+    while |x t| < 2^46 (every logit for targets |t| <= 1), where a fixed-point product would need
+    |x t| < 2^30."""
     if weight is not None or pos_weight is not None:
         raise ProtocolError("BCEWithLogitsLoss with weight or pos_weight is not supported under MPC")
-    xs = to_share(rt, x)
-    r, _ = _relu_of(rt, x)
-    xt = share_of(mul(rt, x, target))
-    return wrap(reduce(rt, r - xt + _log1p_exp_neg_abs(rt, xs, r), reduction))
+    _, m, _, r = _clamped_of(rt, x, 1.0, True)
+    return wrap(reduce(rt, r - mul_wide(rt, x, target) + _log1p_exp_neg(rt, m), reduction))
 
 
 # ---- BCELoss (probabilities as input) -----------------------------------------------------------

@@ -142,6 +142,43 @@ def mul(rt: P.Runtime, a, b) -> MPCTensor:
     return wrap(out)
 
 
+def mul_wide(rt: P.Runtime, a, t) -> torch.Tensor:
+    """Shares of a t for a secret a in the fixed-point range and a factor t (secret or public)
+    with |t| < 2^(62 - 2f): exact while |a t| < 2^(62 - f) (the fixed-point range; for |t| <= 1,
+    every a), where `mul` needs |a t| < 2^(62 - 2f). For factors known to be small, such as
+    targets and probabilities.
+
+    In raw units, a = 2^f ah + al with ah = a / 2^f (exact division: |al| <= 2^f), so a t / 2^f =
+    ah t + al t / 2^f: ah t is an integer times a fixed-point value (no truncation, |ah t| <=
+    |a t| / 2^f + |t| < 2^62) and |al t| <= 2^f |t| < 2^62 is truncated once. Three rounds (a
+    division, one Beaver round for both products, a truncation); two with a public t. A public t
+    beyond its bound is refused (`ProtocolError`); in the range-check mode |ah t| < 2^62 is
+    checked exactly for a public t (`checks.scaled`), and |t| <= 1 for a secret one (which
+    makes a t exact for every a: the check raises for a secret factor beyond 1 even when the
+    product would have been exact).
+    """
+    f = rt.frac_bits
+    xs = share_of(a)
+    limit = 2.0 ** (62 - 2 * f)
+    pt = public_value(t)
+    if pt is not None:
+        pt = torch.as_tensor(pt, dtype=torch.float64)
+        if bool((pt.abs() >= limit).any()):
+            raise ProtocolError(f"mul_wide needs a factor |t| < 2^{62 - 2 * f}")
+        tr = ring.encode(pt, f)
+    else:
+        tr = share_of(t)
+        checks.within(rt, tr, -1.0, 1.0, "secret factor |t| <= 1 of a wide product")
+    xs, tr = torch.broadcast_tensors(xs, tr)
+    ah = P.truncate(rt, xs)
+    al = xs - ah * (1 << f)
+    if pt is not None:
+        checks.scaled(rt, ah, tr, 1, f"wide product |x t| < 2^{62 - f}")
+        return ah * tr + P.truncate(rt, al * tr)
+    both = P.beaver(rt, "mul", torch.stack([ah, al]), torch.stack([tr, tr]))
+    return both[0] + P.truncate(rt, both[1])
+
+
 def square(rt: P.Runtime, s: torch.Tensor, what: str = "square") -> torch.Tensor:
     """Fixed-point square of shares (`P.square_fixed`), |x| < 2^15 checked in the range-check mode."""
     checks.square(rt, s, what)
@@ -186,6 +223,41 @@ def reduce(rt, s: torch.Tensor, reduction: int) -> torch.Tensor:
     if reduction == 1:
         return P.div_public(rt, s.sum(), s.numel())
     return s.sum()
+
+
+def sum_div(rt: P.Runtime, s: torch.Tensor, d: int, what: str) -> torch.Tensor:
+    """Shares of sum(s) / d (a scalar) for raw values |s_i| < 2^62 each, whose plain sum may leave
+    the ring: exact to at most two units in the last place while |sum / d| < 2^62 - 2^58 raw, just
+    below the fixed-point range (checked in the range-check mode when n 2^62 / d allows more).
+
+    With n terms and 2^t > 2n: each s_i = q_i 2^t + l_i, q_i = s_i / 2^t (exact division, one
+    round) and |l_i| <= 2^t local, so Q = sum q_i (|Q| < 2^61 + n) and L = sum l_i (|L| <= n 2^t)
+    cannot wrap. With 2^t = a g and d = b g (g = gcd(2^t, d)): A = Q / b (exact division, one
+    round) and rem = Q - b A (|rem| <= b) give sum / d = a A + (rem 2^t + L) / d exactly; the last
+    term is one more division when it can exceed two units (|rem 2^t + L| / d <= a + n 2^t / d),
+    else dropped. Two rounds; three when it is needed (for a mean of untruncated products, d = n 2^f,
+    when n >= 2^(f - 2)), which needs (b + n) 2^t + d <= 2^62 (n up to about 2^29; else
+    `ProtocolError`).
+    """
+    n = s.numel()
+    if d <= 0 or d > 1 << 60:
+        raise ProtocolError(f"sum_div needs a divisor in [1, 2^60], got {d}")
+    t = n.bit_length() + 1
+    q = P.div_public(rt, s.reshape(-1), 1 << t)
+    low = (s.reshape(-1) - q * (1 << t)).sum()
+    total = q.sum()
+    g = math.gcd(1 << t, d)
+    a, b = (1 << t) // g, d // g
+    whole = P.div_public(rt, total, b) if b > 1 else total
+    if checks.active(rt) and n * (1 << 62) // d >= (1 << 62) - (1 << 58):  # the result can leave the range
+        bound = float(((1 << 62) - (1 << 58)) // a - 1)
+        checks.within(rt, whole.reshape(1), -bound, bound, what, frac_bits=0)
+    out = whole * a
+    if a + (n << t) // d + 1 > 2:
+        if (b + n) * (1 << t) + d > 1 << 62:
+            raise ProtocolError(f"{what}: too many terms ({n}) for an exact sum")
+        out = out + P.div_public(rt, (total - whole * b) * (1 << t) + low, d)
+    return out
 
 
 def pair(v) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from veil.mpc._ops.common import (
     reduce,
     share_of,
     square,
+    sum_div,
     to_share,
     wrap,
 )
@@ -25,8 +26,15 @@ aten = torch.ops.aten
 
 @register(aten.mse_loss)
 def _mse(rt, func, x, target, reduction=1):
+    """Squares exact while |x - t| < 2^(31 - f) (checked in the range-check mode); the mean or sum
+    divides the untruncated squares before adding them (`sum_div`), so it cannot wrap: the
+    mean is exact for any count, the sum while it stays in the fixed-point range."""
     d = to_share(rt, x) - to_share(rt, target)
-    return wrap(reduce(rt, square(rt, d, "square in mse_loss"), reduction))
+    if reduction == 0:
+        return wrap(square(rt, d, "square in mse_loss"))
+    checks.square(rt, d, "square in mse_loss")
+    n = d.numel() if reduction == 1 else 1
+    return wrap(sum_div(rt, P.square(rt, d), n << rt.frac_bits, "sum of squares in mse_loss"))
 
 
 @register(aten.mse_loss_backward)

@@ -222,13 +222,23 @@ def _group_norm_bw(rt, func, grad, x, mean, rstd, weight, n_batch, channels, hxw
     return gi, gw, gb
 
 
+EVAL_VAR_LIMIT = 2.0**30  # a secret running_var + eps must be below this: `approx.inv_sqrt_wide`'s range
+
+
 def _bn(rt, x, weight, bias, mean, var, eps) -> MPCTensor:
+    """BatchNorm with given (running) statistics: (x - mean) / sqrt(var + eps) * weight + bias.
+
+    A secret var goes into `approx.inv_sqrt_wide` with 2*frac_bits fractional bits, so it must
+    satisfy 0 <= var + eps < EVAL_VAR_LIMIT (2^30); checked in the range-check mode, as the
+    products with x - mean are (`checks.product`)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     pv = public_value(var)
     if pv is not None:
         inv = wrap(encode_public(rt, 1.0 / torch.sqrt(torch.as_tensor(pv, dtype=torch.float64) + eps)), None)
         inv._pub = (1.0 / torch.sqrt(torch.as_tensor(pv, dtype=torch.float64) + eps)).float()
     else:  # var with 2*frac_bits fractional bits (exact: var * 2^frac_bits) into the wide-range inverse root
+        checks.within(rt, share_of(var), -eps, EVAL_VAR_LIMIT - 1 - eps,
+                      "BatchNorm running_var: 0 <= var + eps < 2^30")
         v2 = (share_of(var) + encode_public(rt, torch.full(tuple(var.shape), eps))) * rt.scale
         inv = wrap(approx.inv_sqrt_wide(rt, v2)[0])
     scale = inv if weight is None else mul(rt, inv, weight)
