@@ -65,15 +65,23 @@ class EncryptedModelMixin:
         for attr in ("circuit_", "fhe_client_"):
             self.__dict__.pop(attr, None)
 
-    def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None) -> np.ndarray:
+    def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None,
+             executor: Any = None) -> np.ndarray:
         """Raw outputs (n_samples, n_outputs) computed in the requested mode. With fhe="execute",
         inputs above one chunk (`parallel.default_chunk_rows`) run chunk by chunk
         in `workers` local processes (None: one per CPU; 1: chunked in this process), so memory
-        stays bounded whatever the number of rows; smaller inputs run here in one go."""
+        stays bounded whatever the number of rows; smaller inputs run here in one go. An
+        `executor` (e.g. `veil.program.cluster.RayExecutor`) runs the chunks elsewhere instead,
+        whatever the number of rows: any object with `parallel.execute_chunked`'s keyword
+        interface as its `execute` method."""
         if fhe not in FHE_MODES:
             raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+        if executor is not None and not callable(getattr(executor, "execute", None)):
+            raise TypeError(f"executor must have an execute(X, ...) method, got {type(executor).__name__}")
+        if executor is not None and workers is not None:
+            raise ValueError("pass workers (local processes) or executor, not both")
         X = self._check_X(X, encrypted=fhe == "execute")
         if fhe == "disable":
             return self._plain_raw(X)
@@ -83,11 +91,13 @@ class EncryptedModelMixin:
         name = client.choose_layout(len(X)) if layout == "auto" else layout
         if fhe == "simulate":
             return self.circuit_.simulate(X, name)
-        if len(X) > parallel.default_chunk_rows(client, name):
-            return parallel.execute_chunked(
-                X, server_dict=self.circuit_.to_dict(), client_spec=self.circuit_.client_spec(),
-                load_server=load_server, load_client=load_client,
-                keys={name: client.keys(name).to_bytes()}, layout=name, workers=workers)
+        if executor is not None or len(X) > parallel.default_chunk_rows(client, name):
+            setup = {"server_dict": self.circuit_.to_dict(), "client_spec": self.circuit_.client_spec(),
+                     "load_server": load_server, "load_client": load_client,
+                     "keys": {name: client.keys(name).to_bytes()}, "layout": name}
+            if executor is not None:
+                return executor.execute(X, **setup)
+            return parallel.execute_chunked(X, workers=workers, **setup)
         request = client.encrypt(X, name)
         response = self.circuit_.run(request, client.public_bundle(name))
         return client.decrypt(response, len(X))

@@ -179,14 +179,14 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
         return OutputSpec("classifier", classes=tuple(model.classes_), proba=self._proba_kind(model))
 
     def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                          workers: int | None = None) -> np.ndarray:
+                          workers: int | None = None, executor: Any = None) -> np.ndarray:
         """Signed distance (binary) or per-class scores, as scikit-learn returns them."""
-        raw = self._raw(X, fhe, layout, workers)
+        raw = self._raw(X, fhe, layout, workers, executor)
         return self.output_spec_.decision(raw)
 
     def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None) -> np.ndarray:
-        raw = self._raw(X, fhe, layout, workers)
+                workers: int | None = None, executor: Any = None) -> np.ndarray:
+        raw = self._raw(X, fhe, layout, workers, executor)
         return self.output_spec_.predict(raw)
 
     def _has_proba(self) -> bool:
@@ -195,9 +195,9 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
 
     @available_if(_has_proba)
     def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                      workers: int | None = None) -> np.ndarray:
+                      workers: int | None = None, executor: Any = None) -> np.ndarray:
         """Class probabilities, computed on the client after decryption."""
-        raw = self._raw(X, fhe, layout, workers)
+        raw = self._raw(X, fhe, layout, workers, executor)
         return self.output_spec_.predict_proba(raw)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
@@ -208,8 +208,8 @@ class _RegressorBase(RegressorMixin, EncryptedLinearModel):
     _task = "regressor"
 
     def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None) -> np.ndarray:
-        raw = self._raw(X, fhe, layout, workers)
+                workers: int | None = None, executor: Any = None) -> np.ndarray:
+        raw = self._raw(X, fhe, layout, workers, executor)
         return self.output_spec_.predict(raw)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:

@@ -172,13 +172,13 @@ class MLPClassifier(ClassifierMixin, _EncryptedMLP):
         return OutputSpec("classifier", classes=tuple(self.classes_.tolist()), proba="softmax")
 
     def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None) -> np.ndarray:
-        return self.output_spec_.predict(self._raw(X, fhe, layout, workers))
+                workers: int | None = None, executor: Any = None) -> np.ndarray:
+        return self.output_spec_.predict(self._raw(X, fhe, layout, workers, executor))
 
     def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                      workers: int | None = None) -> np.ndarray:
+                      workers: int | None = None, executor: Any = None) -> np.ndarray:
         """Softmax of the decrypted logits, computed on the client."""
-        return self.output_spec_.predict_proba(self._raw(X, fhe, layout, workers))
+        return self.output_spec_.predict_proba(self._raw(X, fhe, layout, workers, executor))
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
         return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
@@ -206,8 +206,8 @@ class MLPRegressor(RegressorMixin, _EncryptedMLP):
         return OutputSpec("regressor", ravel=self._ravel)
 
     def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None) -> np.ndarray:
-        return self.output_spec_.predict(self._raw(X, fhe, layout, workers))
+                workers: int | None = None, executor: Any = None) -> np.ndarray:
+        return self.output_spec_.predict(self._raw(X, fhe, layout, workers, executor))
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
         return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
@@ -235,10 +235,10 @@ class CompiledTorchModel(EncryptedModelMixin):
         return self.program_.evaluate(X)
 
     def forward(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None) -> np.ndarray:
+                workers: int | None = None, executor: Any = None) -> np.ndarray:
         """Outputs of the module on X (n, *input_shape): in plaintext, simulated or encrypted
         (large inputs in chunks over `workers` local processes, as the estimators' predict)."""
-        return self._raw(X, fhe, layout, workers)
+        return self._raw(X, fhe, layout, workers, executor)
 
     __call__ = forward
 

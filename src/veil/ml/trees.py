@@ -419,10 +419,11 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         return self.program_.evaluate(self.encoding_.encode(X))
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto", workers: int | None = None) -> np.ndarray:
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto", workers: int | None = None,
+                executor: Any = None) -> np.ndarray:
         """Classes or values; with fhe="execute" the client encodes and encrypts X, the circuit
         runs on ciphertexts and the client decrypts (large X in chunks over `workers` processes)."""
-        raw = self._raw(X, fhe, layout, workers)
+        raw = self._raw(X, fhe, layout, workers, executor)
         return self.output_spec_.predict(raw)
 
 
@@ -433,9 +434,9 @@ class _TreeClassifierMixin:
         return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
 
     def predict_proba(self: Any, X: Any, fhe: str = "disable", layout: str = "auto",
-                      workers: int | None = None) -> np.ndarray:
+                      workers: int | None = None, executor: Any = None) -> np.ndarray:
         """Class probabilities computed on the client from the decrypted raw outputs."""
-        raw = self._raw(X, fhe, layout, workers)
+        raw = self._raw(X, fhe, layout, workers, executor)
         return self.output_spec_.predict_proba(raw)
 
     def _outputs(self: Any) -> tuple[int, OutputSpec]:

@@ -96,7 +96,7 @@ class _Pipeline:
         return self.client.decrypt(response, len(X))
 
 
-def _build(server_dict: dict, client_spec: dict, load_server: Loader, load_client: Loader,
+def build_pipeline(server_dict: dict, client_spec: dict, load_server: Loader, load_client: Loader,
            keys: dict[str, bytes]) -> _Pipeline:
     """Rebuild server and client from their dicts and install the client's secret keys."""
     server = load_server(server_dict)
@@ -292,7 +292,7 @@ class _ProcessPool:
         self.workers = []
 
 
-def _chunk_bytes(X: Any, lo: int, hi: int) -> tuple[bytes, str]:
+def chunk_bytes(X: Any, lo: int, hi: int) -> tuple[bytes, str]:
     """Rows lo:hi as contiguous raw bytes (reads only that slice of a memmap) and their dtype."""
     block = np.asarray(X[lo:hi])
     if block.dtype not in (np.float32, np.float64):
@@ -300,7 +300,7 @@ def _chunk_bytes(X: Any, lo: int, hi: int) -> tuple[bytes, str]:
     return np.ascontiguousarray(block).tobytes(), block.dtype.str
 
 
-def _progress_bar(total: int, n_chunks: int, progress: bool | None) -> Any:
+def progress_bar(total: int, n_chunks: int, progress: bool | None) -> Any:
     """A tqdm bar on stderr in rows; None shows it only for many chunks and on a terminal."""
     from tqdm import tqdm
 
@@ -372,7 +372,7 @@ class ChunkedExecutor:
         with self._lock:
             self._running += 1
         try:
-            with self._run_lock, _progress_bar(n, len(bounds), progress) as bar:
+            with self._run_lock, progress_bar(n, len(bounds), progress) as bar:
                 for (lo, hi), Y in self._results(X, layout, bounds, n_features):
                     if out is None:
                         out = np.empty((n, Y.shape[1]), dtype=np.float64)
@@ -413,7 +413,7 @@ class ChunkedExecutor:
                     if nxt is None:
                         break
                     task_id, (lo, hi) = nxt
-                    data, dtype = _chunk_bytes(X, lo, hi)
+                    data, dtype = chunk_bytes(X, lo, hi)
                     pool.submit(task_id, (layout, data, dtype, n_features))
                     pending[task_id] = (lo, hi)
                 if not pending:
@@ -430,7 +430,7 @@ class ChunkedExecutor:
 
     def _local_pipeline(self) -> _Pipeline:
         if self._local is None:
-            self._local = _build(*self._setup)
+            self._local = build_pipeline(*self._setup)
         return self._local
 
     def _get_pool(self) -> _ProcessPool:

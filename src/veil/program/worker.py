@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     frames_in = os.fdopen(int(args[0]), "rb")
     frames_out = os.fdopen(int(args[1]), "wb")
 
-    from veil.program.parallel import _build, portable_exception, recv_frame, run_chunk, send_frame
+    from veil.program.parallel import build_pipeline, portable_exception, recv_frame, run_chunk, send_frame
 
     try:
-        pipeline = _build(*recv_frame(frames_in))
+        pipeline = build_pipeline(*recv_frame(frames_in))
     except EOFError:
         return 0
     except Exception as exc:

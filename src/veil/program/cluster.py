@@ -1,0 +1,350 @@
+"""Chunked encrypted evaluation on a Ray cluster: `RayExecutor`.
+
+`model.predict(X, fhe="execute", executor=RayExecutor(address))` splits X into chunks of whole
+ciphertexts (`parallel.default_chunk_rows`, as the local process pool does) and runs them on a
+pool of Ray actors, each holding the server circuit loaded once. Two modes, by where the client's
+secret key may go:
+
+- ``ship_keys=False`` (the default): the key never leaves this (driver) process. The driver
+  encrypts a chunk, an actor evaluates it on ciphertexts (`server.run(request, bundle)`, the
+  public bundle sent once to the object store), and the driver decrypts the answer. The cluster
+  sees what a `veil serve` server sees: public keys and ciphertexts. The driver's own core does
+  every encryption and decryption, so this scales the server's work, not the client's.
+- ``ship_keys=True``: each actor also holds the client and its secret key and runs the whole
+  pipeline of a chunk (encrypt, evaluate, decrypt), as the local worker processes do; use it only
+  on a cluster whose every node you trust with the key (it then scales the client's work too).
+
+Steps of a run: (1) check the transport (below) and connect (`ray.init(address)`, a local
+cluster when `address` is None); (2) start the actor pool for this circuit and key (reused while
+the setup stays the same); (3) submit chunks to the least busy actor, at most `in_flight` at a
+time, reading each chunk's rows from X only when it is submitted (a memmap stays on disk);
+(4) write each answer into its rows of the (n, n_outputs) output as it arrives, so results are in
+order and the driver's memory is the output plus the chunks in flight. A chunk that raises on an
+actor raises the same veil exception here, with a note naming its rows; an actor that dies raises
+`ExecutorError`.
+
+Transport: every byte between veil's processes travels over mutually authenticated TLS, so a run
+refuses to start unless Ray's own TLS is configured in this process's environment (Ray reads the
+same variables in every node it starts): ``RAY_USE_TLS=1``, ``RAY_TLS_SERVER_CERT``,
+``RAY_TLS_SERVER_KEY`` and ``RAY_TLS_CA_CERT`` naming readable files, set before ray is imported
+(Ray reads them on import; a process that imported ray without them is refused rather than left
+waiting on a handshake it cannot make). Each node's certificate must be issued by that CA and name
+the node's IP address (Ray binds its node IP, not loopback); the certificate also authenticates
+the node as a client, so the TLS is mutual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import ipaddress
+import math
+import os
+import pickle
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.errors import ExecutorError, ShapeError
+from veil.he.keys import PublicBundle, SecretKeys
+from veil.program.parallel import (
+    IN_FLIGHT_PER_WORKER,
+    Loader,
+    build_pipeline,
+    chunk_bytes,
+    default_chunk_rows,
+    progress_bar,
+    run_chunk,
+)
+
+TLS_VARIABLES = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+
+
+def check_tls(environ: dict[str, str] | None = None) -> None:
+    """Refuse (ExecutorError) unless Ray's mutual TLS is configured: RAY_USE_TLS set to 1 (or
+    true) and the certificate, key and CA variables naming readable files."""
+    env = os.environ if environ is None else environ
+    problems = []
+    if env.get("RAY_USE_TLS", "").strip().lower() not in ("1", "true"):
+        problems.append("RAY_USE_TLS is not 1")
+    for name in TLS_VARIABLES:
+        path = env.get(name)
+        if not path:
+            problems.append(f"{name} is not set")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{name}={path} is not a readable file")
+    if not problems and environ is None and _imported_before_tls():
+        problems.append("ray was imported before RAY_USE_TLS was set, and Ray reads it on import: set the "
+                        "variables before starting Python (or at least before importing ray)")
+    if problems:
+        raise ExecutorError(
+            "RayExecutor sends ciphertexts, keys and the model between processes, which must use mutually "
+            "authenticated TLS; configure Ray's TLS (RAY_USE_TLS=1, RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY, "
+            "RAY_TLS_CA_CERT) in this process and on every node: " + "; ".join(problems))
+
+
+def local_addresses() -> tuple[str, ...]:
+    """This machine's IPv4 addresses a local Ray node may bind: loopback, the host name's
+    addresses and the outgoing interface's (found without sending a packet)."""
+    ips = {"127.0.0.1"}
+    with contextlib.suppress(OSError):
+        ips.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # a UDP connect selects a route; nothing is sent
+        ips.add(s.getsockname()[0])
+    return tuple(sorted(ips))
+
+
+def write_dev_tls(directory: str | Path, ips: tuple[str, ...] | None = None, days: int = 7) -> dict[str, str]:
+    """For a development cluster on one machine: a CA and one node certificate (P-256, naming
+    `ips`, default `local_addresses()`) written to `directory`; returns the RAY_* variables that
+    use them, to put in the environment before Python starts. Production clusters issue one
+    certificate per node from their own CA and keep its key off the nodes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(subject: str, key: Any, issuer: x509.Name, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            names = [x509.DNSName("localhost"),
+                     *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in (ips or local_addresses()))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "veil development Ray CA")])
+    ca = cert("veil development Ray CA", ca_key, ca_name, ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    node = cert("veil Ray node", key, ca_name, ca_key, False)
+    pem = serialization.Encoding.PEM
+    key_path = out / "node.key"
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (out / "node.pem").write_bytes(node.public_bytes(pem))
+    (out / "ca.pem").write_bytes(ca.public_bytes(pem))
+    return {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(out / "node.pem"),
+            "RAY_TLS_SERVER_KEY": str(key_path), "RAY_TLS_CA_CERT": str(out / "ca.pem")}
+
+
+def _imported_before_tls() -> bool:
+    """True when ray is already imported in this process although RAY_USE_TLS was not in the
+    environment the process started with (Linux's /proc/self/environ): ray may then have read an
+    environment without TLS, and its connections would fail or wait for ever. False when unsure."""
+    if "ray" not in sys.modules:
+        return False
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            start = f.read().split(b"\0")
+    except OSError:
+        return False
+    return not any(entry.split(b"=", 1)[0] == b"RAY_USE_TLS" and entry.split(b"=", 1)[-1].lower() in (b"1", b"true")
+                   for entry in start)
+
+
+class _ChunkActor:
+    """One Ray actor: the server circuit, loaded once; with a pipeline setup also the client and
+    its secret keys (``ship_keys=True``)."""
+
+    def __init__(self, server_dict: dict, load_server: Loader, pipeline_setup: tuple | None) -> None:
+        if pipeline_setup is not None:
+            self.pipeline = build_pipeline(*pipeline_setup)
+            self.server = self.pipeline.server
+        else:
+            self.pipeline = None
+            self.server = load_server(server_dict)
+
+    def ready(self) -> bool:
+        return True
+
+    def set_bundle(self, bundle: bytes) -> bool:
+        """Load the client's public bundle (evaluation keys) for the chunks of a run."""
+        self.bundle = PublicBundle.from_bytes(bundle)
+        return True
+
+    def evaluate(self, request: bytes) -> bytes:
+        """The server's answer to one encrypted chunk under the run's public bundle (no secret key here)."""
+        return self.server.run(request, self.bundle)
+
+    def run_chunk(self, layout: str, data: bytes, dtype: str, n_features: int) -> np.ndarray:
+        """Encrypt, evaluate and decrypt one chunk (only on actors that were given the keys)."""
+        if self.pipeline is None:
+            raise ExecutorError("this actor holds no client keys (ship_keys=False)")
+        return run_chunk(self.pipeline, layout, data, dtype, n_features)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The exception a chunk raised on an actor (Ray wraps it), or ExecutorError for a dead actor."""
+    import ray.exceptions as rex
+
+    if isinstance(exc, rex.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            return cause
+        return ExecutorError(f"a Ray task failed: {exc}")
+    if isinstance(exc, rex.RayActorError | rex.WorkerCrashedError | rex.ObjectLostError):
+        return ExecutorError(f"a Ray actor died during encrypted evaluation (killed or out of memory?): {exc}")
+    return exc
+
+
+class RayExecutor:
+    """Runs `fhe="execute"` chunks on a Ray cluster (see the module docstring for the two modes
+    and the TLS requirement). Pass it as ``predict(X, fhe="execute", executor=...)``.
+
+    `address`: a Ray cluster address for `ray.init` (None: connect to the one this process already
+    initialised, else start a local cluster). `actors`: actors in the pool (None: one per CPU of
+    the cluster). `ship_keys`: let the actors hold the client's secret key. `in_flight`: chunks
+    submitted at once (None: two per actor). `init_options`: extra keyword arguments of
+    `ray.init`. `close()` stops the actors and, if this executor started Ray, Ray itself."""
+
+    def __init__(self, address: str | None = None, *, actors: int | None = None, ship_keys: bool = False,
+                 in_flight: int | None = None, init_options: dict[str, Any] | None = None) -> None:
+        for name, value in (("actors", actors), ("in_flight", in_flight)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self.address = address
+        self.actors = actors
+        self.ship_keys = bool(ship_keys)
+        self.in_flight = in_flight
+        self.init_options = dict(init_options or {})
+        self._lock = threading.Lock()
+        self._started_ray = False
+        self._pool: list[Any] = []
+        self._pool_key: str | None = None
+
+    def _connect(self) -> Any:
+        check_tls()
+        import ray
+
+        if not ray.is_initialized():
+            options = {"include_dashboard": False, "log_to_driver": False, **self.init_options}
+            ray.init(address=self.address, **options)
+            self._started_ray = True
+        return ray
+
+    def _actors_for(self, ray: Any, server_dict: dict, load_server: Loader, pipeline_setup: tuple | None) -> list:
+        key = hashlib.sha256(pickle.dumps((server_dict, load_server, pipeline_setup),
+                                          protocol=pickle.HIGHEST_PROTOCOL)).hexdigest()
+        if self._pool and self._pool_key == key:
+            return self._pool
+        self._kill_pool(ray)
+        n = self.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        remote = ray.remote(num_cpus=1)(_ChunkActor)
+        pool = [remote.remote(server_dict, load_server, pipeline_setup) for _ in range(n)]
+        self._pool, self._pool_key = pool, key
+        self._call(ray, [a.ready.remote() for a in pool])
+        return pool
+
+    def _call(self, ray: Any, refs: list) -> list:
+        """`ray.get(refs)`; on failure the pool goes (a later run starts a new one) and the error
+        is raised as veil's."""
+        try:
+            return ray.get(refs)
+        except Exception as exc:
+            self._kill_pool(ray)
+            raise _unwrap(exc) from None
+
+    def _kill_pool(self, ray: Any) -> None:
+        for actor in self._pool:
+            ray.kill(actor)
+        self._pool, self._pool_key = [], None
+
+    def execute(self, X: Any, *, server_dict: dict, client_spec: dict, load_server: Loader, load_client: Loader,
+                keys: dict[str, bytes], layout: str, chunk_rows: int | None = None,
+                progress: bool | None = None) -> np.ndarray:
+        """Raw decrypted outputs (n, n_outputs) for the rows of X (array or memmap), in order; the
+        same arguments as `parallel.execute_chunked`. Calls from several threads run one after
+        the other."""
+        if getattr(X, "ndim", None) != 2:
+            X = np.asarray(X)
+            if X.ndim != 2:
+                raise ShapeError(f"expected a 2-D array of samples, got shape {X.shape}")
+        n, n_features = int(X.shape[0]), int(X.shape[1])
+        if n == 0:
+            raise ShapeError("no samples to encrypt")
+        client = load_client(client_spec)
+        if layout not in client.params:
+            raise ShapeError(f"unknown layout {layout!r}; this circuit supports {sorted(client.params)}")
+        if layout not in keys:
+            raise ShapeError(f"no keys for layout {layout!r}")
+        client.set_keys(layout, SecretKeys.from_bytes(keys[layout]))
+        slots = int(client.params[layout].slot_count)
+        rows = default_chunk_rows(client, layout) if chunk_rows is None else math.ceil(chunk_rows / slots) * slots
+        bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
+        with self._lock:
+            ray = self._connect()
+            setup = (server_dict, client_spec, load_server, load_client, {layout: keys[layout]})
+            pool = self._actors_for(ray, server_dict, load_server, setup if self.ship_keys else None)
+            if not self.ship_keys:
+                bundle = ray.put(client.public_bundle(layout).to_bytes())
+                self._call(ray, [actor.set_bundle.remote(bundle) for actor in pool])
+            limit = self.in_flight or IN_FLIGHT_PER_WORKER * len(pool)
+            busy = {i: 0 for i in range(len(pool))}
+            pending: dict[Any, tuple[int, int, int]] = {}
+            out: np.ndarray | None = None
+            todo = iter(bounds)
+            with progress_bar(n, len(bounds), progress) as bar:
+                while True:
+                    while len(pending) < limit and (nxt := next(todo, None)) is not None:
+                        lo, hi = nxt
+                        i = min(busy, key=busy.__getitem__)
+                        if self.ship_keys:
+                            data, dtype = chunk_bytes(X, lo, hi)
+                            ref = pool[i].run_chunk.remote(layout, data, dtype, n_features)
+                        else:
+                            ref = pool[i].evaluate.remote(client.encrypt(np.asarray(X[lo:hi]), layout))
+                        busy[i] += 1
+                        pending[ref] = (i, lo, hi)
+                    if not pending:
+                        break
+                    (ref,), _ = ray.wait(list(pending), num_returns=1)
+                    i, lo, hi = pending.pop(ref)
+                    busy[i] -= 1
+                    try:
+                        answer = ray.get(ref)
+                        Y = answer if self.ship_keys else client.decrypt(answer, hi - lo)
+                    except Exception as exc:
+                        err = _unwrap(exc)
+                        err.add_note(f"in the chunk of rows {lo}:{hi} (sample numbers above count from {lo})")
+                        if isinstance(err, ExecutorError):
+                            self._kill_pool(ray)
+                        raise err from None
+                    if out is None:
+                        out = np.empty((n, Y.shape[1]), dtype=np.float64)
+                    out[lo:hi] = Y
+                    bar.update(hi - lo)
+        assert out is not None
+        return out
+
+    def close(self) -> None:
+        """Stop this executor's actors, and Ray if this executor started it (idempotent)."""
+        with self._lock:
+            try:
+                import ray
+            except ImportError:
+                return
+            if ray.is_initialized():
+                self._kill_pool(ray)
+                if self._started_ray:
+                    ray.shutdown()
+            self._pool, self._pool_key, self._started_ray = [], None, False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,219 @@
+"""`RayExecutor` on a local Ray cluster with mutual TLS, against the in-process reference path.
+
+Ray reads its TLS variables when it is imported, so the cluster scenarios run in one child
+process whose environment holds them from the start (certificates this module issues for the
+node's addresses), on a local two-CPU cluster, with the digits model and chunks of one ciphertext
+(4,096 rows); the tests assert on what it reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from veil.errors import ExecutorError
+from veil.program.cluster import RayExecutor, check_tls, local_addresses, write_dev_tls
+
+from . import test_parallel
+from .test_parallel import SLOTS, resampled
+
+digits_model = test_parallel.digits_model  # the same module-scoped fixture
+
+
+CLUSTER_RUN = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import ray
+    from sklearn.datasets import load_digits
+    from veil.ml import LogisticRegression
+    from veil.program import load_client, load_server
+    from veil.program.cluster import RayExecutor
+
+    SLOTS = 4096
+    X0, y0 = load_digits(return_X_y=True)
+    model = LogisticRegression(max_iter=2000).fit(X0, y0).compile(X0)
+    client = model.fhe_client
+    setup = {"server_dict": model.circuit_.to_dict(), "client_spec": model.circuit_.client_spec(),
+             "load_server": load_server, "load_client": load_client,
+             "keys": {"batch": client.keys("batch").to_bytes()}, "layout": "batch"}
+
+    def rows(n, seed):
+        rng = np.random.default_rng(seed)
+        X = X0[rng.integers(0, len(X0), n)] + rng.normal(0.0, 0.3, (n, X0.shape[1]))
+        return np.clip(X, 0.0, 16.0)
+
+    def rel_err(got, X):
+        ref = client.decrypt(model.circuit_.run(client.encrypt(X, "batch"), client.public_bundle("batch")))
+        return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))) if got.shape == ref.shape else 1e9
+
+    def failure(fn):
+        try:
+            fn()
+        except Exception as exc:
+            return {"type": type(exc).__name__, "mro": [c.__name__ for c in type(exc).__mro__],
+                    "message": str(exc), "notes": getattr(exc, "__notes__", [])}
+        return None
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    out = {"node_ip": ray.util.get_node_ip_address()}
+    X = rows(3 * SLOTS + 123, 11)
+    for ship in (False, True):
+        ex = RayExecutor(ship_keys=ship)
+        got = ex.execute(X, **setup, chunk_rows=SLOTS)
+        labels = model.predict(X[: 2 * SLOTS], fhe="execute", executor=ex)
+        out[f"ship_{ship}"] = {"rel_err": rel_err(got, X), "shape": list(got.shape), "actors": len(ex._pool),
+                               "agreement": float(np.mean(labels == model.predict(X[: 2 * SLOTS])))}
+        ex.close()
+        out[f"ship_{ship}"]["ray_still_up"] = ray.is_initialized()
+
+    path = sys.argv[1] + "/rows.f64"
+    Xm = rows(2 * SLOTS + 5, 12)
+    Xm.tofile(path)
+    with RayExecutor() as ex:
+        got = ex.execute(np.memmap(path, dtype=np.float64, mode="r", shape=Xm.shape), **setup, chunk_rows=SLOTS)
+    out["memmap_rel_err"] = rel_err(got, Xm)
+
+    with RayExecutor(actors=1) as ex:
+        ex.execute(rows(SLOTS, 13), **setup)
+        (actor,) = ex._pool
+        data = rows(4, 14).tobytes()
+        out["keyless_actor"] = failure(lambda: ray.get(actor.run_chunk.remote("batch", data, "<f8", 64)))
+
+    Xbad = rows(3 * SLOTS, 15)
+    Xbad[SLOTS + 7, 3] = np.nan
+    with RayExecutor(ship_keys=True) as ex:
+        out["bad_chunk"] = failure(lambda: ex.execute(Xbad, **setup, chunk_rows=SLOTS))
+
+    X2 = rows(2 * SLOTS, 16)
+    with RayExecutor(actors=2) as ex:
+        ex.execute(X2, **setup, chunk_rows=SLOTS)
+        for a in ex._pool:
+            ray.kill(a, no_restart=True)
+        out["dead_actors"] = failure(lambda: ex.execute(X2, **setup, chunk_rows=SLOTS))
+        out["pool_after_death"] = len(ex._pool)
+        out["after_death_rel_err"] = rel_err(ex.execute(X2, **setup, chunk_rows=SLOTS), X2)
+    ray.shutdown()
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory):
+    """One process that sets Ray's TLS variables before importing ray, starts a local two-CPU
+    cluster and runs every scenario below on it; its findings as a dict."""
+    ips = local_addresses()
+    env = {**os.environ, **write_dev_tls(out := tmp_path_factory.mktemp("raytls"), ips)}
+    proc = subprocess.run([sys.executable, "-c", CLUSTER_RUN, str(out)], capture_output=True, text=True,
+                          timeout=900, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["node_ip"] in ips, (result["node_ip"], ips)  # the certificate named the node Ray bound
+    return result
+
+
+def test_check_tls_names_what_is_missing(tmp_path):
+    with pytest.raises(ExecutorError, match=r"RAY_USE_TLS is not 1.*RAY_TLS_SERVER_CERT is not set"):
+        check_tls({})
+    env = {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(tmp_path / "absent.pem"),
+           "RAY_TLS_SERVER_KEY": str(tmp_path / "absent.key"), "RAY_TLS_CA_CERT": str(tmp_path / "absent-ca.pem")}
+    with pytest.raises(ExecutorError, match=r"absent\.pem is not a readable file"):
+        check_tls(env)
+    for name in ("absent.pem", "absent.key", "absent-ca.pem"):
+        (tmp_path / name).write_text("x")
+    check_tls(env)
+
+
+def test_a_run_without_tls_is_refused_before_ray_starts(digits_model, monkeypatch):
+    for name in ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT"):
+        monkeypatch.delenv(name, raising=False)
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    with pytest.raises(ExecutorError, match="mutually authenticated TLS"):
+        digits_model.predict(resampled(10), fhe="execute", executor=RayExecutor())
+    assert ("ray" in sys.modules and sys.modules["ray"].is_initialized()) == running  # refused before connecting
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("ship_keys", [False, True])
+def test_ray_chunks_agree_with_the_in_process_path_in_order(cluster_run, ship_keys):
+    got = cluster_run[f"ship_{ship_keys}"]
+    assert got["shape"] == [3 * SLOTS + 123, 10]
+    assert got["rel_err"] <= 1e-5  # fresh CKKS noise only; a misplaced chunk would differ by units
+    assert got["agreement"] == 1.0
+    assert got["actors"] == 2  # one per CPU of the cluster
+    assert got["ray_still_up"], "an executor that did not start Ray must not stop it"
+
+
+def test_a_memmap_is_read_chunk_by_chunk(cluster_run):
+    assert cluster_run["memmap_rel_err"] <= 1e-5
+
+
+def test_without_ship_keys_the_actors_hold_no_client_key(cluster_run):
+    failure = cluster_run["keyless_actor"]
+    assert failure is not None and "ExecutorError" in failure["mro"]
+    assert "holds no client keys" in failure["message"]
+
+
+def test_a_chunk_failing_on_an_actor_raises_its_own_veil_error_with_its_rows(cluster_run):
+    failure = cluster_run["bad_chunk"]
+    assert failure is not None and failure["type"] == "ShapeError", failure
+    assert any(f"rows {SLOTS}:{2 * SLOTS}" in note for note in failure["notes"]), failure
+
+
+def test_dead_actors_raise_executor_error_and_the_next_run_starts_a_new_pool(cluster_run):
+    failure = cluster_run["dead_actors"]
+    assert failure is not None and failure["type"] == "ExecutorError" and "actor died" in failure["message"]
+    assert cluster_run["pool_after_death"] == 0
+    assert cluster_run["after_death_rel_err"] <= 1e-5
+
+
+IMPORTED_FIRST = textwrap.dedent("""
+    import os, sys
+    import ray
+    os.environ.update(RAY_USE_TLS="1", RAY_TLS_SERVER_CERT=sys.argv[1], RAY_TLS_SERVER_KEY=sys.argv[1],
+                      RAY_TLS_CA_CERT=sys.argv[1])
+    from veil.errors import ExecutorError
+    from veil.program.cluster import check_tls
+    try:
+        check_tls()
+    except ExecutorError as exc:
+        print("refused:", exc)
+    else:
+        print("accepted")
+""")
+
+
+def test_tls_set_after_ray_was_imported_is_refused_not_left_hanging(tmp_path):
+    (tmp_path / "f.pem").write_text("x")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", IMPORTED_FIRST, str(tmp_path / "f.pem")], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert "refused:" in out.stdout and "imported before RAY_USE_TLS" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_bad_arguments_are_refused(digits_model):
+    with pytest.raises(ValueError, match="actors"):
+        RayExecutor(actors=0)
+    with pytest.raises(ValueError, match="not both"):
+        digits_model.predict(resampled(4), fhe="execute", workers=2, executor=RayExecutor())
+    with pytest.raises(TypeError, match="execute"):
+        digits_model.predict(resampled(4), fhe="execute", executor=object())
+
+
+def test_dev_tls_names_the_addresses_and_keeps_its_key_private(tmp_path):
+    from cryptography import x509
+
+    env = write_dev_tls(tmp_path / "tls", ("127.0.0.1", "10.1.2.3"))
+    check_tls(env)
+    assert os.stat(env["RAY_TLS_SERVER_KEY"]).st_mode & 0o077 == 0
+    node = x509.load_pem_x509_certificate(Path(env["RAY_TLS_SERVER_CERT"]).read_bytes())
+    ca = x509.load_pem_x509_certificate(Path(env["RAY_TLS_CA_CERT"]).read_bytes())
+    node.verify_directly_issued_by(ca)
+    san = node.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
+    assert "127.0.0.1" in local_addresses()
