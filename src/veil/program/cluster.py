@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import importlib.abc
 import ipaddress
 import math
 import os
@@ -70,7 +71,7 @@ def check_tls(environ: dict[str, str] | None = None) -> None:
     true) and the certificate, key and CA variables naming readable files."""
     env = os.environ if environ is None else environ
     problems = []
-    if env.get("RAY_USE_TLS", "").strip().lower() not in ("1", "true"):
+    if not _tls_enabled(env.get("RAY_USE_TLS")):
         problems.append("RAY_USE_TLS is not 1")
     for name in TLS_VARIABLES:
         path = env.get(name)
@@ -141,10 +142,34 @@ def write_dev_tls(directory: str | Path, ips: tuple[str, ...] | None = None, day
             "RAY_TLS_SERVER_KEY": str(key_path), "RAY_TLS_CA_CERT": str(out / "ca.pem")}
 
 
+def _tls_enabled(value: str | bytes | None) -> bool:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return (value or "").strip().lower() in ("1", "true")
+
+
+class _RayImportWatch(importlib.abc.MetaPathFinder):
+    """Notes whether RAY_USE_TLS was set when ray is first imported (it finds nothing itself)."""
+
+    tls_at_import: bool | None = None
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "ray" and self.tls_at_import is None:
+            type(self).tls_at_import = _tls_enabled(os.environ.get("RAY_USE_TLS"))
+        return None
+
+
+if "ray" not in sys.modules:
+    sys.meta_path.insert(0, _RayImportWatch())
+
+
 def _imported_before_tls() -> bool:
-    """True when ray is already imported in this process although RAY_USE_TLS was not in the
-    environment the process started with (Linux's /proc/self/environ): ray may then have read an
-    environment without TLS, and its connections would fail or wait for ever. False when unsure."""
+    """True when ray was imported in this process without RAY_USE_TLS set: ray may then have read
+    an environment without TLS, and its connections would fail or wait for ever. Known exactly
+    when ray is imported after this module; otherwise judged from the environment the process
+    started with (Linux's /proc/self/environ). False when unsure."""
+    if _RayImportWatch.tls_at_import is not None:
+        return not _RayImportWatch.tls_at_import
     if "ray" not in sys.modules:
         return False
     try:
@@ -152,7 +177,7 @@ def _imported_before_tls() -> bool:
             start = f.read().split(b"\0")
     except OSError:
         return False
-    return not any(entry.split(b"=", 1)[0] == b"RAY_USE_TLS" and entry.split(b"=", 1)[-1].lower() in (b"1", b"true")
+    return not any(entry.split(b"=", 1)[0] == b"RAY_USE_TLS" and _tls_enabled(entry.split(b"=", 1)[-1])
                    for entry in start)
 
 
