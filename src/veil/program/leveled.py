@@ -37,6 +37,7 @@ from veil.program.planner import (
     diagonal_steps,
     interval_bounds,
     required_keys,
+    row_capable,
     stage_levels,
 )
 
@@ -47,6 +48,21 @@ a forged or oversized program is refused at load, not by exhausting the server's
 COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
 """Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
 PROGRAM_LAYOUTS = ("batch", "row")
+CARRIED = (0.0, 1.0, 0.0)
+"""The element of a per-element polynomial that carries its value unchanged (a skip connection)."""
+
+
+def check_normal(stages: list[Op]) -> None:
+    """Every element of a per-element polynomial is +-z^2 + c1 z + c0 or the carried identity, as
+    `normalise` leaves them (anything else would be evaluated wrongly, or as a key-independent
+    product SEAL refuses)."""
+    for i, op in enumerate(stages):
+        if isinstance(op, Poly) and not op.is_uniform:
+            c0, c1, c2 = op.coeffs
+            carried = (c2 == 0.0) & (c1 == 1.0) & (c0 == 0.0)
+            if not np.all(carried | (np.abs(c2) == 1.0)):
+                raise WireFormatError(f"stage {i}: a per-element polynomial must be normalised (leading "
+                                      "coefficients +-1, or the carried identity)")
 
 
 def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
@@ -82,6 +98,8 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
             raise WireFormatError(f"the {name} plan's input bounds do not fit its modulus")
         if p.layout == "batch" and (p.half or p.rotation_steps):
             raise WireFormatError("the batch layout uses no blocks or rotations")
+        if p.layout == "row" and stages is not None and not row_capable(stages):
+            raise WireFormatError("the row layout cannot run per-element polynomials")
         if p.layout == "row" and (p.half < 1 or p.half & (p.half - 1)
                                   or not set(diagonal_steps(p.half)[2]) <= set(p.rotation_steps)):
             raise WireFormatError(f"the row layout's block half-width {p.half} must be a power of two "
@@ -141,6 +159,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
                  encoding: ThermometerEncoding | None = None) -> None:
         self.program = Program(n_inputs, stages)
         self.stages = self.program.ops
+        check_normal(self.stages)
         self.encoding = encoding
         if encoding is not None and encoding.width != n_inputs:
             raise ShapeError(f"the input encoding gives {encoding.width} values, the program takes {n_inputs}")
@@ -290,9 +309,13 @@ class LeveledCircuit(LeveledKind, ServerBase):
             out = [self._run_row(ct, bundle, packing) for ct in cts]
         return ctx.pack([c.data for c in out], {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
 
-    def _poly(self, z: Ciphertext, op: Poly, relin: bool, bundle: PublicBundle,
+    def _poly(self, z: Ciphertext, coeffs: tuple[float, float, float], relin: bool, bundle: PublicBundle,
               c0_vector: np.ndarray | None = None) -> Ciphertext:
-        c0, c1, sign = op.coeffs
+        """s z^2 + c1 z + c0 with s = +-1, or z itself for a carried element (0, 1, 0): the
+        product by 1 at the ciphertext's scale keeps it at the squares' level and scale."""
+        c0, c1, sign = coeffs
+        if coeffs == CARRIED:
+            return z.mul_plain_(1.0, z.scale).rescale_()
         t = z.square()
         if relin:
             t.relinearize_(bundle.relin_keys)
@@ -312,7 +335,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
                 xs = self._linear_batch(op, xs)
             else:
                 relin = self.plans["batch"].relinearize_at(i, self.stages)
-                xs = [self._poly(z, op, relin, bundle) for z in xs]
+                xs = [self._poly(z, op.element(j), relin, bundle) for j, z in enumerate(xs)]
         return xs
 
     @staticmethod
@@ -428,7 +451,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
                 bias = np.tile(np.r_[op.bias, np.zeros(2 * half - op.n_out)], slots // (2 * half))
                 x = acc.add_(bias).rescale_()
             else:
-                x = self._poly(x, op, plan.relinearize_at(i, self.stages), bundle, c0_vector=mask)
+                x = self._poly(x, op.coeffs, plan.relinearize_at(i, self.stages), bundle, c0_vector=mask)
         return x
 
 
