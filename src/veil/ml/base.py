@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from veil.errors import NotCompiledError
 from veil.ml.outputs import OutputSpec
 from veil.program import Circuit, Client, load_client, load_server, parallel
+from veil.program.common import local_transport
 
 FHE_MODES = ("disable", "simulate", "execute")
 SERVER_FILE = "server.json"
@@ -67,9 +68,11 @@ class EncryptedModelMixin:
 
     def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None) -> np.ndarray:
         """Raw outputs (n_samples, n_outputs) computed in the requested mode. With fhe="execute",
-        inputs above one chunk (`parallel.DEFAULT_CHUNK_CTS` full ciphertexts) run chunk by chunk
-        in `workers` local processes (None: one per CPU; 1: chunked in this process), so memory
-        stays bounded whatever the number of rows; smaller inputs run here in one go."""
+        inputs above one chunk (the client's `chunk_rows`: `parallel.DEFAULT_CHUNK_CTS` full
+        ciphertexts, or fewer rows for a staged program's widest stage) run chunk by chunk in
+        `workers` local processes (None: one per CPU; 1: chunked in this process), so memory
+        stays bounded whatever the number of rows; smaller inputs run here in one go. Either way
+        the client runs its whole protocol (`infer`: one round trip, or one per stage)."""
         if fhe not in FHE_MODES:
             raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -83,14 +86,12 @@ class EncryptedModelMixin:
         name = client.choose_layout(len(X)) if layout == "auto" else layout
         if fhe == "simulate":
             return self.circuit_.simulate(X, name)
-        if len(X) > parallel.DEFAULT_CHUNK_CTS * client.params[name].slot_count:
+        if len(X) > client.chunk_rows(name):
             return parallel.execute_chunked(
                 X, server_dict=self.circuit_.to_dict(), client_spec=self.circuit_.client_spec(),
                 load_server=load_server, load_client=load_client,
                 keys={name: client.keys(name).to_bytes()}, layout=name, workers=workers)
-        request = client.encrypt(X, name)
-        response = self.circuit_.run(request, client.public_bundle(name))
-        return client.decrypt(response, len(X))
+        return client.infer(X, name, local_transport(self.circuit_, client))
 
     @property
     def fhe_client(self) -> Client:

@@ -9,10 +9,11 @@ receives only its slice of X (raw bytes, not a pickled array), and the parent ke
 decrypted outputs, so peak memory does not grow with n beyond the (n, n_outputs) result.
 
 The executor knows circuits only through their duck-typed interface (the server's
-`run(request, bundle) -> bytes`; the client's `encrypt`, `decrypt`, `public_bundle`, `set_keys`
-and `params[layout].slot_count`), and rebuilds both sides in a worker from plain dicts with the
-module-level factories it is given (`LinearCircuit.from_dict` and `CircuitClient` today), so any
-circuit with that interface runs unchanged.
+`run(request, bundle) -> bytes`; the client's `infer` (its whole protocol over a transport: one
+round trip, or one per stage of a staged program), `public_bundle`, `set_keys`, `chunk_rows` and
+`params[layout].slot_count`), and rebuilds both sides in a worker from plain dicts with the
+module-level factories it is given (`load_server` and `load_client`), so any circuit kind with
+that interface runs unchanged.
 
 Security note: this runs both sides in local processes of the same user, as the in-process
 `fhe="execute"` mode does. The client's secret keys (serialized by `SecretKeys.to_bytes`) cross
@@ -52,11 +53,9 @@ import numpy as np
 
 from veil.errors import ExecutorError, ShapeError
 from veil.he.keys import SecretKeys
+from veil.program.common import DEFAULT_CHUNK_CTS as DEFAULT_CHUNK_CTS
+from veil.program.common import local_transport
 
-DEFAULT_CHUNK_CTS = 4
-"""Default chunk size in full ciphertexts' worth of rows (4 x 4096 = 16,384 rows for the batch
-layout): big enough that per-chunk overhead (IPC, headers) is negligible, small enough that a few
-chunks per worker balance the load and each in-flight chunk stays at tens of megabytes."""
 IN_FLIGHT_PER_WORKER = 2
 PROGRESS_MIN_CHUNKS = 16
 """With progress=None a bar is shown (on a terminal) from this many chunks on."""
@@ -79,9 +78,7 @@ class _Pipeline:
         self.client = client
 
     def __call__(self, X: np.ndarray, layout: str) -> np.ndarray:
-        request = self.client.encrypt(X, layout)
-        response = self.server.run(request, self.client.public_bundle(layout))
-        return self.client.decrypt(response, len(X))
+        return self.client.infer(X, layout, local_transport(self.server, self.client))
 
 
 def _build(server_dict: dict, client_spec: dict, load_server: Loader, load_client: Loader,
@@ -316,7 +313,7 @@ class ChunkedExecutor:
             raise ShapeError(f"unknown layout {layout!r}; this circuit supports {sorted(self.client.params)}")
         slots = int(self.client.params[layout].slot_count)
         if chunk_rows is None:
-            return DEFAULT_CHUNK_CTS * slots
+            return self.client.chunk_rows(layout)
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int | np.integer) or chunk_rows <= 0:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         return math.ceil(int(chunk_rows) / slots) * slots
