@@ -217,3 +217,39 @@ def test_server_refuses_missing_stages_and_other_stages_shapes(lenet):
     while (request := session.request()) is not None:
         session.receive(server.run(request, bundle))
     np.testing.assert_allclose(session.result(), model.forward(Xte[:1]), atol=1e-3)
+
+
+class Functional(nn.Module):
+    """Functional forms, shape arithmetic, PReLU and LayerNorm (their weights stay on the server)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.prelu = nn.PReLU(3)
+        self.norm = nn.LayerNorm(12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(self.prelu(self.conv(x)), 3)
+        x = x.view(x.size(0), -1)
+        return torch.softmax(self.fc(torch.tanh(self.norm(x))) * 2.0, dim=1)
+
+
+def test_functional_forms_prelu_and_layer_norm():
+    torch.manual_seed(0)
+    net = Functional()
+    with torch.no_grad():
+        net.prelu.weight.copy_(torch.tensor([0.1, -0.3, 0.7]))
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-0.5, 0.5)
+    net.eval()
+    X = np.random.default_rng(0).uniform(size=(40, 1, 8, 8))
+    model = ml.compile_torch_model(net, X, nonlinear="client")
+    steps = [(s.op, s.params) for s in model.circuit_.graph.steps]
+    assert ("clamp", {"max": 0.0}) in steps and ("layer_norm", {"normalized_shape": [12], "eps": 1e-5}) in steps
+    assert '"weights"' not in json.dumps(model.circuit_.client_spec())
+    public = json.dumps(model.circuit_.graph.to_dict())
+    assert "0.7" not in public and "-0.3" not in public  # the PReLU slopes are in no client step
+    ref = _reference(net, X[:10])
+    np.testing.assert_allclose(model.forward(X[:10]), ref, atol=1e-6)
+    np.testing.assert_allclose(model.forward(X[:10], fhe="execute", layout="row"), ref, atol=1e-4)
