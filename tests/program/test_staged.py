@@ -143,3 +143,21 @@ def test_per_element_polynomials_normalise_round_trip_and_stay_out_of_the_row_la
     odd = Poly((np.zeros(4), np.zeros(4), np.array([1.0, 0.0, 0.5, 1.0])))  # not normalised
     with pytest.raises(WireFormatError, match="normalised"):
         LeveledCircuit([stages[0], odd, stages[2]], 3, circuit.plans)
+
+
+def test_planned_bound_holds_for_the_worst_inputs_of_the_box():
+    rng = np.random.default_rng(3)
+    op = Linear(rng.normal(size=(6, 10)) * np.array([1e-9, 1.0, 3.0, 1e-3, 1.0, 2.0, 5.0, 1e-7, 1.0, 1.0]),
+                rng.normal(size=6))
+    X = rng.uniform(-1.0, 1.0, size=(100, 10))
+    graph = StagedGraph([(10,), (6,)], [], [StageIO((0,), (1,))], 1)
+    circuit = compile_staged(graph, [op], {0: X})
+    server, client = load_server(circuit.to_dict()), load_client(circuit.client_spec())
+    box = circuit.boxes[0]
+    worst = np.sign(op.weight) * box  # each row's largest output, a corner of the accepted box
+    for layout in ("batch", "row"):
+        out = client.infer(worst, layout, local_transport(server, client))
+        np.testing.assert_allclose(np.diag(out), np.abs(op.weight) @ box + op.bias, rtol=1e-5)
+        assert np.max(np.abs(out)) <= circuit.bounds[0]
+    with pytest.raises(PrecisionError, match="stage 0 input"):
+        client.infer(worst * 1.01, "batch", local_transport(server, client))

@@ -19,8 +19,9 @@ Protocol, for rows X (one round trip per stage; the server keeps no state betwee
    header names the stage again;
 3. the client decrypts the answer (its header must name stage s, the layout and the rows it
    sent), checks every value against the stage's planned bound, max_j sum_f |W_jf| box_f + |b_j|
-   with a 1e-3 margin for CKKS noise (a value beyond it is impossible for an honest answer to an
-   accepted request: it means wrap-around, other keys or a forged answer, and raises
+   with the weights as quantized, plus the inputs' rounding, ten standard deviations of CKKS
+   noise and a 1e-3 margin (`planned_bound`: a value beyond it is impossible for an honest answer
+   to an accepted request; it means wrap-around, other keys or a forged answer, and raises
    `PrecisionError`; a forged answer within the bound cannot be told from a true one), then runs
    round s + 1's steps, exactly, in float64;
 4. after the last round the output value is the answer.
@@ -58,7 +59,7 @@ import numpy as np
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import PublicBundle, SecretKeys, wire
 from veil.he.params import CKKSParameters, preset
-from veil.program.affine import DEFAULT_HEADROOM, CircuitClient, LinearCircuit, estimated_ms
+from veil.program.affine import DEFAULT_HEADROOM, FRESH_NOISE_STD, CircuitClient, LinearCircuit, estimated_ms
 from veil.program.common import KindInterface, Send, checked_layout, checked_rows
 from veil.program.glue import StagedGraph
 from veil.program.ir import Linear
@@ -90,18 +91,31 @@ def value_box(X: np.ndarray, bounds: Any = None) -> np.ndarray:
     return np.full(X.shape[1], INPUT_HEADROOM * peak if peak > 0 else 1.0)
 
 
-def planned_bound(op: Linear, box: np.ndarray) -> float:
-    """The largest |output| of `op` on any input in the box, with the margin for CKKS noise."""
-    peak = float(np.max(np.abs(op.weight) @ box + np.abs(op.bias)))
+def planned_bound(circuit: LinearCircuit, box: np.ndarray) -> float:
+    """The largest |output| an honest evaluation of `circuit` can decrypt to for inputs in the box,
+    in any of its layouts: the weights as quantized, inputs rounded to their scale, plus ten
+    standard deviations of fresh CKKS noise (`LinearCircuit.simulate`'s model), with a relative
+    margin of `OUTPUT_MARGIN`."""
+    peak = 0.0
+    for s in circuit.scales.values():
+        Wq = np.abs(circuit.quantized(s.weight_bits))
+        step = 2.0 ** -s.input_bits
+        noise = FRESH_NOISE_STD * np.sqrt(s.params.poly_modulus_degree / 2) * step * np.linalg.norm(Wq, axis=1)
+        peak = max(peak, float(np.max(Wq @ (box + step) + np.abs(circuit.bias) + 10.0 * noise)))
     return peak * (1.0 + OUTPUT_MARGIN) + 1e-6 * (1.0 + peak)
 
 
 def latency_layout(op: Linear, support: np.ndarray | None, slots: int) -> str:
-    """`row` or `gather`, whichever is estimated cheaper for one sample of this map."""
-    mask = op.weight != 0 if support is None else (op.weight != 0) | support
-    costs = {"gather": estimated_ms(GatherLayout(slots, op.n_in, op.n_out, gather_index(mask)), 1)}
+    """`row` or `gather`, whichever is estimated cheaper for one sample of this map (ShapeError if
+    the map fits neither: wider than the row layout's blocks and too large a gather table)."""
+    costs = {}
     with contextlib.suppress(ShapeError):  # wider than the row layout's blocks
         costs["row"] = estimated_ms(RowLayout(slots, op.n_in, op.n_out), 1)
+    with contextlib.suppress(ShapeError):  # a gather table over MAX_GATHER_ENTRIES
+        mask = op.weight != 0 if support is None else (op.weight != 0) | support
+        costs["gather"] = estimated_ms(GatherLayout(slots, op.n_in, op.n_out, gather_index(mask)), 1)
+    if not costs:
+        raise ShapeError(f"a linear stage of {op.n_in} inputs and {op.n_out} outputs fits no single-sample layout")
     return min(costs, key=lambda k: (costs[k], k))
 
 
@@ -132,7 +146,7 @@ def compile_staged(graph: StagedGraph, maps: list[Linear], calibration: dict[int
         layouts["batch"].append("batch")
         layouts["row"].append(latency)
         boxes.append(box)
-        bounds.append(planned_bound(op, box))
+        bounds.append(planned_bound(circuits[-1], box))
     return StagedCircuit(graph, circuits, {k: tuple(v) for k, v in layouts.items()}, boxes, bounds)
 
 
@@ -381,7 +395,7 @@ class StagedSession:
         name = self.client.layouts[self.layout][s]
         msg = wire.decode(response, wire.Kind.CIPHERTEXTS)
         stage = msg.header.get("stage")
-        if isinstance(stage, bool) or stage != s or msg.header.get("layout") != name:
+        if type(stage) is not int or stage != s or msg.header.get("layout") != name:
             raise ShapeError(f"the answer names stage {stage!r} in layout {msg.header.get('layout')!r}; the request "
                              f"was for stage {s} in {name!r}")
         Y = self.client.stages[s].decrypt(msg, self.rounds.n)
