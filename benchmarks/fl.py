@@ -32,9 +32,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from veil.fl.config import FLConfig
 from veil.fl.data import load_dataset
 from veil.fl.export import to_veil_model
-from veil.fl.federation import FLConfig
 from veil.fl.simulation import run_simulation
 
 RUNS = {

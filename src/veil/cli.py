@@ -128,14 +128,15 @@ def _report(rows: list, total: float, pred: np.ndarray, model: object, X_test: n
 def _server_config(args: argparse.Namespace) -> veil.serve.ServerConfig:
     from veil.serve import ServerConfig
 
-    quota = {k: v for k, v in (("max_keys", args.max_keys), ("max_key_bytes", _mb(args.max_key_mb)))
-             if v is not None}
+    optional = {k: v for k, v in (("max_keys", args.max_keys), ("max_key_bytes", _mb(args.max_key_mb)),
+                                ("body_timeout", args.body_timeout), ("head_timeout", args.head_timeout))
+                if v is not None}
     return ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, tokens_file=args.tokens,
                         model_key_file=args.model_key_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_client_ca=args.tls_client_ca, max_body=int(args.max_body_mb * 1024 * 1024),
                         queue=args.queue, log_level=args.log_level, insecure=args.insecure,
                         protect_metrics=args.protect_metrics, protect_docs=args.protect_docs,
-                        **quota)
+                        **optional)
 
 
 def _mb(value: float | None) -> int | None:
@@ -301,6 +302,11 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--max-body-mb", type=float, default=256.0)
+    p.add_argument("--body-timeout", type=_positive_float,
+                   help="seconds a request body may take to arrive after its headers, else 408 (default 120)")
+    p.add_argument("--head-timeout", type=_positive_float,
+                   help="seconds a request's line and headers may take to arrive, else 408 and the connection "
+                        "closes (default 20)")
     p.add_argument("--queue", help="redis://[:password@]host:port/db or rediss://... (TLS): serve through a "
                                    "Redis stream of workers")
     p.add_argument("--log-level", default="info")
@@ -421,6 +427,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("must be a finite number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number > 0")
     return value
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from veil.fl import cli
+from veil.fl.config import FLConfig
 from veil.fl.deployment import LocalFederation, _alive, _children, kill_tree, run_deployment, write_app
-from veil.fl.federation import FLConfig
 from veil.fl.simulation import run_simulation
 from veil.net import free_port
 

@@ -6,18 +6,19 @@ import json
 import numpy as np
 import pytest
 
-from veil.errors import FederationError
+from tests.fl.faults import faulty_owners
+from veil.errors import FederatedConfigError, FederationError
 from veil.fl import cli
-from veil.fl.federation import FLConfig, load_checkpoint
+from veil.fl.checkpoint import load_checkpoint, save_checkpoint
+from veil.fl.config import FLConfig, FLResult
 from veil.fl.simulation import run_simulation
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def test_crashing_and_slow_owners_are_dropped_and_the_run_goes_on():
-    cfg = FLConfig(clients=5, rounds=3, dataset="wine", faults="1:crash,3:slow", slow_seconds=2.0,
-                   round_timeout=0.5)
-    result = run_simulation(cfg, engine="inprocess")
+    cfg = FLConfig(clients=5, rounds=3, dataset="wine", round_timeout=0.5)
+    result = run_simulation(cfg, engine="inprocess", owner_factory=faulty_owners({1: "crash", 3: "slow"}, 2.0))
     assert [h["round"] for h in result.history] == [0, 1, 2, 3]
     training = [r for r in result.rejected if isinstance(r["round"], int)]
     for rnd in (1, 2, 3):
@@ -31,9 +32,9 @@ def test_crashing_and_slow_owners_are_dropped_and_the_run_goes_on():
 
 
 def test_the_run_stops_when_fewer_than_the_minimum_remain():
-    cfg = FLConfig(clients=3, rounds=2, dataset="wine", faults="0:crash", min_clients=3, scaling="off")
+    cfg = FLConfig(clients=3, rounds=2, dataset="wine", min_clients=3, scaling="off")
     with pytest.raises(FederationError, match="fewer than the minimum of 3"):
-        run_simulation(cfg, engine="inprocess")
+        run_simulation(cfg, engine="inprocess", owner_factory=faulty_owners({0: "crash"}))
 
 
 def test_fraction_fit_samples_owners_each_round():
@@ -70,6 +71,24 @@ def test_resume_continues_from_the_last_checkpointed_round(tmp_path):
     for a, b in zip(resumed.weights, full.weights, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     assert resumed.history[-1]["accuracy"] == pytest.approx(full.history[-1]["accuracy"])
+
+
+def test_checkpoints_with_the_retired_fault_fields_load_and_others_are_refused(tmp_path):
+    """result.json files of earlier versions carry `faults` and `slow_seconds` (fault injection lived in
+    FLConfig): inert ones load, a run that injected faults or an unknown field is a typed error."""
+    cfg = FLConfig(clients=3, rounds=2, dataset="wine")
+    save_checkpoint(FLResult(cfg, history=[{"round": 0, "loss": 1.0}], weights=[np.ones(3)], n_features=3),
+                    tmp_path)
+    path = tmp_path / "result.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "config": {**data["config"], "faults": "", "slow_seconds": 5.0}}))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.config == cfg and loaded.history == [{"round": 0, "loss": 1.0}]
+    np.testing.assert_array_equal(loaded.weights[0], np.ones(3))
+    for extra, match in (({"faults": "1:nan"}, "injected faults"), ({"colour": "red"}, "colour")):
+        path.write_text(json.dumps({**data, "config": {**data["config"], **extra}}))
+        with pytest.raises(FederatedConfigError, match=match):
+            load_checkpoint(tmp_path)
 
 
 def test_cli_reports_encrypted_accuracy_and_resumes(tmp_path, capsys):

@@ -13,9 +13,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from veil.errors import FederatedConfigError, FederationError
-from veil.fl import federation, strategies
+from veil.fl import clientapp, strategies
+from veil.fl.clientapp import make_client_app
+from veil.fl.config import FLConfig
 from veil.fl.data import load_dataset
-from veil.fl.federation import FLConfig, make_client_app
 from veil.fl.inprocess import InProcessGrid, run_server_app
 from veil.fl.learners import SklearnLearner, make_learner
 from veil.fl.partition import partition
@@ -222,8 +223,8 @@ def test_the_deployment_server_app_never_builds_or_loads_the_owners_rows(monkeyp
 
         return wrapper
 
-    monkeypatch.setattr(federation, "_partitions", watched(federation._partitions))
-    monkeypatch.setattr(federation, "_dataset", watched(federation._dataset))
+    monkeypatch.setattr(clientapp, "_partitions", watched(clientapp._partitions))
+    monkeypatch.setattr(clientapp, "_dataset", watched(clientapp._dataset))
     cfg = FLConfig(**{**SKEW, "secagg": True, "rounds": 1})
     run_server_app(server_app, client_app, cfg.clients, cfg.to_run_config())
     assert calls["server"] == 0 and calls["owner"] > 0

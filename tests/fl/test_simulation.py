@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from tests.fl.faults import faulty_owners
 from tests.serve.helpers import running_server
 from veil.fl import cli
+from veil.fl.config import FLConfig
 from veil.fl.data import load_dataset
 from veil.fl.export import to_veil_model
-from veil.fl.federation import FLConfig
 from veil.fl.partition import partition
 from veil.fl.privacy import gaussian_epsilon
 from veil.fl.simulation import run_simulation
@@ -67,8 +68,8 @@ def test_secagg_reaches_the_same_model(plain, digits):
 
 def test_malformed_updates_are_dropped_without_crashing_rounds(digits):
     faults = {0: "shape", 1: "nan", 2: "garbage", 3: "count", 4: "dtype"}
-    cfg = FLConfig(clients=8, rounds=3, max_iter=10, faults=",".join(f"{k}:{v}" for k, v in faults.items()))
-    result = run_simulation(cfg, engine="inprocess")
+    cfg = FLConfig(clients=8, rounds=3, max_iter=10)
+    result = run_simulation(cfg, engine="inprocess", owner_factory=faulty_owners(faults))
     assert len(result.history) == 4
     training = [r for r in result.rejected if isinstance(r["round"], int)]
     assert len(training) == 5 * 3
@@ -106,9 +107,9 @@ def test_robust_strategy_torch_model_and_custom_arrays():
     mean, scale = wine.X_train.mean(0), wine.X_train.std(0)
     parts = partition((wine.X_train - mean) / scale, wine.y_train, 4, "dirichlet", alpha=1.0, seed=1)
     cfg = FLConfig(clients=4, rounds=4, model="torch-linear", strategy="fedtrimmedavg", epochs=5, lr=0.05,
-                   trim_beta=0.25, faults="3:nan")
+                   trim_beta=0.25)
     result = run_simulation(cfg, partitions=parts, test=((wine.X_test - mean) / scale, wine.y_test),
-                            engine="inprocess")
+                            engine="inprocess", owner_factory=faulty_owners({3: "nan"}))
     assert len(result.rejected) == 4
     assert result.accuracy()[0] < result.accuracy()[-1]
     assert result.accuracy()[-1] > 0.85

@@ -10,9 +10,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from veil.fl import strategies
+from veil.fl.config import FLConfig
 from veil.fl.data import load_dataset
 from veil.fl.export import encrypted_check, to_veil_model
-from veil.fl.federation import FLConfig
 from veil.fl.partition import partition
 from veil.fl.preprocessing import HIST_BINS, HIST_RANGE
 from veil.fl.simulation import run_simulation

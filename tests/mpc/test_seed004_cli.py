@@ -112,3 +112,47 @@ def test_seed004_workflow_from_the_cli(tmp_path):
     assert np.abs(got["losses"] - np.array(losses)).max() < 1e-3
     assert got["losses"][-1] < got["losses"][0]
     assert np.abs(got["weight"] - ref.weight.detach().numpy()).max() < 1e-3
+
+
+@pytest.mark.timeout(240)
+def test_parties_naming_different_holders_stop_before_training(tmp_path):
+    """Issue 19 (C): with ``--holder alice`` on one party and ``--holder bob`` on the other,
+    training ran to the end, exited 0, and no one could reveal. Now the parties agree on the
+    holder's certificate first: every party stops with a clear error before the script runs."""
+    np.savez(tmp_path / "alice.npz", x=np.ones((4, 3)), y=np.zeros((4, 1)))
+    started = tmp_path / "started"
+    (tmp_path / "train.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+
+
+        def train(ctx):
+            Path({str(started)!r}).with_suffix(f".{{ctx.rank}}").write_text("training")
+            data = ctx.load("alice", owner="alice")
+            ctx.reveal({{"x": data["x"]}})
+    """))
+    pki, shares, results = tmp_path / "pki", tmp_path / "shares", tmp_path / "results"
+    veil("mpc", "certs", "--parties", "2", "--owners", "alice,bob", "--out", str(pki))
+    veil("mpc", "share", str(tmp_path / "alice.npz"), "--parties", "2", "--certs", str(pki), "--owner", "alice",
+         "--out", str(shares))
+    peers = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    procs = []
+    for rank, holder in ((0, "alice"), (1, "bob"), (2, None)):
+        cmd = [sys.executable, "-m", "veil.cli", "mpc", "train", "--rank", str(rank), "--world", "3",
+               "--peers", peers, "--certs", str(pki), "--timeout", "60"]
+        if holder is not None:
+            cmd += [str(tmp_path / "train.py"), "--shares", str(shares), "--holder", holder,
+                    "--results", str(results)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True))
+    try:
+        codes = [p.wait(timeout=200) for p in procs]
+        errs = [p.stderr.read() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes[:2] == [2, 2], errs
+    assert "disagree on the result holder (this party names holder urn:veil:mpc:owner:alice" in errs[0], errs[0]
+    assert "disagree on the result holder (this party names holder urn:veil:mpc:owner:bob" in errs[1], errs[1]
+    assert codes[2] == 3, errs[2]  # the dealer: its parties left
+    assert not list(tmp_path.glob("started.*"))  # stopped before the script's train(ctx)
+    assert not results.exists() or not any(results.iterdir())

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from veil.mpc import certs, ring
-from veil.mpc.errors import PartyFailureError
+from veil.mpc.errors import FrameError, MPCTimeoutError, PartyFailureError
 from veil.mpc.runtime import run_party
 from veil.mpc.transport import TLSComm
 from veil.net import free_port
@@ -368,12 +368,304 @@ def test_oversized_hello_and_connection_floods_are_refused_cheaply(tmp_path):
     t2 = _rank_thread(2, world, peers, pki[2], results)
     for t in (t0, t1, t2):
         t.join(60)
-    for s in idle:
+    closed = 0
+    for s in idle:  # the party closed every idle connection once the real ranks had joined
+        s.settimeout(5)
+        try:
+            closed += s.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
         s.close()
+    assert closed == len(idle)
     assert not isinstance(results[0], BaseException), results[0]
     assert torch.allclose(results[0][0], torch.full((4,), 1.5), atol=1e-3)
     refused = results[0][1]
     assert sum("exceeds the limit" in r for r in refused) == 2, refused
-    assert any("connections joining at once" in r for r in refused), refused
+    assert sum("still joining when the join ended" in r for r in refused) == len(idle), refused
     growth_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert growth_kb < 512 * 1024, growth_kb  # far below the 2 GiB the hellos announced
+
+
+# ---- issue 19: strangers holding the join, huge frame headers ------------------------------------
+
+# the start of a TLS record that announces 16 kB (a ClientHello to come): OpenSSL waits for the rest
+TRICKLE = b"\x16\x03\x01\x40\x00\x01\x00\x3f\xfc" + bytes(64)
+GARBAGE = b"\x16\x03\x01\x00\x40" + bytes(range(64))  # a handshake record that is no ClientHello
+
+
+def _client_hello() -> bytes:
+    """A real TLS 1.3 ClientHello (from a client without a certificate), to send and then stall."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        ctx.wrap_bio(inb, outb).do_handshake()
+    return outb.read()
+
+
+class Strangers:
+    """Connections from 127.0.0.1 without a certificate, each kept open (reconnected when the
+    party closes it) until `stop`: ``silent`` ones send nothing, ``trickle`` ones one byte of a
+    TLS record every 3 s, ``garbage`` ones a handshake record that is no ClientHello, ``hello``
+    ones a real ClientHello and then nothing (the party has answered them). They keep
+    trying to connect (non-blocking, every ``again`` s) before the party listens, so they are
+    there from its first accept."""
+
+    def __init__(self, ports: list[int], n: int, kinds=("silent", "trickle", "garbage"), again: float = 0.05):
+        self.slots = [(port, kind) for port in ports for kind in kinds for _ in range(n)]
+        self.again = again
+        self.first = {"garbage": GARBAGE, "hello": _client_hello()}
+        self.socks: dict[int, socket.socket] = {}
+        self.up: set[int] = set()  # slots whose connection is established
+        self.sent = [0] * len(self.slots)
+        self.next = [0.0] * len(self.slots)
+        self.connects = dict.fromkeys(kinds, 0)
+        self.connects_to = dict.fromkeys(ports, 0)
+        self.closed_by_party = dict.fromkeys(kinds, 0)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import errno
+        import selectors
+
+        sel = selectors.DefaultSelector()
+
+        def end(i: int, by_party: bool) -> None:
+            s = self.socks.pop(i)
+            sel.unregister(s)
+            s.close()
+            if i in self.up:
+                self.up.discard(i)
+                self.closed_by_party[self.slots[i][1]] += by_party
+            self.next[i] = time.monotonic() + (self.again if by_party else 0.05)
+
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                for i, (port, kind) in enumerate(self.slots):
+                    if i not in self.socks and now >= self.next[i]:
+                        s = socket.socket()
+                        s.setblocking(False)
+                        if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+                            s.close()
+                            self.next[i] = now + 0.05
+                            continue
+                        self.socks[i] = s
+                        self.next[i] = now + 3.0  # connect deadline, then trickle time
+                        sel.register(s, selectors.EVENT_WRITE, i)
+                    elif i in self.socks and i not in self.up and now >= self.next[i]:
+                        end(i, False)  # the connection did not complete in 3 s: try again
+                    elif i in self.up and kind == "trickle" and now >= self.next[i] and self.sent[i] < len(TRICKLE):
+                        with contextlib.suppress(OSError):
+                            self.sent[i] += self.socks[i].send(TRICKLE[self.sent[i] : self.sent[i] + 1])
+                        self.next[i] = now + 3.0
+                for key, _ in sel.select(0.05):
+                    i, s = key.data, key.fileobj
+                    if i not in self.up:  # connect finished
+                        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                            end(i, False)
+                            continue
+                        kind = self.slots[i][1]
+                        self.up.add(i)
+                        self.sent[i] = 0
+                        self.connects[kind] += 1
+                        self.connects_to[self.slots[i][0]] += 1
+                        self.next[i] = 0.0
+                        sel.modify(s, selectors.EVENT_READ, i)
+                        if kind in self.first:
+                            with contextlib.suppress(OSError):
+                                s.send(self.first[kind])
+                        continue
+                    try:
+                        alive = bool(s.recv(4096))
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        alive = False
+                    if not alive:
+                        end(i, True)
+        finally:
+            for s in self.socks.values():
+                s.close()
+            sel.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("n", [16, 256])
+def test_slow_and_silent_strangers_do_not_stop_a_process_run(tmp_path, n):
+    """Issue 19 (A): 16 strangers trickling one byte every 3 s held all 16 join slots and every
+    real rank exited with 'did not join'. Now n strangers of each kind (silent, trickling,
+    garbage ClientHello, real ClientHello then silence) on each listening party, there before
+    the parties listen and reconnecting whenever closed, do not stop 2 parties + dealer
+    (processes, mutual TLS)."""
+    world = 3
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    ports = [free_port(), free_port()]
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    strangers = Strangers(ports, n, kinds=("silent", "trickle", "garbage", "hello"))
+    time.sleep(0.5)
+    procs = []
+    try:
+        for r in range(world):
+            cmd = [sys.executable, "-m", "veil.mpc.party", "--rank", str(r), "--world", str(world), "--peers", peers,
+                   "--ca", str(pki[r].ca), "--cert", str(pki[r].cert), "--key", str(pki[r].key),
+                   "--entry", "tests.mpc.programs:key_material", "--out", str(tmp_path / f"out{r}.pt"),
+                   "--timeout", "30", "--join-timeout", "40"]
+            with open(tmp_path / f"err{r}.txt", "w") as err:  # a file: refusals may be many lines
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, stderr=err))
+        codes = [p.wait(timeout=150) for p in procs]
+        errs = [(tmp_path / f"err{r}.txt").read_text() for r in range(world)]
+    finally:
+        strangers.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0] * world, errs
+    out = torch.load(tmp_path / "out0.pt", weights_only=False)
+    assert torch.allclose(out["z"], torch.full((256,), 1234.5678 * -8.25), rtol=1e-4)
+    # the strangers were there: party 0 (the last to be joined) was holding at least n of them
+    # when the real ranks had joined and refused garbage; at least n reached party 1, which the
+    # dealer alone joins, often within milliseconds of listening (before any garbage is read)
+    import re
+
+    held = re.search(r"closed (\d+) connections still joining when the join ended", errs[0])
+    assert held and int(held[1]) >= n, (strangers.connects, errs[0][-2000:])
+    assert all(c >= n for c in strangers.connects.values()), strangers.connects
+    assert "unexpected message" in errs[0], errs[0][-2000:]
+    assert strangers.connects_to[ports[1]] >= n, strangers.connects_to
+
+
+@pytest.mark.timeout(120)
+def test_a_full_join_pool_evicts_strangers_not_the_real_ranks(tmp_path, monkeypatch):
+    """With room for only 16 joining connections and 8 times as many strangers reconnecting as
+    fast as they are closed, the oldest stranger makes room and the real ranks still join."""
+    from veil.mpc import transport
+
+    monkeypatch.setattr(transport, "MAX_PENDING_JOINS", 16)
+    assert transport.pending_limit() == 16
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    port = free_port()
+    peers = [f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"]
+    strangers = Strangers([port], 64, kinds=("silent", "trickle"), again=0.0)
+    results: dict = {}
+    try:
+        t0 = _rank_thread(0, 3, peers, pki[0], results)
+        time.sleep(1.0)  # the pool is full of strangers before the real ranks come
+        t1 = _rank_thread(1, 3, peers, pki[1], results)
+        t2 = _rank_thread(2, 3, peers, pki[2], results)
+        for t in (t0, t1, t2):
+            t.join(60)
+    finally:
+        strangers.stop()
+    for r in range(2):
+        assert not isinstance(results[r], BaseException), results[r]
+        assert torch.allclose(results[r][0], torch.full((4,), 1.5), atol=1e-3)
+    refused = results[0][1]
+    assert any("closed to admit a newer connection (16 were joining)" in r for r in refused), refused
+    assert sum(strangers.closed_by_party.values()) > 16, strangers.closed_by_party
+
+
+def _joined_comms(tmp_path, timeout: float = 4.0) -> list[TLSComm]:
+    """Ranks 0, 1 and the dealer 2 as threads of this process, joined over mutual TLS."""
+    pki = certs.make_dev_pki(tmp_path / "pki", 2)
+    peers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    comms: dict = {}
+
+    def make(r):
+        comms[r] = TLSComm(r, 3, peers, pki[r], timeout=timeout, join_timeout=30, session="s")
+
+    threads = [threading.Thread(target=make, args=(r,), daemon=True) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert sorted(comms) == [0, 1, 2]
+    return [comms[r] for r in range(3)]
+
+
+def _raw_frame_header(comm: TLSComm, dst: int, length: int) -> None:
+    """What a peer with a valid certificate can do: announce any length on its own link."""
+    link = comm.links[dst]
+    with link.lock:
+        link.obj.write(length.to_bytes(8, "little"))
+        link.sock.sendall(link.outb.read())
+
+
+@pytest.mark.timeout(120)
+def test_a_huge_frame_header_from_a_certified_peer_is_refused_before_allocating(tmp_path):
+    """Issue 19 (B): one 8-byte header of 2 GiB made a party allocate 2 GiB (the cap was 4 GiB).
+    Now the receiver expects 4 int64 from rank 1, so any other length is refused with a typed
+    error at once, nothing is allocated, and the link is closed (the peer sees it end)."""
+    import tracemalloc
+
+    c0, c1, c2 = _joined_comms(tmp_path)
+    try:
+        tracemalloc.start()
+        _raw_frame_header(c1, 0, 1 << 31)
+        t0 = time.monotonic()
+        with pytest.raises(FrameError, match="2147483648 bytes where 32 were expected"):
+            c0.recv((4,), torch.int64, 1)
+        assert time.monotonic() - t0 < 3.0  # refused on the header, not after the 4 s timeout
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 16 << 20, peak
+        # that link is closed on both ends; the others still work
+        with pytest.raises(PartyFailureError):
+            c0.recv((4,), torch.int64, 1)
+        with pytest.raises(PartyFailureError):
+            c1.recv((4,), torch.int64, 0)
+        c2.send(torch.arange(4), 0)
+        assert torch.equal(c0.recv((4,), torch.int64, 2), torch.arange(4))
+    finally:
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
+        for c in (c0, c1, c2):
+            with contextlib.suppress(PartyFailureError):
+                c.close()
+
+
+@pytest.mark.timeout(120)
+def test_frames_no_one_asked_for_are_not_buffered(tmp_path):
+    """Issue 19 (B): the receive queue was unbounded. A certified peer sending 256 MB the
+    receiver never asked for now fills only the kernel's socket buffers: the receiver holds
+    none of it, and the sender is the one that times out."""
+    import tracemalloc
+
+    c0, c1, c2 = _joined_comms(tmp_path, timeout=3.0)
+    failures: list = []
+
+    def flood():
+        chunk = torch.zeros(1 << 19, dtype=torch.int64)  # 4 MB
+        try:
+            for _ in range(64):
+                c1.send(chunk, 0)
+        except PartyFailureError as exc:
+            failures.append(exc)
+
+    try:
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        t.join(30)
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        assert failures and isinstance(failures[0], MPCTimeoutError), failures
+        # the sender's own queue (at most SEND_BACKLOG plus one message) is all that was held
+        assert peak < 64 << 20, peak
+        # the receiver reads only what it expects: the first frame is 4 MB, not 32 bytes
+        with pytest.raises(FrameError):
+            c0.recv((4,), torch.int64, 1)
+    finally:
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
+        for c in (c0, c1, c2):
+            with contextlib.suppress(PartyFailureError):
+                c.close()

@@ -130,9 +130,10 @@ def test_auth_roles_and_key_ownership(setup, models, tls_server):
         key_id = alice.register(mc.public_bundle_bytes(name))
     with httpx.Client(base_url=tls_server, verify=tls_context(ca),
                       headers={"authorization": f"Bearer {setup['tokens']['bob']}"}) as bob:
-        r = bob.post("/v1/models/wine/predict", content=request, headers={"x-veil-key-id": key_id})
-        assert r.status_code == 403
-        assert bob.get(f"/v1/keys/{key_id}").status_code == 403
+        for unknown, what in ((key_id, "alice's key"), ("e" * 32, "no such key")):
+            r = bob.post("/v1/models/wine/predict", content=request, headers={"x-veil-key-id": unknown})
+            assert r.status_code == 404 and r.json()["error"] == "not_found", what
+            assert bob.get(f"/v1/keys/{unknown}").status_code == 404, what
 
 
 def test_server_refuses_a_secret_key(setup, tls_server):

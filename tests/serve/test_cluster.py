@@ -23,13 +23,15 @@ from sklearn.datasets import load_diabetes, load_wine
 from sklearn.preprocessing import StandardScaler
 
 from veil import ml
+from veil.he import PublicBundle, SecretKeys, preset
 from veil.serve import Client, RequestError
-from veil.serve.auth import add_token_to_file
+from veil.serve.auth import TokenStore, add_token_to_file, revoke_tokens
 from veil.serve.crypto import ArtefactCipher
-from veil.serve.errors import ConflictError, NotFoundError, QuotaExceededError, ServeError
+from veil.serve.errors import ConflictError, NotFoundError, QuotaExceededError, ServeError, UnauthorizedError
 from veil.serve.redis_backend import Keys, RedisStore, RemoteError, decode_result, encode_result, post_result
-from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord
+from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord, legacy_key_id, scoped_key_id
 from veil.serve.server import ServerConfig, build
+from veil.serve.service import Service
 from veil.serve.worker import TEST_PAUSE_ENV, run_worker
 
 from .helpers import free_port, make_certs, running_server
@@ -270,7 +272,7 @@ def test_errors_through_the_queue_keep_their_status(setup, cluster):
             "unknown version": (http.post("/v1/models/wine/predict?version=9", content=request), 404),
             "bad name": (http.post("/v1/models/.x/predict", content=request), 400),
             "another's key": (http.post("/v1/models/wine/predict", content=request,
-                                        headers={"authorization": f"Bearer {setup['tokens']['bob']}"}), 403),
+                                        headers={"authorization": f"Bearer {setup['tokens']['bob']}"}), 404),
         }
         for what, (response, status) in {**queued, **refused}.items():
             assert response.status_code == status, (what, response.status_code, response.text[:200])
@@ -557,3 +559,88 @@ def test_redis_over_tls(setup, tmp_path):
         plain = url.replace("rediss://", "redis://").split("?")[0]
         with pytest.raises(redis.RedisError):
             redis.Redis.from_url(plain, socket_timeout=2).ping()
+
+
+# --- issue 19: key ids private to their principal, cluster-wide -----------------------------------
+
+def test_two_principals_share_a_keyless_bundle_cluster_wide(setup, cluster):
+    """Bob registering the wine model's batch bundle (parameters only, the same for everyone) no longer
+    locks alice out: each gets an id of their own, and bob's view of alice's id is that of no key."""
+    wine, _, Xw = setup["models"]["wine"]
+    ids, bundles = {}, {}
+    for who in ("bob", "alice"):
+        with Client(cluster["front"], setup["tokens"][who], retries=0) as client:
+            assert np.array_equal(client.predict(Xw, "wine", layout="batch"), wine.predict(Xw))
+            _, mc = client.model("wine")
+            bundles[who] = mc.public_bundle_bytes("batch")
+            ids[who] = client.register(bundles[who])
+    assert bundles["alice"] == bundles["bob"] and PublicBundle.from_bytes(bundles["bob"]).rotation_steps == ()
+    assert ids["alice"] != ids["bob"]
+    db = cluster["db"]
+    assert {db.hget(KEYS.key(ids[w]), "owner").decode() for w in ids} == {"alice", "bob"}
+    with httpx.Client(base_url=cluster["front"], headers={"authorization": f"Bearer {setup['tokens']['bob']}"},
+                      timeout=60) as bob:
+        for kid in (ids["alice"], "f" * 32):
+            r = bob.get(f"/v1/keys/{kid}")
+            assert r.status_code == 404 and r.json()["detail"] == f"unknown key id {kid!r}: register the public " \
+                                                                  "bundle first"
+
+
+def test_redis_key_ids_quota_and_legacy_ids(lone_redis):
+    stores = [RedisStore(lone_redis), RedisStore(lone_redis)]
+    secret = stores[0].key_id_secret()
+    assert stores[1].key_id_secret() == secret and len(secret) == 32, "one secret for every front end"
+    quota = KeyQuota(max_keys=5, max_bytes=10_000)
+    results: list[tuple[str, object]] = []
+    lock = threading.Lock()
+
+    def register(i: int) -> None:
+        owner = ("alice", "bob")[i % 2]
+        bundle = b"same" * 10 if i % 3 == 0 else bytes([i]) * 100
+        record = KeyRecord(scoped_key_id(secret, owner, bundle), owner, "p", (), 1.0, bundle)
+        try:
+            got: object = stores[(i // 2) % 2].put_key(record, quota)
+        except QuotaExceededError as exc:
+            got = exc
+        with lock:
+            results.append((owner, got))
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 24
+    db = redis.Redis.from_url(lone_redis)
+    for owner in ("alice", "bob"):
+        stored = {r.key_id for o, r in results if o == owner and isinstance(r, KeyRecord)}
+        assert len(stored) == 5 and all(stores[0].key_owner(k) == owner for k in stored)
+        assert int(db.hget(KEYS.usage(owner), "count")) == 5
+        assert int(db.hget(KEYS.usage(owner), "bytes")) == sum(len(stores[0].get_key(k).bundle) for k in stored)
+
+    # a key registered before ids were scoped, under its content hash, as veil before issue 19 stored it
+    bundle = SecretKeys.generate(preset("depth0-rotations"), rotation_steps=[1]).public_bundle().to_bytes()
+    legacy = stores[0].put_key(KeyRecord(legacy_key_id(bundle), "carol", "p", (1,), 1.0, bundle))
+    service = Service(stores[1], ArtefactCipher(ArtefactCipher.generate_key()))
+    tokens = TokenStore()
+    tokens.add("carol-token", "carol", "client")
+    tokens.add("dave-token", "dave", "client")
+    carol, dave = tokens.authenticate("Bearer carol-token"), tokens.authenticate("Bearer dave-token")
+    assert service.register_key(carol, bundle).key_id == legacy.key_id, "the owner's old id, no second copy"
+    assert int(db.hget(KEYS.usage("carol"), "count")) == 1
+    theirs = service.register_key(dave, bundle)
+    assert theirs.owner == "dave" and theirs.key_id != legacy.key_id
+
+
+def test_redis_registration_after_revocation_does_not_commit(lone_redis, tmp_path):
+    path = tmp_path / "tokens.json"
+    token = add_token_to_file(path, "erin", "client")
+    tokens = TokenStore.load(path, environ={})
+    service = Service(RedisStore(lone_redis), ArtefactCipher(ArtefactCipher.generate_key()))
+    erin = tokens.authenticate(f"Bearer {token}")
+    bundle = SecretKeys.generate(preset("depth0-rotations"), rotation_steps=[2]).public_bundle().to_bytes()
+    revoke_tokens(path, "erin")
+    with pytest.raises(UnauthorizedError):
+        service.register_key(erin, bundle)
+    db = redis.Redis.from_url(lone_redis)
+    assert not list(db.scan_iter(KEYS.key("*"))) and not db.exists(KEYS.usage("erin"))

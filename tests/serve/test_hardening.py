@@ -309,7 +309,9 @@ def test_key_quota_count_and_bytes_and_delete(env, tmp_path):
         body = assert_json_error(h.post("/v1/keys", content=bundles[2]), 403, "third bundle")
         assert body["error"] == "quota_exceeded"
         with httpx.Client(base_url=url, headers={"authorization": f"Bearer {env['tokens']['bob']}"}) as bob:
-            assert_json_error(bob.delete(f"/v1/keys/{ids[0]}"), 403, "bob deletes alice's key")
+            other = assert_json_error(bob.delete(f"/v1/keys/{ids[0]}"), 404, "bob deletes alice's key")
+            unknown = assert_json_error(bob.delete("/v1/keys/" + "e" * 32), 404, "unknown key")
+            assert other["detail"].replace(ids[0], "e" * 32) == unknown["detail"], "existence must not show"
             assert bob.post("/v1/keys", content=bundles[2]).status_code == 200, "quotas are per principal"
             assert_json_error(bob.delete("/v1/keys/" + "f" * 32), 404, "unknown key")
         with httpx.Client(base_url=url, headers={"authorization": f"Bearer {env['tokens']['admin']}"}) as adm:

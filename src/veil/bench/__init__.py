@@ -1,9 +1,10 @@
 """`veil bench`: plaintext, HE, MPC, federated learning and TEE measured side by side on one model and one split.
 
-Seed 003 compares privacy-preserving technologies with a table of guesses (computation ~10000x slower
-for HE, 10~100x for MPC, 10%~10x for TEE; security, latency and I/O rankings). This package measures
-that table on the user's own data in one command: the same model (a logistic regression or a small
-MLP with square activations) on the same train/test split (`veil.fl.data.load_dataset`, seed 0), in
+Privacy-preserving technologies are usually ranked by rule-of-thumb guesses of their cost (computation
+~10000x slower than plaintext for HE, 10~100x for MPC, 10%~10x for TEE: `SEED_GUESSES`, printed beside
+the measurements). This package measures those costs on the user's own data in one command: the same
+model (a logistic regression or a small MLP with square activations) on the same train/test split
+(`veil.fl.data.load_dataset`, seed 0), in
 
 - plaintext (scikit-learn / torch, one thread): the reference for accuracy, predictions and times;
 - HE inference (CKKS on SEAL, `veil.ml`): batch and row layouts in-process, and through a local
@@ -37,10 +38,10 @@ from typing import Any
 
 from veil.bench.modes import SEED_GUESSES, BenchError, Context, Settings
 
-MODELS = ("logreg", "mlp")
+BENCH_MODELS = ("logreg", "mlp")  # what `veil bench` measures; the FL row maps mlp to FL model "torch-mlp"
 DEFAULT_OUT = "bench-results"
 
-__all__ = ["MODELS", "SEED_GUESSES", "BenchConfig", "BenchError", "load", "run_bench"]
+__all__ = ["BENCH_MODELS", "SEED_GUESSES", "BenchConfig", "BenchError", "load", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class BenchConfig:
     """
 
     dataset: str = "digits"
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] = BENCH_MODELS
     quick: bool = False
     out: str = DEFAULT_OUT
     progress: bool = True
@@ -75,9 +76,9 @@ def load(config: BenchConfig) -> list[Context]:
     from veil.errors import FederatedConfigError
     from veil.fl.data import load_dataset
 
-    unknown = [m for m in config.models if m not in MODELS]
+    unknown = [m for m in config.models if m not in BENCH_MODELS]
     if unknown or not config.models:
-        raise BenchError(f"unknown model {', '.join(map(repr, unknown)) or '(none given)'}: use one of {MODELS}")
+        raise BenchError(f"unknown model {', '.join(map(repr, unknown)) or '(none given)'}: use one of {BENCH_MODELS}")
     try:
         data = load_dataset(config.dataset)
     except FederatedConfigError as exc:

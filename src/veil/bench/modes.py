@@ -35,6 +35,7 @@ ROW_KEYS = ("mode", "measures", "accuracy", "agreement", "agreement_with", "infe
             "inference_slowdown", "training_s_per_unit", "training_unit", "training_slowdown", "bytes_on_wire",
             "key_bytes", "threat_model", "details")
 
+# the rule-of-thumb slowdowns commonly quoted for each technology, printed beside the measured ones
 SEED_GUESSES = {"plaintext": "1x (baseline)", "HE": "~10000x slower", "MPC": "10~100x slower",
                 "TEE": "10%~10x slower"}
 
@@ -354,9 +355,8 @@ def federated(ctx: Context, secagg: bool) -> dict[str, Any]:
     predicts the test set on ciphertexts (batch layout, in-process)."""
     from sklearn.preprocessing import StandardScaler
 
+    from veil.fl.config import FLConfig, Task
     from veil.fl.export import to_veil_model
-    from veil.fl.federation import FLConfig
-    from veil.fl.learners import make_learner
     from veil.fl.simulation import run_simulation
 
     d, s = ctx.data, ctx.settings
@@ -371,8 +371,7 @@ def federated(ctx: Context, secagg: bool) -> dict[str, Any]:
         flwr_log.setLevel(level)
     stats_s = float((result.statistics or {}).get("wall_time", 0.0))
     per_round = (result.wall_time - stats_s) / cfg.rounds
-    central = make_learner(fl_model, d.X_train.shape[1], d.classes, max_iter=cfg.max_iter, epochs=cfg.epochs,
-                           lr=cfg.lr, seed=cfg.seed)
+    central = cfg.learner(Task(d.X_train.shape[1], d.classes))
     Xs = StandardScaler().fit_transform(d.X_train)
     central_s = best_of(lambda: central.fit(Xs, d.y_train, {}))
     model = to_veil_model(result, d.X_train)

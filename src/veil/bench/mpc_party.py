@@ -1,7 +1,8 @@
 """The program every computing party runs for `veil bench`'s MPC row (started by `veil.mpc.launch`).
 
-Setting (seed 002's): parties 0 and 1 each own half of the training rows; party 0 also owns the model
-(its initial weights) and the test rows, and is the only one that learns results. Steps:
+Setting, two data owners training one model together: parties 0 and 1 each own half of the training
+rows; party 0 also owns the model (its initial weights) and the test rows, and is the only one that
+learns results. Steps:
 
 1. party 0 shares the initial weights, both owners share their rows and one-hot labels;
 2. the parties train with ordinary torch code on the shares (`network.train_epochs`), recording the

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from veil.bench.modes import SEED_GUESSES
 
-# the seed's guesses as slowdown intervals for the chart ("~10000x" drawn as 5000-20000)
+# the guessed slowdowns of SEED_GUESSES as intervals for the chart ("~10000x" drawn as 5000-20000)
 GUESS_RANGES = {"plaintext": (1.0, 1.0), "HE": (5e3, 2e4), "FL": (5e3, 2e4), "MPC": (10.0, 100.0),
                 "TEE": (1.1, 10.0)}
 
@@ -22,7 +22,7 @@ COLUMNS = ("mode", "accuracy", "agreement", "inference per sample", "slowdown (i
 
 
 def seed_guess(mode: str) -> str:
-    """The seed's guessed computation slowdown for the technology of `mode` ("" for none)."""
+    """The guessed computation slowdown (`SEED_GUESSES`) for the technology of `mode` ("" for none)."""
     if mode.startswith("HE") or mode.startswith("FL"):
         return SEED_GUESSES["HE"] + (" (inference)" if mode.startswith("FL") else "")
     for key in ("MPC", "TEE"):
@@ -96,7 +96,7 @@ def terminal_table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """bench.png: per model, slowdown against plaintext (inference and training, with the seed's guesses)
+    """bench.png: per model, slowdown against plaintext (inference and training, with the guesses of `SEED_GUESSES`)
     and bytes on the wire per mode, log axes; a mode without a number (TEE) is labelled "not measured"."""
     groups = _by_model(report)
     fig = Figure(figsize=(13, 5 * len(groups)), layout="constrained")

@@ -7,14 +7,23 @@ learns for each option is stated there), and the exported model folds the scaler
     from veil import fl
     result = fl.run_simulation(fl.FLConfig(clients=10, secagg=True))
     model = fl.to_veil_model(result, X_calibration)   # compiled veil.ml model, takes raw features
+
+Modules, by concern: `config` (`FLConfig`, the public `Task`, `FLResult`); `clientapp` (the owners'
+`OwnerClient` and `ClientApp`, with `owner_factory` as the seam for other owner behaviour);
+`serverapp` (the `ServerApp`: statistics, then training rounds); `statistics_rounds` (the server side
+of `preprocessing`); `rounds` (a round's bounded wait and SecAgg+ fit workflow); `checkpoint` (result,
+progress and checkpoint files); `strategies`, `learners`, `privacy`, `partition`, `data`; the engines
+`simulation` (Ray, or the in-process grid of `inprocess`) and `deployment` (SuperLink and SuperNodes,
+loading the apps of `app`); `export` (to `veil.ml` and `veil serve`); `cli` (`veil fl`).
 """
 
 from typing import Any
 
 _EXPORTS = {
-    "FLConfig": "veil.fl.federation", "FLResult": "veil.fl.federation", "make_client_app": "veil.fl.federation",
-    "make_server_app": "veil.fl.federation", "load_result": "veil.fl.federation",
-    "save_result": "veil.fl.federation",
+    "FLConfig": "veil.fl.config", "FLResult": "veil.fl.config", "Task": "veil.fl.config",
+    "make_client_app": "veil.fl.clientapp", "OwnerClient": "veil.fl.clientapp",
+    "make_server_app": "veil.fl.serverapp",
+    "load_result": "veil.fl.checkpoint", "save_result": "veil.fl.checkpoint", "load_checkpoint": "veil.fl.checkpoint",
     "run_simulation": "veil.fl.simulation", "FederationError": "veil.fl.simulation",
     "run_deployment": "veil.fl.deployment", "LocalFederation": "veil.fl.deployment",
     "iid_partition": "veil.fl.partition", "dirichlet_partition": "veil.fl.partition", "partition": "veil.fl.partition",
@@ -23,8 +32,7 @@ _EXPORTS = {
     "gaussian_epsilon": "veil.fl.privacy", "privacy_report": "veil.fl.privacy", "PrivacyReport": "veil.fl.privacy",
     "to_veil_model": "veil.fl.export", "deploy": "veil.fl.export", "encrypted_check": "veil.fl.export",
     "FederatedScaler": "veil.fl.preprocessing", "InProcessGrid": "veil.fl.inprocess",
-    "load_checkpoint": "veil.fl.federation", "FederatedConfigError": "veil.errors",
-    "FederatedStatisticsError": "veil.errors",
+    "FederatedConfigError": "veil.errors", "FederatedStatisticsError": "veil.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from veil.fl.names import MODELS, STRATEGIES
+from veil.fl.names import FL_MODELS, STRATEGIES
 
 
 def _progress(rounds: int, quiet: bool) -> tuple[Any, Any]:
@@ -31,7 +31,8 @@ def _progress(rounds: int, quiet: bool) -> tuple[Any, Any]:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from veil.fl.federation import CHECKPOINT_DIR, FLConfig, load_checkpoint
+    from veil.fl.checkpoint import CHECKPOINT_DIR, load_checkpoint
+    from veil.fl.config import FLConfig
 
     checkpoint = str((Path(args.out) / CHECKPOINT_DIR).resolve())
     if args.resume:
@@ -56,8 +57,8 @@ def _config(args: argparse.Namespace) -> Any:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
+    from veil.fl.config import FLResult
     from veil.fl.data import load_dataset
-    from veil.fl.federation import FLResult
 
     logging.getLogger("flwr").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     cfg = _config(args)
@@ -98,7 +99,7 @@ def _submit_existing(args: argparse.Namespace, cfg: Any, out: Path, on_round: An
 def _finish(result: Any, data: Any, out: Path, args: argparse.Namespace) -> dict:
     """Save the global model (as `veil.ml`: linear, or a polynomial network for torch-mlp), optionally
     deploy it, summarise."""
-    from veil.fl.federation import save_result
+    from veil.fl.checkpoint import save_result
 
     summary: dict[str, Any] = {"history": result.history, "rejected": len(result.rejected),
                                "privacy": None if result.privacy is None else result.privacy.to_dict(),
@@ -198,7 +199,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a model federatedly and save it as a veil.ml model")
     run.add_argument("--clients", type=int, default=10)
     run.add_argument("--rounds", type=int, default=None, help="training rounds (default 15)")
-    run.add_argument("--model", choices=MODELS, default="logreg",
+    run.add_argument("--model", choices=FL_MODELS, default="logreg",
                      help="torch-mlp trains Linear-polynomial-Linear (ReLU's quadratic fit as the activation "
                           "from the start), so the exported encrypted network is exactly the trained one")
     run.add_argument("--dataset", default="digits", help="digits, iris, wine, breast_cancer, diabetes or a .npz")

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from veil.fl.federation import PROGRESS_FILE, FLConfig, FLResult, load_result
+from veil.fl.checkpoint import PROGRESS_FILE, load_result
+from veil.fl.config import FLConfig, FLResult
 from veil.fl.simulation import FederationError, offline_env
 from veil.net import free_port
 

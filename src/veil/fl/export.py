@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from veil import ml
-from veil.fl.federation import FLResult
+from veil.fl.config import FLResult
 
 EncryptedModel = ml.EncryptedLinearModel | ml.MLPClassifier | ml.MLPRegressor
 

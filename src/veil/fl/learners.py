@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, log_loss, mean_squared_error, r2_sco
 
 from veil import ml
 from veil.errors import FederatedConfigError
-from veil.fl.names import MODELS
+from veil.fl.names import FL_MODELS
 
 SGD = (linear_model.SGDClassifier, linear_model.SGDRegressor)
 
@@ -261,7 +261,7 @@ class TorchLearner:
 
 def make_learner(model: str | Any, n_features: int, classes: np.ndarray | None, max_iter: int = 1,
                  epochs: int = 1, lr: float = 0.05, seed: int = 0) -> SklearnLearner | TorchLearner:
-    """A learner by name (see MODELS) or for a given scikit-learn / `veil.ml` estimator."""
+    """A learner by name (see FL_MODELS) or for a given scikit-learn / `veil.ml` estimator."""
     if not isinstance(model, str):
         return SklearnLearner(model, n_features, classes)
     estimators = {
@@ -290,4 +290,4 @@ def make_learner(model: str | Any, n_features: int, classes: np.ndarray | None, 
         learner = TorchLearner(build, task, epochs=epochs, lr=lr, seed=seed)
         learner.classes = classes
         return learner
-    raise FederatedConfigError(f"unknown model {model!r}; choose one of {MODELS}")
+    raise FederatedConfigError(f"unknown model {model!r}; choose one of {FL_MODELS}")

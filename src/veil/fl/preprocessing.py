@@ -51,7 +51,7 @@ is the max_weight of every later row-weighted round (the aggregate's error is th
 Without such a first stage (no statistics, or DP statistics, whose noise would swamp the count) a
 count of its own, stage 0 ([n_i / B] unweighted, without noise), precedes training. The reply fields
 Flower leaves in clear (`num_examples`, metrics, status) are replaced by constants on the owner
-(`veil.fl.federation.masked_only_mod`).
+(`veil.fl.clientapp.masked_only_mod`).
 
 What the server learns
 ----------------------

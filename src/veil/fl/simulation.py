@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from veil.errors import FederatedConfigError, FederationError
-from veil.fl.federation import FLConfig, FLResult, Task, make_client_app, make_server_app
+from veil.fl.clientapp import OwnerFactory, make_client_app, owner_client
+from veil.fl.config import FLConfig, FLResult, Task
+from veil.fl.serverapp import make_server_app
 
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
@@ -34,7 +36,8 @@ ENGINES = ("ray", "inprocess")
 def run_simulation(config: FLConfig, partitions: list | None = None,
                    test: tuple[np.ndarray, np.ndarray] | None = None,
                    on_round: Callable[[dict], None] | None = None, workdir: str | Path | None = None,
-                   cpus_per_client: float = 1.0, engine: str = "ray") -> FLResult:
+                   cpus_per_client: float = 1.0, engine: str = "ray",
+                   owner_factory: OwnerFactory = owner_client) -> FLResult:
     """Train with `config.clients` virtual SuperNodes; returns the server's result.
 
     `partitions` (list of per-owner (X, y)) and `test` (held-out (X, y)) replace the named dataset, so
@@ -43,8 +46,9 @@ def run_simulation(config: FLConfig, partitions: list | None = None,
     holds the whole split, derives as the owners would agree on it. `engine` is Flower's simulation engine
     ("ray"; its files go to `workdir`, a fresh temporary directory if None) or veil's in-process grid
     ("inprocess", see `veil.fl.inprocess`): the same apps, without Ray's start-up, and the result's
-    `traffic` counts the serialized messages each way. A run stopped by too few clients or a failing
-    statistics round raises `FederationError` with the server's reason."""
+    `traffic` counts the serialized messages each way. `owner_factory` builds each owner's Flower client
+    (`veil.fl.clientapp.make_client_app`; honest owners unless given). A run stopped by too few clients
+    or a failing statistics round raises `FederationError` with the server's reason."""
     if partitions is not None and (test is None or len(partitions) != config.clients):
         raise FederatedConfigError("with explicit partitions give one per client and a held-out test set")
     if engine not in ENGINES:
@@ -55,7 +59,7 @@ def run_simulation(config: FLConfig, partitions: list | None = None,
     errors: list[BaseException] = []
     task = None if partitions is None else Task.of_arrays(np.asarray(test[0]).shape[1], [p[1] for p in partitions])
     server = make_server_app(config, test, task, on_round, box.append, errors.append)
-    client = make_client_app(config, partitions, task)
+    client = make_client_app(config, partitions, task, owner_factory)
     start = time.perf_counter()
     if engine == "inprocess":
         from veil.fl.inprocess import run_server_app

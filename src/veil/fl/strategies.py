@@ -32,7 +32,7 @@ from veil.errors import FederatedConfigError, FederationError
 from veil.fl.names import STRATEGIES
 
 if TYPE_CHECKING:
-    from veil.fl.federation import FLConfig
+    from veil.fl.config import FLConfig
 
 log = logging.getLogger("veil.fl")
 
@@ -175,7 +175,7 @@ def build_stats_strategy(cfg: FLConfig, size: int, fit_config: Callable[[int], d
     With `cfg.stats_noise` > 0 (and `noise`) it is wrapped in Flower's fixed-clipping Gaussian DP (each
     vector clipped to L2 norm `cfg.stats_clip`, owners weighted equally): server-side clipping, or
     client-side clipping under SecAgg+, where the server only holds the sum. `noise=False` is for the
-    row count SecAgg+ needs as a public bound (`federation.federated_count`), which noise would not bound."""
+    row count SecAgg+ needs as a public bound (`statistics_rounds.federated_count`), which noise would not bound."""
     initial = [np.zeros(size)]
     params = ndarrays_to_parameters(initial)
     if cfg.stats_noise <= 0 or not noise:

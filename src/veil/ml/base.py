@@ -68,11 +68,10 @@ class EncryptedModelMixin:
 
     def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None) -> np.ndarray:
         """Raw outputs (n_samples, n_outputs) computed in the requested mode. With fhe="execute",
-        inputs above one chunk (the client's `chunk_rows`: `parallel.DEFAULT_CHUNK_CTS` full
-        ciphertexts, or fewer rows for a staged program's widest stage) run chunk by chunk in
-        `workers` local processes (None: one per CPU; 1: chunked in this process), so memory
-        stays bounded whatever the number of rows; smaller inputs run here in one go. Either way
-        the client runs its whole protocol (`infer`: one round trip, or one per stage)."""
+        inputs above one chunk (`parallel.default_chunk_rows`) run chunk by chunk in `workers`
+        local processes (None: one per CPU; 1: chunked in this process), so memory stays bounded
+        whatever the number of rows; smaller inputs run here in one go. Either way the client runs
+        its whole protocol (`infer`: one round trip, or one per stage of a staged program)."""
         if fhe not in FHE_MODES:
             raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -86,7 +85,7 @@ class EncryptedModelMixin:
         name = client.choose_layout(len(X)) if layout == "auto" else layout
         if fhe == "simulate":
             return self.circuit_.simulate(X, name)
-        if len(X) > client.chunk_rows(name):
+        if len(X) > parallel.default_chunk_rows(client, name):
             return parallel.execute_chunked(
                 X, server_dict=self.circuit_.to_dict(), client_spec=self.circuit_.client_spec(),
                 load_server=load_server, load_client=load_client,

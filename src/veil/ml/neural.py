@@ -144,11 +144,11 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
         raise NotImplementedError
 
     def compile(self, X: Any, input_bounds: float | np.ndarray | None = None,
-                headroom: float = DEFAULT_HEADROOM) -> _EncryptedMLP:
+                headroom: float = DEFAULT_HEADROOM, bounds: str = "sound") -> _EncryptedMLP:
         """Plan CKKS parameters for inputs like X (each feature up to twice its largest calibration
-        magnitude, or `input_bounds`); returns self."""
+        magnitude, or `input_bounds`; `bounds` as in `compile_torch_model`); returns self."""
         X = self._check_X(X)
-        self._set_circuit(compile_program(self.program_, X, input_bounds, headroom))
+        self._set_circuit(compile_program(self.program_, X, input_bounds, headroom, bounds=bounds))
         return self
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
@@ -267,17 +267,26 @@ class CompiledTorchModel(EncryptedModelMixin):
 
 
 def compile_torch_model(module: nn.Module, X_calibration: Any, input_bounds: float | np.ndarray | None = None,
-                        headroom: float = DEFAULT_HEADROOM, nonlinear: str = "server") -> CompiledTorchModel:
+                        headroom: float = DEFAULT_HEADROOM, bounds: str = "sound",
+                        nonlinear: str = "server") -> CompiledTorchModel:
     """Compile `module` (in eval mode) for encrypted inference on inputs like `X_calibration`.
 
     `nonlinear="server"` (non-interactive): the server evaluates the whole network under CKKS, so
     its activations must be polynomials (`veil.ml.Square`, `veil.ml.Polynomial`); residual adds
-    and concatenations are supported. `nonlinear="client"` (interactive, `veil.program.staged`):
-    the server evaluates each run of linear layers on ciphertexts and the client every other layer
-    (ReLU, MaxPool, GELU, Sigmoid, Softmax, ...) exactly, one round trip per non-linear stage; the
-    client then learns the architecture and the intermediate activations. Calibration fixes the
-    range each stage accepts: each value up to twice its calibration magnitude (`input_bounds`
-    for the model input), and the client refuses anything beyond it with `PrecisionError`."""
+    and concatenations are supported. `bounds` then says what the ring is sized for: "sound" (the
+    default) the outputs of every input in the accepted box (`input_bounds`, or twice the
+    calibration range per feature), by interval arithmetic; "calibrated" the values each stage
+    reaches on `X_calibration` times `headroom`, for networks whose sound bounds no ring holds:
+    inputs unlike the calibration data may then push an output out of range, which the client
+    detects and reports as `PrecisionError`.
+
+    `nonlinear="client"` (interactive, `veil.program.staged`): the server evaluates each run of
+    linear layers on ciphertexts and the client every other layer (ReLU, MaxPool, GELU, Sigmoid,
+    Softmax, ...) exactly, one round trip per non-linear stage; the client then learns the
+    architecture and the intermediate activations. Calibration fixes the range each stage
+    accepts: each value up to twice its largest calibration magnitude (`input_bounds` for the
+    model input), and the client refuses anything beyond it with `PrecisionError`; every stage is
+    depth 0 with sound bounds over that range, so `bounds` does not apply."""
     if nonlinear not in NONLINEAR:
         raise ValueError(f"nonlinear must be one of {NONLINEAR}, got {nonlinear!r}")
     X = X_calibration.detach().cpu().numpy() if isinstance(X_calibration, torch.Tensor) else np.asarray(X_calibration)
@@ -293,7 +302,7 @@ def compile_torch_model(module: nn.Module, X_calibration: Any, input_bounds: flo
         return CompiledTorchModel(copy.deepcopy(module).eval(), None, shape, circuit, nonlinear)
     program = module_to_program(module, shape)
     flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
-    circuit = compile_program(program, flat, input_bounds, headroom)
+    circuit = compile_program(program, flat, input_bounds, headroom, bounds=bounds)
     return CompiledTorchModel(copy.deepcopy(module).eval(), program, shape, circuit, nonlinear)
 
 

@@ -22,41 +22,47 @@ Layers: `comm` (the communicator interface with byte/round counters and timeouts
 process twin), `transport` (the distributed twin: TLS 1.3 links between processes), `certs` (CA
 and per-rank certificates), `provider` (the dealer: seed-expanded Beaver triples, truncation and
 division pairs, comparison masks; only the last party receives correcting shares), `primitives`
-(opening, Beaver products, division by public integers, exact comparison by a bit-packed carry
-tree, ReLU, max/argmax), `approx` (exp, log, reciprocal, sqrt, sigmoid, softmax with documented
-and tested error bounds), `tensor` (`MPCTensor`, a ``__torch_dispatch__`` wrapper so that
-torch.nn modules, losses, autograd and torch.optim run unchanged; views alias their base) and
+(opening, Beaver products, exact division by public integers, exact comparison by a bit-packed
+carry tree, ReLU, max/argmax), `checks` (the opt-in range-check mode), `approx` (exp, log,
+reciprocal, sqrt, sigmoid, softmax with documented and tested error bounds), `tensor`
+(`MPCTensor`, a ``__torch_dispatch__`` wrapper so that torch.nn modules, losses, autograd and
+torch.optim run unchanged; views alias their base) and
 `_ops` (the rules per aten op, one module per op family, in a table), `nn` (sharing models and
 rows/columns, per-party save/load), `sharefile` (offline share files for data owners outside
 the parties, results encrypted to a holder) and `idx` (MNIST IDX files). Experiment models and
 the digits loader of the benchmarks live in ``benchmarks/mpc_models.py``.
 
-Error bounds: products, truncation and division by a public integer d (means, loss reductions,
-average pooling) are exact up to 1 unit in the last place (2^-16) plus the encoding error of the
-inputs, except with probability about |x| * 2^-63 per element (x the raw value divided: about
-2^-31 for a product of two factors of magnitude 1); comparisons are exact.
+Error bounds and ranges (frac_bits f = 16): every value must stay within |v| < 2^(62 - f) = 2^46.
+Truncation after products and division by a public integer d (means, loss reductions, average
+pooling) are exact up to 1 unit in the last place (2^-16), with no failure probability, for every
+raw value in `primitives.division_range` (about |x| < 2^62); so products (elementwise, matrix,
+convolution) are exact up to that unit plus the encoding error of the inputs while each output
+element's exact value satisfies |x y| < 2^(62 - 2f) = 2^30, and squares while |x| < 2^15.
+Comparisons are exact on the whole ring. Beyond these ranges the ring wraps around: the
+range-check mode (`checks`, ``with veil.mpc.range_checks():``) makes that a `RangeError`, at the
+cost of one bit opened per check point (see there for what it checks and reveals).
 
 Optimizers: torch.optim.SGD (with momentum) and torch.optim.Adam / AdamW run unchanged (default
 foreach/fused=None: torch takes the single-tensor path for tensor subclasses). For Adam, the
 rules of `_ops.adam_ops` keep both moment estimates bias-corrected with 2*frac_bits fractional
 bits (the public factor 1 - beta^t is tracked apart), and 1/sqrt(v) comes from a range-reduced
-approximation over [2^-32, 32] (`approx.inv_sqrt_wide`), so v ~ g^2 no longer underflows;
-tests/mpc/test_adam.py matches plaintext Adam on digits (loss, weights, accuracy within 3
-points).
+approximation over every such value, [2^-32, 2^30) (`approx.inv_sqrt_wide`), so v ~ g^2 no
+longer underflows; tests/mpc/test_adam.py matches plaintext Adam on digits (loss, weights,
+accuracy within 3 points).
 
 Known limits: Adam is scale invariant, so gradient entries at the fixed-point resolution (|g| of
 a few 2^-16) still move their weight by about lr in a direction set by rounding (plaintext moves
 them by lr too, in the true direction, or not at all if g = 0 exactly); amsgrad (needs max),
 foreach=True, fused, capturable and differentiable are not supported; eps must be <= about
-1.5e-3 (larger raises), sqrt(v) is accurate (1%) up to v = 32 (|g| <= about 5); each moment
-update truncates values up to 2^40 |d|, d = g - m or g^2 - v, so its per-element wrap
-probability is about 2^-23 |d| per step instead of 2^-31 for an ordinary product; an Adam step
-costs 5 comparisons and an inverse square root per parameter (MLP 784-128-64-10: ~77 MB sent per
-party, ~2.5 s in-process, against ~0 for SGD). BatchNorm is supported in eval mode (forward
-only); convolutions need groups=1 and dilation=1; max-pooling without padding.
+1.5e-3 (larger raises); sqrt(v) is accurate (1%) for every v, 1/sqrt(v) to 1% + 2^-16 sqrt(v)
+relative, and g^2 must not wrap (|g| < 2^15); an Adam step costs 8 comparisons and an inverse
+square root per parameter (MLP 784-128-64-10, two parties: ~110 MB sent per party and 107 MB
+from the dealer, 476 rounds, against 3-4 MB and 44 rounds for SGD). Convolutions need
+dilation=1; max-pooling without padding.
 """
 
-from veil.mpc.errors import AccessError, MPCError, MPCTimeoutError, PartyFailureError, ProtocolError
+from veil.mpc.checks import check_ranges, range_checks
+from veil.mpc.errors import AccessError, MPCError, MPCTimeoutError, PartyFailureError, ProtocolError, RangeError
 from veil.mpc.primitives import Runtime, current
 from veil.mpc.runtime import launch, run_local
 from veil.mpc.tensor import MPCTensor, argmax_onehot, from_public, share
@@ -68,11 +74,14 @@ __all__ = [
     "MPCTimeoutError",
     "PartyFailureError",
     "ProtocolError",
+    "RangeError",
     "Runtime",
     "argmax_onehot",
+    "check_ranges",
     "current",
     "from_public",
     "launch",
+    "range_checks",
     "run_local",
     "share",
 ]

@@ -112,7 +112,12 @@ def _train(ns: argparse.Namespace) -> int:
 
 def run_script(script: str, shares: str, certs_dir: str, rank: int, world: int, holder: str | None,
                results: str):
-    """Party side of ``veil mpc train``: load SCRIPT and call its ``train(ctx)``."""
+    """Party side of ``veil mpc train``: agree on the holder with the other parties (the
+    context's first round), then load SCRIPT and call its ``train(ctx)``."""
+    label = certs.identity_for(rank, world).label
+    d = Path(certs_dir)
+    me = certs.TLSFiles(d / "ca.pem", d / f"{label}.pem", d / f"{label}.key")
+    ctx = sharefile.PartyContext(shares, me, holder, results)
     spec = importlib.util.spec_from_file_location("veil_mpc_user_script", script)
     if spec is None or spec.loader is None:
         raise ProtocolError(f"cannot load {script}")
@@ -120,10 +125,7 @@ def run_script(script: str, shares: str, certs_dir: str, rank: int, world: int, 
     spec.loader.exec_module(module)
     if not hasattr(module, "train"):
         raise ProtocolError(f"{script} defines no train(ctx)")
-    label = certs.identity_for(rank, world).label
-    d = Path(certs_dir)
-    me = certs.TLSFiles(d / "ca.pem", d / f"{label}.pem", d / f"{label}.key")
-    return module.train(sharefile.PartyContext(shares, me, holder, results))
+    return module.train(ctx)
 
 
 def _reveal(ns: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ Ranks 0..N-2 run the given ``--entry module:function`` as computing parties; ran
 dealer and needs no entry. Every link is mutually authenticated TLS 1.3 (`veil.mpc.transport`):
 each process needs the CA certificate and its own certificate and key, naming its rank
 (``veil mpc certs`` makes development ones). Exit status 0 on success, 3 if a peer failed or
-did not join, 2 for bad arguments, 1 otherwise.
+did not join, 2 for bad arguments or parties started on different terms (`AgreementError`, e.g.
+two result holders), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from veil.mpc import ring
 from veil.mpc.certs import TLSFiles, identity_for
-from veil.mpc.errors import PartyFailureError, ProtocolError
+from veil.mpc.errors import AgreementError, PartyFailureError, ProtocolError
 from veil.mpc.runtime import resolve, run_party
 from veil.mpc.transport import TLSComm, parse_addr
 
@@ -94,6 +95,9 @@ def run(ns: argparse.Namespace) -> int:
     except PartyFailureError as exc:
         print(f"veil.mpc rank {ns.rank}: {exc}", file=sys.stderr)
         return 3
+    except AgreementError as exc:
+        print(f"veil.mpc rank {ns.rank}: {exc}", file=sys.stderr)
+        return 2
     if ns.out:
         torch.save(out, ns.out)
     return 0

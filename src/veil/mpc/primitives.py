@@ -16,7 +16,7 @@ import torch
 from veil.mpc import ring
 from veil.mpc.comm import Communicator
 from veil.mpc.errors import AccessError, ProtocolError
-from veil.mpc.provider import TREE_LEVELS, DealerClient
+from veil.mpc.provider import TREE_LEVELS, DealerClient, is_power_of_two
 
 _local = threading.local()
 
@@ -31,6 +31,7 @@ class Runtime:
         self.prg = ring.PRG()
         self.common = common
         self.truncations = 0
+        self.checks = None  # pending range checks inside `veil.mpc.range_checks` (`checks.Pending`)
 
     @property
     def rank(self) -> int:
@@ -154,23 +155,30 @@ def _open_many(rt: Runtime, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 # ---- products ----------------------------------------------------------------------------
 
 
-def beaver(rt: Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-    """Shares of bilinear(op, x, y) by a dealer Beaver triple (one round). No truncation."""
-    params = params or {}
-    t = rt.dealer.beaver(op, x.shape, y.shape, params)
+def _beaver_with(rt: Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict, t) -> torch.Tensor:
+    """Shares of bilinear(op, x, y) from the triple (a, b, c) in bundle ``t`` (one round)."""
     a, b = t["a"], t["b"]
     e, f = _open_many(rt, [x - a, y - b])
     left = a + e if rt.rank == 0 else a
     return t["c"] + ring.bilinear(op, e, b, params) + ring.bilinear(op, left, f, params)
 
 
-def square(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
-    """Shares of x*x with a dealer pair (a, a^2); only x - a is opened. No truncation."""
-    t = rt.dealer.square(x.shape)
+def beaver(rt: Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+    """Shares of bilinear(op, x, y) by a dealer Beaver triple (one round). No truncation."""
+    params = params or {}
+    return _beaver_with(rt, op, x, y, params, rt.dealer.beaver(op, x.shape, y.shape, params))
+
+
+def _square_with(rt: Runtime, x: torch.Tensor, t) -> torch.Tensor:
     a = t["a"]
     e = open_ring(rt, x - a)
     z = t["c"] + 2 * e * a
     return z + e * e if rt.rank == 0 else z
+
+
+def square(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+    """Shares of x*x with a dealer pair (a, a^2); only x - a is opened. No truncation."""
+    return _square_with(rt, x, rt.dealer.square(x.shape))
 
 
 def truncate(rt: Runtime, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
@@ -183,26 +191,46 @@ def truncate(rt: Runtime, x: torch.Tensor, bits: int | None = None) -> torch.Ten
 
 
 MAX_DIVISOR = 1 << 62
+TOP_BIT = 1 << 63
+
+
+def division_range(d: int) -> tuple[int, int]:
+    """The raw values x (read as signed) that `div_public` divides by d exactly: [-B, 2^63 - B)
+    with B = d * floor(2^62 / d), which contains [-(2^62 - d), 2^62)."""
+    bias = d * (MAX_DIVISOR // d)
+    return -bias, TOP_BIT - bias
 
 
 def div_public(rt: Runtime, x: torch.Tensor, d: int) -> torch.Tensor:
     """Shares of x / d for a public nonzero integer d (|d| <= 2^62), rounded to an integer.
 
-    Protocol (x read as a signed 64-bit integer):
+    x is read as a signed 64-bit integer and B = d floor(2^62 / d) (a multiple of d), so that
+    x' = x + B lies in [0, 2^63) for every x in `division_range` (party 0 adds B to its share).
+    One round and one dealer request (`provider.division_items`; a product's own request when
+    it is part of one: `product`). Protocol:
 
-    - two parties (SecureML's local truncation, generalised to any divisor; no communication):
-      party 0 takes floor(x0 / d), party 1 takes -floor(-x1 / d);
-    - three or more: 1. the dealer deals a uniform r and shares of floor(r / d) (request
-      ``trunc`` with the divisor); 2. the parties open z = x + r (one round; z is uniform, so
-      it reveals nothing); 3. party 0 takes floor(z / d) - [floor(r / d)], the others
-      -[floor(r / d)].
+    - three or more parties: 1. the dealer deals a uniform r and shares of t0, t1; 2. the
+      parties open z = x' + r (z is uniform, so it reveals nothing); 3. the carry c into bit 63
+      of x' + (r mod 2^63) is the top bit of z XOR the top bit of r (x' has none), and x' =
+      (z mod 2^63) - (r mod 2^63) + c 2^63. Each party takes t1 if z's top bit is set, else t0
+      (that is its share of -floor((r mod 2^63) / d) if c = 0, of ceil((2^63 - (r mod 2^63)) /
+      d) if c = 1); party 0 adds floor((z mod 2^63) / d) - B / d.
+    - two parties (x' = x'0 + x'1 mod 2^64; a, b the top bits of the shares, l0, l1 their low 63
+      bits): as x' has no top bit, x' = l0 + l1 - (a XOR b) 2^63. Party 1 computes both
+      candidates P_a = ceil((l1 - (a XOR b) 2^63) / d) for a = 0, 1, Delta = P_1 - P_0, and the
+      parties compute shares of a Delta (`_divide_pair`: party 0 sends one masked bit, party 1
+      one masked bit if d is a power of two, else one masked word; the dealer sends party 1 one
+      word); party 0 adds floor(l0 / d) - B / d, party 1 adds P_0.
 
-    Error: the result is floor(x / d) or floor(x / d) + 1 (at most one unit in the last place:
-    2^-frac_bits for a fixed-point x), except with probability about |x| / 2^63 per element, when
-    a share wraps around the ring and the result is off by about 2^64 / |d|. For a mean over n
-    elements of fixed-point values, x / n is thus exact to the fixed-point resolution for every
-    n <= 2^31 (tests/mpc/test_protocols.py checks n = 10^6), where multiplying by 1/n encoded with
-    frac_bits fractional bits is not (1/n rounds to 0 for n > 2^(frac_bits + 1)).
+    Error: the result is floor(x / d) or floor(x / d) + 1 (floor(alpha) + ceil(beta) for alpha +
+    beta = x' / d), at most one unit in the last place (2^-frac_bits for a fixed-point x), with
+    no failure probability, for every x in `division_range` (at least |x| < 2^62 - d). Outside
+    that range (a value that wrapped around the ring) the result may be off by about 2^64 / d.
+    A fixed-point product (2 frac_bits fractional bits, d = 2^frac_bits) is therefore exact while
+    |x * y| < 2^(62 - 2 frac_bits) (2^30 for frac_bits = 16); beyond, the ring product itself has
+    wrapped. For a mean over n elements, x / n is exact to the fixed-point resolution for every
+    n <= 2^31 (tests/mpc/test_protocols.py checks n = 10^6), where multiplying by 1/n encoded
+    with frac_bits fractional bits is not (1/n rounds to 0 for n > 2^(frac_bits + 1)).
     """
     d = int(d)
     if d == 0 or abs(d) > MAX_DIVISOR:
@@ -211,24 +239,97 @@ def div_public(rt: Runtime, x: torch.Tensor, d: int) -> torch.Tensor:
         return div_public(rt, -x, -d)
     if d == 1:
         return x
+    return _divide_with(rt, x, d, rt.dealer.division(x.shape, d))
+
+
+LOW63 = TOP_BIT - 1
+
+
+def _divide_with(rt: Runtime, x: torch.Tensor, d: int, t) -> torch.Tensor:
+    """`div_public` of x by d > 1 with the division material in bundle ``t``."""
+    low, _ = division_range(d)
+    if rt.rank == 0:
+        x = x - low
     if rt.n == 2:
-        if rt.rank == 0:
-            return torch.div(x, d, rounding_mode="floor")
-        return -torch.div(-x, d, rounding_mode="floor")
-    t = rt.dealer.division(x.shape, d)
+        return _divide_pair(rt, x, d, t) + (low // d if rt.rank == 0 else 0)
     z = open_ring(rt, x + t["r"])
-    zt = torch.div(z, d, rounding_mode="floor")
-    return zt - t["rt"] if rt.rank == 0 else -t["rt"]
+    out = torch.where(z < 0, t["t1"], t["t0"])
+    if rt.rank == 0:
+        out = out + torch.div(z & LOW63, d, rounding_mode="floor") + low // d
+    return out
+
+
+def _recv_bits(rt: Runtime, src: int, shape: torch.Size) -> torch.Tensor:
+    """Receive bit-packed 0/1 integers of the given shape from party ``src``."""
+    n = shape.numel()
+    return unpack_bits(rt.comm.recv(((n + 63) // 64,), torch.int64, src), n).to(torch.int64).reshape(shape)
+
+
+def _divide_pair(rt: Runtime, x: torch.Tensor, d: int, t) -> torch.Tensor:
+    """Two-party step of `div_public` on shares of x' = x + B (see there): one round.
+
+    Party 0 holds a (the top bit of its share), party 1 holds b; the product a Delta uses the
+    dealer's u (party 0's random bit), v (party 1's) and shares of w = u v. When d is a power of
+    two, Delta = q (2b - 1) with q = 2^63 / d, so a Delta = q (2ab - a), and the product ab of
+    two bits needs bits only: party 0 sends e = a XOR u, party 1 sends f = b XOR v, and ab =
+    a f + (1 - 2f) (e v + (1 - 2e) w). Otherwise party 1 sends the word f = Delta - v (v a
+    uniform word) and a Delta = a f + e v + (1 - 2e) w.
+    """
+    rt.comm.stats.rounds += 1
+    lo = x & LOW63
+    mine = (x < 0).to(torch.int64)  # party 0: a, party 1: b
+    pow2 = is_power_of_two(d)
+    if rt.rank == 0:
+        e = mine ^ (t["u"] & 1)
+        rt.comm.send(pack_bits(e), 1)
+        f = _recv_bits(rt, 1, x.shape) if pow2 else rt.comm.recv(x.shape, torch.int64, 1)
+        base = torch.div(lo, d, rounding_mode="floor")
+        if pow2:
+            ab = mine * f + (1 - 2 * f) * (1 - 2 * e) * t["w"]
+            return base + (TOP_BIT // d) * (2 * ab - mine)
+        return base + mine * f + (1 - 2 * e) * t["w"]
+    # candidates for x' / d - floor(l0 / d): P0 if a = 0 (then the carry is b), P1 if a = 1 (1 - b)
+    c0 = -torch.div(-lo, d, rounding_mode="floor")  # ceil(l1 / d)
+    c1 = torch.div(lo + (-TOP_BIT + d - 1), d, rounding_mode="floor")  # ceil((l1 - 2^63) / d)
+    b = mine.bool()
+    p0, p1 = torch.where(b, c1, c0), torch.where(b, c0, c1)
+    if pow2:
+        v = t["v"] & 1
+        f = mine ^ v
+        rt.comm.send(pack_bits(f), 0)
+        e = _recv_bits(rt, 0, x.shape)
+        return p0 + 2 * (TOP_BIT // d) * (1 - 2 * f) * (e * v + (1 - 2 * e) * t["w"])
+    v = t["v"]
+    rt.comm.send(p1 - p0 - v, 0)
+    e = _recv_bits(rt, 0, x.shape)
+    return p0 + e * v + (1 - 2 * e) * t["w"]
+
+
+def product(rt: Runtime, op: str, x: torch.Tensor, y: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+    """Fixed-point bilinear map of shares: Beaver triple and exact truncation from one dealer
+    request (2 rounds); exact while each output element satisfies |x * y| < 2^(62 - 2 frac_bits)."""
+    params = params or {}
+    rt.truncations += 1
+    t = rt.dealer.beaver(op, x.shape, y.shape, params, d=rt.scale)
+    return _divide_with(rt, _beaver_with(rt, op, x, y, params, t), rt.scale, t)
+
+
+def square_fixed(rt: Runtime, x: torch.Tensor) -> torch.Tensor:
+    """Fixed-point x*x: dealer square pair and exact truncation in one request (2 rounds); exact
+    while |x| < 2^(31 - frac_bits)."""
+    rt.truncations += 1
+    t = rt.dealer.square(x.shape, d=rt.scale)
+    return _divide_with(rt, _square_with(rt, x, t), rt.scale, t)
 
 
 def mul(rt: Runtime, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fixed-point elementwise product (Beaver + truncation)."""
-    return truncate(rt, beaver(rt, "mul", x, y))
+    """Fixed-point elementwise product (`product`)."""
+    return product(rt, "mul", x, y)
 
 
 def matmul(rt: Runtime, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fixed-point matrix product (Beaver + truncation)."""
-    return truncate(rt, beaver(rt, "matmul", x, y))
+    """Fixed-point matrix product (`product`)."""
+    return product(rt, "matmul", x, y)
 
 
 # ---- comparison --------------------------------------------------------------------------

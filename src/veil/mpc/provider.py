@@ -21,6 +21,8 @@ from veil.mpc.errors import PartyFailureError, ProtocolError
 
 HEADER_BYTES = 4096
 TREE_LEVELS = 6
+INT63_MASK = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
 
 
 def and_words(n: int) -> list[int]:
@@ -38,7 +40,9 @@ def and_words(n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Item:
-    """One piece of correlated randomness: arithmetic ('A') or XOR ('B') shared; derived or not."""
+    """One piece of correlated randomness: arithmetic ('A') or XOR ('B') shared, or a private
+    random word of each party ('P': not a sharing; the dealer knows every party's word); derived
+    (only 'A' or 'B') or not."""
 
     name: str
     shape: tuple[int, ...]
@@ -64,47 +68,96 @@ class Request:
         raise NotImplementedError
 
 
+def division_items(shape: tuple[int, ...], pair: bool) -> list[Item]:
+    """The material of one exact division by a public d (`primitives.div_public`) of ``shape`` elements.
+
+    Three or more parties (``pair`` false): a uniform r, and t0, t1 (the correction when the
+    opened value's top bit is 0 or 1). Two parties: party 0's private random bit u (the low bit
+    of its word "u"), party 1's private random word "v" and shares of w = u v, where v is party
+    1's word, or only its low bit when d is a power of two (`division_derive`).
+    """
+    if pair:
+        return [Item("u", shape, "P", False), Item("v", shape, "P", False), Item("w", shape, "A", True)]
+    return [Item("r", shape, "A", False), Item("t0", shape, "A", True), Item("t1", shape, "A", True)]
+
+
+def is_power_of_two(d: int) -> bool:
+    """Whether the divisor d > 0 is a power of two (a truncation)."""
+    return d & (d - 1) == 0
+
+
+def division_derive(full: dict, d: int, pair: bool) -> dict[str, torch.Tensor]:
+    """The derived items of `division_items`. Two parties: w = u v. Otherwise, with r_lo = r mod
+    2^63, u0 = -floor(r_lo / d) and u1 = ceil((2^63 - r_lo) / d): t0 = u1 if r's top bit is set
+    else u0, and t1 the other one."""
+    if d <= 1:
+        raise ProtocolError("division divisor must be at least 2")
+    if pair:
+        v = full["v"][1] & 1 if is_power_of_two(d) else full["v"][1]
+        return {"w": (full["u"][0] & 1) * v}
+    r = full["r"]
+    r_lo = r & INT63_MASK
+    u0 = -torch.div(r_lo, d, rounding_mode="floor")
+    u1 = -torch.div(r_lo + INT64_MIN, d, rounding_mode="floor")  # r_lo - 2^63 fits in int64
+    top = r < 0
+    return {"t0": torch.where(top, u1, u0), "t1": torch.where(top, u0, u1)}
+
+
+def _division_spec(spec: dict) -> tuple[int, bool] | None:
+    """(d, pair) of a request that carries division material, else None."""
+    return (int(spec["d"]), bool(spec.get("pair"))) if spec.get("d") else None
+
+
 class BeaverTriple(Request):
-    """(a, b, c = op(a, b)) for a bilinear ``op`` (product, matmul, convolution and its gradients)."""
+    """(a, b, c = op(a, b)) for a bilinear ``op`` (product, matmul, convolution and its gradients);
+    with ``d`` in the spec also the material to divide the output by d (`division_items`), so a
+    fixed-point product is one request."""
 
     kind = "beaver"
 
     def items(self, spec: dict) -> list[Item]:
         out = ring.bilinear_shape(spec["op"], tuple(spec["xs"]), tuple(spec["ys"]), spec["params"])
-        return [Item("a", tuple(spec["xs"]), "A", False), Item("b", tuple(spec["ys"]), "A", False),
-                Item("c", out, "A", True)]
+        items = [Item("a", tuple(spec["xs"]), "A", False), Item("b", tuple(spec["ys"]), "A", False),
+                 Item("c", out, "A", True)]
+        div = _division_spec(spec)
+        return items + (division_items(out, div[1]) if div else [])
 
     def derive(self, spec, full, frac_bits):
-        return {"c": ring.bilinear(spec["op"], full["a"], full["b"], spec["params"])}
+        out = {"c": ring.bilinear(spec["op"], full["a"], full["b"], spec["params"])}
+        div = _division_spec(spec)
+        if div:
+            out.update(division_derive(full, *div))
+        return out
 
 
 class SquarePair(Request):
-    """(a, a^2): one opening per square instead of two."""
+    """(a, a^2): one opening per square instead of two; with ``d``, division material as `BeaverTriple`."""
 
     kind = "square"
 
     def items(self, spec: dict) -> list[Item]:
         s = tuple(spec["xs"])
-        return [Item("a", s, "A", False), Item("c", s, "A", True)]
+        div = _division_spec(spec)
+        return [Item("a", s, "A", False), Item("c", s, "A", True)] + (division_items(s, div[1]) if div else [])
 
     def derive(self, spec, full, frac_bits):
-        return {"c": full["a"] * full["a"]}
+        out = {"c": full["a"] * full["a"]}
+        div = _division_spec(spec)
+        if div:
+            out.update(division_derive(full, *div))
+        return out
 
 
 class DivisionPair(Request):
-    """(r, floor(r / d)) for division by a public integer d (default 2^frac_bits: truncation)."""
+    """`division_items` for an exact division by a public integer d (default 2^frac_bits: truncation)."""
 
     kind = "trunc"
 
     def items(self, spec: dict) -> list[Item]:
-        s = tuple(spec["xs"])
-        return [Item("r", s, "A", False), Item("rt", s, "A", True)]
+        return division_items(tuple(spec["xs"]), bool(spec.get("pair")))
 
     def derive(self, spec, full, frac_bits):
-        d = int(spec.get("d", 1 << frac_bits))
-        if d <= 0:
-            raise ProtocolError("truncation divisor must be positive")
-        return {"rt": torch.div(full["r"], d, rounding_mode="floor")}
+        return division_derive(full, int(spec.get("d", 1 << frac_bits)), bool(spec.get("pair")))
 
 
 class SignMask(Request):
@@ -242,17 +295,25 @@ class DealerClient:
 
         return Bundle(values, pending, fetch)
 
-    def beaver(self, op: str, xs, ys, params: dict) -> Bundle:
-        """Shares of a Beaver triple (a, b, op(a, b)) for operands of shapes xs and ys."""
-        return self.request(BeaverTriple.kind, {"op": op, "xs": list(xs), "ys": list(ys), "params": params})
+    def beaver(self, op: str, xs, ys, params: dict, d: int | None = None) -> Bundle:
+        """Shares of a Beaver triple (a, b, op(a, b)) for operands of shapes xs and ys, with the
+        material to divide the output by ``d`` if given."""
+        return self.request(BeaverTriple.kind, {"op": op, "xs": list(xs), "ys": list(ys), "params": params,
+                                                **self._division(d)})
 
-    def square(self, xs) -> Bundle:
-        """Shares of (a, a^2)."""
-        return self.request(SquarePair.kind, {"xs": list(xs)})
+    def square(self, xs, d: int | None = None) -> Bundle:
+        """Shares of (a, a^2), with the material to divide the square by ``d`` if given."""
+        return self.request(SquarePair.kind, {"xs": list(xs), **self._division(d)})
 
     def division(self, xs, d: int) -> Bundle:
-        """Shares of (r, floor(r / d))."""
-        return self.request(DivisionPair.kind, {"xs": list(xs), "d": int(d)})
+        """Shares of the material of one exact division by d (`division_items`)."""
+        return self.request(DivisionPair.kind, {"xs": list(xs), **self._division(d)})
+
+    def _division(self, d: int | None) -> dict:
+        """The spec entries asking for division material (the two-party kind with two parties)."""
+        if not d:
+            return {}
+        return {"d": int(d), "pair": True} if self.comm.n_parties == 2 else {"d": int(d)}
 
     def sign(self, xs, relu: bool = False) -> Bundle:
         """Comparison material for ``xs`` elements (with ReLU's product pairs if ``relu``)."""
@@ -294,6 +355,9 @@ def _answer(keys: list[bytes], counter: int, kind: str, spec: dict, frac_bits: i
             if it.derived and p == last:
                 continue
             v = prg.random(it.shape)
+            if it.domain == "P":  # a party's private word: the dealer keeps each party's own
+                full.setdefault(it.name, []).append(v)
+                continue
             tgt = partial if it.derived else full
             if it.name not in tgt:
                 tgt[it.name] = v

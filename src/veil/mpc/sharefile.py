@@ -14,9 +14,11 @@ Protocol (seed 004's workflow):
 3. Each party decrypts only its own file with its own key and gets `MPCTensor` shares (a
    single file reveals nothing: its shares are uniform); `check_same_dataset` has the parties
    compare the files' identities over their TLS links, so no party trains on a mismatched split.
-4. A result is revealed to a holder outside the parties the same way: each party writes its
-   share of the result encrypted to the holder's certificate (`write_result`), and only the
-   holder can decrypt and add them (`read_result`).
+4. A result is revealed to a holder outside the parties the same way. Before training, the
+   parties agree on the holder's certificate (`agree_on_holder`, one round, in `PartyContext`):
+   different holders stop every party with `AgreementError`. Each party then writes its share
+   of the result encrypted to that certificate (`write_result`), and only the holder can
+   decrypt and add them (`read_result`).
 
 What each sees: a party sees one uniform share of each tensor, the public header (names,
 shapes, number of rows) and whom it comes from; anyone else sees ciphertext and the header.
@@ -43,7 +45,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from veil.mpc import primitives as P
 from veil.mpc import ring
 from veil.mpc.certs import Identity, TLSFiles, cert_identity, identity_for
-from veil.mpc.errors import ProtocolError
+from veil.mpc.errors import AgreementError, ProtocolError
 from veil.mpc.tensor import MPCTensor
 
 MAGIC = b"VEILSHR1"
@@ -311,15 +313,47 @@ def read_shares(path: Path | str, me: TLSFiles, name: str | None = None,
     return {k: MPCTensor(v) for k, v in _unpayload(header["tensors"], payload).items()}
 
 
-def check_same_dataset(header: dict) -> None:
-    """Every party checks that all parties loaded shares of the same split, from the same owner
-    (one round)."""
+def agree(fields: object, what: str) -> None:
+    """Every party checks that all parties hold the same ``fields`` (JSON values), or raises
+    `AgreementError` saying ``what`` differs; one round: the parties exchange SHA-256 digests
+    over their TLS links, so if any two differ, every party sees it and stops."""
     rt = P.current()
-    fields = [header[k] for k in ("dataset", "name", "tensors", "owner", "owner_cert", "parties", "frac_bits")]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
     mine = torch.frombuffer(bytearray(digest), dtype=torch.int64).clone()
     if any(not torch.equal(mine, other) for other in rt.comm.exchange(mine)):
-        raise ProtocolError(f"the parties loaded different share files for {header['name']!r}")
+        raise AgreementError(f"party {rt.rank}: the parties disagree on {what}")
+
+
+def check_same_dataset(header: dict) -> None:
+    """Every party checks that all parties loaded shares of the same split, from the same owner
+    (one round)."""
+    fields = [header[k] for k in ("dataset", "name", "tensors", "owner", "owner_cert", "parties", "frac_bits")]
+    agree(fields, f"the split of {header['name']!r} (they loaded different share files)")
+
+
+def agree_on_holder(holder_cert: Path | str | None, ca: Path | str) -> Identity | None:
+    """Before anything is computed, the parties check that they reveal to the same holder, by
+    its certificate (identity and SHA-256 of the DER), or all to none (one round, `agree`);
+    then the certificate must be valid under the CA. Returns the holder's identity.
+
+    Without this, parties started with different ``--holder`` values train to the end and
+    write result files that no one holder can add up."""
+    cert, fields = None, None
+    if holder_cert is not None:
+        try:
+            cert = _load_cert(holder_cert)
+            ident = cert_identity(cert.public_bytes(serialization.Encoding.PEM))
+            fields = [ident.uri() if ident else None, hashlib.sha256(cert.public_bytes(
+                serialization.Encoding.DER)).hexdigest()]
+        except (OSError, ValueError) as exc:
+            fields = ["unreadable", Path(holder_cert).name, type(exc).__name__]
+    mine = "no holder" if fields is None else f"holder {fields[0]} ({Path(holder_cert).name})"
+    agree(fields, f"the result holder (this party names {mine})")
+    if cert is None:
+        if holder_cert is not None:
+            raise ProtocolError(f"holder certificate {holder_cert} is missing or not a PEM certificate")
+        return None
+    return _recipient(holder_cert, ca)[1]
 
 
 def _run_id() -> str:
@@ -409,6 +443,9 @@ class PartyContext:
     to reveal results to the holder only (and nothing that holds another party's shares)."""
 
     def __init__(self, shares_dir: Path | str, me: TLSFiles, holder_cert: Path | str | None, out_dir: Path | str):
+        """Made inside the party runtime: first agrees on the holder with the other parties
+        (`agree_on_holder`, one round), so a mismatch stops every party before training."""
+        self.holder = agree_on_holder(holder_cert, me.ca)
         self.shares_dir, self.me = Path(shares_dir), me
         self.holder_cert, self.out_dir = holder_cert, Path(out_dir)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
+from veil.mpc import checks, ring
 from veil.mpc import primitives as P
-from veil.mpc import ring
 from veil.mpc._ops.registry import lookup
 from veil.mpc.errors import ProtocolError
 
@@ -135,8 +135,12 @@ class MPCTensor(torch.Tensor):
         return MPCTensor(inner["_share"])
 
     def reveal(self, to: int | None = None) -> torch.Tensor | None:
-        """Plaintext value for party ``to`` (None for every other party), or for all if to is None."""
+        """Plaintext value for party ``to`` (None for every other party), or for all if to is None.
+
+        In the range-check mode this is a check point first (`checks.flush`): a value computed
+        from one that left its range raises `RangeError` instead of being revealed."""
         rt = P.current()
+        checks.flush(rt)
         v = P.reveal_ring(rt, self._share.detach(), to)
         return None if v is None else ring.decode(v, rt.frac_bits)
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from veil.errors import ShapeError
 from veil.he import CKKSParameters
 from veil.program.affine import CircuitClient, LinearCircuit
 from veil.program.encoding import ThermometerEncoding
 from veil.program.ir import Linear, Poly, Program, normalise
 from veil.program.kinds import CircuitKind, depth, describe, key_needs, kinds, load_client, load_server, register
 from veil.program.leveled import LeveledCircuit, ProgramClient
-from veil.program.planner import LayoutPlan, plan
+from veil.program.planner import BOUNDS, LayoutPlan, plan
 from veil.program.products import ProductSum, ProductSumCircuit, ProductSumClient, compile_product_sum
 from veil.program.staged import StagedCircuit, StagedClient, compile_staged
 
@@ -29,21 +30,24 @@ Client = CircuitClient | ProgramClient | StagedClient
 
 
 def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
-                    presets: dict[str, str] | None = None) -> Circuit:
+                    presets: dict[str, str] | None = None, bounds: str = "sound") -> Circuit:
     """Plan and build the circuit of any program. A program that normalises to one affine map (a
     linear model, or a network whose activations are all affine) runs on the depth-0 affine
     backend: no rescale, one 60-bit prime, no evaluation keys in batch layout; anything with a
-    square runs on the leveled backend. (Programs over a public input encoding, tree ensembles, are
-    product sums: `compile_product_sum`.)"""
+    square runs on the leveled backend, its ring sized by `bounds` (`planner.BOUNDS`): "sound"
+    holds the outputs of every input the client accepts, "calibrated" those of inputs like X
+    (times `headroom`), the client refusing outputs beyond them. (Programs over a public input
+    encoding, tree ensembles, are product sums: `compile_product_sum`.)"""
+    if bounds not in BOUNDS:
+        raise ShapeError(f"unknown bounds {bounds!r}; choose from {BOUNDS}")
     stages = normalise(program)
+    kwargs = {} if headroom is None else {"headroom": headroom}
     if len(stages) == 1:
         only = stages[0]
         assert isinstance(only, Linear)
-        kwargs = {} if headroom is None else {"headroom": headroom}
         return LinearCircuit.calibrate(only.weight, only.bias, X, presets=presets, input_bounds=input_bounds,
                                        **kwargs)
-    kwargs = {} if headroom is None else {"headroom": headroom}
-    stages, plans = plan(program, X, input_bounds=input_bounds, **kwargs)
+    stages, plans = plan(program, X, input_bounds=input_bounds, bounds=bounds, **kwargs)
     return LeveledCircuit(stages, program.n_inputs, plans)
 
 

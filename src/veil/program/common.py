@@ -14,11 +14,6 @@ from veil.errors import KeyMaterialError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, wire
 from veil.he.params import CKKSParameters
 
-DEFAULT_CHUNK_CTS = 4
-"""Default chunk of a chunked run, in full ciphertexts' worth of rows (4 x 4096 = 16,384 rows for
-the batch layout): big enough that per-chunk overhead (IPC, headers) is negligible, small enough
-that a few chunks per worker balance the load and each in-flight chunk stays at tens of megabytes."""
-
 Send = Callable[[bytes, str], bytes]
 """A transport: (request, layout) -> response, the layout naming the public bundle to use."""
 
@@ -131,7 +126,8 @@ class ServerBase(KindInterface):
 class ClientBase(KindInterface):
     """Keys per layout, the input check and decryption with its checks; a circuit kind supplies
     `layout` (its packing), `keys` and, where a response may hold 3-component ciphertexts or two
-    samples per slot, `response_max_size` and `_decryptor`."""
+    samples per slot, `response_max_size` and `_decryptor`; a kind that bounds its outputs
+    overrides `check_outputs`."""
 
     n_features: int
     n_outputs: int
@@ -153,10 +149,6 @@ class ClientBase(KindInterface):
 
     def check_input(self, X: Any) -> np.ndarray:
         return checked_rows(X, self.n_features)
-
-    def chunk_rows(self, layout: str) -> int:
-        """Rows per chunk when a large input runs chunk by chunk (`veil.program.parallel`)."""
-        return DEFAULT_CHUNK_CTS * self.params[checked_layout(layout, self.params)].slot_count
 
     def infer(self, X: Any, layout: str, send: Send) -> np.ndarray:
         """The whole protocol for rows X: encrypt, one round trip through `send`, decrypt."""
@@ -184,4 +176,9 @@ class ClientBase(KindInterface):
         if len(cts) != packing.n_output_cts(n):
             raise ShapeError(f"response holds {len(cts)} ciphertexts, expected {packing.n_output_cts(n)}")
         decrypt = self._decryptor(layout, keys)
-        return packing.unpack([decrypt(ct) for ct in cts], n)
+        return self.check_outputs(layout, packing.unpack([decrypt(ct) for ct in cts], n))
+
+    def check_outputs(self, layout: str, Y: np.ndarray) -> np.ndarray:
+        """Decrypted outputs `Y` of `layout` once checked against what the model can produce
+        (a kind whose plans bound their outputs refuses the others); here, unchecked."""
+        return Y

@@ -8,15 +8,18 @@ Batch layout (samples in slots, one ciphertext per feature, no rotations): a Lin
 output, a sum of ciphertexts times scalar plaintexts encoded at the prime the rescale divides by,
 so the scale is unchanged by the stage; a Poly stage is s t^2 + c1 t + c0 per ciphertext.
 
-Row layout (one sample per block of 2*half slots, see `DiagonalLayout`): a Linear stage is the
-diagonal method W x = sum_i diag_i(W) * rot(x, i) in baby-step giant-step form,
-sum_g rot(sum_b rot(diag_{gB+b}, -gB) * rot(x, b), gB): B - 1 + G - 1 rotations for
-B * G = half, plus one rotation that re-duplicates the block before every Linear but the first.
+Row layout (`veil.program.tiled`: each sample's values tiled in a virtual vector of its own): the
+first Linear stage is one plaintext product per ciphertext of client-side windows (im2col) and a
+fold of log2(stack) rotations, or the diagonal method; every later Linear stage is the hybrid
+diagonal method in baby-step giant-step form (Horner over the giant steps) and a fold; a Poly
+stage is s t^2 + c1 t + c0 on the real slots.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,24 +32,26 @@ from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.encoding import ThermometerEncoding, load_encoding
 from veil.program.ir import Linear, Op, Poly, Program, is_exact
 from veil.program.kinds import CircuitKind, register
-from veil.program.packing import BatchLayout, DiagonalLayout
+from veil.program.packing import BatchLayout
 from veil.program.planner import (
+    COST_MS_PER_PRIME,
     NOISE_SLOTS,
     LayoutPlan,
     check_intermediate,
-    diagonal_steps,
     interval_bounds,
+    output_primes,
+    output_value_bits,
     required_keys,
     row_capable,
+    row_cost_ms,
     stage_levels,
 )
+from veil.program.tiled import MAX_ROW_WORDS, Diagonal, TiledGeometry, TiledLayout, plaintext_words
 
 KIND = "leveled"
 MAX_BATCH_WORKING_BYTES = 4 << 30
 """Largest working set of one batch-layout evaluation (two layers of ciphertexts live at once):
 a forged or oversized program is refused at load, not by exhausting the server's memory."""
-COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
-"""Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
 PROGRAM_LAYOUTS = ("batch", "row")
 CARRIED = (0.0, 1.0, 0.0)
 """The element of a per-element polynomial that carries its value unchanged (a skip connection)."""
@@ -65,17 +70,41 @@ def check_normal(stages: list[Op]) -> None:
                                       "coefficients +-1, or the carried identity)")
 
 
+def _sound_output(p: LayoutPlan, stages: list[Op], non_negative: bool) -> LayoutPlan:
+    """A sound plan with its output bound checked against the interval bounds the server computes
+    itself from the plan's input box (and recorded, for a plan written before it was)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bounds = interval_bounds(stages, np.asarray(p.input_bounds), non_negative)
+    try:
+        check_intermediate(stages, bounds, p.params, p.scale_bits, p.layout)
+    except PrecisionError as exc:
+        raise WireFormatError(f"the {p.layout} plan cannot hold this program: {exc}") from None
+    peak = bounds[-1]
+    # (relative slack: a sum in another order may differ in its last bits from the planner's)
+    if not math.isfinite(peak) or (p.output_bound and p.output_bound < peak * (1 - 1e-9)):
+        raise WireFormatError(f"the {p.layout} plan's output bound {p.output_bound:.3g} is below the program's "
+                              f"sound bound {peak:.3g} over its input box: outputs could wrap around")
+    return p if p.output_bound else replace(p, output_bound=peak)
+
+
 def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
-                stages: list[Op] | None = None, non_negative: bool = False) -> dict[str, LayoutPlan]:
+                stages: list[Op] | None = None, non_negative: bool = False,
+                n_outputs: int | None = None) -> dict[str, LayoutPlan]:
     """The consistency both sides check on loading: a plan per known layout, filed under its own
     name, with bounds for every feature, one prime per level-consuming stage (at most `depth`)
-    plus the first and special ones, and exactly the evaluation keys the program needs (the
-    server, which knows the stages: a forged plan is refused here, not per request)."""
+    plus the output level's and the special one, an output level that holds the planned output
+    bound, a row geometry that holds the program's widths (`n_outputs`: the client's count, which
+    knows no stages) and exactly the evaluation keys the program needs (the server, which knows
+    the stages, also recomputes a sound plan's bounds: a forged plan is refused here, not per
+    request). Returns the plans, each with its output bound."""
     if not plans:
         raise WireFormatError("a leveled circuit needs a plan for at least one layout")
+    checked: dict[str, LayoutPlan] = {}
     for name, p in plans.items():
         if name != p.layout:
             raise WireFormatError(f"plan for {p.layout!r} filed under {name!r}")
+        if name == "row" and stages is not None and not row_capable(stages):
+            raise WireFormatError("the row layout cannot run per-element polynomials")
         if name == "batch" and stages is not None:
             widest = max([n_features] + [op.n_out for op in stages if isinstance(op, Linear)])
             ct_bytes = 2 * p.params.poly_modulus_degree * (len(p.params.coeff_modulus_bits) - 1) * 8
@@ -86,49 +115,60 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
                     "layers (fewer channels, pooling earlier)")
         if len(p.input_bounds) != n_features:
             raise ShapeError("input bounds do not match the number of features")
+        if stages is not None and p.bounds == "sound":  # calibrated bounds came from data the server lacks
+            p = _sound_output(p, stages, non_negative)
         bits = p.params.coeff_modulus_bits
         levels = depth if stages is None else sum(stage_levels(stages, name))
-        if not 2 < len(bits) <= levels + 2 or (stages is not None and len(bits) != levels + 2):
+        value_bits = output_value_bits(p.output_bound, p.bounds)
+        bottom = len(output_primes(p.scale_bits, value_bits))
+        if not 2 < len(bits) <= levels + bottom + 1 or (stages is not None and len(bits) != levels + bottom + 1):
             raise WireFormatError("the modulus chain does not match the program's depth")
+        if sum(bits[:bottom]) < p.scale_bits + value_bits + 2:
+            raise WireFormatError(f"the {name} plan's output level ({sum(bits[:bottom])} bits) cannot hold outputs "
+                                  f"up to {p.output_bound:.3g} at scale 2^{p.scale_bits} ({p.bounds} bounds): "
+                                  "they would wrap around")
         if any(b != p.scale_bits for b in bits[1:-1]) or bits[0] < p.scale_bits + 3:
             raise WireFormatError(f"the {name} plan's scale 2^{p.scale_bits} does not match its modulus chain "
                                   f"{list(bits)}: every rescale must divide by a prime of the scale's size, "
                                   "and the first prime must exceed it")
         if max(p.input_bounds) >= 2.0 ** (sum(bits[:-1]) - p.scale_bits - 2):
             raise WireFormatError(f"the {name} plan's input bounds do not fit its modulus")
-        if p.layout == "batch" and (p.half or p.rotation_steps):
-            raise WireFormatError("the batch layout uses no blocks or rotations")
-        if p.layout == "row" and stages is not None and not row_capable(stages):
-            raise WireFormatError("the row layout cannot run per-element polynomials")
-        if p.layout == "row" and (p.half < 1 or p.half & (p.half - 1)
-                                  or not set(diagonal_steps(p.half)[2]) <= set(p.rotation_steps)):
-            raise WireFormatError(f"the row layout's block half-width {p.half} must be a power of two "
-                                  "with the rotation steps of its diagonal method")
+        if p.layout == "batch" and (p.half or p.rotation_steps or p.geometry is not None):
+            raise WireFormatError("the batch layout uses no blocks, geometry or rotations")
+        if p.layout == "row":
+            _check_row_geometry(p, n_features, stages, n_outputs)
         if stages is not None:
-            relin, steps, half = required_keys(stages, n_features, name, p.params.slot_count, p.relin_last)
+            relin, steps, half = required_keys(stages, name, p.relin_last, p.geometry)
             if (p.relin, tuple(sorted(p.rotation_steps)), p.half) != (relin, steps, half):
                 raise WireFormatError(f"the {name} plan's evaluation keys (relin {p.relin}, rotation steps, "
                                       f"half {p.half}) are not the ones its program needs")
-            with np.errstate(over="ignore", invalid="ignore"):
-                bounds = interval_bounds(stages, np.asarray(p.input_bounds), non_negative)
-            try:
-                check_intermediate(stages, bounds, p.params, p.scale_bits, name)
-            except PrecisionError as exc:
-                raise WireFormatError(f"the {name} plan cannot hold this program: {exc}") from None
-            peak = bounds[-1]
-            if not math.isfinite(peak) or bits[0] < p.scale_bits + max(1, math.ceil(math.log2(max(peak, 1.0)))) + 2:
-                raise WireFormatError(f"the {name} plan's first prime ({bits[0]} bits) cannot hold values up to "
-                                      f"{peak:.3g} at scale 2^{p.scale_bits}: outputs would wrap around")
-        if name == "row" and (2 * p.half > p.params.slot_count or p.half < n_features):
-            raise WireFormatError("the row layout's blocks do not fit the ring")
-    return dict(plans)
+        checked[name] = p
+    return checked
 
 
-def make_packing(plan: LayoutPlan, n_features: int, n_outputs: int) -> BatchLayout | DiagonalLayout:
+def _check_row_geometry(p: LayoutPlan, n_features: int, stages: list[Op] | None, n_outputs: int | None) -> None:
+    """A row plan's geometry holds the program (`TiledGeometry.check`), its plaintexts fit
+    MAX_ROW_WORDS and its rotation steps are the geometry's."""
+    g = p.geometry
+    if g is None or p.half:
+        raise WireFormatError("the row plan of a leveled program needs its geometry (and no block half-width)")
+    if stages is not None:
+        n_outputs = Program(n_features, stages).n_outputs
+    g.check(n_features, 1 if n_outputs is None else n_outputs, stages)
+    top = len(p.params.coeff_modulus_bits) - 1
+    if g.n_linear > top or plaintext_words(g, top, p.params.poly_modulus_degree) > MAX_ROW_WORDS:
+        raise WireFormatError("the row plan's geometry has more linear stages than levels, or would encode "
+                              "more plaintexts than a row plan may hold")
+    if tuple(sorted(p.rotation_steps)) != g.rotation_steps:
+        raise WireFormatError("the row plan's rotation steps are not the ones its geometry needs")
+
+
+def make_packing(plan: LayoutPlan, n_features: int, n_outputs: int) -> BatchLayout | TiledLayout:
     slots = plan.params.slot_count
     if plan.layout == "batch":
         return BatchLayout(slots, n_features, n_outputs)
-    return DiagonalLayout(slots, n_features, n_outputs, plan.half)
+    assert plan.geometry is not None
+    return TiledLayout(slots, n_features, n_outputs, plan.geometry)
 
 
 class LeveledKind:
@@ -165,7 +205,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
             raise ShapeError(f"the input encoding gives {encoding.width} values, the program takes {n_inputs}")
         self.plans = self._check_plans(plans)
         self._contexts: dict[str, HEContext] = {}
-        self._diagonals: dict[int, list[list[tuple[int, int, seal.Plaintext]]]] = {}
+        self._row_plain: dict[tuple, Any] = {}
 
     def _check_plans(self, plans: dict[str, LayoutPlan]) -> dict[str, LayoutPlan]:
         return check_plans(plans, self.n_inputs, len(self.stages), self.stages, non_negative=self.encoding is not None)
@@ -198,7 +238,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
             self.context(name)
         return self
 
-    def layout(self, name: object) -> BatchLayout | DiagonalLayout:
+    def layout(self, name: object) -> BatchLayout | TiledLayout:
         return make_packing(self.plans[checked_layout(name, self.plans)], self.n_inputs, self.n_outputs)
 
     def _encoding_dict(self) -> dict:
@@ -225,33 +265,32 @@ class LeveledCircuit(LeveledKind, ServerBase):
 
     def cost_ms(self, layout: str) -> float:
         """Estimated single-core milliseconds per unit of work: one batch of `slots` samples in the
-        batch layout, one ciphertext in the row layout. From operation counts and per-operation
-        costs measured with SEAL at N=8192 (per prime of the level, scaled by N / 8192); the
-        client uses it to pick the cheaper layout without seeing the weights."""
+        batch layout, one group of samples (an answer ciphertext) in the row layout
+        (`planner.row_cost_ms`). From operation counts and per-operation costs measured with SEAL at
+        N=8192 (per prime of the level, scaled by N / 8192); the client uses it to pick the cheaper
+        layout without seeing the weights."""
         plan = self.plans[layout]
+        if layout == "row":
+            assert plan.geometry is not None
+            relin = [plan.relinearize_at(i, self.stages) for i in range(len(self.stages))]
+            return row_cost_ms(self.stages, plan.geometry, plan.params, relin)
         per = plan.params.poly_modulus_degree / 8192
         top = len(plan.params.coeff_modulus_bits) - 1
-        cost = COST_MS_PER_PRIME["encrypt"] * top * (self.n_inputs if layout == "batch" else 1)
-        width, seen_linear, used = self.n_inputs, False, 0
+        cost = COST_MS_PER_PRIME["encrypt"] * top * self.n_inputs
+        width, used = self.n_inputs, 0
         for i, (op, costs) in enumerate(zip(self.stages, stage_levels(self.stages, layout), strict=True)):
             primes = top - used
             used += int(costs)
             if isinstance(op, Linear):
-                if layout == "batch" and not costs:
+                if not costs:
                     ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["add"]
-                elif layout == "batch":
+                else:
                     ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["mul_add"]
                     ops += op.n_out * COST_MS_PER_PRIME["rescale"]
-                else:
-                    _, _, steps = diagonal_steps(plan.half)
-                    rotations = len(steps) + (1 if seen_linear else 0)
-                    ops = rotations * COST_MS_PER_PRIME["rotate"] + plan.half * COST_MS_PER_PRIME["mul_add"]
-                    ops += COST_MS_PER_PRIME["rescale"]
-                seen_linear, width = True, op.n_out
+                width = op.n_out
             else:
                 relin = COST_MS_PER_PRIME["rotate"] if plan.relinearize_at(i, self.stages) else 0.0
-                one = COST_MS_PER_PRIME["square"] + relin + COST_MS_PER_PRIME["rescale"]
-                ops = one * (width if layout == "batch" else 1)
+                ops = (COST_MS_PER_PRIME["square"] + relin + COST_MS_PER_PRIME["rescale"]) * width
             cost += ops * primes
         return cost * per
 
@@ -306,13 +345,16 @@ class LeveledCircuit(LeveledKind, ServerBase):
             for b in range(packing.n_batches(n)):
                 out.extend(self._run_batch(cts[b * self.n_inputs:(b + 1) * self.n_inputs], bundle))
         else:
-            out = [self._run_row(ct, bundle, packing) for ct in cts]
+            per = len(cts) // packing.n_output_cts(n)
+            out = [self._run_row(cts[g * per:(g + 1) * per], bundle, packing) for g in range(packing.n_output_cts(n))]
         return ctx.pack([c.data for c in out], {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
 
     def _poly(self, z: Ciphertext, coeffs: tuple[float, float, float], relin: bool, bundle: PublicBundle,
-              c0_vector: np.ndarray | None = None) -> Ciphertext:
-        """s z^2 + c1 z + c0 with s = +-1, or z itself for a carried element (0, 1, 0): the
-        product by 1 at the ciphertext's scale keeps it at the squares' level and scale."""
+              c0_plain: Callable[[float], seal.Plaintext] | None = None) -> Ciphertext:
+        """s z^2 + c1 z + c0 with s = +-1, rescaled, or z itself for a carried element (0, 1, 0):
+        the product by 1 at the ciphertext's scale keeps it at the squares' level and scale.
+        `c0_plain(scale)`, when given, is the constant as an encoded plaintext at that scale (the
+        row layout adds it to real slots only)."""
         c0, c1, sign = coeffs
         if coeffs == CARRIED:
             return z.mul_plain_(1.0, z.scale).rescale_()
@@ -323,8 +365,10 @@ class LeveledCircuit(LeveledKind, ServerBase):
             t.neg_()
         if c1 != 0.0:
             t.add_(z.mul_plain_(c1, z.scale))
-        if c0 != 0.0:
-            t.add_(c0 if c0_vector is None else c0_vector * c0)
+        if c0 != 0.0 and c0_plain is not None:
+            t.context.evaluator.add_plain_inplace(t.data, c0_plain(t.scale))
+        elif c0 != 0.0:
+            t.add_(c0)
         return t.rescale_()
 
     def _run_batch(self, xs: list[Ciphertext], bundle: PublicBundle) -> list[Ciphertext]:
@@ -396,62 +440,106 @@ class LeveledCircuit(LeveledKind, ServerBase):
             out.append(Ciphertext(ctx, acc))
         return out
 
-    def _diagonals_for(self, stage: int, x: Ciphertext, plan: LayoutPlan) -> list[list[tuple[int, seal.Plaintext]]]:
-        """Encoded pre-rotated diagonals of stage `stage` per giant step (cached: they depend only
-        on the weights and the level)."""
-        if stage not in self._diagonals:
-            op = self.stages[stage]
-            assert isinstance(op, Linear)
-            half, slots = plan.half, plan.params.slot_count
-            baby, giant, _ = diagonal_steps(half)
-            q = float(x.next_prime())
-            W = np.zeros((half, half))
-            W[:op.n_out, :op.n_in] = op.weight
-            rows = np.arange(half)
-            groups = []
-            for g in range(giant):
-                group = []
-                for b in range(baby):
-                    i = g * baby + b
-                    diag = W[rows, (rows + i) % half]
-                    if not diag.any():
-                        continue
-                    block = np.zeros(2 * half)
-                    block[g * baby:g * baby + half] = diag
-                    vec = np.tile(block, slots // (2 * half))
-                    group.append((b, x.context.encode_at(vec, q, x.data.parms_id())))
-                groups.append(group)
-            self._diagonals[stage] = groups
-        return self._diagonals[stage]
+    def _plain(self, key: tuple, x: Ciphertext, scale: float, virtual: Callable[[], np.ndarray]) -> seal.Plaintext:
+        """The row layout's plaintext `key` (weights, biases, constants: fixed by the program) at
+        `scale` and the level of `x`, encoded once: `virtual()` gives its virtual vector (one period),
+        tiled and spread over the slots (`veil.program.tiled`)."""
+        full = (key, x.level, scale)
+        if full not in self._row_plain:
+            g = self.plans["row"].geometry
+            assert g is not None
+            v = virtual()
+            vec = np.repeat(np.tile(v, g.virtual // len(v)), g.samples_per_ct)
+            self._row_plain[full] = x.context.encode_at(vec, scale, x.data.parms_id())
+        return self._row_plain[full]
 
-    def _run_row(self, x: Ciphertext, bundle: PublicBundle, packing: DiagonalLayout) -> Ciphertext:
+    @staticmethod
+    def _periodic(values: np.ndarray, period: int) -> np.ndarray:
+        out = np.zeros(period)
+        out[:len(values)] = values
+        return out
+
+    def _windows_stage(self, stage: int, xs: list[Ciphertext], g: TiledGeometry, gk: Any) -> Ciphertext:
+        """sum_c ct_c * P_c, then the fold of the stacked blocks (`veil.program.tiled`, stage 0)."""
+        op = self.stages[stage]
+        assert isinstance(op, Linear) and g.windows is not None
+        w = g.windows
+        q = float(xs[0].next_prime())
+        if (stage, "weights") not in self._row_plain:
+            table = w.index_table(-1)
+            slot_out = np.arange(w.stack * w.period) % w.period
+            rows = np.minimum(slot_out, op.n_out - 1)
+            weights = np.where((table >= 0) & (slot_out < op.n_out), op.weight[rows, np.maximum(table, 0)], 0.0)
+            self._row_plain[(stage, "weights")] = weights
+        weights = self._row_plain[(stage, "weights")]
+        terms = []
+        for c, x in enumerate(xs):
+            if weights[c].any():
+                pt = self._plain((stage, "view", c), x, q, lambda c=c: weights[c])
+                terms.append(Ciphertext(x.context, x.context.evaluator.multiply_plain(x.data, pt)))
+        if not terms:
+            raise ShapeError("a linear stage with all-zero weights cannot be evaluated")
+        acc = add_many(terms)
+        for step in w.fold:
+            acc.add_(acc.rotate(step * g.samples_per_ct, gk))
+        return acc
+
+    def _diagonal_stage(self, stage: int, x: Ciphertext, d: Diagonal, g: TiledGeometry, gk: Any) -> Ciphertext:
+        """The hybrid diagonal method in baby-step giant-step form, Horner over the giant steps,
+        then the fold (`veil.program.tiled`, stage l)."""
+        op = self.stages[stage]
+        assert isinstance(op, Linear)
+        n, q = g.samples_per_ct, float(x.next_prime())
+        if (stage, "diagonals") not in self._row_plain:
+            self._row_plain[(stage, "diagonals")] = [[(b, v) for b, v in enumerate(group) if v.any()]
+                                                    for group in d.plaintext_vectors(op.weight)]
+        groups = self._row_plain[(stage, "diagonals")]
+        babies = [x]
+        acc: Ciphertext | None = None
+        ev = x.context.evaluator
+        for gi in range(len(groups) - 1, -1, -1):
+            if acc is not None:
+                acc = acc.rotate(d.baby * n, gk)
+            terms = []
+            for b, v in groups[gi]:
+                while len(babies) <= b:
+                    babies.append(babies[-1].rotate(n, gk))
+                pt = self._plain((stage, "diagonal", gi, b), x, q, lambda v=v: v)
+                terms.append(Ciphertext(x.context, ev.multiply_plain(babies[b].data, pt)))
+            if terms:
+                inner = add_many(terms)
+                acc = inner if acc is None else acc.add_(inner)
+        if acc is None:
+            raise ShapeError("a linear stage with all-zero weights cannot be evaluated")
+        for step in d.fold:
+            acc.add_(acc.rotate(step * n, gk))
+        return acc
+
+    def _run_row(self, xs: list[Ciphertext], bundle: PublicBundle, packing: TiledLayout) -> Ciphertext:
+        """One group of samples through every stage (`veil.program.tiled`)."""
         plan = self.plans["row"]
-        half, slots = plan.half, plan.params.slot_count
-        baby, _, _ = diagonal_steps(half)
-        mask = np.tile(np.r_[np.ones(half), np.zeros(half)], slots // (2 * half))
-        seen_linear = False
-        ev, gk = x.context.evaluator, bundle.galois_keys
+        g = plan.geometry
+        assert g is not None
+        gk = bundle.galois_keys
+        diagonals = iter(g.diagonals)
+        x, period, width = xs[0], g.input_period, self.n_inputs
         for i, op in enumerate(self.stages):
             if isinstance(op, Linear):
-                if seen_linear:
-                    x = x + x.rotate(slots - half, gk)
-                seen_linear = True
-                babies = [x] + [x.rotate(b, gk) for b in range(1, baby)]
-                acc: Ciphertext | None = None
-                for g, group in enumerate(self._diagonals_for(i, x, plan)):
-                    if not group:
-                        continue
-                    terms = [Ciphertext(x.context, ev.multiply_plain(babies[b].data, pt)) for b, pt in group]
-                    inner = add_many(terms)
-                    if g:
-                        inner = inner.rotate(g * baby, gk)
-                    acc = inner if acc is None else acc.add_(inner)
-                if acc is None:
-                    raise ShapeError("a linear stage with all-zero weights cannot be evaluated")
-                bias = np.tile(np.r_[op.bias, np.zeros(2 * half - op.n_out)], slots // (2 * half))
-                x = acc.add_(bias).rescale_()
+                if i == 0 and g.windows is not None:
+                    acc, period = self._windows_stage(i, xs, g, gk), g.windows.period
+                else:
+                    d = next(diagonals)
+                    acc, period = self._diagonal_stage(i, x, d, g, gk), d.rows
+                width = op.n_out
+                bias = self._plain((i, "bias"), acc, acc.scale, lambda p=period, b=op.bias: self._periodic(b, p))
+                acc.context.evaluator.add_plain_inplace(acc.data, bias)
+                x = acc.rescale_()
             else:
-                x = self._poly(x, op.coeffs, plan.relinearize_at(i, self.stages), bundle, c0_vector=mask)
+                def c0_plain(scale: float, i: int = i, p: int = period, w: int = width, z: Ciphertext = x,
+                             c0: float = op.coeffs[0]) -> seal.Plaintext:
+                    return self._plain((i, "c0"), z, scale, lambda: self._periodic(np.full(w, c0), p))
+
+                x = self._poly(x, op.coeffs, plan.relinearize_at(i, self.stages), bundle, c0_plain=c0_plain)
         return x
 
 
@@ -481,10 +569,14 @@ class ProgramClient(LeveledKind, ClientBase):
         self._keys: dict[str, Any] = {}
 
     def _check_plans(self, plans: dict[str, LayoutPlan], depth: int) -> dict[str, LayoutPlan]:
-        return check_plans(plans, self.n_inputs, depth)
+        return check_plans(plans, self.n_inputs, depth, n_outputs=self.n_outputs)
 
-    def layout(self, name: object) -> BatchLayout | DiagonalLayout:
+    def layout(self, name: object) -> BatchLayout | TiledLayout:
         return make_packing(self.plans[checked_layout(name, self.plans)], self.n_inputs, self.n_outputs)
+
+    def check_outputs(self, layout: str, Y: np.ndarray) -> np.ndarray:
+        """Outputs beyond the plan's output bound raise PrecisionError (`LayoutPlan.check_output`)."""
+        return self.plans[layout].check_output(Y)
 
     def choose_layout(self, n_samples: int) -> str:
         """The layout with the lower estimated cost for this many samples (`cost_ms` from the server)."""
@@ -493,7 +585,7 @@ class ProgramClient(LeveledKind, ClientBase):
         total = {}
         for name in self.plans:
             packing = self.layout(name)
-            units = packing.n_batches(n_samples) if name == "batch" else packing.n_input_cts(n_samples)
+            units = packing.n_batches(n_samples) if name == "batch" else packing.n_output_cts(n_samples)
             total[name] = units * self.cost_ms[name]
         return min(total, key=lambda k: (total[k], k))
 

@@ -10,10 +10,10 @@ decrypted outputs, so peak memory does not grow with n beyond the (n, n_outputs)
 
 The executor knows circuits only through their duck-typed interface (the server's
 `run(request, bundle) -> bytes`; the client's `infer` (its whole protocol over a transport: one
-round trip, or one per stage of a staged program), `public_bundle`, `set_keys`, `chunk_rows` and
-`params[layout].slot_count`), and rebuilds both sides in a worker from plain dicts with the
-module-level factories it is given (`load_server` and `load_client`), so any circuit kind with
-that interface runs unchanged.
+round trip, or one per stage of a staged program), `public_bundle`, `set_keys`, `layout(name)`
+(whose ciphertexts per request size the chunks) and `params[layout].slot_count`), and rebuilds
+both sides in a worker from plain dicts with the module-level factories it is given
+(`load_server` and `load_client`), so any circuit kind with that interface runs unchanged.
 
 Security note: this runs both sides in local processes of the same user, as the in-process
 `fhe="execute"` mode does. The client's secret keys (serialized by `SecretKeys.to_bytes`) cross
@@ -53,9 +53,17 @@ import numpy as np
 
 from veil.errors import ExecutorError, ShapeError
 from veil.he.keys import SecretKeys
-from veil.program.common import DEFAULT_CHUNK_CTS as DEFAULT_CHUNK_CTS
-from veil.program.common import local_transport
+from veil.program import rows_per_request
+from veil.program.common import checked_layout, local_transport
 
+DEFAULT_CHUNK_CTS = 4
+"""Default chunk size in full ciphertexts' worth of rows (4 x 4096 = 16,384 rows for the batch
+layout): big enough that per-chunk overhead (IPC, headers) is negligible, small enough that a few
+chunks per worker balance the load and each in-flight chunk stays at tens of megabytes."""
+MAX_CHUNK_BYTES = 256 << 20
+"""Largest encrypted request of a default chunk (`default_chunk_rows`): a layout that sends many
+ciphertexts per sample (the row layout of a CNN sends one per few kernel positions, megabytes per
+image) gets fewer rows per chunk, never fewer than one full ciphertext group."""
 IN_FLIGHT_PER_WORKER = 2
 PROGRESS_MIN_CHUNKS = 16
 """With progress=None a bar is shown (on a terminal) from this many chunks on."""
@@ -313,7 +321,7 @@ class ChunkedExecutor:
             raise ShapeError(f"unknown layout {layout!r}; this circuit supports {sorted(self.client.params)}")
         slots = int(self.client.params[layout].slot_count)
         if chunk_rows is None:
-            return self.client.chunk_rows(layout)
+            return default_chunk_rows(self.client, layout)
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int | np.integer) or chunk_rows <= 0:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         return math.ceil(int(chunk_rows) / slots) * slots
@@ -452,6 +460,13 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
+
+
+def default_chunk_rows(client: Any, layout: str) -> int:
+    """Rows of a default chunk of `layout`: DEFAULT_CHUNK_CTS full ciphertexts' worth, fewer when
+    their encrypted request would exceed MAX_CHUNK_BYTES (whole ciphertext groups either way)."""
+    slots = int(client.params[checked_layout(layout, client.params)].slot_count)
+    return rows_per_request(client, layout, MAX_CHUNK_BYTES, DEFAULT_CHUNK_CTS * slots)
 
 
 def execute_chunked(X: Any, *, server_dict: dict, client_spec: dict, load_server: Loader,

@@ -5,24 +5,38 @@ Steps:
    each stage costs exactly one rescale, so the multiplicative depth D is the number of stages,
    except that in the batch layout a Linear with small integer weights (`ir.is_exact`) is sums
    of ciphertexts and costs none (`stage_levels`).
-2. Interval arithmetic propagates the accepted input box (per feature, INPUT_HEADROOM times the
-   largest calibration magnitude, or the caller's `input_bounds`) through every stage, giving a
-   bound on every intermediate and output value for ANY accepted input; the client refuses
-   inputs outside the box, so no value can wrap around the modulus (a silent wrong answer).
-3. Parameters: the fixed-point scale 2^s (s in [MIN_SCALE_BITS, MAX_SCALE_BITS]), a first prime
-   of s + bits(bound) + 2 bits that holds the output, D primes of s bits consumed by the
-   rescales, and a special prime for key switching (as large as the largest data prime when
-   rotations or relinearization are used: key-switching noise scales with their ratio). The
-   smallest ring degree whose 128-bit bound (SEAL's table) holds the chain is chosen, with the
-   largest scale that fits; beyond N=32768, a `PrecisionError` says what to change.
+2. Bounds, one of BOUNDS (`bounds=`):
+   * "sound" (the default): interval arithmetic propagates the accepted input box (per feature,
+     INPUT_HEADROOM times the largest calibration magnitude, or the caller's `input_bounds`)
+     through every stage, giving a bound on every intermediate and output value for ANY accepted
+     input; the client refuses inputs outside the box, so no output can wrap around the modulus.
+   * "calibrated": each stage's bound is the largest magnitude it reaches on the calibration data
+     times `headroom`, and the output level holds 2^DETECTION_BITS times the output's: values
+     stay in range for inputs like the calibration data, and an output that leaves its range is
+     refused by the client (`LayoutPlan.check_output`), so it raises `PrecisionError`, not a silent
+     wrong answer (see `check_output` for what is and is not detected).
+   Only the outputs must fit their modulus: CKKS evaluates a polynomial circuit modulo the
+   modulus of each level, and a rescale divides an exact multiple, so an intermediate value
+   larger than its level's modulus still gives the right output modulo the output level's
+   (the intermediate check below is kept as a margin, not needed for correctness).
+3. Parameters: the fixed-point scale 2^s (s in [MIN_SCALE_BITS, MAX_SCALE_BITS]), the output
+   level's primes holding s + bits(output bound) + 2 bits (one first prime when that fits
+   MAX_PRIME_BITS, else a first prime and s-bit levels that are never rescaled away,
+   `output_primes`), D primes of s bits consumed by the rescales, and a special prime for key
+   switching (as large as the largest data prime when rotations or relinearization are used:
+   key-switching noise scales with their ratio). The smallest ring degree whose 128-bit bound
+   (SEAL's table) holds the chain is chosen, with the largest scale that fits (a single output
+   prime first, as it costs no extra prime); beyond N=32768, a `PrecisionError` says what to
+   change.
 4. Layouts: both, except that a program with a per-element polynomial (a skip connection carried
    as the identity past a layer of squares, see `ir.Poly`) is planned for the batch layout only:
    there each element is its own ciphertext, while the row layout would need per-slot
    coefficient plaintexts, one more level per polynomial.
 5. Per layout, the evaluation keys the program needs: the batch layout relinearizes only squares
    followed by another square (so a one-hidden-layer network needs no keys at all); the row layout
-   needs the baby-step and giant-step rotations of the diagonal method, the block duplication
-   rotation, and relinearization keys when a square precedes another stage.
+   needs the rotations of its geometry (`veil.program.tiled`: the first stage by client-side windows
+   or by the diagonal method, whichever the cost model finds cheaper, then the diagonal method) and
+   relinearization keys when a square precedes another stage.
 
 Error bound: every stage adds CKKS noise of about NOISE_SLOTS * N / 2^s per slot (rescale
 rounding dominates fresh-encryption and key-switching noise), amplified by later weights and by
@@ -43,7 +57,7 @@ from veil.errors import PrecisionError, ShapeError, WireFormatError
 from veil.he.params import MAX_DEGREE, CKKSParameters
 from veil.he.wire import strict_int
 from veil.program.ir import Linear, Op, Poly, Program, is_exact, normalise
-from veil.program.packing import next_pow2
+from veil.program.tiled import MAX_ROW_WORDS, TiledGeometry, build, plaintext_words
 
 INPUT_HEADROOM = 2.0
 DEFAULT_HEADROOM = 4.0
@@ -57,8 +71,18 @@ NOISE_SLOTS = 0.25
 times the ternary secret (about N/4 per slot after decoding), which dominates fresh-encryption noise
 (3.2 sqrt(N)) and key switching with a special prime as large as the data primes."""
 LAYOUTS = ("batch", "row")
+BOUNDS = ("sound", "calibrated")
+DETECTION_BITS = 20
+"""A calibrated plan's output level holds 2^DETECTION_BITS times the planned output range: an
+output that wraps around that modulus lands back inside the range with a chance of about
+2^-DETECTION_BITS per value (and a wrap moves every slot of its ciphertext), so the client's
+range check refuses it (`LayoutPlan.check_output`)."""
+OUTPUT_TOLERANCE = 1e-2
+"""Relative slack of the client's output range check for CKKS noise on values at the bound."""
 MAX_UNRELINEARIZED_NOISE = 1e-6
 """Largest per-slot noise accepted for skipping the last relinearization (see `relinearize_at`)."""
+COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
+"""Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,11 @@ class LayoutPlan:
     rotation_steps: tuple[int, ...]
     half: int
     relin_last: bool = False
+    geometry: TiledGeometry | None = None
+    """Where values sit in the row layout of a leveled program (`veil.program.tiled`)."""
+    bounds: str = "sound"
+    output_bound: float = 0.0
+    """Planned bound on |output| (0: not recorded, as in plans written before it was; no check)."""
 
     def relinearize_at(self, stage: int, stages: list[Op]) -> bool:
         """Whether the square of `stage` is relinearized: always when another stage rotates (row
@@ -86,9 +115,13 @@ class LayoutPlan:
         return any(isinstance(op, Poly) for op in later)
 
     def to_dict(self) -> dict:
-        return {"layout": self.layout, "params": self.params.to_dict(), "scale_bits": self.scale_bits,
-                "input_bounds": list(self.input_bounds), "relin": self.relin,
-                "rotation_steps": list(self.rotation_steps), "half": self.half, "relin_last": self.relin_last}
+        out = {"layout": self.layout, "params": self.params.to_dict(), "scale_bits": self.scale_bits,
+               "input_bounds": list(self.input_bounds), "relin": self.relin,
+               "rotation_steps": list(self.rotation_steps), "half": self.half, "relin_last": self.relin_last,
+               "bounds": self.bounds, "output_bound": self.output_bound}
+        if self.geometry is not None:
+            out["geometry"] = self.geometry.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: object) -> LayoutPlan:
@@ -110,15 +143,53 @@ class LayoutPlan:
         relin, relin_last = d.get("relin"), d.get("relin_last", False)
         if not isinstance(relin, bool) or not isinstance(relin_last, bool) or (relin_last and not relin):
             raise WireFormatError("relin and relin_last must be true or false (relin_last implies relin)")
+        mode, output_bound = d.get("bounds", "sound"), d.get("output_bound", 0.0)
+        if mode not in BOUNDS:
+            raise WireFormatError(f"unknown bounds {mode!r}; known: {BOUNDS}")
+        if (not isinstance(output_bound, int | float) or isinstance(output_bound, bool)
+                or not 0 <= output_bound < 2 ** 1023 or not math.isfinite(output_bound)):
+            raise WireFormatError("output_bound must be a finite non-negative number")
         slots = params.slot_count
+        if len(steps) > slots:
+            raise WireFormatError("rotation_steps lists more steps than there are slots")
+        geometry = None if d.get("geometry") is None else TiledGeometry.from_dict(d["geometry"], slots)
         return cls(layout, params, strict_int(d.get("scale_bits"), "scale_bits", MIN_SCALE_BITS, MAX_PRIME_BITS),
                    tuple(float(b) for b in bounds), relin,
                    tuple(strict_int(s, "rotation step", 1, slots - 1) for s in steps),
-                   strict_int(d.get("half"), "half", 0, slots), relin_last)
+                   strict_int(d.get("half"), "half", 0, slots), relin_last, geometry, mode, float(output_bound))
 
     def check_input(self, X: np.ndarray) -> None:
         """Refuse (PrecisionError) any sample outside the box the parameters were planned for."""
         check_box(X, np.asarray(self.input_bounds))
+
+    def check_output(self, Y: np.ndarray) -> np.ndarray:
+        """Refuse (PrecisionError) decrypted outputs beyond the planned range, and return them.
+
+        What this detects: an output that wrapped around the output level's modulus q. CKKS
+        computes the program modulo q, so a coefficient of the output plaintext beyond q/2
+        decrypts less a multiple of q, which moves every slot of that ciphertext by about
+        q/scale in a direction set by the coefficient's index; in a calibrated plan q/scale is
+        2^DETECTION_BITS times the range, so a wrapped value lands back inside the range with a
+        chance of about 2^-DETECTION_BITS, for each value of the ciphertext checked. (One slot
+        beyond q/(2 scale) need not wrap: the coefficients spread the slots' values.) Outputs
+        beyond the range that did not wrap are refused too: they are right, but the plan's error
+        bound is not stated for them. What it does not detect: the precision lost by an input
+        that drives intermediate values far beyond the calibration data without pushing the
+        output out of range (the noise of a square grows with its argument), and a server that
+        returns wrong values inside the range (the server is semi-honest). In a sound plan no
+        accepted input reaches beyond the range, so this refuses only a faulty answer."""
+        if self.output_bound > 0:
+            limit = self.output_bound * (1 + OUTPUT_TOLERANCE)
+            over = np.abs(Y) > limit
+            if over.any():
+                i, j = map(int, np.argwhere(over)[0])
+                hint = ("the inputs are unlike the calibration data: recompile with calibration data like them or a "
+                        "larger headroom, or with bounds=\"sound\"" if self.bounds == "calibrated" else
+                        "the server's answer is not what this model computes")
+                raise PrecisionError(
+                    f"decrypted output {Y[i, j]:.4g} (sample {i}, output {j}) is outside the range the model was "
+                    f"compiled for (|y| <= {self.output_bound:.4g}, {self.bounds} bounds): {hint}")
+        return Y
 
 
 def check_box(X: np.ndarray, bounds: np.ndarray, where: str = "") -> None:
@@ -194,28 +265,51 @@ def check_intermediate(stages: list[Op], bounds: list[float], params: CKKSParame
         room = sum(bits[:len(bits) - 1 - used]) - scale_bits - 2
         if not math.isfinite(bound) or math.log2(max(bound, 1.0)) >= room:
             raise PrecisionError(f"intermediate values reach {bound:.3g}, more than the {room} bits left at their "
-                                 "level: use tighter input_bounds, smaller weights or fewer squares")
+                                 "level: use bounds=\"calibrated\", tighter input_bounds, smaller weights or fewer "
+                                 "squares")
 
 
 def _max_bits(n: int) -> int:
     return seal.CoeffModulus.MaxBitCount(n, seal.sec_level_type.tc128)
 
 
-def choose_parameters(depth: int, value_bits: int, keyswitch: bool,
-                      preferred: int = PREFERRED_SCALE_BITS) -> tuple[CKKSParameters, int]:
+def output_value_bits(output_bound: float, bounds: str) -> int:
+    """Bits the output level must hold above the scale: those of the planned output bound, plus
+    DETECTION_BITS in a calibrated plan."""
+    bits = max(1, math.ceil(math.log2(max(output_bound, 1.0))))
+    return bits + (DETECTION_BITS if bounds == "calibrated" else 0)
+
+
+def output_primes(scale_bits: int, value_bits: int) -> tuple[int, ...]:
+    """The primes left at the output level, holding values up to 2^value_bits at scale
+    2^scale_bits with 2 bits to spare: one first prime when that fits MAX_PRIME_BITS, else a first
+    prime (at least scale_bits + 3 bits) and as many s-bit primes as the rest needs, levels that
+    the program never rescales away."""
+    need = scale_bits + value_bits + 2
+    if need <= MAX_PRIME_BITS:
+        return (need,)
+    extra = math.ceil((need - MAX_PRIME_BITS) / scale_bits)
+    return (max(scale_bits + 3, need - extra * scale_bits), *([scale_bits] * extra))
+
+
+def choose_parameters(depth: int, value_bits: int, keyswitch: bool, preferred: int = PREFERRED_SCALE_BITS,
+                      split_output: bool = False) -> tuple[CKKSParameters, int]:
     """Smallest ring that holds the chain [first, s x depth, special] at 128-bit security with a
     scale of at least `preferred` bits (the largest such scale), else the smallest ring with any
-    scale down to MIN_SCALE_BITS: precision first, then speed."""
+    scale down to MIN_SCALE_BITS: precision first, then speed. With `split_output`, when no chain
+    with a single output prime fits at such a scale, the output level may keep several primes
+    (`output_primes`)."""
     for low in (preferred, MIN_SCALE_BITS):
-        for n in DEGREES:
-            for s in range(MAX_SCALE_BITS, low - 1, -1):
-                first = s + value_bits + 2
-                if first > MAX_PRIME_BITS:
-                    continue
-                special = max(first, s) if keyswitch else max(20, min(s, 30))
-                bits = (first, *([s] * depth), special)
-                if sum(bits) <= _max_bits(n) and n <= MAX_DEGREE:
-                    return CKKSParameters(n, bits), s
+        for split in (False, True) if split_output else (False,):
+            for n in DEGREES:
+                for s in range(MAX_SCALE_BITS, low - 1, -1):
+                    bottom = output_primes(s, value_bits)
+                    if len(bottom) > 1 and not split:
+                        continue
+                    special = max(bottom[0], s) if keyswitch else max(20, min(s, 30))
+                    bits = (*bottom, *([s] * depth), special)
+                    if sum(bits) <= _max_bits(n) and n <= MAX_DEGREE:
+                        return CKKSParameters(n, bits), s
     raise PrecisionError(
         f"a program of depth {depth} with values up to 2^{value_bits} needs more than the largest "
         f"128-bit ring (N={DEGREES[-1]}): use fewer layers or polynomial activations, or tighter "
@@ -227,38 +321,88 @@ def _unrelinearized_noise(params: CKKSParameters, scale_bits: int) -> float:
     return NOISE_SLOTS * n * math.sqrt(n) / 2.0**scale_bits
 
 
-def diagonal_steps(half: int) -> tuple[int, int, tuple[int, ...]]:
-    """Baby-step count B, giant-step count G and the rotation steps of a half x half product."""
-    baby = 1 << math.ceil(math.log2(half) / 2) if half > 1 else 1
-    giant = half // baby
-    return baby, giant, tuple(range(1, baby)) + tuple(g * baby for g in range(1, giant))
-
-
-def required_keys(stages: list[Op], n_inputs: int, layout: str, slot_count: int,
-                  relin_last: bool = False) -> tuple[bool, tuple[int, ...], int]:
+def required_keys(stages: list[Op], layout: str, relin_last: bool = False,
+                  geometry: TiledGeometry | None = None) -> tuple[bool, tuple[int, ...], int]:
     """(relin, rotation steps, half) that evaluating `stages` in `layout` needs: relinearization
     wherever a squared ciphertext is multiplied again or rotated (and for the last square too when
-    `relin_last`), the Galois steps of the diagonal method (plus the block re-duplication between
-    Linear stages) and the row block width. A plan must declare exactly these, so a forged plan is
-    refused when loaded rather than failing per request."""
+    `relin_last`), and in the row layout the Galois steps of its `geometry`. A plan must declare
+    exactly these, so a forged plan is refused when loaded rather than failing per request."""
     squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
     if layout == "batch":
         return (bool(squares) and (relin_last or squares[0] < squares[-1])), (), 0
-    widths = [n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)]
-    half = next_pow2(max(widths))
     relin = bool(squares) and (relin_last or squares[0] < len(stages) - 1)
-    _, _, steps = diagonal_steps(half)
-    n_linear = sum(1 for op in stages if isinstance(op, Linear))
-    dup = (slot_count - half,) if n_linear > 1 else ()
-    return relin, tuple(sorted(set(steps + dup))), half
+    return relin, geometry.rotation_steps if geometry is not None else (), 0
+
+
+def row_cost_ms(stages: list[Op], geometry: TiledGeometry, params: CKKSParameters,
+                relinearized: list[bool] | None = None) -> float:
+    """Estimated single-core milliseconds of one group of samples in the row layout: its
+    encryptions, then per stage its products, rotations, squares and rescales at the primes left
+    there (`relinearized[i]`: whether the square of stage i is relinearized, a key switch)."""
+    c = COST_MS_PER_PRIME
+    top = len(params.coeff_modulus_bits) - 1
+    counts = iter(geometry.op_counts())
+    cost = 0.0
+    for i, op in enumerate(stages):
+        if isinstance(op, Linear):
+            ops = next(counts)
+            one = ops["input_cts"] * c["encrypt"] + ops["mul_plain"] * c["mul_add"]
+            one += ops["rotations"] * c["rotate"] + c["rescale"]
+        else:
+            one = c["square"] + c["rescale"] + (c["rotate"] if relinearized and relinearized[i] else 0.0)
+        cost += one * (top - i)
+    return cost * params.poly_modulus_degree / 8192
+
+
+def row_geometry(stages: list[Op], n_inputs: int, params: CKKSParameters) -> TiledGeometry:
+    """The cheaper row geometry (`row_cost_ms`) of the first stage by client-side windows or by the
+    diagonal method, among those whose plaintexts fit MAX_ROW_WORDS; ShapeError if none does."""
+    top = len(params.coeff_modulus_bits) - 1
+    found = []
+    for first in ("windows", "diagonal"):
+        try:
+            geometry = build(stages, n_inputs, params.slot_count, first)
+        except ShapeError:
+            continue
+        if plaintext_words(geometry, top, params.poly_modulus_degree) <= MAX_ROW_WORDS:
+            found.append(geometry)
+    if not found:
+        raise ShapeError(f"no row layout of this program fits N={params.poly_modulus_degree}: use the batch layout")
+    return min(found, key=lambda g: row_cost_ms(stages, g, params))
+
+
+def observed_bounds(stages: list[Op], X: np.ndarray) -> list[float]:
+    """Largest |value| after each stage on the data X."""
+    out, peaks = X, []
+    for op in stages:
+        out = op(out)
+        peaks.append(float(np.max(np.abs(out))))
+    return peaks
+
+
+def stage_bounds(stages: list[Op], X: np.ndarray, box: np.ndarray, bounds: str, headroom: float,
+                 non_negative: bool = False) -> list[float]:
+    """The bound each stage's values are planned for: in "sound" mode the interval bounds over the
+    input box (the output's at least `headroom` times its largest calibration value, and 1), in
+    "calibrated" mode `headroom` times the largest value each stage reaches on X (at least 1)."""
+    if bounds not in BOUNDS:
+        raise ShapeError(f"unknown bounds {bounds!r}; choose from {BOUNDS}")
+    if not headroom >= 1.0 or not math.isfinite(headroom):
+        raise ShapeError(f"headroom must be a finite number of at least 1, got {headroom!r}")
+    observed = observed_bounds(stages, X)
+    if bounds == "calibrated":
+        return [max(v * headroom, 1.0) for v in observed]
+    sound = interval_bounds(stages, box, non_negative)
+    return [*sound[:-1], max(sound[-1], observed[-1] * headroom, 1.0)]
 
 
 def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | None = None,
          headroom: float = DEFAULT_HEADROOM, layouts: tuple[str, ...] = LAYOUTS,
-         non_negative: bool = False) -> tuple[list[Op], dict[str, LayoutPlan]]:
-    """Normalised stages and one `LayoutPlan` per layout that can hold the program. The first
-    prime holds the outputs' bound; intermediate values live at higher levels and must only fit
-    the primes left there (`non_negative`: inputs are in [0, bound], as encoded bits are)."""
+         non_negative: bool = False, bounds: str = "sound") -> tuple[list[Op], dict[str, LayoutPlan]]:
+    """Normalised stages and one `LayoutPlan` per layout that can hold the program. The output
+    level holds the outputs' bound (`bounds`: "sound" or "calibrated", see the module docstring);
+    intermediate values live at higher levels and must only fit the primes left there
+    (`non_negative`: inputs are in [0, bound], as encoded bits are)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != program.n_inputs or len(X) == 0:
         raise ShapeError(f"calibration data must be (n>0, {program.n_inputs}), got {X.shape}")
@@ -266,16 +410,15 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
         raise ShapeError("calibration data contain NaN or infinite values")
     stages = normalise(program)
     box = input_box(X, input_bounds)
-    bounds = interval_bounds(stages, box, non_negative)
-    bound = bounds[-1]
-    observed = float(np.max(np.abs(Program(program.n_inputs, stages).evaluate(X)))) * headroom
-    peak = max(bound, observed, 1.0)
-    if not math.isfinite(peak) or peak >= 2.0 ** (MAX_PRIME_BITS - MIN_SCALE_BITS):
-        raise PrecisionError(
-            f"values of this program reach {peak:.3g} on accepted inputs, more than even the largest "
-            "128-bit ring can hold next to a useful scale: use tighter input_bounds, smaller weights "
-            "or fewer squares")
-    value_bits = max(1, math.ceil(math.log2(peak)))
+    planned = stage_bounds(stages, X, box, bounds, headroom, non_negative)
+    peak = planned[-1]
+    hint = ("use bounds=\"calibrated\" (the ring holds the values seen on the calibration data times headroom, "
+            "and the client refuses outputs beyond them), tighter input_bounds, smaller weights or fewer squares"
+            if bounds == "sound" else "use a smaller headroom, smaller weights or fewer squares")
+    if not math.isfinite(peak) or peak >= 2.0 ** 1000:
+        raise PrecisionError(f"values of this program reach {peak:.3g} on accepted inputs ({bounds} bounds), more "
+                             f"than even the largest 128-bit ring can hold: {hint}")
+    value_bits = output_value_bits(peak, bounds)
     plans: dict[str, LayoutPlan] = {}
     for name in layouts:
         if name not in LAYOUTS:
@@ -283,16 +426,25 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
         row = name == "row"
         if row and not row_capable(stages):
             continue
-        needs = required_keys(stages, program.n_inputs, name, 0)[0]
+        needs = required_keys(stages, name)[0]
         levels = sum(stage_levels(stages, name))
-        params, s = choose_parameters(levels, value_bits, needs or row)
-        relin_last = False
-        if any(isinstance(op, Poly) for op in stages) and _unrelinearized_noise(params, s) > MAX_UNRELINEARIZED_NOISE:
-            relin_last = True
-            params, s = choose_parameters(levels, value_bits, True)
-        check_intermediate(stages, bounds, params, s, name)
-        relin, steps, half = required_keys(stages, program.n_inputs, name, params.slot_count, relin_last)
-        if row and 2 * half > params.slot_count:
-            continue
-        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, steps, half, relin_last)
+        try:
+            params, s = choose_parameters(levels, value_bits, needs or row, split_output=True)
+            relin_last = False
+            if (any(isinstance(op, Poly) for op in stages)
+                    and _unrelinearized_noise(params, s) > MAX_UNRELINEARIZED_NOISE):
+                relin_last = True
+                params, s = choose_parameters(levels, value_bits, True, split_output=True)
+        except PrecisionError as exc:
+            raise PrecisionError(f"values of this program reach {peak:.3g} on accepted inputs ({bounds} bounds): "
+                                 f"{exc}; or {hint}") from None
+        check_intermediate(stages, planned, params, s, name)
+        geometry = None
+        if row:
+            try:
+                geometry = row_geometry(stages, program.n_inputs, params)
+            except ShapeError:
+                continue
+        relin, steps, half = required_keys(stages, name, relin_last, geometry)
+        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, steps, half, relin_last, geometry, bounds, peak)
     return stages, plans

@@ -52,6 +52,7 @@ keys, none needs relinearization keys (depth 0).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,9 +75,6 @@ PRESET = "depth0-rotations"
 """N=4096, one 60-bit data prime and a special prime for the row layout's Galois keys: a batch of
 4096 samples (two per slot) per ciphertext, 64 kB per ciphertext."""
 OUTPUT_MARGIN = 1e-3
-CHUNK_CIPHERTEXTS = 8192
-"""A chunk of a large input holds as many rows as keep every stage's request and answer within
-this many ciphertexts (at least one group of ciphertexts): about 0.5 GB at N=4096."""
 
 
 def value_box(X: np.ndarray, bounds: Any = None) -> np.ndarray:
@@ -183,6 +181,22 @@ def _layouts(raw: object, n: int) -> dict[str, tuple[str, ...]]:
     return out
 
 
+@dataclass(frozen=True)
+class StagedPacking:
+    """A layout of a staged program seen as one packing: each stage's affine packing, and the
+    largest request and answer among them (what a request budget or a chunk is sized by:
+    `veil.program.request_bytes`, `parallel.default_chunk_rows`)."""
+
+    stages: tuple
+    name: str
+
+    def n_input_cts(self, n_samples: int) -> int:
+        return max(p.n_input_cts(n_samples) for p in self.stages)
+
+    def n_output_cts(self, n_samples: int) -> int:
+        return max(p.n_output_cts(n_samples) for p in self.stages)
+
+
 class StagedKind:
     """What both halves of a staged program answer alike: everything follows from the graph, the
     per-stage affine sides, the layout map, the boxes and the bounds."""
@@ -223,6 +237,11 @@ class StagedKind:
 
     def layout_params(self) -> dict[str, CKKSParameters]:
         return {name: self.stages[0].layout_params()[names[0]] for name, names in self.layouts.items()}
+
+    def layout(self, name: object) -> StagedPacking:
+        """The packing of layout `name` (checked: it may come from an untrusted header)."""
+        names = self.layouts[checked_layout(name, self.layouts)]
+        return StagedPacking(tuple(side.layout(a) for side, a in zip(self.stages, names, strict=True)), str(name))
 
     def evaluation_keys(self, layout: str) -> tuple[bool, tuple[int, ...]]:
         """No relinearization; the Galois steps of every stage in the affine row layout."""
@@ -445,18 +464,6 @@ class StagedClient(StagedKind, KindInterface):
 
     def public_bundle(self, layout: str) -> PublicBundle:
         return self.keys(layout).public_bundle()
-
-    def chunk_rows(self, layout: str) -> int:
-        """Rows per chunk: keep every stage's request and answer within `CHUNK_CIPHERTEXTS`."""
-        names = self.layouts[checked_layout(layout, self.layouts)]
-        packings = [side.layout(name) for side, name in zip(self.stages, names, strict=True)]
-        rows = max(getattr(p, "capacity", None) or p.samples_per_ct for p in packings)
-
-        def cts(n: int) -> int:
-            return max(p.n_input_cts(n) + p.n_output_cts(n) for p in packings)
-        while rows < 1 << 20 and cts(2 * rows) <= CHUNK_CIPHERTEXTS:
-            rows *= 2
-        return rows
 
     def session(self, X: Any, layout: str) -> StagedSession:
         return StagedSession(self, X, layout)

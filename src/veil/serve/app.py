@@ -1,7 +1,8 @@
 """FastAPI application: key registry, model deployment, prediction on ciphertexts, operations."""
 
-import base64
+import asyncio
 import binascii
+import email.message
 import json
 import logging
 import re
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -21,8 +22,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,13 +35,24 @@ import veil
 from veil.errors import VeilError, WireFormatError
 from veil.serve import schemas
 from veil.serve.auth import Principal, TokenStore
-from veil.serve.errors import INTERNAL_DETAIL, error_fields
+from veil.serve.errors import INTERNAL_DETAIL, UnauthorizedError, error_fields
 from veil.serve.registry import MAX_VERSION, KeyRecord, ModelRecord
 from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN, Service
 
 log = logging.getLogger("veil.serve")
 OCTET = "application/octet-stream"
 DEFAULT_MAX_BODY = 256 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 120.0
+"""Seconds a request body may take to arrive, counted from its headers (408 past it)."""
+SLICE = 1 << 20
+"""Large bodies are searched, copied and base64-coded this many bytes at a time (a multiple of 4), so
+the thread doing it hands the interpreter back to the event loop between slices."""
+JSON_SPACE = re.compile(rb"[ \t\r\n]*")
+AUTH_SCOPE = "veil.auth"
+"""Scope key under which `Gate` leaves a request's principal, or the 401 it deserves."""
+BODY_SCOPE = "veil.body"
+"""Scope key under which `Gate` leaves the body it read (routes take it from there: Starlette's
+`Request.body()` would copy it once more, on the event loop)."""
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 """A client's X-Request-Id is kept only if it matches this; otherwise the server makes its own, so
 nothing a client chooses beyond these characters reaches response headers or log lines."""
@@ -104,51 +119,150 @@ class Metrics:
                    Counter("veil_response_bytes_total", "response body bytes", ["route"], registry=reg))
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes with 413, by header or while streaming.
-    A streamed body that grows past the limit gets the 413 at once; the app then sees a disconnect
-    and whatever it tries to answer is dropped."""
+class Gate:
+    """Pure ASGI layer in front of the app, and the only place a request body is read.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    1. Authenticate from the headers alone; the principal, or the 401 the request deserves, goes in
+       the scope for the routes' dependency (`authenticated`). Authorization stays in the service.
+    2. A request announcing a body (a non-zero Content-Length, or any Transfer-Encoding) without a
+       valid token is answered 401 before any body byte is read (so no `100 Continue` either), and
+       its connection is closed: a caller without a token gets nothing buffered or parsed.
+    3. An authenticated body is read here, whole, before the app runs: over `limit` bytes (declared
+       or while streaming) answers 413, not complete within `timeout` seconds of the headers answers
+       408; both close the connection. The app then finds the body in the scope (`request_body`),
+       and receives it as a single message if it asks.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: TokenStore, limit: int, timeout: float, metrics: "Metrics") -> None:
+        self.app, self.tokens, self.limit, self.timeout, self.metrics = app, tokens, limit, timeout, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(self.limit)(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        headers = Headers(scope=scope)
+        verdict = _authenticate(self.tokens, headers.get("authorization"))
+        scope[AUTH_SCOPE] = verdict
+        declared = headers.get("content-length", "").strip()
+        has_body = declared not in ("", "0") or "transfer-encoding" in headers
+        length = declared_length(declared)
+        if not has_body:
+            scope[BODY_SCOPE] = b""
+            await self.app(scope, receive, send)
             return
-        seen, rejected = 0, False
-
-        async def counted() -> Message:
-            nonlocal seen, rejected
-            if rejected:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    rejected = True
-                    await _too_large(self.limit)(scope, receive, send)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded(message: Message) -> None:
-            if not rejected:
-                await send(message)
-
+        if isinstance(verdict, UnauthorizedError):
+            await self._refuse(scope, receive, send, 401, "unauthorized", str(verdict))
+            return
+        if length is not None and length > self.limit:
+            await self._refuse(scope, receive, send, 413, "payload_too_large",
+                               f"request body exceeds {self.limit} bytes")
+            return
         try:
-            await self.app(scope, counted, guarded)
-        except Exception:
-            if not rejected:
-                raise
+            async with asyncio.timeout_at(deadline):
+                body = await self._read(receive)
+        except TimeoutError:
+            await self._refuse(scope, receive, send, 408, "request_timeout",
+                               f"the request body did not arrive within {self.timeout:g} s")
+            return
+        except _TooLargeError:
+            await self._refuse(scope, receive, send, 413, "payload_too_large",
+                               f"request body exceeds {self.limit} bytes")
+            return
+        except _GoneError:
+            return
+        scope[BODY_SCOPE] = body
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Receive) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _GoneError
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise _TooLargeError
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                # joining hundreds of MiB takes a while (page faults): off the loop (the copy releases the GIL)
+                return b"".join(chunks) if size <= SLICE else await run_in_threadpool(b"".join, chunks)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str,
+                      detail: str) -> None:
+        """Answer before (or instead of) reading the body, and close the connection: its unread
+        bytes are never taken in."""
+        headers = {"connection": "close"}
+        if status == 401:
+            headers["www-authenticate"] = "Bearer"
+        given = Headers(scope=scope).get("x-request-id")
+        headers["x-request-id"] = request_id(given)
+        self.metrics.requests.labels("before_routing", str(status)).inc()
+        log.info("request refused before its body", extra={
+            "request_id": headers["x-request-id"], "method": scope.get("method"),
+            "path": str(scope.get("path", ""))[:200], "status": status})
+        await _error(status, code, detail, headers)(scope, receive, send)
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"error": "payload_too_large", "detail": f"request body exceeds {limit} bytes"},
-                        status_code=413)
+class _TooLargeError(Exception):
+    """The body grew past the limit while `Gate` read it."""
+
+
+class _GoneError(Exception):
+    """The client disconnected before its body arrived: there is no one to answer."""
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The app's `receive`: the body read by `Gate` as one message, then the connection's own events."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _authenticate(tokens: TokenStore, authorization: str | None) -> Principal | UnauthorizedError:
+    """The principal of a bearer `Authorization` header (scheme in any case), or the 401 to give."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return UnauthorizedError("missing bearer token")
+    try:
+        return tokens.authenticate(f"Bearer {credentials.strip()}")
+    except UnauthorizedError as exc:
+        return exc
+
+
+def authenticated(scope: Scope) -> Principal:
+    """The principal `Gate` authenticated for this request, or its 401."""
+    verdict = scope.get(AUTH_SCOPE)
+    if isinstance(verdict, Principal):
+        return verdict
+    raise verdict if isinstance(verdict, UnauthorizedError) else UnauthorizedError("missing bearer token")
+
+
+def declared_length(value: str) -> int | None:
+    """A Content-Length header's value, if it is one (ASCII digits); a length beyond any body
+    counts as 2**63 rather than being converted (Python refuses integers of over 4300 digits)."""
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= 18 else 2**63
+
+
+def request_body(request: Request) -> bytes:
+    """The body `Gate` read for this request, without copying it."""
+    return request.scope.get(BODY_SCOPE, b"")
+
+
+def request_id(given: str | None) -> str:
+    """A client's X-Request-Id if it matches `REQUEST_ID_RE`, else a new one."""
+    return given if given and REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex[:16]
 
 
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -168,11 +282,135 @@ def _key_info(record: KeyRecord) -> dict[str, Any]:
             "rotation_steps": list(record.rotation_steps), "created": record.created}
 
 
-def _b64(text: str, what: str) -> bytes:
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _b64(data: str | bytes | memoryview, what: str) -> bytes:
+    """Strict base64 (alphabet, padding only at the end), decoded `SLICE` bytes at a time so the thread
+    decoding a large body hands the interpreter back to the event loop between slices."""
     try:
-        return base64.b64decode(text, validate=True)
+        view = memoryview(data.encode("ascii") if isinstance(data, str) else data)
+        if len(view) % 4:
+            raise ValueError("length not a multiple of 4")
+        out = []
+        for start in range(0, len(view), SLICE):
+            piece = view[start:start + SLICE]
+            if start + SLICE < len(view) and piece[-1] == ord("="):  # strict mode sees one slice only
+                raise ValueError("padding before the end")
+            out.append(binascii.a2b_base64(piece, strict_mode=True))
     except (ValueError, binascii.Error):
         raise WireFormatError(f"{what} is not valid base64") from None
+    return b"".join(out)
+
+
+def _b64encode(data: bytes) -> bytes:
+    """Base64 of `data`, encoded a slice at a time (3 bytes become 4, so the slices concatenate)."""
+    view, step = memoryview(data), 3 * (SLICE // 4)
+    return b"".join(binascii.b2a_base64(view[i:i + step], newline=False) for i in range(0, len(view), step))
+
+
+def _find(data: bytes, byte: bytes, start: int, stop: int) -> int:
+    """`data.find(byte, start, stop)` for a single byte, one `SLICE` at a time."""
+    for at in range(start, stop, SLICE):
+        found = data.find(byte, at, min(stop, at + SLICE))
+        if found >= 0:
+            return found
+    return -1
+
+
+def _skip_space(body: bytes, i: int) -> int:
+    return JSON_SPACE.match(body, i).end()  # type: ignore[union-attr]
+
+
+def _plain_string(body: bytes, i: int) -> tuple[int, int] | None:
+    """(start, end) of the characters of the JSON string opening at `i`, if it holds no escape."""
+    if body[i:i + 1] != b'"':
+        return None
+    end = _find(body, b'"', i + 1, len(body))
+    if end < 0 or _find(body, b"\\", i + 1, end) >= 0:
+        return None
+    return i + 1, end
+
+
+def _plain_strings(body: bytes) -> dict[bytes, tuple[int, int]] | None:
+    """Spans of the values, by key, of a JSON object whose members are all strings without escapes and
+    whose keys are distinct; None for any other body."""
+    i = _skip_space(body, 0)
+    if body[i:i + 1] != b"{":
+        return None
+    spans: dict[bytes, tuple[int, int]] = {}
+    i = _skip_space(body, i + 1)
+    while True:
+        key = _plain_string(body, i)
+        if key is None:
+            return None
+        i = _skip_space(body, key[1] + 1)
+        if body[i:i + 1] != b":":
+            return None
+        value = _plain_string(body, _skip_space(body, i + 1))
+        name = body[key[0]:key[1]]
+        if value is None or name in spans:
+            return None
+        spans[name] = value
+        i = _skip_space(body, value[1] + 1)
+        if body[i:i + 1] == b"}":
+            return spans if _skip_space(body, i + 1) == len(body) else None
+        if body[i:i + 1] != b",":
+            return None
+        i = _skip_space(body, i + 1)
+
+
+def _json_with_base64(model: type[Body], field: str, content_type: str | None, body: bytes) -> tuple[Body, bytes]:
+    """A base64 twin's body validated as `model`, and its base64 `field` decoded (in a worker thread).
+
+    Pydantic holds the interpreter for a whole parse (~4 ms per MiB, so a 200 MiB body would stall the
+    event loop for most of a second). In the body clients send, a flat object of plain strings (base64
+    needs no escape), the value is cut out by windowed searches, pydantic validates the rest and
+    `_b64` decodes the value from the body itself, a slice at a time. Any other body is parsed whole,
+    with the same answers."""
+    span = (_plain_strings(body) or {}).get(field.encode())
+    if span is None:
+        parsed = _parse_json(model, content_type, body)
+        return parsed, _b64(getattr(parsed, field), field)
+    start, end = span
+    return _parse_json(model, content_type, body[:start] + body[end:]), _b64(memoryview(body)[start:end], field)
+
+
+JSON_BODIES: tuple[type[BaseModel], ...] = (schemas.RegisterKeyJSON, schemas.PredictJSON, schemas.DeployRequest)
+"""Request bodies parsed by `_json_body` rather than by FastAPI, which would parse and validate them on
+the event loop; `create_app` adds their schemas to the OpenAPI document."""
+
+
+def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route reading `model` with `_json_body`."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+async def _json_body(request: Request, model: type[Body]) -> Body:
+    """The request's JSON body validated as `model` in a worker thread (422 as FastAPI would answer)."""
+    return await run_in_threadpool(_parse_json, model, request.headers.get("content-type"), request_body(request))
+
+
+def _parse_json(model: type[Body], content_type: str | None, body: bytes) -> Body:
+    message = email.message.Message()
+    message["content-type"] = content_type or ""
+    subtype = message.get_content_subtype()
+    if message.get_content_maintype() != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        raise RequestValidationError([{"type": "content_type", "loc": ("body",), "input": None,
+                                       "msg": "expected a JSON body (Content-Type: application/json)"}])
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError([dict(e, loc=("body", *e["loc"])) for e in exc.errors(include_url=False)]) \
+            from None
+
+
+def _body_schemas() -> dict[str, Any]:
+    """Component schemas of `JSON_BODIES`, as FastAPI would have written them."""
+    _, top = models_json_schema([(m, "validation") for m in JSON_BODIES],
+                                ref_template="#/components/schemas/{model}")
+    return top.get("$defs", {})
 
 
 def docs_assets() -> FilePath | None:
@@ -187,7 +425,7 @@ def docs_assets() -> FilePath | None:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 500, 503)}
+    code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 408, 409, 413, 422, 500, 503)}
 NAME = Annotated[str, Path(description="model name", json_schema_extra={"pattern": NAME_PATTERN})]
 KEY_ID = Annotated[str, Path(description="key id returned at registration",
                              json_schema_extra={"pattern": KEY_ID_PATTERN})]
@@ -196,17 +434,27 @@ VERSION = Annotated[int | None, Query(ge=1, le=MAX_VERSION, description="default
 
 def create_app(service: Service, tokens: TokenStore, executor: Executor | None = None,
                max_body: int = DEFAULT_MAX_BODY, protect_metrics: bool = False,
-               protect_docs: bool = False) -> ASGIApp:
+               protect_docs: bool = False, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> Gate:
     """Build the ASGI app; the caller chooses storage, tokens and where predictions run.
 
-    `protect_metrics` and `protect_docs` make /metrics, and /docs, /redoc and /openapi.json, require a
-    valid bearer token (any role) for servers whose operations data should not be public."""
+    Requests pass through `Gate` (authentication from the headers, then the body, at most `max_body`
+    bytes arriving within `body_timeout` seconds). `protect_metrics` and `protect_docs` make /metrics,
+    and /docs, /redoc and /openapi.json, require a valid bearer token (any role) for servers whose
+    operations data should not be public."""
     executor = executor or LocalExecutor(service)
     metrics = Metrics.create()
     app = FastAPI(title="veil", version=veil.__version__, responses=ERRORS, docs_url=None, redoc_url=None,
                   openapi_url=None,
                   description="Encrypted inference: clients send CKKS ciphertexts and get ciphertexts back.")
     app.state.service, app.state.executor, app.state.metrics = service, executor, metrics
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            fastapi_openapi()["components"]["schemas"].update(_body_schemas())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(VeilError)
     async def _veil_error(_: Request, exc: VeilError) -> JSONResponse:
@@ -230,8 +478,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         """Metrics and one log line per request; also the last-resort handler: an unexpected exception
         still answers a JSON 500 on a connection that stays usable, and is logged and counted."""
-        start, given = time.perf_counter(), request.headers.get("x-request-id")
-        rid = given if given and REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex[:16]
+        start, rid = time.perf_counter(), request_id(request.headers.get("x-request-id"))
         try:
             response = await call_next(request)
         except Exception:
@@ -241,8 +488,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         route = request.scope.get("route")
         name = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
         elapsed = time.perf_counter() - start
-        declared = request.headers.get("content-length") or "0"
-        size_in = int(declared) if declared.isdigit() else 0
+        size_in = min(declared_length(request.headers.get("content-length", "")) or 0, max_body)
         size_out = int(response.headers.get("content-length") or 0)
         metrics.requests.labels(name, str(response.status_code)).inc()
         metrics.latency.labels(name).observe(elapsed)
@@ -256,8 +502,10 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     bearer = HTTPBearer(auto_error=False, description="a token made by `veil token add`")
 
-    def principal(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
-        return tokens.authenticate(None if credentials is None else f"Bearer {credentials.credentials}")
+    async def principal(request: Request,
+                        _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+        """The principal `Gate` authenticated from the headers (HTTPBearer only documents the scheme)."""
+        return authenticated(request.scope)
 
     Auth = Annotated[Principal, Depends(principal)]
     guard_metrics = [Depends(principal)] if protect_metrics else []
@@ -324,12 +572,15 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     async def register_key(request: Request, who: Auth) -> dict:
         """Register a public key bundle (binary body); a secret key is refused. Counts against the
         token's key quota (403 quota_exceeded when full)."""
-        return await _register(who, await request.body())
+        return await _register(who, request_body(request))
 
-    @app.post("/v1/keys/json", response_model=schemas.KeyInfo, tags=["keys"])
-    async def register_key_json(body: schemas.RegisterKeyJSON, who: Auth) -> dict:
+    @app.post("/v1/keys/json", response_model=schemas.KeyInfo, tags=["keys"],
+              openapi_extra=_json_body_doc(schemas.RegisterKeyJSON))
+    async def register_key_json(request: Request, who: Auth) -> dict:
         """Same as /v1/keys with the bundle in base64 JSON."""
-        return await _register(who, _b64(body.bundle, "bundle"))
+        _, bundle = await run_in_threadpool(_json_with_base64, schemas.RegisterKeyJSON, "bundle",
+                                            request.headers.get("content-type"), request_body(request))
+        return await _register(who, bundle)
 
     @app.get("/v1/keys/{key_id:veil_key_id}", response_model=schemas.KeyInfo, tags=["keys"])
     async def get_key(key_id: KEY_ID, who: Auth) -> dict:
@@ -342,9 +593,11 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         await run_in_threadpool(service.delete_key, who, key_id)
         return Response(status_code=204)
 
-    @app.post("/v1/models", response_model=schemas.ModelInfo, tags=["models"], status_code=201)
-    async def deploy(body: schemas.DeployRequest, who: Auth) -> dict:
+    @app.post("/v1/models", response_model=schemas.ModelInfo, tags=["models"], status_code=201,
+              openapi_extra=_json_body_doc(schemas.DeployRequest))
+    async def deploy(request: Request, who: Auth) -> dict:
         """Deploy a model saved by veil.ml (admin); stored encrypted with AES-256-GCM."""
+        body = await _json_body(request, schemas.DeployRequest)
         record = await run_in_threadpool(service.deploy, who, body.name, body.server, body.client,
                                          body.version)
         return _info(record)
@@ -369,18 +622,24 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
                       version: VERSION = None) -> Response:
         """Evaluate on a binary CIPHERTEXTS message; the answer holds ciphertexts only. The key id
         must be one the caller registered (admins included)."""
-        payload = await request.body()
-        used, out = await executor.predict(who, name, version, x_veil_key_id, payload)
+        used, out = await executor.predict(who, name, version, x_veil_key_id, request_body(request))
         return Response(out, media_type=OCTET, headers={"x-veil-model-version": str(used)})
 
-    @app.post("/v1/models/{name}/predict/json", response_model=schemas.PredictionJSON, tags=["predict"])
-    async def predict_json(name: NAME, body: schemas.PredictJSON, who: Auth, version: VERSION = None) -> dict:
+    @app.post("/v1/models/{name}/predict/json", response_model=schemas.PredictionJSON, tags=["predict"],
+              openapi_extra=_json_body_doc(schemas.PredictJSON))
+    async def predict_json(name: NAME, request: Request, who: Auth, version: VERSION = None) -> Response:
         """Same as /predict with base64 JSON (a third larger on the wire)."""
-        used, out = await executor.predict(who, name, version, body.key_id,
-                                           _b64(body.ciphertexts, "ciphertexts"))
-        return {"model": name, "version": used, "ciphertexts": base64.b64encode(out).decode()}
+        body, payload = await run_in_threadpool(_json_with_base64, schemas.PredictJSON, "ciphertexts",
+                                                request.headers.get("content-type"), request_body(request))
+        used, out = await executor.predict(who, name, version, body.key_id, payload)
 
-    return BodyLimit(app, max_body)
+        def answer() -> bytes:  # base64 needs no JSON escape
+            head = json.dumps({"model": name, "version": used})[:-1].encode()
+            return b"".join([head, b', "ciphertexts": "', _b64encode(out), b'"}'])
+
+        return Response(await run_in_threadpool(answer), media_type="application/json")
+
+    return Gate(app, tokens, max_body, body_timeout, metrics)
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> set[str]:

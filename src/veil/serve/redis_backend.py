@@ -4,7 +4,8 @@
 Layout under a prefix (default ``veil:``):
 
 * ``key:<key_id>``: hash of a registered public bundle; ``usage:<owner>``: hash of the owner's
-  bundle count and bytes (for quotas); ``models``: set of model names; ``model:<name>:versions``:
+  bundle count and bytes (for quotas); ``key-id-secret``: the secret of key ids (made once, SET NX,
+  see `veil.serve.registry`); ``models``: set of model names; ``model:<name>:versions``:
   sorted set of versions; ``model:<name>:<version>``: hash of one version; ``model:<name>:reserved``:
   the last version handed out (versions are reserved before the artefacts are sealed to them).
 * ``jobs``: the request stream, consumed by the group ``workers``; entries are deleted once answered
@@ -42,6 +43,8 @@ from veil.serve.registry import (
     check_key_conflict,
     check_version,
     last_version_error,
+    legacy_key_id,
+    new_key_id_secret,
 )
 from veil.serve.service import Service
 
@@ -52,6 +55,7 @@ WAIT_SLICE = 5.0
 
 _PUT_KEY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('HGET', KEYS[3], 'owner') == ARGV[1] then return 2 end
 local count = tonumber(redis.call('HGET', KEYS[2], 'count') or '0')
 local used = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
 local size = string.len(ARGV[5])
@@ -135,6 +139,10 @@ class Keys:
     def model_names(self) -> str:
         return self.prefix + "models"
 
+    @property
+    def key_id_secret(self) -> str:
+        return self.prefix + "key-id-secret"
+
     def key(self, key_id: str) -> str:
         return f"{self.prefix}key:{key_id}"
 
@@ -209,28 +217,38 @@ class RedisStore:
         self._delete_key = self.client.register_script(_DELETE_KEY)
         self._reserve = self.client.register_script(_RESERVE_VERSION)
         self._put_model = self.client.register_script(_PUT_MODEL)
+        self._secret: bytes | None = None
 
     def ping(self) -> None:
         self.client.ping()
 
-    def put_key(self, record: KeyRecord, quota: KeyQuota | None = None) -> KeyRecord:
-        """Atomic insert-if-absent within the owner's quota; the same bundle again is idempotent for
-        its owner, 409 for others."""
+    def key_id_secret(self) -> bytes:
+        """The secret of key ids, shared by every front end: the first to ask makes it (SET NX)."""
+        if self._secret is None:
+            self.client.set(self.keys.key_id_secret, new_key_id_secret(), nx=True)
+            self._secret = bytes(self.client.get(self.keys.key_id_secret))
+        return self._secret
+
+    def put_key(self, record: KeyRecord, quota: KeyQuota | None = None, attempts: int = 3) -> KeyRecord:
+        """One Lua script: return the owner's record of this bundle if it exists (under this id or
+        its legacy one), else insert within the owner's quota; exact under any concurrency."""
         quota = quota or KeyQuota()
         limits = ["" if v is None else str(int(v)) for v in (quota.max_keys, quota.max_bytes)]
-        created = self._put_key(keys=[self.keys.key(record.key_id), self.keys.usage(record.owner)],
+        legacy = legacy_key_id(record.bundle)
+        for _ in range(attempts):
+            got = self._put_key(keys=[self.keys.key(record.key_id), self.keys.usage(record.owner),
+                                      self.keys.key(legacy)],
                                 args=[record.owner, record.params, json.dumps(list(record.rotation_steps)),
                                       repr(record.created), record.bundle, *limits])
-        if isinstance(created, list):
-            existing = check_key_conflict(self.get_key(record.key_id), record)
+            if isinstance(got, list):
+                quota.check(int(got[1]), int(got[2]), len(record.bundle))
+                raise QuotaExceededError("key quota reached")
+            if got == 1:
+                return record
+            existing = check_key_conflict(self.get_key(record.key_id if got == 0 else legacy), record)
             if existing is not None:
                 return existing
-            quota.check(int(created[1]), int(created[2]), len(record.bundle))
-            raise QuotaExceededError("key quota reached")
-        if created:
-            return record
-        existing = check_key_conflict(self.get_key(record.key_id), record)
-        return existing if existing is not None else self.put_key(record, quota)
+        raise UnavailableError("the key registry changed during registration; try again")
 
     def delete_key(self, key_id: str, owner: str) -> bool:
         """Delete `owner`'s bundle and give back its quota; False if there is no such bundle of theirs."""

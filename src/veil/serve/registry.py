@@ -1,10 +1,22 @@
 """Key and model registries. `SQLiteStore` keeps them in a data directory (models as encrypted
 files); `veil.serve.redis_backend.RedisStore` shares them across machines. Both implement `Store`.
-Stores hold bytes only: encryption and parsing happen in `veil.serve.service`."""
+Stores hold bytes only: encryption and parsing happen in `veil.serve.service`.
+
+Key ids belong to one principal: `scoped_key_id` is an HMAC, under a random secret the registry
+makes once (`Store.key_id_secret`), of the owner's name and the bundle's digest. Two principals
+registering the same bundle (a linear model's batch bundle holds parameters only, the same for
+everyone) get two ids and two records, and nobody can compute another principal's id. The same
+owner registering the same bundle again gets the same id. Keys registered before ids were scoped
+kept their content-hash id (`legacy_key_id`); registering such a bundle again by its owner returns
+that record rather than storing a second copy.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -12,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from veil.he.keys import key_id as legacy_key_id
 from veil.serve.errors import ConflictError, QuotaExceededError, ServeError
 
 MAX_VERSION = 2**31 - 1
@@ -48,6 +61,17 @@ class KeyQuota:
                                      "delete unused keys (DELETE /v1/keys/{key_id})")
 
 
+def scoped_key_id(secret: bytes, owner: str, bundle: bytes) -> str:
+    """The key id of `owner`'s bundle: HMAC-SHA256 under the registry's secret, so ids of equal
+    bundles differ between principals and cannot be derived without the secret."""
+    message = owner.encode() + b"\0" + hashlib.sha256(bundle).digest()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
+
+
+def new_key_id_secret() -> bytes:
+    return secrets.token_bytes(32)
+
+
 def check_version(version: int) -> int:
     """A stored version is an integer in [1, MAX_VERSION] (callers validate earlier; this is the last line)."""
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
@@ -76,6 +100,8 @@ class Store(Protocol):
 
     def ping(self) -> None: ...
 
+    def key_id_secret(self) -> bytes: ...
+
     def put_key(self, record: KeyRecord, quota: KeyQuota | None = None) -> KeyRecord: ...
 
     def get_key(self, key_id: str) -> KeyRecord | None: ...
@@ -97,11 +123,11 @@ class Store(Protocol):
 
 
 def check_key_conflict(existing: KeyRecord | None, record: KeyRecord) -> KeyRecord | None:
-    """Registering the same bundle twice is idempotent for its owner and refused for anyone else."""
-    if existing is None:
-        return None
-    if existing.owner != record.owner:
-        raise ConflictError("this key bundle is already registered by another principal")
+    """The record already stored under `record`'s id, which must be its owner's. Scoped ids never
+    collide between principals; a store caller that chose an id itself is refused (409) rather than
+    handed another principal's key."""
+    if existing is not None and existing.owner != record.owner:
+        raise ConflictError("this key id is taken")
     return existing
 
 
@@ -124,6 +150,9 @@ class SQLiteStore:
             db.execute("CREATE INDEX IF NOT EXISTS keys_owner ON keys (owner)")
             db.execute("""CREATE TABLE IF NOT EXISTS reserved_versions (name TEXT PRIMARY KEY,
                           last INTEGER NOT NULL)""")
+            db.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO settings VALUES ('key_id_secret', ?)", (new_key_id_secret(),))
+            self._secret = bytes(db.execute("SELECT value FROM settings WHERE name = 'key_id_secret'").fetchone()[0])
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -135,10 +164,20 @@ class SQLiteStore:
     def ping(self) -> None:
         self._conn().execute("SELECT 1").fetchone()
 
+    def key_id_secret(self) -> bytes:
+        """The secret of `scoped_key_id`, made once with the database."""
+        return self._secret
+
     def put_key(self, record: KeyRecord, quota: KeyQuota | None = None) -> KeyRecord:
-        """Insert if absent, within the owner's quota (checked under the same lock as the insert)."""
+        """Insert unless the owner already holds this bundle (under this id or its legacy one), within
+        the owner's quota: lookup, count and insert are one write transaction (BEGIN IMMEDIATE), so
+        parallel registrations, from any number of threads or processes, never overshoot it."""
         with self._lock, self._conn() as db:
+            db.execute("BEGIN IMMEDIATE")
             existing = check_key_conflict(self.get_key(record.key_id), record)
+            legacy = legacy_key_id(record.bundle)
+            if existing is None and self.key_owner(legacy) == record.owner:
+                existing = self.get_key(legacy)
             if existing is not None:
                 return existing
             if quota is not None:

@@ -40,7 +40,8 @@ class Readiness(BaseModel):
 
 
 class KeyInfo(BaseModel):
-    key_id: str = Field(description="content hash of the public bundle; send it with predictions")
+    key_id: str = Field(description="the caller's own id of the public bundle (another principal registering the "
+                                    "same bundle gets another id); send it with predictions")
     owner: str
     params: str = Field(description="fingerprint of the CKKS parameters the keys were made for")
     rotation_steps: list[int]

@@ -1,7 +1,17 @@
-"""Configuration and start-up of the HTTP server (uvicorn), with TLS and optional mutual TLS."""
+"""Configuration and start-up of the HTTP server (uvicorn), with TLS and optional mutual TLS.
+
+uvicorn always speaks HTTP/1.1 through h11 here (its httptools parser, used whenever that package
+happens to be installed, bounds neither a request's line nor its headers), with two bounds that
+hold before any request reaches the app, so before a token can be checked: a request head over
+`MAX_HEAD_BYTES` is refused (400), and one that does not arrive within `head_timeout` seconds of
+the connection opening or of the previous response is cut off: the connection is closed, after a
+408 if part of a head had come (`HeadDeadline`: slowloris and idle connections). Bodies are bounded
+by `veil.serve.app.Gate`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -17,14 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from veil.net import free_port
-from veil.serve.app import DEFAULT_MAX_BODY, Executor, LocalExecutor, create_app
+from veil.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, Executor, LocalExecutor, create_app
 from veil.serve.auth import TokenStore
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.registry import KeyQuota, SQLiteStore, Store
 from veil.serve.service import DEFAULT_KEY_QUOTA, Service
 
 log = logging.getLogger("veil.serve")
+MAX_HEAD_BYTES = 16 * 1024
+"""Largest request line plus headers accepted (h11's incomplete-event limit); a bearer token and the
+headers a client sends are far below it."""
+DEFAULT_HEAD_TIMEOUT = 20.0
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -62,6 +79,11 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     max_body: int = DEFAULT_MAX_BODY
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    """Seconds a request body may take to arrive after its headers; a slower upload answers 408."""
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT
+    """Seconds a request's line and headers may take to arrive (from the connection opening or the
+    previous response); a slower or idle connection gets a 408 and is closed."""
     queue: str | None = None
     queue_timeout: float = 120.0
     log_level: str = "info"
@@ -120,7 +142,7 @@ def build(config: ServerConfig) -> tuple[Any, Service]:
                     "one (the tokens file is followed while the server runs)",
                     extra={"path": str(config.tokens_path)})
     app = create_app(service, tokens, executor, config.max_body, protect_metrics=config.protect_metrics,
-                     protect_docs=config.protect_docs)
+                     protect_docs=config.protect_docs, body_timeout=config.body_timeout)
     return app, service
 
 
@@ -181,6 +203,59 @@ def ssl_options(config: ServerConfig) -> dict[str, Any]:
     return opts
 
 
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol with the deadline it lacks before a request reaches the app: a
+    request's line and headers must arrive within `head_timeout` seconds of the connection opening
+    or of the previous response, else the connection is closed (after a 408 if part of a head has
+    come). The timer restarts at every response; when it fires while a request is being read or
+    answered, it does nothing (the body has its own deadline in `veil.serve.app.Gate`)."""
+
+    head_timeout = DEFAULT_HEAD_TIMEOUT
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        """Close a connection still waiting for a request head; answer 408 only if part of one has
+        arrived (an idle connection closes silently, as at the keep-alive timeout, so a client
+        reusing it never reads a 408 meant for no request)."""
+        self._head_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        if self.conn.trailing_data[0]:
+            body = json.dumps({"error": "request_timeout", "detail": "the request line and headers did not "
+                               f"arrive within {self.head_timeout:g} s"}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
+def uvicorn_config(app: Any, config: ServerConfig) -> Any:
+    """The uvicorn configuration of `veil serve`: h11 with `MAX_HEAD_BYTES` and `HeadDeadline`, TLS."""
+    import uvicorn
+
+    protocol = type("HeadDeadline", (HeadDeadline,), {"head_timeout": config.head_timeout})
+    return uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False, ws="none",
+                          http=protocol, h11_max_incomplete_event_size=MAX_HEAD_BYTES, **ssl_options(config))
+
+
 @contextlib.contextmanager
 def serve_in_background(config: ServerConfig, timeout: float = 20.0) -> Iterator[str]:
     """Serve `config` from a thread on a free loopback port; yields the base URL, stops on exit."""
@@ -188,8 +263,7 @@ def serve_in_background(config: ServerConfig, timeout: float = 20.0) -> Iterator
 
     config.host, config.port = "127.0.0.1", free_port()
     app, _ = build(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                                           access_log=False, ws="none", **ssl_options(config)))
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -217,5 +291,4 @@ def serve(config: ServerConfig) -> None:
         log.warning("serving plain HTTP beyond loopback (--insecure)", extra={"host": config.host})
     log.info("starting", extra={"host": config.host, "port": config.port, "tls": bool(config.tls_cert),
                                 "mtls": bool(config.tls_client_ca), "queue": bool(config.queue)})
-    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False, ws="none",
-                **ssl_options(config))
+    uvicorn.Server(uvicorn_config(app, config)).run()

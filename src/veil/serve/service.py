@@ -13,13 +13,12 @@ from typing import Any
 
 from veil.errors import VeilError, WireFormatError
 from veil.he import PublicBundle
-from veil.he.keys import key_id
 from veil.ml import ModelClient, ModelServer
 from veil.program import describe
 from veil.serve.auth import Principal
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import ConflictError, ForbiddenError, IntegrityError, NotFoundError, ServeError
-from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord, ModelRecord, Store
+from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord, ModelRecord, Store, scoped_key_id
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN)
@@ -94,31 +93,44 @@ class Service:
                         self.key_quota.max_bytes if principal.max_key_bytes is None else principal.max_key_bytes)
 
     def register_key(self, principal: Principal, data: bytes) -> KeyRecord:
-        """Validate a public bundle (a secret key is refused) and store it under its content hash,
-        within the principal's quota of stored bundles."""
+        """Validate a public bundle (a secret key is refused) and store it under the principal's own
+        key id for it (`veil.serve.registry.scoped_key_id`), within the principal's quota of stored
+        bundles. Registering the same bundle again returns the same record; nothing here depends on
+        what other principals registered. Commits only if the token is still valid."""
         principal.require("client")
         bundle = PublicBundle.from_bytes(data)
-        record = KeyRecord(key_id(data), principal.name, bundle.params.fingerprint, bundle.rotation_steps,
-                           time.time(), data)
-        return self.store.put_key(record, self.quota_for(principal))
+        record = KeyRecord(scoped_key_id(self.store.key_id_secret(), principal.name, data), principal.name,
+                           bundle.params.fingerprint, bundle.rotation_steps, time.time(), data)
+        with principal.committing():
+            return self.store.put_key(record, self.quota_for(principal))
+
+    def _owner(self, principal: Principal, key_id: str) -> str:
+        """The owner of `key_id` if `principal` may know the key exists, else the 404 of an unknown id.
+
+        The one rule for a key id that is not the caller's: a client gets exactly the answer of an
+        id that was never registered (same status, same detail, one owner lookup either way), so no
+        response tells one client about another principal's keys. An admin, who may read any key's
+        description, is told (403) when it tries to use or delete one that is not its own."""
+        owner = self.store.key_owner(key_id)
+        if owner is None or (owner != principal.name and principal.role != "admin"):
+            raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
+        return owner
 
     def key(self, principal: Principal, key_id: str) -> KeyRecord:
         """A key's record for its owner or an admin (to read its description, not to use it)."""
+        self._owner(principal, key_id)
         record = self.key_record(key_id)
         if record is None:
             raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
-        if record.owner != principal.name and principal.role != "admin":
-            raise ForbiddenError("this key id belongs to another principal")
         return record
 
     def delete_key(self, principal: Principal, key_id: str) -> None:
-        """Delete a bundle; only its owner may (it frees their quota). Caches forget it at once."""
-        owner = self.store.key_owner(key_id)
-        if owner is None:
-            raise NotFoundError(f"unknown key id {key_id!r}")
-        if owner != principal.name:
+        """Delete a bundle; only its owner may (it frees their quota). Caches forget it at once.
+        Commits only if the token is still valid."""
+        if self._owner(principal, key_id) != principal.name:
             raise ForbiddenError("only the principal who registered a key can delete it")
-        self.store.delete_key(key_id, principal.name)
+        with principal.committing():
+            self.store.delete_key(key_id, principal.name)
         self._keys.pop_key(key_id)
         self._bundles.pop_key(key_id)
 
@@ -128,10 +140,7 @@ class Service:
         keys) and the model version exists. Returns the version to evaluate."""
         principal.require("client")
         check_name(name)
-        owner = self.store.key_owner(key_id)
-        if owner is None:
-            raise NotFoundError(f"unknown key id {key_id!r}: register the public bundle first")
-        if owner != principal.name:
+        if self._owner(principal, key_id) != principal.name:
             raise ForbiddenError("this key id belongs to another principal")
         resolved = self.store.resolve_version(name, version)
         if resolved is None:
@@ -140,8 +149,8 @@ class Service:
         return resolved
 
     def key_record(self, key_id: str) -> KeyRecord | None:
-        """A registered key, cached: key ids are content hashes, so a record never changes. A deleted
-        key may linger in another process's cache, which is why `authorise` reads owners uncached."""
+        """A registered key, cached: an id names one owner's one bundle, so a record never changes. A
+        deleted key may linger in another process's cache, which is why `authorise` reads owners uncached."""
         record = self._keys.get(key_id)
         if record is None:
             record = self.store.get_key(key_id)
@@ -154,7 +163,8 @@ class Service:
 
     def deploy(self, principal: Principal, name: str, server: dict, client: dict,
                version: int | None = None) -> ModelRecord:
-        """Check both artefacts parse and agree, then store them encrypted and sealed to their version."""
+        """Check both artefacts parse and agree, then store them encrypted and sealed to their version
+        (committed only if the token is still valid)."""
         principal.require("admin")
         check_name(name)
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)
@@ -176,12 +186,11 @@ class Service:
                      "client_sha256": hashlib.sha256(client_bytes).hexdigest()})
         for attempt in range(RESERVE_ATTEMPTS):
             number = version if version is not None else self.store.reserve_version(name)
+            server_blob = self.cipher.encrypt(server_bytes, _identity(name, number, "server", meta["server_sha256"]))
+            client_blob = self.cipher.encrypt(client_bytes, _identity(name, number, "client", meta["client_sha256"]))
             try:
-                return self.store.put_model(
-                    name, number, meta,
-                    self.cipher.encrypt(server_bytes, _identity(name, number, "server", meta["server_sha256"])),
-                    self.cipher.encrypt(client_bytes, _identity(name, number, "client", meta["client_sha256"])),
-                )
+                with principal.committing():
+                    return self.store.put_model(name, number, meta, server_blob, client_blob)
             except ConflictError:  # an explicit deploy took the reserved number: reserve another
                 if version is not None or attempt == RESERVE_ATTEMPTS - 1:
                     raise

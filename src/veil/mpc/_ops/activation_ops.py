@@ -6,14 +6,16 @@ Error bounds (frac_bits=16; tests/mpc/test_activations.py checks them against fl
 
 - exact up to fixed-point rounding (a few 2^-16, no approximation): LeakyReLU, Hardtanh/ReLU6,
   abs and sign (so L1Loss), through ReLU's exact comparison. ``sign(0)`` is +1 here, 0 in torch.
-- through `approx.sigmoid` (absolute error <= 0.01): tanh = 2 sigmoid(2x) - 1 (<= 0.02), SiLU
-  x sigmoid(x) (<= 0.01 |x|), GELU as x sigmoid(1.702 x) (the usual sigmoid form of GELU: <= 0.021
-  from torch's exact erf GELU, plus 0.01 |x|), and the gradients of Softplus and of
-  BCEWithLogitsLoss.
+- through `approx.sigmoid` (absolute error <= 0.01, for every input): tanh = 2 sigmoid(2x) - 1
+  (<= 0.02), SiLU x sigmoid(x) (<= 0.01 |x|), GELU as x sigmoid(1.702 x) (the usual sigmoid form
+  of GELU: <= 0.021 from torch's exact erf GELU, plus 0.01 |x|), and the gradients of Softplus
+  and of BCEWithLogitsLoss.
 - BCELoss (probabilities in): log through `approx.log` on 64 p, valid for p in [0.0016, 0.9984]
-  (error <= 0.1 per element), gradient for p in [0.008, 0.992] (1% relative).
-- through `approx.exp` / `approx.log`: ELU (alpha (exp(x) - 1) for x <= 0, error <= 0.01 alpha)
-  and the values of Softplus and BCEWithLogitsLoss (log(1 + exp(-|x|)), absolute error <= 0.05).
+  (error <= 0.1 per element), gradient for p in [0.008, 0.992] (1% relative); both ranges are
+  checked in the range-check mode (`veil.mpc.checks`).
+- through `approx.exp_nonpos` / `approx.log`, for every input: ELU (alpha (exp(x) - 1) for x <= 0,
+  error <= 0.01 alpha) and the values of Softplus and BCEWithLogitsLoss (log(1 + exp(-|x|)),
+  absolute error <= 0.05); the exponent is clamped at -32 (one more ReLU, 8 rounds).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from veil.mpc import approx
+from veil.mpc import approx, checks
 from veil.mpc import primitives as P
 from veil.mpc._ops.common import encode_public, mul, mul_public, reduce, share_of, to_share, wrap
 from veil.mpc._ops.registry import register
@@ -123,7 +125,7 @@ def _tanh(rt, func, x):
 @register(aten.tanh_backward)
 def _tanh_bw(rt, func, grad, out):
     o = to_share(rt, out)
-    return mul(rt, grad, wrap(_one(rt, out) - P.truncate(rt, P.square(rt, o))))
+    return mul(rt, grad, wrap(_one(rt, out) - P.square_fixed(rt, o)))
 
 
 @register(aten.silu)
@@ -156,7 +158,7 @@ def _gelu_bw(rt, func, grad, x, approximate="none"):
 
 def _log1p_exp_neg_abs(rt, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(-|z|)) given relu(z) = r (so |z| = 2r - z); the argument of log is in (1, 2]."""
-    return approx.log(rt, _one(rt, z) + approx.exp(rt, z - 2 * r))
+    return approx.log(rt, _one(rt, z) + approx.exp_nonpos(rt, z - 2 * r))
 
 
 @register(aten.softplus)
@@ -178,7 +180,7 @@ def _elu(rt, func, x, alpha=1.0, scale=1.0, input_scale=1.0):
         raise ProtocolError("only ELU (scale = input_scale = 1) is supported under MPC, not SELU/CELU")
     r, _ = _relu_of(rt, x)
     neg = to_share(rt, x) - r  # min(x, 0)
-    e = _cached(x, "elu_exp", lambda: approx.exp(rt, neg))
+    e = _cached(x, "elu_exp", lambda: approx.exp_nonpos(rt, neg))
     return wrap(r + mul_public(rt, e - _one(rt, x), float(alpha)))
 
 
@@ -188,7 +190,7 @@ def _elu_bw(rt, func, grad, alpha, scale, input_scale, is_result, x):
         raise ProtocolError("only ELU (scale = input_scale = 1, not in place) is supported under MPC")
     _, mask = _relu_of(rt, x)
     r, _ = _relu_of(rt, x)
-    e = _cached(x, "elu_exp", lambda: approx.exp(rt, to_share(rt, x) - r))
+    e = _cached(x, "elu_exp", lambda: approx.exp_nonpos(rt, to_share(rt, x) - r))
     g = to_share(rt, grad)
     gb = mask.apply(rt, g)  # g [x >= 0]
     ge = share_of(mul(rt, wrap(g - gb), wrap(mul_public(rt, e, float(alpha)))))  # g [x < 0] alpha e^x
@@ -225,6 +227,7 @@ def _bce(rt, func, p, target, weight=None, reduction=1):
     least 0.1), absolute error <= 0.1 per element there (two logarithms)."""
     _bce_check(weight)
     ps, ts = to_share(rt, p), to_share(rt, target)
+    checks.within(rt, ps, 0.0016, 0.9984, "BCELoss probability in [0.0016, 0.9984]")
     one = _one(rt, p)
     both = mul_public(rt, torch.stack([ps, one - ps]), BCE_SCALE)
     logs = approx.log(rt, both) - encode_public(rt, float(torch.log(torch.tensor(BCE_SCALE))))
@@ -237,6 +240,7 @@ def _bce_bw(rt, func, grad, p, target, weight=None, reduction=1):
     """grad (p - t) / (p (1 - p)); the reciprocal of 64 p (1 - p) is accurate for p in [0.008, 0.992]."""
     _bce_check(weight)
     ps, ts = to_share(rt, p), to_share(rt, target)
+    checks.within(rt, ps, 0.008, 0.992, "BCELoss gradient probability in [0.008, 0.992]")
     var = P.mul(rt, ps, _one(rt, p) - ps)
     inv = mul_public(rt, approx.reciprocal(rt, mul_public(rt, var, BCE_SCALE)), BCE_SCALE)
     d = share_of(mul(rt, wrap(ps - ts), wrap(inv)))

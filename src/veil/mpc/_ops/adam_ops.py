@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from veil.mpc import approx
+from veil.mpc import approx, checks
 from veil.mpc import primitives as P
 from veil.mpc._ops.common import is_shared, mul_public, public_value, scalar, share_of, to_share, wrap, write
 from veil.mpc._ops.pointwise_ops import _add, _div, add_inplace
@@ -67,6 +67,7 @@ def _squares_into(x, t1, t2, value=1) -> bool:
 
 @register(aten.addcmul_, when=_squares_into)
 def _moment_addcmul_(rt, func, x, t1, t2, value=1):
+    checks.square(rt, share_of(t1), "square of the gradient in Adam")
     return _ema(rt, x, P.square(rt, share_of(t1)), scalar(value), 1.0)  # exact g^2, 2*frac_bits bits
 
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from veil.mpc import checks, ring
 from veil.mpc import primitives as P
-from veil.mpc import ring
 from veil.mpc.errors import ProtocolError
 from veil.mpc.tensor import MPCTensor, _Store
 
@@ -91,13 +91,14 @@ def reciprocal_integer(v) -> int | None:
 
 def mul_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
     """Shares times a public value: integers stay exact, 1/n is an exact division by n, other
-    reals are encoded with frac_bits fractional bits then truncated."""
+    reals are encoded with frac_bits fractional bits then truncated (`checks.scaled` in the
+    range-check mode)."""
     if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point():
         v = float(v)
-    if is_integer(v):
-        return s * (torch.as_tensor(v).to(torch.int64) if isinstance(v, torch.Tensor) else int(v))
-    if isinstance(v, float) and float(v).is_integer() and abs(v) < 2**40:
-        return s * int(v)
+    if is_integer(v) or (isinstance(v, float) and float(v).is_integer() and abs(v) < 2**40):
+        m = torch.as_tensor(v).to(torch.int64) if isinstance(v, torch.Tensor) else int(v)
+        checks.scaled(rt, s, m, 1, "product with a public value")
+        return s * m
     d = reciprocal_integer(v)
     if d is not None:
         return P.div_public(rt, s, d)
@@ -108,7 +109,9 @@ def mul_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
     # v = m / 2^k with m of frac_bits significant bits: relative error 2^-frac_bits whatever |v|
     # (encoding v itself with frac_bits fractional bits would lose all precision for |v| << 1)
     k = rt.frac_bits + (max(0, math.ceil(-math.log2(top))) if 0.0 < top < 1.0 else 0)
-    return P.div_public(rt, s * ring.encode(vt, k), 1 << k)
+    m = ring.encode(vt, k)
+    checks.scaled(rt, s, m, 1 << k, "product with a public value")
+    return P.div_public(rt, s * m, 1 << k)
 
 
 def div_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
@@ -122,6 +125,8 @@ def div_public(rt: P.Runtime, s: torch.Tensor, v) -> torch.Tensor:
 
 
 def mul(rt: P.Runtime, a, b) -> MPCTensor:
+    """Fixed-point elementwise product of two operands, either of them public (checked in the
+    range-check mode)."""
     pa, pb = public_value(a), public_value(b)
     if pa is not None and pb is not None:
         v = torch.as_tensor(pa) * torch.as_tensor(pb)
@@ -131,21 +136,33 @@ def mul(rt: P.Runtime, a, b) -> MPCTensor:
     if pa is not None:
         return wrap(mul_public(rt, share_of(b), pa))
     if a is b:
-        return wrap(P.truncate(rt, P.square(rt, share_of(a))))
-    return wrap(P.mul(rt, share_of(a), share_of(b)))
+        return wrap(square(rt, share_of(a)))
+    out = P.mul(rt, share_of(a), share_of(b))
+    checks.product(rt, "mul", share_of(a), share_of(b), {}, out, None, "elementwise product")
+    return wrap(out)
+
+
+def square(rt: P.Runtime, s: torch.Tensor, what: str = "square") -> torch.Tensor:
+    """Fixed-point square of shares (`P.square_fixed`), |x| < 2^15 checked in the range-check mode."""
+    checks.square(rt, s, what)
+    return P.square_fixed(rt, s)
 
 
 def bilinear_fixed(rt: P.Runtime, op: str, x, y, params: dict | None = None) -> torch.Tensor:
-    """Fixed-point bilinear map where either operand may be public."""
+    """Fixed-point bilinear map where either operand may be public (checked in the range-check mode)."""
     params = params or {}
     px, py = public_value(x), public_value(y)
-    if px is None and py is None:
-        return P.truncate(rt, P.beaver(rt, op, share_of(x), share_of(y), params))
-    xs = share_of(x) if px is None else ring.encode(px, rt.frac_bits)
-    ys = share_of(y) if py is None else ring.encode(py, rt.frac_bits)
     if px is not None and py is not None:
         raise ProtocolError("bilinear op on two public values")
-    return P.truncate(rt, ring.bilinear(op, xs, ys, params))
+    xs = share_of(x) if px is None else ring.encode(px, rt.frac_bits)
+    ys = share_of(y) if py is None else ring.encode(py, rt.frac_bits)
+    if px is None and py is None:
+        out = P.product(rt, op, xs, ys, params)
+    else:
+        out = P.truncate(rt, ring.bilinear(op, xs, ys, params))
+    checks.product(rt, op, xs, ys, params, out, "x" if px is not None else "y" if py is not None else None,
+                   f"product ({op})")
+    return out
 
 
 def combine(rt, a, b, alpha) -> torch.Tensor:

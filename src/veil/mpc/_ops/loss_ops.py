@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from veil.mpc import approx
+from veil.mpc import approx, checks
 from veil.mpc import primitives as P
 from veil.mpc._ops.common import (
     is_shared,
@@ -13,6 +13,7 @@ from veil.mpc._ops.common import (
     public_value,
     reduce,
     share_of,
+    square,
     to_share,
     wrap,
 )
@@ -25,7 +26,7 @@ aten = torch.ops.aten
 @register(aten.mse_loss)
 def _mse(rt, func, x, target, reduction=1):
     d = to_share(rt, x) - to_share(rt, target)
-    return wrap(reduce(rt, P.truncate(rt, P.square(rt, d)), reduction))
+    return wrap(reduce(rt, square(rt, d, "square in mse_loss"), reduction))
 
 
 @register(aten.mse_loss_backward)
@@ -36,9 +37,22 @@ def _mse_bw(rt, func, grad, x, target, reduction=1):
     return wrap(P.div_public(rt, g, x.numel()) if reduction == 1 else g)
 
 
+SOFTMAX_CLASSES = 100  # the sum of exponentials lies in [1, k], inside reciprocal's and log's range for k <= 100
+
+
+def _check_sum(rt, tot: torch.Tensor, k: int, what: str) -> None:
+    """Range-check mode: with more than SOFTMAX_CLASSES classes, the sum of exponentials must stay
+    in the range of reciprocal and log (it is at least 1: the maximum's term)."""
+    if k > SOFTMAX_CLASSES:
+        checks.within(rt, tot, None, approx.DOMAINS["reciprocal"][1], f"sum of exponentials of {what}")
+
+
 @register(aten._softmax)
 def _softmax(rt, func, x, dim, half_to_float=False):
-    return wrap(approx.softmax(rt, share_of(x), dim))
+    _, e = approx.shifted_exp(rt, share_of(x).movedim(dim, -1))
+    tot = e.sum(-1, keepdim=True)
+    _check_sum(rt, tot, e.shape[-1], "softmax")
+    return wrap(approx.normalise(rt, e, tot).movedim(-1, dim))
 
 
 @register(aten._softmax_backward_data)
@@ -49,15 +63,12 @@ def _softmax_bw(rt, func, grad, out, dim, dtype):
 
 @register(aten._log_softmax)
 def _log_softmax(rt, func, x, dim, half_to_float=False):
-    xs = share_of(x).movedim(dim, -1)
-    m, _ = P.max_last(rt, xs)
-    z = xs - m.unsqueeze(-1)
-    e = approx.exp(rt, z)
+    z, e = approx.shifted_exp(rt, share_of(x).movedim(dim, -1))
     tot = e.sum(-1, keepdim=True)
+    _check_sum(rt, tot, z.shape[-1], "log_softmax")
     lse = approx.log(rt, tot)
     out = wrap((z - lse).movedim(-1, dim))
-    r = approx.reciprocal(rt, tot)
-    out._softmax = P.mul(rt, e, r.expand_as(e)).movedim(-1, dim)
+    out._softmax = approx.normalise(rt, e, tot).movedim(-1, dim)
     return out
 
 
@@ -65,7 +76,7 @@ def _log_softmax(rt, func, x, dim, half_to_float=False):
 def _log_softmax_bw(rt, func, grad, out, dim, dtype):
     sm = getattr(out, "_softmax", None)
     if sm is None:
-        sm = approx.exp(rt, share_of(out))
+        sm = approx.exp_nonpos(rt, share_of(out))
     gsum = to_share(rt, grad).sum(dim, keepdim=True).expand(out.shape)
     return wrap(to_share(rt, grad) - P.mul(rt, sm, gsum))
 

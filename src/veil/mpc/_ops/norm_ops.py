@@ -2,18 +2,25 @@
 public random masks.
 
 Statistics are exact where they are linear: means divide by the public count exactly
-(`P.div_public`), the variance is kept with 2*frac_bits fractional bits (an untruncated square)
-so small variances do not underflow, and 1/sqrt(var + eps) comes from `approx.inv_sqrt_wide`:
-relative error <= 1% for var + eps in [2^-32, 32]. Normalised outputs and gradients therefore
-carry a relative error of about 1% of their size (tests/mpc/test_norm.py bounds them at 0.03 for
-unit-scale data). Variances above 32 are outside the approximation's range: standardise inputs.
+(`P.div_public`), the variance is kept with 2*frac_bits fractional bits (from untruncated
+squares of x - mean) so small variances do not underflow, and 1/sqrt(var + eps) comes from
+`approx.inv_sqrt_wide`: relative error <= 1% plus 2^-frac_bits absolute (so 1% + 2^-16
+sqrt(var) relative), for any variance. Normalised outputs and gradients therefore carry a
+relative error of about 1% of their size (tests/mpc/test_norm.py bounds them at 0.03 for
+unit-scale data, tests/mpc/test_range.py at a variance of 1600).
+
+Range (`_stats`): every |x - mean| < 2^(31 - frac_bits) = 2^15 (its ring square
+must not wrap) and var < 2^20: the squares are summed with VAR_SUM_BITS bits of headroom
+(truncated by t = bit_length(n) - VAR_SUM_BITS bits first when the count n needs it, one round),
+so their sum cannot wrap for any n while var < 2^20. Both are checked in the range-check mode
+(`veil.mpc.checks`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from veil.mpc import approx, ring
+from veil.mpc import approx, checks, ring
 from veil.mpc import primitives as P
 from veil.mpc._ops.common import (
     encode_public,
@@ -53,14 +60,34 @@ def _channel(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.reshape((1, -1) + (1,) * (dim - 2))
 
 
-def _stats(rt, xs: torch.Tensor, dims: list[int], n: int, eps: float):
-    """(mean, x - mean, 1/sqrt(var + eps)) of shares over ``dims`` (kept), each with frac_bits.
+VAR_SUM_BITS = 9  # the sum of n squares keeps n / 2^t < 2^9, so it cannot wrap while var < 2^21
+VAR_LIMIT = 2.0**20  # the documented (and checked) variance range of `_stats`
 
-    The variance is averaged from untruncated squares (2*frac_bits fractional bits), then
-    `approx.inv_sqrt_wide` (one batch of comparisons, two Beaver products, Newton steps)."""
+
+def _stats(rt, xs: torch.Tensor, dims: list[int], n: int, eps: float):
+    """(mean, x - mean, 1/sqrt(var + eps), var + eps) of shares over ``dims`` (kept); the first
+    three with frac_bits fractional bits, the last with 2*frac_bits.
+
+    The squares of x - mean are exact (2*frac_bits fractional bits); when n >= 2^VAR_SUM_BITS
+    each is first divided by 2^t, t = bit_length(n) - VAR_SUM_BITS (exact division, one round;
+    absolute error of var at most n 2^-(2 frac_bits + 7), 2^-23 for n = 2^16), so that
+    their sum stays below 2^62 for var < 2^21; then `approx.inv_sqrt_wide` (one batch of
+    comparisons, two Beaver products, Newton steps). Range-check mode: |x - mean| < 2^15 and,
+    from a sum of squares truncated so far that it never wraps, var < VAR_LIMIT."""
     mean = P.div_public(rt, xs.sum(dims, keepdim=True), n)
     xc = xs - mean
-    var2 = P.div_public(rt, P.square(rt, xc).sum(dims, keepdim=True), n)
+    checks.square(rt, xc, "normalisation: |x - mean| < 2^15")
+    sq = P.square(rt, xc)
+    t = max(0, n.bit_length() - VAR_SUM_BITS)
+    if checks.active(rt):
+        # n / 2^bit_length(n) < 1: this coarse sum never wraps; var < VAR_LIMIT iff it is below n VAR_LIMIT 2^-bl
+        bl = n.bit_length()
+        coarse = P.truncate(rt, sq, bl).sum(dims, keepdim=True)
+        checks.within(rt, coarse, None, VAR_LIMIT * n / 2**bl, f"normalisation: variance < {VAR_LIMIT:g}",
+                      frac_bits=2 * rt.frac_bits)
+    if t:
+        sq = P.truncate(rt, sq, t)
+    var2 = P.div_public(rt, sq.sum(dims, keepdim=True), n) * (1 << t)
     var2 = var2 + P.public(rt, torch.full_like(var2, round(eps * rt.scale * rt.scale)))
     inv, _ = approx.inv_sqrt_wide(rt, var2)
     return mean, xc, inv, var2
@@ -201,8 +228,9 @@ def _bn(rt, x, weight, bias, mean, var, eps) -> MPCTensor:
     if pv is not None:
         inv = wrap(encode_public(rt, 1.0 / torch.sqrt(torch.as_tensor(pv, dtype=torch.float64) + eps)), None)
         inv._pub = (1.0 / torch.sqrt(torch.as_tensor(pv, dtype=torch.float64) + eps)).float()
-    else:
-        inv = wrap(approx.inv_sqrt(rt, share_of(var) + encode_public(rt, torch.full(tuple(var.shape), eps))))
+    else:  # var with 2*frac_bits fractional bits (exact: var * 2^frac_bits) into the wide-range inverse root
+        v2 = (share_of(var) + encode_public(rt, torch.full(tuple(var.shape), eps))) * rt.scale
+        inv = wrap(approx.inv_sqrt_wide(rt, v2)[0])
     scale = inv if weight is None else mul(rt, inv, weight)
     centered = wrap(to_share(rt, x) - to_share(rt, mean).reshape(shape))
     sc = wrap(share_of(scale).reshape(shape), None if scale._pub is None else scale._pub.reshape(shape))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from veil.mpc import approx, ring
+from veil.mpc import approx, checks, ring
 from veil.mpc import primitives as P
 from veil.mpc._ops.common import (
     combine,
@@ -16,6 +16,7 @@ from veil.mpc._ops.common import (
     public_value,
     scaled,
     share_of,
+    square,
     to_share,
     wrap,
     write,
@@ -56,7 +57,7 @@ def _div(rt, func, a, b):
             v = (a._pub.double() / torch.as_tensor(pb, dtype=torch.float64)).float()
             return wrap(P.public(rt, ring.encode(v, rt.frac_bits)), v)
         return wrap(div_public(rt, share_of(a), pb))
-    return mul(rt, a, wrap(approx.reciprocal(rt, share_of(b))))
+    return mul(rt, a, wrap(_approx(rt, "reciprocal", share_of(b))))
 
 
 def _inplace(outfn):
@@ -120,10 +121,16 @@ def _relu_bw(rt, func, grad, out, threshold):
     return wrap(mask.apply(rt, to_share(rt, grad)))
 
 
+def _approx(rt, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``approx.<name>`` of shares x, its input checked against `approx.DOMAINS` in the range-check mode."""
+    checks.domain(rt, x, name)
+    return getattr(approx, name)(rt, x)
+
+
 @register(aten.pow.Tensor_Scalar)
 def _pow(rt, func, x, e):
     if e == 2:
-        return wrap(P.truncate(rt, P.square(rt, share_of(x))))
+        return wrap(square(rt, share_of(x)))
     if e == 1:
         return x
     if e == 0:
@@ -134,42 +141,43 @@ def _pow(rt, func, x, e):
             y = mul(rt, y, x)
         return y
     if e == 0.5:
-        return wrap(approx.sqrt(rt, share_of(x)))
+        return _sqrt(rt, func, x)
     if e == -0.5:
-        return wrap(approx.inv_sqrt(rt, share_of(x)))
+        return _rsqrt(rt, func, x)
     if e == -1:
-        return wrap(approx.reciprocal(rt, share_of(x)))
+        return _recip(rt, func, x)
     raise ProtocolError(f"pow with exponent {e} is not supported")
 
 
 @register(aten.square)
 def _square(rt, func, x):
-    return wrap(P.truncate(rt, P.square(rt, share_of(x))))
+    return wrap(square(rt, share_of(x)))
 
 
 @register(aten.exp)
 def _exp(rt, func, x):
-    return wrap(approx.exp(rt, share_of(x)))
+    return wrap(_approx(rt, "exp", share_of(x)))
 
 
 @register(aten.log)
 def _log(rt, func, x):
-    return wrap(approx.log(rt, share_of(x)))
+    return wrap(_approx(rt, "log", share_of(x)))
 
 
 @register(aten.sqrt)
 def _sqrt(rt, func, x):
+    checks.domain(rt, share_of(x), "inv_sqrt")
     return wrap(approx.sqrt(rt, share_of(x)))
 
 
 @register(aten.rsqrt)
 def _rsqrt(rt, func, x):
-    return wrap(approx.inv_sqrt(rt, share_of(x)))
+    return wrap(_approx(rt, "inv_sqrt", share_of(x)))
 
 
 @register(aten.reciprocal)
 def _recip(rt, func, x):
-    return wrap(approx.reciprocal(rt, share_of(x)))
+    return wrap(_approx(rt, "reciprocal", share_of(x)))
 
 
 @register(aten.sigmoid)

@@ -17,12 +17,13 @@ from veil.program.common import checked_layout
 from veil.program.encoding import ThermometerEncoding, load_encoding
 from veil.program.ir import normalise
 from veil.program.kinds import CircuitKind, register
-from veil.program.leveled import COST_MS_PER_PRIME, LeveledCircuit, ProgramClient, check_plans
-from veil.program.packing import BatchLayout, DiagonalLayout
-from veil.program.planner import DEFAULT_HEADROOM, NOISE_SLOTS, LayoutPlan
+from veil.program.leveled import LeveledCircuit, ProgramClient, check_plans
+from veil.program.packing import BatchLayout
+from veil.program.planner import COST_MS_PER_PRIME, DEFAULT_HEADROOM, NOISE_SLOTS, LayoutPlan
 from veil.program.products.ir import ProductSum
 from veil.program.products.packing import SlotGeometry, SlotLayout
 from veil.program.products.planner import check_row_plan, plan_product_sum, slot_cost_ms, slot_row_levels
+from veil.program.tiled import TiledLayout
 
 KIND = "product-sum"
 MAX_OUTPUT_SHIFT = 200
@@ -163,7 +164,7 @@ class ProductSumCircuit(LeveledCircuit):
             self._slots = SlotCircuit(self.evaluated, self._row_geometry)
         return self._slots
 
-    def layout(self, name: object) -> BatchLayout | DiagonalLayout | SlotLayout:
+    def layout(self, name: object) -> BatchLayout | TiledLayout | SlotLayout:
         name = checked_layout(name, self.plans)
         if name == "row":
             return SlotLayout(self.plans["row"].params.slot_count, self.n_inputs, self.n_outputs)
@@ -211,8 +212,8 @@ class ProductSumCircuit(LeveledCircuit):
         assert self._row_geometry is not None
         return slot_cost_ms(self.evaluated, self._row_geometry, COST_MS_PER_PRIME, primes) * per
 
-    def _run_row(self, x: Ciphertext, bundle: PublicBundle, packing: Any) -> Ciphertext:
-        return self.slot_circuit().run(x, bundle)
+    def _run_row(self, xs: list[Ciphertext], bundle: PublicBundle, packing: Any) -> Ciphertext:
+        return self.slot_circuit().run(xs[0], bundle)
 
 
 class ProductSumClient(ProgramClient):
@@ -244,7 +245,7 @@ class ProductSumClient(ProgramClient):
             raise WireFormatError("a product sum needs a plan for at least one layout")
         return checked
 
-    def layout(self, name: object) -> BatchLayout | DiagonalLayout | SlotLayout:
+    def layout(self, name: object) -> BatchLayout | TiledLayout | SlotLayout:
         name = checked_layout(name, self.plans)
         if name == "row":
             return SlotLayout(self.plans["row"].params.slot_count, self.n_inputs, self.n_outputs)

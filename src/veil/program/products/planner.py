@@ -35,7 +35,8 @@ def slot_cost_ms(ps: ProductSum, geometry: SlotGeometry, per_prime: dict[str, fl
 
 def check_row_plan(p: LayoutPlan, n_inputs: int, levels: int | None, geometry: SlotGeometry | None) -> None:
     bits = p.params.coeff_modulus_bits
-    if not p.relin or p.relin_last or p.half != next_pow2(n_inputs) or p.half > p.params.slot_count:
+    if not p.relin or p.relin_last or p.half != next_pow2(n_inputs) or p.half > p.params.slot_count \
+            or p.geometry is not None:
         raise WireFormatError("the row plan of a product sum relinearizes every square and repeats the inputs "
                               "with the period next_pow2(n_inputs)")
     if len(p.input_bounds) != n_inputs:

@@ -1,0 +1,408 @@
+"""The row layout of leveled programs: each sample's values tiled in a virtual vector of its own,
+a convolution-aware first stage (client-side windows) and the hybrid diagonal method after it.
+
+Virtual vectors. A ciphertext of S slots holds n = S / V samples interleaved: slot n*t + j holds
+virtual slot t (0 <= t < V) of sample j. A rotation by n*r is then a rotation by r of every
+sample's virtual vector at once, cyclic within it, so samples never mix and no rotation has to
+re-duplicate a block. A virtual vector is *tiled with period p* (a power of two dividing V) when
+virtual slot t holds value number t mod p: rotating it by r rotates its period cyclically.
+
+Stage 0, windows (im2col, as Gazelle and LoLa pack convolutions). Output o of the first Linear reads
+the inputs of its window, the non-zero columns of its weight row (for a convolution: the pixels
+under the kernel at that position, the same for every channel). The client, which knows its own
+input, sends K = (longest window) *views*: view k holds, at virtual slot o, the k-th input of
+output o's window. `stack` views share a ciphertext, each in a block of `period` slots (period >= the
+outputs), so a request holds ceil(K / stack) ciphertexts per group of samples. The server computes
+
+    y = fold( sum_c  ct_c * P_c ),   P_c = at block j, slot o: W[o, window(o)[c * stack + j]]
+
+one plaintext product per ciphertext, no rotation before the fold; the fold (rotate-and-add by
+period * stack / 2, ..., period: log2(stack) rotations) adds the blocks, leaving y tiled with
+`period`. The windows are public: they reveal which inputs feed each first-layer output (for a
+convolution its kernel size, stride, padding and channel count), not the weights. A dense first
+layer is one window holding every input.
+
+Stage l, diagonal (Halevi-Shoup's diagonal method in its hybrid form for rectangular matrices).
+The input x is tiled with period L >= n_in, the weights W' are padded with zero rows and columns
+to R x L (R = rows, a power of two); with d = min(R, L) diagonals
+
+    D_i[t] = W'[t mod R, (t + i) mod L],   y_pre = sum_{i < d} D_i * rot(x, i)
+
+and, when L > R, a fold by L/2, ..., R adds the L/R partial sums: slot t then holds row t mod R
+of W' x, complete, tiled with period R (the next stage's L). In baby-step giant-step form with
+i = g*B + b, the babies rot(x, b) are made by repeated rotations by 1 and the giant steps by Horner:
+
+    y_pre = rot(... rot(inner_{G-1}, B) + inner_{G-2} ..., B) + inner_0,
+    inner_g = sum_b rot(D_{gB+b}, -gB) * rot(x, b)
+
+so a stage costs d plaintext products, B - 1 + G - 1 + log2(L / R) rotations and one rescale, and
+the whole program needs Galois keys for 1, each stage's B and the fold steps only (times n).
+Padded slots hold exact zeros (zero weights and biases; the constant of an activation is added
+to real slots only), so every slot's value obeys the planner's bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from veil.errors import ShapeError, WireFormatError
+from veil.he.wire import strict_int
+from veil.program.ir import MAX_DIM, Linear, Op
+from veil.program.packing import next_pow2
+
+MAX_VIEW_CTS = 256
+"""Most ciphertexts per sample group in a windows stage (a request stays a bounded size)."""
+MAX_WINDOW_ENTRIES = 1 << 21
+"""Most input indices in the windows of a plan (what a client parses and packs by)."""
+MAX_ROW_WORDS = 1 << 27
+"""Largest set of encoded row-layout plaintexts (plaintexts x N x primes at their level, 8-byte
+words: 1 GiB): beyond it a program has no row plan, and a forged plan claiming one is refused at load
+instead of allocating it on its first request."""
+
+
+def _pow2(value: int, what: str, lo: int, hi: int) -> int:
+    if not lo <= value <= hi or value & (value - 1):
+        raise WireFormatError(f"{what} must be a power of two in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _log2(value: int) -> int:
+    return value.bit_length() - 1
+
+
+def fold_steps(period: int, width: int) -> tuple[int, ...]:
+    """Rotate-and-add steps width/2, ..., period that sum `width // period` blocks of `period`."""
+    steps = []
+    step = width // 2
+    while step >= period:
+        steps.append(step)
+        step //= 2
+    return tuple(steps)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Stage 0 by client-side windows (module docstring): distinct `windows` (input indices each),
+    `window_of[o]` the window of output o, `stack` views per ciphertext in blocks of `period`."""
+
+    windows: tuple[tuple[int, ...], ...]
+    window_of: tuple[int, ...]
+    period: int
+    stack: int
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.window_of)
+
+    @property
+    def n_views(self) -> int:
+        return max(len(w) for w in self.windows)
+
+    @property
+    def n_cts(self) -> int:
+        """Ciphertexts per group of samples."""
+        return -(-self.n_views // self.stack)
+
+    @property
+    def fold(self) -> tuple[int, ...]:
+        return fold_steps(self.period, self.period * self.stack)
+
+    def index_table(self, fill: int) -> np.ndarray:
+        """(n_cts, stack * period) input index of every virtual slot of every view ciphertext
+        (`fill` where a view is empty or the slot is padding)."""
+        table = np.full((self.n_cts * self.stack, self.period), fill, dtype=np.int64)
+        for o, w in enumerate(self.window_of):
+            cols = self.windows[w]
+            table[:len(cols), o] = cols
+        return table.reshape(self.n_cts, self.stack * self.period)
+
+    def to_dict(self) -> dict:
+        return {"windows": [list(w) for w in self.windows], "window_of": list(self.window_of),
+                "period": self.period, "stack": self.stack}
+
+    @classmethod
+    def from_dict(cls, d: object, virtual: int) -> Windows:
+        if not isinstance(d, dict) or set(d) != {"windows", "window_of", "period", "stack"}:
+            raise WireFormatError("a windows stage is an object with windows, window_of, period and stack")
+        raw, of = d["windows"], d["window_of"]
+        if not isinstance(raw, list) or not isinstance(of, list) or not raw or not of:
+            raise WireFormatError("windows and window_of must be non-empty lists")
+        if len(raw) > MAX_DIM or len(of) > MAX_DIM or not all(isinstance(w, list) and w for w in raw) \
+                or sum(len(w) for w in raw) > MAX_WINDOW_ENTRIES:
+            raise WireFormatError(f"windows must be at most {MAX_DIM} non-empty lists of at most "
+                                  f"{MAX_WINDOW_ENTRIES} input indices in all")
+        windows = tuple(tuple(strict_int(i, "window input", 0, MAX_DIM - 1) for i in w) for w in raw)
+        if any(len(set(w)) != len(w) for w in windows):
+            raise WireFormatError("a window lists an input twice (it would be counted twice)")
+        window_of = tuple(strict_int(w, "window of an output", 0, len(windows) - 1) for w in of)
+        period = _pow2(strict_int(d["period"], "windows period", 1, virtual), "windows period", 1, virtual)
+        stack = _pow2(strict_int(d["stack"], "windows stack", 1, virtual), "windows stack", 1, virtual)
+        g = cls(windows, window_of, period, stack)
+        if period < g.n_outputs or period * stack > virtual or g.n_cts > MAX_VIEW_CTS:
+            raise WireFormatError(f"windows of {g.n_outputs} outputs in blocks of {period} x {stack} do not fit "
+                                  f"{virtual} virtual slots in at most {MAX_VIEW_CTS} ciphertexts")
+        return g
+
+
+@dataclass(frozen=True)
+class Diagonal:
+    """A Linear stage by the hybrid diagonal method (module docstring): input tiled with period
+    `period_in`, `rows` output rows (padded), `baby` baby steps."""
+
+    period_in: int
+    rows: int
+    baby: int
+
+    @property
+    def n_diagonals(self) -> int:
+        return min(self.rows, self.period_in)
+
+    @property
+    def giant(self) -> int:
+        return self.n_diagonals // self.baby
+
+    @property
+    def fold(self) -> tuple[int, ...]:
+        return fold_steps(self.rows, self.period_in)
+
+    @property
+    def n_rotations(self) -> int:
+        return self.baby - 1 + self.giant - 1 + len(self.fold)
+
+    def plaintext_vectors(self, W: np.ndarray) -> list[list[np.ndarray]]:
+        """Per giant step g, per baby step b: rot(D_{gB+b}, -gB) over one period max(rows, L)."""
+        R, L, B = self.rows, self.period_in, self.baby
+        span = max(R, L)
+        Wp = np.zeros((R, L))
+        Wp[:W.shape[0], :W.shape[1]] = W
+        t = np.arange(span)
+        out = []
+        for g in range(self.giant):
+            group = []
+            for b in range(B):
+                i = g * B + b
+                diag = Wp[t % R, (t + i) % L]
+                group.append(np.roll(diag, g * B))  # rot(v, -gB)[t] = v[t - gB]
+            out.append(group)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"period_in": self.period_in, "rows": self.rows, "baby": self.baby}
+
+    @classmethod
+    def from_dict(cls, d: object, virtual: int) -> Diagonal:
+        if not isinstance(d, dict) or set(d) != {"period_in", "rows", "baby"}:
+            raise WireFormatError("a diagonal stage is an object with period_in, rows and baby")
+        period_in, rows, baby = (_pow2(strict_int(d[k], k, 1, virtual), k, 1, virtual)
+                                 for k in ("period_in", "rows", "baby"))
+        if baby > min(rows, period_in):
+            raise WireFormatError(f"{baby} baby steps exceed the {min(rows, period_in)} diagonals of the stage")
+        return cls(period_in, rows, baby)
+
+
+@dataclass(frozen=True)
+class TiledGeometry:
+    """Where a leveled program's values sit in the row layout (module docstring): `virtual` slots
+    per sample out of `slots`, the first stage by `windows` (or by the diagonal method), then one
+    `Diagonal` per later Linear stage."""
+
+    slots: int
+    virtual: int
+    windows: Windows | None
+    diagonals: tuple[Diagonal, ...]
+
+    @property
+    def samples_per_ct(self) -> int:
+        return self.slots // self.virtual
+
+    @property
+    def cts_per_group(self) -> int:
+        return self.windows.n_cts if self.windows is not None else 1
+
+    @property
+    def input_period(self) -> int:
+        """Period of the input vectors a client encrypts (windows: the stacked blocks)."""
+        if self.windows is not None:
+            return self.windows.period * self.windows.stack
+        return self.diagonals[0].period_in
+
+    @property
+    def n_linear(self) -> int:
+        return len(self.diagonals) + (self.windows is not None)
+
+    @property
+    def rotation_steps(self) -> tuple[int, ...]:
+        """Galois steps of the whole program (virtual steps times the interleaving)."""
+        steps: set[int] = set(self.windows.fold) if self.windows is not None else set()
+        for d in self.diagonals:
+            steps.update(d.fold)
+            if d.baby > 1:
+                steps.add(1)
+            if d.giant > 1:
+                steps.add(d.baby)
+        n = self.samples_per_ct
+        return tuple(sorted(n * s for s in steps))
+
+    def op_counts(self) -> list[dict[str, int]]:
+        """Per Linear stage: plaintext products and rotations (all-zero diagonals included: an
+        upper bound; the backend skips them); the windows stage also counts its ciphertexts."""
+        out = []
+        if self.windows is not None:
+            w = self.windows
+            out.append({"input_cts": w.n_cts, "mul_plain": w.n_cts, "rotations": len(w.fold)})
+        for d in self.diagonals:
+            out.append({"input_cts": 0, "mul_plain": d.n_diagonals, "rotations": d.n_rotations})
+        if self.windows is None:
+            out[0]["input_cts"] = 1
+        return out
+
+    def check(self, n_inputs: int, n_outputs: int, stages: list[Op] | None = None) -> None:
+        """The consistency both sides check at load: periods chain from stage to stage and hold
+        every stage's width, windows index real inputs; with `stages` (the server), the windows
+        cover every non-zero weight of the first Linear exactly once and every width matches."""
+        chain = ([] if self.windows is None else [self.windows.period]) + [d.rows for d in self.diagonals]
+        ins = [d.period_in for d in self.diagonals]
+        if self.windows is None and ins[0] < n_inputs:
+            raise WireFormatError(f"the row plan's input period {ins[0]} cannot hold {n_inputs} inputs")
+        if ins[1 if self.windows is None else 0:] != chain[:len(chain) - 1]:
+            raise WireFormatError("each stage of the row plan must read its input with the period the stage "
+                                  "before leaves")
+        if chain[-1] < n_outputs:
+            raise WireFormatError(f"the row plan's last period {chain[-1]} cannot hold {n_outputs} outputs")
+        if self.windows is not None and max(max(w) for w in self.windows.windows) >= n_inputs:
+            raise WireFormatError(f"a window reads an input beyond the {n_inputs} the program takes")
+        if stages is None:
+            return
+        linears = [op for op in stages if isinstance(op, Linear)]
+        if len(linears) != self.n_linear:
+            raise WireFormatError(f"the row plan has {self.n_linear} linear stages, the program {len(linears)}")
+        first = linears[0]
+        if self.windows is not None:
+            if self.windows.n_outputs != first.n_out:
+                raise WireFormatError("the row plan's windows do not match the first stage's outputs")
+            covered = np.zeros(first.weight.shape, dtype=bool)
+            for o, w in enumerate(self.windows.window_of):
+                covered[o, list(self.windows.windows[w])] = True
+            if np.any((first.weight != 0) & ~covered):
+                raise WireFormatError("the row plan's windows miss weights of the first stage")
+        for d, op in zip(self.diagonals, linears[self.windows is not None:], strict=True):
+            if d.rows < op.n_out or d.period_in < op.n_in:
+                raise WireFormatError(f"a {op.n_out} x {op.n_in} stage does not fit blocks of {d.rows} x {d.period_in}")
+
+    def to_dict(self) -> dict:
+        return {"virtual": self.virtual, "windows": None if self.windows is None else self.windows.to_dict(),
+                "diagonals": [d.to_dict() for d in self.diagonals]}
+
+    @classmethod
+    def from_dict(cls, d: object, slots: int) -> TiledGeometry:
+        """Parse untrusted JSON strictly: bounded sizes, powers of two, periods within the virtual
+        vector (the checks against a program's widths are `check`)."""
+        if not isinstance(d, dict) or set(d) != {"virtual", "windows", "diagonals"}:
+            raise WireFormatError("a row geometry is an object with virtual, windows and diagonals")
+        virtual = _pow2(strict_int(d["virtual"], "virtual slots", 1, slots), "virtual slots", 1, slots)
+        windows = None if d["windows"] is None else Windows.from_dict(d["windows"], virtual)
+        raw = d["diagonals"]
+        if not isinstance(raw, list) or len(raw) > MAX_DIM or (windows is None and not raw):
+            raise WireFormatError("diagonals must be a list of stages (at least one without windows)")
+        diagonals = tuple(Diagonal.from_dict(x, virtual) for x in raw)
+        return cls(slots, virtual, windows, diagonals)
+
+
+def windows_of(W: np.ndarray) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """Distinct windows (non-zero columns of each row, in order) and the window of each row."""
+    index: dict[tuple[int, ...], int] = {}
+    of = []
+    for row in W:
+        cols = tuple(int(c) for c in np.flatnonzero(row)) or (0,)
+        of.append(index.setdefault(cols, len(index)))
+    return tuple(index), tuple(of)
+
+
+def build(stages: list[Op], n_inputs: int, slots: int, first: str) -> TiledGeometry:
+    """The geometry of `stages` on `slots` slots with the first stage by windows (`first="windows"`)
+    or by the diagonal method: periods the next power of two of each width, as many views per
+    ciphertext as are useful, and the smallest virtual vector that holds them (most samples per
+    ciphertext). ShapeError when the ring is too small."""
+    linears = [op for op in stages if isinstance(op, Linear)]
+    windows = None
+    if first == "windows":
+        ws, of = windows_of(linears[0].weight)
+        period = next_pow2(linears[0].n_out)
+        views = next_pow2(max(len(w) for w in ws))
+        stack = max(1, min(views, slots // period))
+        windows = Windows(ws, of, period, stack)
+        periods, rest = [period], linears[1:]
+        if sum(len(w) for w in ws) > MAX_WINDOW_ENTRIES or windows.n_cts > MAX_VIEW_CTS:
+            raise ShapeError("the first stage's windows are too large for the row layout")
+    else:
+        periods, rest = [next_pow2(n_inputs)], linears
+    diagonals = []
+    for op in rest:
+        rows = next_pow2(op.n_out)
+        d = min(rows, periods[-1])
+        diagonals.append(Diagonal(periods[-1], rows, 1 << math.ceil(_log2(d) / 2)))
+        periods.append(rows)
+    need = max(periods + ([windows.period * windows.stack] if windows is not None else []))
+    if need > slots:
+        raise ShapeError(f"the row layout needs {need} slots per sample, the ring has {slots}: use the batch layout")
+    return TiledGeometry(slots, need, windows, tuple(diagonals))
+
+
+def plaintext_words(geometry: TiledGeometry, primes_top: int, degree: int) -> int:
+    """Words of the plaintexts the server encodes: Linear stage l of a normalised program (stage
+    2l, the stages alternating with Polys) sits at primes_top - 2l primes."""
+    words = 0
+    for level, ops in enumerate(geometry.op_counts()):
+        words += ops["mul_plain"] * degree * max(1, primes_top - 2 * level)
+    return words
+
+
+@dataclass(frozen=True)
+class TiledLayout:
+    """The client's packing of the row layout: per group of `samples_per_ct` samples, the view
+    ciphertexts of the windows stage (or one ciphertext of the input tiled with its period);
+    outputs at virtual slots 0..n_outputs-1 of each sample."""
+
+    slots: int
+    n_features: int
+    n_outputs: int
+    geometry: TiledGeometry
+    name: str = "row"
+
+    @property
+    def samples_per_ct(self) -> int:
+        return self.geometry.samples_per_ct
+
+    def n_output_cts(self, n_samples: int) -> int:
+        return -(-n_samples // self.samples_per_ct)
+
+    def n_input_cts(self, n_samples: int) -> int:
+        return self.n_output_cts(n_samples) * self.geometry.cts_per_group
+
+    def spread(self, virtual: np.ndarray) -> np.ndarray:
+        """Virtual vectors (..., samples_per_ct, V) to slot vectors (..., slots), interleaved."""
+        return np.swapaxes(virtual, -1, -2).reshape(*virtual.shape[:-2], self.slots)
+
+    def pack(self, X: np.ndarray) -> list[np.ndarray]:
+        """Slot vectors in order (group of samples, view ciphertext)."""
+        g, n, V = self.geometry, len(X), self.geometry.virtual
+        spc, groups = self.samples_per_ct, self.n_output_cts(n)
+        padded = np.zeros((groups * spc, self.n_features + 1))
+        padded[:n, :self.n_features] = X
+        if g.windows is not None:
+            virt = padded[:, g.windows.index_table(self.n_features)]  # (samples, cts, period * stack)
+        else:
+            virt = np.zeros((groups * spc, 1, g.input_period))
+            virt[:, 0, :self.n_features] = padded[:, :self.n_features]
+        virt = np.tile(virt, (1, 1, V // virt.shape[-1]))
+        per_group = virt.reshape(groups, spc, g.cts_per_group, V).transpose(0, 2, 1, 3)
+        return list(self.spread(per_group).reshape(-1, self.slots))
+
+    def unpack(self, vectors: list[np.ndarray], n_samples: int) -> np.ndarray:
+        """Outputs (n_samples, n_outputs) from decrypted vectors in group order."""
+        spc = self.samples_per_ct
+        stacked = np.real(np.asarray(vectors)).reshape(-1, self.geometry.virtual, spc)
+        return np.swapaxes(stacked, 1, 2).reshape(-1, self.geometry.virtual)[:n_samples, :self.n_outputs]
