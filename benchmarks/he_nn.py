@@ -300,6 +300,100 @@ def mnist_row_latency(runs: int = 10, n_train: int = 4000) -> dict[str, Any]:
     return out
 
 
+def cryptonets_bounds(model: Any, X: np.ndarray, workers: int, sample_rows: int = 4) -> dict:
+    """Both bounds of a batch-layout network and veil's end to end, measured in the same run.
+
+    * `per_weight`: the client's encryptions (and serialization) of one batch plus every Linear
+      stage as SEAL calls composed per weight: one multiply_plain and one add_inplace per non-zero
+      weight (plaintexts encoded beforehand, untimed) and one add_plain per row, on the very
+      ciphertexts veil's server sees at that stage, timed on `sample_rows` output rows per stage
+      and scaled to all rows;
+    * `arithmetic`: the same encryptions plus the matrix products over RNS coefficients that
+      `veil.he.linear.WeightedSum` computes for each stage (`limb_products`, timed on random limbs
+      of the same shapes): the arithmetic limit of the kernel;
+    * `veil`: end to end through predict's executor with `workers` processes, and one batch's
+      phases in process.
+
+    Bounds are single-core seconds per batch; `*_images_per_s` divide the images by the seconds
+    of all batches, and `*_images_per_s_2cores` assume the work splits perfectly over two cores."""
+    X = X.reshape(len(X), -1)
+    client, server, bundle = session(model, X, "batch")
+    slots = client.params["batch"].slot_count
+    n_batches = -(-len(X) // slots)
+    t = time.perf_counter()
+    request = client.encrypt(X[:slots], "batch")
+    encrypt_s = time.perf_counter() - t
+    stages: list[dict] = []
+    linear_batch = server._linear_batch
+
+    def measured(stage: int, op: Any, xs: list, relin: Any, rescales: int) -> list:
+        first = xs[0]
+        ctx, q = first.context, float(first.next_prime())
+        kernel = server._weighted_sum(stage, ctx, first.level, q)
+        t = time.perf_counter()
+        out = linear_batch(stage, op, xs, relin, rescales)
+        veil_s = time.perf_counter() - t
+        stages.append({"stage": stage, "n_in": op.n_in, "n_out": op.n_out, "nonzero": int(np.count_nonzero(op.weight)),
+                       "components": first.size, "primes": len(kernel.primes), "sparse": bool(kernel.sparse),
+                       "per_weight_s": _per_weight_seal(ctx, op, xs, q, sample_rows),
+                       "products_s": _limb_products_s(kernel, first.size, ctx.params.poly_modulus_degree),
+                       "veil_stage_s": veil_s})
+        return out
+
+    server._linear_batch = measured
+    t = time.perf_counter()
+    response = server.run(request, bundle)
+    server_s = time.perf_counter() - t
+    server._linear_batch = linear_batch
+    client.decrypt(response)
+    per_weight_s = encrypt_s + sum(st["per_weight_s"] for st in stages)
+    arithmetic_s = encrypt_s + sum(st["products_s"] for st in stages)
+    veil = throughput(model, X, workers, warm=False)
+    rate = {name: len(X) / (n_batches * sec) for name, sec in (("per_weight", per_weight_s),
+                                                                ("arithmetic", arithmetic_s))}
+    return {"n": len(X), "batches": n_batches, "params": client.params["batch"].to_dict(),
+            "scale_bits": model.circuit_.plans["batch"].scale_bits, "encrypt_serialize_s": encrypt_s,
+            "server_s_instrumented": server_s, "stages": stages,
+            "per_weight_s": per_weight_s, "arithmetic_s": arithmetic_s,
+            "per_weight_images_per_s": rate["per_weight"], "arithmetic_images_per_s": rate["arithmetic"],
+            "per_weight_images_per_s_2cores": 2 * rate["per_weight"],
+            "arithmetic_images_per_s_2cores": 2 * rate["arithmetic"],
+            "veil": veil, "veil_one_batch": one_batch(model, X[:slots]),
+            "veil_fraction_of_arithmetic_2cores": veil["samples_per_s"] / (2 * rate["arithmetic"])}
+
+
+def _per_weight_seal(ctx: Any, op: Any, xs: list, q: float, rows: int) -> float:
+    """Seconds of one multiply_plain and add_inplace per non-zero weight and an add_plain per row,
+    measured on `rows` evenly spaced rows and scaled to all of them."""
+    ev, pid, scale = ctx.evaluator, xs[0].data.parms_id(), xs[0].scale
+    picked = np.unique(np.linspace(0, op.n_out - 1, min(rows, op.n_out)).astype(int))
+    elapsed = 0.0
+    for j in picked:
+        nz = [int(i) for i in np.flatnonzero(op.weight[j]) if not ctx.encode(float(op.weight[j, i]), q).is_zero()]
+        plains = [ctx.encode_at(float(op.weight[j, i]), q, pid) for i in nz]
+        bias = ctx.encode_at(float(op.bias[j]), scale * q, pid)
+        t = time.perf_counter()
+        acc = ev.multiply_plain(xs[nz[0]].data, plains[0])
+        for i, plain in zip(nz[1:], plains[1:], strict=True):
+            ev.add_inplace(acc, ev.multiply_plain(xs[i].data, plain))
+        ev.add_plain_inplace(acc, bias)
+        elapsed += time.perf_counter() - t
+    return elapsed * op.n_out / len(picked)
+
+
+def _limb_products_s(kernel: Any, size: int, n: int) -> float:
+    """Seconds of the kernel's matrix products alone, on random limbs of their shapes."""
+    rng = np.random.default_rng(0)
+    elapsed, inputs = 0.0, {}
+    for limb, shape in kernel.limb_products(size, n):
+        if shape not in inputs:
+            inputs[shape] = np.floor(rng.random(shape) * 2.0**16)
+        t = time.perf_counter()
+        limb @ inputs[shape]
+        elapsed += time.perf_counter() - t
+    return elapsed
+
+
 def plot(results: dict, path: Path) -> None:
     fig = Figure(figsize=(12, 5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -331,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS), help="models to measure")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--mnist-row", action="store_true", help="only the MNIST single-image row-layout latency")
+    parser.add_argument("--cryptonets", type=int, default=0, metavar="N",
+                        help="also measure CryptoNets on N MNIST images: both bounds and veil (cryptonets_bounds)")
     args = parser.parse_args(argv)
     if args.mnist_row:
         row = mnist_row_latency(3 if args.quick else 10)
@@ -388,6 +484,15 @@ def main(argv: list[str] | None = None) -> int:
             "mlp_parallel_speedup": best["mlp_64_32_10"] / m["mlp_64_32_10"]["throughput"][0]["samples_per_s"],
         }
     results["targets"] = targets(m, best)
+    if args.cryptonets:
+        from mnist_nets import compiled_cryptonets
+
+        compiled, X_test, _, plain_accuracy = compiled_cryptonets()
+        images = np.concatenate([X_test] * -(-args.cryptonets // len(X_test)))[:args.cryptonets]
+        results["cryptonets"] = {"plain_accuracy": plain_accuracy,
+                                 **cryptonets_bounds(compiled, images, args.workers)}
+        print(json.dumps({k: v for k, v in results["cryptonets"].items() if k.endswith("_per_s")
+                          or k.startswith("veil_fraction")}), flush=True)
     results["load_after"] = load_average()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -169,3 +169,24 @@ def test_malformed_artefacts_are_refused(compiled):
         load_server(dict(d, kind="tree"))
     with pytest.raises(WireFormatError):
         load_client([spec])
+
+
+def test_batch_layout_relinearizes_after_the_linear_and_needs_a_smaller_special_prime():
+    """Two squares (the second deferred, like the first, to the Linear after it): the batch
+    layout relinearizes the Linear's outputs once, at product scale, so its special prime is the
+    scale's size; the row layout rotates at scale 2^s and keeps one as large as the first prime.
+    The answer matches the plaintext program and is relinearized (2 components) exactly when the
+    plan relinearizes the last square."""
+    rng = np.random.default_rng(11)
+    prog = _program(rng, (6, 8, 5, 3), ((0.0, 0.0, 1.0), (0.1, 0.3, -0.5)))
+    X = rng.normal(size=(60, 6))
+    server, client = _compiled(prog, X)
+    batch, row = server.plans["batch"], server.plans["row"]
+    assert batch.params.coeff_modulus_bits[-1] == batch.scale_bits < batch.params.coeff_modulus_bits[0]
+    assert row.params.coeff_modulus_bits[-1] == max(row.params.coeff_modulus_bits[0], row.scale_bits)
+    assert [i for i in range(len(server.stages)) if server.deferred(i)] == [1, 3]
+    response = server.run(client.encrypt(X, "batch"), client.public_bundle("batch"))
+    _, cts = client.keys("batch").context.unpack(response, max_size=3)
+    assert {ct.size() for ct in cts} == {2 if batch.relin_last else 3}
+    ref = prog.evaluate(X)
+    np.testing.assert_allclose(client.decrypt(response), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -46,6 +46,10 @@ class HEContext:
         """The last prime of the modulus at `level`: the one a rescale from there divides by."""
         return self._by_level[level].parms().coeff_modulus()[-1].value()
 
+    def primes_at(self, level: int) -> list[int]:
+        """The primes of the modulus at `level`, in SEAL's order (the last is the next rescale's)."""
+        return [m.value() for m in self._by_level[level].parms().coeff_modulus()]
+
     def modulus_bits_at(self, level: int) -> int:
         return self._by_level[level].total_coeff_modulus_bit_count()
 

@@ -6,7 +6,11 @@ and weights plus Gaussian noise of the CKKS magnitude, no encryption) and `evalu
 
 Batch layout (samples in slots, one ciphertext per feature, no rotations): a Linear stage is, per
 output, a sum of ciphertexts times scalar plaintexts encoded at the prime the rescale divides by,
-so the scale is unchanged by the stage; a Poly stage is s t^2 + c1 t + c0 per ciphertext.
+computed for all outputs at once as a matrix product over the ciphertexts' RNS coefficients
+(`veil.he.linear.WeightedSum`, bit-identical to SEAL's multiply_plain and add_inplace per weight);
+a Poly stage is s t^2 + c1 t + c0 per ciphertext. A Poly followed by such a Linear is left at
+scale 2^(2s), unrelinearized and unrescaled; the Linear relinearizes its (fewer) outputs once and
+rescales them twice, so each pair still costs two levels and the scale returns to about 2^s.
 
 Row layout (`veil.program.tiled`: each sample's values tiled in a virtual vector of its own): the
 first Linear stage is one plaintext product per ciphertext of client-side windows (im2col) and a
@@ -28,6 +32,7 @@ import seal
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
 from veil.he.ciphertext import Ciphertext, add_many, aligned
+from veil.he.linear import SPARSE_DENSITY, WeightedSum, seal_round
 from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.encoding import ThermometerEncoding, load_encoding
 from veil.program.ir import Linear, Op, Poly, Program, is_exact
@@ -206,6 +211,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
         self.plans = self._check_plans(plans)
         self._contexts: dict[str, HEContext] = {}
         self._row_plain: dict[tuple, Any] = {}
+        self._kernels: dict[tuple[int, int], WeightedSum] = {}
 
     def _check_plans(self, plans: dict[str, LayoutPlan]) -> dict[str, LayoutPlan]:
         return check_plans(plans, self.n_inputs, len(self.stages), self.stages, non_negative=self.encoding is not None)
@@ -276,23 +282,36 @@ class LeveledCircuit(LeveledKind, ServerBase):
             return row_cost_ms(self.stages, plan.geometry, plan.params, relin)
         per = plan.params.poly_modulus_degree / 8192
         top = len(plan.params.coeff_modulus_bits) - 1
-        cost = COST_MS_PER_PRIME["encrypt"] * top * self.n_inputs
-        width, used = self.n_inputs, 0
-        for i, (op, costs) in enumerate(zip(self.stages, stage_levels(self.stages, layout), strict=True)):
-            primes = top - used
-            used += int(costs)
-            if isinstance(op, Linear):
-                if not costs:
-                    ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["add"]
-                else:
-                    ops = np.count_nonzero(op.weight) * COST_MS_PER_PRIME["mul_add"]
-                    ops += op.n_out * COST_MS_PER_PRIME["rescale"]
+        return self._batch_cost_ms(plan, top) * per
+
+    def _batch_cost_ms(self, plan: LayoutPlan, top: int) -> float:
+        """One batch as `_run_batch` evaluates it: a square followed by a Linear is neither
+        relinearized nor rescaled, and the Linear's outputs (3 components) are relinearized once
+        and rescaled twice."""
+        c = COST_MS_PER_PRIME
+        cost = c["encrypt"] * top * self.n_inputs
+        width, primes, pending = self.n_inputs, top, None
+        for i, op in enumerate(self.stages):
+            if is_exact(op):
+                cost += np.count_nonzero(op.weight) * c["add"] * primes
                 width = op.n_out
+            elif isinstance(op, Linear):
+                nnz = np.count_nonzero(op.weight)
+                per_weight = c["weighted_sum_sparse"] if nnz < SPARSE_DENSITY * op.weight.size else c["weighted_sum"]
+                comps = 1.5 if pending is not None else 1.0
+                relin = c["rotate"] if pending is not None and plan.relinearize_at(pending, self.stages) else 0.0
+                rescales = 2 if pending is not None else 1
+                cost += (nnz * per_weight * comps + op.n_out * (relin + rescales * c["rescale"])) * primes
+                primes -= rescales
+                width, pending = op.n_out, None
+            elif self.deferred(i):
+                cost += width * c["square"] * primes
+                pending = i
             else:
-                relin = COST_MS_PER_PRIME["rotate"] if plan.relinearize_at(i, self.stages) else 0.0
-                ops = (COST_MS_PER_PRIME["square"] + relin + COST_MS_PER_PRIME["rescale"]) * width
-            cost += ops * primes
-        return cost * per
+                relin = c["rotate"] if plan.relinearize_at(i, self.stages) else 0.0
+                cost += width * (c["square"] + relin + c["rescale"]) * primes
+                primes -= 1
+        return cost
 
     # plaintext and simulation backends -----------------------------------------------------
     def evaluate(self, X: np.ndarray) -> np.ndarray:
@@ -350,14 +369,16 @@ class LeveledCircuit(LeveledKind, ServerBase):
         return ctx.pack([c.data for c in out], {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
 
     def _poly(self, z: Ciphertext, coeffs: tuple[float, float, float], relin: bool, bundle: PublicBundle,
-              c0_plain: Callable[[float], seal.Plaintext] | None = None) -> Ciphertext:
-        """s z^2 + c1 z + c0 with s = +-1, rescaled, or z itself for a carried element (0, 1, 0):
-        the product by 1 at the ciphertext's scale keeps it at the squares' level and scale.
-        `c0_plain(scale)`, when given, is the constant as an encoded plaintext at that scale (the
-        row layout adds it to real slots only)."""
+              c0_plain: Callable[[float], seal.Plaintext] | None = None, rescale: bool = True) -> Ciphertext:
+        """s z^2 + c1 z + c0 with s = +-1, rescaled unless `rescale` is false (a square the next
+        Linear relinearizes and rescales), or z itself for a carried element (0, 1, 0): the product
+        by 1 at the ciphertext's scale keeps it at the squares' level and scale. `c0_plain(scale)`,
+        when given, is the constant as an encoded plaintext at that scale (the row layout adds it
+        to real slots only)."""
         c0, c1, sign = coeffs
         if coeffs == CARRIED:
-            return z.mul_plain_(1.0, z.scale).rescale_()
+            carried = z.mul_plain_(1.0, z.scale)
+            return carried.rescale_() if rescale else carried
         t = z.square()
         if relin:
             t.relinearize_(bundle.relin_keys)
@@ -369,45 +390,71 @@ class LeveledCircuit(LeveledKind, ServerBase):
             t.context.evaluator.add_plain_inplace(t.data, c0_plain(t.scale))
         elif c0 != 0.0:
             t.add_(c0)
-        return t.rescale_()
+        return t.rescale_() if rescale else t
 
     def _run_batch(self, xs: list[Ciphertext], bundle: PublicBundle) -> list[Ciphertext]:
+        """The stages on one batch. A Poly followed by a (non-exact) Linear is left at the product
+        scale, unrelinearized and unrescaled: the Linear then takes the squares as they are, and its
+        outputs (usually far fewer) are relinearized once, at the scale of the products (where key
+        switching adds the least noise), and rescaled twice. A Poly elsewhere (last, or before an
+        exact Linear) is relinearized and rescaled at once."""
+        plan = self.plans["batch"]
+        pending: int | None = None
         for i, op in enumerate(self.stages):
             if is_exact(op):
                 xs = self._linear_exact(op, xs)
             elif isinstance(op, Linear):
-                xs = self._linear_batch(op, xs)
+                relin = pending is not None and plan.relinearize_at(pending, self.stages)
+                xs = self._linear_batch(i, op, xs, bundle if relin else None, 2 if pending is not None else 1)
+                pending = None
+            elif self.deferred(i):
+                xs = [self._poly(z, op.coeffs, False, bundle, rescale=False) for z in xs]
+                pending = i
             else:
-                relin = self.plans["batch"].relinearize_at(i, self.stages)
+                relin = plan.relinearize_at(i, self.stages)
                 xs = [self._poly(z, op.element(j), relin, bundle) for j, z in enumerate(xs)]
         return xs
 
-    @staticmethod
-    def _linear_batch(op: Linear, xs: list[Ciphertext]) -> list[Ciphertext]:
-        """y_j = sum_i w_ji x_i + b_j, weights encoded at the prime the rescale removes. The hot
-        loop calls SEAL directly (one product and one in-place sum per non-zero weight): the
-        operands are aligned by construction, having been checked as one level and one scale."""
+    def deferred(self, stage: int) -> bool:
+        """Whether the batch layout leaves the Poly `stage` unrelinearized and unrescaled for the
+        Linear after it (any Linear that costs a level). A per-element polynomial is not deferred:
+        its carried elements stay 2-component ciphertexts, and one weighted sum takes ciphertexts
+        of one size only."""
+        nxt = self.stages[stage + 1] if stage + 1 < len(self.stages) else None
+        return isinstance(nxt, Linear) and not is_exact(nxt) and self.stages[stage].is_uniform
+
+    def _linear_batch(self, stage: int, op: Linear, xs: list[Ciphertext], relin: PublicBundle | None,
+                      rescales: int) -> list[Ciphertext]:
+        """y_j = sum_i w_ji x_i + b_j, weights encoded at the prime the first rescale removes, as
+        one `WeightedSum` over the ciphertexts' RNS coefficients (bit-identical to a multiply_plain
+        and an add_inplace per non-zero weight); then relinearized with `relin`'s keys (when given)
+        and rescaled `rescales` times."""
         first = aligned(xs, "combine")
-        ctx, q = first.context, float(first.next_prime())
-        ev, pid, scale = ctx.evaluator, first.data.parms_id(), first.scale
-        datas = [x.data for x in xs]
+        ctx, level = first.context, first.level
+        kernel = self._weighted_sum(stage, ctx, level, float(first.next_prime()))
         out = []
-        for w_row, b in zip(op.weight, op.bias, strict=True):
-            nz = np.flatnonzero(np.round(w_row * q))
-            # an all-zero row keeps one unit weight (1/q): SEAL refuses key-independent results
-            pairs = [(int(j), float(w_row[j])) for j in nz] or [(0, 1.0 / q)]
-            acc = None
-            for j, w in pairs:
-                term = ev.multiply_plain(datas[j], ctx.encode_at(w, q, pid))
-                if acc is None:
-                    acc = term
-                else:
-                    ev.add_inplace(acc, term)
-            if b != 0.0:
-                ev.add_plain_inplace(acc, ctx.encode_at(float(b), scale * q, pid))
-            ev.rescale_to_next_inplace(acc)
-            out.append(Ciphertext(ctx, acc))
+        for ct in kernel([x.data for x in xs]):
+            y = Ciphertext(ctx, ct)
+            if relin is not None:
+                y.relinearize_(relin.relin_keys)
+            for _ in range(rescales):
+                y.rescale_()
+            out.append(y)
         return out
+
+    def _weighted_sum(self, stage: int, ctx: HEContext, level: int, q: float) -> WeightedSum:
+        """The kernel of a Linear stage at `level` (cached: it depends on the weights and the level
+        only). A row whose weights all round to zero at scale q keeps one unit weight (1/q on the
+        first input), far below CKKS noise: SEAL refuses key-independent results."""
+        key = (stage, level)
+        if key not in self._kernels:
+            op = self.stages[stage]
+            assert isinstance(op, Linear)
+            W = op.weight.copy()
+            empty = ~seal_round(W * q).any(axis=1)
+            W[empty, 0] = 1.0 / q
+            self._kernels[key] = WeightedSum(ctx, W, op.bias, q, level)
+        return self._kernels[key]
 
     @staticmethod
     def _linear_exact(op: Linear, xs: list[Ciphertext]) -> list[Ciphertext]:

@@ -23,11 +23,16 @@ Steps:
    level's primes holding s + bits(output bound) + 2 bits (one first prime when that fits
    MAX_PRIME_BITS, else a first prime and s-bit levels that are never rescaled away,
    `output_primes`), D primes of s bits consumed by the rescales, and a special prime for key
-   switching (as large as the largest data prime when rotations or relinearization are used:
-   key-switching noise scales with their ratio). The smallest ring degree whose 128-bit bound
-   (SEAL's table) holds the chain is chosen, with the largest scale that fits (a single output
-   prime first, as it costs no extra prime); beyond N=32768, a `PrecisionError` says what to
-   change.
+   switching. Key-switching noise scales with the ratio of the largest data prime to the special
+   prime and is divided by the scale the ciphertext holds when it is switched: rotations (row
+   layout) switch at scale 2^s, so their special prime is as large as the largest data prime; the
+   batch layout only relinearizes products, at a scale of 2^(2s) or more, where a special prime of
+   max(s, q_max - s + KEYSWITCH_MARGIN_BITS) bits keeps that noise below one rescale's.
+   Candidates are tried from the smallest ring (on each ring a single output prime first, as it
+   costs no extra prime, then from the largest scale that fits SEAL's 128-bit bound) and the first
+   whose estimated output error (`output_noise`) is at most 2^-PRECISION_BITS of the largest
+   calibration output is chosen; if none is, the one with the smallest estimated error; beyond
+   N=32768, a `PrecisionError` says what to change.
 4. Layouts: both, except that a program with a per-element polynomial (a skip connection carried
    as the identity past a layer of squares, see `ir.Poly`) is planned for the batch layout only:
    there each element is its own ciphertext, while the row layout would need per-slot
@@ -38,11 +43,13 @@ Steps:
    or by the diagonal method, whichever the cost model finds cheaper, then the diagonal method) and
    relinearization keys when a square precedes another stage.
 
-Error bound: every stage adds CKKS noise of about NOISE_SLOTS * N / 2^s per slot (rescale
-rounding dominates fresh-encryption and key-switching noise), amplified by later weights and by
-the derivative of later squares; the planner prefers scales of at least 2^32 (about 5e-7 per
-stage at N=8192) and moves to a larger ring before going below. `simulate` adds noise of this
-size after every stage; the tests check both against the plaintext program.
+Error bound: every rescale adds CKKS noise of about NOISE_SLOTS * N / 2^s per slot (rescale
+rounding dominates fresh-encryption noise and, with the special primes above, key switching),
+amplified by later weights (their L2 norm per row) and by the derivative of later squares (2|z|
+with |z| the interval bound of each unit, so the amplification holds for every accepted input);
+weight rounding adds 2^-s / sqrt(12) per weight times the value it multiplies. `output_noise`
+propagates these standard deviations to the outputs. `simulate` adds noise of this size after
+every stage; the tests check both against the plaintext program and the SEAL backend.
 """
 
 from __future__ import annotations
@@ -63,6 +70,13 @@ INPUT_HEADROOM = 2.0
 DEFAULT_HEADROOM = 4.0
 MIN_SCALE_BITS = 26
 PREFERRED_SCALE_BITS = 32
+PRECISION_BITS = 10
+"""The chosen parameters keep the estimated output noise (one standard deviation, `output_noise`) at
+most 2^-PRECISION_BITS of the largest output seen at calibration."""
+KEYSWITCH_MARGIN_BITS = 5
+"""Relinearization at scale 2^(2s) with a special prime P adds about 3.2 sqrt(L/12) N q_max / (P 2^(2s))
+per slot (L <= 64 primes: at most 7.4 N q_max / (P 2^(2s))); P >= q_max 2^(5-s) keeps it below the
+NOISE_SLOTS N / 2^s of a rescale."""
 MAX_SCALE_BITS = 40
 MAX_PRIME_BITS = 60
 DEGREES = (8192, 16384, 32768)
@@ -81,8 +95,12 @@ OUTPUT_TOLERANCE = 1e-2
 """Relative slack of the client's output range check for CKKS noise on values at the bound."""
 MAX_UNRELINEARIZED_NOISE = 1e-6
 """Largest per-slot noise accepted for skipping the last relinearization (see `relinearize_at`)."""
-COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8}
-"""Single-core SEAL costs per prime of the current level at N=8192, measured on the project machine."""
+COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8,
+                     "weighted_sum": 0.011, "weighted_sum_sparse": 0.07}
+"""Single-core costs per prime of the current level at N=8192 (two components), measured on the
+project machine: SEAL's operations, and `veil.he.linear.WeightedSum` per non-zero weight (BLAS for
+dense weights, about 12 times below a multiply_plain and add_inplace; CSR for sparse ones, about
+2 times)."""
 
 
 @dataclass(frozen=True)
@@ -230,28 +248,61 @@ def stage_levels(stages: list[Op], layout: str) -> list[bool]:
 def interval_bounds(stages: list[Op], bounds: np.ndarray, non_negative: bool = False) -> list[float]:
     """Largest |value| after each stage for any input in the box |x| <= bounds, or 0 <= x <= bounds
     with `non_negative` (encoded bits) (centre-radius arithmetic)."""
+    return peaks(unit_bounds(stages, bounds, non_negative))
+
+
+def peaks(units: list[np.ndarray]) -> list[float]:
+    """The largest of each stage's unit bounds (inf when any is unbounded)."""
+    return [float(np.max(u)) if np.all(np.isfinite(u)) else math.inf for u in units]
+
+
+def unit_bounds(stages: list[Op], bounds: np.ndarray, non_negative: bool = False) -> list[np.ndarray]:
+    """Per unit, the largest |value| after each stage for any input in the box (as `interval_bounds`)."""
     lo, hi = (np.zeros_like(bounds) if non_negative else -bounds), bounds.copy()
     out = []
     with np.errstate(over="ignore", invalid="ignore"):  # an unbounded program gives inf: refused by plan
-        return _propagate(stages, lo, hi, out)
-
-
-def _propagate(stages: list[Op], lo: np.ndarray, hi: np.ndarray, out: list[float]) -> list[float]:
-    for op in stages:
-        if isinstance(op, Linear):
-            c, r = (lo + hi) / 2, (hi - lo) / 2
-            c, r = op.weight @ c + op.bias, np.abs(op.weight) @ r
-            lo, hi = c - r, c + r
-        else:
-            c0, c1, c2 = op.coeffs
-            sq_hi = np.maximum(lo**2, hi**2)
-            sq_lo = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(lo**2, hi**2))
-            lin = np.stack([c1 * lo, c1 * hi])
-            sq = np.stack([c2 * sq_lo, c2 * sq_hi])
-            lo, hi = c0 + lin.min(0) + sq.min(0), c0 + lin.max(0) + sq.max(0)
-        peak = float(np.max(np.maximum(np.abs(lo), np.abs(hi))))
-        out.append(peak if math.isfinite(peak) else math.inf)  # nan from inf * 0 is unbounded too
+        for op in stages:
+            if isinstance(op, Linear):
+                c, r = (lo + hi) / 2, (hi - lo) / 2
+                c, r = op.weight @ c + op.bias, np.abs(op.weight) @ r
+                lo, hi = c - r, c + r
+            else:
+                c0, c1, c2 = op.coeffs
+                sq_hi = np.maximum(lo**2, hi**2)
+                sq_lo = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(lo**2, hi**2))
+                lin = np.stack([c1 * lo, c1 * hi])
+                sq = np.stack([c2 * sq_lo, c2 * sq_hi])
+                lo, hi = c0 + lin.min(0) + sq.min(0), c0 + lin.max(0) + sq.max(0)
+            out.append(np.where(np.isnan(lo) | np.isnan(hi), np.inf, np.maximum(np.abs(lo), np.abs(hi))))
     return out
+
+
+def output_noise(stages: list[Op], box: np.ndarray, units: list[np.ndarray], params: CKKSParameters,
+                 scale_bits: int, relin_last: bool = True) -> float:
+    """Estimated standard deviation of the error of the outputs (the largest over outputs): CKKS
+    noise of NOISE_SLOTS * N / 2^s from the encryption and from each stage's rescale, weight
+    rounding (2^-s / sqrt(12) per weight times the interval bound of its input), amplified by the
+    L2 norm of later weight rows and by the derivative |c1 + 2 c2 z| of later polynomials at the
+    interval bound of z; a last square left unrelinearized multiplies its rescale noise by sqrt(N)."""
+    n = params.poly_modulus_degree
+    eps = NOISE_SLOTS * n / 2.0**scale_bits
+    sigma, mag = np.full(len(box), eps), np.asarray(box, dtype=np.float64)
+    rounding = 2.0 ** (-2 * scale_bits) / 12
+    squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, (op, after) in enumerate(zip(stages, units, strict=True)):
+            if isinstance(op, Linear):
+                if is_exact(op):
+                    sigma = np.sqrt(op.weight**2 @ sigma**2)
+                else:
+                    sigma = np.sqrt(op.weight**2 @ sigma**2 + rounding * ((op.weight != 0) @ mag**2)) + eps
+            else:
+                _, c1, c2 = op.coeffs
+                amp = math.sqrt(n) if (not relin_last and squares and i == squares[-1]) else 1.0
+                sigma = np.abs(c1) * sigma + 2 * abs(c2) * mag * sigma + abs(c2) * sigma**2 + eps * amp
+            mag = after
+    peak = float(np.max(sigma))
+    return peak if math.isfinite(peak) else math.inf
 
 
 def check_intermediate(stages: list[Op], bounds: list[float], params: CKKSParameters, scale_bits: int,
@@ -292,24 +343,47 @@ def output_primes(scale_bits: int, value_bits: int) -> tuple[int, ...]:
     return (max(scale_bits + 3, need - extra * scale_bits), *([scale_bits] * extra))
 
 
+def _special_bits(q_max: int, s: int, keyswitch: bool, relin_only: bool) -> int:
+    """The special prime: a 20-30 bit placeholder without key switching; as large as the largest
+    data prime q_max for rotations; max(s, q_max - s + KEYSWITCH_MARGIN_BITS) when key switching
+    only relinearizes products (at scale 2^(2s) or more, see KEYSWITCH_MARGIN_BITS)."""
+    if not keyswitch:
+        return max(20, min(s, 30))
+    if relin_only:
+        return min(MAX_PRIME_BITS, max(s, q_max - s + KEYSWITCH_MARGIN_BITS))
+    return max(q_max, s)
+
+
+def parameter_candidates(depth: int, value_bits: int, keyswitch: bool, relin_only: bool = False,
+                         low: int = MIN_SCALE_BITS, split_output: bool = False) -> list[tuple[CKKSParameters, int]]:
+    """Every (parameters, s) with s in [low, MAX_SCALE_BITS] whose chain [output primes, s x depth,
+    special] fits SEAL's 128-bit bound, from the smallest ring and, per ring, with a single output
+    prime first (then, with `split_output`, the chains whose output level needs several), each from
+    the largest scale."""
+    out = []
+    for n in DEGREES:
+        for split in (False, True) if split_output else (False,):
+            for s in range(MAX_SCALE_BITS, low - 1, -1):
+                bottom = output_primes(s, value_bits)
+                if (len(bottom) > 1) != split:
+                    continue
+                bits = (*bottom, *([s] * depth), _special_bits(max(bottom), s, keyswitch, relin_only))
+                if sum(bits) <= _max_bits(n) and n <= MAX_DEGREE:
+                    out.append((CKKSParameters(n, bits), s))
+    return out
+
+
 def choose_parameters(depth: int, value_bits: int, keyswitch: bool, preferred: int = PREFERRED_SCALE_BITS,
-                      split_output: bool = False) -> tuple[CKKSParameters, int]:
+                      split_output: bool = False, relin_only: bool = False) -> tuple[CKKSParameters, int]:
     """Smallest ring that holds the chain [first, s x depth, special] at 128-bit security with a
     scale of at least `preferred` bits (the largest such scale), else the smallest ring with any
     scale down to MIN_SCALE_BITS: precision first, then speed. With `split_output`, when no chain
     with a single output prime fits at such a scale, the output level may keep several primes
     (`output_primes`)."""
     for low in (preferred, MIN_SCALE_BITS):
-        for split in (False, True) if split_output else (False,):
-            for n in DEGREES:
-                for s in range(MAX_SCALE_BITS, low - 1, -1):
-                    bottom = output_primes(s, value_bits)
-                    if len(bottom) > 1 and not split:
-                        continue
-                    special = max(bottom[0], s) if keyswitch else max(20, min(s, 30))
-                    bits = (*bottom, *([s] * depth), special)
-                    if sum(bits) <= _max_bits(n) and n <= MAX_DEGREE:
-                        return CKKSParameters(n, bits), s
+        found = parameter_candidates(depth, value_bits, keyswitch, relin_only, low, split_output)
+        if found:
+            return found[0]
     raise PrecisionError(
         f"a program of depth {depth} with values up to 2^{value_bits} needs more than the largest "
         f"128-bit ring (N={DEGREES[-1]}): use fewer layers or polynomial activations, or tighter "
@@ -319,6 +393,44 @@ def choose_parameters(depth: int, value_bits: int, keyswitch: bool, preferred: i
 def _unrelinearized_noise(params: CKKSParameters, scale_bits: int) -> float:
     n = params.poly_modulus_degree
     return NOISE_SLOTS * n * math.sqrt(n) / 2.0**scale_bits
+
+
+def _relin_last(stages: list[Op], params: CKKSParameters, s: int) -> bool:
+    return any(isinstance(op, Poly) for op in stages) and _unrelinearized_noise(params, s) > MAX_UNRELINEARIZED_NOISE
+
+
+def _precise_parameters(stages: list[Op], box: np.ndarray, units: list[np.ndarray], levels: int, value_bits: int,
+                        layout: str, target: float, bounds: list[float]) -> tuple[CKKSParameters, int, bool]:
+    """(parameters, s, relin_last) of `layout`: the first candidate (smallest ring, largest scale)
+    that holds every intermediate value and whose estimated output noise is at most `target`; if
+    none is that precise, the most precise one (precision first, then speed). The last square is
+    relinearized (`relin_last`) when skipping it would cost more than MAX_UNRELINEARIZED_NOISE,
+    which needs key switching."""
+    needs = required_keys(stages, layout)[0] or layout == "row"
+    relin_only = layout == "batch"
+    candidates = [(params, s, keyswitch) for keyswitch in dict.fromkeys((needs, True))
+                  for params, s in parameter_candidates(levels, value_bits, keyswitch, relin_only, split_output=True)]
+    # smallest ring first; on a ring a single output prime, then the largest scale
+    candidates.sort(key=lambda c: (c[0].poly_modulus_degree, len(c[0].coeff_modulus_bits), -c[1], c[2]))
+    best: tuple[float, CKKSParameters, int, bool] | None = None
+    for params, s, keyswitch in candidates:
+        relin_last = _relin_last(stages, params, s)
+        if relin_last and not keyswitch:
+            continue
+        try:
+            check_intermediate(stages, bounds, params, s, layout)
+        except PrecisionError:
+            continue
+        noise = output_noise(stages, box, units, params, s, relin_last)
+        if noise <= target:
+            return params, s, relin_last
+        if best is None or noise < best[0]:
+            best = (noise, params, s, relin_last)
+    if best is None:
+        params, s = choose_parameters(levels, value_bits, True, split_output=True, relin_only=relin_only)
+        check_intermediate(stages, bounds, params, s, layout)
+        return params, s, _relin_last(stages, params, s)
+    return best[1], best[2], best[3]
 
 
 def required_keys(stages: list[Op], layout: str, relin_last: bool = False,
@@ -380,6 +492,16 @@ def observed_bounds(stages: list[Op], X: np.ndarray) -> list[float]:
     return peaks
 
 
+def observed_units(stages: list[Op], X: np.ndarray, headroom: float) -> list[np.ndarray]:
+    """Per unit, `headroom` times the largest |value| after each stage on the data X: the
+    calibrated counterpart of `unit_bounds` (for the noise estimate's amplification)."""
+    out, units = X, []
+    for op in stages:
+        out = op(out)
+        units.append(np.max(np.abs(out), axis=0) * headroom)
+    return units
+
+
 def stage_bounds(stages: list[Op], X: np.ndarray, box: np.ndarray, bounds: str, headroom: float,
                  non_negative: bool = False) -> list[float]:
     """The bound each stage's values are planned for: in "sound" mode the interval bounds over the
@@ -419,6 +541,10 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
         raise PrecisionError(f"values of this program reach {peak:.3g} on accepted inputs ({bounds} bounds), more "
                              f"than even the largest 128-bit ring can hold: {hint}")
     value_bits = output_value_bits(peak, bounds)
+    units = (unit_bounds(stages, box, non_negative) if bounds == "sound"
+             else observed_units(stages, X, headroom))
+    largest = observed_bounds(stages, X)[-1]
+    target = 2.0**-PRECISION_BITS * max(largest, 2.0**-PRECISION_BITS)
     plans: dict[str, LayoutPlan] = {}
     for name in layouts:
         if name not in LAYOUTS:
@@ -426,15 +552,9 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
         row = name == "row"
         if row and not row_capable(stages):
             continue
-        needs = required_keys(stages, name)[0]
         levels = sum(stage_levels(stages, name))
         try:
-            params, s = choose_parameters(levels, value_bits, needs or row, split_output=True)
-            relin_last = False
-            if (any(isinstance(op, Poly) for op in stages)
-                    and _unrelinearized_noise(params, s) > MAX_UNRELINEARIZED_NOISE):
-                relin_last = True
-                params, s = choose_parameters(levels, value_bits, True, split_output=True)
+            params, s, relin_last = _precise_parameters(stages, box, units, levels, value_bits, name, target, planned)
         except PrecisionError as exc:
             raise PrecisionError(f"values of this program reach {peak:.3g} on accepted inputs ({bounds} bounds): "
                                  f"{exc}; or {hint}") from None
