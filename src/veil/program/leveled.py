@@ -408,7 +408,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
                 xs = self._linear_batch(i, op, xs, bundle if relin else None, 2 if pending is not None else 1)
                 pending = None
             elif self.deferred(i):
-                xs = [self._poly(z, op.coeffs, False, bundle, rescale=False) for z in xs]
+                xs = [self._poly(z, op.element(j), False, bundle, rescale=False) for j, z in enumerate(xs)]
                 pending = i
             else:
                 relin = plan.relinearize_at(i, self.stages)
@@ -417,11 +417,11 @@ class LeveledCircuit(LeveledKind, ServerBase):
 
     def deferred(self, stage: int) -> bool:
         """Whether the batch layout leaves the Poly `stage` unrelinearized and unrescaled for the
-        Linear after it (any Linear that costs a level). A per-element polynomial is not deferred:
-        its carried elements stay 2-component ciphertexts, and one weighted sum takes ciphertexts
-        of one size only."""
+        Linear after it (any Linear that costs a level). A per-element polynomial's carried
+        elements stay 2-component ciphertexts beside the 3-component squares (the weighted sum
+        takes both)."""
         nxt = self.stages[stage + 1] if stage + 1 < len(self.stages) else None
-        return isinstance(nxt, Linear) and not is_exact(nxt) and self.stages[stage].is_uniform
+        return isinstance(nxt, Linear) and not is_exact(nxt)
 
     def _linear_batch(self, stage: int, op: Linear, xs: list[Ciphertext], relin: PublicBundle | None,
                       rescales: int) -> list[Ciphertext]:
