@@ -11,7 +11,18 @@ import numpy as np
 import pytest
 
 from veil.errors import PrecisionError, ShapeError, WireFormatError
-from veil.program import Linear, LinearCircuit, Poly, Program, compile_program, compile_staged, load_client, load_server
+from veil.program import (
+    Linear,
+    LinearCircuit,
+    Poly,
+    Program,
+    compile_program,
+    compile_staged,
+    load_client,
+    load_server,
+    parallel,
+    request_bytes,
+)
 from veil.program.common import local_transport
 from veil.program.glue import StagedGraph, StageIO, Step
 from veil.program.ir import normalise
@@ -90,6 +101,19 @@ def test_protocol_runs_in_process_simulated_and_in_worker_processes(staged):
     np.testing.assert_allclose(out, reference(X), atol=1e-4)  # three chunks, each one whole protocol
     with pytest.raises(PrecisionError, match="stage 0 input"):
         client.infer(X[:2] * 10, "batch", local_transport(server, client))
+
+
+def test_requests_and_chunks_are_sized_by_the_largest_stage(staged):
+    circuit, _, _ = staged
+    client = load_client(circuit.client_spec())
+    for layout in ("batch", "row"):
+        packing = client.layout(layout)
+        per_stage = [side.layout(name) for side, name in zip(client.stages, client.layouts[layout], strict=True)]
+        assert packing.n_input_cts(5000) == max(p.n_input_cts(5000) for p in per_stage)
+        rows = parallel.default_chunk_rows(client, layout)
+        assert request_bytes(client, layout, rows) <= parallel.MAX_CHUNK_BYTES
+    with pytest.raises(ShapeError, match="unknown layout"):
+        parallel.default_chunk_rows(client, "gather")  # a stage's layout, not the program's
 
 
 def test_gather_layout_computes_the_map_and_refuses_tables_that_miss_weights():
