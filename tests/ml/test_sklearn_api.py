@@ -19,9 +19,9 @@ EXPECTED_FAILURES["Ridge"] = {"check_non_transformer_estimators_n_iter": "n_iter
 @pytest.mark.parametrize("cls", ml.ESTIMATORS, ids=lambda c: c.__name__)
 def test_same_constructor_parameters_as_scikit_learn(cls):
     ours = inspect.signature(cls.__init__).parameters
-    theirs = inspect.signature(cls._sklearn_cls.__init__).parameters
+    theirs = inspect.signature(cls._library.__init__).parameters
     assert list(ours) == list(theirs)
-    assert cls().get_params() == cls._sklearn_cls().get_params()
+    assert cls().get_params() == cls._library().get_params()
 
 
 def test_parameters_reach_scikit_learn():

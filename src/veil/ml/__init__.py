@@ -9,9 +9,9 @@ import importlib
 from typing import Any
 
 from veil.ml.deploy import ModelClient, ModelServer
+from veil.ml.families import FAMILIES, family_of, from_sklearn_model
 from veil.ml.linear import (
     ESTIMATORS,
-    TREE_NAMES,
     ElasticNet,
     EncryptedLinearModel,
     GammaRegressor,
@@ -25,16 +25,15 @@ from veil.ml.linear import (
     SGDClassifier,
     SGDRegressor,
     TweedieRegressor,
-    from_sklearn_model,
 )
 from veil.ml.outputs import OutputSpec
 from veil.program.affine import CircuitClient, LinearCircuit
 
-_LAZY = {name: "veil.ml.neural" for name in
-         ("CompiledTorchModel", "MLPClassifier", "MLPRegressor", "compile_torch_model", "mlp_from_torch")}
+_LAZY = {name: family.module for family in FAMILIES if family.lazy for name in family.estimators + family.extras}
 _LAZY.update({name: "veil.ml.torch_compile" for name in
               ("Polynomial", "Square", "UnsupportedLayerError", "relu_polynomial", "replace_relu")})
-_LAZY.update({name: "veil.ml.trees" for name in TREE_NAMES})
+TREE_NAMES = family_of("XGBClassifier").estimators  # type: ignore[union-attr]
+"""Tree ensembles (`veil.ml.trees`, imported on first use: it loads xgboost)."""
 
 
 def __getattr__(name: str) -> Any:
@@ -45,6 +44,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ESTIMATORS",
+    "FAMILIES",
+    "TREE_NAMES",
     "CircuitClient",
     "CompiledTorchModel",
     "DecisionTreeClassifier",

@@ -1,19 +1,28 @@
 """What every encrypted estimator shares, whatever its model family (as Concrete ML's base).
 
-A family implements two hooks: `_plain_raw(X)` (the model's raw outputs in plaintext, the
-reference for `fhe="disable"`) and `_build_circuit(X, **options)` (calibrate and return a
-program-layer circuit). This mixin then provides the `fhe` switch, the in-process client, pickling
-and `save`, which writes a model-agnostic artefact that `veil serve` and `ModelServer` load.
+A family supplies a few hooks: `_plain_raw(X)` (the model's raw outputs in plaintext, the
+reference for `fhe="disable"`), fitting (through the library model) and `compile(X)` (which
+builds the program-layer circuit and installs it with `_set_circuit`), and `output_spec_` (the
+post-processing applied on the client). `EncryptedModelMixin` then provides the `fhe` switch
+(`_raw`), the in-process client, pickling and `save`, which writes a model-agnostic artefact that
+`veil serve` and `ModelServer` load. `EncryptedClassifierMixin` and `EncryptedRegressorMixin`
+write `predict`, `predict_proba`, `decision_function` and `score` once, on top of `_raw` and
+`output_spec_`, as scikit-learn's `ClassifierMixin`/`RegressorMixin` do. `library_init` mirrors
+a library class's constructor for the families that wrap one (linear models, tree ensembles).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import ClassifierMixin, RegressorMixin
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from veil.errors import NotCompiledError
@@ -136,3 +145,104 @@ class EncryptedModelMixin:
         (path / SERVER_FILE).write_text(json.dumps(server))
         (path / CLIENT_FILE).write_text(json.dumps(client))
         return path
+
+
+def library_init(library: type, defaults: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> Callable[..., None]:
+    """An `__init__` with `library`'s constructor parameters that only stores them (scikit-learn's
+    convention), `defaults` replacing some of the library's defaults, then `extra` keyword-only
+    parameters of veil's own. Parameters a base class takes through ``**kwargs`` (as xgboost's
+    classes do) are followed up the MRO and become keyword-only; each keeps its kind otherwise."""
+    defaults = dict(defaults or {})
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    seen: set[str] = set()
+    base_class = False
+    for klass in library.__mro__:
+        if "__init__" not in klass.__dict__ or klass is object:
+            continue
+        more = False
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind == p.VAR_KEYWORD:
+                more = True
+            if p.name == "self" or p.name in seen or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                continue
+            seen.add(p.name)
+            kind = p.KEYWORD_ONLY if base_class else p.kind
+            params.append(p.replace(kind=kind, default=defaults.get(p.name, p.default)))
+        if not more:
+            break
+        base_class = True
+    for name, default in (extra or {}).items():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    signature = inspect.Signature(params)
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, value in list(bound.arguments.items())[1:]:
+            setattr(self, name, value)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    more = f", plus {', '.join(extra)}" if extra else ""
+    __init__.__doc__ = f"The parameters of :class:`{library.__module__}.{library.__name__}`{more}."
+    return __init__
+
+
+class EncryptedClassifierMixin(ClassifierMixin):
+    """`predict`, `predict_proba`, `decision_function` and `score` for every encrypted classifier.
+
+    Each takes ``fhe`` ("disable", "simulate", "execute"), ``layout``, ``workers`` and
+    ``executor`` (see `EncryptedModelMixin._raw`) and post-processes the raw outputs on the
+    client with the fitted `output_spec_`. `predict_proba` exists when the model has
+    probabilities (`output_spec_.proba`), `decision_function` when the family sets
+    `_has_decision_function` (as its library class has one)."""
+
+    _has_decision_function = False
+    output_spec_: OutputSpec
+
+    def _decision_available(self) -> bool:
+        return self._has_decision_function
+
+    def _proba_available(self) -> bool:
+        check_is_fitted(self, "output_spec_")
+        return self.output_spec_.proba is not None
+
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto", workers: int | None = None,
+                executor: Any = None) -> np.ndarray:
+        """Class labels, decided on the client from the (decrypted) raw outputs."""
+        raw = self._raw(X, fhe, layout, workers, executor)  # checks fitting first
+        return self.output_spec_.predict(raw)
+
+    @available_if(_proba_available)
+    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto", workers: int | None = None,
+                      executor: Any = None) -> np.ndarray:
+        """Class probabilities, computed on the client from the (decrypted) raw outputs."""
+        raw = self._raw(X, fhe, layout, workers, executor)  # checks fitting first
+        return self.output_spec_.predict_proba(raw)
+
+    @available_if(_decision_available)
+    def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto", workers: int | None = None,
+                          executor: Any = None) -> np.ndarray:
+        """Signed distance (binary) or per-class scores, as the library returns them."""
+        raw = self._raw(X, fhe, layout, workers, executor)  # checks fitting first
+        return self.output_spec_.decision(raw)
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
+        """Accuracy of `predict(X, fhe=fhe)`."""
+        return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
+
+
+class EncryptedRegressorMixin(RegressorMixin):
+    """`predict` and `score` (R^2) for every encrypted regressor, as `EncryptedClassifierMixin`."""
+
+    output_spec_: OutputSpec
+
+    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto", workers: int | None = None,
+                executor: Any = None) -> np.ndarray:
+        """Predicted values, post-processed on the client (link, ravel) from the raw outputs."""
+        raw = self._raw(X, fhe, layout, workers, executor)  # checks fitting first
+        return self.output_spec_.predict(raw)
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
+        """R^2 of `predict(X, fhe=fhe)`."""
+        return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))

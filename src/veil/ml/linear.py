@@ -15,38 +15,21 @@ scikit-learn's signatures exactly.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn import linear_model, neural_network, svm
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
+from sklearn import linear_model, svm
+from sklearn.base import BaseEstimator
+from sklearn.metrics import d2_tweedie_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, StandardScaler
-from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
-from veil.ml.base import EncryptedModelMixin
+from veil.ml.base import EncryptedClassifierMixin, EncryptedModelMixin, EncryptedRegressorMixin, library_init
 from veil.ml.outputs import OutputSpec
 from veil.program import Linear, Program, compile_program
 from veil.program.affine import DEFAULT_HEADROOM
-
-
-def _mirror_init(sk_cls: type) -> Any:
-    """An __init__ with scikit-learn's exact signature that only stores the parameters."""
-    sig = inspect.signature(sk_cls.__init__)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        bound = sig.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        for name, value in list(bound.arguments.items())[1:]:
-            setattr(self, name, value)
-
-    __init__.__signature__ = sig
-    __init__.__doc__ = f"Same parameters as :class:`{sk_cls.__module__}.{sk_cls.__name__}`."
-    return __init__
 
 
 def fold_standardization(W: np.ndarray, b: np.ndarray, mean: np.ndarray,
@@ -56,7 +39,7 @@ def fold_standardization(W: np.ndarray, b: np.ndarray, mean: np.ndarray,
     return W2, b - W2 @ mean
 
 
-def _fold_scaler(scaler: Any, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fold_scaler(scaler: Any, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Merge an affine scaler in front of the model into its weights: the client sends raw features."""
     if isinstance(scaler, StandardScaler):
         scale = scaler.scale_ if scaler.scale_ is not None else np.ones(W.shape[1])
@@ -75,11 +58,11 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
 
     _fitted_attr = "weights_"
 
-    _sklearn_cls: ClassVar[type]
+    _library: ClassVar[type]
     _task: ClassVar[str]
 
     def _make_sklearn(self) -> Any:
-        return self._sklearn_cls(**self.get_params())
+        return self._library(**self.get_params())
 
     def __sklearn_tags__(self) -> Any:
         tags = self._make_sklearn().__sklearn_tags__()
@@ -109,7 +92,7 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
         b = np.broadcast_to(np.atleast_1d(np.asarray(model.intercept_, dtype=np.float64)),
                             (W.shape[0],)).copy()
         for scaler in reversed(scalers):
-            W, b = _fold_scaler(scaler, W, b)
+            W, b = fold_scaler(scaler, W, b)
         self.weights_, self.bias_ = W, b
         self.program_ = Program(W.shape[1], [Linear(W, b)])
         self.n_features_in_ = W.shape[1]
@@ -146,8 +129,8 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
                 raise TypeError(f"this {type(model).__name__} already has scalers folded into its weights; "
                                 "convert the original scikit-learn Pipeline instead")
             model = inner
-        if not isinstance(model, cls._sklearn_cls):
-            raise TypeError(f"{cls.__name__} wraps {cls._sklearn_cls.__name__}, got {type(model).__name__}")
+        if not isinstance(model, cls._library):
+            raise TypeError(f"{cls.__name__} wraps {cls._library.__name__}, got {type(model).__name__}")
         check_is_fitted(model)
         est = cls(**model.get_params(deep=False))
         est._absorb(model, scalers)
@@ -169,8 +152,9 @@ class EncryptedLinearModel(EncryptedModelMixin, BaseEstimator):
         return X @ self.weights_.T + self.bias_
 
 
-class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
+class _ClassifierBase(EncryptedClassifierMixin, EncryptedLinearModel):
     _task = "classifier"
+    _has_decision_function = True
 
     def _proba_kind(self, model: Any) -> str | None:
         return None
@@ -178,42 +162,9 @@ class _ClassifierBase(ClassifierMixin, EncryptedLinearModel):
     def _output_spec(self, model: Any, coef: np.ndarray) -> OutputSpec:
         return OutputSpec("classifier", classes=tuple(model.classes_), proba=self._proba_kind(model))
 
-    def decision_function(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                          workers: int | None = None, executor: Any = None) -> np.ndarray:
-        """Signed distance (binary) or per-class scores, as scikit-learn returns them."""
-        raw = self._raw(X, fhe, layout, workers, executor)
-        return self.output_spec_.decision(raw)
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None, executor: Any = None) -> np.ndarray:
-        raw = self._raw(X, fhe, layout, workers, executor)
-        return self.output_spec_.predict(raw)
-
-    def _has_proba(self) -> bool:
-        check_is_fitted(self, "output_spec_")
-        return self.output_spec_.proba is not None
-
-    @available_if(_has_proba)
-    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                      workers: int | None = None, executor: Any = None) -> np.ndarray:
-        """Class probabilities, computed on the client after decryption."""
-        raw = self._raw(X, fhe, layout, workers, executor)
-        return self.output_spec_.predict_proba(raw)
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
-        return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
-
-
-class _RegressorBase(RegressorMixin, EncryptedLinearModel):
+class _RegressorBase(EncryptedRegressorMixin, EncryptedLinearModel):
     _task = "regressor"
-
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None, executor: Any = None) -> np.ndarray:
-        raw = self._raw(X, fhe, layout, workers, executor)
-        return self.output_spec_.predict(raw)
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
-        return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
 
 
 class _GLMBase(_RegressorBase):
@@ -235,7 +186,7 @@ class _GLMBase(_RegressorBase):
 
 
 def _classifier(sk_cls: type, proba: Any = None) -> type:
-    ns: dict[str, Any] = {"_sklearn_cls": sk_cls, "__init__": _mirror_init(sk_cls),
+    ns: dict[str, Any] = {"_library": sk_cls, "__init__": library_init(sk_cls),
                           "__doc__": f"Encrypted-inference {sk_cls.__name__} (CKKS)."}
     if proba is not None:
         ns["_proba_kind"] = proba
@@ -243,7 +194,7 @@ def _classifier(sk_cls: type, proba: Any = None) -> type:
 
 
 def _regressor(sk_cls: type, base: type = _RegressorBase, **extra: Any) -> type:
-    ns: dict[str, Any] = {"_sklearn_cls": sk_cls, "__init__": _mirror_init(sk_cls),
+    ns: dict[str, Any] = {"_library": sk_cls, "__init__": library_init(sk_cls),
                           "__doc__": f"Encrypted-inference {sk_cls.__name__} (CKKS).", **extra}
     return type(sk_cls.__name__, (base,), ns)
 
@@ -285,37 +236,3 @@ ESTIMATORS: tuple[type, ...] = (
 for _cls in ESTIMATORS:
     _cls.__module__ = __name__
     _cls.__qualname__ = _cls.__name__
-
-
-TREE_NAMES = ("DecisionTreeClassifier", "DecisionTreeRegressor", "GradientBoostingClassifier",
-              "GradientBoostingRegressor", "RandomForestClassifier", "RandomForestRegressor", "XGBClassifier",
-              "XGBRegressor")
-"""Tree ensembles (`veil.ml.trees`, imported on first use: it loads xgboost)."""
-
-
-def from_sklearn_model(model: Any, X: Any = None, n_bits: Any = None) -> Any:
-    """Convert any supported fitted scikit-learn model (or scaler Pipeline, whose last step may
-    already be a veil estimator) or xgboost model to its veil class; with `X`, compile it too (tree
-    models need X: their public grid is drawn from it). `n_bits` is the trees' grid resolution;
-    linear models accept and ignore it (see `EncryptedLinearModel.from_sklearn_model`)."""
-    final = model.steps[-1][1] if isinstance(model, Pipeline) else model
-    for cls in ESTIMATORS:
-        if type(final) is cls._sklearn_cls or type(final) is cls:
-            return cls.from_sklearn_model(model, X, n_bits)
-    if type(final).__name__ in TREE_NAMES:
-        from veil.ml import trees
-
-        for tree_cls in trees.TREE_ESTIMATORS:
-            if type(final) is tree_cls._library:
-                if final is not model:
-                    raise TypeError("tree models take raw features: convert the fitted tree model itself, "
-                                    "not a Pipeline (their thresholds are on a public grid, no scaling needed)")
-                return tree_cls.from_sklearn_model(model, X, **({} if n_bits is None else {"n_bits": n_bits}))
-    if isinstance(final, neural_network.MLPClassifier | neural_network.MLPRegressor):
-        kind = type(final).__name__
-        raise TypeError(f"a scikit-learn {kind} cannot be converted: its activations (ReLU, tanh, logistic) "
-                        f"are not polynomials, which is all CKKS evaluates. Train veil.ml.{kind} instead: "
-                        "the same parameters, with a polynomial activation, then compile(X) and save")
-    raise TypeError(f"no encrypted equivalent for {type(final).__name__}; supported: "
-                    f"{', '.join([c.__name__ for c in ESTIMATORS] + list(TREE_NAMES))}")
-

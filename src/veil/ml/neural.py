@@ -20,15 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.metrics import accuracy_score, r2_score
+from sklearn.base import BaseEstimator
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 from torch import nn
 
 from veil.errors import ShapeError
-from veil.ml.base import EncryptedModelMixin
-from veil.ml.linear import _fold_scaler, fold_standardization
+from veil.ml.base import EncryptedClassifierMixin, EncryptedModelMixin, EncryptedRegressorMixin
+from veil.ml.linear import fold_scaler, fold_standardization
 from veil.ml.outputs import OutputSpec
 from veil.ml.torch_compile import Square, module_to_program, module_to_staged, relu_polynomial
 from veil.program import Circuit, Linear, Program, compile_program
@@ -155,7 +154,7 @@ class _EncryptedMLP(EncryptedModelMixin, BaseEstimator):
         return self.program_.evaluate(X)
 
 
-class MLPClassifier(ClassifierMixin, _EncryptedMLP):
+class MLPClassifier(EncryptedClassifierMixin, _EncryptedMLP):
     """Multi-layer perceptron classifier with polynomial activations, for encrypted inference."""
 
     _classifier = True
@@ -173,20 +172,9 @@ class MLPClassifier(ClassifierMixin, _EncryptedMLP):
     def _output_spec(self) -> OutputSpec:
         return OutputSpec("classifier", classes=tuple(self.classes_.tolist()), proba="softmax")
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None, executor: Any = None) -> np.ndarray:
-        return self.output_spec_.predict(self._raw(X, fhe, layout, workers, executor))
-
-    def predict_proba(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                      workers: int | None = None, executor: Any = None) -> np.ndarray:
-        """Softmax of the decrypted logits, computed on the client."""
-        return self.output_spec_.predict_proba(self._raw(X, fhe, layout, workers, executor))
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
-        return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
 
 
-class MLPRegressor(RegressorMixin, _EncryptedMLP):
+class MLPRegressor(EncryptedRegressorMixin, _EncryptedMLP):
     """Multi-layer perceptron regressor with polynomial activations, for encrypted inference."""
 
     def _targets(self, y: Any) -> tuple[torch.Tensor, int]:
@@ -207,12 +195,6 @@ class MLPRegressor(RegressorMixin, _EncryptedMLP):
     def _output_spec(self) -> OutputSpec:
         return OutputSpec("regressor", ravel=self._ravel)
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto",
-                workers: int | None = None, executor: Any = None) -> np.ndarray:
-        return self.output_spec_.predict(self._raw(X, fhe, layout, workers, executor))
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
-        return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
 
 
 NONLINEAR = ("server", "client")
@@ -321,7 +303,7 @@ def mlp_from_torch(module: nn.Module, classes: Any = None, scaler: Any = None) -
     if not isinstance(ops[0], Linear):
         raise TypeError("the network must begin with an nn.Linear layer")
     if scaler is not None:
-        W, b = _fold_scaler(scaler, ops[0].weight, ops[0].bias)
+        W, b = fold_scaler(scaler, ops[0].weight, ops[0].bias)
         ops[0] = Linear(W, b)
     program = Program(n_in, ops)
     est: MLPClassifier | MLPRegressor

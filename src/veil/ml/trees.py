@@ -45,13 +45,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 from sklearn import ensemble, tree
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.metrics import accuracy_score, r2_score
+from sklearn.base import BaseEstimator
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from veil.errors import ShapeError
-from veil.ml.base import EncryptedModelMixin
+from veil.ml.base import EncryptedClassifierMixin, EncryptedModelMixin, EncryptedRegressorMixin, library_init
 from veil.ml.outputs import OutputSpec
 from veil.program import ProductSum, compile_product_sum
 from veil.program.encoding import MAX_EDGES, ThermometerEncoding
@@ -271,30 +270,6 @@ def ensemble_products(ens: _Ensemble, encoding: ThermometerEncoding, n_outputs: 
 
 
 # --- estimators -------------------------------------------------------------------------------
-def _library_signature(library: type, overrides: dict[str, Any]) -> inspect.Signature:
-    """The library's constructor parameters (through its bases when it passes **kwargs on, as
-    xgboost's classes do), keyword-only, with veil's defaults where they differ, then ours."""
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    seen: set[str] = set()
-    for klass in library.__mro__:
-        if "__init__" not in klass.__dict__ or klass is object:
-            continue
-        more = False
-        for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind == p.VAR_KEYWORD:
-                more = True
-            if p.name == "self" or p.name in seen or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                continue
-            seen.add(p.name)
-            params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY,
-                                            default=overrides.get(p.name, p.default)))
-        if not more:
-            break
-    for name in ("n_bits", "grid"):
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=overrides[name]))
-    return inspect.Signature(params)
-
-
 class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
     """Shared fitting, compilation and conversion; each subclass names its library class and how
     its fitted trees become an `_Ensemble`. Constructor parameters are the library's, plus
@@ -306,25 +281,9 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "_library" not in cls.__dict__:
-            return
-        signature = _library_signature(cls._library, {"n_bits": DEFAULT_N_BITS, "grid": "uniform", **cls._defaults})
-
-        def __init__(self: Any, **params: Any) -> None:
-            for name, p in signature.parameters.items():
-                if name == "self":
-                    continue
-                if name not in params:
-                    params[name] = p.default
-            unknown = set(params) - set(signature.parameters)
-            if unknown:
-                raise TypeError(f"{cls.__name__} got unexpected parameters {sorted(unknown)}")
-            for name, value in params.items():
-                setattr(self, name, value)
-
-        __init__.__signature__ = signature  # type: ignore[attr-defined]
-        __init__.__doc__ = f"The parameters of {cls._library.__module__}.{cls._library.__name__}, plus n_bits and grid."
-        cls.__init__ = __init__  # type: ignore[method-assign]
+        if "_library" in cls.__dict__:
+            cls.__init__ = library_init(cls._library, cls._defaults,  # type: ignore[method-assign]
+                                        {"n_bits": DEFAULT_N_BITS, "grid": "uniform"})
 
     def _library_params(self) -> dict[str, Any]:
         params = self.get_params(deep=False)
@@ -419,35 +378,16 @@ class _EncryptedTreeModel(EncryptedModelMixin, BaseEstimator):
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
         return self.program_.evaluate(self.encoding_.encode(X))
 
-    def predict(self, X: Any, fhe: str = "disable", layout: str = "auto", workers: int | None = None,
-                executor: Any = None) -> np.ndarray:
-        """Classes or values; with fhe="execute" the client encodes and encrypts X, the circuit
-        runs on ciphertexts and the client decrypts (large X in chunks over `workers` processes)."""
-        raw = self._raw(X, fhe, layout, workers, executor)
-        return self.output_spec_.predict(raw)
 
-
-class _TreeClassifierMixin:
+class _TreeClassifierMixin(EncryptedClassifierMixin):
     _classifier = True
-
-    def score(self: Any, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
-        return float(accuracy_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
-
-    def predict_proba(self: Any, X: Any, fhe: str = "disable", layout: str = "auto",
-                      workers: int | None = None, executor: Any = None) -> np.ndarray:
-        """Class probabilities computed on the client from the decrypted raw outputs."""
-        raw = self._raw(X, fhe, layout, workers, executor)
-        return self.output_spec_.predict_proba(raw)
 
     def _outputs(self: Any) -> tuple[int, OutputSpec]:
         n = 1 if len(self.classes_) == 2 else len(self.classes_)
         return n, OutputSpec("classifier", classes=tuple(self.classes_.tolist()), proba=self._proba)
 
 
-class _TreeRegressorMixin:
-    def score(self: Any, X: Any, y: Any, sample_weight: Any = None, fhe: str = "disable") -> float:
-        return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
-
+class _TreeRegressorMixin(EncryptedRegressorMixin):
     def _outputs(self: Any) -> tuple[int, OutputSpec]:
         return 1, OutputSpec("regressor")
 
@@ -526,54 +466,54 @@ def _xgb(name: str) -> type:
     return getattr(xgboost, name)
 
 
-class DecisionTreeClassifier(_TreeClassifierMixin, ClassifierMixin, _ForestMixin, _EncryptedTreeModel):
+class DecisionTreeClassifier(_TreeClassifierMixin, _ForestMixin, _EncryptedTreeModel):
     """scikit-learn's DecisionTreeClassifier for encrypted inference (max_depth defaults to 5)."""
 
     _library = tree.DecisionTreeClassifier
     _defaults: ClassVar[dict[str, Any]] = {"max_depth": 5}
 
 
-class DecisionTreeRegressor(_TreeRegressorMixin, RegressorMixin, _ForestMixin, _EncryptedTreeModel):
+class DecisionTreeRegressor(_TreeRegressorMixin, _ForestMixin, _EncryptedTreeModel):
     """scikit-learn's DecisionTreeRegressor for encrypted inference (max_depth defaults to 5)."""
 
     _library = tree.DecisionTreeRegressor
     _defaults: ClassVar[dict[str, Any]] = {"max_depth": 5}
 
 
-class RandomForestClassifier(_TreeClassifierMixin, ClassifierMixin, _ForestMixin, _EncryptedTreeModel):
+class RandomForestClassifier(_TreeClassifierMixin, _ForestMixin, _EncryptedTreeModel):
     """scikit-learn's RandomForestClassifier (50 trees of depth at most 5 by default)."""
 
     _library = ensemble.RandomForestClassifier
     _defaults: ClassVar[dict[str, Any]] = {"max_depth": 5, "n_estimators": 50}
 
 
-class RandomForestRegressor(_TreeRegressorMixin, RegressorMixin, _ForestMixin, _EncryptedTreeModel):
+class RandomForestRegressor(_TreeRegressorMixin, _ForestMixin, _EncryptedTreeModel):
     """scikit-learn's RandomForestRegressor (50 trees of depth at most 5 by default)."""
 
     _library = ensemble.RandomForestRegressor
     _defaults: ClassVar[dict[str, Any]] = {"max_depth": 5, "n_estimators": 50}
 
 
-class GradientBoostingClassifier(_TreeClassifierMixin, ClassifierMixin, _BoostingMixin, _EncryptedTreeModel):
+class GradientBoostingClassifier(_TreeClassifierMixin, _BoostingMixin, _EncryptedTreeModel):
     """scikit-learn's GradientBoostingClassifier (library defaults: 100 trees of depth 3)."""
 
     _library = ensemble.GradientBoostingClassifier
 
 
-class GradientBoostingRegressor(_TreeRegressorMixin, RegressorMixin, _BoostingMixin, _EncryptedTreeModel):
+class GradientBoostingRegressor(_TreeRegressorMixin, _BoostingMixin, _EncryptedTreeModel):
     """scikit-learn's GradientBoostingRegressor (library defaults: 100 trees of depth 3)."""
 
     _library = ensemble.GradientBoostingRegressor
 
 
-class XGBClassifier(_TreeClassifierMixin, ClassifierMixin, _XGBMixin, _EncryptedTreeModel):
+class XGBClassifier(_TreeClassifierMixin, _XGBMixin, _EncryptedTreeModel):
     """xgboost's XGBClassifier (100 trees of depth at most 4 by default)."""
 
     _library = _xgb("XGBClassifier")
     _defaults: ClassVar[dict[str, Any]] = {"max_depth": 4, "n_estimators": 100, "n_jobs": 1}
 
 
-class XGBRegressor(_TreeRegressorMixin, RegressorMixin, _XGBMixin, _EncryptedTreeModel):
+class XGBRegressor(_TreeRegressorMixin, _XGBMixin, _EncryptedTreeModel):
     """xgboost's XGBRegressor (100 trees of depth at most 4 by default)."""
 
     _library = _xgb("XGBRegressor")
