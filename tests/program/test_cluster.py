@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -122,8 +124,13 @@ def cluster_run(tmp_path_factory):
     cluster and runs every scenario below on it; its findings as a dict."""
     ips = local_addresses()
     env = {**os.environ, **write_dev_tls(out := tmp_path_factory.mktemp("raytls"), ips)}
-    proc = subprocess.run([sys.executable, "-c", CLUSTER_RUN, str(out)], capture_output=True, text=True,
-                          timeout=900, env=env)
+    ray_tmp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
+    try:
+        proc = subprocess.run([sys.executable, "-c", CLUSTER_RUN, str(out)], capture_output=True, text=True,
+                              timeout=900, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
