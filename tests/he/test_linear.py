@@ -77,6 +77,30 @@ def test_bit_identical_to_the_seal_chain(keys, size, drop, density):
     keys.decrypt(got[0])  # SEAL loaded and decrypts the result
 
 
+def test_mixed_sizes_are_sealed_add_of_mixed_sizes(keys):
+    """Squares left unrelinearized (3 components) beside values carried at the same scale by a
+    product with 1 (2 components), as a skip connection past a layer of squares gives: the same
+    bits as SEAL's chain, whose add_inplace takes a shorter ciphertext as zero-padded."""
+    rng = np.random.default_rng(11)
+    ctx, ev = keys.context, keys.context.evaluator
+    fresh = _inputs(keys, 10, rng, 2, 0)
+    pid, scale = fresh[0].parms_id(), fresh[0].scale()
+    cts = [ev.square(c) if i % 3 else ev.multiply_plain(c, ctx.encode_at(1.0, scale, pid))
+           for i, c in enumerate(fresh)]
+    assert {c.size() for c in cts} == {2, 3} and len({c.scale() for c in cts}) == 1
+    W = rng.normal(size=(4, 10))
+    W[3] = [1.0 if i % 3 == 0 else 0.0 for i in range(10)]  # only carried inputs: 2 components in SEAL
+    bias, level = rng.normal(size=4), ctx.top_level
+    got = WeightedSum(ctx, W, bias, float(ctx.prime_at(level)), level)(cts)
+    ref = seal_chain(ctx, cts, W, bias, float(ctx.prime_at(level)))
+    assert [c.size() for c in got] == [3, 3, 3, 3] and [c.size() for c in ref] == [3, 3, 3, 2]
+    assert [c.to_string() for c in got[:3]] == [c.to_string() for c in ref[:3]]
+    ours, seals = got[3].to_string()[DATA_OFFSET:], ref[3].to_string()[DATA_OFFSET:]
+    assert ours[:len(seals)] == seals and not any(ours[len(seals):])  # SEAL's, and a zero third component
+    assert got[3].scale() == ref[3].scale()
+    np.testing.assert_array_equal(keys.decrypt(got[3]), keys.decrypt(ref[3]))
+
+
 def test_integer_weights_at_unit_scale_and_wide_biases(keys):
     """Weights at scale 1 (sums and differences, as exact Linear stages compute) and biases whose
     encoding exceeds 64 bits (SEAL's multi-word path)."""

@@ -1,5 +1,6 @@
-"""compile_torch_model: a digits CNN reaches 97% encrypted, user modules lower exactly, and
-unsupported layers are named with what to use instead."""
+"""compile_torch_model: a digits CNN reaches 97% encrypted, user modules lower exactly (residual
+adds and concatenations included, without interaction), and unsupported layers are named with
+what to use instead."""
 
 import numpy as np
 import pytest
@@ -8,26 +9,11 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from tests.ml.datasets import train
 from veil import ml
 from veil.errors import ShapeError
 from veil.ml.torch_compile import UnsupportedLayerError, module_to_program
-
-
-def _train(net, X, y, epochs, lr=0.01, seed=0):
-    torch.manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    Xt, yt = torch.tensor(X, dtype=torch.float32), torch.tensor(y)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(Xt)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
-            opt.step()
-        sched.step()
-    torch.set_num_threads(threads)
-    return net.eval()
+from veil.program.ir import Poly
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +27,7 @@ def test_digits_cnn_reaches_97_percent_encrypted(digits_images):
     Xtr, Xte, ytr, yte = digits_images
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3), ml.Square(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(72, 10))
-    _train(net, Xtr, ytr, epochs=60)
+    train(net, Xtr, ytr, epochs=60)
     model = ml.compile_torch_model(net, Xtr, input_bounds=1.0)
     enc = model.forward(Xte, fhe="execute", layout="batch")
     plain = model.forward(Xte)
@@ -98,7 +84,7 @@ def test_unsupported_layers_are_named_with_what_to_use(layer, hint):
     assert "layer 1" in str(err.value)
 
 
-def test_untraceable_and_branching_modules_are_refused():
+def test_branches_compile_and_untraceable_or_unsupported_modules_are_refused():
     class Branch(nn.Module):
         def __init__(self):
             super().__init__()
@@ -107,8 +93,23 @@ def test_untraceable_and_branching_modules_are_refused():
         def forward(self, x):
             return self.a(x) + self.b(x)
 
-    with pytest.raises(UnsupportedLayerError):
-        ml.compile_torch_model(Branch(), torch.randn(4, 3))
+    class Product(Branch):
+        def forward(self, x):
+            return self.a(x) * self.b(x)
+
+    class Pair(Branch):
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    X = torch.randn(8, 3)
+    branch = Branch().eval()
+    model = ml.compile_torch_model(branch, X)  # a sum of two branches is one affine map
+    with torch.no_grad():
+        np.testing.assert_allclose(model.forward(X[:4], fhe="execute"), branch(X[:4]).numpy(), atol=1e-4)
+    with pytest.raises(UnsupportedLayerError, match="nonlinear='client'"):
+        ml.compile_torch_model(Product(), X)  # a product of two values is no polynomial activation
+    with pytest.raises(UnsupportedLayerError, match="one tensor"):
+        ml.compile_torch_model(Pair(), X)
     bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     with pytest.raises(UnsupportedLayerError, match="training mode"):
         ml.compile_torch_model(bn, torch.randn(4, 3))
@@ -123,7 +124,7 @@ def test_replace_relu_swaps_and_fine_tunes(digits_images):
     Xtr, Xte, ytr, yte = digits_images
     torch.manual_seed(0)
     relu_net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    _train(relu_net, Xtr, ytr, epochs=30)
+    train(relu_net, Xtr, ytr, epochs=30)
     poly_net = ml.replace_relu(relu_net, Xtr, ytr, epochs=10)
     assert not any(isinstance(m, nn.ReLU) for m in poly_net.modules())
     assert any(isinstance(m, ml.Polynomial) for m in poly_net.modules())
@@ -132,3 +133,43 @@ def test_replace_relu_swaps_and_fine_tunes(digits_images):
     model = ml.compile_torch_model(poly_net, Xtr, input_bounds=1.0)
     acc_enc = (model.forward(Xte, fhe="execute").argmax(1) == yte).mean()
     assert acc_enc >= acc_relu - 0.02
+
+
+class SkipAndConcat(nn.Module):
+    """Squares with a residual add past the second and a concatenation of both depths."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = self.conv1(x) ** 2
+        y = self.bn(self.conv2(h)) + x  # the input rides past the first square
+        z = torch.cat([y * y, h], dim=1)  # h rides past the second
+        return self.fc(torch.flatten(self.pool(z), 1))
+
+
+def test_residual_and_concatenation_networks_run_without_interaction(digits_images):
+    Xtr, Xte, _, _ = digits_images
+    torch.manual_seed(0)
+    net = SkipAndConcat()
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    program = module_to_program(net, (1, 8, 8))
+    polys = [op for op in program.ops if isinstance(op, Poly)]
+    assert len(polys) == 2 and not any(p.is_uniform for p in polys)  # carried elements are the identity
+    X = torch.tensor(Xte[:60], dtype=torch.float32)
+    with torch.no_grad():
+        ref = net(X).numpy()
+    np.testing.assert_allclose(program.evaluate(X.reshape(60, -1).double().numpy()), ref, rtol=1e-4, atol=1e-4)
+    model = ml.compile_torch_model(net, Xtr, input_bounds=1.0)
+    assert set(model.circuit_.plans) == {"batch"}  # per-element polynomials: one ciphertext per element
+    enc = model.forward(Xte[:60], fhe="execute")
+    np.testing.assert_allclose(enc, ref, atol=1e-3 * np.abs(ref).max())
+    assert np.mean(enc.argmax(1) == ref.argmax(1)) >= 0.995
+    with pytest.raises(ShapeError, match="unknown layout"):
+        model.forward(Xte[:1], fhe="execute", layout="row")

@@ -97,6 +97,20 @@ CLUSTER_RUN = textwrap.dedent("""
         out["dead_actors"] = failure(lambda: ex.execute(X2, **setup, chunk_rows=SLOTS))
         out["pool_after_death"] = len(ex._pool)
         out["after_death_rel_err"] = rel_err(ex.execute(X2, **setup, chunk_rows=SLOTS), X2)
+    import torch
+    from torch import nn
+    from veil.ml import compile_torch_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10))
+    images = (X0 / 16.0).reshape(-1, 1, 8, 8)
+    staged = compile_torch_model(net.eval(), images[:400], input_bounds=1.0, nonlinear="client")
+    with torch.no_grad():
+        logits = net(torch.tensor(images[1000:1200], dtype=torch.float32)).numpy()
+    for ship in (False, True):
+        with RayExecutor(ship_keys=ship) as ex:
+            got = staged.forward(images[1000:1200], fhe="execute", executor=ex)
+        out[f"staged_{ship}"] = float(np.max(np.abs(got - logits)) / np.max(np.abs(logits)))
     ray.shutdown()
     print("RESULT " + json.dumps(out))
 """)
@@ -147,6 +161,13 @@ def test_ray_chunks_agree_with_the_in_process_path_in_order(cluster_run, ship_ke
     assert got["agreement"] == 1.0
     assert got["actors"] == 2  # one per CPU of the cluster
     assert got["ray_still_up"], "an executor that did not start Ray must not stop it"
+
+
+@pytest.mark.parametrize("ship_keys", [False, True])
+def test_an_interactive_network_runs_its_stages_through_ray(cluster_run, ship_keys):
+    """A ReLU/MaxPool CNN compiled with nonlinear='client': one round trip per stage, each to an
+    actor (the key in the driver) or inside the actor (ship_keys), agreeing with plaintext torch."""
+    assert cluster_run[f"staged_{ship_keys}"] <= 1e-3
 
 
 def test_a_memmap_is_read_chunk_by_chunk(cluster_run):

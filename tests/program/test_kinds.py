@@ -14,12 +14,14 @@ from veil.program import (
     Program,
     compile_product_sum,
     compile_program,
+    compile_staged,
     describe,
     kinds,
     load_client,
     load_server,
     register,
 )
+from veil.program.glue import StagedGraph, StageIO, Step
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,11 @@ def circuits():
     ps = ProductSum(2, [(0.0, ((0, 1.0),)), (0.0, ((1, 1.0),))], np.array([[0, 1]]), np.array([3e-6]),
                     np.array([0]), np.array([0.0]))
     products = compile_product_sum(ps, np.array([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]))
-    return {"affine": affine, "leveled": leveled, "product-sum": products}
+    graph = StagedGraph([(4,), (5,), (5,), (3,)], [Step("relu", {}, (1,), 2, 1)],
+                        [StageIO((0,), (1,)), StageIO((2,), (3,))], 3)
+    first, second = Linear(rng.normal(size=(5, 4)), np.zeros(5)), Linear(rng.normal(size=(3, 5)), np.zeros(3))
+    staged = compile_staged(graph, [first, second], {0: X, 2: np.maximum(first(X), 0.0)})
+    return {"affine": affine, "leveled": leveled, "product-sum": products, "staged": staged}
 
 
 def test_every_kind_is_registered_once_and_round_trips(circuits):

@@ -294,14 +294,19 @@ class WeightedSum:
 
     def apply(self, blobs: Sequence[bytes]) -> list[seal.Ciphertext]:
         """The weighted sums of ciphertexts given as SEAL serializations (as a request carries them,
-        after SEAL has validated them), all at this level with one scale and size."""
+        after SEAL has validated them), all at this level with one scale. Their sizes may differ
+        (squares left unrelinearized beside values carried past them): a ciphertext of fewer
+        components counts as having zero further components, as SEAL's add_inplace treats it, so
+        the outputs have the largest size."""
         if len(blobs) != self.n_in:
             raise ShapeError(f"a weighted sum over {self.n_in} ciphertexts got {len(blobs)}")
-        meta = _parse_prefix(blobs[0])
-        parms, _, size, n, n_primes, scale, _ = meta
-        count = size * n_primes * n
-        if any(len(b) != DATA_OFFSET + 8 * count or _parse_prefix(b) != meta for b in blobs):
-            raise ScaleMismatchError("ciphertexts of one weighted sum must share their level, scale and size")
+        metas = [_parse_prefix(b) for b in blobs]
+        parms, _, _, n, n_primes, scale, _ = metas[0]
+        sizes = [m[2] for m in metas]
+        size = max(sizes)
+        if any(len(b) != DATA_OFFSET + 8 * m[2] * n_primes * n or m[:2] + m[3:] != metas[0][:2] + metas[0][3:]
+               for b, m in zip(blobs, metas, strict=True)):
+            raise ScaleMismatchError("ciphertexts of one weighted sum must share their level and scale")
         if tuple(np.frombuffer(parms, dtype="<u8")) != tuple(self.context.parms_id_at(self.level)):
             raise ScaleMismatchError(f"ciphertexts are not at level {self.level}")
         out_scale = scale * self.weight_scale
@@ -309,7 +314,8 @@ class WeightedSum:
             raise ScaleMismatchError(f"a product at scale 2^{math.log2(out_scale):.1f} does not fit the "
                                      f"{self.modulus_bits}-bit modulus at level {self.level}")
         bias = self._bias_residues(out_scale) if self.bias.any() else None
-        views = [np.frombuffer(b, dtype=np.uint8, count=8 * count, offset=DATA_OFFSET) for b in blobs]
+        views = [np.frombuffer(b, dtype=np.uint8, count=8 * k * n_primes * n, offset=DATA_OFFSET)
+                 for b, k in zip(blobs, sizes, strict=True)]
         slab = np.empty((self.n_in, n), dtype="<u8")  # one (component, prime) of every input
         slab_bytes = slab.view(np.uint8)  # filled by byte copies: the coefficients start unaligned
         prefix = blobs[0][:DATA_OFFSET]
@@ -324,7 +330,7 @@ class WeightedSum:
                 for p in range(size):
                     at = 8 * (p * n_primes + j) * n
                     for i, v in enumerate(views):
-                        slab_bytes[i] = v[at:at + 8 * n]
+                        slab_bytes[i] = v[at:at + 8 * n] if p < sizes[i] else 0
                     for lo in range(0, n, step):
                         cols = slice(lo, min(lo + step, n))
                         part = self._product(limbs, self._coefficient_limbs(slab[:, cols], plan), plan, q)

@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from veil.errors import NotCompiledError
 from veil.ml.outputs import OutputSpec
 from veil.program import Circuit, Client, load_client, load_server, parallel
+from veil.program.common import local_transport
 
 FHE_MODES = ("disable", "simulate", "execute")
 SERVER_FILE = "server.json"
@@ -68,12 +69,13 @@ class EncryptedModelMixin:
     def _raw(self, X: Any, fhe: str, layout: str = "auto", workers: int | None = None,
              executor: Any = None) -> np.ndarray:
         """Raw outputs (n_samples, n_outputs) computed in the requested mode. With fhe="execute",
-        inputs above one chunk (`parallel.default_chunk_rows`) run chunk by chunk
-        in `workers` local processes (None: one per CPU; 1: chunked in this process), so memory
-        stays bounded whatever the number of rows; smaller inputs run here in one go. An
-        `executor` (e.g. `veil.program.cluster.RayExecutor`) runs the chunks elsewhere instead,
-        whatever the number of rows: any object with `parallel.execute_chunked`'s keyword
-        interface as its `execute` method."""
+        inputs above one chunk (`parallel.default_chunk_rows`) run chunk by chunk in `workers`
+        local processes (None: one per CPU; 1: chunked in this process), so memory stays bounded
+        whatever the number of rows; smaller inputs run here in one go. An `executor` (e.g.
+        `veil.program.cluster.RayExecutor`) runs the chunks elsewhere instead, whatever the number
+        of rows: any object with `parallel.execute_chunked`'s keyword interface as its `execute`
+        method. Either way the client runs its whole protocol (`infer`: one round trip, or one per
+        stage of a staged program)."""
         if fhe not in FHE_MODES:
             raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -98,9 +100,7 @@ class EncryptedModelMixin:
             if executor is not None:
                 return executor.execute(X, **setup)
             return parallel.execute_chunked(X, workers=workers, **setup)
-        request = client.encrypt(X, name)
-        response = self.circuit_.run(request, client.public_bundle(name))
-        return client.decrypt(response, len(X))
+        return client.infer(X, name, local_transport(self.circuit_, client))
 
     @property
     def fhe_client(self) -> Client:

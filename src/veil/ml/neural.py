@@ -8,7 +8,9 @@ layer, so clients send raw features), and regression targets are standardized an
 the last layer. `fhe="disable"` evaluates the same polynomial network in plaintext.
 
 `compile_torch_model(module, X)` compiles any supported module (see `torch_compile`) and returns
-a `CompiledTorchModel` with `forward(X, fhe=...)`, as Concrete ML's function of the same name.
+a `CompiledTorchModel` with `forward(X, fhe=...)`, as Concrete ML's function of the same name;
+`nonlinear="client"` compiles any network (ReLU, MaxPool, GELU, ...) for interactive inference,
+its non-linear layers computed by the client between encrypted linear stages.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from veil.errors import ShapeError
 from veil.ml.base import EncryptedModelMixin
 from veil.ml.linear import _fold_scaler, fold_standardization
 from veil.ml.outputs import OutputSpec
-from veil.ml.torch_compile import Square, module_to_program, relu_polynomial
+from veil.ml.torch_compile import Square, module_to_program, module_to_staged, relu_polynomial
 from veil.program import Circuit, Linear, Program, compile_program
 from veil.program.planner import DEFAULT_HEADROOM
 
@@ -213,26 +215,47 @@ class MLPRegressor(RegressorMixin, _EncryptedMLP):
         return float(r2_score(y, self.predict(X, fhe=fhe), sample_weight=sample_weight))
 
 
-class CompiledTorchModel(EncryptedModelMixin):
-    """A compiled torch module: `forward(X, fhe=...)` returns its raw outputs, flattened per sample."""
+NONLINEAR = ("server", "client")
+REFERENCE_ROWS = 4096
+"""Rows the plaintext reference of an interactive model runs at once (its activations are wide)."""
 
-    def __init__(self, module: nn.Module, program: Program, input_shape: tuple[int, ...],
-                 circuit: Circuit) -> None:
+
+class CompiledTorchModel(EncryptedModelMixin):
+    """A compiled torch module: `forward(X, fhe=...)` returns its raw outputs, flattened per sample.
+    With `nonlinear="server"` the reference (`fhe="disable"`) is the lowered program, with
+    `"client"` the module itself in float64."""
+
+    def __init__(self, module: nn.Module, program: Program | None, input_shape: tuple[int, ...],
+                 circuit: Circuit, nonlinear: str = "server") -> None:
         self.module = module
         self.program_ = program
         self.input_shape = tuple(input_shape)
+        self.nonlinear = nonlinear
         self.circuit_ = circuit
         self.output_spec_ = OutputSpec("regressor", ravel=False)
+
+    @property
+    def n_inputs(self) -> int:
+        return int(np.prod(self.input_shape))
 
     def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
         X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
         X = np.asarray(X, dtype=np.float64)
-        if X.shape[1:] != self.input_shape and X.shape[1:] != (self.program_.n_inputs,):
+        if X.shape[1:] != self.input_shape and X.shape[1:] != (self.n_inputs,):
             raise ShapeError(f"expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), got {X.shape}")
         return X.reshape(len(X), -1)
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:
-        return self.program_.evaluate(X)
+        if self.program_ is not None:
+            return self.program_.evaluate(X)
+        reference = copy.deepcopy(self.module).double().eval()
+        out = []
+        with torch.no_grad():
+            for lo in range(0, len(X), REFERENCE_ROWS):
+                block = torch.as_tensor(X[lo:lo + REFERENCE_ROWS]).reshape(-1, *self.input_shape)
+                y = reference(block)
+                out.append(y.reshape(len(block), -1).numpy())
+        return np.concatenate(out)
 
     def forward(self, X: Any, fhe: str = "disable", layout: str = "auto",
                 workers: int | None = None, executor: Any = None) -> np.ndarray:
@@ -244,23 +267,43 @@ class CompiledTorchModel(EncryptedModelMixin):
 
 
 def compile_torch_model(module: nn.Module, X_calibration: Any, input_bounds: float | np.ndarray | None = None,
-                        headroom: float = DEFAULT_HEADROOM, bounds: str = "sound") -> CompiledTorchModel:
+                        headroom: float = DEFAULT_HEADROOM, bounds: str = "sound",
+                        nonlinear: str = "server") -> CompiledTorchModel:
     """Compile `module` (in eval mode) for encrypted inference on inputs like `X_calibration`.
 
-    `bounds` says what the ring is sized for: "sound" (the default) the outputs of every input in
-    the accepted box (`input_bounds`, or twice the calibration range per feature), by interval
-    arithmetic; "calibrated" the values each stage reaches on `X_calibration` times `headroom`,
-    for networks whose sound bounds no ring holds: inputs unlike the calibration data may then
-    push an output out of range, which the client detects and reports as `PrecisionError`."""
+    `nonlinear="server"` (non-interactive): the server evaluates the whole network under CKKS, so
+    its activations must be polynomials (`veil.ml.Square`, `veil.ml.Polynomial`); residual adds
+    and concatenations are supported. `bounds` then says what the ring is sized for: "sound" (the
+    default) the outputs of every input in the accepted box (`input_bounds`, or twice the
+    calibration range per feature), by interval arithmetic; "calibrated" the values each stage
+    reaches on `X_calibration` times `headroom`, for networks whose sound bounds no ring holds:
+    inputs unlike the calibration data may then push an output out of range, which the client
+    detects and reports as `PrecisionError`.
+
+    `nonlinear="client"` (interactive, `veil.program.staged`): the server evaluates each run of
+    linear layers on ciphertexts and the client every other layer (ReLU, MaxPool, GELU, Sigmoid,
+    Softmax, ...) exactly, one round trip per non-linear stage; the client then learns the
+    architecture and the intermediate activations. Calibration fixes the range each stage
+    accepts: each value up to twice its largest calibration magnitude (`input_bounds` for the
+    model input), and the client refuses anything beyond it with `PrecisionError`; every stage is
+    depth 0 with sound bounds over that range, so `bounds` does not apply."""
+    if nonlinear not in NONLINEAR:
+        raise ValueError(f"nonlinear must be one of {NONLINEAR}, got {nonlinear!r}")
     X = X_calibration.detach().cpu().numpy() if isinstance(X_calibration, torch.Tensor) else np.asarray(X_calibration)
     if X.ndim < 2 or len(X) == 0:
         raise ShapeError("X_calibration must hold at least one sample: shape (n, *input_shape)")
-    program = module_to_program(module, tuple(X.shape[1:]))
-    flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
     if input_bounds is not None and np.ndim(input_bounds) > 0:
         input_bounds = np.asarray(input_bounds, dtype=np.float64).reshape(-1)
+    shape = tuple(X.shape[1:])
+    if nonlinear == "client":
+        if not np.all(np.isfinite(X)):
+            raise ShapeError("calibration data contain NaN or infinite values")
+        _, circuit = module_to_staged(module, np.asarray(X, dtype=np.float64), input_bounds, headroom)
+        return CompiledTorchModel(copy.deepcopy(module).eval(), None, shape, circuit, nonlinear)
+    program = module_to_program(module, shape)
+    flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
     circuit = compile_program(program, flat, input_bounds, headroom, bounds=bounds)
-    return CompiledTorchModel(copy.deepcopy(module).eval(), program, tuple(X.shape[1:]), circuit)
+    return CompiledTorchModel(copy.deepcopy(module).eval(), program, shape, circuit, nonlinear)
 
 
 def mlp_from_torch(module: nn.Module, classes: Any = None, scaler: Any = None) -> MLPClassifier | MLPRegressor:

@@ -1,67 +1,53 @@
-"""Compile a user's `torch.nn.Module` into a program: `compile_torch_model(module, X_calibration)`.
+"""Compile a user's `torch.nn.Module` for encrypted inference (`veil.ml.compile_torch_model`).
 
-The module is traced with `torch.fx` into a chain of operations. Every run of affine operations
-(Linear, Conv1d/Conv2d, AvgPool, AdaptiveAvgPool, Flatten/view/reshape, BatchNorm in eval mode,
-Dropout in eval mode, Identity) is one affine map, whose matrix is read off exactly by applying
-it to the unit vectors in float64 (so convolutions, pooling and folded batch norms need no
-special code). Activations must be polynomials of degree <= 2: `Square`, `x * x`, `x ** 2`,
-`torch.square`, or `Polynomial(c0, c1, c2)`; `replace_relu` swaps ReLU for a quadratic fitted
-on the calibration range and fine-tunes. Anything else raises `UnsupportedLayerError` naming the
-layer and what to use instead.
+The module is traced with torch.fx into a graph of affine maps, polynomial activations and other
+layers (`veil.ml.torch_graph`), which is lowered one of two ways:
+
+* `module_to_program` (`nonlinear="server"`, non-interactive): every non-affine operation must be a
+  polynomial of degree <= 2 (`Square`, `x * x`, `x ** 2`, `torch.square`, `Polynomial(c0, c1,
+  c2)`), evaluated by the server under CKKS. The graph becomes a chain of the IR: for depth
+  d = 1, 2, ... (a polynomial's depth is the number of polynomials on its longest path from the
+  input), a Linear computing the inputs of every polynomial of depth d from the values live
+  after depth d - 1, then one Poly over them all; a value read later (the input of a skip
+  connection, one side of a concatenation) rides past that Poly as the identity element of a
+  per-element polynomial. Residual adds and concatenations thus cost no extra level; they are
+  planned for the batch layout (`veil.program.planner`). Other layers raise
+  `UnsupportedLayerError` naming the layer and what to use instead (`replace_relu` swaps ReLU for
+  a fitted quadratic and fine-tunes).
+* `module_to_staged` (`nonlinear="client"`, interactive): the client computes every non-affine
+  layer exactly, the server every run of affine layers between them, one round trip per
+  non-linear stage (`veil.program.staged`: protocol, checks and what each side learns).
 """
 
 from __future__ import annotations
 
 import copy
-import operator
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
-from veil.errors import ShapeError, VeilError
-from veil.program.ir import Linear, Op, Poly, Program
+from veil.errors import ShapeError
+from veil.ml.torch_graph import (
+    AFFINE_MODULES,
+    CLIENT_HINT,
+    GLUE,
+    INSTEAD,
+    POLY,
+    Graph,
+    Polynomial,
+    Square,
+    UnsupportedLayerError,
+    trace,
+)
+from veil.program.affine import DEFAULT_HEADROOM as AFFINE_HEADROOM
+from veil.program.glue import StagedGraph, StageIO, Step
+from veil.program.ir import Poly, Program
+from veil.program.staged import StagedCircuit, compile_staged
 
-AFFINE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                  nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.BatchNorm1d, nn.BatchNorm2d,
-                  nn.Dropout, nn.Identity, nn.ZeroPad2d)
-AFFINE_FUNCTIONS = (torch.flatten, torch.reshape)
-AFFINE_METHODS = ("view", "reshape", "flatten")
-INSTEAD = {
-    nn.ReLU: "veil.ml.Polynomial (a quadratic), or veil.ml.replace_relu(module, X, y) to swap and fine-tune",
-    nn.GELU: "veil.ml.Polynomial or veil.ml.Square", nn.SiLU: "veil.ml.Polynomial or veil.ml.Square",
-    nn.Sigmoid: "veil.ml.Polynomial (e.g. 0.5 + 0.197 x on a small range), or apply it after decryption",
-    nn.Tanh: "veil.ml.Polynomial", nn.Softmax: "nothing: veil applies softmax on the client after decryption",
-    nn.MaxPool2d: "nn.AvgPool2d", nn.MaxPool1d: "nn.AvgPool1d", nn.LeakyReLU: "veil.ml.Polynomial",
-}
-
-
-class UnsupportedLayerError(VeilError, TypeError):
-    """A layer with no encrypted equivalent; the message says what to use instead."""
-
-
-class Square(nn.Module):
-    """x -> x^2, the cheapest activation under CKKS (one multiplicative level)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * x
-
-
-class Polynomial(nn.Module):
-    """x -> c0 + c1 x + c2 x^2 (fixed coefficients; one multiplicative level)."""
-
-    def __init__(self, c0: float = 0.0, c1: float = 0.0, c2: float = 1.0) -> None:
-        super().__init__()
-        self.register_buffer("coeffs", torch.tensor([c0, c1, c2], dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.coeffs.to(x.dtype)
-        return c[0] + x * (c[1] + c[2] * x)
-
-    def extra_repr(self) -> str:
-        return "c0={:.4g}, c1={:.4g}, c2={:.4g}".format(*self.coeffs.tolist())
+__all__ = ["AFFINE_MODULES", "INSTEAD", "Polynomial", "Square", "UnsupportedLayerError", "module_to_program",
+           "module_to_staged", "relu_polynomial", "replace_relu", "staged_graph"]
 
 
 def relu_polynomial(bound: float = 4.0) -> Polynomial:
@@ -71,121 +57,130 @@ def relu_polynomial(bound: float = 4.0) -> Polynomial:
     return Polynomial(float(c0), float(c1), float(c2))
 
 
-class _Tracer(fx.Tracer):
-    """torch.fx tracer that keeps veil's activation modules as single steps."""
+def _sources(graph: Graph, bases: set[int]) -> dict[int, set[int]]:
+    """Per node, the base values (those not computed by the server's affine maps) it is an affine
+    function of: itself for a base value."""
+    src: dict[int, set[int]] = {}
+    for i, node in enumerate(graph.nodes):
+        src[i] = {i} if i in bases else set().union(*(src[a] for a in node.args))
+    return src
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Square | Polynomial) or super().is_leaf_module(m, qualname)
 
-
-def _chain(module: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor], Any]]:
-    """The module as a list of (name, function, kind-or-module) steps, from a torch.fx trace."""
-    try:
-        graph = _Tracer().trace(module)
-    except Exception as exc:  # fx raises many types on untraceable control flow
-        raise UnsupportedLayerError(f"cannot trace {type(module).__name__} with torch.fx: {exc}") from None
-    mods = dict(module.named_modules())
-    steps: list[tuple[str, Callable, Any]] = []
-    prev: fx.Node | None = None
-    meta: set[fx.Node] = set()
+def lower_program(graph: Graph) -> Program:
+    """The graph as a chain of Linear and (per-element) Poly stages (module docstring)."""
     for node in graph.nodes:
-        if node.op == "placeholder":
-            prev = node
-            continue
-        if node.op == "output":
+        if node.kind == GLUE:
+            raise UnsupportedLayerError(f"{node.name} has no encrypted equivalent; use {node.hint}, or {CLIENT_HINT}")
+    if graph.output == 0:
+        raise ShapeError("the module computes nothing")
+    polys = [i for i, node in enumerate(graph.nodes) if node.kind == POLY]
+    src = _sources(graph, {0, *polys})
+    depth = {0: 0}
+    for p in polys:
+        depth[p] = 1 + max(depth[b] for b in src[graph.nodes[p].args[0]])
+    top = max(depth.values())
+    last = dict.fromkeys(depth, 0)  # the last Linear stage (1 .. top + 1) reading each base value
+    for p in polys:
+        for b in src[graph.nodes[p].args[0]]:
+            last[b] = max(last[b], depth[p])
+    for b in src[graph.output]:
+        last[b] = top + 1
+    state, ops = [0], []
+    for d in range(1, top + 2):
+        layer = [p for p in polys if depth[p] == d and last[p] > d] if d <= top else []
+        carried = [b for b in state if last[b] > d]
+        targets = [graph.nodes[p].args[0] for p in layer] + carried if d <= top else [graph.output]
+        ops.append(graph.affine_map(state, targets))
+        if d > top:
             break
-        if (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") \
-                or (node.op == "call_method" and node.target == "size") \
-                or (node.op == "call_function" and node.target is operator.getitem and node.args[0] in meta):
-            meta.add(node)  # shape arithmetic such as x.view(x.shape[0], -1): no computation
-            continue
-        shaped = any(a in meta for a in node.args if isinstance(a, fx.Node))
-        tensors = list(dict.fromkeys(a for a in node.args if isinstance(a, fx.Node) and a not in meta))
-        if node.op == "call_module":
-            sub = mods[node.target]
-            steps.append((str(node.target), sub, sub))
-        elif node.op == "call_function" and node.target in AFFINE_FUNCTIONS:
-            args, kwargs = node.args[1:], dict(node.kwargs)
-            steps.append((node.name, lambda x, f=node.target, a=args, k=kwargs: f(x, *a, **k), "affine"))
-        elif node.op == "call_method" and node.target in AFFINE_METHODS and shaped:
-            steps.append((node.name, lambda x: x.reshape(x.shape[0], -1), "affine"))
-        elif node.op == "call_method" and node.target in AFFINE_METHODS:
-            args = node.args[1:]
-            steps.append((node.name, lambda x, m=node.target, a=args: getattr(x, m)(*a), "affine"))
-        elif (node.target in (operator.mul, torch.mul) and len(node.args) == 2 and node.args[0] is node.args[1]) \
-                or (node.target in (operator.pow, torch.pow) and node.args[1] == 2) \
-                or node.target in (torch.square, "square"):
-            steps.append((node.name, lambda x: x * x, "square"))
-        else:
-            raise UnsupportedLayerError(f"operation {node.name} ({node.target}) has no encrypted equivalent; "
-                                        "use Linear, Conv, AvgPool, Flatten, BatchNorm and polynomial activations")
-        if len(tensors) != 1 or tensors[0] is not prev:
-            raise UnsupportedLayerError(f"operation {node.name} does not take the previous one's output alone: "
-                                        "only chains of layers (as nn.Sequential) can be compiled")
-        prev = node
-    return steps
-
-
-def _classify(name: str, kind: Any) -> str:
-    if isinstance(kind, str):
-        return kind
-    if isinstance(kind, AFFINE_MODULES):
-        return "affine"
-    if isinstance(kind, Square):
-        return "square"
-    if isinstance(kind, Polynomial):
-        return "poly"
-    hint = next((v for k, v in INSTEAD.items() if isinstance(kind, k)), "a supported layer")
-    raise UnsupportedLayerError(f"layer {name} ({type(kind).__name__}) has no encrypted equivalent; use {hint}")
+        coeffs = [np.repeat([graph.nodes[p].coeffs], graph.nodes[p].size, axis=0) for p in layer]
+        coeffs += [np.repeat([(0.0, 1.0, 0.0)], graph.nodes[b].size, axis=0) for b in carried]
+        c = np.concatenate(coeffs)
+        ops.append(Poly.per_element(c[:, 0], c[:, 1], c[:, 2]))
+        state = layer + carried
+    return Program(graph.nodes[0].size, ops)
 
 
 def module_to_program(module: nn.Module, input_shape: tuple[int, ...]) -> Program:
-    """Lower a traced chain to a `Program` on the flattened input of shape `input_shape`."""
-    for name, sub in module.named_modules():
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training:
-            raise UnsupportedLayerError(f"layer {name or type(sub).__name__} (BatchNorm) is in training mode: "
-                                        "call module.eval() first, so its running statistics are folded")
-    module = copy.deepcopy(module).double().eval()
-    if isinstance(module, (*AFFINE_MODULES, Square, Polynomial)):
-        module = nn.Sequential(module)  # a bare layer: trace it as a one-layer chain
-    steps = _chain(module)
-    n_in = int(np.prod(input_shape))
-    ops: list[Op] = []
-    group: list[Callable] = []
-    shape = tuple(input_shape)
+    """Lower `module` to a `Program` on the flattened input of shape `input_shape` (traced on a
+    few random samples: the lowering does not depend on the data)."""
+    sample = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return lower_program(trace(module, sample))
 
-    def flush() -> None:
-        nonlocal shape
-        if not group:
-            return
-        with torch.no_grad():
-            basis = torch.cat([torch.zeros(1, n_cur), torch.eye(n_cur)]).double().reshape(-1, *shape)
-            out = basis
-            for f in group:
-                out = f(out)
-        if out.shape[0] != n_cur + 1:
-            raise UnsupportedLayerError("a reshape mixes samples of a batch: keep the batch dimension first")
-        shape = tuple(out.shape[1:])
-        flat = out.reshape(n_cur + 1, -1).numpy()
-        ops.append(Linear((flat[1:] - flat[0]).T, flat[0]))
-        group.clear()
 
-    n_cur = n_in
-    for name, fn, kind in steps:
-        what = _classify(name, kind)
-        if what == "affine":
-            group.append(fn)
-            continue
-        flush()
-        n_cur = int(np.prod(shape))
-        if what == "square":
-            ops.append(Poly((0.0, 0.0, 1.0)))
+def staged_graph(graph: Graph) -> tuple[StagedGraph, list[tuple[list[int], list[int]]], dict[int, int]]:
+    """The public description of the graph's interactive evaluation, the (inputs, outputs) nodes
+    of each server stage, and the node of every value the client sends.
+
+    Placement: the input, every non-affine node and every parameter-free step (reshape, sum,
+    difference, concatenation) of values the client holds run on the client; every other node is
+    an affine function, computed by the server, of the client values it depends on. A client node
+    runs in round r = max over its arguments of the argument's round (a client value) or 1 + the
+    latest round of the client values it depends on (a server value); stage r - 1 computes the
+    server values that round r reads, from the client values they depend on (the client sends
+    those again in each stage that reads them), and a last stage computes the output if the
+    server does."""
+    rounds: dict[int, int] = {0: 0}
+    src: dict[int, set[int]] = {0: {0}}
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        if node.kind in (GLUE, POLY) or (node.step is not None and all(a in rounds for a in node.args)):
+            rounds[i] = max(rounds[a] if a in rounds else 1 + max(rounds[b] for b in src[a]) for a in node.args)
+            src[i] = {i}
         else:
-            ops.append(Poly(tuple(float(c) for c in kind.coeffs)))
-    flush()
-    if not ops:
-        raise ShapeError("the module computes nothing")
-    return Program(n_in, ops)
+            src[i] = set().union(*(src[a] for a in node.args))
+    stages = []
+    for r in range(1, max(rounds.values()) + 1):
+        wanted = [a for i in sorted(rounds) if rounds[i] == r for a in graph.nodes[i].args if a not in rounds]
+        outputs = list(dict.fromkeys(wanted))
+        stages.append((sorted(set().union(*(src[u] for u in outputs))), outputs))
+    if graph.output not in rounds:
+        stages.append((sorted(src[graph.output]), [graph.output]))
+    if not stages:
+        raise ShapeError("the module computes nothing on the server: nothing would be encrypted")
+    shapes = [graph.nodes[0].shape]
+    value = {0: 0}
+    for i in sorted(rounds)[1:]:
+        value[i] = len(shapes)
+        shapes.append(graph.nodes[i].shape)
+    answer: dict[tuple[int, int], int] = {}
+    for s, (_, outputs) in enumerate(stages):
+        for u in outputs:
+            answer[(u, s)] = len(shapes)
+            shapes.append(graph.nodes[u].shape)
+    steps = []
+    for i in sorted(sorted(rounds)[1:], key=lambda i: rounds[i]):
+        node, r = graph.nodes[i], rounds[i]
+        assert node.step is not None
+        reads = tuple(value[a] if a in rounds else answer[(a, r - 1)] for a in node.args)
+        steps.append(Step(node.step[0], node.step[1], reads, value[i], r))
+    io = [StageIO(tuple(value[b] for b in inputs), tuple(answer[(u, s)] for u in outputs))
+          for s, (inputs, outputs) in enumerate(stages)]
+    output = value[graph.output] if graph.output in rounds else answer[(graph.output, len(stages) - 1)]
+    sent = {value[b]: b for inputs, _ in stages for b in inputs}
+    return StagedGraph(shapes, steps, io, output), stages, sent
+
+
+def _positive(module: nn.Module) -> nn.Module:
+    """A copy whose parameters and floating buffers are all |p| + 1: its affine maps have no
+    cancellations, so their non-zero pattern is the architecture's (which weights may be non-zero)."""
+    out = copy.deepcopy(module)
+    with torch.no_grad():
+        for t in [*out.parameters(), *(b for b in out.buffers() if b.is_floating_point())]:
+            t.copy_(t.abs() + 1.0)
+    return out
+
+
+def module_to_staged(module: nn.Module, X: np.ndarray, input_bounds: Any = None,
+                     headroom: float = AFFINE_HEADROOM) -> tuple[Graph, StagedCircuit]:
+    """The traced graph of `module` and its staged circuit, calibrated on X (n, *input_shape)."""
+    graph = trace(module, X)
+    description, stages, sent = staged_graph(graph)
+    maps = [graph.affine_map(inputs, outputs) for inputs, outputs in stages]
+    structure = trace(_positive(module), np.asarray(X)[:2])
+    same = [n.name for n in structure.nodes] == [n.name for n in graph.nodes]
+    supports = [structure.affine_map(inputs, outputs).weight != 0 if same else None for inputs, outputs in stages]
+    calibration = {v: graph.values[node] for v, node in sent.items()}
+    return graph, compile_staged(description, maps, calibration, supports, input_bounds, headroom)
 
 
 def replace_relu(module: nn.Module, X: Any, y: Any = None, bound: float | None = None, epochs: int = 20,

@@ -3,7 +3,9 @@
 `ml/` compiles models into programs (`ir.Program`, or `products.ProductSum` for sums of products of
 0/1 literals such as tree ensembles); the planner (`planner.plan`) chooses
 parameters, levels and scales per layout; `affine.LinearCircuit` (depth 0, no rescale) and
-`leveled.LeveledCircuit` (networks) run them under SEAL, in simulation or in plaintext. Each kind of
+`leveled.LeveledCircuit` (networks) run them under SEAL, in simulation or in plaintext;
+`staged.StagedCircuit` runs a network interactively, its linear stages on the server and its other
+layers on the client (`glue.StagedGraph` describes them). Each kind of
 circuit is one registered object (`kinds.CircuitKind`), so servers and clients load any compiled
 artefact through `load_server` and `load_client` without knowing which model it came from.
 """
@@ -21,9 +23,10 @@ from veil.program.kinds import CircuitKind, depth, describe, key_needs, kinds, l
 from veil.program.leveled import LeveledCircuit, ProgramClient
 from veil.program.planner import BOUNDS, LayoutPlan, plan
 from veil.program.products import ProductSum, ProductSumCircuit, ProductSumClient, compile_product_sum
+from veil.program.staged import StagedCircuit, StagedClient, compile_staged
 
-Circuit = LinearCircuit | LeveledCircuit
-Client = CircuitClient | ProgramClient
+Circuit = LinearCircuit | LeveledCircuit | StagedCircuit
+Client = CircuitClient | ProgramClient | StagedClient
 
 
 def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
@@ -95,10 +98,13 @@ __all__ = [
     "ProductSumClient",
     "Program",
     "ProgramClient",
+    "StagedCircuit",
+    "StagedClient",
     "ThermometerEncoding",
     "ciphertext_bytes",
     "compile_product_sum",
     "compile_program",
+    "compile_staged",
     "depth",
     "describe",
     "key_needs",

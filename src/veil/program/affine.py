@@ -7,6 +7,7 @@ chooses the two scales so that inputs and weights keep the same relative precisi
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,15 @@ from veil.he.params import CKKSParameters, preset
 from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.ir import MAX_DIM, Linear
 from veil.program.kinds import CircuitKind, register
-from veil.program.packing import LAYOUTS, BatchLayout, RowLayout, make_layout
+from veil.program.packing import (
+    LAYOUTS,
+    BatchLayout,
+    GatherLayout,
+    RowLayout,
+    check_gather_index,
+    gather_index,
+    make_layout,
+)
 
 DEFAULT_HEADROOM = 16.0
 INPUT_HEADROOM = 2.0
@@ -29,6 +38,8 @@ refuses them, because the output could then wrap around the modulus (a silent wr
 FRESH_NOISE_STD = 3.2
 """SEAL's error standard deviation per coefficient; fresh slot noise is this times sqrt(N/2)."""
 MIN_PRODUCT_BITS = 24
+BATCH_CACHE_BYTES = 1 << 28
+"""Largest set of encoded batch-layout weights kept between requests (see `batch_cacheable`)."""
 DEFAULT_PRESETS = {"batch": "depth0", "row": "depth0-rotations"}
 PER_SLOT = {"batch": 2}
 """The batch layout of an affine map puts two samples in each slot (real and imaginary parts)."""
@@ -182,22 +193,53 @@ def quantize_weights(W: np.ndarray, bits: int) -> np.ndarray:
     return Wq / 2.0**bits
 
 
-def choose_layout(n_samples: int, n_features: int, n_outputs: int, slots: dict[str, int],
-                  per_slot: int = 1) -> str:
-    """Pick the layout with the lower estimated end-to-end time for this many samples."""
-    batch = BatchLayout(slots["batch"], n_features, n_outputs, per_slot=per_slot)
-    nb = batch.n_batches(n_samples)
-    c = _COST_MS["batch"]
-    cost_batch = nb * (n_features * (c["encrypt"] + n_outputs * c["mul"]) + n_outputs * c["decrypt"])
-    try:
-        row = RowLayout(slots["row"], n_features, n_outputs)
-    except ShapeError:
-        return "batch"
+def estimated_ms(packing: BatchLayout | RowLayout | GatherLayout, n_samples: int, terms: int | None = None) -> float:
+    """Estimated single-core milliseconds to encrypt, evaluate and decrypt `n_samples` rows in a
+    layout, from per-operation costs measured for its default preset; `terms` is the number of
+    products of the batch layout (the map's non-zero weights; all of them when not given)."""
+    if isinstance(packing, BatchLayout):
+        c = _COST_MS["batch"]
+        F, C = packing.n_features, packing.n_outputs
+        products = F * C if terms is None else terms
+        return packing.n_batches(n_samples) * (F * c["encrypt"] + products * c["mul"] + C * c["decrypt"])
     c = _COST_MS["row"]
-    n_ct = row.n_input_cts(n_samples)
-    per_group = c["mul"] + len(row.rotation_steps) * c["rot"] + c["decrypt"]
-    cost_row = n_ct * (c["encrypt"] + row.n_groups * per_group)
-    return "row" if cost_row < cost_batch else "batch"
+    if isinstance(packing, GatherLayout):
+        per_group = packing.parts * (packing.terms * (c["encrypt"] + c["mul"]) + c["decrypt"])
+        return packing.n_groups(n_samples) * per_group
+    per_group = c["mul"] + len(packing.rotation_steps) * c["rot"] + c["decrypt"]
+    return packing.n_input_cts(n_samples) * (c["encrypt"] + packing.n_groups * per_group)
+
+
+def choose_layout(n_samples: int, n_features: int, n_outputs: int, slots: dict[str, int],
+                  per_slot: int = 1, index: np.ndarray | None = None) -> str:
+    """Pick the layout with the lower estimated end-to-end time for this many samples (ties: batch)."""
+    terms = None if index is None else int(np.count_nonzero(index >= 0))
+    costs = {"batch": estimated_ms(BatchLayout(slots["batch"], n_features, n_outputs, per_slot=per_slot),
+                                   n_samples, terms)}
+    for name in ("row", "gather"):
+        if name in slots:
+            try:
+                costs[name] = estimated_ms(make_layout(name, slots[name], n_features, n_outputs, index=index),
+                                           n_samples)
+            except ShapeError:
+                continue
+    return min(costs, key=lambda k: (costs[k], k != "batch"))
+
+
+def _checked_gather(table: np.ndarray | None, scales: dict, n_outputs: int, n_features: int) -> np.ndarray | None:
+    """The gather table, present exactly when the gather layout is, one row per output."""
+    if ("gather" in scales) != (table is not None):
+        raise WireFormatError("a gather table goes with the gather layout, and only with it")
+    if table is None:
+        return None
+    return check_gather_index(np.asarray(table, dtype=np.int64).tolist(), n_outputs, n_features)
+
+
+def _gather_digest(table: np.ndarray | None) -> dict:
+    """What the two halves compare of a gather table: its digest (the table itself can be large)."""
+    if table is None:
+        return {}
+    return {"gather": hashlib.sha256(np.ascontiguousarray(table, dtype="<i8").tobytes()).hexdigest()}
 
 
 def _check_scales(scales: object) -> dict[str, LayoutScales]:
@@ -224,7 +266,8 @@ class AffineKind:
 class LinearCircuit(AffineKind, ServerBase):
     """Server side of the affine map: weights, bias and the scales per layout."""
 
-    def __init__(self, weights: np.ndarray, bias: np.ndarray, scales: dict[str, LayoutScales]) -> None:
+    def __init__(self, weights: np.ndarray, bias: np.ndarray, scales: dict[str, LayoutScales],
+                 gather: np.ndarray | None = None) -> None:
         self.weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         self.bias = np.asarray(bias, dtype=np.float64).ravel()
         if self.bias.shape[0] != self.weights.shape[0]:
@@ -236,7 +279,15 @@ class LinearCircuit(AffineKind, ServerBase):
             if s.per_slot != 1 and name != "batch":
                 raise WireFormatError(f"only the batch layout holds two samples per slot, not {name!r}")
             s.check_weights(self.weights, self.bias)
+        self.gather = _checked_gather(gather, scales, self.n_outputs, self.n_features)
+        if self.gather is not None:
+            covered = np.zeros(self.weights.shape, dtype=bool)
+            rows = np.nonzero(self.gather >= 0)
+            covered[rows[0], self.gather[rows]] = True
+            if np.any(self.weights[~covered] != 0.0):
+                raise WireFormatError("the gather table misses non-zero weights: the layout would drop them")
         self._contexts: dict[str, HEContext] = {}
+        self._gather_weights: list[tuple[list[seal.Plaintext], seal.Plaintext]] | None = None
         self._row_weights: list[tuple[seal.Plaintext, seal.Plaintext]] | None = None
         self._batch_weights: list[tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]] | None = None
         self._quantized: dict[int, np.ndarray] = {}
@@ -251,11 +302,16 @@ class LinearCircuit(AffineKind, ServerBase):
 
     @classmethod
     def calibrate(cls, weights: np.ndarray, bias: np.ndarray, X: np.ndarray,
-                  headroom: float = DEFAULT_HEADROOM, presets: dict[str, str] | None = None,
-                  input_bounds: float | np.ndarray | None = None) -> LinearCircuit:
+                  headroom: float = DEFAULT_HEADROOM, presets: dict[str, str | None] | None = None,
+                  input_bounds: float | np.ndarray | None = None,
+                  support: np.ndarray | None = None) -> LinearCircuit:
         """Choose scales for each layout from calibration inputs X. Any input with
         |x_f| <= INPUT_HEADROOM * max|X_f| for every feature (or within the explicit `input_bounds`)
-        is accepted and guaranteed not to overflow; so is anything of no larger weighted magnitude."""
+        is accepted and guaranteed not to overflow; so is anything of no larger weighted magnitude.
+        `presets` maps layouts to preset names over `DEFAULT_PRESETS`; None leaves a layout out.
+        A `gather` preset builds the gather table from `support` (which weights may be non-zero,
+        as the architecture fixes them; the non-zero weights are always added) so that the table
+        shows the map's structure rather than which weights happen to be zero."""
         W = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         b = np.asarray(bias, dtype=np.float64).ravel()
         X = np.asarray(X, dtype=np.float64)
@@ -268,10 +324,13 @@ class LinearCircuit(AffineKind, ServerBase):
             if np.any(np.abs(X) > bounds):
                 raise PrecisionError("calibration data exceed the given input_bounds")
         observed = float(np.max(np.abs(X @ W.T + b))) * headroom
-        chosen = dict(DEFAULT_PRESETS, **(presets or {}))
+        chosen = {k: v for k, v in dict(DEFAULT_PRESETS, **(presets or {})).items() if v is not None}
         scales = {name: choose_scales(preset(p), bounds, W, b, observed, PER_SLOT.get(name, 1))
                   for name, p in chosen.items()}
-        return cls(W, b, scales)
+        table = None
+        if "gather" in scales:
+            table = gather_index((W != 0) | (False if support is None else np.asarray(support, dtype=bool)))
+        return cls(W, b, scales, table)
 
     def prepare(self) -> LinearCircuit:
         """Build SEAL contexts and encode the weights of every layout now rather than on first request."""
@@ -279,8 +338,10 @@ class LinearCircuit(AffineKind, ServerBase):
             self.context(name)
         if "row" in self.scales:
             self.row_weights()
-        if "batch" in self.scales:
+        if "batch" in self.scales and self.batch_cacheable():
             self.batch_weights()
+        if "gather" in self.scales:
+            self.gather_weights()
         return self
 
     def quantized(self, bits: int) -> np.ndarray:
@@ -300,14 +361,17 @@ class LinearCircuit(AffineKind, ServerBase):
                                  for wv, bv in layout.weight_vectors(Wq, self.bias)]
         return self._row_weights
 
-    def layout(self, name: object) -> BatchLayout | RowLayout:
+    def layout(self, name: object) -> BatchLayout | RowLayout | GatherLayout:
         """The packing of layout `name` (a value from an untrusted header: anything else is refused)."""
         s = self.scales[checked_layout(name, self.scales)]
-        return make_layout(name, s.params.slot_count, self.n_features, self.n_outputs, s.per_slot)
+        return make_layout(name, s.params.slot_count, self.n_features, self.n_outputs, s.per_slot, self.gather)
+
+    def _gather_dict(self) -> dict:
+        return {} if self.gather is None else {"gather": self.gather.tolist()}
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "weights": self.weights.tolist(), "bias": self.bias.tolist(),
-                "scales": {k: v.to_dict() for k, v in self.scales.items()}}
+                "scales": {k: v.to_dict() for k, v in self.scales.items()}, **self._gather_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LinearCircuit:
@@ -316,14 +380,15 @@ class LinearCircuit(AffineKind, ServerBase):
             raise WireFormatError("an affine circuit must be an object")
         scales = _parse_scales(d.get("scales"))
         op = Linear(d.get("weights"), d.get("bias"))
-        return cls(op.weight, op.bias, {k: LayoutScales.from_dict(v) for k, v in scales.items()})
+        table = None if "gather" not in scales else check_gather_index(d.get("gather"), op.n_out, op.n_in)
+        return cls(op.weight, op.bias, {k: LayoutScales.from_dict(v) for k, v in scales.items()}, table)
 
     def client_spec(self) -> dict:
         """What a client needs to encrypt and decrypt: no weights."""
         return {"kind": self.kind, "n_features": self.n_features, "n_outputs": self.n_outputs,
                 "scales": {k: {"params": v.params.to_dict(), "input_bits": v.input_bits,
                                "input_limit": v.input_limit.to_dict(), "per_slot": v.per_slot}
-                           for k, v in self.scales.items()}}
+                           for k, v in self.scales.items()}, **self._gather_dict()}
 
     def input_scale(self, layout: str) -> float:
         return 2.0 ** self.scales[layout].input_bits
@@ -331,45 +396,87 @@ class LinearCircuit(AffineKind, ServerBase):
     def agreement(self) -> dict[str, Any]:
         return {"input_bits": {k: v.input_bits for k, v in self.scales.items()},
                 "input_limits": {k: v.input_limit.to_dict() for k, v in self.scales.items()},
-                "per_slot": {k: v.per_slot for k, v in self.scales.items()}}
+                "per_slot": {k: v.per_slot for k, v in self.scales.items()}, **_gather_digest(self.gather)}
 
-    def run(self, request: bytes, bundle: PublicBundle) -> bytes:
-        """Evaluate the map on an encrypted request; the answer is ciphertexts only."""
+    def run(self, request: bytes | wire.Message, bundle: PublicBundle, extra: dict | None = None) -> bytes:
+        """Evaluate the map on an encrypted request (bytes, or a message already decoded); the
+        answer is ciphertexts only, its header naming layout, rows and outputs, plus `extra`
+        fields (a staged program names its stage)."""
         name, layout, ctx, cts, n = self.open_request(request, bundle)
         if name == "batch":
             out = self._run_batch(ctx, layout, cts, n)
+        elif name == "gather":
+            out = self._run_gather(ctx, layout, cts, n)
         else:
             out = self._run_row(ctx, layout, cts, bundle)
-        return ctx.pack(out, {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
+        return ctx.pack(out, {**(extra or {}), "layout": name, "n_samples": n, "n_outputs": self.n_outputs})
 
-    def batch_weights(self) -> list[tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]]:
-        """Per output: the (feature, encoded nonzero weight) pairs and the encoded bias of the
-        batch layout, cached: they are the same for every request, so encoding them once saves
-        an encode per multiplication. The bias is at the product scale 2^(input_bits+weight_bits),
-        the only scale `run` lets a request's ciphertexts reach it with."""
-        if self._batch_weights is None:
-            ctx, s = self.context("batch"), self.scales["batch"]
-            Wq = self.quantized(s.weight_bits)
+    def gather_weights(self) -> list[tuple[list[seal.Plaintext], seal.Plaintext]]:
+        """Per part of the gather layout: the encoded weight plaintext of each term and the bias
+        (at the product scale), cached. Slots without a term multiply zeros by one unit of the
+        weight scale, so no plaintext is all zero."""
+        if self._gather_weights is None:
+            ctx, s = self.context("gather"), self.scales["gather"]
+            layout = self.layout("gather")
             scale_w = 2.0**s.weight_bits
-            product = 2.0 ** s.input_bits * scale_w
-            self._batch_weights = [
-                ([(f, ctx.encode(float(w), scale_w)) for f, w in enumerate(Wq[c]) if w != 0.0],
-                 ctx.encode(complex(self.bias[c], self.bias[c]) if s.per_slot == 2 else float(self.bias[c]),
-                            product))
-                for c in range(self.n_outputs)]
-        return self._batch_weights
+            vectors = layout.weight_vectors(self.quantized(s.weight_bits), self.bias, 1.0 / scale_w)
+            self._gather_weights = [([ctx.encode(w, scale_w) for w in ws], ctx.encode(bv, scale_w * 2.0**s.input_bits))
+                                    for ws, bv in vectors]
+        return self._gather_weights
 
-    def _run_batch(self, ctx: HEContext, layout: BatchLayout, cts: list, n: int) -> list:
+    def _run_gather(self, ctx: HEContext, layout: GatherLayout, cts: list, n: int) -> list:
         ev = ctx.evaluator
-        plains = self.batch_weights()
-        out = []
-        for b in range(layout.n_batches(n)):
-            feats = cts[b * self.n_features:(b + 1) * self.n_features]
-            for weights, bias in plains:
-                terms = [ev.multiply_plain(feats[f], w) for f, w in weights]
+        plains = self.gather_weights()
+        out, K = [], layout.terms
+        for g in range(layout.n_groups(n)):
+            for p, (weights, bias) in enumerate(plains):
+                first = (g * layout.parts + p) * K
+                terms = [ev.multiply_plain(cts[first + k], w) for k, w in enumerate(weights)]
                 acc = terms[0] if len(terms) == 1 else ev.add_many(terms)
                 ev.add_plain_inplace(acc, bias)
                 out.append(acc)
+        return out
+
+    def batch_cacheable(self) -> bool:
+        """Whether the batch layout's encoded weights fit `BATCH_CACHE_BYTES` (one plaintext of N
+        coefficients per prime for each non-zero weight: a convolution unrolled to a matrix has
+        many)."""
+        params = self.scales["batch"].params
+        plain_bytes = params.poly_modulus_degree * max(1, len(params.coeff_modulus_bits) - 1) * 8
+        return int(np.count_nonzero(self.weights)) * plain_bytes <= BATCH_CACHE_BYTES
+
+    def _batch_row(self, c: int) -> tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]:
+        """Output c's (feature, encoded non-zero weight) pairs and its encoded bias in the batch
+        layout. The bias is at the product scale 2^(input_bits+weight_bits), the only scale `run`
+        lets a request's ciphertexts reach it with."""
+        ctx, s = self.context("batch"), self.scales["batch"]
+        Wq = self.quantized(s.weight_bits)
+        scale_w = 2.0**s.weight_bits
+        bias = complex(self.bias[c], self.bias[c]) if s.per_slot == 2 else float(self.bias[c])
+        return ([(f, ctx.encode(float(Wq[c, f]), scale_w)) for f in np.flatnonzero(Wq[c])],
+                ctx.encode(bias, 2.0 ** s.input_bits * scale_w))
+
+    def batch_weights(self) -> list[tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]]:
+        """`_batch_row` of every output, cached when `batch_cacheable`: the same for every
+        request, so encoding them once saves an encode per multiplication."""
+        if self._batch_weights is None:
+            self._batch_weights = [self._batch_row(c) for c in range(self.n_outputs)]
+        return self._batch_weights
+
+    def _run_batch(self, ctx: HEContext, layout: BatchLayout, cts: list, n: int) -> list:
+        """Per output (its weights encoded once per request when not cached), per batch of samples:
+        the sum of the feature ciphertexts times their weights, plus the bias."""
+        ev = ctx.evaluator
+        cached = self.batch_weights() if self.batch_cacheable() else None
+        n_batches, F, C = layout.n_batches(n), self.n_features, self.n_outputs
+        out: list = [None] * (n_batches * C)
+        for c in range(C):
+            weights, bias = cached[c] if cached is not None else self._batch_row(c)
+            for b in range(n_batches):
+                terms = [ev.multiply_plain(cts[b * F + f], w) for f, w in weights]
+                acc = terms[0] if len(terms) == 1 else ev.add_many(terms)
+                ev.add_plain_inplace(acc, bias)
+                out[b * C + c] = acc
         return out
 
     def _run_row(self, ctx: HEContext, layout: RowLayout, cts: list, bundle: PublicBundle) -> list:
@@ -417,17 +524,25 @@ class CircuitClient(AffineKind, ClientBase):
         self.per_slot = {k: wire.strict_int(v.get("per_slot", 1), "per_slot", 1, 2) for k, v in scales.items()}
         for k, lim in self.input_limits.items():
             lim.check_fits(self.params[k], self.input_bits[k], self.per_slot[k], self.n_features)
+        self.gather = None if "gather" not in scales else check_gather_index(spec.get("gather"), self.n_outputs,
+                                                                             self.n_features)
         self._keys: dict[str, SecretKeys] = {}
 
-    def layout(self, name: object) -> BatchLayout | RowLayout:
+    def layout(self, name: object) -> BatchLayout | RowLayout | GatherLayout:
         """The packing of layout `name` (from a header the server wrote: checked all the same)."""
         name = checked_layout(name, self.params)
         return make_layout(name, self.params[name].slot_count, self.n_features, self.n_outputs,
-                           self.per_slot[name])
+                           self.per_slot[name], self.gather)
+
+    def estimated_ms(self, layout: str, n_samples: int) -> float:
+        """Estimated single-core milliseconds of `n_samples` rows in `layout` (see `estimated_ms`)."""
+        terms = None if self.gather is None else int(np.count_nonzero(self.gather >= 0))
+        return estimated_ms(self.layout(layout), n_samples, terms if layout == "batch" else None)
 
     def choose_layout(self, n_samples: int) -> str:
         return choose_layout(n_samples, self.n_features, self.n_outputs,
-                             {k: p.slot_count for k, p in self.params.items()}, self.per_slot.get("batch", 1))
+                             {k: p.slot_count for k, p in self.params.items()}, self.per_slot.get("batch", 1),
+                             self.gather)
 
     def keys(self, layout: str) -> SecretKeys:
         """Secret keys for a layout, generated on first use (rotation keys only for the row layout)."""
@@ -445,15 +560,17 @@ class CircuitClient(AffineKind, ClientBase):
     def agreement(self) -> dict[str, Any]:
         return {"input_bits": dict(self.input_bits),
                 "input_limits": {k: v.to_dict() for k, v in self.input_limits.items()},
-                "per_slot": dict(self.per_slot)}
+                "per_slot": dict(self.per_slot), **_gather_digest(self.gather)}
 
-    def encrypt(self, X: np.ndarray, layout: str) -> bytes:
+    def encrypt(self, X: np.ndarray, layout: str, extra: dict | None = None) -> bytes:
+        """A request for rows X in `layout`; `extra` header fields travel with it (a staged
+        program names its stage)."""
         X = self.check_input(X)
         keys, lay = self.keys(layout), self.layout(layout)
         self.input_limits[layout].check(X)
         scale = 2.0 ** self.input_bits[layout]
         cts = [keys.encrypt(v, scale) for v in lay.pack(X)]
-        return keys.context.pack(cts, {"layout": layout, "n_samples": len(X),
+        return keys.context.pack(cts, {**(extra or {}), "layout": layout, "n_samples": len(X),
                                        "n_features": self.n_features})
 
     def _decryptor(self, layout: str, keys: SecretKeys) -> Any:

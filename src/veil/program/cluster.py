@@ -40,12 +40,14 @@ import datetime as dt
 import hashlib
 import importlib.abc
 import ipaddress
-import math
 import os
 import pickle
+import queue
 import socket
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ from veil.program.parallel import (
     Loader,
     build_pipeline,
     chunk_bytes,
-    default_chunk_rows,
+    chunk_size,
     progress_bar,
     run_chunk,
 )
@@ -186,6 +188,7 @@ class _ChunkActor:
     its secret keys (``ship_keys=True``)."""
 
     def __init__(self, server_dict: dict, load_server: Loader, pipeline_setup: tuple | None) -> None:
+        self.bundles: dict[str, PublicBundle] = {}
         if pipeline_setup is not None:
             self.pipeline = build_pipeline(*pipeline_setup)
             self.server = self.pipeline.server
@@ -196,14 +199,14 @@ class _ChunkActor:
     def ready(self) -> bool:
         return True
 
-    def set_bundle(self, bundle: bytes) -> bool:
-        """Load the client's public bundle (evaluation keys) for the chunks of a run."""
-        self.bundle = PublicBundle.from_bytes(bundle)
+    def set_bundle(self, layout: str, bundle: bytes) -> bool:
+        """Load the client's public bundle (evaluation keys) of `layout` for the chunks of a run."""
+        self.bundles[layout] = PublicBundle.from_bytes(bundle)
         return True
 
-    def evaluate(self, request: bytes) -> bytes:
-        """The server's answer to one encrypted chunk under the run's public bundle (no secret key here)."""
-        return self.server.run(request, self.bundle)
+    def evaluate(self, request: bytes, layout: str) -> bytes:
+        """The server's answer to one encrypted request under the bundle of `layout` (no secret key here)."""
+        return self.server.run(request, self.bundles[layout])
 
     def run_chunk(self, layout: str, data: bytes, dtype: str, n_features: int) -> np.ndarray:
         """Encrypt, evaluate and decrypt one chunk (only on actors that were given the keys)."""
@@ -293,7 +296,12 @@ class RayExecutor:
                 progress: bool | None = None) -> np.ndarray:
         """Raw decrypted outputs (n, n_outputs) for the rows of X (array or memmap), in order; the
         same arguments as `parallel.execute_chunked`. Calls from several threads run one after
-        the other."""
+        the other.
+
+        Each chunk in flight has a driver thread: with ``ship_keys=False`` it runs the client's
+        whole protocol (`infer`: one round trip, or one per stage of a staged program) with a
+        client of its own and a transport to one actor; with ``ship_keys=True`` it waits for the
+        actor's `run_chunk`."""
         if getattr(X, "ndim", None) != 2:
             X = np.asarray(X)
             if X.ndim != 2:
@@ -301,59 +309,107 @@ class RayExecutor:
         n, n_features = int(X.shape[0]), int(X.shape[1])
         if n == 0:
             raise ShapeError("no samples to encrypt")
-        client = load_client(client_spec)
-        if layout not in client.params:
-            raise ShapeError(f"unknown layout {layout!r}; this circuit supports {sorted(client.params)}")
         if layout not in keys:
             raise ShapeError(f"no keys for layout {layout!r}")
-        client.set_keys(layout, SecretKeys.from_bytes(keys[layout]))
-        slots = int(client.params[layout].slot_count)
-        rows = default_chunk_rows(client, layout) if chunk_rows is None else math.ceil(chunk_rows / slots) * slots
+        probe = load_client(client_spec)
+        rows = chunk_size(probe, layout, chunk_rows)
         bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
         with self._lock:
             ray = self._connect()
             setup = (server_dict, client_spec, load_server, load_client, {layout: keys[layout]})
             pool = self._actors_for(ray, server_dict, load_server, setup if self.ship_keys else None)
-            if not self.ship_keys:
-                bundle = ray.put(client.public_bundle(layout).to_bytes())
-                self._call(ray, [actor.set_bundle.remote(bundle) for actor in pool])
             limit = self.in_flight or IN_FLIGHT_PER_WORKER * len(pool)
-            busy = {i: 0 for i in range(len(pool))}
-            pending: dict[Any, tuple[int, int, int]] = {}
+            run = (self._remote_pipeline(ray, pool, layout, n_features) if self.ship_keys
+                   else self._driver_pipeline(ray, pool, layout, limit, setup))
             out: np.ndarray | None = None
             todo = iter(bounds)
-            with progress_bar(n, len(bounds), progress) as bar:
-                while True:
-                    while len(pending) < limit and (nxt := next(todo, None)) is not None:
-                        lo, hi = nxt
-                        i = min(busy, key=busy.__getitem__)
-                        if self.ship_keys:
-                            data, dtype = chunk_bytes(X, lo, hi)
-                            ref = pool[i].run_chunk.remote(layout, data, dtype, n_features)
-                        else:
-                            ref = pool[i].evaluate.remote(client.encrypt(np.asarray(X[lo:hi]), layout))
-                        busy[i] += 1
-                        pending[ref] = (i, lo, hi)
-                    if not pending:
-                        break
-                    (ref,), _ = ray.wait(list(pending), num_returns=1)
-                    i, lo, hi = pending.pop(ref)
-                    busy[i] -= 1
-                    try:
-                        answer = ray.get(ref)
-                        Y = answer if self.ship_keys else client.decrypt(answer, hi - lo)
-                    except Exception as exc:
-                        err = _unwrap(exc)
-                        err.add_note(f"in the chunk of rows {lo}:{hi} (sample numbers above count from {lo})")
-                        if isinstance(err, ExecutorError):
-                            self._kill_pool(ray)
-                        raise err from None
-                    if out is None:
-                        out = np.empty((n, Y.shape[1]), dtype=np.float64)
-                    out[lo:hi] = Y
-                    bar.update(hi - lo)
+            with ThreadPoolExecutor(limit, thread_name_prefix="veil-ray") as threads, \
+                    progress_bar(n, len(bounds), progress) as bar:
+                pending: dict[Future, tuple[int, int]] = {}
+                try:
+                    while True:
+                        while len(pending) < limit and (nxt := next(todo, None)) is not None:
+                            pending[threads.submit(run, X, *nxt)] = nxt
+                        if not pending:
+                            break
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            lo, hi = pending.pop(future)
+                            try:
+                                Y = future.result()
+                            except Exception as exc:
+                                err = _unwrap(exc)
+                                err.add_note(f"in the chunk of rows {lo}:{hi} (sample numbers above count from {lo})")
+                                if isinstance(err, ExecutorError):
+                                    self._kill_pool(ray)
+                                raise err from None
+                            if out is None:
+                                out = np.empty((n, Y.shape[1]), dtype=np.float64)
+                            out[lo:hi] = Y
+                            bar.update(hi - lo)
+                finally:
+                    for future in pending:
+                        future.cancel()
         assert out is not None
         return out
+
+    @staticmethod
+    def _least_busy(busy: list[int], lock: threading.Lock) -> int:
+        with lock:
+            i = min(range(len(busy)), key=busy.__getitem__)
+            busy[i] += 1
+            return i
+
+    def _remote_pipeline(self, ray: Any, pool: list, layout: str, n_features: int) -> Callable:
+        """A chunk's task when the actors hold the keys: its rows' bytes to one actor's `run_chunk`."""
+        busy, lock = [0] * len(pool), threading.Lock()
+
+        def run(X: Any, lo: int, hi: int) -> np.ndarray:
+            i = self._least_busy(busy, lock)
+            try:
+                data, dtype = chunk_bytes(X, lo, hi)
+                return ray.get(pool[i].run_chunk.remote(layout, data, dtype, n_features))
+            finally:
+                with lock:
+                    busy[i] -= 1
+        return run
+
+    def _driver_pipeline(self, ray: Any, pool: list, layout: str, limit: int, setup: tuple) -> Callable:
+        """A chunk's task when the key stays here: a client of its own (from a pool of `limit`)
+        runs `infer` with a transport to one actor, which first receives each layout's public
+        bundle once (`set_bundle`)."""
+        _, client_spec, _, load_client, keys = setup
+        clients: queue.Queue = queue.Queue()
+        for _ in range(limit):
+            client = load_client(client_spec)
+            client.set_keys(layout, SecretKeys.from_bytes(keys[layout]))
+            clients.put(client)
+        busy, lock = [0] * len(pool), threading.Lock()
+        bundles: dict[str, Any] = {}
+        loaded: list[set[str]] = [set() for _ in pool]
+
+        def transport(i: int, client: Any) -> Callable[[bytes, str], bytes]:
+            def send(request: bytes, name: str) -> bytes:
+                with lock:
+                    if name not in bundles:
+                        bundles[name] = ray.put(client.public_bundle(name).to_bytes())
+                    ref, fresh = bundles[name], name not in loaded[i]
+                    loaded[i].add(name)
+                if fresh:
+                    ray.get(pool[i].set_bundle.remote(name, ref))
+                return ray.get(pool[i].evaluate.remote(request, name))
+            return send
+
+        def run(X: Any, lo: int, hi: int) -> np.ndarray:
+            i = self._least_busy(busy, lock)
+            client = clients.get()
+            try:
+                return client.infer(np.asarray(X[lo:hi]), layout, transport(i, client))
+            finally:
+                clients.put(client)
+                with lock:
+                    busy[i] -= 1
+        return run
 
     def close(self) -> None:
         """Stop this executor's actors, and Ray if this executor started it (idempotent)."""

@@ -1,10 +1,11 @@
 """What the circuits of every kind and their clients share: layout lookup from untrusted headers,
-a per-layout SEAL context cache, the input check, the checks on a response, and the interface a
+a per-layout SEAL context cache, the input check, the checks on a response, the interface a
 circuit kind answers on both halves (`veil.program.kinds`): `kind`, `depth`, `layout_params`,
-`evaluation_keys` and `agreement`."""
+`evaluation_keys` and `agreement`, and the client's protocol (`infer`) over a transport."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,26 @@ import numpy as np
 from veil.errors import KeyMaterialError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, wire
 from veil.he.params import CKKSParameters
+
+Send = Callable[[bytes, str], bytes]
+"""A transport: (request, layout) -> response, the layout naming the public bundle to use."""
+
+
+def local_transport(server: Any, client: Any) -> Send:
+    """The transport to a server circuit in this process, with the client's own public bundles."""
+    return lambda request, layout: server.run(request, client.public_bundle(layout))
+
+
+def checked_rows(X: Any, n_features: int) -> np.ndarray:
+    """X as a finite float64 array of shape (n > 0, n_features), else ShapeError."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != n_features:
+        raise ShapeError(f"expected an array of shape (n, {n_features}), got {X.shape}")
+    if len(X) == 0:
+        raise ShapeError("no samples to encrypt")
+    if not np.all(np.isfinite(X)):
+        raise ShapeError("inputs contain NaN or infinite values")
+    return X
 
 
 def count(value: object) -> bool:
@@ -74,10 +95,12 @@ class ServerBase(KindInterface):
             self._contexts[layout] = HEContext(self.scales[layout].params)
         return self._contexts[layout]
 
-    def open_request(self, request: bytes, bundle: PublicBundle) -> tuple[str, Any, HEContext, list, int]:
-        """(layout, packing, context, ciphertexts, n_samples) of a request whose header, bundle
-        parameters, ciphertext count, level (fresh) and scale all match this model."""
-        msg = wire.decode(request, wire.Kind.CIPHERTEXTS)
+    def open_request(self, request: bytes | wire.Message, bundle: PublicBundle
+                     ) -> tuple[str, Any, HEContext, list, int]:
+        """(layout, packing, context, ciphertexts, n_samples) of a request (bytes, or a message
+        already decoded) whose header, bundle parameters, ciphertext count, level (fresh) and
+        scale all match this model."""
+        msg = request if isinstance(request, wire.Message) else wire.decode(request, wire.Kind.CIPHERTEXTS)
         name = msg.header.get("layout")
         packing = self.layout(name)
         ctx = self.context(name)
@@ -125,22 +148,20 @@ class ClientBase(KindInterface):
         return self.keys(layout).public_bundle()
 
     def check_input(self, X: Any) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ShapeError(f"expected an array of shape (n, {self.n_features}), got {X.shape}")
-        if len(X) == 0:
-            raise ShapeError("no samples to encrypt")
-        if not np.all(np.isfinite(X)):
-            raise ShapeError("inputs contain NaN or infinite values")
-        return X
+        return checked_rows(X, self.n_features)
+
+    def infer(self, X: Any, layout: str, send: Send) -> np.ndarray:
+        """The whole protocol for rows X: encrypt, one round trip through `send`, decrypt."""
+        return self.decrypt(send(self.encrypt(X, layout), layout), len(X))
 
     def _decryptor(self, layout: str, keys: Any) -> Any:
         return keys.decrypt
 
-    def decrypt(self, response: bytes, n_samples: int | None = None) -> np.ndarray:
-        """Outputs of a response; `n_samples`, when given, is the row count of the request it
-        answers, and a response declaring any other count is refused (never silently reshaped)."""
-        msg = wire.decode(response, wire.Kind.CIPHERTEXTS)
+    def decrypt(self, response: bytes | wire.Message, n_samples: int | None = None) -> np.ndarray:
+        """Outputs of a response (bytes, or a message already decoded); `n_samples`, when given,
+        is the row count of the request it answers, and a response declaring any other count is
+        refused (never silently reshaped)."""
+        msg = response if isinstance(response, wire.Message) else wire.decode(response, wire.Kind.CIPHERTEXTS)
         layout = msg.header.get("layout")
         packing = self.layout(layout)
         if layout not in self._keys:

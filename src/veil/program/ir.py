@@ -72,19 +72,69 @@ class Linear:
 
 @dataclass(frozen=True, eq=False)
 class Poly:
-    """Element-wise c0 + c1 x + c2 x^2 (degree at most 2: one multiplicative level)."""
+    """Element-wise c0 + c1 x + c2 x^2 (degree at most 2: one multiplicative level).
 
-    coeffs: tuple[float, ...]
+    Each coefficient is a number (the same polynomial on every element) or, for a per-element
+    polynomial, a vector with one entry per element: lowered graphs carry a value past a layer of
+    squares as the identity (0, 1, 0) beside the squared elements (a skip connection), and
+    branches may use different activations. Per-element polynomials run in the batch layout only
+    (one ciphertext per element); see `veil.program.planner`."""
+
+    coeffs: tuple
 
     def __post_init__(self) -> None:
-        c = tuple(float(v) for v in _matrix(self.coeffs, "polynomial coefficients").ravel())
-        if not 1 <= len(c) <= MAX_POLY_DEGREE + 1:
-            raise ShapeError(f"polynomials of degree 0 to {MAX_POLY_DEGREE} are supported, got {len(c) - 1}")
-        object.__setattr__(self, "coeffs", c + (0.0,) * (MAX_POLY_DEGREE + 1 - len(c)))
+        raw = self.coeffs
+        entries = [_matrix(v, "polynomial coefficients")
+                   for v in (raw if isinstance(raw, tuple | list | np.ndarray) else [raw])]
+        if not 1 <= len(entries) <= MAX_POLY_DEGREE + 1 or any(e.ndim > 1 for e in entries):
+            raise ShapeError(f"polynomials of degree 0 to {MAX_POLY_DEGREE} are supported, given by up to "
+                             f"{MAX_POLY_DEGREE + 1} numbers or vectors, got {len(entries)} coefficients")
+        c: tuple
+        if all(e.ndim == 0 for e in entries):
+            c = tuple(float(e) for e in entries) + (0.0,) * (MAX_POLY_DEGREE + 1 - len(entries))
+        else:
+            widths = {e.size for e in entries if e.ndim == 1}
+            width = widths.pop() if len(widths) == 1 else 0
+            if not 0 < width <= MAX_DIM:
+                raise ShapeError("per-element polynomial coefficients must be vectors of one length")
+            vectors = [np.broadcast_to(e, (width,)).copy() for e in entries]
+            vectors += [np.zeros(width)] * (MAX_POLY_DEGREE + 1 - len(vectors))
+            for v in vectors:
+                v.setflags(write=False)
+            c = tuple(vectors)
+        object.__setattr__(self, "coeffs", c)
+
+    @classmethod
+    def per_element(cls, c0: np.ndarray, c1: np.ndarray, c2: np.ndarray) -> Poly:
+        """A polynomial from coefficient vectors, uniform (numbers) when every element has the same."""
+        vectors = [np.asarray(v, dtype=np.float64).ravel() for v in (c0, c1, c2)]
+        if all(np.all(v == v[0]) for v in vectors):
+            return cls(tuple(float(v[0]) for v in vectors))
+        return cls(tuple(vectors))
+
+    @property
+    def width(self) -> int | None:
+        """Number of elements of a per-element polynomial (None: the same on any width)."""
+        return None if self.is_uniform else len(self.coeffs[0])
+
+    @property
+    def is_uniform(self) -> bool:
+        return isinstance(self.coeffs[0], float)
+
+    def vectors(self, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(c0, c1, c2) as vectors of `width` entries."""
+        c0, c1, c2 = (np.broadcast_to(np.asarray(c, dtype=np.float64), (width,)) for c in self.coeffs)
+        return c0, c1, c2
+
+    def element(self, i: int) -> tuple[float, float, float]:
+        """The coefficients of element `i`."""
+        if self.is_uniform:
+            return self.coeffs
+        return tuple(float(c[i]) for c in self.coeffs)
 
     @property
     def degree(self) -> int:
-        nz = [i for i, v in enumerate(self.coeffs) if v != 0.0]
+        nz = [i for i, v in enumerate(self.coeffs) if np.any(np.asarray(v) != 0.0)]
         return nz[-1] if nz else 0
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
@@ -92,7 +142,7 @@ class Poly:
         return c0 + X * (c1 + c2 * X)
 
     def to_dict(self) -> dict:
-        return {"op": "poly", "coeffs": list(self.coeffs)}
+        return {"op": "poly", "coeffs": [c if isinstance(c, float) else c.tolist() for c in self.coeffs]}
 
 
 Op = Linear | Poly
@@ -125,6 +175,8 @@ class Program:
                 if op.n_in != width:
                     raise ShapeError(f"operation {i} takes {op.n_in} inputs, the previous one gives {width}")
                 width = op.n_out
+            elif op.width not in (None, width):
+                raise ShapeError(f"operation {i} is a polynomial of {op.width} elements on {width} values")
         self.ops = list(ops)
         self.n_outputs = width
 
@@ -156,8 +208,10 @@ class Program:
                 ops.append(Linear(raw.get("weight"), raw.get("bias")))
             elif kind == "poly":
                 coeffs = raw.get("coeffs")
-                if not isinstance(coeffs, list):
-                    raise WireFormatError("polynomial coefficients must be a list")
+                if not isinstance(coeffs, list) or not all(
+                        (isinstance(c, int | float) and not isinstance(c, bool))
+                        or (isinstance(c, list) and 0 < len(c) <= MAX_DIM) for c in coeffs):
+                    raise WireFormatError("polynomial coefficients must be a list of numbers or of vectors")
                 ops.append(Poly(tuple(coeffs)))
             else:
                 raise WireFormatError(f"unknown op {kind!r}; known: linear, poly")
@@ -172,7 +226,9 @@ def normalise(program: Program) -> list[Op]:
     Why: each remaining op then costs exactly one rescale (one level), consecutive linear maps
     (a convolution, a pooling, a dense layer) become one matrix product, and affine polynomials
     cost nothing. Folding c2 into the weights before it: c2 z^2 + c1 z + c0 = s t^2 + (c1/k) t + c0
-    with k = sqrt|c2|, t = k z and s the sign of c2.
+    with k = sqrt|c2|, t = k z and s the sign of c2. In a per-element polynomial, the elements of
+    degree below 2 fold wholly into the Linear (c1 scales their row, c0 joins their bias) and are
+    left as the identity (0, 1, 0).
     """
     ops: list[Op] = []
     width = program.n_inputs
@@ -188,11 +244,20 @@ def normalise(program: Program) -> list[Op]:
                 ops.append(op)
             continue
         assert isinstance(prev, Linear)
-        c0, c1, c2 = op.coeffs
-        if op.degree < 2:
-            ops[-1] = Linear(c1 * prev.weight, c1 * prev.bias + c0)
-        else:
-            k = float(np.sqrt(abs(c2)))
-            ops[-1] = Linear(k * prev.weight, k * prev.bias)
-            ops.append(Poly((c0, c1 / k, float(np.sign(c2)))))
+        if op.is_uniform:
+            c0, c1, c2 = op.coeffs
+            if op.degree < 2:
+                ops[-1] = Linear(c1 * prev.weight, c1 * prev.bias + c0)
+            else:
+                k = float(np.sqrt(abs(c2)))
+                ops[-1] = Linear(k * prev.weight, k * prev.bias)
+                ops.append(Poly((c0, c1 / k, float(np.sign(c2)))))
+            continue
+        c0, c1, c2 = op.vectors(width)
+        square = c2 != 0.0
+        k = np.where(square, np.sqrt(np.abs(c2)), 1.0)
+        row = np.where(square, k, c1)  # squared elements: t = k z; the others: c1 z + c0, folded
+        ops[-1] = Linear(row[:, None] * prev.weight, row * prev.bias + np.where(square, 0.0, c0))
+        if square.any():
+            ops.append(Poly.per_element(np.where(square, c0, 0.0), np.where(square, c1 / k, 1.0), np.sign(c2)))
     return ops

@@ -47,6 +47,7 @@ from veil.program.planner import (
     output_primes,
     output_value_bits,
     required_keys,
+    row_capable,
     row_cost_ms,
     stage_levels,
 )
@@ -57,6 +58,21 @@ MAX_BATCH_WORKING_BYTES = 4 << 30
 """Largest working set of one batch-layout evaluation (two layers of ciphertexts live at once):
 a forged or oversized program is refused at load, not by exhausting the server's memory."""
 PROGRAM_LAYOUTS = ("batch", "row")
+CARRIED = (0.0, 1.0, 0.0)
+"""The element of a per-element polynomial that carries its value unchanged (a skip connection)."""
+
+
+def check_normal(stages: list[Op]) -> None:
+    """Every element of a per-element polynomial is +-z^2 + c1 z + c0 or the carried identity, as
+    `normalise` leaves them (anything else would be evaluated wrongly, or as a key-independent
+    product SEAL refuses)."""
+    for i, op in enumerate(stages):
+        if isinstance(op, Poly) and not op.is_uniform:
+            c0, c1, c2 = op.coeffs
+            carried = (c2 == 0.0) & (c1 == 1.0) & (c0 == 0.0)
+            if not np.all(carried | (np.abs(c2) == 1.0)):
+                raise WireFormatError(f"stage {i}: a per-element polynomial must be normalised (leading "
+                                      "coefficients +-1, or the carried identity)")
 
 
 def _sound_output(p: LayoutPlan, stages: list[Op], non_negative: bool) -> LayoutPlan:
@@ -92,6 +108,8 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
     for name, p in plans.items():
         if name != p.layout:
             raise WireFormatError(f"plan for {p.layout!r} filed under {name!r}")
+        if name == "row" and stages is not None and not row_capable(stages):
+            raise WireFormatError("the row layout cannot run per-element polynomials")
         if name == "batch" and stages is not None:
             widest = max([n_features] + [op.n_out for op in stages if isinstance(op, Linear)])
             ct_bytes = 2 * p.params.poly_modulus_degree * (len(p.params.coeff_modulus_bits) - 1) * 8
@@ -186,6 +204,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
                  encoding: ThermometerEncoding | None = None) -> None:
         self.program = Program(n_inputs, stages)
         self.stages = self.program.ops
+        check_normal(self.stages)
         self.encoding = encoding
         if encoding is not None and encoding.width != n_inputs:
             raise ShapeError(f"the input encoding gives {encoding.width} values, the program takes {n_inputs}")
@@ -349,12 +368,17 @@ class LeveledCircuit(LeveledKind, ServerBase):
             out = [self._run_row(cts[g * per:(g + 1) * per], bundle, packing) for g in range(packing.n_output_cts(n))]
         return ctx.pack([c.data for c in out], {"layout": name, "n_samples": n, "n_outputs": self.n_outputs})
 
-    def _poly(self, z: Ciphertext, op: Poly, relin: bool, bundle: PublicBundle,
+    def _poly(self, z: Ciphertext, coeffs: tuple[float, float, float], relin: bool, bundle: PublicBundle,
               c0_plain: Callable[[float], seal.Plaintext] | None = None, rescale: bool = True) -> Ciphertext:
-        """s z^2 + c1 z + c0, rescaled unless `rescale` is false (a square the next Linear
-        relinearizes and rescales); `c0_plain(scale)`, when given, is the constant as an encoded
-        plaintext at that scale (the row layout adds it to real slots only)."""
-        c0, c1, sign = op.coeffs
+        """s z^2 + c1 z + c0 with s = +-1, rescaled unless `rescale` is false (a square the next
+        Linear relinearizes and rescales), or z itself for a carried element (0, 1, 0): the product
+        by 1 at the ciphertext's scale keeps it at the squares' level and scale. `c0_plain(scale)`,
+        when given, is the constant as an encoded plaintext at that scale (the row layout adds it
+        to real slots only)."""
+        c0, c1, sign = coeffs
+        if coeffs == CARRIED:
+            carried = z.mul_plain_(1.0, z.scale)
+            return carried.rescale_() if rescale else carried
         t = z.square()
         if relin:
             t.relinearize_(bundle.relin_keys)
@@ -384,15 +408,18 @@ class LeveledCircuit(LeveledKind, ServerBase):
                 xs = self._linear_batch(i, op, xs, bundle if relin else None, 2 if pending is not None else 1)
                 pending = None
             elif self.deferred(i):
-                xs = [self._poly(z, op, False, bundle, rescale=False) for z in xs]
+                xs = [self._poly(z, op.element(j), False, bundle, rescale=False) for j, z in enumerate(xs)]
                 pending = i
             else:
-                xs = [self._poly(z, op, plan.relinearize_at(i, self.stages), bundle) for z in xs]
+                relin = plan.relinearize_at(i, self.stages)
+                xs = [self._poly(z, op.element(j), relin, bundle) for j, z in enumerate(xs)]
         return xs
 
     def deferred(self, stage: int) -> bool:
         """Whether the batch layout leaves the Poly `stage` unrelinearized and unrescaled for the
-        Linear after it (any Linear that costs a level)."""
+        Linear after it (any Linear that costs a level). A per-element polynomial's carried
+        elements stay 2-component ciphertexts beside the 3-component squares (the weighted sum
+        takes both)."""
         nxt = self.stages[stage + 1] if stage + 1 < len(self.stages) else None
         return isinstance(nxt, Linear) and not is_exact(nxt)
 
@@ -559,7 +586,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
                              c0: float = op.coeffs[0]) -> seal.Plaintext:
                     return self._plain((i, "c0"), z, scale, lambda: self._periodic(np.full(w, c0), p))
 
-                x = self._poly(x, op, plan.relinearize_at(i, self.stages), bundle, c0_plain=c0_plain)
+                x = self._poly(x, op.coeffs, plan.relinearize_at(i, self.stages), bundle, c0_plain=c0_plain)
         return x
 
 

@@ -9,10 +9,11 @@ receives only its slice of X (raw bytes, not a pickled array), and the parent ke
 decrypted outputs, so peak memory does not grow with n beyond the (n, n_outputs) result.
 
 The executor knows circuits only through their duck-typed interface (the server's
-`run(request, bundle) -> bytes`; the client's `encrypt`, `decrypt`, `public_bundle`, `set_keys`
-and `params[layout].slot_count`), and rebuilds both sides in a worker from plain dicts with the
-module-level factories it is given (`LinearCircuit.from_dict` and `CircuitClient` today), so any
-circuit with that interface runs unchanged.
+`run(request, bundle) -> bytes`; the client's `infer` (its whole protocol over a transport: one
+round trip, or one per stage of a staged program), `public_bundle`, `set_keys`, `layout(name)`
+(whose ciphertexts per request size the chunks) and `params[layout].slot_count`), and rebuilds
+both sides in a worker from plain dicts with the module-level factories it is given
+(`load_server` and `load_client`), so any circuit kind with that interface runs unchanged.
 
 Security note: this runs both sides in local processes of the same user, as the in-process
 `fhe="execute"` mode does. The client's secret keys (serialized by `SecretKeys.to_bytes`) cross
@@ -60,6 +61,7 @@ import numpy as np
 from veil.errors import ExecutorError, ShapeError
 from veil.he.keys import SecretKeys
 from veil.program import rows_per_request
+from veil.program.common import checked_layout, local_transport
 
 DEFAULT_CHUNK_CTS = 4
 """Default chunk size in full ciphertexts' worth of rows (4 x 4096 = 16,384 rows for the batch
@@ -91,9 +93,7 @@ class _Pipeline:
         self.client = client
 
     def __call__(self, X: np.ndarray, layout: str) -> np.ndarray:
-        request = self.client.encrypt(X, layout)
-        response = self.server.run(request, self.client.public_bundle(layout))
-        return self.client.decrypt(response, len(X))
+        return self.client.infer(X, layout, local_transport(self.server, self.client))
 
 
 def build_pipeline(server_dict: dict, client_spec: dict, load_server: Loader, load_client: Loader,
@@ -342,14 +342,7 @@ class ChunkedExecutor:
 
     def chunk_rows(self, layout: str, chunk_rows: int | None = None) -> int:
         """`chunk_rows` rounded up to a whole number of full ciphertexts of `layout`."""
-        if layout not in self.client.params:
-            raise ShapeError(f"unknown layout {layout!r}; this circuit supports {sorted(self.client.params)}")
-        slots = int(self.client.params[layout].slot_count)
-        if chunk_rows is None:
-            return default_chunk_rows(self.client, layout)
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int | np.integer) or chunk_rows <= 0:
-            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-        return math.ceil(int(chunk_rows) / slots) * slots
+        return chunk_size(self.client, layout, chunk_rows)
 
     def run(self, X: Any, layout: str, chunk_rows: int | None = None,
             progress: bool | None = None) -> np.ndarray:
@@ -510,7 +503,22 @@ atexit.register(shutdown)
 def default_chunk_rows(client: Any, layout: str) -> int:
     """Rows of a default chunk of `layout`: DEFAULT_CHUNK_CTS full ciphertexts' worth, fewer when
     their encrypted request would exceed MAX_CHUNK_BYTES (whole ciphertext groups either way)."""
-    return rows_per_request(client, layout, MAX_CHUNK_BYTES, DEFAULT_CHUNK_CTS * int(client.params[layout].slot_count))
+    slots = int(client.params[checked_layout(layout, client.params)].slot_count)
+    return rows_per_request(client, layout, MAX_CHUNK_BYTES, DEFAULT_CHUNK_CTS * slots)
+
+
+def chunk_size(client: Any, layout: str, chunk_rows: int | None = None) -> int:
+    """Rows per chunk of `layout`: `default_chunk_rows` for None, else `chunk_rows` rounded up to
+    a whole number of full ciphertexts (ShapeError for an unknown layout, ValueError for a bad
+    count)."""
+    if layout not in client.params:
+        raise ShapeError(f"unknown layout {layout!r}; this circuit supports {sorted(client.params)}")
+    slots = int(client.params[layout].slot_count)
+    if chunk_rows is None:
+        return default_chunk_rows(client, layout)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int | np.integer) or chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    return math.ceil(int(chunk_rows) / slots) * slots
 
 
 def execute_chunked(X: Any, *, server_dict: dict, client_spec: dict, load_server: Loader,

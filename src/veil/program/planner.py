@@ -33,7 +33,11 @@ Steps:
    whose estimated output error (`output_noise`) is at most 2^-PRECISION_BITS of the largest
    calibration output is chosen; if none is, the one with the smallest estimated error; beyond
    N=32768, a `PrecisionError` says what to change.
-4. Per layout, the evaluation keys the program needs: the batch layout relinearizes only squares
+4. Layouts: both, except that a program with a per-element polynomial (a skip connection carried
+   as the identity past a layer of squares, see `ir.Poly`) is planned for the batch layout only:
+   there each element is its own ciphertext, while the row layout would need per-slot
+   coefficient plaintexts, one more level per polynomial.
+5. Per layout, the evaluation keys the program needs: the batch layout relinearizes only squares
    followed by another square (so a one-hidden-layer network needs no keys at all); the row layout
    needs the rotations of its geometry (`veil.program.tiled`: the first stage by client-side windows
    or by the diagonal method, whichever the cost model finds cheaper, then the diagonal method) and
@@ -174,13 +178,7 @@ class LayoutPlan:
 
     def check_input(self, X: np.ndarray) -> None:
         """Refuse (PrecisionError) any sample outside the box the parameters were planned for."""
-        over = np.abs(X) > np.asarray(self.input_bounds)
-        if over.any():
-            i, f = map(int, np.argwhere(over)[0])
-            raise PrecisionError(
-                f"sample {i}, feature {f} = {X[i, f]:.4g} is outside the range the model was compiled "
-                f"for (|x| <= {self.input_bounds[f]:.4g}); recompile with calibration data or "
-                "input_bounds covering it")
+        check_box(X, np.asarray(self.input_bounds))
 
     def check_output(self, Y: np.ndarray) -> np.ndarray:
         """Refuse (PrecisionError) decrypted outputs beyond the planned range, and return them.
@@ -212,6 +210,17 @@ class LayoutPlan:
         return Y
 
 
+def check_box(X: np.ndarray, bounds: np.ndarray, where: str = "") -> None:
+    """Refuse (PrecisionError) any sample of X with a feature beyond its bound; `where` names the
+    values checked in the message (e.g. a stage's inputs)."""
+    over = np.abs(X) > bounds
+    if over.any():
+        i, f = map(int, np.argwhere(over)[0])
+        raise PrecisionError(
+            f"sample {i}, {where}feature {f} = {X[i, f]:.4g} is outside the range the model was compiled "
+            f"for (|x| <= {bounds[f]:.4g}); recompile with calibration data or input_bounds covering it")
+
+
 def input_box(X: np.ndarray, input_bounds: float | np.ndarray | None) -> np.ndarray:
     """Per-feature bounds: INPUT_HEADROOM x the largest calibration magnitude (features that are
     always zero in the calibration data get the median bound), or the caller's bounds."""
@@ -223,6 +232,11 @@ def input_box(X: np.ndarray, input_bounds: float | np.ndarray | None) -> np.ndar
     peak = np.max(np.abs(X), axis=0) * INPUT_HEADROOM
     floor = float(np.median(peak)) if np.any(peak > 0) else 1.0
     return np.where(peak > 0, peak, max(floor, 1e-6))
+
+
+def row_capable(stages: list[Op]) -> bool:
+    """Whether the row layout can run these stages: only uniform polynomials (see step 4)."""
+    return all(op.is_uniform for op in stages if isinstance(op, Poly))
 
 
 def stage_levels(stages: list[Op], layout: str) -> list[bool]:
@@ -536,6 +550,8 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
         if name not in LAYOUTS:
             raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
         row = name == "row"
+        if row and not row_capable(stages):
+            continue
         levels = sum(stage_levels(stages, name))
         try:
             params, s, relin_last = _precise_parameters(stages, box, units, levels, value_bits, name, target, planned)

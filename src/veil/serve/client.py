@@ -21,6 +21,7 @@ import numpy as np
 from veil.errors import VeilError
 from veil.ml import ModelClient
 from veil.program import request_bytes, rows_per_request
+from veil.program.common import Send
 
 if TYPE_CHECKING:
     from veil.serve.attested import AttestedServer
@@ -238,6 +239,23 @@ class Client:
                 progress(part.stop - part.start)
         return mc, np.vstack(parts)
 
+    def _transport(self, model: str, version: int, mc: ModelClient) -> Send:
+        """Requests of `mc`'s protocol (one per chunk, or one per stage of an interactive model,
+        each naming its stage) to the model's predict endpoint, under the layout's registered key."""
+        return lambda request, layout: self.send(model, version, self.register(mc.public_bundle_bytes(layout)),
+                                                 request)
+
+    def _json_transport(self, model: str, version: int, mc: ModelClient) -> Send:
+        """The same protocol through the base64 JSON endpoints."""
+        def send(request: bytes, layout: str) -> bytes:
+            bundle = base64.b64encode(mc.public_bundle_bytes(layout)).decode()
+            key_id = self._request("POST", "/v1/keys/json", json={"bundle": bundle}).json()["key_id"]
+            body = {"key_id": key_id, "ciphertexts": base64.b64encode(request).decode()}
+            out = self._request("POST", f"/v1/models/{model}/predict/json", json=body,
+                                params={"version": version}).json()
+            return base64.b64decode(out["ciphertexts"])
+        return send
+
     def _run(self, X: Any, model: str, version: int | None, layout: str,
              progress: Callable[[int], None] | None) -> tuple[ModelClient, np.ndarray]:
         if self.attest_policy is not None:
@@ -251,9 +269,7 @@ class Client:
             if layout == "auto":
                 name = mc.choose_layout(part.stop - part.start)
                 name = name if name in allowed else allowed[0]
-            name, request = mc.encrypt(X[part], name)
-            key_id = self.register(mc.public_bundle_bytes(name))
-            parts.append(mc.decrypt(self.send(model, version, key_id, request), part.stop - part.start))
+            parts.append(mc.circuit.infer(X[part], name, self._transport(model, version, mc)))
             if progress is not None:
                 progress(part.stop - part.start)
         return mc, np.vstack(parts)
@@ -280,10 +296,5 @@ class Client:
         """Like `predict_raw` but through the base64 JSON endpoints."""
         version, mc = self.model(model, version)
         X = mc.circuit.check_input(X)
-        name, request = mc.encrypt(X, layout)
-        bundle = mc.public_bundle_bytes(name)
-        info = self._request("POST", "/v1/keys/json", json={"bundle": base64.b64encode(bundle).decode()})
-        body = {"key_id": info.json()["key_id"], "ciphertexts": base64.b64encode(request).decode()}
-        out = self._request("POST", f"/v1/models/{model}/predict/json", json=body,
-                            params={"version": version}).json()
-        return mc.decrypt(base64.b64decode(out["ciphertexts"]), len(X))
+        name = mc.choose_layout(len(X)) if layout == "auto" else layout
+        return mc.circuit.infer(X, name, self._json_transport(model, version, mc))

@@ -75,10 +75,12 @@ class ModelInfo(BaseModel):
     version: int
     created: float
     model: str
-    kind: Literal["affine", "leveled", "product-sum"] = Field(
+    kind: Literal["affine", "leveled", "product-sum", "staged"] = Field(
         description="affine: a linear model (no ciphertext multiplication); leveled: a network with "
                     "polynomial activations (one rescale per stage); product-sum: a tree ensemble (sums of "
-                    "products of 0/1 literals over a public input grid the client encodes)")
+                    "products of 0/1 literals over a public input grid the client encodes); staged: an "
+                    "interactive network, its linear stages evaluated here and its other layers on the "
+                    "client, one stateless request per stage (the header names the stage)")
     depth: int = Field(ge=0, description="rescales per evaluation: 0 for affine models")
     n_features: int
     n_outputs: int
