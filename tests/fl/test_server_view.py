@@ -1,5 +1,6 @@
 """What the federated server receives: under SecAgg+ no owner's row count, metric or statistic in clear,
-and the server app never reads the owners' rows (README, "What the server learns"). In-process grid."""
+and the server app never reads the owners' rows (docs/fl.md, "What the server receives under `--secagg`").
+In-process grid."""
 
 import random
 import re
@@ -276,7 +277,7 @@ def test_a_training_round_secagg_cannot_finish_stops_the_run(monkeypatch):
 
 
 def test_the_documented_limit_sampled_rounds_reveal_counts_through_their_totals(monkeypatch):
-    """README, "Limits": SecAgg+ hands the server each round's total weight (the rows of the owners that
+    """docs/fl.md, "Limits": SecAgg+ hands the server each round's total weight (the rows of the owners that
     answered). With 3 of 5 owners sampled per round, 8 rounds of subset totals give every owner's count."""
     import flwr.server.workflow.secure_aggregation.secaggplus_workflow as workflow
 

@@ -1,6 +1,6 @@
 """Attacks on encrypted tree ensembles (security review of `veil.ml.trees` / `veil.program.products`).
 
-Tests marked xfail(strict=True) are the limits this review found and the README states (a client
+Tests marked xfail(strict=True) are the limits this review found and docs/inference.md states (a client
 that deviates from the protocol learns more than f(x); the cost estimate reflects the model's size):
 they assert the stronger property and fail, so a fix makes them pass and must remove the mark."""
 
@@ -35,7 +35,8 @@ def _row_query(client, vector: np.ndarray) -> bytes:
     return keys.context.pack([ct], {"layout": "row", "n_samples": 1, "n_features": client.n_features})
 
 
-@pytest.mark.xfail(strict=True, reason="LIMIT (README): the row layout trusts the client to repeat its bits with "
+@pytest.mark.xfail(strict=True, reason="LIMIT (docs/inference.md): "
+                   "the row layout trusts the client to repeat its bits with "
                    "period P; a non-periodic request makes each term read its own inputs, so a key-holding "
                    "client learns individual leaf values of individual trees (not only f(x))")
 def test_row_layout_non_periodic_request_isolates_single_leaves():
@@ -67,7 +68,8 @@ def test_row_layout_non_periodic_request_isolates_single_leaves():
     assert answers <= valid, f"answers outside f's range: {answers - valid}"
 
 
-@pytest.mark.xfail(strict=True, reason="LIMIT (README): nothing bounds the encrypted inputs to 0/1; a key-holding "
+@pytest.mark.xfail(strict=True, reason="LIMIT (docs/inference.md): "
+                   "nothing bounds the encrypted inputs to 0/1; a key-holding "
                    "client evaluates the product sum's polynomial off the grid (batch layout)")
 def test_batch_layout_answers_only_valid_codes():
     X, _, y = _data("batch-offgrid", d=1)
@@ -85,7 +87,8 @@ def test_batch_layout_answers_only_valid_codes():
     assert np.min(np.abs(out[2] - valid)) < 1e-3, (out, valid)
 
 
-@pytest.mark.xfail(strict=True, reason="LIMIT (README): client_spec()['cost_ms'] is an exact function of the "
+@pytest.mark.xfail(strict=True, reason="LIMIT (docs/inference.md): "
+                   "client_spec()['cost_ms'] is an exact function of the "
                    "number of non-zero weights, so it reveals the number of trees/leaves beyond the depth class")
 def test_client_spec_does_not_reveal_the_number_of_trees():
     X, y, _ = _data("cost-leak")

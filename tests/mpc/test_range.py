@@ -313,7 +313,7 @@ def test_the_product_check_beyond_2_18_terms_per_output_bounds_every_element():
 def test_the_dealer_sees_a_check_bit_only_through_what_the_parties_do_next(monkeypatch):
     """The dealer never receives the opened bit, but a RangeError changes what the parties ask it
     for next (here the program stops): the requests before the check point do not depend on the
-    data, those after it do (the README counts the bit as learnt by the dealer too)."""
+    data, those after it do (docs/mpc.md counts the bit as learnt by the dealer too)."""
     from veil.mpc import provider
 
     def dealer_view(x: torch.Tensor) -> list:
@@ -513,7 +513,7 @@ def test_normalisation_beyond_its_range_raises_in_the_range_check_mode():
 
 def test_batchnorm_eval_with_a_secret_running_var_outside_its_range_raises_in_the_range_check_mode():
     """inv_sqrt_wide holds 0 <= var + eps < 2^30 only; a secret running_var beyond (or negative) is
-    caught in the range-check mode (the README states the range for the default mode)."""
+    caught in the range-check mode (docs/mpc.md states the range for the default mode)."""
     x = torch.randn(8, 2)
     for var in (4e9, -3.0):
         bn = nn.BatchNorm1d(2)

@@ -5,7 +5,7 @@ them out of the circuit: the client encodes each feature over a public grid of e
 (`veil.program.encoding.ThermometerEncoding`, bits beta[f, k] = [x_f > e_f[k]]), so every node
 test `x_f <= e_f[k]` is the encrypted bit 1 - beta[f, k], and every root-to-leaf path is a product
 of such bits. The alternative, a polynomial approximation of sign on encrypted values, was
-measured slower and inexact (see `benchmarks/he_trees.py` and the README): a composite sign of
+measured slower and inexact (see `benchmarks/he_trees.py` and docs/inference.md): a composite sign of
 useful precision costs 8 to 12 levels per comparison and relinearization keys, against no level
 and no key here.
 

@@ -187,7 +187,8 @@ def check_redis_persistence(client: Any) -> bool:
     if aof != "yes" and not save.strip():
         log.warning("Redis has no persistence (appendonly no, save \"\"): a Redis restart loses every "
                     "deployed model and registered key, and clients get 404 until they are redeployed; "
-                    "set appendonly yes (see README, Serving)", extra={"appendonly": aof, "save": save})
+                    "set appendonly yes (see docs/serving.md, A cluster on Redis)",
+                    extra={"appendonly": aof, "save": save})
         return False
     if aof != "yes":
         log.warning("Redis persists by RDB snapshots only: models and keys written since the last snapshot "
