@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from veil.errors import KeyMaterialError, ShapeError, VeilError, WireFormatError
 from veil.he import PublicBundle, SecretKeys, wire
-from veil.ml.deploy import ModelClient, ModelServer
 from veil.program import LeveledCircuit, Linear, LinearCircuit, Poly, Program, load_client, load_server, plan
+from veil.program.artefact import ModelClient, ModelServer
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -28,13 +29,16 @@ from veil.serve.redis_backend import Keys, RedisStore, RemoteError, decode_resul
 from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord, legacy_key_id, scoped_key_id
 from veil.serve.server import ServerConfig, build
 from veil.serve.service import Service
-from veil.serve.worker import TEST_PAUSE_ENV, run_worker
+from veil.serve.worker import run_worker
 
 from .helpers import free_port, make_certs, process, redis_server, running_server, wait_for
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")]
 KEYS = Keys()
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,6 @@ def setup(tmp_path_factory):
     key_file = root / "model.key"
     key_file.write_text(key)
     env = dict(os.environ, VEIL_MODEL_KEY=key)
-    env.pop(TEST_PAUSE_ENV, None)
     Xw, yw = load_wine(return_X_y=True)
     Xw = StandardScaler().fit_transform(Xw)[::3]
     yw = yw[::3]
@@ -65,8 +68,9 @@ def setup(tmp_path_factory):
         return ServerConfig(**dict(base, **kw))
 
     def worker(url: str, name: str, claim_idle: float = 1.0, pause: float = 0.0):
-        wenv = dict(env, **({TEST_PAUSE_ENV: str(pause)} if pause else {}))
-        return process([sys.executable, "-m", "veil.serve.worker", "--queue", url, "--name", name,
+        program = ["-m", "tests.serve.slow_worker", str(pause)] if pause else ["-m", "veil.serve.worker"]
+        wenv = dict(env, PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+        return process([sys.executable, *program, "--queue", url, "--name", name,
                         "--claim-idle", str(claim_idle), "--data-dir", str(root / "worker-data")],
                        wenv, root / f"{name}.log")
 

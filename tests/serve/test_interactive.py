@@ -29,7 +29,6 @@ from veil.serve.client import RequestError
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.schemas import ModelInfo
 from veil.serve.server import ServerConfig
-from veil.serve.worker import TEST_PAUSE_ENV
 
 from .helpers import running_server
 from .test_cluster import process, redis_server
@@ -161,7 +160,6 @@ def test_bad_stage_requests_get_4xx_and_keys_stay_their_owners(setup, server):
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_redis_workers_serve_interactive_models(setup, tmp_path):
     env = dict(os.environ, VEIL_MODEL_KEY=setup["key"])
-    env.pop(TEST_PAUSE_ENV, None)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(redis_server(tmp_path / "redis"))
         front = stack.enter_context(running_server(setup["config"](queue=url, queue_timeout=60.0,

@@ -22,7 +22,6 @@ from veil.serve.auth import add_token_to_file
 from veil.serve.client import DEFAULT_MAX_REQUEST_BYTES
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.server import ServerConfig
-from veil.serve.worker import TEST_PAUSE_ENV
 
 from .helpers import running_server
 from .test_cluster import process, redis_server
@@ -237,7 +236,6 @@ def test_malformed_leveled_artefacts_answer_4xx_json(setup, server):
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_leveled_models_through_redis_workers(setup, tmp_path):
     env = dict(os.environ, VEIL_MODEL_KEY=setup["key"])
-    env.pop(TEST_PAUSE_ENV, None)
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(redis_server(tmp_path / "redis"))
         front = stack.enter_context(running_server(setup["config"](queue=url, queue_timeout=60.0,

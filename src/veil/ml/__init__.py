@@ -8,7 +8,6 @@ their start-up and memory.
 import importlib
 from typing import Any
 
-from veil.ml.deploy import ModelClient, ModelServer
 from veil.ml.families import FAMILIES, family_of, from_sklearn_model
 from veil.ml.linear import (
     ESTIMATORS,
@@ -26,8 +25,9 @@ from veil.ml.linear import (
     SGDRegressor,
     TweedieRegressor,
 )
-from veil.ml.outputs import OutputSpec
 from veil.program.affine import CircuitClient, LinearCircuit
+from veil.program.artefact import ModelClient, ModelServer
+from veil.program.outputs import OutputSpec
 
 _LAZY = {name: family.module for family in FAMILIES if family.lazy for name in family.estimators + family.extras}
 _LAZY.update({name: "veil.ml.torch_compile" for name in

@@ -14,7 +14,6 @@ a library class's constructor for the families that wrap one (linear models, tre
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,12 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from veil.errors import NotCompiledError
-from veil.ml.outputs import OutputSpec
 from veil.program import Circuit, Client, load_client, load_server, parallel
+from veil.program.artefact import write_artefact
 from veil.program.common import local_transport
+from veil.program.outputs import OutputSpec
 
 FHE_MODES = ("disable", "simulate", "execute")
-SERVER_FILE = "server.json"
-CLIENT_FILE = "client.json"
-FORMAT = "veil-model/1"
-READABLE_FORMATS = (FORMAT, "veil-linear/1")
 _FINITE_KW = ("ensure_all_finite" if "ensure_all_finite" in inspect.signature(check_array).parameters
               else "force_all_finite")
 
@@ -137,14 +133,7 @@ class EncryptedModelMixin:
         input bounds and post-processing, no weights) into directory `path`."""
         if not hasattr(self, "circuit_"):
             raise NotCompiledError("compile the model before saving it for deployment")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        server = {"format": FORMAT, "model": type(self).__name__, "circuit": self.circuit_.to_dict()}
-        client = {"format": FORMAT, "model": type(self).__name__, "circuit": self.circuit_.client_spec(),
-                  "output": self.output_spec_.to_dict()}
-        (path / SERVER_FILE).write_text(json.dumps(server))
-        (path / CLIENT_FILE).write_text(json.dumps(client))
-        return path
+        return write_artefact(path, type(self).__name__, self.circuit_, self.output_spec_)
 
 
 def library_init(library: type, defaults: dict[str, Any] | None = None,

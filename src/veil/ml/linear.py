@@ -27,9 +27,9 @@ from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from veil.ml.base import EncryptedClassifierMixin, EncryptedModelMixin, EncryptedRegressorMixin, library_init
-from veil.ml.outputs import OutputSpec
 from veil.program import Linear, Program, compile_program
 from veil.program.affine import DEFAULT_HEADROOM
+from veil.program.outputs import OutputSpec
 
 
 def fold_standardization(W: np.ndarray, b: np.ndarray, mean: np.ndarray,

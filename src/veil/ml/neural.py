@@ -28,9 +28,9 @@ from torch import nn
 from veil.errors import ShapeError
 from veil.ml.base import EncryptedClassifierMixin, EncryptedModelMixin, EncryptedRegressorMixin
 from veil.ml.linear import fold_scaler, fold_standardization
-from veil.ml.outputs import OutputSpec
 from veil.ml.torch_compile import Square, module_to_program, module_to_staged, relu_polynomial
 from veil.program import Circuit, Linear, Program, compile_program
+from veil.program.outputs import OutputSpec
 from veil.program.planner import DEFAULT_HEADROOM
 
 ACTIVATIONS = ("square", "relu_poly")

@@ -51,9 +51,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from veil.errors import ShapeError
 from veil.ml.base import EncryptedClassifierMixin, EncryptedModelMixin, EncryptedRegressorMixin, library_init
-from veil.ml.outputs import OutputSpec
 from veil.program import ProductSum, compile_product_sum
 from veil.program.encoding import MAX_EDGES, ThermometerEncoding
+from veil.program.outputs import OutputSpec
 from veil.program.planner import DEFAULT_HEADROOM
 from veil.program.products import MAX_FACTORS, Literal
 

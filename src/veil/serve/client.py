@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 
 from veil.errors import VeilError
-from veil.ml import ModelClient
 from veil.program import request_bytes, rows_per_request
+from veil.program.artefact import ModelClient
 from veil.program.common import Send
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from typing import Any
 
 from veil.errors import VeilError, WireFormatError
 from veil.he import PublicBundle
-from veil.ml import ModelClient, ModelServer
 from veil.program import describe
+from veil.program.artefact import ModelClient, ModelServer
 from veil.serve.auth import Principal
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import ConflictError, ForbiddenError, IntegrityError, NotFoundError, ServeError

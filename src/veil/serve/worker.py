@@ -53,7 +53,6 @@ BLOCK_SECONDS = 1.0
 MAX_DELIVERIES = 3
 # Test-only hook: seconds to sleep after taking a job and before evaluating it, so fault tests can
 # kill a worker deterministically mid-request. Never set it in production.
-TEST_PAUSE_ENV = "VEIL_TEST_WORKER_PAUSE"
 
 
 class Worker:
@@ -69,7 +68,6 @@ class Worker:
         self.handled = 0
         self._cursor = "0-0"
         self._next_claim = 0.0
-        self._pause = float(os.environ.get(TEST_PAUSE_ENV) or 0)
 
     def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing, keeping jobs queued before, and
@@ -174,8 +172,6 @@ class Worker:
 
     def _evaluate(self, fields: dict, extra: dict) -> bytes:
         start = time.perf_counter()
-        if self._pause:
-            time.sleep(self._pause)
         try:
             name, version = fields[b"name"].decode(), int(fields[b"version"])
             key = self.service.key_record(fields[b"key_id"].decode())

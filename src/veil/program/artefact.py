@@ -1,7 +1,11 @@
-"""Deployment split: a server evaluates ciphertexts with a public bundle; a client owns the keys.
+"""Model artefacts, whatever the model family: a server evaluates ciphertexts with a public
+bundle; a client owns the keys.
 
-`ModelServer.load(dir)` reads `server.json`; `ModelClient.load(dir)` reads `client.json`. Neither
-file holds a secret key, and the client file holds no weights.
+An artefact is a directory of two files, written by `write_artefact` (and `veil.ml`'s `save`):
+`server.json` (the circuit, its weights, no secret) and `client.json` (parameters, input bounds
+and the client-side post-processing `OutputSpec`, no weights). `ModelServer.load(dir)` reads the
+first and `ModelClient.load(dir)` the second. This module imports no model library, so servers
+and workers load any artefact without scikit-learn, torch or xgboost.
 """
 
 from __future__ import annotations
@@ -14,9 +18,25 @@ import numpy as np
 
 from veil.errors import WireFormatError
 from veil.he import PublicBundle, SecretKeys
-from veil.ml.base import CLIENT_FILE, READABLE_FORMATS, SERVER_FILE
-from veil.ml.outputs import OutputSpec
-from veil.program import Circuit, load_client, load_server
+from veil.program.kinds import load_client, load_server
+from veil.program.outputs import OutputSpec
+
+SERVER_FILE = "server.json"
+CLIENT_FILE = "client.json"
+FORMAT = "veil-model/1"
+READABLE_FORMATS = (FORMAT, "veil-linear/1")
+
+
+def write_artefact(path: str | Path, model: str, circuit: Any, output: OutputSpec) -> Path:
+    """Write `server.json` (the circuit, no client secrets) and `client.json` (parameters, input
+    bounds and post-processing, no weights) into directory `path` for a model named `model`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    server = {"format": FORMAT, "model": model, "circuit": circuit.to_dict()}
+    client = {"format": FORMAT, "model": model, "circuit": circuit.client_spec(), "output": output.to_dict()}
+    (path / SERVER_FILE).write_text(json.dumps(server))
+    (path / CLIENT_FILE).write_text(json.dumps(client))
+    return path
 
 
 def _read(path: Path, name: str) -> dict:
@@ -33,7 +53,7 @@ def _read(path: Path, name: str) -> dict:
 class ModelServer:
     """Evaluates encrypted requests; holds the weights and never any secret key."""
 
-    def __init__(self, circuit: Circuit, model: str = "") -> None:
+    def __init__(self, circuit: Any, model: str = "") -> None:
         self.circuit = circuit
         self.model = model
 
