@@ -277,13 +277,9 @@ def _openapi(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from veil.serve.server import configure_logging
-    from veil.serve.tee_setup import broker_options
-    from veil.serve.worker import run_worker
+    from veil.serve.worker import run_from_args
 
-    configure_logging(args.log_level)
-    run_worker(_server_config(args), name=args.name, claim_idle=args.claim_idle, broker=broker_options(args))
-    return 0
+    return run_from_args(args)
 
 
 def _tee_manifest(args: argparse.Namespace) -> int:
@@ -397,14 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tee_server_options(serve)
 
-    from veil.serve.tee_setup import add_attest_options
+    from veil.serve.tee_setup import add_worker_options
 
     worker = sub.add_parser("worker", help="consume prediction jobs from the Redis queue")
-    _add_server_options(worker)
-    worker.add_argument("--name", help="consumer name (default host-pid)")
-    worker.add_argument("--claim-idle", type=float, default=30.0,
-                        help="seconds before another worker's unacknowledged job is taken over")
-    add_attest_options(worker)
+    add_worker_options(worker)
     worker.set_defaults(func=_worker)
 
     tee = sub.add_parser("tee", help="trusted execution: enclave descriptions for `veil worker`")

@@ -2,8 +2,9 @@
 the collateral source, the key broker a worker asks.
 
 Shared by `veil serve` (a key broker with ``--attest-policy``, an attested enclave with ``--attest``)
-and `veil worker --attest` (`veil.serve.worker`), so both read the options the same way. Light to
-import (no FastAPI, no Redis): the `veil` command builds its parser from it.
+and `veil worker` (`veil.serve.worker`, whose options `add_worker_options` defines once), so both
+read the options the same way. Light to import (no FastAPI, no Redis): the `veil` command builds
+its parser from it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,24 @@ class KeyBrokerOptions:
     url: str
     token: str
     ca: str | None = None
+
+
+DEFAULT_CLAIM_IDLE = 30.0
+"""Seconds a claimed job may sit unacknowledged before another worker takes it over."""
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """Every option of `veil worker`, defined once for the `veil` command and for
+    ``python -m veil.serve.worker``."""
+    parser.add_argument("--queue", required=True, help="Redis URL, e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS)")
+    parser.add_argument("--name", help="consumer name (default: host-pid-random)")
+    parser.add_argument("--claim-idle", type=float, default=DEFAULT_CLAIM_IDLE,
+                        help="seconds before another worker's unacknowledged job is taken over")
+    parser.add_argument("--model-key-file", help="file holding the model key (else VEIL_MODEL_KEY)")
+    parser.add_argument("--data-dir", default="veil-data", help="where a model.key may be found")
+    parser.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    parser.add_argument("--log-level", default="info")
+    add_attest_options(parser)
 
 
 def add_attest_options(parser: argparse.ArgumentParser) -> None:

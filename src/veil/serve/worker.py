@@ -45,10 +45,15 @@ from veil.serve.redis_backend import (
 )
 from veil.serve.server import ServerConfig, configure_logging, load_cipher
 from veil.serve.service import Service
-from veil.serve.tee_setup import BROKER_TOKEN_ENV, KeyBrokerOptions, add_attest_options, broker_options
+from veil.serve.tee_setup import (
+    BROKER_TOKEN_ENV,
+    DEFAULT_CLAIM_IDLE,
+    KeyBrokerOptions,
+    add_worker_options,
+    broker_options,
+)
 
 log = logging.getLogger("veil.serve")
-DEFAULT_CLAIM_IDLE = 30.0
 BLOCK_SECONDS = 1.0
 MAX_DELIVERIES = 3
 # Test-only hook: seconds to sleep after taking a job and before evaluating it, so fault tests can
@@ -272,19 +277,8 @@ def run_worker(config: ServerConfig, name: str | None = None, claim_idle: float 
             signal.signal(sig, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of `veil worker`."""
-    parser = argparse.ArgumentParser(prog="veil worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--queue", required=True, help="Redis URL, e.g. redis://127.0.0.1:6379/0")
-    parser.add_argument("--name", help="consumer name (default: host-pid-random)")
-    parser.add_argument("--claim-idle", type=float, default=DEFAULT_CLAIM_IDLE,
-                        help="seconds before a dead worker's job is taken over")
-    parser.add_argument("--model-key-file", help="file holding the model key (else VEIL_MODEL_KEY)")
-    parser.add_argument("--data-dir", default="veil-data", help="where a model.key may be found")
-    parser.add_argument("--max-jobs", type=int, help="exit after this many jobs")
-    parser.add_argument("--log-level", default="info")
-    add_attest_options(parser)
-    args = parser.parse_args(argv)
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run a worker from the options `add_worker_options` defines; exit status 2 on an error."""
     configure_logging(args.log_level)
     config = ServerConfig(queue=args.queue, model_key_file=args.model_key_file, data_dir=args.data_dir,
                           log_level=args.log_level, attest=args.attest, attest_provider=args.attest_provider,
@@ -296,6 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"veil worker: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of `veil worker` (the same options as the `veil` command's)."""
+    parser = argparse.ArgumentParser(prog="veil worker", description=__doc__.splitlines()[0])
+    add_worker_options(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
