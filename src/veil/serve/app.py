@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import veil
 from veil.errors import VeilError, WireFormatError
 from veil.serve import schemas
-from veil.serve.auth import Principal, TokenStore
+from veil.serve.auth import BODY_ROLE_ATTR, Principal, TokenStore, body_role
 from veil.serve.errors import INTERNAL_DETAIL, UnauthorizedError, error_fields
 from veil.serve.registry import MAX_VERSION, KeyRecord, ModelRecord
 from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN, Service
@@ -128,7 +128,9 @@ class Gate:
        the scope for the routes' dependency (`authenticated`). Authorization stays in the service.
     2. A request announcing a body (a non-zero Content-Length, or any Transfer-Encoding) without a
        valid token is answered 401 before any body byte is read (so no `100 Continue` either), and
-       its connection is closed: a caller without a token gets nothing buffered or parsed.
+       its connection is closed: a caller without a token gets nothing buffered or parsed. So is,
+       with 403, a principal whose role cannot use the route it names (the role an endpoint
+       declares with `body_role`; the service still checks it too).
     3. An authenticated body is read here, whole, before the app runs: over `limit` bytes (declared
        or while streaming) answers 413, not complete within `timeout` seconds of the headers answers
        408; both close the connection. The app then finds the body in the scope (`request_body`),
@@ -156,6 +158,11 @@ class Gate:
         if isinstance(verdict, UnauthorizedError):
             await self._refuse(scope, receive, send, 401, "unauthorized", str(verdict))
             return
+        role = self._body_role(scope)
+        if role is not None and not verdict.has_role(role):
+            await self._refuse(scope, receive, send, 403, "forbidden",
+                               f"this needs the {role!r} role; token {verdict.name!r} has {verdict.role!r}")
+            return
         if length is not None and length > self.limit:
             await self._refuse(scope, receive, send, 413, "payload_too_large",
                                f"request body exceeds {self.limit} bytes")
@@ -175,6 +182,14 @@ class Gate:
             return
         scope[BODY_SCOPE] = body
         await self.app(scope, _replay(body, receive), send)
+
+    def _body_role(self, scope: Scope) -> str | None:
+        """The role the endpoint this request names declares (`body_role`), if any."""
+        for route in getattr(self.app, "routes", ()):
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return getattr(getattr(route, "endpoint", None), BODY_ROLE_ATTR, None)
+        return None
 
     async def _read(self, receive: Receive) -> bytes:
         chunks, size = [], 0
@@ -480,7 +495,10 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "validation_error", json.dumps(exc.errors(), default=str)[:2000])
+        def brief(error: dict) -> dict:  # the offending input may be the whole (large) body
+            return {k: (repr(v)[:200] if k == "input" else v) for k, v in error.items()}
+
+        return _error(422, "validation_error", json.dumps([brief(e) for e in exc.errors()[:20]], default=str)[:2000])
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -577,6 +595,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.post("/v1/keys", response_model=schemas.KeyInfo, tags=["keys"],
               openapi_extra={"requestBody": {"required": True, "content": {OCTET: {"schema": BINARY}}}})
+    @body_role('client')
     async def register_key(request: Request, who: Auth) -> dict:
         """Register a public key bundle (binary body); a secret key is refused. Counts against the
         token's key quota (403 quota_exceeded when full)."""
@@ -584,6 +603,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.post("/v1/keys/json", response_model=schemas.KeyInfo, tags=["keys"],
               openapi_extra=_json_body_doc(schemas.RegisterKeyJSON))
+    @body_role('client')
     async def register_key_json(request: Request, who: Auth) -> dict:
         """Same as /v1/keys with the bundle in base64 JSON."""
         _, bundle = await run_in_threadpool(_json_with_base64, schemas.RegisterKeyJSON, "bundle",
@@ -603,6 +623,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.post("/v1/models", response_model=schemas.ModelInfo, tags=["models"], status_code=201,
               openapi_extra=_json_body_doc(schemas.DeployRequest))
+    @body_role('admin')
     async def deploy(request: Request, who: Auth) -> dict:
         """Deploy a model saved by veil.ml (admin); stored encrypted with AES-256-GCM."""
         body = await _json_body(request, schemas.DeployRequest)
@@ -628,6 +649,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     @app.post("/v1/models/{name}/predict", tags=["predict"], response_class=Response,
               openapi_extra={"requestBody": {"required": True, "content": {OCTET: {"schema": BINARY}}},
                              "responses": {"200": {"content": {OCTET: {"schema": BINARY}}}}})
+    @body_role('client')
     async def predict(name: NAME, request: Request, who: Auth,
                       x_veil_key_id: Annotated[str, Header(json_schema_extra={"pattern": KEY_ID_PATTERN})],
                       version: VERSION = None) -> Response:
@@ -638,6 +660,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @app.post("/v1/models/{name}/predict/json", response_model=schemas.PredictionJSON, tags=["predict"],
               openapi_extra=_json_body_doc(schemas.PredictJSON))
+    @body_role('client')
     async def predict_json(name: NAME, request: Request, who: Auth, version: VERSION = None) -> Response:
         """Same as /predict with base64 JSON (a third larger on the wire)."""
         body, payload = await run_in_threadpool(_json_with_base64, schemas.PredictJSON, "ciphertexts",

@@ -25,7 +25,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,9 +58,13 @@ class Principal:
         ends (a principal made in-process, without an issuer, has nothing to revoke)."""
         return contextlib.nullcontext() if self.issuer is None else self.issuer.hold(self)
 
+    def has_role(self, role: str) -> bool:
+        """Whether this principal may act as `role` (an admin has every role)."""
+        return self.role in ("admin", role)
+
     def require(self, role: str) -> None:
         """Raise 403 unless this principal has `role` (an admin has every role)."""
-        if self.role != "admin" and self.role != role:
+        if not self.has_role(role):
             raise ForbiddenError(f"this needs the {role!r} role; token {self.name!r} has {self.role!r}")
 
 
@@ -272,3 +276,18 @@ def list_tokens(path: str | Path) -> list[dict]:
                     "created": row.get("created"), "max_keys": row.get("max_keys"),
                     "max_key_bytes": row.get("max_key_bytes")})
     return out
+
+
+BODY_ROLE_ATTR = "veil_body_role"
+
+
+def body_role(role: str) -> Callable[[Callable], Callable]:
+    """Declare the role an endpoint with a request body needs, so the server's `Gate` refuses
+    other principals (403) before reading the body; the endpoint still checks it itself."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+
+    def mark(endpoint: Callable) -> Callable:
+        setattr(endpoint, BODY_ROLE_ATTR, role)
+        return endpoint
+    return mark

@@ -49,7 +49,7 @@ from starlette.concurrency import run_in_threadpool
 
 from veil.errors import ShapeError, WireFormatError
 from veil.serve import schemas
-from veil.serve.auth import Principal
+from veil.serve.auth import Principal, body_role
 from veil.serve.errors import TeeUnavailableError, UnavailableError
 from veil.serve.registry import MAX_VERSION
 from veil.serve.service import NAME_PATTERN, Service
@@ -190,6 +190,7 @@ def add_routes(app: FastAPI, state: TeeState, service: Service, auth: Callable[.
     version_param = Annotated[int | None, Query(ge=1, le=MAX_VERSION, description="default: the latest version")]
 
     @app.post("/v1/tee/key-release/challenge", response_model=schemas.KeyChallenge, tags=["trusted execution"])
+    @body_role('worker')
     async def key_challenge(who: Auth) -> dict:
         """Step 1 of key release (worker token): a single-use nonce for this token, valid `expires_in` s."""
         who.require("worker")
@@ -199,6 +200,7 @@ def add_routes(app: FastAPI, state: TeeState, service: Service, auth: Callable[.
 
     @app.post("/v1/tee/key-release", response_model=schemas.KeyReleaseGrant, tags=["trusted execution"],
               openapi_extra=json_doc(schemas.KeyReleaseRequest))
+    @body_role('worker')
     async def key_release(request: Request, who: Auth) -> dict:
         """Step 2 (worker token): evidence over the nonce and an ephemeral key; answers the model key
         wrapped to that key, or 403 naming why the evidence was refused (logged and counted)."""
@@ -209,6 +211,7 @@ def add_routes(app: FastAPI, state: TeeState, service: Service, auth: Callable[.
 
     @app.post("/v1/tee/evidence", response_model=schemas.ServerEvidence, tags=["trusted execution"],
               openapi_extra=json_doc(schemas.EvidenceRequest))
+    @body_role('client')
     async def server_evidence(request: Request, who: Auth) -> dict:
         """This server's evidence over the client's nonce and the server's TLS public key (client token)."""
         who.require("client")
@@ -219,6 +222,7 @@ def add_routes(app: FastAPI, state: TeeState, service: Service, auth: Callable[.
 
     @app.post("/v1/models/{name}/predict/plain", response_model=schemas.PlainPrediction, tags=["predict"],
               openapi_extra=json_doc(schemas.PlainPredictRequest))
+    @body_role('client')
     async def predict_plaintext(name: name_param, request: Request, who: Auth, version: version_param = None
                                 ) -> dict:
         """Plaintext features, only on a server running in an attested enclave (404 elsewhere): verify
