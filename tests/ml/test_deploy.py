@@ -17,6 +17,7 @@ from veil.errors import (
     WireFormatError,
 )
 from veil.he import PublicBundle, SecretKeys, wire
+from veil.program import artefact
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def deployed(tmp_path_factory):
 
 def test_artefacts_hold_no_secrets_and_client_holds_no_weights(deployed):
     _, path, _ = deployed
-    server = json.loads((path / ml.base.SERVER_FILE).read_text())
-    client = json.loads((path / ml.base.CLIENT_FILE).read_text())
+    server = json.loads((path / artefact.SERVER_FILE).read_text())
+    client = json.loads((path / artefact.CLIENT_FILE).read_text())
     assert "weights" in server["circuit"] and "weights" not in client["circuit"]
     client_text = json.dumps(client)
     assert not any(repr(float(w)) in client_text for w in server["circuit"]["weights"][0])
