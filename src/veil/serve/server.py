@@ -230,14 +230,39 @@ def ssl_options(config: ServerConfig) -> dict[str, Any]:
 
 
 class HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol with the deadline it lacks before a request reaches the app: a
-    request's line and headers must arrive within `head_timeout` seconds of the connection opening
-    or of the previous response, else the connection is closed (after a 408 if part of a head has
-    come). The timer restarts at every response; when it fires while a request is being read or
-    answered, it does nothing (the body has its own deadline in `veil.serve.app.Gate`)."""
+    """uvicorn's h11 protocol with the deadlines it lacks outside the app:
+
+    - before a request: its line and headers must arrive within `head_timeout` seconds of the
+      connection opening or of the previous response, else the connection is closed (after a 408
+      if part of a head has come). The timer restarts at every response; when it fires while a
+      request is being read or answered, it does nothing (the body has its own deadline in
+      `veil.serve.app.Gate`);
+    - while answering: once the kernel's send buffer is full (the transport pauses writing), the
+      reader must take data again within `head_timeout` seconds, else the connection is aborted:
+      a peer that never reads its answers (pipelining requests for large ones) holds no file
+      descriptor and no buffered response beyond that deadline."""
 
     head_timeout = DEFAULT_HEAD_TIMEOUT
     _head_timer: asyncio.TimerHandle | None = None
+    _write_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.head_timeout, self._write_overdue)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()
+
+    def _write_overdue(self) -> None:
+        """The peer has not read for `head_timeout` seconds with a full send buffer: drop it (an
+        abort, since a close would wait for the buffer to drain)."""
+        self._write_timer = None
+        log.info("connection aborted: the peer read nothing for %g s", self.head_timeout)
+        self.transport.abort()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -249,8 +274,9 @@ class HeadDeadline(H11Protocol):
             self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        for timer in (self._head_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
 
     def _arm_head_timer(self) -> None:
