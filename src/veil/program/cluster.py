@@ -63,6 +63,7 @@ from veil.program.parallel import (
     chunk_size,
     progress_bar,
     run_chunk,
+    sample_array,
 )
 
 TLS_VARIABLES = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
@@ -302,13 +303,7 @@ class RayExecutor:
         whole protocol (`infer`: one round trip, or one per stage of a staged program) with a
         client of its own and a transport to one actor; with ``ship_keys=True`` it waits for the
         actor's `run_chunk`."""
-        if getattr(X, "ndim", None) != 2:
-            X = np.asarray(X)
-            if X.ndim != 2:
-                raise ShapeError(f"expected a 2-D array of samples, got shape {X.shape}")
-        n, n_features = int(X.shape[0]), int(X.shape[1])
-        if n == 0:
-            raise ShapeError("no samples to encrypt")
+        X, n, n_features = sample_array(X)
         if layout not in keys:
             raise ShapeError(f"no keys for layout {layout!r}")
         probe = load_client(client_spec)

@@ -352,13 +352,7 @@ class ChunkedExecutor:
         chunk); otherwise chunks go to the pool, at most `2 * workers` at a time. An error in a
         chunk is raised as its own (veil) exception type, with a note naming the chunk's rows.
         Calls from several threads run one after the other (one pool, one reply stream)."""
-        if getattr(X, "ndim", None) != 2:
-            X = np.asarray(X)
-            if X.ndim != 2:
-                raise ShapeError(f"expected a 2-D array of samples, got shape {X.shape}")
-        n, n_features = int(X.shape[0]), int(X.shape[1])
-        if n == 0:
-            raise ShapeError("no samples to encrypt")
+        X, n, n_features = sample_array(X)
         rows = self.chunk_rows(layout, chunk_rows)
         bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
         out: np.ndarray | None = None
@@ -505,6 +499,19 @@ def default_chunk_rows(client: Any, layout: str) -> int:
     their encrypted request would exceed MAX_CHUNK_BYTES (whole ciphertext groups either way)."""
     slots = int(client.params[checked_layout(layout, client.params)].slot_count)
     return rows_per_request(client, layout, MAX_CHUNK_BYTES, DEFAULT_CHUNK_CTS * slots)
+
+
+def sample_array(X: Any) -> tuple[Any, int, int]:
+    """X as a 2-D array of samples (an array or memmap is kept as it is, never copied) with its
+    row and feature counts; ShapeError for any other shape or no rows."""
+    if getattr(X, "ndim", None) != 2:
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise ShapeError(f"expected a 2-D array of samples, got shape {X.shape}")
+    n, n_features = int(X.shape[0]), int(X.shape[1])
+    if n == 0:
+        raise ShapeError("no samples to encrypt")
+    return X, n, n_features
 
 
 def chunk_size(client: Any, layout: str, chunk_rows: int | None = None) -> int:
