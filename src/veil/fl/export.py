@@ -42,11 +42,6 @@ def encrypted_check(result: FLResult, model: EncryptedModel, X: np.ndarray,
     return out
 
 
-def save_model(model: EncryptedModel, out: str | Path) -> Path:
-    """Write the `veil.ml` deployment files (`server.json`, `client.json`) into `out`."""
-    return model.save(out)
-
-
 def deploy(model_dir: str | Path, url: str, token: str, name: str, verify: bool | str = True) -> dict:
     """Upload a saved model to a running `veil serve` (admin token); returns the server's answer."""
     from veil.serve.client import Client

@@ -183,13 +183,6 @@ class Ciphertext:
             raise ScaleMismatchError("relinearize before rotating (rotations need 2-component ciphertexts)")
         return Ciphertext(self.context, self.context.evaluator.rotate_vector(self.data, int(steps), galois_keys))
 
-    def mod_switch_to_(self, level: int) -> Ciphertext:
-        """Drop levels without rescaling (the scale is unchanged)."""
-        if level > self.level or level < 0:
-            raise ScaleMismatchError(f"cannot switch from level {self.level} to level {level}")
-        self.context.evaluator.mod_switch_to_inplace(self.data, self.context.parms_id_at(level))
-        return self
-
 
 def aligned(values: list[Ciphertext], what: str) -> Ciphertext:
     """The first of `values` once all are checked to share its parameters, level and scale (so a

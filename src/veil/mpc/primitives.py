@@ -351,9 +351,6 @@ def _and(rt: Runtime, x: torch.Tensor, y: torch.Tensor, a, b, c) -> torch.Tensor
     return z ^ (e & f) if rt.rank == 0 else z
 
 
-_IDX = torch.arange(64, dtype=torch.int64)
-
-
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a flat tensor of 0/1 values into int64 words, 64 bits per word (zero padded)."""
     arr = np.packbits(bits.reshape(-1).to(torch.uint8).numpy(), bitorder="little")

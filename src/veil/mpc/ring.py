@@ -81,11 +81,6 @@ class PRG:
         return torch.frombuffer(buf, dtype=torch.int64).reshape(tuple(shape))
 
 
-def shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Arithmetic (sign-preserving) right shift of ring elements read as signed."""
-    return torch.bitwise_right_shift(x, bits)
-
-
 # ---- bilinear maps over the ring, used by Beaver triples -----------------------------------
 
 

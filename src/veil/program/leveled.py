@@ -57,7 +57,6 @@ KIND = "leveled"
 MAX_BATCH_WORKING_BYTES = 4 << 30
 """Largest working set of one batch-layout evaluation (two layers of ciphertexts live at once):
 a forged or oversized program is refused at load, not by exhausting the server's memory."""
-PROGRAM_LAYOUTS = ("batch", "row")
 CARRIED = (0.0, 1.0, 0.0)
 """The element of a per-element polynomial that carries its value unchanged (a skip connection)."""
 

@@ -58,15 +58,6 @@ class ProductSum:
     def n_outputs(self) -> int:
         return len(self.base)
 
-    def literal_matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W, c): literal k is W[k] @ x + c[k]."""
-        W, c = np.zeros((len(self.literals), self.n_inputs)), np.zeros(len(self.literals))
-        for k, (const, terms) in enumerate(self.literals):
-            c[k] = const
-            for i, w in terms:
-                W[k, i] += w
-        return W, c
-
     def evaluate(self, X: np.ndarray) -> np.ndarray:
         """The plaintext reference on inputs X (n, n_inputs)."""
         X = np.asarray(X, dtype=np.float64)
