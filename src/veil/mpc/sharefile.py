@@ -1,7 +1,7 @@
 """Share files: data owners who are not computing parties hand their data (or a model) to the
 parties offline, and parties hand results to a named holder, without anyone else reading them.
 
-Protocol (seed 004's workflow):
+Protocol (owner -> parties offline, parties compute, a named holder reads the result):
 
 1. The owner fixed-point encodes its tensors and splits each into n additive shares over
    Z_2^64 (n - 1 uniform from the CSPRNG, the last the difference), offline.
