@@ -38,8 +38,8 @@ from veil import ml
 from veil.net import free_port
 from veil.serve import Client, RequestError
 from veil.serve.auth import add_token_to_file
+from veil.serve.backends.redis import RedisNonceStore
 from veil.serve.crypto import ArtefactCipher
-from veil.serve.redis_backend import RedisNonceStore
 from veil.serve.server import ServerConfig, build
 from veil.tee import (
     AttestationError,
