@@ -150,7 +150,7 @@ def test_every_route_with_a_body_declares_its_role(tmp_path):
 
     from veil.serve.app import create_app
     from veil.serve.auth import BODY_ROLE_ATTR, TokenStore
-    from veil.serve.registry import SQLiteStore
+    from veil.serve.backends.local import SQLiteStore
     from veil.serve.service import Service
     from veil.serve.tee import TeeState
 

@@ -33,9 +33,10 @@ from veil.he import PublicBundle, SecretKeys, preset
 from veil.serve import Client, schemas
 from veil.serve.app import _json_with_base64
 from veil.serve.auth import TokenStore, add_token_to_file, revoke_tokens
+from veil.serve.backends.base import KeyQuota, KeyRecord, legacy_key_id, scoped_key_id
+from veil.serve.backends.local import SQLiteStore
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import QuotaExceededError, UnauthorizedError
-from veil.serve.registry import KeyQuota, KeyRecord, SQLiteStore, legacy_key_id, scoped_key_id
 from veil.serve.server import ServerConfig, build
 from veil.serve.service import Service
 

@@ -23,10 +23,10 @@ from veil import ml
 from veil.he import PublicBundle, SecretKeys, preset
 from veil.serve import Client, RequestError
 from veil.serve.auth import TokenStore, add_token_to_file, revoke_tokens
+from veil.serve.backends.base import MAX_VERSION, KeyQuota, KeyRecord, legacy_key_id, scoped_key_id
+from veil.serve.backends.redis import RedisKeyNames, RedisStore, RemoteError, decode_result, encode_result, post_result
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import ConflictError, NotFoundError, QuotaExceededError, ServeError, UnauthorizedError
-from veil.serve.redis_backend import Keys, RedisStore, RemoteError, decode_result, encode_result, post_result
-from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord, legacy_key_id, scoped_key_id
 from veil.serve.server import ServerConfig, build
 from veil.serve.service import Service
 from veil.serve.worker import run_worker
@@ -35,7 +35,7 @@ from .helpers import free_port, make_certs, process, redis_server, running_serve
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")]
-KEYS = Keys()
+KEYS = RedisKeyNames()
 
 
 ROOT = Path(__file__).resolve().parents[2]

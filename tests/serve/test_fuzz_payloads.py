@@ -16,9 +16,9 @@ from veil import ml
 from veil.errors import VeilError
 from veil.he import wire
 from veil.serve.auth import Principal
+from veil.serve.backends.local import SQLiteStore
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import ServeError, error_fields
-from veil.serve.registry import SQLiteStore
 from veil.serve.service import Service
 
 pytestmark = pytest.mark.timeout(300)

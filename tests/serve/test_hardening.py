@@ -23,9 +23,9 @@ from veil import cli, ml
 from veil.he import SecretKeys, preset, wire
 from veil.serve import Client, RequestError
 from veil.serve.auth import TokenStore, add_token_to_file, list_tokens, revoke_tokens
+from veil.serve.backends.base import MAX_VERSION
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import UnauthorizedError
-from veil.serve.registry import MAX_VERSION
 from veil.serve.server import ServerConfig, check_transport, is_loopback
 from veil.serve.service import Service
 

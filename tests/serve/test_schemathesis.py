@@ -31,8 +31,8 @@ from tests.tee.vectors import write_policy
 from veil import ml
 from veil.serve.app import create_app
 from veil.serve.auth import Principal, TokenStore
+from veil.serve.backends.local import SQLiteStore
 from veil.serve.crypto import ArtefactCipher
-from veil.serve.registry import SQLiteStore
 from veil.serve.service import Service
 from veil.serve.tee import EnclaveAttester, TeeState
 from veil.tee import KeyBroker

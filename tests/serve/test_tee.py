@@ -38,8 +38,8 @@ from veil import ml
 from veil.net import free_port
 from veil.serve import Client, RequestError
 from veil.serve.auth import add_token_to_file
+from veil.serve.backends.redis import RedisNonceStore
 from veil.serve.crypto import ArtefactCipher
-from veil.serve.redis_backend import RedisNonceStore
 from veil.serve.server import ServerConfig, build
 from veil.tee import (
     AttestationError,
@@ -345,13 +345,13 @@ def test_redis_nonce_store_is_single_use_expiring_bounded_and_bound_to_its_owner
         with pytest.raises(NonceError):
             store.consume(b"a" * 32, "w1")
         store.issue(b"b" * 32, "w1")
-        wait_for(lambda: not store.client.exists(store.keys.tee_nonce((b"b" * 32).hex())), 5, "expiry")
+        wait_for(lambda: not store.client.exists(store.names.tee_nonce((b"b" * 32).hex())), 5, "expiry")
         with pytest.raises(NonceError, match="expired"):
             store.consume(b"b" * 32, "w1")
         store.ttl = 60
         for n in b"cde":
             store.issue(bytes([n]) * 32, "w1")
-        assert store.client.zcard(store.keys.tee_nonces) == 2
+        assert store.client.zcard(store.names.tee_nonces) == 2
         with pytest.raises(NonceError):
             store.consume(b"c" * 32, "w1")
         store.consume(b"e" * 32, "w1")

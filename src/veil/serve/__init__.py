@@ -1,7 +1,9 @@
-"""Serving: FastAPI server, client SDK, key and model registries, Redis cluster backend.
+"""Serving: FastAPI server, client SDK, the serving commands (`veil.serve.cli`) and the serving
+backends (`veil.serve.backends`: the key and model registries and where predictions run, ``local``
+on SQLite in-process or ``redis`` with `veil worker` processes).
 
 The names below are imported on first use, so `veil`'s command line can read option helpers of
-submodules (`veil.serve.auth`, `veil.serve.tee_setup`) without loading the server.
+submodules (`veil.serve.cli`, `veil.serve.auth`, `veil.serve.tee_setup`) without loading the server.
 """
 
 from importlib import import_module

@@ -1,4 +1,8 @@
-"""FastAPI application: key registry, model deployment, prediction on ciphertexts, operations."""
+"""FastAPI application: key registry, model deployment, prediction on ciphertexts, operations.
+
+The routes hold no storage and run no evaluation themselves: they call the `Service` and hand each
+prediction to an `Executor`, both on the serving backend the caller chose (`veil.serve.backends`;
+`veil.serve.server.build` chooses by name)."""
 
 import asyncio
 import binascii
@@ -13,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -35,8 +39,17 @@ import veil
 from veil.errors import VeilError, WireFormatError
 from veil.serve import schemas
 from veil.serve.auth import BODY_ROLE_ATTR, Principal, TokenStore, body_role
-from veil.serve.errors import INTERNAL_DETAIL, UnauthorizedError, error_fields
-from veil.serve.registry import MAX_VERSION, KeyRecord, ModelRecord
+from veil.serve.backends.base import MAX_VERSION, Executor, KeyRecord, ModelRecord
+from veil.serve.backends.local import LocalExecutor, SQLiteStore
+from veil.serve.errors import (
+    INTERNAL_DETAIL,
+    ForbiddenError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ServeError,
+    UnauthorizedError,
+    error_fields,
+)
 from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN, Service
 from veil.serve.tee import JSON_BODIES as TEE_JSON_BODIES
 from veil.serve.tee import RefusalCollector, TeeState, add_routes
@@ -77,29 +90,6 @@ class KeyIdConvertor(Convertor):
 register_url_convertor("veil_key_id", KeyIdConvertor())
 DOCS_ASSETS_URL = "/static/docs"
 BINARY = {"type": "string", "format": "binary"}
-
-
-class Executor(Protocol):
-    """Runs an authorised prediction: in-process threads, or a Redis queue of workers."""
-
-    async def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
-                      payload: bytes) -> tuple[int, bytes]: ...
-
-    def check(self) -> None: ...
-
-
-class LocalExecutor:
-    """Evaluates in this process, off the event loop."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-
-    async def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
-                      payload: bytes) -> tuple[int, bytes]:
-        return await run_in_threadpool(self.service.predict, principal, name, version, key_id, payload)
-
-    def check(self) -> None:
-        return None
 
 
 @dataclass
@@ -156,27 +146,26 @@ class Gate:
             await self.app(scope, receive, send)
             return
         if isinstance(verdict, UnauthorizedError):
-            await self._refuse(scope, receive, send, 401, "unauthorized", str(verdict))
+            await self._refuse(scope, receive, send, verdict)
             return
         role = self._body_role(scope)
         if role is not None and not verdict.has_role(role):
-            await self._refuse(scope, receive, send, 403, "forbidden",
-                               f"this needs the {role!r} role; token {verdict.name!r} has {verdict.role!r}")
+            await self._refuse(scope, receive, send, ForbiddenError(
+                f"this needs the {role!r} role; token {verdict.name!r} has {verdict.role!r}"))
             return
+        too_large = PayloadTooLargeError(f"request body exceeds {self.limit} bytes")
         if length is not None and length > self.limit:
-            await self._refuse(scope, receive, send, 413, "payload_too_large",
-                               f"request body exceeds {self.limit} bytes")
+            await self._refuse(scope, receive, send, too_large)
             return
         try:
             async with asyncio.timeout_at(deadline):
                 body = await self._read(receive)
         except TimeoutError:
-            await self._refuse(scope, receive, send, 408, "request_timeout",
-                               f"the request body did not arrive within {self.timeout:g} s")
+            await self._refuse(scope, receive, send, RequestTimeoutError(
+                f"the request body did not arrive within {self.timeout:g} s"))
             return
         except _TooLargeError:
-            await self._refuse(scope, receive, send, 413, "payload_too_large",
-                               f"request body exceeds {self.limit} bytes")
+            await self._refuse(scope, receive, send, too_large)
             return
         except _GoneError:
             return
@@ -206,10 +195,10 @@ class Gate:
                 # joining hundreds of MiB takes a while (page faults): off the loop (the copy releases the GIL)
                 return b"".join(chunks) if size <= SLICE else await run_in_threadpool(b"".join, chunks)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str,
-                      detail: str) -> None:
-        """Answer before (or instead of) reading the body, and close the connection: its unread
-        bytes are never taken in."""
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ServeError) -> None:
+        """Answer `error` before (or instead of) reading the body, and close the connection: its
+        unread bytes are never taken in."""
+        status, code, detail = error_fields(error)
         headers = {"connection": "close"}
         if status == 401:
             headers["www-authenticate"] = "Bearer"
@@ -700,7 +689,6 @@ def _offline_page() -> HTMLResponse:
 def openapi_schema() -> dict:
     """The OpenAPI document of the server, without starting one (kept in docs/openapi.json)."""
     from veil.serve.crypto import ArtefactCipher
-    from veil.serve.registry import SQLiteStore
 
     with tempfile.TemporaryDirectory() as tmp:
         service = Service(SQLiteStore(tmp), ArtefactCipher(bytes(32)))

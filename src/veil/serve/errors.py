@@ -48,7 +48,15 @@ class ConflictError(ServeError):
     status, code = 409, "conflict"
 
 
+class RequestTimeoutError(ServeError):
+    """A request's head or body did not arrive in time (the connection is closed after it)."""
+
+    status, code = 408, "request_timeout"
+
+
 class PayloadTooLargeError(ServeError):
+    """A request body over the server's limit, declared or while it streams in."""
+
     status, code = 413, "payload_too_large"
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from veil.serve.registry import MAX_VERSION
+from veil.serve.backends.base import MAX_VERSION
 from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,12 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from veil.net import free_port
-from veil.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, Executor, LocalExecutor, create_app
+from veil.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, create_app
 from veil.serve.auth import TokenStore
+from veil.serve.backends import backend_for
+from veil.serve.backends.base import KeyQuota
 from veil.serve.crypto import ArtefactCipher, key_from_env, key_from_file
-from veil.serve.registry import KeyQuota, SQLiteStore, Store
+from veil.serve.errors import RequestTimeoutError, error_fields
 from veil.serve.service import DEFAULT_KEY_QUOTA, Service
 
 log = logging.getLogger("veil.serve")
@@ -84,8 +87,13 @@ class ServerConfig:
     head_timeout: float = DEFAULT_HEAD_TIMEOUT
     """Seconds a request's line and headers may take to arrive (from the connection opening or the
     previous response); a slower or idle connection gets a 408 and is closed."""
+    backend: str | None = None
+    """The serving backend by name (`veil.serve.backends.BACKENDS`: ``local``, ``redis``); None
+    chooses ``redis`` when `queue` is given, else ``local``."""
     queue: str | None = None
+    """Redis URL of the ``redis`` backend (front ends and workers)."""
     queue_timeout: float = 120.0
+    """Seconds a front end of the ``redis`` backend waits for a worker's answer (503 past it)."""
     log_level: str = "info"
     insecure: bool = False
     """Allow plain HTTP on a non-loopback address (behind a TLS-terminating proxy, say)."""
@@ -141,25 +149,15 @@ def load_model_key(config: ServerConfig) -> bytes:
 
 
 def build(config: ServerConfig) -> tuple[Any, Service]:
-    """The ASGI app and its service for a configuration (SQLite, or Redis with --queue)."""
+    """The ASGI app and its service for a configuration, on the backend it names
+    (`veil.serve.backends.backend_for`: SQLite in-process, or Redis and workers)."""
     from veil.serve.tee_setup import tee_state
 
     model_key = load_model_key(config)
-    cipher = ArtefactCipher(model_key)
-    quota = KeyQuota(config.max_keys, config.max_key_bytes)
-    store: Store
-    executor: Executor | None
-    if config.queue:
-        from veil.serve.redis_backend import RedisExecutor, RedisStore
-
-        store = RedisStore(config.queue)
-        check_redis_persistence(store.client)
-        service = Service(store, cipher, key_quota=quota)
-        executor = RedisExecutor(config.queue, service, timeout=config.queue_timeout)
-    else:
-        store = SQLiteStore(config.data_dir)
-        service = Service(store, cipher, key_quota=quota)
-        executor = LocalExecutor(service)
+    chosen = backend_for(config)
+    store = chosen.store(config)
+    service = Service(store, ArtefactCipher(model_key), key_quota=KeyQuota(config.max_keys, config.max_key_bytes))
+    executor = chosen.executor(config, service)
     tokens = TokenStore.load(config.tokens_path)
     if not len(tokens):
         log.warning("no tokens configured: every request will be refused until `veil token add` writes "
@@ -167,33 +165,8 @@ def build(config: ServerConfig) -> tuple[Any, Service]:
                     extra={"path": str(config.tokens_path)})
     app = create_app(service, tokens, executor, config.max_body, protect_metrics=config.protect_metrics,
                      protect_docs=config.protect_docs, body_timeout=config.body_timeout,
-                     tee=tee_state(config, model_key))
+                     tee=tee_state(config, model_key, chosen))
     return app, service
-
-
-def check_redis_persistence(client: Any) -> bool:
-    """Warn at start-up when Redis would lose the registries on restart (no AOF, no RDB snapshots):
-    models and keys live only in Redis in cluster mode. True if some persistence is on."""
-    import redis
-
-    try:
-        aof = client.config_get("appendonly").get("appendonly", "")
-        save = client.config_get("save").get("save", "")
-    except redis.RedisError as exc:  # CONFIG renamed or forbidden by an ACL, or Redis not up yet
-        log.warning("cannot read Redis persistence settings; make sure appendonly or "
-                    "save is on, or every model and key is lost when Redis restarts",
-                    extra={"error": str(exc)[:200]})
-        return False
-    if aof != "yes" and not save.strip():
-        log.warning("Redis has no persistence (appendonly no, save \"\"): a Redis restart loses every "
-                    "deployed model and registered key, and clients get 404 until they are redeployed; "
-                    "set appendonly yes (see docs/serving.md, A cluster on Redis)",
-                    extra={"appendonly": aof, "save": save})
-        return False
-    if aof != "yes":
-        log.warning("Redis persists by RDB snapshots only: models and keys written since the last snapshot "
-                    "are lost if Redis stops; appendonly yes is safer", extra={"save": save})
-    return True
 
 
 def is_loopback(host: str) -> bool:
@@ -292,10 +265,12 @@ class HeadDeadline(H11Protocol):
         if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
             return
         if self.conn.trailing_data[0]:
-            body = json.dumps({"error": "request_timeout", "detail": "the request line and headers did not "
-                               f"arrive within {self.head_timeout:g} s"}).encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            status, code, detail = error_fields(RequestTimeoutError(
+                f"the request line and headers did not arrive within {self.head_timeout:g} s"))
+            body = json.dumps({"error": code, "detail": detail}).encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (status, HTTPStatus(status).phrase.encode(),
+                                                                       len(body), body))
         self.transport.close()
 
 
@@ -342,5 +317,5 @@ def serve(config: ServerConfig) -> None:
     if not config.tls_cert and not is_loopback(config.host):
         log.warning("serving plain HTTP beyond loopback (--insecure)", extra={"host": config.host})
     log.info("starting", extra={"host": config.host, "port": config.port, "tls": bool(config.tls_cert),
-                                "mtls": bool(config.tls_client_ca), "queue": bool(config.queue)})
+                                "mtls": bool(config.tls_client_ca), "backend": backend_for(config).name})
     uvicorn.Server(uvicorn_config(app, config)).run()

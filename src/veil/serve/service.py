@@ -16,9 +16,9 @@ from veil.he import PublicBundle
 from veil.program import describe
 from veil.program.artefact import ModelClient, ModelServer
 from veil.serve.auth import Principal
+from veil.serve.backends.base import MAX_VERSION, KeyQuota, KeyRecord, ModelRecord, Store, scoped_key_id
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import ConflictError, ForbiddenError, IntegrityError, NotFoundError, ServeError
-from veil.serve.registry import MAX_VERSION, KeyQuota, KeyRecord, ModelRecord, Store, scoped_key_id
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN)
@@ -94,7 +94,7 @@ class Service:
 
     def register_key(self, principal: Principal, data: bytes) -> KeyRecord:
         """Validate a public bundle (a secret key is refused) and store it under the principal's own
-        key id for it (`veil.serve.registry.scoped_key_id`), within the principal's quota of stored
+        key id for it (`veil.serve.backends.base.scoped_key_id`), within the principal's quota of stored
         bundles. Registering the same bundle again returns the same record; nothing here depends on
         what other principals registered. Commits only if the token is still valid."""
         principal.require("client")

@@ -50,8 +50,8 @@ from starlette.concurrency import run_in_threadpool
 from veil.errors import ShapeError, WireFormatError
 from veil.serve import schemas
 from veil.serve.auth import Principal, body_role
+from veil.serve.backends.base import MAX_VERSION
 from veil.serve.errors import TeeUnavailableError, UnavailableError
-from veil.serve.registry import MAX_VERSION
 from veil.serve.service import NAME_PATTERN, Service
 from veil.tee import AttestationError, DeviceError, Evidence, KeyBroker, KeyRequest, RefusalCounter, tls_report_data
 from veil.tee.collateral import CollateralSource, with_collateral

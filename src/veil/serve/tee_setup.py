@@ -23,6 +23,7 @@ from veil.tee.policy import VerifierFactory
 from veil.tee.providers import PROVIDERS, EvidenceProvider, provider_for
 
 if TYPE_CHECKING:
+    from veil.serve.backends.base import Backend
     from veil.serve.server import ServerConfig
     from veil.serve.tee import TeeState
 
@@ -116,8 +117,9 @@ def collateral_source(config: ServerConfig) -> CollateralSource | None:
     return None
 
 
-def tee_state(config: ServerConfig, model_key: bytes) -> TeeState:
+def tee_state(config: ServerConfig, model_key: bytes, backend: Backend) -> TeeState:
     """The server's `TeeState`: a broker if `attest_policy`, an attester if `attest`/`attest_provider`.
+    The broker keeps its nonces where `backend` shares them between front ends (in memory if nowhere).
 
     An attester needs the TLS certificate (clients check the evidence binds its key) and attests
     once here, so a server that cannot attest fails at start, not at its first client."""
@@ -127,12 +129,7 @@ def tee_state(config: ServerConfig, model_key: bytes) -> TeeState:
     broker = None
     if config.attest_policy:
         policy = load_policy(config.attest_policy, plugins=verifier_plugins(config.attest_verifiers))
-        nonces = None
-        if config.queue:
-            from veil.serve.redis_backend import RedisNonceStore
-
-            nonces = RedisNonceStore(config.queue, ttl=config.nonce_ttl)
-        broker = KeyBroker(policy, model_key, nonce_ttl=config.nonce_ttl, nonces=nonces)
+        broker = KeyBroker(policy, model_key, nonce_ttl=config.nonce_ttl, nonces=backend.nonce_store(config))
     elif config.attest_verifiers:
         raise ValueError("--attest-verifier needs --attest-policy")
     attester = None

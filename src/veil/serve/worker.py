@@ -1,5 +1,8 @@
 """`veil worker`: evaluates queued predictions from the Redis stream in a consumer group.
 
+The consumer side of the ``redis`` serving backend (`veil.serve.backends.redis`, whose
+`RedisExecutor` queues the jobs on the front ends).
+
 Each job is read with XREADGROUP, evaluated, answered through `post_result` (SET NX on a per-request
 marker, so a request answers once even if two workers computed it), then acknowledged and deleted.
 Jobs pending on a consumer idle for `claim_idle` seconds (a dead worker) are taken over with
@@ -32,17 +35,17 @@ from typing import Any
 import redis
 
 from veil.errors import VeilError
-from veil.serve.crypto import KEY_ENV, KEY_FILE_ENV, ArtefactCipher
-from veil.serve.errors import NotFoundError, UnavailableError
-from veil.serve.redis_backend import (
+from veil.serve.backends.redis import (
     DEFAULT_PREFIX,
     RESULT_GRACE,
-    Keys,
+    RedisKeyNames,
     RedisStore,
     connect,
     encode_result,
     post_result,
 )
+from veil.serve.crypto import KEY_ENV, KEY_FILE_ENV, ArtefactCipher
+from veil.serve.errors import NotFoundError, UnavailableError
 from veil.serve.server import ServerConfig, configure_logging, load_cipher
 from veil.serve.service import Service
 from veil.serve.tee_setup import (
@@ -56,8 +59,6 @@ from veil.serve.tee_setup import (
 log = logging.getLogger("veil.serve")
 BLOCK_SECONDS = 1.0
 MAX_DELIVERIES = 3
-# Test-only hook: seconds to sleep after taking a job and before evaluating it, so fault tests can
-# kill a worker deterministically mid-request. Never set it in production.
 
 
 class Worker:
@@ -67,7 +68,7 @@ class Worker:
                  claim_idle: float = DEFAULT_CLAIM_IDLE, prefix: str = DEFAULT_PREFIX) -> None:
         if claim_idle <= 0:
             raise ValueError("claim_idle must be positive")
-        self.service, self.claim_idle, self.keys = service, claim_idle, Keys(prefix)
+        self.service, self.claim_idle, self.names = service, claim_idle, RedisKeyNames(prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.client = connect(url, socket_timeout=BLOCK_SECONDS + 10)
         self.handled = 0
@@ -78,11 +79,11 @@ class Worker:
         """Create the consumer group (and the stream) if missing, keeping jobs queued before, and
         register this consumer so XINFO CONSUMERS lists live workers."""
         try:
-            self.client.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+            self.client.xgroup_create(self.names.stream, self.names.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        self.client.xgroup_createconsumer(self.keys.stream, self.keys.group, self.name)
+        self.client.xgroup_createconsumer(self.names.stream, self.names.group, self.name)
 
     def run(self, stop_event: threading.Event, max_jobs: int | None = None) -> int:
         """Consume until `stop_event` is set (or `max_jobs` handled); Redis outages are waited out."""
@@ -119,13 +120,13 @@ class Worker:
             if claimed:
                 self._next_claim = 0.0
                 return claimed
-        got = self.client.xreadgroup(self.keys.group, self.name, {self.keys.stream: ">"}, count=1,
+        got = self.client.xreadgroup(self.names.group, self.name, {self.names.stream: ">"}, count=1,
                                      block=int(BLOCK_SECONDS * 1000))
         return [(i, f) for _, entries in got or [] for i, f in entries if f is not None]
 
     def _reclaim(self) -> list[tuple[bytes, dict]]:
         """Take over one job left idle by another consumer; give up on jobs that keep killing workers."""
-        cursor, entries, *_ = self.client.xautoclaim(self.keys.stream, self.keys.group, self.name,
+        cursor, entries, *_ = self.client.xautoclaim(self.names.stream, self.names.group, self.name,
                                                      int(self.claim_idle * 1000), self._cursor, count=1)
         self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         jobs = []
@@ -133,7 +134,7 @@ class Worker:
             if entry_id is None or not fields:
                 continue
             log.warning("reclaimed job", extra={"worker": self.name, "entry": entry_id.decode()})
-            info = self.client.xpending_range(self.keys.stream, self.keys.group, entry_id, entry_id, 1)
+            info = self.client.xpending_range(self.names.stream, self.names.group, entry_id, entry_id, 1)
             if info and info[0]["times_delivered"] > MAX_DELIVERIES:
                 error = UnavailableError(f"this request failed on {MAX_DELIVERIES} workers; not retried")
                 request_id = fields.get(b"id", b"").decode(errors="replace")
@@ -151,11 +152,11 @@ class Worker:
             self._ack(entry_id)
             return
         extra = {"worker": self.name, "request_id": request_id}
-        if self.client.exists(self.keys.done(request_id)):
+        if self.client.exists(self.names.done(request_id)):
             self._ack(entry_id)
             return
         if self._now() > deadline:
-            self.client.hincrby(self.keys.stats, "expired", 1)
+            self.client.hincrby(self.names.stats, "expired", 1)
             log.warning("job expired before evaluation", extra=extra)
             self._ack(entry_id)
             return
@@ -196,28 +197,28 @@ class Worker:
 
     def _answer(self, entry_id: bytes, request_id: str, deadline: float, answer: bytes) -> None:
         ttl = max(0.0, deadline - self._now()) + RESULT_GRACE
-        if not post_result(self.client, self.keys, request_id, answer, int(ttl), self.name):
+        if not post_result(self.client, self.names, request_id, answer, int(ttl), self.name):
             log.info("duplicate answer dropped", extra={"worker": self.name, "request_id": request_id})
         self._ack(entry_id)
 
     def _ack(self, entry_id: bytes) -> None:
         """Acknowledge and delete: the stream only ever holds jobs not yet answered."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.keys.stream, self.keys.group, entry_id)
-        pipe.xdel(self.keys.stream, entry_id)
+        pipe.xack(self.names.stream, self.names.group, entry_id)
+        pipe.xdel(self.names.stream, entry_id)
         pipe.execute()
 
     def _keep(self, entry_id: bytes, stop: threading.Event) -> None:
         """While evaluating, reset the job's idle time so live workers are not robbed of their job."""
         while not stop.wait(self.claim_idle / 3):
             with contextlib.suppress(redis.RedisError):
-                self.client.xclaim(self.keys.stream, self.keys.group, self.name, 0, [entry_id], justid=True)
+                self.client.xclaim(self.names.stream, self.names.group, self.name, 0, [entry_id], justid=True)
 
     def _leave(self) -> None:
         """Remove this consumer from the group if it holds no pending job (else others reclaim them)."""
         with contextlib.suppress(redis.RedisError):
-            if not self.client.xpending_range(self.keys.stream, self.keys.group, "-", "+", 1, self.name):
-                self.client.xgroup_delconsumer(self.keys.stream, self.keys.group, self.name)
+            if not self.client.xpending_range(self.names.stream, self.names.group, "-", "+", 1, self.name):
+                self.client.xgroup_delconsumer(self.names.stream, self.names.group, self.name)
 
 
 def _cipher(config: ServerConfig, broker: KeyBrokerOptions | None = None) -> Any:

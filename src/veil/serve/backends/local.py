@@ -1,134 +1,39 @@
-"""Key and model registries. `SQLiteStore` keeps them in a data directory (models as encrypted
-files); `veil.serve.redis_backend.RedisStore` shares them across machines. Both implement `Store`.
-Stores hold bytes only: encryption and parsing happen in `veil.serve.service`.
+"""The `local` serving backend: registries in SQLite, predictions in this process's threads.
 
-Key ids belong to one principal: `scoped_key_id` is an HMAC, under a random secret the registry
-makes once (`Store.key_id_secret`), of the owner's name and the bundle's digest. Two principals
-registering the same bundle (a linear model's batch bundle holds parameters only, the same for
-everyone) get two ids and two records, and nobody can compute another principal's id. The same
-owner registering the same bundle again gets the same id. Keys registered before ids were scoped
-kept their content-hash id (`legacy_key_id`); registering such a bundle again by its owner returns
-that record rather than storing a second copy.
+`SQLiteStore` keeps the registries in `<data_dir>/registry.sqlite3` and each model version's two
+sealed artefacts as files in `<data_dir>/models/`; `LocalExecutor` evaluates off the event loop in
+the server's thread pool. One machine, any number of `veil serve` processes on the same data
+directory (writes are SQLite transactions). The default of `veil serve` (``--backend local``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from veil.he.keys import key_id as legacy_key_id
-from veil.serve.errors import ConflictError, QuotaExceededError, ServeError
+from starlette.concurrency import run_in_threadpool
 
-MAX_VERSION = 2**31 - 1
-"""Highest model version: exact as a Redis sorted-set score and as a Lua number, an SQLite INTEGER,
-and a JSON number in every client; a larger `version` is refused at the boundary (422)."""
+from veil.serve.backends.base import (
+    MAX_VERSION,
+    KeyQuota,
+    KeyRecord,
+    ModelRecord,
+    check_key_conflict,
+    check_version,
+    last_version_error,
+    legacy_key_id,
+    new_key_id_secret,
+)
+from veil.serve.errors import ConflictError
 
-
-@dataclass(frozen=True)
-class KeyRecord:
-    """A registered public bundle and the principal who owns it."""
-
-    key_id: str
-    owner: str
-    params: str
-    rotation_steps: tuple[int, ...]
-    created: float
-    bundle: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
-class KeyQuota:
-    """How many public bundles, and how many bytes of them, one principal may store (None: no limit)."""
-
-    max_keys: int | None = None
-    max_bytes: int | None = None
-
-    def check(self, count: int, used: int, size: int) -> None:
-        """Raise `QuotaExceededError` if storing one more bundle of `size` bytes would exceed the quota."""
-        if self.max_keys is not None and count + 1 > self.max_keys:
-            raise QuotaExceededError(f"key quota reached: {count} of {self.max_keys} bundles stored; "
-                                     "delete unused keys (DELETE /v1/keys/{key_id})")
-        if self.max_bytes is not None and used + size > self.max_bytes:
-            raise QuotaExceededError(f"key storage quota reached: {used} + {size} bytes exceeds {self.max_bytes}; "
-                                     "delete unused keys (DELETE /v1/keys/{key_id})")
-
-
-def scoped_key_id(secret: bytes, owner: str, bundle: bytes) -> str:
-    """The key id of `owner`'s bundle: HMAC-SHA256 under the registry's secret, so ids of equal
-    bundles differ between principals and cannot be derived without the secret."""
-    message = owner.encode() + b"\0" + hashlib.sha256(bundle).digest()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
-
-
-def new_key_id_secret() -> bytes:
-    return secrets.token_bytes(32)
-
-
-def check_version(version: int) -> int:
-    """A stored version is an integer in [1, MAX_VERSION] (callers validate earlier; this is the last line)."""
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-        raise ServeError(f"version must be an integer in [1, {MAX_VERSION}]")
-    return version
-
-
-def last_version_error(name: str) -> ConflictError:
-    return ConflictError(f"model {name!r} has reached version {MAX_VERSION}; deploy under a new name")
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    """A deployed model version: metadata plus its two encrypted artefacts."""
-
-    name: str
-    version: int
-    created: float
-    meta: dict
-    server_blob: bytes = field(repr=False, default=b"")
-    client_blob: bytes = field(repr=False, default=b"")
-
-
-class Store(Protocol):
-    """What the service needs from a registry backend."""
-
-    def ping(self) -> None: ...
-
-    def key_id_secret(self) -> bytes: ...
-
-    def put_key(self, record: KeyRecord, quota: KeyQuota | None = None) -> KeyRecord: ...
-
-    def get_key(self, key_id: str) -> KeyRecord | None: ...
-
-    def key_owner(self, key_id: str) -> str | None: ...
-
-    def delete_key(self, key_id: str, owner: str) -> bool: ...
-
-    def reserve_version(self, name: str) -> int: ...
-
-    def resolve_version(self, name: str, version: int | None = None) -> int | None: ...
-
-    def put_model(self, name: str, version: int | None, meta: dict, server_blob: bytes,
-                  client_blob: bytes) -> ModelRecord: ...
-
-    def get_model(self, name: str, version: int | None = None) -> ModelRecord | None: ...
-
-    def list_models(self) -> list[ModelRecord]: ...
-
-
-def check_key_conflict(existing: KeyRecord | None, record: KeyRecord) -> KeyRecord | None:
-    """The record already stored under `record`'s id, which must be its owner's. Scoped ids never
-    collide between principals; a store caller that chose an id itself is refused (409) rather than
-    handed another principal's key."""
-    if existing is not None and existing.owner != record.owner:
-        raise ConflictError("this key id is taken")
-    return existing
+if TYPE_CHECKING:
+    from veil.serve.auth import Principal
+    from veil.serve.server import ServerConfig
+    from veil.serve.service import Service
 
 
 class SQLiteStore:
@@ -272,3 +177,40 @@ class SQLiteStore:
     def list_models(self) -> list[ModelRecord]:
         rows = self._conn().execute("SELECT * FROM models ORDER BY name, version").fetchall()
         return [ModelRecord(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+
+class LocalExecutor:
+    """`Executor` evaluating in this process, off the event loop (`Service.predict` in a thread)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
+                      payload: bytes) -> tuple[int, bytes]:
+        """Authorise and evaluate in the server's thread pool."""
+        return await run_in_threadpool(self.service.predict, principal, name, version, key_id, payload)
+
+    def check(self) -> None:
+        """Always ready: evaluation needs nothing beyond this process."""
+        return None
+
+
+class LocalBackend:
+    """`Backend` of one machine: `SQLiteStore` in the data directory, `LocalExecutor`, nonces in memory."""
+
+    name = "local"
+
+    def store(self, config: ServerConfig) -> SQLiteStore:
+        """The registries in `config.data_dir`."""
+        return SQLiteStore(config.data_dir)
+
+    def executor(self, config: ServerConfig, service: Service) -> LocalExecutor:
+        """Predictions in this process."""
+        return LocalExecutor(service)
+
+    def nonce_store(self, config: ServerConfig) -> None:
+        """A single front end keeps its key-release nonces in memory (`veil.tee.KeyBroker`'s default)."""
+        return None
+
+
+BACKEND = LocalBackend()

@@ -1,11 +1,16 @@
-"""Cluster serving on Redis: shared key/model registries (`RedisStore`) and a request queue
-(`RedisExecutor`) consumed by `veil worker` processes (`veil.serve.worker`).
+"""The `redis` serving backend: registries shared in Redis, predictions queued for `veil worker`.
 
-Layout under a prefix (default ``veil:``):
+Any number of front ends (`veil serve --backend redis --queue URL`) and workers (`veil worker
+--queue URL`, `veil.serve.worker`), on any machines, share one Redis. `RedisStore` is the `Store`;
+`RedisExecutor` is the `Executor` of a front end: it authorises the request, puts it on a stream and
+waits for the one answer a worker posts; `RedisNonceStore` shares the key-release nonces of the
+front ends (`veil.tee.NonceStore`); `RedisBackend` makes the three from a server configuration.
+
+Layout under a prefix (default ``veil:``; `RedisKeyNames` spells every name):
 
 * ``key:<key_id>``: hash of a registered public bundle; ``usage:<owner>``: hash of the owner's
   bundle count and bytes (for quotas); ``key-id-secret``: the secret of key ids (made once, SET NX,
-  see `veil.serve.registry`); ``models``: set of model names; ``model:<name>:versions``:
+  see `veil.serve.backends.base`); ``models``: set of model names; ``model:<name>:versions``:
   sorted set of versions; ``model:<name>:<version>``: hash of one version; ``model:<name>:reserved``:
   the last version handed out (versions are reserved before the artefacts are sealed to them).
 * ``jobs``: the request stream, consumed by the group ``workers``; entries are deleted once answered
@@ -27,7 +32,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
@@ -36,9 +41,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from starlette.concurrency import run_in_threadpool
 
-from veil.serve.auth import Principal
-from veil.serve.errors import ConflictError, QuotaExceededError, ServeError, UnavailableError, error_fields
-from veil.serve.registry import (
+from veil.serve.backends.base import (
     MAX_VERSION,
     KeyQuota,
     KeyRecord,
@@ -49,7 +52,12 @@ from veil.serve.registry import (
     legacy_key_id,
     new_key_id_secret,
 )
-from veil.serve.service import Service
+from veil.serve.errors import ConflictError, QuotaExceededError, ServeError, UnavailableError, error_fields
+
+if TYPE_CHECKING:
+    from veil.serve.auth import Principal
+    from veil.serve.server import ServerConfig
+    from veil.serve.service import Service
 
 log = logging.getLogger("veil.serve")
 DEFAULT_PREFIX = "veil:"
@@ -144,7 +152,7 @@ return 1
 
 
 @dataclass(frozen=True)
-class Keys:
+class RedisKeyNames:
     """Redis key names under one prefix, shared by front ends and workers."""
 
     prefix: str = DEFAULT_PREFIX
@@ -231,11 +239,11 @@ def decode_result(data: bytes) -> tuple[int, bytes]:
     return int(header["version"]), body
 
 
-def post_result(client: redis.Redis, keys: Keys, request_id: str, answer: bytes, ttl: int,
+def post_result(client: redis.Redis, names: RedisKeyNames, request_id: str, answer: bytes, ttl: int,
                 by: str) -> bool:
     """Deliver an answer unless the request was already answered; True if this one was delivered."""
     script = client.register_script(_POST_RESULT)
-    posted = script(keys=[keys.done(request_id), keys.result(request_id), keys.stats],
+    posted = script(keys=[names.done(request_id), names.result(request_id), names.stats],
                     args=[answer, max(1, int(ttl)), by])
     return bool(posted)
 
@@ -244,7 +252,7 @@ class RedisStore:
     """`Store` in Redis, shared by every front end and worker; see the module docstring for the layout."""
 
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX) -> None:
-        self.keys = Keys(prefix)
+        self.names = RedisKeyNames(prefix)
         self.client = connect(url)
         self._put_key = self.client.register_script(_PUT_KEY)
         self._delete_key = self.client.register_script(_DELETE_KEY)
@@ -258,8 +266,8 @@ class RedisStore:
     def key_id_secret(self) -> bytes:
         """The secret of key ids, shared by every front end: the first to ask makes it (SET NX)."""
         if self._secret is None:
-            self.client.set(self.keys.key_id_secret, new_key_id_secret(), nx=True)
-            self._secret = bytes(self.client.get(self.keys.key_id_secret))
+            self.client.set(self.names.key_id_secret, new_key_id_secret(), nx=True)
+            self._secret = bytes(self.client.get(self.names.key_id_secret))
         return self._secret
 
     def put_key(self, record: KeyRecord, quota: KeyQuota | None = None, attempts: int = 3) -> KeyRecord:
@@ -269,8 +277,8 @@ class RedisStore:
         limits = ["" if v is None else str(int(v)) for v in (quota.max_keys, quota.max_bytes)]
         legacy = legacy_key_id(record.bundle)
         for _ in range(attempts):
-            got = self._put_key(keys=[self.keys.key(record.key_id), self.keys.usage(record.owner),
-                                      self.keys.key(legacy)],
+            got = self._put_key(keys=[self.names.key(record.key_id), self.names.usage(record.owner),
+                                      self.names.key(legacy)],
                                 args=[record.owner, record.params, json.dumps(list(record.rotation_steps)),
                                       repr(record.created), record.bundle, *limits])
             if isinstance(got, list):
@@ -285,23 +293,23 @@ class RedisStore:
 
     def delete_key(self, key_id: str, owner: str) -> bool:
         """Delete `owner`'s bundle and give back its quota; False if there is no such bundle of theirs."""
-        return bool(self._delete_key(keys=[self.keys.key(key_id), self.keys.usage(owner)], args=[owner]))
+        return bool(self._delete_key(keys=[self.names.key(key_id), self.names.usage(owner)], args=[owner]))
 
     def reserve_version(self, name: str) -> int:
         """The next version of `name`, never handed out twice across front ends."""
-        got = int(self._reserve(keys=[self.keys.versions(name), self.keys.reserved(name)], args=[MAX_VERSION]))
+        got = int(self._reserve(keys=[self.names.versions(name), self.names.reserved(name)], args=[MAX_VERSION]))
         if not got:
             raise last_version_error(name)
         return got
 
     def key_owner(self, key_id: str) -> str | None:
         """The owner of a registered bundle, without fetching the (possibly large) bundle."""
-        owner = self.client.hget(self.keys.key(key_id), "owner")
+        owner = self.client.hget(self.names.key(key_id), "owner")
         return None if owner is None else owner.decode()
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         fields = ["owner", "params", "rotation_steps", "created", "bundle"]
-        row = self.client.hmget(self.keys.key(key_id), fields)
+        row = self.client.hmget(self.names.key(key_id), fields)
         if row[0] is None:
             return None
         return KeyRecord(key_id, row[0].decode(), row[1].decode(), tuple(json.loads(row[2])), float(row[3]),
@@ -311,9 +319,10 @@ class RedisStore:
                   client_blob: bytes) -> ModelRecord:
         """Version numbering is one Lua script, so concurrent deploys never share a version."""
         created = time.time()
-        got = self._put_model(keys=[self.keys.versions(name), self.keys.model_names],
-                              args=[self.keys.model(name), name, "" if version is None else str(check_version(version)),
-                                    repr(created), json.dumps(meta), server_blob, client_blob, MAX_VERSION])
+        wanted = "" if version is None else str(check_version(version))
+        got = self._put_model(keys=[self.names.versions(name), self.names.model_names],
+                              args=[self.names.model(name), name, wanted, repr(created), json.dumps(meta), server_blob,
+                                    client_blob, MAX_VERSION])
         if got == -1:
             raise last_version_error(name)
         if not got:
@@ -323,29 +332,29 @@ class RedisStore:
     def resolve_version(self, name: str, version: int | None = None) -> int | None:
         """The version a request for (name, version) would use, without fetching the artefacts."""
         if version is None:
-            top = self.client.zrevrange(self.keys.versions(name), 0, 0)
+            top = self.client.zrevrange(self.names.versions(name), 0, 0)
             return int(top[0]) if top else None
-        return version if self.client.zscore(self.keys.versions(name), str(version)) is not None else None
+        return version if self.client.zscore(self.names.versions(name), str(version)) is not None else None
 
     def get_model(self, name: str, version: int | None = None) -> ModelRecord | None:
         resolved = self.resolve_version(name, version)
         if resolved is None:
             return None
-        row = self.client.hmget(self.keys.model(name, resolved), ["created", "meta", "server", "client"])
+        row = self.client.hmget(self.names.model(name, resolved), ["created", "meta", "server", "client"])
         if row[0] is None:
             return None
         return ModelRecord(name, resolved, float(row[0]), json.loads(row[1]), bytes(row[2]), bytes(row[3]))
 
     def list_models(self) -> list[ModelRecord]:
-        names = sorted(n.decode() for n in self.client.smembers(self.keys.model_names))
+        names = sorted(n.decode() for n in self.client.smembers(self.names.model_names))
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.zrange(self.keys.versions(name), 0, -1)
+            pipe.zrange(self.names.versions(name), 0, -1)
         pairs = [(name, int(v)) for name, versions in zip(names, pipe.execute(), strict=True)
                  for v in versions]
         pipe = self.client.pipeline(transaction=False)
         for name, version in pairs:
-            pipe.hmget(self.keys.model(name, version), ["created", "meta"])
+            pipe.hmget(self.names.model(name, version), ["created", "meta"])
         rows = pipe.execute()
         return [ModelRecord(name, version, float(row[0]), json.loads(row[1]))
                 for (name, version), row in zip(pairs, rows, strict=True) if row[0] is not None]
@@ -356,7 +365,7 @@ class RedisExecutor:
 
     def __init__(self, url: str, service: Service, timeout: float = 120.0,
                  prefix: str = DEFAULT_PREFIX) -> None:
-        self.service, self.timeout, self.keys = service, timeout, Keys(prefix)
+        self.service, self.timeout, self.names = service, timeout, RedisKeyNames(prefix)
         self._sync = connect(url, socket_timeout=5.0)
         self._async = aioredis.Redis.from_url(url, socket_timeout=WAIT_SLICE + 10, socket_connect_timeout=5,
                                               retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2))
@@ -375,7 +384,7 @@ class RedisExecutor:
         fields = {"id": request_id, "name": name, "version": str(resolved), "key_id": key_id,
                   "timeout": repr(self.timeout), "payload": payload}
         try:
-            entry_id = await self._async.xadd(self.keys.stream, fields)
+            entry_id = await self._async.xadd(self.names.stream, fields)
         except redis.RedisError as exc:
             raise UnavailableError(f"the queue is unreachable: {type(exc).__name__}") from None
         log.debug("queued", extra={"request_id": request_id, "model": name, "version": resolved})
@@ -386,7 +395,7 @@ class RedisExecutor:
         delivered (and drop the job), unless a worker got there first."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.timeout
-        result = self.keys.result(request_id)
+        result = self.names.result(request_id)
         while (remaining := end - loop.time()) > 0:
             try:
                 got = await self._async.blpop([result], timeout=max(0.01, min(remaining, WAIT_SLICE)))
@@ -396,9 +405,9 @@ class RedisExecutor:
             if got is not None:
                 return got[1]
         try:
-            if await self._async.set(self.keys.done(request_id), b"timeout", nx=True, ex=RESULT_GRACE):
-                await self._async.xdel(self.keys.stream, entry_id)
-                await self._async.hincrby(self.keys.stats, "timeouts", 1)
+            if await self._async.set(self.names.done(request_id), b"timeout", nx=True, ex=RESULT_GRACE):
+                await self._async.xdel(self.names.stream, entry_id)
+                await self._async.hincrby(self.names.stats, "timeouts", 1)
             else:
                 got = await self._async.lpop(result)
                 if got is not None:
@@ -426,15 +435,15 @@ class RedisNonceStore:
     def __init__(self, url: str, ttl: float = 60.0, max_pending: int = 4096, prefix: str = DEFAULT_PREFIX) -> None:
         if ttl <= 0 or max_pending < 1:
             raise ValueError("nonce ttl and max_pending must be positive")
-        self.ttl, self.max_pending, self.keys = ttl, max_pending, Keys(prefix)
+        self.ttl, self.max_pending, self.names = ttl, max_pending, RedisKeyNames(prefix)
         self.client = connect(url, socket_timeout=5.0)
         self._issue = self.client.register_script(_ISSUE_NONCE)
         self._consume = self.client.register_script(_CONSUME_NONCE)
 
     def issue(self, nonce: bytes, owner: str) -> None:
         try:
-            self._issue(keys=[self.keys.tee_nonces, self.keys.tee_nonce(nonce.hex())],
-                        args=[owner, max(1, int(self.ttl * 1000)), self.max_pending, self.keys.tee_nonce(),
+            self._issue(keys=[self.names.tee_nonces, self.names.tee_nonce(nonce.hex())],
+                        args=[owner, max(1, int(self.ttl * 1000)), self.max_pending, self.names.tee_nonce(),
                               nonce.hex()])
         except redis.RedisError as exc:
             raise UnavailableError(f"the nonce store is unreachable: {type(exc).__name__}") from None
@@ -443,7 +452,7 @@ class RedisNonceStore:
         from veil.tee import NonceError
 
         try:
-            got = self._consume(keys=[self.keys.tee_nonces, self.keys.tee_nonce(nonce.hex())],
+            got = self._consume(keys=[self.names.tee_nonces, self.names.tee_nonce(nonce.hex())],
                                 args=[nonce.hex(), owner])
         except redis.RedisError as exc:
             raise UnavailableError(f"the nonce store is unreachable: {type(exc).__name__}") from None
@@ -452,3 +461,54 @@ class RedisNonceStore:
         if got == -1:
             raise NonceError("nonce was issued to another worker")
 
+
+def check_redis_persistence(client: redis.Redis) -> bool:
+    """Warn at start-up when Redis would lose the registries on restart (no AOF, no RDB snapshots):
+    models and keys live only in Redis in cluster mode. True if some persistence is on."""
+    try:
+        aof = client.config_get("appendonly").get("appendonly", "")
+        save = client.config_get("save").get("save", "")
+    except redis.RedisError as exc:  # CONFIG renamed or forbidden by an ACL, or Redis not up yet
+        log.warning("cannot read Redis persistence settings; make sure appendonly or "
+                    "save is on, or every model and key is lost when Redis restarts",
+                    extra={"error": str(exc)[:200]})
+        return False
+    if aof != "yes" and not save.strip():
+        log.warning("Redis has no persistence (appendonly no, save \"\"): a Redis restart loses every "
+                    "deployed model and registered key, and clients get 404 until they are redeployed; "
+                    "set appendonly yes (see docs/serving.md, A cluster on Redis)",
+                    extra={"appendonly": aof, "save": save})
+        return False
+    if aof != "yes":
+        log.warning("Redis persists by RDB snapshots only: models and keys written since the last snapshot "
+                    "are lost if Redis stops; appendonly yes is safer", extra={"save": save})
+    return True
+
+
+class RedisBackend:
+    """`Backend` of a cluster: every part in the Redis at `config.queue`."""
+
+    name = "redis"
+
+    def store(self, config: ServerConfig) -> RedisStore:
+        """The shared registries; warns if this Redis would lose them on restart."""
+        store = RedisStore(_url(config))
+        check_redis_persistence(store.client)
+        return store
+
+    def executor(self, config: ServerConfig, service: Service) -> RedisExecutor:
+        """Predictions queued for workers, each waited for at most `config.queue_timeout` seconds."""
+        return RedisExecutor(_url(config), service, timeout=config.queue_timeout)
+
+    def nonce_store(self, config: ServerConfig) -> RedisNonceStore:
+        """Key-release nonces shared by every front end, living `config.nonce_ttl` seconds."""
+        return RedisNonceStore(_url(config), ttl=config.nonce_ttl)
+
+
+def _url(config: ServerConfig) -> str:
+    if not config.queue:
+        raise ValueError("the redis backend needs a Redis URL: --queue redis://host:6379/0 (rediss:// for TLS)")
+    return config.queue
+
+
+BACKEND = RedisBackend()
