@@ -27,7 +27,7 @@ from tests.ml.datasets import train
 from veil import ml
 from veil.errors import PrecisionError
 from veil.he import wire
-from veil.program import kinds
+from veil.program.kinds import descriptions, kinds
 from veil.serve import Client
 from veil.serve.auth import add_token_to_file
 from veil.serve.client import RequestError
@@ -163,6 +163,17 @@ def test_model_is_described_as_staged(setup, server):
     assert not detail["keys"]["batch"]["relin"] and not detail["keys"]["row"]["relin"]
     assert detail["keys"]["row"]["rotation_steps"] == sorted(circuit.evaluation_keys("row")[1])
     assert set(typing.get_args(ModelInfo.model_fields["kind"].annotation)) == set(kinds())
+
+
+def test_published_kinds_come_from_the_registry(setup, server):
+    """The OpenAPI schema's `ModelInfo.kind` lists the registered kinds and describes each with its
+    registered description (nothing written twice by hand)."""
+    with Client(server, setup["tokens"]["alice"]) as client:
+        spec = client._request("GET", "/openapi.json").json()
+    kind = spec["components"]["schemas"]["ModelInfo"]["properties"]["kind"]
+    assert sorted(kind["enum"]) == sorted(kinds()) and "staged" in kind["enum"]
+    for name, text in descriptions().items():
+        assert text and f"{name}: {text}" in kind["description"]
 
 
 @pytest.mark.parametrize("layout", ["batch", "row"])
