@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.ml.datasets import mnist, train
+from tests.ml import nets
+from tests.ml.nets import agreement as _agreement
+from tests.ml.nets import reference as _reference
 from veil import ml
 from veil.errors import PrecisionError, ShapeError, WireFormatError
 from veil.he import wire
@@ -20,30 +22,15 @@ from veil.he import wire
 AGREEMENT = 0.995
 
 
-def _reference(net, X):
-    with torch.no_grad():
-        return net(torch.tensor(X, dtype=torch.float32)).numpy()
-
-
-def _agreement(a, b):
-    return float(np.mean(a.argmax(1) == b.argmax(1)))
-
-
 @pytest.fixture(scope="module")
 def data():
-    X, y = mnist()
-    return X[:1500], y[:1500], X[4000:], y[4000:]
+    return nets.data()
 
 
 @pytest.fixture(scope="module")
 def lenet(data):
-    Xtr, ytr, Xte, yte = data
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-                        nn.Linear(84, 10))
-    train(net, Xtr, ytr, epochs=3)
-    return net, ml.compile_torch_model(net, Xtr[:1000], input_bounds=1.0, nonlinear="client"), Xte, yte
+    _, _, Xte, yte = data
+    return (*nets.lenet5(), Xte, yte)
 
 
 def test_lenet5_with_relu_and_maxpool_runs_unchanged(lenet):
@@ -66,29 +53,9 @@ def test_lenet5_with_relu_and_maxpool_runs_unchanged(lenet):
     assert first.shape == (6 * 24 * 24, 25) and np.all(first >= 0)
 
 
-class ResidualCNN(nn.Module):
-    """A ResNet-style block on a strided stem, its output concatenated with its input."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8 * 7 * 7, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(self.bn2(self.conv2(y)) + x)
-        z = torch.cat([y, x], dim=1)
-        return self.fc(torch.flatten(self.pool(z), 1))
-
-
 def test_residual_cnn_with_batchnorm_and_concatenation(data):
-    Xtr, ytr, Xte, _ = data
-    net = train(ResidualCNN(), Xtr, ytr, epochs=2)
-    model = ml.compile_torch_model(net, Xtr[:500], input_bounds=1.0, nonlinear="client")
+    _, _, Xte, _ = data
+    net, model = nets.residual_cnn()
     steps = [s.op for s in model.circuit_.graph.steps]
     assert steps.count("cat") == 1 and steps.count("relu") == 3 and len(model.circuit_.stages) == 4
     assert model.circuit_.stages[2].n_features == 2 * 4 * 14 * 14  # the skip connection's input is sent again
@@ -101,11 +68,8 @@ def test_residual_cnn_with_batchnorm_and_concatenation(data):
 
 
 def test_mlp_with_gelu_and_softmax_in_both_layouts(data):
-    Xtr, ytr, Xte, _ = data
-    body = train(nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 16),
-                               nn.GELU(approximate="tanh"), nn.Linear(16, 10)), Xtr, ytr, epochs=3)
-    net = nn.Sequential(body, nn.Softmax(dim=1)).eval()
-    model = ml.compile_torch_model(net, Xtr, nonlinear="client")
+    _, _, Xte, _ = data
+    net, model = nets.gelu_mlp()
     assert [s.op for s in model.circuit_.graph.steps] == ["reshape", "gelu", "reshape", "gelu", "softmax"]
     plain = model.forward(Xte[:40])
     np.testing.assert_allclose(plain, _reference(net, Xte[:40]), atol=1e-5)
@@ -144,15 +108,7 @@ def test_inputs_and_intermediates_outside_their_range_are_refused_before_encrypt
 def _forging(server, client, stage, tamper):
     """A server that answers honestly, then alters the ciphertexts of its answer to `stage`."""
     def send(request, layout):
-        response = server.run(request, client.public_bundle(layout))
-        msg = wire.decode(response)
-        if msg.header["stage"] != stage:
-            return response
-        ctx = server.stages[stage].context(msg.header["layout"])
-        header, cts = ctx.unpack(msg)
-        for ct in cts:
-            tamper(ctx, ct)
-        return ctx.pack(cts, header)
+        return nets.tampered(server, server.run(request, client.public_bundle(layout)), stage, tamper)
     return send
 
 
@@ -160,14 +116,7 @@ def test_forged_or_wrapped_answers_are_detected(lenet):
     _, model, Xte, _ = lenet
     client, server = model.fhe_client, model.circuit_
     x = Xte[:2].reshape(2, -1)
-
-    def shift(ctx, ct):
-        ctx.evaluator.add_plain_inplace(ct, ctx.encode(100.0, ct.scale()))
-
-    def wrap(ctx, ct):  # values times 2^20: past the modulus
-        ctx.evaluator.multiply_plain_inplace(ct, ctx.encode(2.0**20, 1.0))
-
-    for tamper in (shift, wrap):
+    for tamper in (nets.shift, nets.wrap):
         with pytest.raises(PrecisionError, match="stage 1 answered"):
             client.infer(x, "row", _forging(server, client, 1, tamper))
 

@@ -50,7 +50,7 @@ def test_every_kind_is_registered_once_and_round_trips(circuits):
         description = describe(server, client)
         assert description["kind"] == name and description["depth"] == circuit.depth
     with pytest.raises(ValueError, match="already registered"):
-        register(CircuitKind("affine", LinearCircuit.from_dict, load_client))
+        register(CircuitKind("affine", LinearCircuit.from_dict, load_client, "a second affine kind"))
 
 
 def test_unknown_or_malformed_kinds_are_refused(circuits):

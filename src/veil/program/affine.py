@@ -578,4 +578,5 @@ class CircuitClient(AffineKind, ClientBase):
         return keys.decrypt_complex if self.per_slot[layout] == 2 else keys.decrypt
 
 
-register(CircuitKind("affine", LinearCircuit.from_dict, CircuitClient))
+register(CircuitKind("affine", LinearCircuit.from_dict, CircuitClient,
+                     "a linear model (no ciphertext multiplication)"))

@@ -7,7 +7,8 @@ Both halves answer the same questions through the interface of `veil.program.com
 layouts and parameters, the evaluation keys each layout needs, the depth, and `agreement()`: what
 the two halves of one model must agree on), so `load_server`, `load_client`, `key_needs`,
 `depth` and the serving layer's model description never ask which kind they hold. A new kind is
-a server class, a client class and one `register` call beside them.
+a server class, a client class and one `register` call beside them; its one-line description is
+what the serving layer's OpenAPI schema publishes for it (`descriptions`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ LEGACY_KIND = "affine"
 
 @dataclass(frozen=True)
 class CircuitKind:
-    """A kind's name and the parsers of its two halves (untrusted dicts in, typed errors out)."""
+    """A kind's name, the parsers of its two halves (untrusted dicts in, typed errors out) and
+    what a client is told the kind computes (one line, published in the OpenAPI schema)."""
 
     name: str
     server: Callable[[dict], Any]
     client: Callable[[dict], Any]
+    description: str
 
 
 _KINDS: dict[str, CircuitKind] = {}
@@ -45,6 +48,11 @@ def register(kind: CircuitKind) -> CircuitKind:
 def kinds() -> tuple[str, ...]:
     """Names of the registered kinds."""
     return tuple(sorted(_KINDS))
+
+
+def descriptions() -> dict[str, str]:
+    """Each registered kind's description, by name (in `kinds()` order)."""
+    return {name: _KINDS[name].description for name in kinds()}
 
 
 def kind_of(data: Any, what: str) -> CircuitKind:

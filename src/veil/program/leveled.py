@@ -663,4 +663,5 @@ class ProgramClient(LeveledKind, ClientBase):
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X), "n_features": self.n_features})
 
 
-register(CircuitKind(KIND, LeveledCircuit.from_dict, ProgramClient))
+register(CircuitKind(KIND, LeveledCircuit.from_dict, ProgramClient,
+                     "a network with polynomial activations (one rescale per stage)"))

@@ -476,4 +476,6 @@ class StagedClient(StagedKind, KindInterface):
         return session.result()
 
 
-register(CircuitKind(KIND, StagedCircuit.from_dict, StagedClient))
+register(CircuitKind(KIND, StagedCircuit.from_dict, StagedClient,
+                     "an interactive network: the server evaluates its linear stages, the client its other "
+                     "layers, one stateless request per stage (the header names the stage)"))

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from veil.program.kinds import descriptions, kinds
 from veil.serve.backends.base import MAX_VERSION
 from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN
 
@@ -70,17 +71,17 @@ class KeyNeeds(BaseModel):
     rotation_steps: list[int] = Field(description="Galois rotation steps the evaluation uses")
 
 
+KIND_DESCRIPTION = "; ".join(f"{name}: {text}" for name, text in descriptions().items())
+"""What each circuit kind computes, from the kinds registry (`veil.program.kinds`): importing
+`veil.program` registers every kind the package has before this module reads them."""
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int
     created: float
     model: str
-    kind: Literal["affine", "leveled", "product-sum", "staged"] = Field(
-        description="affine: a linear model (no ciphertext multiplication); leveled: a network with "
-                    "polynomial activations (one rescale per stage); product-sum: a tree ensemble (sums of "
-                    "products of 0/1 literals over a public input grid the client encodes); staged: an "
-                    "interactive network, its linear stages evaluated here and its other layers on the "
-                    "client, one stateless request per stage (the header names the stage)")
+    kind: Literal[kinds()] = Field(description=KIND_DESCRIPTION)  # type: ignore[valid-type]
     depth: int = Field(ge=0, description="rescales per evaluation: 0 for affine models")
     n_features: int
     n_outputs: int

@@ -261,4 +261,6 @@ def compile_product_sum(ps: ProductSum, X: np.ndarray, encoding: ThermometerEnco
     return ProductSumCircuit(ps, plan_product_sum(ps.scaled(2.0**shift), Xe, headroom), encoding, shift)
 
 
-register(CircuitKind(KIND, ProductSumCircuit.from_dict, ProductSumClient))
+register(CircuitKind(KIND, ProductSumCircuit.from_dict, ProductSumClient,
+                     "a tree ensemble (sums of products of 0/1 literals over a public input grid the client "
+                     "encodes)"))
