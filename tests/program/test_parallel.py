@@ -293,3 +293,29 @@ def test_memory_stays_bounded_for_300k_rows(tmp_path):
     assert len(r["children"]) >= workers, r
     assert parent < 150, r
     assert parent + sum(r["children"]) < 800, r
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(): v.decode() for k, v in items}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/environ")
+def test_pool_workers_share_the_cores_between_their_blas_threads(digits_model, monkeypatch):
+    """Two workers with one BLAS thread per core each would oversubscribe the cores: each worker
+    gets cores // workers BLAS threads, unless the user set a BLAS thread count (which wins)."""
+    for var in parallel.BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    X = resampled(2 * SLOTS, seed=7)
+    expected = str(max(1, (os.cpu_count() or 1) // 2))
+    with ChunkedExecutor(**setup(digits_model, workers=2)) as ex:
+        ex.run(X, "batch", chunk_rows=SLOTS, progress=False)
+        envs = [_environ(w.proc.pid) for w in ex._pool.workers]
+    assert len(envs) == 2
+    assert all(env.get(var) == expected for env in envs for var in parallel.BLAS_THREAD_VARIABLES)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with ChunkedExecutor(**setup(digits_model, workers=2)) as ex:
+        ex.run(X, "batch", chunk_rows=SLOTS, progress=False)
+        envs = [_environ(w.proc.pid) for w in ex._pool.workers]
+    assert all(env.get("OMP_NUM_THREADS") == "3" and "OPENBLAS_NUM_THREADS" not in env for env in envs)
