@@ -368,9 +368,11 @@ def test_stalled_upload_is_cut_off_at_the_deadline(env, server):
 
 def test_clients_are_served_while_uploads_stall(env, tmp_path):
     """Stalled authenticated uploads (the only ones the server waits for) and unauthenticated ones do
-    not hold up a logged-in client; the stalled ones are still open, unanswered, afterwards."""
+    not hold up a logged-in client; the stalled ones are still open, unanswered, afterwards. The
+    body budget is set to hold all four (800 MiB for one token; `test_body_budget.py` tests it)."""
     X, iris = env["X"], env["iris"]
-    config = env["config"](data_dir=str(tmp_path / "data"), body_timeout=120)
+    config = env["config"](data_dir=str(tmp_path / "data"), body_timeout=120, max_buffered=1024 * MiB,
+                           max_buffered_per_token=1024 * MiB)
     with running_server(config) as url, contextlib.ExitStack() as stack:
         with Client(url, env["tokens"]["admin"]) as admin:
             admin.deploy(env["iris_dir"], "iris")

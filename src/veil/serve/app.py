@@ -47,7 +47,9 @@ from veil.serve.errors import (
     PayloadTooLargeError,
     RequestTimeoutError,
     ServeError,
+    TooManyRequestsError,
     UnauthorizedError,
+    UnavailableError,
     error_fields,
 )
 from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN, Service
@@ -58,6 +60,9 @@ log = logging.getLogger("veil.serve")
 OCTET = "application/octet-stream"
 DEFAULT_MAX_BODY = 256 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 120.0
+BUFFERED_BODIES = 4
+"""Default budget of request-body bytes held at once: this many largest bodies in all, and half of it
+for one principal (`BodyBudget`)."""
 """Seconds a request body may take to arrive, counted from its headers (408 past it)."""
 SLICE = 1 << 20
 """Large bodies are searched, copied and base64-coded this many bytes at a time (a multiple of 4), so
@@ -111,6 +116,48 @@ class Metrics:
                    Counter("veil_response_bytes_total", "response body bytes", ["route"], registry=reg))
 
 
+class BodyBudget:
+    """Request-body bytes `Gate` holds at once: at most `per_principal` for one token, `total` for all.
+
+    A body is held from its first byte until its response has been sent. Bytes are reserved before
+    they are read: a declared Content-Length whole, up front; a chunked body chunk by chunk. A
+    request that would pass its principal's share answers 429 (that caller sends too much at once;
+    others are unaffected); one that would pass the total answers 503. Both carry Retry-After and
+    close the connection, so the bytes over the budget are never taken in. Without it, a few valid
+    tokens opening many connections could make the server buffer `max_body` bytes on each.
+    Used from the event loop only, so it needs no lock."""
+
+    def __init__(self, per_principal: int, total: int) -> None:
+        if not 0 < per_principal <= total:
+            raise ValueError(f"need 0 < per_principal ({per_principal}) <= total ({total})")
+        self.per_principal, self.total = per_principal, total
+        self.held: dict[str, int] = {}
+        self.in_all = 0
+
+    def take(self, principal: str, n: int) -> ServeError | None:
+        """Reserve `n` more bytes for `principal`; the error to answer instead if that passes a bound."""
+        mine = self.held.get(principal, 0)
+        if mine + n > self.per_principal:
+            return TooManyRequestsError(
+                f"token {principal!r} would have over {self.per_principal} request-body bytes in flight; "
+                "retry when its earlier requests have answered")
+        if self.in_all + n > self.total:
+            return UnavailableError(f"the server holds {self.total} request-body bytes at most and is full; "
+                                    "retry shortly")
+        self.held[principal] = mine + n
+        self.in_all += n
+        return None
+
+    def give_back(self, principal: str, n: int) -> None:
+        """Release `n` bytes `take` reserved for `principal`."""
+        left = self.held.get(principal, 0) - n
+        if left > 0:
+            self.held[principal] = left
+        else:
+            self.held.pop(principal, None)
+        self.in_all -= n
+
+
 class Gate:
     """Pure ASGI layer in front of the app, and the only place a request body is read.
 
@@ -123,12 +170,15 @@ class Gate:
        declares with `body_role`; the service still checks it too).
     3. An authenticated body is read here, whole, before the app runs: over `limit` bytes (declared
        or while streaming) answers 413, not complete within `timeout` seconds of the headers answers
-       408; both close the connection. The app then finds the body in the scope (`request_body`),
-       and receives it as a single message if it asks.
+       408, past the `budget` of bytes held at once answers 429 or 503; all close the connection.
+       The app then finds the body in the scope (`request_body`), and receives it as a single
+       message if it asks.
     """
 
-    def __init__(self, app: ASGIApp, tokens: TokenStore, limit: int, timeout: float, metrics: "Metrics") -> None:
+    def __init__(self, app: ASGIApp, tokens: TokenStore, limit: int, timeout: float, metrics: "Metrics",
+                 budget: BodyBudget | None = None) -> None:
         self.app, self.tokens, self.limit, self.timeout, self.metrics = app, tokens, limit, timeout, metrics
+        self.budget = budget or BodyBudget(BUFFERED_BODIES * limit // 2, BUFFERED_BODIES * limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,20 +207,31 @@ class Gate:
         if length is not None and length > self.limit:
             await self._refuse(scope, receive, send, too_large)
             return
+        held = _Held(self.budget, verdict.name)
         try:
-            async with asyncio.timeout_at(deadline):
-                body = await self._read(receive)
-        except TimeoutError:
-            await self._refuse(scope, receive, send, RequestTimeoutError(
-                f"the request body did not arrive within {self.timeout:g} s"))
-            return
-        except _TooLargeError:
-            await self._refuse(scope, receive, send, too_large)
-            return
-        except _GoneError:
-            return
-        scope[BODY_SCOPE] = body
-        await self.app(scope, _replay(body, receive), send)
+            refused = held.grow_to(length or 0)
+            if refused is not None:
+                await self._refuse(scope, receive, send, refused)
+                return
+            try:
+                async with asyncio.timeout_at(deadline):
+                    body = await self._read(receive, held)
+            except TimeoutError:
+                await self._refuse(scope, receive, send, RequestTimeoutError(
+                    f"the request body did not arrive within {self.timeout:g} s"))
+                return
+            except _TooLargeError:
+                await self._refuse(scope, receive, send, too_large)
+                return
+            except _OverBudgetError as exc:
+                await self._refuse(scope, receive, send, exc.error)
+                return
+            except _GoneError:
+                return
+            scope[BODY_SCOPE] = body
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            held.release()
 
     def _body_role(self, scope: Scope) -> str | None:
         """The role the endpoint this request names declares (`body_role`), if any."""
@@ -180,7 +241,7 @@ class Gate:
                 return getattr(getattr(route, "endpoint", None), BODY_ROLE_ATTR, None)
         return None
 
-    async def _read(self, receive: Receive) -> bytes:
+    async def _read(self, receive: Receive, held: "_Held") -> bytes:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -190,6 +251,9 @@ class Gate:
             size += len(chunk)
             if size > self.limit:
                 raise _TooLargeError
+            refused = held.grow_to(size)
+            if refused is not None:
+                raise _OverBudgetError(refused)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 # joining hundreds of MiB takes a while (page faults): off the loop (the copy releases the GIL)
@@ -202,6 +266,8 @@ class Gate:
         headers = {"connection": "close"}
         if status == 401:
             headers["www-authenticate"] = "Bearer"
+        if status in (429, 503):
+            headers["retry-after"] = "1"
         given = Headers(scope=scope).get("x-request-id")
         headers["x-request-id"] = request_id(given)
         self.metrics.requests.labels("before_routing", str(status)).inc()
@@ -209,6 +275,34 @@ class Gate:
             "request_id": headers["x-request-id"], "method": scope.get("method"),
             "path": str(scope.get("path", ""))[:200], "status": status})
         await _error(status, code, detail, headers)(scope, receive, send)
+
+
+class _Held:
+    """The bytes of one request's body reserved in a `BodyBudget`, released once when it is done."""
+
+    def __init__(self, budget: BodyBudget, principal: str) -> None:
+        self.budget, self.principal, self.bytes = budget, principal, 0
+
+    def grow_to(self, size: int) -> ServeError | None:
+        """Hold at least `size` bytes; the error to answer if the budget refuses."""
+        if size <= self.bytes:
+            return None
+        refused = self.budget.take(self.principal, size - self.bytes)
+        if refused is None:
+            self.bytes = size
+        return refused
+
+    def release(self) -> None:
+        self.budget.give_back(self.principal, self.bytes)
+        self.bytes = 0
+
+
+class _OverBudgetError(Exception):
+    """A streamed body grew past what the `BodyBudget` lets its principal or the server hold."""
+
+    def __init__(self, error: ServeError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _TooLargeError(Exception):
@@ -432,7 +526,7 @@ def docs_assets() -> FilePath | None:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 408, 409, 413, 422, 500, 503)}
+    code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 503)}
 NAME = Annotated[str, Path(description="model name", json_schema_extra={"pattern": NAME_PATTERN})]
 KEY_ID = Annotated[str, Path(description="key id returned at registration",
                              json_schema_extra={"pattern": KEY_ID_PATTERN})]
@@ -442,14 +536,16 @@ VERSION = Annotated[int | None, Query(ge=1, le=MAX_VERSION, description="default
 def create_app(service: Service, tokens: TokenStore, executor: Executor | None = None,
                max_body: int = DEFAULT_MAX_BODY, protect_metrics: bool = False,
                protect_docs: bool = False, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-               tee: TeeState | None = None) -> Gate:
+               tee: TeeState | None = None, budget: BodyBudget | None = None) -> Gate:
     """Build the ASGI app; the caller chooses storage, tokens and where predictions run.
 
     Requests pass through `Gate` (authentication from the headers, then the body, at most `max_body`
-    bytes arriving within `body_timeout` seconds). `protect_metrics` and `protect_docs` make /metrics,
-    and /docs, /redoc and /openapi.json, require a valid bearer token (any role) for servers whose
-    operations data should not be public. `tee` makes it a key broker and/or an attested enclave
-    (`veil.serve.tee`); its endpoints exist either way and answer 404 where it is not set."""
+    bytes arriving within `body_timeout` seconds, within the `budget` of body bytes held at once: by
+    default `BUFFERED_BODIES` largest bodies in all, half of that per principal). `protect_metrics`
+    and `protect_docs` make /metrics, and /docs, /redoc and /openapi.json, require a valid bearer
+    token (any role) for servers whose operations data should not be public. `tee` makes it a key
+    broker and/or an attested enclave (`veil.serve.tee`); its endpoints exist either way and answer
+    404 where it is not set."""
     executor = executor or LocalExecutor(service)
     tee = tee or TeeState()
     metrics = Metrics.create()
@@ -663,7 +759,7 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         return Response(await run_in_threadpool(answer), media_type="application/json")
 
     add_routes(app, tee, service, principal, _json_body, _json_body_doc)
-    return Gate(app, tokens, max_body, body_timeout, metrics)
+    return Gate(app, tokens, max_body, body_timeout, metrics, budget)
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> set[str]:

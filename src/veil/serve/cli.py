@@ -51,6 +51,10 @@ def add_serve(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--max-body-mb", type=float, default=256.0)
+    p.add_argument("--max-buffered-mb", type=_positive_float,
+                   help="MiB of request bodies held at once in all, else 503 (default 4 x --max-body-mb)")
+    p.add_argument("--max-buffered-mb-per-token", type=_positive_float,
+                   help="MiB of request bodies held at once for one token, else 429 (default half the above)")
     p.add_argument("--body-timeout", type=_positive_float,
                    help="seconds a request body may take to arrive after its headers, else 408 (default 120)")
     p.add_argument("--head-timeout", type=_positive_float,
@@ -102,6 +106,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
     optional = {k: v for k, v in (("max_keys", args.max_keys), ("max_key_bytes", _mib(args.max_key_mb)),
                                 ("body_timeout", args.body_timeout), ("head_timeout", args.head_timeout),
+                                ("max_buffered", _mib(args.max_buffered_mb)),
+                                ("max_buffered_per_token", _mib(args.max_buffered_mb_per_token)),
                                 *((k, getattr(args, k)) for k in TEE_OPTIONS))
                 if v is not None}
     return ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, tokens_file=args.tokens,

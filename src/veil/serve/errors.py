@@ -60,6 +60,13 @@ class PayloadTooLargeError(ServeError):
     status, code = 413, "payload_too_large"
 
 
+class TooManyRequestsError(ServeError):
+    """A principal already has as many request-body bytes in flight as the server holds for one
+    token (`veil serve --max-buffered-mb-per-token`); it may retry once its requests have answered."""
+
+    status, code = 429, "too_many_requests"
+
+
 class IntegrityError(ServeError):
     """A stored artefact failed its AES-GCM authentication: tampered, rolled back, or another key."""
 

@@ -32,7 +32,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from veil.net import free_port
-from veil.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, create_app
+from veil.serve.app import BUFFERED_BODIES, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, BodyBudget, create_app
 from veil.serve.auth import TokenStore
 from veil.serve.backends import backend_for
 from veil.serve.backends.base import KeyQuota
@@ -82,6 +82,10 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     max_body: int = DEFAULT_MAX_BODY
+    max_buffered: int | None = None
+    """Request-body bytes held at once in all (default `BUFFERED_BODIES` times `max_body`); past it, 503."""
+    max_buffered_per_token: int | None = None
+    """Request-body bytes held at once for one principal (default half of `max_buffered`); past it, 429."""
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     """Seconds a request body may take to arrive after its headers; a slower upload answers 408."""
     head_timeout: float = DEFAULT_HEAD_TIMEOUT
@@ -163,9 +167,11 @@ def build(config: ServerConfig) -> tuple[Any, Service]:
         log.warning("no tokens configured: every request will be refused until `veil token add` writes "
                     "one (the tokens file is followed while the server runs)",
                     extra={"path": str(config.tokens_path)})
+    total = config.max_buffered or BUFFERED_BODIES * config.max_body
+    budget = BodyBudget(config.max_buffered_per_token or max(total // 2, config.max_body), total)
     app = create_app(service, tokens, executor, config.max_body, protect_metrics=config.protect_metrics,
                      protect_docs=config.protect_docs, body_timeout=config.body_timeout,
-                     tee=tee_state(config, model_key, chosen))
+                     tee=tee_state(config, model_key, chosen), budget=budget)
     return app, service
 
 
