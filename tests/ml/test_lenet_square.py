@@ -16,7 +16,7 @@ import pytest
 from tests.ml import nets
 from tests.ml.datasets import mnist
 from veil import ml
-from veil.errors import PrecisionError
+from veil.errors import PrecisionError, ShapeError
 
 N_IMAGES = 2
 RELATIVE_TOLERANCE = 1e-3
@@ -70,3 +70,11 @@ def test_an_accepted_image_beyond_the_calibrated_range_is_refused_not_answered(l
     assert np.abs(model.forward(unlike)).max() > 1.01 * model.circuit_.plans["row"].output_bound
     with pytest.raises(PrecisionError, match="calibrated"):
         model.forward(unlike, fhe="execute", layout="row")
+
+
+def test_sound_bounds_are_refused_with_a_typed_error_that_names_calibrated(lenet):
+    """Sound bounds (every image in |x| <= 1) need N=32768 in the batch layout only, beyond its memory
+    bound: a ShapeError that says what to use instead, not a plan that cannot run."""
+    net, _, X, _ = lenet
+    with pytest.raises(ShapeError, match="calibrated"):
+        ml.compile_torch_model(net, X[:500], input_bounds=1.0)

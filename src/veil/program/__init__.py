@@ -50,10 +50,13 @@ def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom
         return LinearCircuit.calibrate(only.weight, only.bias, X, presets=presets, input_bounds=input_bounds,
                                        **kwargs)
     stages, plans = plan(program, X, input_bounds=input_bounds, bounds=bounds, **kwargs)
-    if "batch" in plans and len(plans) > 1:
+    if "batch" in plans:
         try:
             check_batch_memory(stages, program.n_inputs, plans["batch"].params)
-        except ShapeError:
+        except ShapeError as exc:
+            if len(plans) == 1:
+                hint = "; with bounds=\"calibrated\" a smaller ring may hold it" if bounds == "sound" else ""
+                raise ShapeError(f"{exc} (no row plan holds this program{hint})") from None
             del plans["batch"]  # too wide for the batch layout's memory bound: the row layout holds it
     return LeveledCircuit(stages, program.n_inputs, plans)
 
