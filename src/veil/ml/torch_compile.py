@@ -113,7 +113,7 @@ def _placed(ops: list, shapes: list[tuple[int, ...] | None]) -> list:
     hybrid diagonal method's dense diagonals (every output reads 600 inputs spread over the
     image in LeNet-5) into a few hundred (a diagonal per kernel offset and channel difference).
     The price: the batch layout carries the gaps as ciphertexts of zeros."""
-    if len(ops) < 5 or not any(s is not None and len(s) == 3 for s in shapes):
+    if not any(s is not None and len(s) == 3 for s in shapes):
         return ops
     strides = {s[2] // f for s in shapes if s is not None and len(s) == 3 for f in (1, 2, 3, 4) if s[2] % f == 0}
     c = COST_MS_PER_PRIME

@@ -38,7 +38,17 @@ i = g*B + b, the babies rot(x, b) are made by repeated rotations by 1 and the gi
 so a stage costs d plaintext products, B - 1 + G - 1 + log2(L / R) rotations and one rescale, and
 the whole program needs Galois keys for 1, each stage's B and the fold steps only (times n).
 Padded slots hold exact zeros (zero weights and biases; the constant of an activation is added
-to real slots only), so every slot's value obeys the planner's bounds.
+to real slots only), so every slot's value obeys the planner's bounds. Only the diagonals that
+hold a weight are encoded and multiplied (entry (r, c) lies on diagonal (c - r) mod d), and each
+stage takes the baby-step size that needs the fewest rotations for those diagonals.
+
+Placement (`place`, used when lowering torch networks). Where a stage's values sit in the virtual
+vector is free: a permutation (with gaps) of a Linear's rows, applied to the next Linear's columns,
+computes the same function. A convolution reading a pooled convolution in C-order touches
+diagonals everywhere (LeNet-5's second convolution: all 2,048); placed channel-blocked
+(`grid_positions`: the pooling phases and channels as blocks, each a grid with the row stride of
+the next convolution's output grid), each weight's diagonal depends only on its kernel offset and
+channel difference (400 diagonals).
 """
 
 from __future__ import annotations
