@@ -1,7 +1,9 @@
-"""The issue-20 networks compiled with `nonlinear="client"`, trained once per test process on the
-MNIST subset and shared by the in-process tests (`tests/ml/test_interactive.py`) and the HTTP tests
-(`tests/serve/test_interactive.py`): LeNet-5 with ReLU and MaxPool, a residual CNN with BatchNorm,
-ReLU and a concatenation, and an MLP with GELU, Dropout and Softmax. Also a server's answer to one
+"""The issue-20 networks, trained once per test process on the MNIST subset: compiled with
+`nonlinear="client"` and shared by the in-process tests (`tests/ml/test_interactive.py`) and the
+HTTP tests (`tests/serve/test_interactive.py`), LeNet-5 with ReLU and MaxPool, a residual CNN with
+BatchNorm, ReLU and a concatenation, and an MLP with GELU, Dropout and Softmax; and LeNet-5 with
+square activations and AvgPool for the non-interactive tests (`tests/ml/test_deep_cnn.py`,
+`tests/ml/test_lenet_square.py`). Also a server's answer to one
 stage altered after it was computed (what a forging server or a man in the middle would send)."""
 
 from __future__ import annotations
@@ -58,6 +60,36 @@ def lenet5() -> tuple[nn.Module, Any]:
                         nn.Linear(84, 10))
     train(net, Xtr, ytr, epochs=3)
     return net, ml.compile_torch_model(net, Xtr[:1000], input_bounds=1.0, nonlinear="client")
+
+
+def square_lenet5_net() -> nn.Module:
+    """LeNet-5 on 28x28 with square activations and AvgPool (conv 6@5x5 pad 2, square, pool 2,
+    conv 16@5x5, square, pool 2, fc 400-120, square, fc 120-84, square, fc 84-10), untrained."""
+    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), ml.Square(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5),
+                         ml.Square(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(400, 120), ml.Square(),
+                         nn.Linear(120, 84), ml.Square(), nn.Linear(84, 10))
+
+
+@cache
+def square_lenet5() -> tuple[nn.Module, float]:
+    """The square LeNet-5 trained 3 epochs on the first 4,000 shuffled images (Adam, lr 1e-3, batches
+    of 64: squares compound, so a larger rate diverges), and its accuracy on the last 1,000."""
+    X, y = mnist()
+    X = X.astype(np.float32)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    net = square_lenet5_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    Xt, yt = torch.tensor(X[:TEST_START]), torch.tensor(y[:TEST_START])
+    for _ in range(3):
+        for idx in torch.randperm(len(Xt)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
+            opt.step()
+    torch.set_num_threads(threads)
+    net.eval()
+    return net, float((reference(net, X[TEST_START:]).argmax(1) == y[TEST_START:]).mean())
 
 
 @cache

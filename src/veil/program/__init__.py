@@ -21,7 +21,7 @@ from veil.program.encoding import ThermometerEncoding
 from veil.program.ir import Linear, Poly, Program, normalise
 from veil.program.kinds import CircuitKind, depth, describe, key_needs, kinds, load_client, load_server, register
 from veil.program.leveled import LeveledCircuit, ProgramClient
-from veil.program.planner import BOUNDS, LayoutPlan, plan
+from veil.program.planner import BOUNDS, LayoutPlan, check_batch_memory, plan
 from veil.program.products import ProductSum, ProductSumCircuit, ProductSumClient, compile_product_sum
 from veil.program.staged import StagedCircuit, StagedClient, compile_staged
 
@@ -36,8 +36,10 @@ def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom
     backend: no rescale, one 60-bit prime, no evaluation keys in batch layout; anything with a
     square runs on the leveled backend, its ring sized by `bounds` (`planner.BOUNDS`): "sound"
     holds the outputs of every input the client accepts, "calibrated" those of inputs like X
-    (times `headroom`), the client refusing outputs beyond them. (Programs over a public input
-    encoding, tree ensembles, are product sums: `compile_product_sum`.)"""
+    (times `headroom`), the client refusing outputs beyond them. A batch plan beyond the batch
+    layout's memory bound (`planner.check_batch_memory`) is left out when a row plan exists.
+    (Programs over a public input encoding, tree ensembles, are product sums:
+    `compile_product_sum`.)"""
     if bounds not in BOUNDS:
         raise ShapeError(f"unknown bounds {bounds!r}; choose from {BOUNDS}")
     stages = normalise(program)
@@ -48,6 +50,14 @@ def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom
         return LinearCircuit.calibrate(only.weight, only.bias, X, presets=presets, input_bounds=input_bounds,
                                        **kwargs)
     stages, plans = plan(program, X, input_bounds=input_bounds, bounds=bounds, **kwargs)
+    if "batch" in plans:
+        try:
+            check_batch_memory(stages, program.n_inputs, plans["batch"].params)
+        except ShapeError as exc:
+            if len(plans) == 1:
+                hint = "; with bounds=\"calibrated\" a smaller ring may hold it" if bounds == "sound" else ""
+                raise ShapeError(f"{exc} (no row plan holds this program{hint})") from None
+            del plans["batch"]  # too wide for the batch layout's memory bound: the row layout holds it
     return LeveledCircuit(stages, program.n_inputs, plans)
 
 

@@ -42,6 +42,7 @@ from veil.program.planner import (
     COST_MS_PER_PRIME,
     NOISE_SLOTS,
     LayoutPlan,
+    check_batch_memory,
     check_intermediate,
     interval_bounds,
     output_primes,
@@ -54,9 +55,6 @@ from veil.program.planner import (
 from veil.program.tiled import MAX_ROW_WORDS, Diagonal, TiledGeometry, TiledLayout, plaintext_words
 
 KIND = "leveled"
-MAX_BATCH_WORKING_BYTES = 4 << 30
-"""Largest working set of one batch-layout evaluation (two layers of ciphertexts live at once):
-a forged or oversized program is refused at load, not by exhausting the server's memory."""
 CARRIED = (0.0, 1.0, 0.0)
 """The element of a per-element polynomial that carries its value unchanged (a skip connection)."""
 
@@ -110,13 +108,7 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
         if name == "row" and stages is not None and not row_capable(stages):
             raise WireFormatError("the row layout cannot run per-element polynomials")
         if name == "batch" and stages is not None:
-            widest = max([n_features] + [op.n_out for op in stages if isinstance(op, Linear)])
-            ct_bytes = 2 * p.params.poly_modulus_degree * (len(p.params.coeff_modulus_bits) - 1) * 8
-            if 2 * widest * ct_bytes > MAX_BATCH_WORKING_BYTES:
-                raise ShapeError(
-                    f"a layer of {widest} values holds {2 * widest * ct_bytes / 2**30:.1f} GiB of ciphertexts "
-                    f"per batch of samples (limit {MAX_BATCH_WORKING_BYTES / 2**30:.0f} GiB): use narrower "
-                    "layers (fewer channels, pooling earlier)")
+            check_batch_memory(stages, n_features, p.params)
         if len(p.input_bounds) != n_features:
             raise ShapeError("input bounds do not match the number of features")
         if stages is not None and p.bounds == "sound":  # calibrated bounds came from data the server lacks
@@ -160,7 +152,9 @@ def _check_row_geometry(p: LayoutPlan, n_features: int, stages: list[Op] | None,
         n_outputs = Program(n_features, stages).n_outputs
     g.check(n_features, 1 if n_outputs is None else n_outputs, stages)
     top = len(p.params.coeff_modulus_bits) - 1
-    if g.n_linear > top or plaintext_words(g, top, p.params.poly_modulus_degree) > MAX_ROW_WORDS:
+    # (the plaintexts are the server's: only it, knowing the weights, counts the diagonals it encodes)
+    if g.n_linear > top or (stages is not None
+                            and plaintext_words(g, top, p.params.poly_modulus_degree, stages) > MAX_ROW_WORDS):
         raise WireFormatError("the row plan's geometry has more linear stages than levels, or would encode "
                               "more plaintexts than a row plan may hold")
     if tuple(sorted(p.rotation_steps)) != g.rotation_steps:
@@ -537,8 +531,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
         assert isinstance(op, Linear)
         n, q = g.samples_per_ct, float(x.next_prime())
         if (stage, "diagonals") not in self._row_plain:
-            self._row_plain[(stage, "diagonals")] = [[(b, v) for b, v in enumerate(group) if v.any()]
-                                                    for group in d.plaintext_vectors(op.weight)]
+            self._row_plain[(stage, "diagonals")] = d.plaintext_vectors(op.weight)
         groups = self._row_plain[(stage, "diagonals")]
         babies = [x]
         acc: Ciphertext | None = None

@@ -36,7 +36,11 @@ Steps:
 4. Layouts: both, except that a program with a per-element polynomial (a skip connection carried
    as the identity past a layer of squares, see `ir.Poly`) is planned for the batch layout only:
    there each element is its own ciphertext, while the row layout would need per-slot
-   coefficient plaintexts, one more level per polynomial.
+   coefficient plaintexts, one more level per polynomial. The row layout is left out when a
+   sample's values do not fit the slots or its plaintexts MAX_ROW_WORDS; a batch plan whose two
+   widest layers of ciphertexts exceed MAX_BATCH_WORKING_BYTES (`check_batch_memory`: LeNet-5's
+   4,704 first-layer values at N=16384) is returned, but no circuit accepts it
+   (`veil.program.compile_program` leaves it out when another layout holds the program).
 5. Per layout, the evaluation keys the program needs: the batch layout relinearizes only squares
    followed by another square (so a one-hidden-layer network needs no keys at all); the row layout
    needs the rotations of its geometry (`veil.program.tiled`: the first stage by client-side windows
@@ -95,6 +99,10 @@ OUTPUT_TOLERANCE = 1e-2
 """Relative slack of the client's output range check for CKKS noise on values at the bound."""
 MAX_UNRELINEARIZED_NOISE = 1e-6
 """Largest per-slot noise accepted for skipping the last relinearization (see `relinearize_at`)."""
+MAX_BATCH_WORKING_BYTES = 4 << 30
+"""Largest working set of one batch-layout evaluation (two layers of ciphertexts live at once):
+a forged or oversized program is refused at load, not by exhausting the server's memory, and
+the planner gives such a program no batch plan."""
 COST_MS_PER_PRIME = {"encrypt": 1.0, "mul_add": 0.13, "add": 0.02, "rescale": 0.35, "square": 0.16, "rotate": 0.8,
                      "weighted_sum": 0.011, "weighted_sum_sparse": 0.07}
 """Single-core costs per prime of the current level at N=8192 (two components), measured on the
@@ -320,6 +328,18 @@ def check_intermediate(stages: list[Op], bounds: list[float], params: CKKSParame
                                  "squares")
 
 
+def check_batch_memory(stages: list[Op], n_inputs: int, params: CKKSParameters) -> None:
+    """Refuse (ShapeError) a batch plan whose two widest live layers of ciphertexts exceed
+    MAX_BATCH_WORKING_BYTES."""
+    widest = max([n_inputs] + [op.n_out for op in stages if isinstance(op, Linear)])
+    ct_bytes = 2 * params.poly_modulus_degree * (len(params.coeff_modulus_bits) - 1) * 8
+    if 2 * widest * ct_bytes > MAX_BATCH_WORKING_BYTES:
+        raise ShapeError(
+            f"a layer of {widest} values holds {2 * widest * ct_bytes / 2**30:.1f} GiB of ciphertexts "
+            f"per batch of samples (limit {MAX_BATCH_WORKING_BYTES / 2**30:.0f} GiB): use narrower "
+            "layers (fewer channels, pooling earlier), or the row layout")
+
+
 def _max_bits(n: int) -> int:
     return seal.CoeffModulus.MaxBitCount(n, seal.sec_level_type.tc128)
 
@@ -453,7 +473,7 @@ def row_cost_ms(stages: list[Op], geometry: TiledGeometry, params: CKKSParameter
     there (`relinearized[i]`: whether the square of stage i is relinearized, a key switch)."""
     c = COST_MS_PER_PRIME
     top = len(params.coeff_modulus_bits) - 1
-    counts = iter(geometry.op_counts())
+    counts = iter(geometry.op_counts(stages))
     cost = 0.0
     for i, op in enumerate(stages):
         if isinstance(op, Linear):
@@ -476,7 +496,7 @@ def row_geometry(stages: list[Op], n_inputs: int, params: CKKSParameters) -> Til
             geometry = build(stages, n_inputs, params.slot_count, first)
         except ShapeError:
             continue
-        if plaintext_words(geometry, top, params.poly_modulus_degree) <= MAX_ROW_WORDS:
+        if plaintext_words(geometry, top, params.poly_modulus_degree, stages) <= MAX_ROW_WORDS:
             found.append(geometry)
     if not found:
         raise ShapeError(f"no row layout of this program fits N={params.poly_modulus_degree}: use the batch layout")

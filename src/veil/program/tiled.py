@@ -38,12 +38,23 @@ i = g*B + b, the babies rot(x, b) are made by repeated rotations by 1 and the gi
 so a stage costs d plaintext products, B - 1 + G - 1 + log2(L / R) rotations and one rescale, and
 the whole program needs Galois keys for 1, each stage's B and the fold steps only (times n).
 Padded slots hold exact zeros (zero weights and biases; the constant of an activation is added
-to real slots only), so every slot's value obeys the planner's bounds.
+to real slots only), so every slot's value obeys the planner's bounds. Only the diagonals that
+hold a weight are encoded and multiplied (entry (r, c) lies on diagonal (c - r) mod d), and each
+stage takes the baby-step size that needs the fewest rotations for those diagonals.
+
+Placement (`place`, used when lowering torch networks). Where a stage's values sit in the virtual
+vector is free: a permutation (with gaps) of a Linear's rows, applied to the next Linear's columns,
+computes the same function. A convolution reading a pooled convolution in C-order touches
+diagonals everywhere (LeNet-5's second convolution: all 2,048); placed channel-blocked
+(`grid_positions`: the pooling phases and channels as blocks, each a grid with the row stride of
+the next convolution's output grid), each weight's diagonal depends only on its kernel offset and
+channel difference (400 diagonals).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +158,14 @@ class Windows:
         return g
 
 
+def used_diagonals(d: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Indices of the diagonals (of d = min(rows, period_in)) that hold the non-zero weights at
+    (rows[k], cols[k]): entry (r, c) lies on diagonal (c - r) mod d (module docstring)."""
+    out = np.zeros(d, dtype=bool)
+    out[(cols - rows) % d] = True
+    return np.flatnonzero(out)
+
+
 @dataclass(frozen=True)
 class Diagonal:
     """A Linear stage by the hybrid diagonal method (module docstring): input tiled with period
@@ -172,21 +191,50 @@ class Diagonal:
     def n_rotations(self) -> int:
         return self.baby - 1 + self.giant - 1 + len(self.fold)
 
-    def plaintext_vectors(self, W: np.ndarray) -> list[list[np.ndarray]]:
-        """Per giant step g, per baby step b: rot(D_{gB+b}, -gB) over one period max(rows, L)."""
+    @classmethod
+    def fitted(cls, period_in: int, rows: int, used: np.ndarray | None = None) -> Diagonal:
+        """The stage with the baby step that needs the fewest rotations when the diagonals `used`
+        (`used_diagonals`) hold the weights (the products do not depend on it), 2^ceil(log2(d) / 2)
+        on ties and without weights: about sqrt(d) for dense diagonals, larger when the diagonals
+        used cluster (a convolution's kernel offsets repeated per channel difference)."""
+        d = min(rows, period_in)
+        default = cls(period_in, rows, 1 << math.ceil(_log2(d) / 2))
+        if used is None or not len(used):
+            return default
+        options = [default] + [cls(period_in, rows, 1 << k) for k in range(_log2(d) + 1)]
+        return min(options, key=lambda g: g._rotations(used))
+
+    def _rotations(self, used: np.ndarray) -> int:
+        """Rotations of the backend when the diagonals `used` (indices, non-empty) hold weights: it
+        makes baby steps up to the largest one used and Horner steps below the highest giant step
+        used, then the fold."""
+        return int(np.max(used % self.baby)) + int(np.max(used // self.baby)) + len(self.fold)
+
+    def counts(self, W: np.ndarray | None = None) -> dict[str, int]:
+        """Plaintext products and rotations of this stage: all diagonals without W (an upper bound);
+        with W the backend's own counts, which skip all-zero diagonals (`_rotations`)."""
+        if W is None:
+            return {"input_cts": 0, "mul_plain": self.n_diagonals, "rotations": self.n_rotations}
+        used = used_diagonals(self.n_diagonals, *np.nonzero(W))
+        if not len(used):
+            return {"input_cts": 0, "mul_plain": 0, "rotations": len(self.fold)}
+        return {"input_cts": 0, "mul_plain": len(used), "rotations": self._rotations(used)}
+
+    def plaintext_vectors(self, W: np.ndarray) -> list[list[tuple[int, np.ndarray]]]:
+        """Per giant step g, the (b, rot(D_{gB+b}, -gB)) over one period max(rows, L) of every baby
+        step b whose diagonal holds a non-zero weight (`used_diagonals`: the backend skips the
+        others)."""
         R, L, B = self.rows, self.period_in, self.baby
-        span = max(R, L)
-        Wp = np.zeros((R, L))
-        Wp[:W.shape[0], :W.shape[1]] = W
-        t = np.arange(span)
-        out = []
-        for g in range(self.giant):
-            group = []
-            for b in range(B):
-                i = g * B + b
-                diag = Wp[t % R, (t + i) % L]
-                group.append(np.roll(diag, g * B))  # rot(v, -gB)[t] = v[t - gB]
-            out.append(group)
+        t = np.arange(max(R, L))
+        r = t % R
+        out: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(self.giant)]
+        for i in used_diagonals(self.n_diagonals, *np.nonzero(W)):
+            g, b = divmod(int(i), B)
+            c = (t + i) % L
+            inside = (r < W.shape[0]) & (c < W.shape[1])  # W padded with zeros to R x L, never built
+            diag = np.zeros(len(t))
+            diag[inside] = W[r[inside], c[inside]]
+            out[g].append((b, np.roll(diag, g * B)))  # rot(v, -gB)[t] = v[t - gB]
         return out
 
     def to_dict(self) -> dict:
@@ -246,15 +294,17 @@ class TiledGeometry:
         n = self.samples_per_ct
         return tuple(sorted(n * s for s in steps))
 
-    def op_counts(self) -> list[dict[str, int]]:
-        """Per Linear stage: plaintext products and rotations (all-zero diagonals included: an
-        upper bound; the backend skips them); the windows stage also counts its ciphertexts."""
+    def op_counts(self, stages: list[Op] | None = None) -> list[dict[str, int]]:
+        """Per Linear stage: plaintext products and rotations (`Diagonal.counts`: without `stages`
+        all diagonals, an upper bound; with them the backend's exact counts, all-zero diagonals
+        skipped); the windows stage also counts its ciphertexts."""
         out = []
         if self.windows is not None:
             w = self.windows
             out.append({"input_cts": w.n_cts, "mul_plain": w.n_cts, "rotations": len(w.fold)})
-        for d in self.diagonals:
-            out.append({"input_cts": 0, "mul_plain": d.n_diagonals, "rotations": d.n_rotations})
+        linears = [op for op in stages if isinstance(op, Linear)][self.windows is not None:] if stages else None
+        for k, d in enumerate(self.diagonals):
+            out.append(d.counts(None if linears is None else linears[k].weight))
         if self.windows is None:
             out[0]["input_cts"] = 1
         return out
@@ -342,8 +392,8 @@ def build(stages: list[Op], n_inputs: int, slots: int, first: str) -> TiledGeome
     diagonals = []
     for op in rest:
         rows = next_pow2(op.n_out)
-        d = min(rows, periods[-1])
-        diagonals.append(Diagonal(periods[-1], rows, 1 << math.ceil(_log2(d) / 2)))
+        used = used_diagonals(min(rows, periods[-1]), *np.nonzero(op.weight))
+        diagonals.append(Diagonal.fitted(periods[-1], rows, used))
         periods.append(rows)
     need = max(periods + ([windows.period * windows.stack] if windows is not None else []))
     if need > slots:
@@ -351,11 +401,12 @@ def build(stages: list[Op], n_inputs: int, slots: int, first: str) -> TiledGeome
     return TiledGeometry(slots, need, windows, tuple(diagonals))
 
 
-def plaintext_words(geometry: TiledGeometry, primes_top: int, degree: int) -> int:
+def plaintext_words(geometry: TiledGeometry, primes_top: int, degree: int, stages: list[Op] | None = None) -> int:
     """Words of the plaintexts the server encodes: Linear stage l of a normalised program (stage
-    2l, the stages alternating with Polys) sits at primes_top - 2l primes."""
+    2l, the stages alternating with Polys) sits at primes_top - 2l primes; with `stages`, only
+    the non-zero diagonals the backend encodes are counted (`TiledGeometry.op_counts`)."""
     words = 0
-    for level, ops in enumerate(geometry.op_counts()):
+    for level, ops in enumerate(geometry.op_counts(stages)):
         words += ops["mul_plain"] * degree * max(1, primes_top - 2 * level)
     return words
 
@@ -406,3 +457,91 @@ class TiledLayout:
         spc = self.samples_per_ct
         stacked = np.real(np.asarray(vectors)).reshape(-1, self.geometry.virtual, spc)
         return np.swapaxes(stacked, 1, 2).reshape(-1, self.geometry.virtual)[:n_samples, :self.n_outputs]
+
+
+def grid_positions(shape: tuple[int, int, int], factor: int, stride: int) -> np.ndarray:
+    """Virtual slot of every element (in C-order) of a (C, H, W) value laid out channel-blocked
+    for the diagonal method (module docstring, placement): element (c, y, x) at
+    ((y % f * f + x % f) * C + c) * block + (y // f) * stride + x // f, with f = `factor` dividing
+    H and W, `stride` >= W / f and block the power of two holding an (H/f) x stride grid."""
+    C, H, W = shape
+    block = next_pow2((H // factor - 1) * stride + W // factor)
+    c, y, x = np.unravel_index(np.arange(C * H * W), shape)
+    return ((y % factor * factor + x % factor) * C + c) * block + y // factor * stride + x // factor
+
+
+def grid_candidates(shape: tuple[int, ...] | None, strides: set[int]) -> list[np.ndarray | None]:
+    """The placements tried for a value: in order (None) and, for a (C, H, W) value, every
+    channel-blocked grid (`grid_positions`) with a factor 1..4 dividing H and W and a stride out
+    of `strides` (the grid widths of the other values, so a convolution's input and output grids
+    can share a stride) at least W / f, that at most doubles the value's period."""
+    out: list[np.ndarray | None] = [None]
+    if shape is None or len(shape) != 3:
+        return out
+    C, H, W = shape
+    for f in (1, 2, 3, 4):
+        if H % f or W % f:
+            continue
+        for stride in sorted({W // f} | {s for s in strides if s >= W // f}):
+            pos = grid_positions((C, H, W), f, stride)
+            if next_pow2(int(pos.max()) + 1) <= 2 * next_pow2(C * H * W):
+                out.append(pos)
+    return out
+
+
+def place(ops: list[Op], candidates: list[list[np.ndarray | None]],
+          cost: Callable[[dict[str, int]], float]) -> tuple[list[Op], float, float]:
+    """The chain Linear, Poly, ..., Linear (uniform Polys) with the values between its Linears
+    placed where the diagonal method needs the fewest products and rotations: `candidates[k]`
+    lists the placements tried for the value that Linear k computes and Linear k + 1 reads (None:
+    in order; an array: the virtual slot of each element, injective), `cost` weighs a stage's
+    products and rotations (`Diagonal.counts`). The choice minimises the summed cost of Linears 1.. (the first runs by
+    windows, whose cost does not depend on where its outputs go) by dynamic programming over the
+    chain; the placed program computes the same function: a placed Linear has zero rows (and
+    zero bias) at the slots no element takes, the Poly maps them to its constant, and the next
+    Linear has zero columns there. Returns (ops, cost placed, cost in order)."""
+    linears = ops[0::2]
+    assert len(candidates) == len(linears) - 1 and all(isinstance(op, Linear) for op in linears)
+    coords = [np.nonzero(op.weight) for op in linears]
+
+    def positions(p: np.ndarray | None, n: int) -> np.ndarray:
+        return np.arange(n) if p is None else p
+
+    def stage_cost(k: int, cols: np.ndarray | None, rows: np.ndarray | None) -> float:
+        op = linears[k]
+        rpos, cpos = positions(rows, op.n_out), positions(cols, op.n_in)
+        R, L = next_pow2(int(rpos.max()) + 1), next_pow2(int(cpos.max()) + 1)
+        used = used_diagonals(min(R, L), rpos[coords[k][0]], cpos[coords[k][1]])
+        if not len(used):
+            return 0.0
+        return cost({"mul_plain": len(used), "rotations": Diagonal.fitted(L, R, used)._rotations(used)})
+
+    # best[j]: least cost of Linears 1..k with the value Linear k computes placed by candidates[k][j]
+    best = [0.0] * len(candidates[0])
+    choice: list[list[int]] = []
+    for k in range(1, len(linears)):
+        outs = candidates[k] if k < len(candidates) else [None]
+        step = [[best[i] + stage_cost(k, cols, rows) for i, cols in enumerate(candidates[k - 1])] for rows in outs]
+        choice.append([int(np.argmin(s)) for s in step])
+        best = [min(s) for s in step]
+    picks = [0]
+    for back in reversed(choice):
+        picks.append(back[picks[-1]])
+    picks = picks[::-1][:-1]
+    natural = sum(stage_cost(k, None, None) for k in range(1, len(linears)))
+    placed = [candidates[k][j] for k, j in enumerate(picks)]
+    out = list(ops)
+    for k, p in enumerate(placed):
+        if p is None:
+            continue
+        width = int(p.max()) + 1
+        a, b = linears[k], linears[k + 1]
+        W = np.zeros((width, a.n_in))
+        W[p] = a.weight
+        bias = np.zeros(width)
+        bias[p] = a.bias
+        out[2 * k] = linears[k] = Linear(W, bias)
+        W = np.zeros((b.n_out, width))
+        W[:, p] = b.weight
+        out[2 * k + 2] = linears[k + 1] = Linear(W, b.bias)
+    return out, float(min(best)), natural
