@@ -68,6 +68,9 @@ from veil.program.packing import PROGRAM_LAYOUTS as LAYOUTS
 from veil.program.tiled import MAX_ROW_WORDS, TiledGeometry, build, plaintext_words
 
 INPUT_HEADROOM = 2.0
+"""Inputs may be up to this many times the largest calibration magnitude (`input_box`, the one
+rule of every kind); beyond it the client refuses them, because an output could then wrap around
+the modulus (a silent wrong answer)."""
 DEFAULT_HEADROOM = 4.0
 MIN_SCALE_BITS = 26
 PREFERRED_SCALE_BITS = 32
