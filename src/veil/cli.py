@@ -6,7 +6,6 @@ The serving commands are `veil.serve.cli`'s, federated learning's `veil.fl.cli`'
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -44,24 +43,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _demo_http(args: argparse.Namespace, model: object, path: str, X_test: np.ndarray, y_test: np.ndarray,
                t_fit: float) -> int:
     """The same flow through a real (plain HTTP) server on a free loopback port, started and stopped here."""
-    from veil.serve import Client, ServerConfig
-    from veil.serve.auth import add_token_to_file
-    from veil.serve.server import serve_in_background
+    from veil.serve import Client
+    from veil.serve.server import serve_deployed
 
-    with tempfile.TemporaryDirectory() as data:
-        admin = add_token_to_file(Path(data) / "tokens.json", "admin", "admin")
-        user = add_token_to_file(Path(data) / "tokens.json", "demo", "client")
-        key_file = Path(data) / "model.key"
-        key_file.write_text(os.urandom(32).hex())
-        with serve_in_background(ServerConfig(data_dir=data, model_key_file=str(key_file))) as url:
-            with Client(url, admin) as a:
-                a.deploy(path, "demo")
-            with Client(url, user) as client:
-                version, mc = client.model("demo")
-                return _demo_steps(args, model, mc, X_test, y_test, t_fit, f"server at {url}",
-                                   ("register", client.register),
-                                   ("HTTP round trip + evaluation",
-                                    lambda request, key_id: client.send("demo", version, key_id, request)))
+    with (tempfile.TemporaryDirectory() as data, serve_deployed(data, path, "demo", "demo") as (url, user),
+          Client(url, user) as client):
+        version, mc = client.model("demo")
+        return _demo_steps(args, model, mc, X_test, y_test, t_fit, f"server at {url}", ("register", client.register),
+                           ("HTTP round trip + evaluation",
+                            lambda request, key_id: client.send("demo", version, key_id, request)))
 
 
 def _demo_local(args: argparse.Namespace, model: object, path: str, X_test: np.ndarray, y_test: np.ndarray,
