@@ -6,12 +6,12 @@ The serving commands are `veil.serve.cli`'s, federated learning's `veil.fl.cli`'
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,72 +43,55 @@ def _demo(args: argparse.Namespace) -> int:
 def _demo_http(args: argparse.Namespace, model: object, path: str, X_test: np.ndarray, y_test: np.ndarray,
                t_fit: float) -> int:
     """The same flow through a real (plain HTTP) server on a free loopback port, started and stopped here."""
-    from veil.serve import Client, ServerConfig
-    from veil.serve.auth import add_token_to_file
-    from veil.serve.server import serve_in_background
+    from veil.serve import Client
+    from veil.serve.server import serve_deployed
 
-    with tempfile.TemporaryDirectory() as data:
-        admin = add_token_to_file(Path(data) / "tokens.json", "admin", "admin")
-        user = add_token_to_file(Path(data) / "tokens.json", "demo", "client")
-        key_file = Path(data) / "model.key"
-        key_file.write_text(os.urandom(32).hex())
-        with serve_in_background(ServerConfig(data_dir=data, model_key_file=str(key_file))) as url:
-            with Client(url, admin) as a:
-                a.deploy(path, "demo")
-            with Client(url, user) as client:
-                print(f"veil {veil.__version__} demo: LogisticRegression on {args.dataset} "
-                      f"({len(X_test)} test rows, {X_test.shape[1]} features), server at {url}")
-                print(f"fit + compile: {t_fit * 1e3:.0f} ms")
-                version, mc = client.model("demo")
-                layout = args.layout if args.layout != "auto" else mc.choose_layout(len(X_test))
-                t = time.perf_counter()
-                bundle = mc.public_bundle_bytes(layout)
-                key_id = client.register(bundle)
-                t_reg = time.perf_counter() - t
-                t = time.perf_counter()
-                _, request = mc.encrypt(X_test, layout)
-                t_enc = time.perf_counter() - t
-                t = time.perf_counter()
-                response = client.send("demo", version, key_id, request)
-                t_srv = time.perf_counter() - t
-                t = time.perf_counter()
-                pred = mc.predict(mc.decrypt(response, len(X_test)))
-                t_dec = time.perf_counter() - t
-    p = mc.circuit.params[layout]
-    print(f"CKKS N={p.poly_modulus_degree}, modulus {list(p.coeff_modulus_bits)} bits, 128-bit security, "
-          f"{layout} layout")
-    rows = [("keygen + register public bundle (once)", t_reg, len(bundle), "public bundle, sent once"),
-            ("encrypt + serialize (client)", t_enc, len(request), "request: ciphertexts only"),
-            ("HTTP round trip + evaluation (server)", t_srv, len(response), "response: ciphertexts only"),
-            ("decrypt + decode (client)", t_dec, 0, "")]
-    return _report(rows, t_enc + t_srv + t_dec, pred, model, X_test, y_test)
+    with (tempfile.TemporaryDirectory() as data, serve_deployed(data, path, "demo", "demo") as (url, user),
+          Client(url, user) as client):
+        version, mc = client.model("demo")
+        return _demo_steps(args, model, mc, X_test, y_test, t_fit, f"server at {url}", ("register", client.register),
+                           ("HTTP round trip + evaluation",
+                            lambda request, key_id: client.send("demo", version, key_id, request)))
 
 
 def _demo_local(args: argparse.Namespace, model: object, path: str, X_test: np.ndarray, y_test: np.ndarray,
                 t_fit: float) -> int:
     from veil import ml
 
-    server, client = ml.ModelServer.load(path), ml.ModelClient.load(path)
+    server = ml.ModelServer.load(path)
+    return _demo_steps(args, model, ml.ModelClient.load(path), X_test, y_test, t_fit, "server in-process",
+                       ("load", server.load_bundle), ("evaluate on ciphertexts", server.run))
+
+
+def _demo_steps(args: argparse.Namespace, model: object, mc: Any, X_test: np.ndarray, y_test: np.ndarray,
+                t_fit: float, where: str, register: tuple[str, Callable[[bytes], Any]],
+                run: tuple[str, Callable[[bytes, Any], bytes]]) -> int:
+    """The demo's client steps, each timed, with the server reached in-process or over HTTP through
+    `register` (the public bundle, once, to a handle) and `run` (a request and that handle to the
+    response), each given with its name in the report."""
     print(f"veil {veil.__version__} demo: LogisticRegression on {args.dataset} "
-          f"({len(X_test)} test rows, {X_test.shape[1]} features), server in-process")
+          f"({len(X_test)} test rows, {X_test.shape[1]} features), {where}")
     print(f"fit + compile: {t_fit * 1e3:.0f} ms")
+    layout = args.layout if args.layout != "auto" else mc.choose_layout(len(X_test))
     t = time.perf_counter()
-    layout = args.layout if args.layout != "auto" else client.choose_layout(len(X_test))
-    bundle_bytes = client.public_bundle_bytes(layout)
-    bundle = server.load_bundle(bundle_bytes)
+    bundle = mc.public_bundle_bytes(layout)
+    handle = register[1](bundle)
     t_keys = time.perf_counter() - t
     t = time.perf_counter()
-    _, request = client.encrypt(X_test, layout)
+    _, request = mc.encrypt(X_test, layout)
     t_enc = time.perf_counter() - t
     t = time.perf_counter()
-    response = server.run(request, bundle)
+    response = run[1](request, handle)
     t_srv = time.perf_counter() - t
     t = time.perf_counter()
-    pred = client.predict(client.decrypt(response, len(X_test)))
+    pred = mc.predict(mc.decrypt(response, len(X_test)))
     t_dec = time.perf_counter() - t
-    rows = [("keygen + load public bundle (once)", t_keys, len(bundle_bytes), "public bundle, sent once"),
+    p = mc.circuit.params[layout]
+    print(f"CKKS N={p.poly_modulus_degree}, modulus {list(p.coeff_modulus_bits)} bits, 128-bit security, "
+          f"{layout} layout")
+    rows = [(f"keygen + {register[0]} public bundle (once)", t_keys, len(bundle), "public bundle, sent once"),
             ("encrypt + serialize (client)", t_enc, len(request), "request: ciphertexts only"),
-            ("evaluate on ciphertexts (server)", t_srv, len(response), "response: ciphertexts only"),
+            (f"{run[0]} (server)", t_srv, len(response), "response: ciphertexts only"),
             ("decrypt + decode (client)", t_dec, 0, "")]
     return _report(rows, t_enc + t_srv + t_dec, pred, model, X_test, y_test)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -86,6 +87,18 @@ def test_platform_specific_mistakes_are_refused(base, platform, table, message):
 def test_top_level_is_strict(tmp_path, data):
     with pytest.raises(PolicyFileError):
         parse_policy(data, base_dir=tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_a_policy_path_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: a policy path that is not a regular
+    file (a FIFO, a directory) is refused before it is opened, as the root files already were."""
+    fifo = tmp_path / "policy.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyFileError, match="not a regular file"):
+        load_policy(fifo)
+    with pytest.raises(PolicyFileError, match="not a regular file"):
+        load_policy(tmp_path)
 
 
 def test_unreadable_or_invalid_files_are_policy_errors(tmp_path):

@@ -12,7 +12,6 @@ measured says so and carries no numbers.
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -242,33 +241,26 @@ def he_row(ctx: Context) -> dict[str, Any]:
 def he_serve(ctx: Context) -> dict[str, Any]:
     """CKKS inference through `veil serve` on 127.0.0.1 (a free port, HTTP on loopback, stopped
     afterwards): deploy, register the public bundle, one batch-layout request, decrypt."""
-    from veil.serve import Client, ServerConfig
-    from veil.serve.auth import add_token_to_file
-    from veil.serve.server import serve_in_background
+    from veil.serve import Client
+    from veil.serve.server import serve_deployed
 
     d, model = ctx.data, ctx.model
     with tempfile.TemporaryDirectory(prefix="veil-bench-serve-") as tmp:
         model.save(Path(tmp) / "model")
-        admin = add_token_to_file(Path(tmp) / "tokens.json", "admin", "admin")
-        user = add_token_to_file(Path(tmp) / "tokens.json", "bench", "client")
-        key_file = Path(tmp) / "model.key"
-        key_file.write_text(os.urandom(32).hex())
-        with serve_in_background(ServerConfig(data_dir=tmp, model_key_file=str(key_file))) as url:
-            with Client(url, admin) as a:
-                a.deploy(Path(tmp) / "model", "bench")
-            with Client(url, user) as client:
-                version, mc = client.model("bench")
-                n = mc.circuit.params["batch"].slot_count
-                X = _fill(d.X_test, n)
-                bundle = mc.public_bundle_bytes("batch")
-                key_id = client.register(bundle)
-                _, warm = mc.encrypt(X[:1], "batch")
-                client.send("bench", version, key_id, warm)
-                t0 = time.perf_counter()
-                _, request = mc.encrypt(X, "batch")
-                response = client.send("bench", version, key_id, request)
-                pred = mc.predict(mc.decrypt(response, n))[:len(d.X_test)]  # at most n rows
-                seconds = time.perf_counter() - t0
+        with (serve_deployed(tmp, Path(tmp) / "model", "bench", "bench") as (url, user),
+              Client(url, user) as client):
+            version, mc = client.model("bench")
+            n = mc.circuit.params["batch"].slot_count
+            X = _fill(d.X_test, n)
+            bundle = mc.public_bundle_bytes("batch")
+            key_id = client.register(bundle)
+            _, warm = mc.encrypt(X[:1], "batch")
+            client.send("bench", version, key_id, warm)
+            t0 = time.perf_counter()
+            _, request = mc.encrypt(X, "batch")
+            response = client.send("bench", version, key_id, request)
+            pred = mc.predict(mc.decrypt(response, n))[:len(d.X_test)]  # at most n rows
+            seconds = time.perf_counter() - t0
     per_sample = seconds / n
     wire = len(bundle) + len(request) + len(response)
     return row("HE serve", f"the batch-layout request of `HE batch` through `veil serve` over HTTP on 127.0.0.1 "
@@ -461,31 +453,24 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 def _tee_measured(ctx: Context, platform: str) -> dict[str, Any]:
-    from veil.serve import Client, ServerConfig
-    from veil.serve.auth import add_token_to_file
-    from veil.serve.server import serve_in_background
+    from veil.serve import Client
+    from veil.serve.server import serve_deployed
 
     d, model = ctx.data, ctx.model
     with tempfile.TemporaryDirectory(prefix="veil-bench-tee-") as tmp:
         root = Path(tmp)
         model.save(root / "model")
-        admin = add_token_to_file(root / "tokens.json", "admin", "admin")
-        user = add_token_to_file(root / "tokens.json", "bench", "client")
-        (root / "model.key").write_text(os.urandom(32).hex())
         cert, key = _self_signed(root)
-        config = ServerConfig(data_dir=tmp, model_key_file=str(root / "model.key"), tls_cert=str(cert),
-                              tls_key=str(key), attest=platform)
-        with serve_in_background(config) as url:
-            with Client(url, admin, verify=str(cert)) as a:
-                a.deploy(root / "model", "bench")
-            with Client(url, user, verify=str(cert), attest=ctx.attest_policy) as client:
-                t0 = time.perf_counter()
-                attested = client.attest()
-                attest_s = time.perf_counter() - t0
-                client.predict(d.X_test[:1], "bench")
-                t0 = time.perf_counter()
-                pred = client.predict(d.X_test, "bench")
-                seconds = time.perf_counter() - t0
+        with (serve_deployed(root, root / "model", "bench", "bench", verify=str(cert), tls_cert=str(cert),
+                             tls_key=str(key), attest=platform) as (url, user),
+              Client(url, user, verify=str(cert), attest=ctx.attest_policy) as client):
+            t0 = time.perf_counter()
+            attested = client.attest()
+            attest_s = time.perf_counter() - t0
+            client.predict(d.X_test[:1], "bench")
+            t0 = time.perf_counter()
+            pred = client.predict(d.X_test, "bench")
+            seconds = time.perf_counter() - t0
     per_sample = seconds / len(d.X_test)
     wire_rows = len(d.X_test) * d.X_test.shape[1]
     return row(f"TEE ({platform})", f"plaintext predictions of the test set through `veil serve --attest {platform}` "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from veil.mpc.errors import ProtocolError
+from veil.names import NAME_RULE, is_name
 
 URI_PREFIX = "urn:veil:mpc:"
 ROLES = ("party", "dealer", "owner")
-OWNER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 KEY_EXCHANGE_GROUP = "X25519"
 """The one TLS 1.3 key-exchange group parties offer and accept (see `Identity.contexts`)."""
 
@@ -56,8 +55,8 @@ class Identity:
 
 def owner(name: str) -> Identity:
     """The identity of data owner (or result holder) ``name``."""
-    if not OWNER_NAME.fullmatch(name):
-        raise ProtocolError(f"owner names are 1-64 letters, digits, '_' or '-', got {name!r}")
+    if not is_name(name):
+        raise ProtocolError(f"owner names are {NAME_RULE}, got {name!r}")
     return Identity("owner", name)
 
 
@@ -82,7 +81,7 @@ def identities_of(peercert: dict) -> list[Identity]:
         role, _, rank = value[len(URI_PREFIX) :].partition(":")
         if role in ("party", "dealer") and rank.isdigit():
             out.append(Identity(role, int(rank)))
-        elif role == "owner" and OWNER_NAME.fullmatch(rank):
+        elif role == "owner" and is_name(rank):
             out.append(Identity(role, rank))
     return out
 

@@ -103,49 +103,55 @@ def division_derive(full: dict, d: int, pair: bool) -> dict[str, torch.Tensor]:
     return {"t0": torch.where(top, u1, u0), "t1": torch.where(top, u0, u1)}
 
 
-def _division_spec(spec: dict) -> tuple[int, bool] | None:
-    """(d, pair) of a request that carries division material, else None."""
-    return (int(spec["d"]), bool(spec.get("pair"))) if spec.get("d") else None
+class _Product(Request):
+    """The material of one product c = op(a, b) (`operands` and `product` say which) and, with ``d``
+    in the spec, the material to divide c by d (`division_items`), so a fixed-point product is one
+    request."""
+
+    def operands(self, spec: dict) -> tuple[list[Item], tuple[int, ...]]:
+        """The random operand items and the shape of c."""
+        raise NotImplementedError
+
+    def product(self, spec: dict, full: dict[str, torch.Tensor]) -> torch.Tensor:
+        """c from the operands in the clear."""
+        raise NotImplementedError
+
+    def items(self, spec: dict) -> list[Item]:
+        operands, shape = self.operands(spec)
+        items = [*operands, Item("c", shape, "A", True)]
+        return items + division_items(shape, bool(spec.get("pair"))) if spec.get("d") else items
+
+    def derive(self, spec, full, frac_bits):
+        out = {"c": self.product(spec, full)}
+        if spec.get("d"):
+            out.update(division_derive(full, int(spec["d"]), bool(spec.get("pair"))))
+        return out
 
 
-class BeaverTriple(Request):
-    """(a, b, c = op(a, b)) for a bilinear ``op`` (product, matmul, convolution and its gradients);
-    with ``d`` in the spec also the material to divide the output by d (`division_items`), so a
-    fixed-point product is one request."""
+class BeaverTriple(_Product):
+    """(a, b, c = op(a, b)) for a bilinear ``op`` (product, matmul, convolution and its gradients),
+    with division material as `_Product`."""
 
     kind = "beaver"
 
-    def items(self, spec: dict) -> list[Item]:
+    def operands(self, spec: dict) -> tuple[list[Item], tuple[int, ...]]:
         out = ring.bilinear_shape(spec["op"], tuple(spec["xs"]), tuple(spec["ys"]), spec["params"])
-        items = [Item("a", tuple(spec["xs"]), "A", False), Item("b", tuple(spec["ys"]), "A", False),
-                 Item("c", out, "A", True)]
-        div = _division_spec(spec)
-        return items + (division_items(out, div[1]) if div else [])
+        return [Item("a", tuple(spec["xs"]), "A", False), Item("b", tuple(spec["ys"]), "A", False)], out
 
-    def derive(self, spec, full, frac_bits):
-        out = {"c": ring.bilinear(spec["op"], full["a"], full["b"], spec["params"])}
-        div = _division_spec(spec)
-        if div:
-            out.update(division_derive(full, *div))
-        return out
+    def product(self, spec: dict, full: dict[str, torch.Tensor]) -> torch.Tensor:
+        return ring.bilinear(spec["op"], full["a"], full["b"], spec["params"])
 
 
-class SquarePair(Request):
-    """(a, a^2): one opening per square instead of two; with ``d``, division material as `BeaverTriple`."""
+class SquarePair(_Product):
+    """(a, c = a^2): one opening per square instead of two, with division material as `_Product`."""
 
     kind = "square"
 
-    def items(self, spec: dict) -> list[Item]:
-        s = tuple(spec["xs"])
-        div = _division_spec(spec)
-        return [Item("a", s, "A", False), Item("c", s, "A", True)] + (division_items(s, div[1]) if div else [])
+    def operands(self, spec: dict) -> tuple[list[Item], tuple[int, ...]]:
+        return [Item("a", tuple(spec["xs"]), "A", False)], tuple(spec["xs"])
 
-    def derive(self, spec, full, frac_bits):
-        out = {"c": full["a"] * full["a"]}
-        div = _division_spec(spec)
-        if div:
-            out.update(division_derive(full, *div))
-        return out
+    def product(self, spec: dict, full: dict[str, torch.Tensor]) -> torch.Tensor:
+        return full["a"] * full["a"]
 
 
 class DivisionPair(Request):

@@ -30,7 +30,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -47,13 +46,13 @@ from veil.mpc import ring
 from veil.mpc.certs import Identity, TLSFiles, cert_identity, identity_for
 from veil.mpc.errors import AgreementError, ProtocolError
 from veil.mpc.tensor import MPCTensor
+from veil.names import NAME_RULE, is_name
 
 MAGIC = b"VEILSHR1"
 MAX_HEADER = 1 << 20
 SUFFIX = ".vshare"
 
 
-NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_PARTIES = 64
 MAX_TENSORS = 256
 MAX_DIMS = 8
@@ -62,8 +61,8 @@ EC_POINT_BYTES = 65  # uncompressed P-256 point
 
 def check_name(name: str) -> str:
     """Dataset and result names are plain file-name stems (they never leave the output directory)."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ProtocolError(f"names are 1-64 letters, digits, '_' or '-', got {name!r}")
+    if not is_name(name):
+        raise ProtocolError(f"names are {NAME_RULE}, got {name!r}")
     return name
 
 

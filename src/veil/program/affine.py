@@ -30,11 +30,9 @@ from veil.program.packing import (
     gather_index,
     make_layout,
 )
+from veil.program.planner import input_box
 
 DEFAULT_HEADROOM = 16.0
-INPUT_HEADROOM = 2.0
-"""Inputs may be up to this many times the largest calibration magnitude; beyond it the client
-refuses them, because the output could then wrap around the modulus (a silent wrong answer)."""
 FRESH_NOISE_STD = 3.2
 """SEAL's error standard deviation per coefficient; fresh slot noise is this times sqrt(N/2)."""
 MIN_PRODUCT_BITS = 24
@@ -305,9 +303,10 @@ class LinearCircuit(AffineKind, ServerBase):
                   headroom: float = DEFAULT_HEADROOM, presets: dict[str, str | None] | None = None,
                   input_bounds: float | np.ndarray | None = None,
                   support: np.ndarray | None = None) -> LinearCircuit:
-        """Choose scales for each layout from calibration inputs X. Any input with
-        |x_f| <= INPUT_HEADROOM * max|X_f| for every feature (or within the explicit `input_bounds`)
-        is accepted and guaranteed not to overflow; so is anything of no larger weighted magnitude.
+        """Choose scales for each layout from calibration inputs X. Any input within
+        `planner.input_box` (|x_f| <= INPUT_HEADROOM * max|X_f| per feature, or the explicit
+        `input_bounds`) is accepted and guaranteed not to overflow; so is anything of no larger
+        weighted magnitude.
         `presets` maps layouts to preset names over `DEFAULT_PRESETS`; None leaves a layout out.
         A `gather` preset builds the gather table from `support` (which weights may be non-zero,
         as the architecture fixes them; the non-zero weights are always added) so that the table
@@ -317,12 +316,7 @@ class LinearCircuit(AffineKind, ServerBase):
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != W.shape[1] or len(X) == 0:
             raise ShapeError(f"calibration data must be (n>0, {W.shape[1]}), got {X.shape}")
-        if input_bounds is None:
-            bounds = np.max(np.abs(X), axis=0) * INPUT_HEADROOM
-        else:
-            bounds = np.broadcast_to(np.abs(np.asarray(input_bounds, dtype=np.float64)), (W.shape[1],)).copy()
-            if np.any(np.abs(X) > bounds):
-                raise PrecisionError("calibration data exceed the given input_bounds")
+        bounds = input_box(X, input_bounds)
         observed = float(np.max(np.abs(X @ W.T + b))) * headroom
         chosen = {k: v for k, v in dict(DEFAULT_PRESETS, **(presets or {})).items() if v is not None}
         scales = {name: choose_scales(preset(p), bounds, W, b, observed, PER_SLOT.get(name, 1))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -50,22 +50,39 @@ def _read(path: Path, name: str) -> dict:
     return data
 
 
-class ModelServer:
+class _ArtefactHalf:
+    """One half of an artefact, read from its own file (`FILE`) of the artefact directory."""
+
+    FILE: str
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """Read this half from an artefact directory (or the file itself)."""
+        return cls.from_dict(_read(Path(path), cls.FILE))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        """Build this half from an untrusted artefact object (WireFormatError if it is not one)."""
+        if not isinstance(data, dict):
+            raise WireFormatError("a model artefact must be an object")
+        return cls._from_fields(data)
+
+    @classmethod
+    def _from_fields(cls, data: dict) -> Self:
+        raise NotImplementedError
+
+
+class ModelServer(_ArtefactHalf):
     """Evaluates encrypted requests; holds the weights and never any secret key."""
+
+    FILE = SERVER_FILE
 
     def __init__(self, circuit: Any, model: str = "") -> None:
         self.circuit = circuit
         self.model = model
 
     @classmethod
-    def load(cls, path: str | Path) -> ModelServer:
-        data = _read(Path(path), SERVER_FILE)
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelServer:
-        if not isinstance(data, dict):
-            raise WireFormatError("a model artefact must be an object")
+    def _from_fields(cls, data: dict) -> ModelServer:
         return cls(load_server(data.get("circuit")).prepare(), str(data.get("model", "")))
 
     def load_bundle(self, data: bytes) -> PublicBundle:
@@ -76,8 +93,10 @@ class ModelServer:
         return self.circuit.run(request, bundle)
 
 
-class ModelClient:
+class ModelClient(_ArtefactHalf):
     """Generates keys, encrypts inputs, decrypts outputs and applies the client-side post-processing."""
+
+    FILE = CLIENT_FILE
 
     def __init__(self, spec: dict, output: OutputSpec, model: str = "") -> None:
         self.circuit = load_client(spec)
@@ -86,14 +105,7 @@ class ModelClient:
         self.model = model
 
     @classmethod
-    def load(cls, path: str | Path) -> ModelClient:
-        data = _read(Path(path), CLIENT_FILE)
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelClient:
-        if not isinstance(data, dict):
-            raise WireFormatError("a model artefact must be an object")
+    def _from_fields(cls, data: dict) -> ModelClient:
         return cls(data.get("circuit"), OutputSpec.from_dict(data.get("output")), str(data.get("model", "")))
 
     @property

@@ -22,6 +22,13 @@ import numpy as np
 from veil.errors import ShapeError
 
 LAYOUTS = ("batch", "row", "gather")
+"""The slot layouts of one affine map, the only definition of the layout names."""
+PROGRAM_LAYOUTS = LAYOUTS[:2]
+"""The layouts a whole program (leveled, staged, products) is planned and served in: batch for
+throughput and row for latency (a staged program's row layout runs each stage in one of
+`LATENCY_LAYOUTS`)."""
+LATENCY_LAYOUTS = LAYOUTS[1:]
+"""The single-sample layouts of one affine map: row, or gather for sparse maps too wide for row."""
 MAX_GATHER_ENTRIES = 1 << 24
 """Largest gather table (outputs x terms) accepted: it is part of both artefacts."""
 

@@ -68,9 +68,13 @@ from veil.errors import PrecisionError, ShapeError, WireFormatError
 from veil.he.params import MAX_DEGREE, CKKSParameters
 from veil.he.wire import strict_int
 from veil.program.ir import Linear, Op, Poly, Program, is_exact, normalise
+from veil.program.packing import PROGRAM_LAYOUTS as LAYOUTS
 from veil.program.tiled import MAX_ROW_WORDS, TiledGeometry, build, plaintext_words
 
 INPUT_HEADROOM = 2.0
+"""Inputs may be up to this many times the largest calibration magnitude (`input_box`, the one
+rule of every kind); beyond it the client refuses them, because an output could then wrap around
+the modulus (a silent wrong answer)."""
 DEFAULT_HEADROOM = 4.0
 MIN_SCALE_BITS = 26
 PREFERRED_SCALE_BITS = 32
@@ -88,7 +92,6 @@ NOISE_SLOTS = 0.25
 """Per-slot CKKS noise after a rescale is about NOISE_SLOTS * N / 2^s: the rounding of a rescale
 times the ternary secret (about N/4 per slot after decoding), which dominates fresh-encryption noise
 (3.2 sqrt(N)) and key switching with a special prime as large as the data primes."""
-LAYOUTS = ("batch", "row")
 BOUNDS = ("sound", "calibrated")
 DETECTION_BITS = 20
 """A calibrated plan's output level holds 2^DETECTION_BITS times the planned output range: an

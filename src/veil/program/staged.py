@@ -65,12 +65,10 @@ from veil.program.common import KindInterface, Send, checked_layout, checked_row
 from veil.program.glue import StagedGraph
 from veil.program.ir import Linear
 from veil.program.kinds import CircuitKind, register
-from veil.program.packing import GatherLayout, RowLayout, gather_index
+from veil.program.packing import LATENCY_LAYOUTS, PROGRAM_LAYOUTS, GatherLayout, RowLayout, gather_index
 from veil.program.planner import INPUT_HEADROOM, check_box, input_box
 
 KIND = "staged"
-LAYOUTS = ("batch", "row")
-LATENCY_LAYOUTS = ("row", "gather")
 PRESET = "depth0-rotations"
 """N=4096, one 60-bit data prime and a special prime for the row layout's Galois keys: a batch of
 4096 samples (two per slot) per ciphertext, 64 kB per ciphertext."""
@@ -132,7 +130,7 @@ def compile_staged(graph: StagedGraph, maps: list[Linear], calibration: dict[int
     boxes_by_value = {v: value_box(np.asarray(calibration[v], dtype=np.float64), input_bounds if v == 0 else None)
                       for v in sent}
     slots = preset(PRESET).slot_count
-    circuits, layouts, boxes, bounds = [], {name: [] for name in LAYOUTS}, [], []
+    circuits, layouts, boxes, bounds = [], {name: [] for name in PROGRAM_LAYOUTS}, [], []
     for s, (io, op) in enumerate(zip(graph.stages, maps, strict=True)):
         X = np.concatenate([calibration[v] for v in io.inputs], axis=1)
         box = np.concatenate([boxes_by_value[v] for v in io.inputs])
@@ -170,8 +168,8 @@ def _bounds(raw: object, n: int) -> list[float]:
 
 def _layouts(raw: object, n: int) -> dict[str, tuple[str, ...]]:
     """Per staged layout, the affine layout of each stage (batch: batch; row: row or gather)."""
-    if not isinstance(raw, dict) or not raw or not set(raw) <= set(LAYOUTS):
-        raise WireFormatError(f"layouts must map some of {LAYOUTS} to the layout of every stage")
+    if not isinstance(raw, dict) or not raw or not set(raw) <= set(PROGRAM_LAYOUTS):
+        raise WireFormatError(f"layouts must map some of {PROGRAM_LAYOUTS} to the layout of every stage")
     allowed = {"batch": ("batch",), "row": LATENCY_LAYOUTS}
     out = {}
     for name, names in raw.items():

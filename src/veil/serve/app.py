@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import veil
 from veil.errors import VeilError, WireFormatError
+from veil.names import NAME_PATTERN, is_name
 from veil.serve import schemas
 from veil.serve.auth import BODY_ROLE_ATTR, Principal, TokenStore, body_role
 from veil.serve.backends.base import MAX_VERSION, Executor, KeyRecord, ModelRecord
@@ -52,7 +53,7 @@ from veil.serve.errors import (
     UnavailableError,
     error_fields,
 )
-from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN, Service
+from veil.serve.service import KEY_ID_PATTERN, Service
 from veil.serve.tee import JSON_BODIES as TEE_JSON_BODIES
 from veil.serve.tee import RefusalCollector, TeeState, add_routes
 
@@ -76,7 +77,8 @@ BODY_SCOPE = "veil.body"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 """A client's X-Request-Id is kept only if it matches this; otherwise the server makes its own, so
 nothing a client chooses beyond these characters reaches response headers or log lines."""
-PATH_PATTERNS = {"name": re.compile(NAME_PATTERN), "key_id": re.compile(KEY_ID_PATTERN)}
+PATH_CHECKS = {"name": is_name, "key_id": re.compile(KEY_ID_PATTERN).fullmatch}
+"""Which values of each path parameter name a resource (the others match no route)."""
 
 
 class KeyIdConvertor(Convertor):
@@ -769,8 +771,8 @@ def _allowed_methods(app: FastAPI, scope: Scope) -> set[str]:
     for route in app.router.routes:
         match, child = route.matches(scope)
         params = child.get("path_params", {})
-        if match != Match.NONE and all(PATH_PATTERNS[k].fullmatch(str(v)) for k, v in params.items()
-                                       if k in PATH_PATTERNS):
+        if match != Match.NONE and all(PATH_CHECKS[k](str(v)) for k, v in params.items()
+                                       if k in PATH_CHECKS):
             allowed |= set(getattr(route, "methods", None) or ())
     return allowed
 

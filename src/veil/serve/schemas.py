@@ -6,9 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from veil.names import NAME_PATTERN
 from veil.program.kinds import descriptions, kinds
 from veil.serve.backends.base import MAX_VERSION
-from veil.serve.service import KEY_ID_PATTERN, NAME_PATTERN
+from veil.serve.service import KEY_ID_PATTERN
 
 
 def _json_integer(value: Any) -> Any:

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import socket
 import ssl
 import sys
@@ -33,7 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from veil.net import free_port
 from veil.serve.app import BUFFERED_BODIES, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, BodyBudget, create_app
-from veil.serve.auth import TokenStore
+from veil.serve.auth import TokenStore, add_token_to_file
 from veil.serve.backends import backend_for
 from veil.serve.backends.base import KeyQuota
 from veil.serve.crypto import ArtefactCipher, key_from_env, key_from_file
@@ -311,6 +312,26 @@ def serve_in_background(config: ServerConfig, timeout: float = 20.0) -> Iterator
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+@contextlib.contextmanager
+def serve_deployed(data_dir: str | Path, model_dir: str | Path, name: str, user: str, *, verify: bool | str = True,
+                   **config: Any) -> Iterator[tuple[str, str]]:
+    """A throwaway server for demos and benchmarks. In `data_dir`: an admin token, a client token
+    for `user` and a fresh random model key; the server (`serve_in_background`, `config` as further
+    `ServerConfig` fields) then gets `model_dir` deployed as `name` by the admin (its CA: `verify`).
+    Yields the base URL and the client token."""
+    from veil.serve.client import Client
+
+    root = Path(data_dir)
+    admin = add_token_to_file(root / "tokens.json", "admin", "admin")
+    token = add_token_to_file(root / "tokens.json", user, "client")
+    (root / "model.key").write_text(secrets.token_hex(32))
+    with serve_in_background(ServerConfig(data_dir=str(root), model_key_file=str(root / "model.key"),
+                                          **config)) as url:
+        with Client(url, admin, verify=verify) as client:
+            client.deploy(model_dir, name)
+        yield url, token
 
 
 def serve(config: ServerConfig) -> None:

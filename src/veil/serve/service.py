@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -13,6 +12,7 @@ from typing import Any
 
 from veil.errors import VeilError, WireFormatError
 from veil.he import PublicBundle
+from veil.names import NAME_RULE, is_name
 from veil.program import describe
 from veil.program.artefact import ModelClient, ModelServer
 from veil.serve.auth import Principal
@@ -20,17 +20,15 @@ from veil.serve.backends.base import MAX_VERSION, KeyQuota, KeyRecord, ModelReco
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.errors import ConflictError, ForbiddenError, IntegrityError, NotFoundError, ServeError
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-NAME_RE = re.compile(NAME_PATTERN)
 KEY_ID_PATTERN = r"^[0-9a-f]{32}$"
 DEFAULT_KEY_QUOTA = KeyQuota(max_keys=64, max_bytes=256 * 1024 * 1024)
 RESERVE_ATTEMPTS = 5
 
 
 def check_name(name: str) -> str:
-    """Model names become file names: letters, digits, '_', '.', '-' only, no leading dot."""
-    if not NAME_RE.fullmatch(name or ""):
-        raise ServeError(f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
+    """Model names become file names and URL path segments (`veil.names`)."""
+    if not is_name(name):
+        raise ServeError(f"invalid model name {name!r}: use {NAME_RULE}")
     return name
 
 

@@ -48,11 +48,12 @@ from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 
 from veil.errors import ShapeError, WireFormatError
+from veil.names import NAME_PATTERN
 from veil.serve import schemas
 from veil.serve.auth import Principal, body_role
 from veil.serve.backends.base import MAX_VERSION
 from veil.serve.errors import TeeUnavailableError, UnavailableError
-from veil.serve.service import NAME_PATTERN, Service
+from veil.serve.service import Service
 from veil.tee import AttestationError, DeviceError, Evidence, KeyBroker, KeyRequest, RefusalCounter, tls_report_data
 from veil.tee.collateral import CollateralSource, with_collateral
 from veil.tee.keyrelease import NONCE_BYTES

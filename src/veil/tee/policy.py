@@ -158,13 +158,7 @@ def load_policy(path: str | Path, plugins: Mapping[str, VerifierFactory] | None 
     the built-in ones cannot be replaced.
     """
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_POLICY_BYTES + 1)
-    except OSError as exc:
-        raise PolicyFileError(f"cannot read policy {path}: {exc.strerror}") from None
-    if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyFileError(f"policy {path} is larger than {MAX_POLICY_BYTES} bytes")
+    raw = _read_file(path, "policy")
     try:
         text = raw.decode("utf-8")
         data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
@@ -270,17 +264,23 @@ def _hex_set(value: object, where: str, size: int | None) -> frozenset[bytes]:
     return frozenset(out)
 
 
-def _root(base_dir: Path, name: str, where: str) -> bytes:
-    path = base_dir / name
+def _read_file(path: Path, where: str) -> bytes:
+    """The bytes of a regular file of at most MAX_POLICY_BYTES (a FIFO or device would block or
+    never end), else PolicyFileError naming `where`."""
     try:
         if not path.is_file():
-            raise PolicyFileError(f"{where}: {path} is not a regular file")
+            raise PolicyFileError(f"{where}: cannot read {path}: not a regular file")
         with path.open("rb") as f:
             data = f.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyFileError(f"{where}: cannot read {path}: {exc.strerror}") from None
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyFileError(f"{where}: {path} is larger than {MAX_POLICY_BYTES} bytes")
+    return data
+
+
+def _root(base_dir: Path, name: str, where: str) -> bytes:
+    data = _read_file(base_dir / name, where)
     load_certificates(data, f"{where} {name}", PolicyFileError)
     return data
 

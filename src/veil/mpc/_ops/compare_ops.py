@@ -10,6 +10,8 @@ unit of 2^-frac_bits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from veil.mpc import primitives as P
@@ -33,24 +35,18 @@ def _ge(rt, a, b, strict: bool) -> MPCTensor:
     return _boolean(rt, P.ge_zero(rt, d))
 
 
-@register(aten.ge.Scalar, aten.ge.Tensor)
-def _ge_op(rt, func, a, b):
-    return _ge(rt, a, b, strict=False)
+def _comparison(swap: bool, strict: bool) -> Callable:
+    """The rule of one comparison: a >= b (``swap``: b >= a), strictly if ``strict``."""
+
+    def rule(rt, func, a, b):
+        return _ge(rt, b, a, strict) if swap else _ge(rt, a, b, strict)
+
+    return rule
 
 
-@register(aten.gt.Scalar, aten.gt.Tensor)
-def _gt_op(rt, func, a, b):
-    return _ge(rt, a, b, strict=True)
-
-
-@register(aten.le.Scalar, aten.le.Tensor)
-def _le_op(rt, func, a, b):
-    return _ge(rt, b, a, strict=False)
-
-
-@register(aten.lt.Scalar, aten.lt.Tensor)
-def _lt_op(rt, func, a, b):
-    return _ge(rt, b, a, strict=True)
+for _name, _swap, _strict in (("ge", False, False), ("gt", False, True), ("le", True, False), ("lt", True, True)):
+    _op = getattr(aten, _name)
+    register(_op.Scalar, _op.Tensor)(_comparison(_swap, _strict))
 
 
 def _as_bool(rt, t) -> MPCTensor:
