@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from veil.he import CKKSParameters, SecretKeys
 from veil.he.ciphertext import Ciphertext
-from veil.program.planner import NOISE_SLOTS, keyswitch_variance
+from veil.program import LeveledCircuit, Linear, Program, load_client, plan
+from veil.program.planner import NOISE_SLOTS, keyswitch_variance, output_noise, unit_bounds
+from veil.program.tiled import build
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,3 +40,34 @@ def test_rotation_error_follows_the_model_slot_by_slot(bits, low):
         error = keys.decrypt(ct.rotate(1, keys.public_bundle().galois_keys).data) - np.roll(before, -1)
         assert low < np.mean(error**2 / variance) < 1.25
         assert abs(error[0]) < 5 * np.sqrt(variance[0])
+
+
+def test_leveled_row_estimate_counts_the_baby_step_rotations():
+    """A dense 16 -> 16 layer in the row layout by the diagonal method (4 baby steps, rotations at
+    the scale 2^s, with a special prime as large as the first prime, as the planner gives rotating
+    plans): the key-fixed part of their error lands on slot 0 (output 0 of sample 0). On 4 sets of
+    keys the error of that output exceeds 6 times the estimate without key switching (the
+    planner's before) on at least one, and stays within 6 times the estimate that counts the
+    rotations on all of them."""
+    rng = np.random.default_rng(7)
+    prog = Program(16, [Linear(rng.normal(size=(16, 16)) / 4, rng.normal(size=16) * 0.1)])
+    X = rng.uniform(-1, 1, size=(64, 16))
+    stages, plans = plan(prog, X, layouts=("row",))
+    p = plans["row"]
+    geometry = build(stages, 16, p.params.slot_count, "diagonal")
+    p = plans["row"] = dataclasses.replace(p, geometry=geometry, rotation_steps=geometry.rotation_steps)
+    bits = p.params.coeff_modulus_bits
+    assert geometry.diagonals[0].baby == 4 and bits[-1] == bits[0]
+    box = np.asarray(p.input_bounds)
+    units = unit_bounds(stages, box)
+    without = output_noise(stages, box, units, p.params, p.scale_bits, p.relin_last, "row")
+    counted = output_noise(stages, box, units, p.params, p.scale_bits, p.relin_last, "row", geometry)
+    server = LeveledCircuit(stages, prog.n_inputs, plans)
+    ref = prog.evaluate(X[:1])
+    errors = []
+    for _ in range(4):
+        client = load_client(server.client_spec())
+        out = client.decrypt(server.run(client.encrypt(X[:1], "row"), client.public_bundle("row")), 1)
+        errors.append(float(np.max(np.abs(out - ref))))
+    assert max(errors) > 6 * without
+    assert max(errors) <= 6 * counted

@@ -21,7 +21,7 @@ from veil.program.planner import (
     NOISE_SLOTS,
     PRECISION_BITS,
     LayoutPlan,
-    keyswitch_variance,
+    keyswitch_error,
     max_coeff_bits,
     plan,
 )
@@ -103,10 +103,8 @@ def row_noise(ps: ProductSum, geometry: SlotGeometry, params: CKKSParameters, sc
     rounding = 4.0**-scale_bits / 12
 
     def switch(used: int, products: bool = False) -> tuple[float, np.ndarray]:
-        """A key switch after `used` rescales, at scale 2^s (or 2^2s for `products`)."""
-        spread, profile = keyswitch_variance(params, top - used)
-        div = delta2**2 if products else delta2
-        return spread / div, profile / div
+        """A key switch after `used` rescales (`keyswitch_error`)."""
+        return keyswitch_error(params, scale_bits, top - used, products)
 
     squares, babies, pairs = exposure if exposure is not None else _selection_exposure(ps, g)
     spread, profile = switch(0)
