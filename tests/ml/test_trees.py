@@ -6,14 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.base import clone
+from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import r2_score
 from sklearn.model_selection import KFold, cross_val_score, train_test_split
 
 from veil import ml
 from veil.errors import NotCompiledError, ShapeError, VeilError
+from veil.he import CKKSParameters
 from veil.ml import trees
 from veil.program import load_client, load_server
+from veil.program.common import local_transport
 from veil.program.encoding import ThermometerEncoding
+from veil.program.products.planner import ERROR_SIGMAS, row_error_bound, row_noise
 
 from .datasets import CLASSIFICATION, REGRESSION, load
 
@@ -140,6 +144,32 @@ def test_levels_and_keys_of_both_layouts():
     assert client.choose_layout(1) == "row" and client.choose_layout(4000) == "batch"
     np.testing.assert_allclose(model._raw(Xte[:3], "execute", layout="row"), model._raw(Xte[:3], "disable"),
                                atol=1e-3)
+
+
+def test_row_plan_bounds_its_error_on_several_keys():
+    """XGBoost on breast cancer (20 trees, 161 terms, R = 2): the row plan's error bound counts
+    every key switch (the sum of all slots rotates 12 times with one data prime left), so the
+    planner gives the special prime the spare bits, and on 5 fresh sets of keys the encrypted raw
+    outputs stay within that bound, itself within the 1e-3 the served tests ask. With a special
+    prime as large as the first prime (the chain planned before), the estimate alone exceeds it."""
+    Xc, yc = load_breast_cancer(return_X_y=True)
+    clf = ml.XGBClassifier(n_estimators=20, random_state=0).fit(Xc[:400], yc[:400]).compile(Xc[:400])
+    circuit = clf.circuit_
+    plan = circuit.plans["row"]
+    bits = plan.params.coeff_modulus_bits
+    assert plan.params.poly_modulus_degree == 8192 and len(circuit.products.values) == 161
+    assert bits[-1] > bits[0], "the spare bits go to the special prime"
+    bound = row_error_bound(circuit.evaluated, plan) / 2.0**circuit.shift
+    assert bound <= 1e-3
+    same = CKKSParameters(8192, (*bits[:-1], bits[0]))
+    geometry = circuit.slot_circuit().geometry
+    assert ERROR_SIGMAS * row_noise(circuit.evaluated, geometry, same, plan.scale_bits) / 2.0**circuit.shift > 1e-3
+    X = Xc[400:402]
+    ref = clf._raw(X, "disable")
+    for _ in range(5):
+        client = load_client(circuit.client_spec())  # fresh keys
+        out = client.infer(X, "row", local_transport(circuit, client))
+        assert 0 < np.max(np.abs(out - ref)) <= bound
 
 
 def test_client_learns_the_grid_but_no_thresholds_or_leaves():

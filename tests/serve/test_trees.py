@@ -13,6 +13,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
 from veil import ml
+from veil.program.products.planner import row_error_bound
 from veil.serve.auth import add_token_to_file
 from veil.serve.crypto import ArtefactCipher
 from veil.serve.server import ServerConfig
@@ -53,6 +54,12 @@ def server(setup):
         yield url
 
 
+def _row_bound(model) -> float:
+    """The row plan's error bound on the model's raw outputs."""
+    circuit = model.circuit_
+    return row_error_bound(circuit.evaluated, circuit.plans["row"]) / 2.0**circuit.shift
+
+
 @pytest.mark.parametrize("layout", ["batch", "row"])
 def test_served_trees_equal_plaintext(setup, server, layout):
     """Encrypted raw outputs, classes and probabilities through the SDK equal the plaintext model
@@ -63,6 +70,8 @@ def test_served_trees_equal_plaintext(setup, server, layout):
     with _user(server, setup["tokens"]["alice"]) as client:
         raw = client.predict_raw(Xc, "cancer", layout=layout)
         np.testing.assert_allclose(raw, clf._raw(Xc, "disable"), atol=1e-3)
+        if layout == "row":
+            assert np.max(np.abs(raw - clf._raw(Xc, "disable"))) <= _row_bound(clf)
         np.testing.assert_allclose(client.predict(Xr, "diabetes", layout=layout), reg.predict(Xr), rtol=1e-3)
         if layout == "row":
             assert np.array_equal(client.predict(Xc[:4], "cancer", layout=layout), clf.predict(Xc[:4]))
@@ -122,7 +131,8 @@ def test_auto_layout_skips_a_batch_group_over_the_request_budget(setup, server):
     with _user(server, setup["tokens"]["alice"]) as client:
         _, mc = client.model("cancer")
         assert client.auto_layouts(mc) == ["row"]
-        np.testing.assert_allclose(client.predict_raw(Xc[:3], "cancer"), clf._raw(Xc[:3], "disable"), atol=1e-3)
+        error = np.abs(client.predict_raw(Xc[:3], "cancer") - clf._raw(Xc[:3], "disable"))
+        assert np.max(error) <= _row_bound(clf) <= 1e-3, "within the row plan's bound"
         assert len(client._key_ids) == 1
     with _user(server, setup["tokens"]["alice"], max_request_bytes=1 << 30) as client:
         _, mc = client.model("cancer")
