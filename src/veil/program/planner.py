@@ -69,7 +69,7 @@ from veil.errors import PrecisionError, ShapeError, WireFormatError
 from veil.he.params import MAX_DEGREE, CKKSParameters
 from veil.he.wire import strict_int
 from veil.program.ir import Linear, Op, Poly, Program, is_exact, normalise
-from veil.program.packing import PROGRAM_LAYOUTS as LAYOUTS
+from veil.program.packing import PROGRAM_LAYOUTS
 from veil.program.tiled import MAX_ROW_WORDS, TiledGeometry, build, plaintext_words
 
 INPUT_HEADROOM = 2.0
@@ -161,8 +161,8 @@ class LayoutPlan:
         if not isinstance(d, dict):
             raise WireFormatError("a layout plan must be an object")
         layout = d.get("layout")
-        if layout not in LAYOUTS:
-            raise WireFormatError(f"unknown layout {layout!r}; known: {LAYOUTS}")
+        if layout not in PROGRAM_LAYOUTS:
+            raise WireFormatError(f"unknown layout {layout!r}; known: {PROGRAM_LAYOUTS}")
         params = CKKSParameters.from_dict(d.get("params"))
         bounds = d.get("input_bounds")
         if not isinstance(bounds, list) or not all(
@@ -637,7 +637,7 @@ def stage_bounds(stages: list[Op], X: np.ndarray, box: np.ndarray, bounds: str, 
 
 
 def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | None = None,
-         headroom: float = DEFAULT_HEADROOM, layouts: tuple[str, ...] = LAYOUTS,
+         headroom: float = DEFAULT_HEADROOM, layouts: tuple[str, ...] = PROGRAM_LAYOUTS,
          non_negative: bool = False, bounds: str = "sound") -> tuple[list[Op], dict[str, LayoutPlan]]:
     """Normalised stages and one `LayoutPlan` per layout that can hold the program. The output
     level holds the outputs' bound (`bounds`: "sound" or "calibrated", see the module docstring);
@@ -665,8 +665,8 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
     target = 2.0**-PRECISION_BITS * max(largest, 2.0**-PRECISION_BITS)
     plans: dict[str, LayoutPlan] = {}
     for name in layouts:
-        if name not in LAYOUTS:
-            raise ShapeError(f"unknown layout {name!r}; choose from {LAYOUTS}")
+        if name not in PROGRAM_LAYOUTS:
+            raise ShapeError(f"unknown layout {name!r}; choose from {PROGRAM_LAYOUTS}")
         row = name == "row"
         if row and not row_capable(stages):
             continue

@@ -10,11 +10,10 @@ import numpy as np
 from veil.errors import ShapeError, WireFormatError
 from veil.he import CKKSParameters
 from veil.he.params import MAX_DEGREE
-from veil.program.packing import next_pow2
+from veil.program.packing import PROGRAM_LAYOUTS, next_pow2
 from veil.program.planner import (
     DEFAULT_HEADROOM,
     DEGREES,
-    LAYOUTS,
     MAX_PRIME_BITS,
     MAX_SCALE_BITS,
     MIN_SCALE_BITS,
@@ -181,7 +180,7 @@ def row_candidates(ps: ProductSum, value_bits: int) -> list[list[tuple[CKKSParam
 
 
 def plan_product_sum(ps: ProductSum, X: np.ndarray, headroom: float = DEFAULT_HEADROOM,
-                     layouts: tuple[str, ...] = LAYOUTS) -> dict[str, LayoutPlan]:
+                     layouts: tuple[str, ...] = PROGRAM_LAYOUTS) -> dict[str, LayoutPlan]:
     """Plans for inputs X (the encoded 0/1 inputs): the batch layout through the leveled planner
     (inputs in [0, 1]); the row layout with R + 2 levels, relinearization and its rotation steps,
     on the smallest ring (`row_candidates`) whose most precise chain keeps the error bound
