@@ -28,19 +28,30 @@ from SEAL's own uncompressed serialization and written in the same layout, and S
 when loading (parameters, level, scale and every coefficient against its prime). Memory: the inputs
 stay in their serialized bytes and are copied one (component, prime) slab at a time; outputs are
 produced in blocks of rows (`OUTPUT_BLOCK_BYTES`) handed to SEAL block by block; the float64
-working set per step stays near `WORKING_BYTES`.
+working set per step stays near `WORKING_BYTES` per thread.
+
+Threads: the (prime, component) products of a block of rows are independent and write disjoint
+parts of the outputs, so they run on a pool of `threads()` threads, each with its own input slab
+(n_in x N words) and each BLAS call single-threaded (threadpoolctl): numpy's ufuncs, BLAS and
+scipy's sparse products release the GIL, so a batch uses every core of the process. Each thread
+computes exactly what the single-threaded loop computes, so the bytes are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import struct
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sparse
 import seal
+from threadpoolctl import threadpool_limits
 
 from veil.errors import ScaleMismatchError, ShapeError, WireFormatError
 from veil.he.context import HEContext
@@ -53,6 +64,8 @@ OUTPUT_BLOCK_BYTES = 768 << 20
 times that for 3 components); each block reads the inputs again, so blocks are large."""
 WORKING_BYTES = 16 << 20
 MAX_WEIGHT_LIMBS = 4
+MAX_THREADS: int | None = None
+"""Threads of one evaluation (None: the cores this process may run on, `threads`)."""
 SPARSE_DENSITY = 0.125
 """Weights with fewer non-zeros than this fraction go through a CSR product (about 8 times BLAS's
 cost per multiply-add here, but only over the non-zeros)."""
@@ -217,6 +230,15 @@ def _shift_mod(x: np.ndarray, k: int, q: int) -> np.ndarray:
     return x
 
 
+def threads() -> int:
+    """Threads a `WeightedSum` evaluation uses: `MAX_THREADS`, or the cores this process may run
+    on. Its threads never spin (each BLAS call is single-threaded), so in a pool of worker
+    processes that all compute at once the cores are time-shared, not oversubscribed by spinning."""
+    if MAX_THREADS is not None:
+        return max(1, MAX_THREADS)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 class WeightedSum:
     """y_j = sum_i encode(W[j, i], weight_scale) * x_i + encode(bias[j], x.scale * weight_scale) over
     ciphertexts x_i at one level, bit-identical to SEAL's multiply_plain / add_inplace / add_plain
@@ -316,30 +338,58 @@ class WeightedSum:
         bias = self._bias_residues(out_scale) if self.bias.any() else None
         views = [np.frombuffer(b, dtype=np.uint8, count=8 * k * n_primes * n, offset=DATA_OFFSET)
                  for b, k in zip(blobs, sizes, strict=True)]
-        slab = np.empty((self.n_in, n), dtype="<u8")  # one (component, prime) of every input
-        slab_bytes = slab.view(np.uint8)  # filled by byte copies: the coefficients start unaligned
         prefix = blobs[0][:DATA_OFFSET]
         result: list[seal.Ciphertext] = []
         Y = np.empty((len(self._blocks[0]), size, n_primes, n), dtype="<u8")
-        for b, rows in enumerate(self._blocks):
-            for j, q in enumerate(self.primes):
-                plan = self.plan(q)
-                limbs = self._weight_limbs(b, plan.k_w)
-                step = WORKING_BYTES // (8 * plan.n_x * max(self.n_in, len(rows)))
-                step = int(min(n, 1 << max(6, int(math.log2(max(1, step))))))
-                for p in range(size):
-                    at = 8 * (p * n_primes + j) * n
-                    for i, v in enumerate(views):
-                        slab_bytes[i] = v[at:at + 8 * n] if p < sizes[i] else 0
-                    for lo in range(0, n, step):
-                        cols = slice(lo, min(lo + step, n))
-                        part = self._product(limbs, self._coefficient_limbs(slab[:, cols], plan), plan, q)
-                        if bias is not None and p == 0:
-                            part += bias[rows, j][:, None]
-                            part -= np.where(part >= q, q, 0).astype(part.dtype)
-                        Y[:len(rows), p, j, cols] = part
-            result.extend(write_ciphertext(self.context, prefix, Y[i], out_scale) for i in range(len(rows)))
+        tasks = [(j, p) for j in range(n_primes) for p in range(size)]
+        workers = min(threads(), len(tasks))
+        local = threading.local()
+
+        def task(b: int, j: int, p: int) -> None:
+            slab = getattr(local, "slab", None)
+            if slab is None:
+                slab = local.slab = np.empty((self.n_in, n), dtype="<u8")
+            self._slab_product(b, j, p, views, sizes, slab, bias, Y)
+
+        with contextlib.ExitStack() as stack:
+            pool = None
+            if workers > 1:
+                stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+                pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="veil-weighted-sum"))
+            for b, rows in enumerate(self._blocks):
+                for q in self.primes:  # plans and weight limbs cached before the threads read them
+                    self._weight_limbs(b, self.plan(q).k_w)
+                if pool is None:
+                    for j, p in tasks:
+                        task(b, j, p)
+                else:
+                    for done in [pool.submit(task, b, j, p) for j, p in tasks]:
+                        done.result()
+                result.extend(write_ciphertext(self.context, prefix, Y[i], out_scale) for i in range(len(rows)))
         return result
+
+    def _slab_product(self, b: int, j: int, p: int, views: list[np.ndarray], sizes: list[int], slab: np.ndarray,
+                      bias: np.ndarray | None, Y: np.ndarray) -> None:
+        """Component p, prime j of the outputs of row block b, into Y[:rows, p, j]: the inputs' words
+        of that (component, prime) copied into `slab` (byte copies: the coefficients start
+        unaligned), then their product by the weights, a column step at a time."""
+        rows, q = self._blocks[b], self.primes[j]
+        n_primes, n = Y.shape[2], Y.shape[3]
+        plan = self.plan(q)
+        limbs = self._weight_limbs(b, plan.k_w)
+        step = WORKING_BYTES // (8 * plan.n_x * max(self.n_in, len(rows)))
+        step = int(min(n, 1 << max(6, int(math.log2(max(1, step))))))
+        at = 8 * (p * n_primes + j) * n
+        slab_bytes = slab.view(np.uint8)
+        for i, v in enumerate(views):
+            slab_bytes[i] = v[at:at + 8 * n] if p < sizes[i] else 0
+        for lo in range(0, n, step):
+            cols = slice(lo, min(lo + step, n))
+            part = self._product(limbs, self._coefficient_limbs(slab[:, cols], plan), plan, q)
+            if bias is not None and p == 0:
+                part += bias[rows, j][:, None]
+                part -= np.where(part >= q, q, 0).astype(part.dtype)
+            Y[:len(rows), p, j, cols] = part
 
     @staticmethod
     def _coefficient_limbs(X: np.ndarray, plan: LimbPlan) -> np.ndarray:
