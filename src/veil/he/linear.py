@@ -184,17 +184,22 @@ def _limb_plan(W: np.ndarray, q: int, l1: float) -> LimbPlan:
     return best[1]
 
 
-def _fmod(v: np.ndarray, q: int) -> np.ndarray:
-    """v mod q in [0, q), in place, for float64 integers |v| < 2^53 - 2q (the float64 quotient is
-    off by at most one, and every step is exact)."""
+def _balance(v: np.ndarray, q: int) -> np.ndarray:
+    """v minus the multiple of q nearest to it, in place, for float64 integers |v| < 2^53 and
+    q >= 2^20: the quotient v * (1/q) is within 2^-19 of v / q, so the result is below q in
+    magnitude (about q / 2), and every step is exact."""
     t = v * (1.0 / q)
-    np.floor(t, out=t)
+    np.rint(t, out=t)
     t *= q
     v -= t
-    np.add(v, q, out=t)
-    np.copyto(v, t, where=v < 0.0)
-    np.subtract(v, q, out=t)
-    np.copyto(v, t, where=t >= 0.0)
+    return v
+
+
+def _fmod(v: np.ndarray, q: int) -> np.ndarray:
+    """v mod q in [0, q), in place, for float64 integers |v| < 2^53 (`_balance`, then q added to
+    the negative residues: a product by the comparison, about 8 times faster than a masked add)."""
+    _balance(v, q)
+    v += (v < 0.0) * float(q)
     return v
 
 
@@ -407,15 +412,20 @@ class WeightedSum:
     @staticmethod
     def _coefficient_limbs(X: np.ndarray, plan: LimbPlan) -> np.ndarray:
         """(n_in, n_x * width) float64: the k_x-bit limbs of coefficients X (n_in, width), side by side."""
-        width = X.shape[1]
+        width, last = X.shape[1], plan.n_x - 1
         out = np.empty((X.shape[0], plan.n_x * width), dtype=np.float64)
-        limb = np.empty(X.shape, dtype=np.uint64)
         mask = np.uint64((1 << plan.k_x) - 1)
-        for b in range(plan.n_x):
-            np.right_shift(X, np.uint64(b * plan.k_x), out=limb)
-            if b < plan.n_x - 1:
-                limb &= mask
-            out[:, b * width:(b + 1) * width] = limb.view(np.int64)
+        limb = np.empty(X.shape, dtype=np.uint64) if plan.n_x > 2 else None
+        for b in range(plan.n_x):  # one pass per limb, the last shift and the first mask cast as they go
+            dst = out[:, b * width:(b + 1) * width]
+            if b == last:
+                np.right_shift(X, np.uint64(b * plan.k_x), out=dst, casting="unsafe")
+            elif b == 0:
+                np.bitwise_and(X, mask, out=dst, casting="unsafe")
+            else:
+                assert limb is not None
+                np.right_shift(X, np.uint64(b * plan.k_x), out=limb)
+                np.bitwise_and(limb, mask, out=dst, casting="unsafe")
         return out
 
     def _product(self, w_limbs: list[np.ndarray | sparse.csr_matrix], x_limbs: np.ndarray, plan: LimbPlan,
@@ -423,20 +433,21 @@ class WeightedSum:
         """(rows, width) of sum_i W_ji x_i mod q in [0, q), from the limbs of W and of x.
 
         P_ab = W_a @ X_b is exact (below 2^52). With one weight limb and q * 2^k_x <= 2^51, Horner's
-        rule over the coefficient limbs stays in float64: acc * 2^k_x + P_b < 2^53, each step
-        reduced exactly. Otherwise T_b = sum_a 2^(a k_w) P_ab is W @ X_b exactly in int64
+        rule over the coefficient limbs stays in float64 (canonical residues, as float64): each step
+        balanced to |acc| < q (`_balance`), so acc * 2^k_x + P_b < 2^53, and only the last one
+        made canonical. Otherwise T_b = sum_a 2^(a k_w) P_ab is W @ X_b exactly in int64
         (|T_b| <= l1 * 2^k_x < 2^60); consecutive T_b are combined while l1 * 2^(k_x * count) < 2^61,
         each such chunk reduced once, and the chunks joined by Horner's rule modulo q."""
         k, n_x = plan.k_x, plan.n_x
         width = x_limbs.shape[1] // n_x
         if plan.exact_float:
             P = np.asarray(w_limbs[0] @ x_limbs)
-            acc = _fmod(P[:, (n_x - 1) * width:], q)
+            acc = P[:, (n_x - 1) * width:]
             for b in range(n_x - 2, -1, -1):
+                acc = _balance(acc, q)
                 acc *= float(1 << k)
                 acc += P[:, b * width:(b + 1) * width]
-                acc = _fmod(acc, q)
-            return acc.astype(np.int64)
+            return _fmod(acc, q)
         T = None
         for a, limb in enumerate(w_limbs):
             part = np.asarray(limb @ x_limbs).astype(np.int64)
