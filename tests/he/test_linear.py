@@ -218,3 +218,24 @@ def test_threads_give_the_same_bytes(keys, monkeypatch, threads):
     got = kernel(cts)
     assert [c.to_string() for c in got] == [c.to_string() for c in seal_chain(ctx, cts, W, bias, q)]
     assert len(pools) == (0 if threads == 1 else 1)
+
+
+def test_threads_are_bounded_by_their_slabs(keys, monkeypatch):
+    """Threads beyond what `SLAB_BYTES` holds (one n_in x N slab each) are not started, whatever
+    the cores: memory stays bounded on many cores; the bytes stay SEAL's."""
+    import veil.he.linear as linear
+
+    rng = np.random.default_rng(12)
+    ctx = keys.context
+    cts = _inputs(keys, 6, rng, 2, 0)
+    slab = 8 * 6 * ctx.params.poly_modulus_degree
+    monkeypatch.setattr(linear, "MAX_THREADS", 64)
+    monkeypatch.setattr(linear, "SLAB_BYTES", 2 * slab + slab // 2)
+    pools = []
+    real_pool = linear.ThreadPoolExecutor
+    monkeypatch.setattr(linear, "ThreadPoolExecutor", lambda *a, **k: pools.append(a) or real_pool(*a, **k))
+    W, bias = rng.normal(size=(3, 6)), rng.normal(size=3)
+    q = float(ctx.prime_at(ctx.top_level))
+    got = WeightedSum(ctx, W, bias, q, ctx.top_level)(cts)
+    assert pools == [(2,)]
+    assert [c.to_string() for c in got] == [c.to_string() for c in seal_chain(ctx, cts, W, bias, q)]

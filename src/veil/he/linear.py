@@ -32,9 +32,10 @@ working set per step stays near `WORKING_BYTES` per thread.
 
 Threads: the (prime, component) products of a block of rows are independent and write disjoint
 parts of the outputs, so they run on a pool of `threads()` threads, each with its own input slab
-(n_in x N words) and every BLAS call single-threaded (threadpoolctl): numpy's ufuncs, BLAS and
-scipy's sparse products release the GIL, so a batch uses every core of the process. Each thread
-computes exactly what the single-threaded loop computes, so the bytes are the same.
+(n_in x N words, at most `SLAB_BYTES` in all) and every BLAS call single-threaded (threadpoolctl):
+numpy's ufuncs, BLAS and scipy's sparse products release the GIL, so a batch uses every core of
+the process. Each thread computes exactly what the single-threaded loop computes, so the bytes are
+the same.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ time than 16 MiB on CryptoNets' convolution, the same on its dense layer)."""
 MAX_WEIGHT_LIMBS = 4
 MAX_THREADS: int | None = None
 """Threads of one evaluation (None: the cores this process may run on, `threads`)."""
+SLAB_BYTES = 512 << 20
+"""Input slabs (n_in x N words each, one per thread) of one evaluation: fewer threads when more
+would hold more than this, so memory stays bounded on many cores (845 inputs at N=8192: 9 threads)."""
 SPARSE_DENSITY = 0.125
 """Weights with fewer non-zeros than this fraction go through a CSR product (about 8 times BLAS's
 cost per multiply-add here, but only over the non-zeros)."""
@@ -360,7 +364,7 @@ class WeightedSum:
         result: list[seal.Ciphertext] = []
         Y = np.empty((len(self._blocks[0]), size, n_primes, n), dtype="<u8")
         tasks = [(j, p) for j in range(n_primes) for p in range(size)]
-        workers = min(threads(), len(tasks))
+        workers = min(threads(), len(tasks), max(1, SLAB_BYTES // (8 * self.n_in * n)))
         local = threading.local()
 
         def task(b: int, j: int, p: int) -> None:
