@@ -189,9 +189,9 @@ def _limb_plan(W: np.ndarray, q: int, l1: float) -> LimbPlan:
 
 
 def _balance(v: np.ndarray, q: int) -> np.ndarray:
-    """v minus the multiple of q nearest to it, in place, for float64 integers |v| < 2^53 and
-    q >= 2^20: the quotient v * (1/q) is within 2^-19 of v / q, so the result is below q in
-    magnitude (about q / 2), and every step is exact."""
+    """v minus the multiple of q nearest to it, in place, for float64 integers |v| <= 2^53 - q and
+    q >= 2^20: the quotient v * (1/q) is within 2^-19 of v / q, so the multiple is within q / 2 +
+    2^-19 q of v (below 2^53: exact) and the result below q in magnitude (about q / 2)."""
     t = v * (1.0 / q)
     np.rint(t, out=t)
     t *= q
@@ -200,7 +200,7 @@ def _balance(v: np.ndarray, q: int) -> np.ndarray:
 
 
 def _fmod(v: np.ndarray, q: int) -> np.ndarray:
-    """v mod q in [0, q), in place, for float64 integers |v| < 2^53 (`_balance`, then q added to
+    """v mod q in [0, q), in place, for float64 integers |v| <= 2^53 - q (`_balance`, then q added to
     the negative residues: a product by the comparison, about 8 times faster than a masked add)."""
     _balance(v, q)
     v += (v < 0.0) * float(q)
