@@ -189,3 +189,53 @@ def test_blocks_of_rows_and_columns_give_the_same_bytes(keys, monkeypatch):
     assert len(kernel._blocks) == 3
     got = kernel(cts)
     assert [c.to_string() for c in got] == [c.to_string() for c in seal_chain(ctx, cts, W, bias, q)]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_give_the_same_bytes(keys, monkeypatch, threads):
+    """The (prime, component) products of each block of rows split over a pool of threads (each
+    with its own slab) give SEAL's bytes, with several row blocks, column steps, mixed sizes and a
+    bias; with one thread no pool is started."""
+    import veil.he.linear as linear
+
+    rng = np.random.default_rng(11)
+    ctx, ev = keys.context, keys.context.evaluator
+    fresh = _inputs(keys, 20, rng, 2, 0)
+    pid, scale = fresh[0].parms_id(), fresh[0].scale()
+    cts = [ev.square(c) if i % 3 else ev.multiply_plain(c, ctx.encode_at(1.0, scale, pid))
+           for i, c in enumerate(fresh)]
+    ct_bytes = 2 * (ctx.top_level + 1) * ctx.params.poly_modulus_degree * 8
+    monkeypatch.setattr(linear, "OUTPUT_BLOCK_BYTES", 2 * ct_bytes)
+    monkeypatch.setattr(linear, "WORKING_BYTES", 8 * 20 * 64 * 4)
+    monkeypatch.setattr(linear, "MAX_THREADS", threads)
+    pools = []
+    real_pool = linear.ThreadPoolExecutor
+    monkeypatch.setattr(linear, "ThreadPoolExecutor", lambda *a, **k: pools.append(a) or real_pool(*a, **k))
+    W, bias = rng.normal(size=(5, 20)), rng.normal(size=5)
+    q = float(ctx.prime_at(ctx.top_level))
+    kernel = WeightedSum(ctx, W, bias, q, ctx.top_level)
+    assert len(kernel._blocks) == 3 and linear.threads() == threads
+    got = kernel(cts)
+    assert [c.to_string() for c in got] == [c.to_string() for c in seal_chain(ctx, cts, W, bias, q)]
+    assert len(pools) == (0 if threads == 1 else 1)
+
+
+def test_threads_are_bounded_by_their_slabs(keys, monkeypatch):
+    """Threads beyond what `SLAB_BYTES` holds (one n_in x N slab each) are not started, whatever
+    the cores: memory stays bounded on many cores; the bytes stay SEAL's."""
+    import veil.he.linear as linear
+
+    rng = np.random.default_rng(12)
+    ctx = keys.context
+    cts = _inputs(keys, 6, rng, 2, 0)
+    slab = 8 * 6 * ctx.params.poly_modulus_degree
+    monkeypatch.setattr(linear, "MAX_THREADS", 64)
+    monkeypatch.setattr(linear, "SLAB_BYTES", 2 * slab + slab // 2)
+    pools = []
+    real_pool = linear.ThreadPoolExecutor
+    monkeypatch.setattr(linear, "ThreadPoolExecutor", lambda *a, **k: pools.append(a) or real_pool(*a, **k))
+    W, bias = rng.normal(size=(3, 6)), rng.normal(size=3)
+    q = float(ctx.prime_at(ctx.top_level))
+    got = WeightedSum(ctx, W, bias, q, ctx.top_level)(cts)
+    assert pools == [(2,)]
+    assert [c.to_string() for c in got] == [c.to_string() for c in seal_chain(ctx, cts, W, bias, q)]
