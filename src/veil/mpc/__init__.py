@@ -22,8 +22,10 @@ Layers: `comm` (the communicator interface with byte/round counters and timeouts
 process twin), `transport` (the distributed twin: TLS 1.3 links between processes), `certs` (CA
 and per-rank certificates), `provider` (the dealer: seed-expanded Beaver triples, truncation and
 division pairs, comparison masks; only the last party receives correcting shares), `primitives`
-(opening, Beaver products, exact division by public integers, exact comparison by a bit-packed
-carry tree, ReLU, max/argmax), `checks` (the opt-in range-check mode), `approx` (exp, log,
+(a party's `Runtime`: its communicator, dealer client and precision; opening, Beaver products,
+exact division by public integers, exact comparison by a bit-packed carry tree, ReLU,
+max/argmax), `launcher` (starting the parties: threads with `run_local`, one process per rank
+with `launch`), `checks` (the opt-in range-check mode), `approx` (exp, log,
 reciprocal, sqrt, sigmoid, softmax with documented and tested error bounds), `tensor`
 (`MPCTensor`, a ``__torch_dispatch__`` wrapper so that torch.nn modules, losses, autograd and
 torch.optim run unchanged; views alias their base) and
@@ -63,8 +65,8 @@ dilation=1; max-pooling without padding.
 
 from veil.mpc.checks import check_ranges, range_checks
 from veil.mpc.errors import AccessError, MPCError, MPCTimeoutError, PartyFailureError, ProtocolError, RangeError
+from veil.mpc.launcher import launch, run_local
 from veil.mpc.primitives import Runtime, current
-from veil.mpc.runtime import launch, run_local
 from veil.mpc.tensor import MPCTensor, argmax_onehot, from_public, share
 
 __all__ = [
