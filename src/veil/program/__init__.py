@@ -16,17 +16,17 @@ from typing import Any
 
 from veil.errors import ShapeError
 from veil.he import CKKSParameters
-from veil.program.affine import CircuitClient, LinearCircuit
+from veil.program.affine import LinearCircuit, LinearClient
 from veil.program.encoding import ThermometerEncoding
 from veil.program.ir import Linear, Poly, Program, normalise
 from veil.program.kinds import CircuitKind, depth, describe, key_needs, kinds, load_client, load_server, register
-from veil.program.leveled import LeveledCircuit, ProgramClient
+from veil.program.leveled import LeveledCircuit, LeveledClient
 from veil.program.planner import BOUNDS, LayoutPlan, plan
 from veil.program.products import ProductSum, ProductSumCircuit, ProductSumClient, compile_product_sum
 from veil.program.staged import StagedCircuit, StagedClient, compile_staged
 
 Circuit = LinearCircuit | LeveledCircuit | StagedCircuit
-Client = CircuitClient | ProgramClient | StagedClient
+Client = LinearClient | LeveledClient | StagedClient
 
 
 def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
@@ -85,19 +85,19 @@ def rows_per_request(side: Client, layout: str, max_bytes: int, cap: int) -> int
 
 __all__ = [
     "Circuit",
-    "CircuitClient",
     "CircuitKind",
     "Client",
     "LayoutPlan",
     "LeveledCircuit",
+    "LeveledClient",
     "Linear",
     "LinearCircuit",
+    "LinearClient",
     "Poly",
     "ProductSum",
     "ProductSumCircuit",
     "ProductSumClient",
     "Program",
-    "ProgramClient",
     "StagedCircuit",
     "StagedClient",
     "ThermometerEncoding",

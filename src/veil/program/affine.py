@@ -508,8 +508,8 @@ class LinearCircuit(AffineKind, ServerBase):
         return Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
 
 
-class CircuitClient(AffineKind, ClientBase):
-    """Client side: keys, encryption of inputs in a layout, decryption of outputs."""
+class LinearClient(AffineKind, ClientBase):
+    """Client side of a `LinearCircuit`: keys, encryption of inputs in a layout, decryption of outputs."""
 
     def __init__(self, spec: dict) -> None:
         if not isinstance(spec, dict):
@@ -578,5 +578,5 @@ class CircuitClient(AffineKind, ClientBase):
         return keys.decrypt_complex if self.per_slot[layout] == 2 else keys.decrypt
 
 
-register(CircuitKind("affine", LinearCircuit.from_dict, CircuitClient,
+register(CircuitKind("affine", LinearCircuit.from_dict, LinearClient,
                      "a linear model (no ciphertext multiplication)"))

@@ -589,7 +589,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
         return x
 
 
-class ProgramClient(LeveledKind, ClientBase):
+class LeveledClient(LeveledKind, ClientBase):
     """Client side of a leveled program: keys per layout, encryption, decryption."""
 
     response_max_size = 3  # the last square may be left unrelinearized
@@ -663,5 +663,5 @@ class ProgramClient(LeveledKind, ClientBase):
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X), "n_features": self.n_features})
 
 
-register(CircuitKind(KIND, LeveledCircuit.from_dict, ProgramClient,
+register(CircuitKind(KIND, LeveledCircuit.from_dict, LeveledClient,
                      "a network with polynomial activations (one rescale per stage)"))
