@@ -26,7 +26,7 @@ from veil.program.products import ProductSum, ProductSumCircuit, ProductSumClien
 from veil.program.staged import StagedCircuit, StagedClient, compile_staged
 
 Circuit = LinearCircuit | LeveledCircuit | StagedCircuit
-Client = LinearClient | LeveledClient | StagedClient
+AnyClient = LinearClient | LeveledClient | StagedClient
 
 
 def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
@@ -58,12 +58,12 @@ def ciphertext_bytes(params: CKKSParameters) -> int:
     return 2 * params.poly_modulus_degree * primes * 8 + 128
 
 
-def request_bytes(side: Client, layout: str, n_samples: int) -> int:
+def request_bytes(side: AnyClient, layout: str, n_samples: int) -> int:
     """An upper bound on the body of an encrypted request of `n_samples` rows in `layout`."""
     return side.layout(layout).n_input_cts(n_samples) * ciphertext_bytes(side.layout_params()[layout]) + 4096
 
 
-def rows_per_request(side: Client, layout: str, max_bytes: int, cap: int) -> int:
+def rows_per_request(side: AnyClient, layout: str, max_bytes: int, cap: int) -> int:
     """The most rows (at most `cap`) whose encrypted request in `layout` stays within `max_bytes`,
     but never fewer than fill the first ciphertext group (one request must carry something)."""
     def fits(n: int) -> bool:
@@ -84,9 +84,9 @@ def rows_per_request(side: Client, layout: str, max_bytes: int, cap: int) -> int
 
 
 __all__ = [
+    "AnyClient",
     "Circuit",
     "CircuitKind",
-    "Client",
     "LayoutPlan",
     "LeveledCircuit",
     "LeveledClient",
