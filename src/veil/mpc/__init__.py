@@ -1,8 +1,8 @@
 """Secure multi-party computation: encrypted training and inference of PyTorch models.
 
-Threat model (as seeds 002 and 004): 2 or more semi-honest computing parties and a dealer
-(crypto provider) that supplies correlated randomness, never receives inputs or shares, and does
-not collude with the parties; a network attacker who can read, inject and connect to anything
+Threat model: 2 or more semi-honest computing parties and a dealer (crypto provider) that
+supplies correlated randomness, never receives inputs or shares, and does not collude with the
+parties; a network attacker who can read, inject and connect to anything
 between the processes. Values are additively shared over Z_2^64 in fixed point (``frac_bits``,
 default 16). All randomness is AES-256-CTR keyed from ``os.urandom``; every stream of a key has
 its own 64-bit stream id and a block counter starting at zero, so no two streams (e.g. the masks
