@@ -390,6 +390,9 @@ class LinearCircuit(AffineKind, ServerBase):
                                "input_limit": v.input_limit.to_dict(), "per_slot": v.per_slot}
                            for k, v in self.scales.items()}, **self._gather_dict()}
 
+    def layout_params(self) -> dict[str, CKKSParameters]:
+        return {name: s.params for name, s in self.scales.items()}
+
     def input_scale(self, layout: str) -> float:
         return 2.0 ** self.scales[layout].input_bits
 

@@ -30,7 +30,7 @@ import numpy as np
 import seal
 
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
-from veil.he import HEContext, PublicBundle, SecretKeys, wire
+from veil.he import CKKSParameters, HEContext, PublicBundle, SecretKeys, wire
 from veil.he.ciphertext import Ciphertext, add_many, aligned
 from veil.he.linear import SPARSE_DENSITY, WeightedSum, seal_round
 from veil.program.common import ClientBase, ServerBase, checked_layout
@@ -234,9 +234,8 @@ class LeveledCircuit(LeveledKind, ServerBase):
     def n_outputs(self) -> int:
         return self.program.n_outputs
 
-    @property
-    def scales(self) -> dict[str, LayoutPlan]:
-        return self.plans
+    def layout_params(self) -> dict[str, CKKSParameters]:
+        return {name: p.params for name, p in self.plans.items()}
 
     def prepare(self) -> LeveledCircuit:
         for name in self.plans:
