@@ -39,7 +39,7 @@ from sklearn.datasets import load_digits, load_iris
 
 from veil.he import PublicBundle
 from veil.ml import LogisticRegression, OutputSpec
-from veil.program import CircuitClient, LinearCircuit
+from veil.program import LinearCircuit, LinearClient
 
 RNG_SEED = 20240611
 JITTER = 0.05
@@ -103,7 +103,7 @@ class VeilSession:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.client = CircuitClient(model.circuit_.client_spec())
+        self.client = LinearClient(model.circuit_.client_spec())
         self.output = OutputSpec.from_dict(model.output_spec_.to_dict())
         self.server = LinearCircuit.from_dict(json.loads(json.dumps(model.circuit_.to_dict())))
         self.bundles: dict[str, PublicBundle] = {}

@@ -22,19 +22,9 @@ CRYPTEN_SPEC="crypten==0.4.1"
 # what `import crypten` needs (onnx pulls protobuf, ml_dtypes, typing_extensions); versions as verified
 RUNTIME_DEPS=(numpy==2.4.6 omegaconf==2.4.0 PyYAML==6.0.4 onnx==1.23.2)
 
-if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-    echo "error: $VENV exists but is not Python 3.11; remove it first" >&2
-    exit 1
-fi
-if [[ ! -x "$VENV/bin/python" ]]; then
-    echo "creating $VENV with $("$PY" --version)"
-    "$PY" -m venv "$VENV"
-fi
-PIP=("$VENV/bin/pip" --disable-pip-version-check -q)
-
-have() {  # have DIST VERSION: true if the venv has exactly that distribution version
-    [[ "$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null)" == "$2" ]]
-}
+# shellcheck source=_venv.sh
+source "$HERE/_venv.sh"
+ensure_venv "$VENV" "$PY"
 
 have torch 2.13.0+cpu || "${PIP[@]}" install --find-links "$WHEELS" "$TORCH_SPEC"
 have crypten 0.4.1 || "${PIP[@]}" install --no-deps "$CRYPTEN_SPEC"
@@ -46,15 +36,11 @@ done
 if ((${#missing[@]})); then "${PIP[@]}" install "${missing[@]}"; fi
 
 # guard: CPU torch only, no CUDA packages, and neither of the uninstallable declared dependencies
-"$VENV/bin/python" - <<'EOF'
-import importlib.metadata as m
+"$VENV/bin/python" -c '
 import torch
-
 assert torch.__version__ == "2.13.0+cpu" and torch.version.cuda is None, torch.__version__
-names = {d.metadata["Name"].lower() for d in m.distributions()}
-bad = sorted(n for n in names if n.startswith("nvidia") or n in {"torchvision", "sklearn", "triton"})
-assert not bad, f"unexpected packages in the CrypTen venv: {bad}"
-EOF
+'
+refuse_packages CrypTen torchvision sklearn triton
 
 # smoke test: the runner's shims make `import crypten` work on this torch
 "$VENV/bin/python" -c "

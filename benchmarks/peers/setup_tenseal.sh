@@ -17,31 +17,15 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TENSEAL_SPEC="tenseal==0.3.18"
 NUMPY_SPEC="numpy==2.4.6"  # the version veil's venv and the CrypTen venv use
 
-if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-    echo "error: $VENV exists but is not Python 3.11; remove it first" >&2
-    exit 1
-fi
-if [[ ! -x "$VENV/bin/python" ]]; then
-    echo "creating $VENV with $("$PY" --version)"
-    "$PY" -m venv "$VENV"
-fi
-PIP=("$VENV/bin/pip" --disable-pip-version-check -q)
-
-have() {  # have DIST VERSION: true if the venv has exactly that distribution version
-    [[ "$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null)" == "$2" ]]
-}
+# shellcheck source=_venv.sh
+source "$HERE/_venv.sh"
+ensure_venv "$VENV" "$PY"
 
 have numpy "${NUMPY_SPEC##*==}" || "${PIP[@]}" install "$NUMPY_SPEC"
 have tenseal 0.3.18 || "${PIP[@]}" install "$TENSEAL_SPEC"
 
 # guard: no torch (nothing on this path needs it) and no CUDA packages
-"$VENV/bin/python" - <<'EOF'
-import importlib.metadata as m
-
-names = {d.metadata["Name"].lower() for d in m.distributions()}
-bad = sorted(n for n in names if n.startswith("nvidia") or n in {"torch", "triton"})
-assert not bad, f"unexpected packages in the TenSEAL venv: {bad}"
-EOF
+refuse_packages TenSEAL torch triton
 
 # smoke test: the runner imports, and one tiny encrypted product through the tutorial's parameters decrypts
 "$VENV/bin/python" -c "

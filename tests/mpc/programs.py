@@ -70,7 +70,7 @@ def stream(marker: str) -> float:
 
 
 def train_from_share_files(files: dict, pki_dir: str, holder: str, out_dir: str, steps: int = 3) -> bool:
-    """Seed 004's party program: read this party's share files (owners' data and the model), train
+    """The party program of the data-owner workflow: read this party's share files (owners' data and the model), train
     a linear model, write the loss and weights encrypted to the holder. Nothing else leaves."""
     import torch.nn.functional as F
     from torch import nn

@@ -1,4 +1,4 @@
-"""Seed 004's workflow: owners outside the parties share data and a model to encrypted files
+"""The data-owner workflow: owners outside the parties share data and a model to encrypted files
 offline, the parties train from their own files, the result is revealed to the holder only."""
 
 import copy

@@ -22,7 +22,7 @@ import torch
 
 from veil.mpc import certs, ring
 from veil.mpc.errors import FrameError, MPCTimeoutError, PartyFailureError
-from veil.mpc.runtime import run_party
+from veil.mpc.launcher import run_party
 from veil.mpc.transport import TLSComm
 from veil.net import free_port
 

@@ -9,7 +9,7 @@ import pytest
 
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import SecretKeys, wire
-from veil.program import LeveledCircuit, Linear, Poly, Program, ProgramClient, load_client, load_server, plan
+from veil.program import LeveledCircuit, LeveledClient, Linear, Poly, Program, load_client, load_server, plan
 
 
 def _program(rng, sizes=(6, 5, 3), acts=((0.1, 0.5, 0.3),)):
@@ -164,7 +164,7 @@ def test_malformed_artefacts_are_refused(compiled):
         with pytest.raises((WireFormatError, ShapeError, ValueError)):
             load_server(dict(d, plans=plans))
         with pytest.raises((WireFormatError, ShapeError, ValueError)):
-            ProgramClient(dict(spec, plans=plans))
+            LeveledClient(dict(spec, plans=plans))
     with pytest.raises(WireFormatError):
         load_server(dict(d, kind="tree"))
     with pytest.raises(WireFormatError):

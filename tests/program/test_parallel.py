@@ -11,7 +11,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from veil.errors import ExecutorError, PrecisionError, ShapeError, WireFormatError
-from veil.ml import CircuitClient, LinearCircuit, LogisticRegression
+from veil.ml import LinearCircuit, LinearClient, LogisticRegression
 from veil.program import parallel
 from veil.program.parallel import ChunkedExecutor, execute_chunked
 
@@ -36,7 +36,7 @@ def resampled(n: int, seed: int = 0, dtype: type = np.float64) -> np.ndarray:
 def setup(model, workers: int = 2) -> dict:
     client = model.fhe_client
     return {"server_dict": model.circuit_.to_dict(), "client_spec": model.circuit_.client_spec(),
-            "load_server": LinearCircuit.from_dict, "load_client": CircuitClient,
+            "load_server": LinearCircuit.from_dict, "load_client": LinearClient,
             "keys": {"batch": client.keys("batch").to_bytes()}, "workers": workers}
 
 

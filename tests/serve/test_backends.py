@@ -14,11 +14,15 @@ import pytest
 
 from veil import cli
 from veil.serve import backends
+from veil.serve.app import create_app
+from veil.serve.auth import TokenStore
 from veil.serve.backends import base
 from veil.serve.backends.local import LocalExecutor, SQLiteStore
+from veil.serve.crypto import ArtefactCipher
 from veil.serve.server import ServerConfig, build
+from veil.serve.service import Service
 
-from .helpers import redis_server
+from .helpers import redis_server, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 KEY = "22" * 32
@@ -115,6 +119,52 @@ def test_redis_backend_by_name_builds_redis_store_and_queue(tmp_path, monkeypatc
         service.store.ping()
         app.app.state.executor.check()
     assert not (tmp_path / "data" / "registry.sqlite3").exists(), "the redis backend keeps nothing in SQLite"
+
+
+class _ClosingExecutor(LocalExecutor):
+    """The local executor, counting how often the app closes it."""
+
+    closed = 0
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+def test_app_shutdown_closes_its_executor(tmp_path):
+    """The app's lifespan closes the executor exactly once, at shutdown and not before."""
+    from starlette.testclient import TestClient
+
+    service = Service(SQLiteStore(str(tmp_path)), ArtefactCipher(ArtefactCipher.generate_key()))
+    executor = _ClosingExecutor(service)
+    with TestClient(create_app(service, TokenStore(), executor)) as client:
+        assert client.get("/readyz").status_code == 200
+        assert executor.closed == 0
+    assert executor.closed == 1
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_redis_server_shutdown_closes_the_queue_connections(tmp_path, monkeypatch):
+    """Stopping a redis-backend server closes its executor's two Redis connections (readiness and
+    queue): redis-server counts two clients fewer once the app's lifespan has ended."""
+    import redis
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv("VEIL_MODEL_KEY", KEY)
+    with redis_server(tmp_path / "redis") as url:
+        observer = redis.Redis.from_url(url, socket_timeout=5)
+
+        def connected() -> int:
+            return int(observer.info("clients")["connected_clients"])
+
+        app, _ = build(ServerConfig(backend="redis", queue=url, data_dir=str(tmp_path / "data")))
+        executor = app.app.state.executor
+        with TestClient(app) as client:
+            assert client.get("/readyz").status_code == 200  # the store's and the executor's sync client
+            before = connected()
+            assert client.portal.call(executor._async.ping)  # the queue's asyncio client
+            running = connected()
+            assert running == before + 1
+        wait_for(lambda: connected() == running - 2, 10, "the executor's connections to close")
 
 
 def test_local_server_loads_no_redis_client(tmp_path):

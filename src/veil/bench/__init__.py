@@ -4,7 +4,7 @@ Privacy-preserving technologies are usually ranked by rule-of-thumb guesses of t
 ~10000x slower than plaintext for HE, 10~100x for MPC, 10%~10x for TEE: `SEED_GUESSES`, printed beside
 the measurements). This package measures those costs on the user's own data in one command: the same
 model (a logistic regression or a small MLP with square activations) on the same train/test split
-(`veil.fl.data.load_dataset`, seed 0), in
+(`veil.fl.data.load_dataset` with ``seed=0``), in
 
 - plaintext (scikit-learn / torch, one thread): the reference for accuracy, predictions and times;
 - HE inference (CKKS on SEAL, `veil.ml`): batch and row layouts in-process, and through a local

@@ -25,7 +25,7 @@ from veil.ml.linear import (
     SGDRegressor,
     TweedieRegressor,
 )
-from veil.program.affine import CircuitClient, LinearCircuit
+from veil.program.affine import LinearCircuit, LinearClient
 from veil.program.artefact import ModelClient, ModelServer
 from veil.program.outputs import OutputSpec
 
@@ -46,7 +46,6 @@ __all__ = [
     "ESTIMATORS",
     "FAMILIES",
     "TREE_NAMES",
-    "CircuitClient",
     "CompiledTorchModel",
     "DecisionTreeClassifier",
     "DecisionTreeRegressor",
@@ -57,6 +56,7 @@ __all__ = [
     "GradientBoostingRegressor",
     "Lasso",
     "LinearCircuit",
+    "LinearClient",
     "LinearRegression",
     "LinearSVC",
     "LinearSVR",

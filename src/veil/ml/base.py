@@ -25,7 +25,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from veil.errors import NotCompiledError
-from veil.program import Circuit, Client, load_client, load_server, parallel
+from veil.program import AnyClient, Circuit, load_client, load_server, parallel
 from veil.program.artefact import write_artefact
 from veil.program.common import local_transport
 from veil.program.outputs import OutputSpec
@@ -108,7 +108,7 @@ class EncryptedModelMixin:
         return client.infer(X, name, local_transport(self.circuit_, client))
 
     @property
-    def fhe_client(self) -> Client:
+    def fhe_client(self) -> AnyClient:
         """The in-process client (keys are generated lazily per layout and kept here)."""
         if not hasattr(self, "circuit_"):
             raise NotCompiledError("model is not compiled")

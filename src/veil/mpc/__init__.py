@@ -1,8 +1,8 @@
 """Secure multi-party computation: encrypted training and inference of PyTorch models.
 
-Threat model (as seeds 002 and 004): 2 or more semi-honest computing parties and a dealer
-(crypto provider) that supplies correlated randomness, never receives inputs or shares, and does
-not collude with the parties; a network attacker who can read, inject and connect to anything
+Threat model: 2 or more semi-honest computing parties and a dealer (crypto provider) that
+supplies correlated randomness, never receives inputs or shares, and does not collude with the
+parties; a network attacker who can read, inject and connect to anything
 between the processes. Values are additively shared over Z_2^64 in fixed point (``frac_bits``,
 default 16). All randomness is AES-256-CTR keyed from ``os.urandom``; every stream of a key has
 its own 64-bit stream id and a block counter starting at zero, so no two streams (e.g. the masks
@@ -22,8 +22,10 @@ Layers: `comm` (the communicator interface with byte/round counters and timeouts
 process twin), `transport` (the distributed twin: TLS 1.3 links between processes), `certs` (CA
 and per-rank certificates), `provider` (the dealer: seed-expanded Beaver triples, truncation and
 division pairs, comparison masks; only the last party receives correcting shares), `primitives`
-(opening, Beaver products, exact division by public integers, exact comparison by a bit-packed
-carry tree, ReLU, max/argmax), `checks` (the opt-in range-check mode), `approx` (exp, log,
+(a party's `Runtime`: its communicator, dealer client and precision; opening, Beaver products,
+exact division by public integers, exact comparison by a bit-packed carry tree, ReLU,
+max/argmax), `launcher` (starting the parties: threads with `run_local`, one process per rank
+with `launch`), `checks` (the opt-in range-check mode), `approx` (exp, log,
 reciprocal, sqrt, sigmoid, softmax with documented and tested error bounds), `tensor`
 (`MPCTensor`, a ``__torch_dispatch__`` wrapper so that torch.nn modules, losses, autograd and
 torch.optim run unchanged; views alias their base) and
@@ -63,8 +65,8 @@ dilation=1; max-pooling without padding.
 
 from veil.mpc.checks import check_ranges, range_checks
 from veil.mpc.errors import AccessError, MPCError, MPCTimeoutError, PartyFailureError, ProtocolError, RangeError
+from veil.mpc.launcher import launch, run_local
 from veil.mpc.primitives import Runtime, current
-from veil.mpc.runtime import launch, run_local
 from veil.mpc.tensor import MPCTensor, argmax_onehot, from_public, share
 
 __all__ = [

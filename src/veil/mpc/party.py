@@ -20,7 +20,7 @@ import torch
 from veil.mpc import ring
 from veil.mpc.certs import TLSFiles, identity_for
 from veil.mpc.errors import AgreementError, PartyFailureError, ProtocolError
-from veil.mpc.runtime import resolve, run_party
+from veil.mpc.launcher import resolve, run_party
 from veil.mpc.transport import TLSComm, parse_addr
 
 

@@ -386,7 +386,7 @@ def _answer(keys: list[bytes], counter: int, kind: str, spec: dict, frac_bits: i
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
-def serve(comm: Communicator, frac_bits: int) -> dict:
+def run_dealer(comm: Communicator, frac_bits: int) -> dict:
     """Dealer main loop: hand out keys, then answer requests of the last party until "stop".
 
     Training repeats the same sequence of requests every batch, so after answering a request

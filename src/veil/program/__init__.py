@@ -16,17 +16,17 @@ from typing import Any
 
 from veil.errors import ShapeError
 from veil.he import CKKSParameters
-from veil.program.affine import CircuitClient, LinearCircuit
+from veil.program.affine import LinearCircuit, LinearClient
 from veil.program.encoding import ThermometerEncoding
 from veil.program.ir import Linear, Poly, Program, normalise
 from veil.program.kinds import CircuitKind, depth, describe, key_needs, kinds, load_client, load_server, register
-from veil.program.leveled import LeveledCircuit, ProgramClient
+from veil.program.leveled import LeveledCircuit, LeveledClient
 from veil.program.planner import BOUNDS, LayoutPlan, check_batch_memory, plan
 from veil.program.products import ProductSum, ProductSumCircuit, ProductSumClient, compile_product_sum
 from veil.program.staged import StagedCircuit, StagedClient, compile_staged
 
 Circuit = LinearCircuit | LeveledCircuit | StagedCircuit
-Client = CircuitClient | ProgramClient | StagedClient
+AnyClient = LinearClient | LeveledClient | StagedClient
 
 
 def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
@@ -68,12 +68,12 @@ def ciphertext_bytes(params: CKKSParameters) -> int:
     return 2 * params.poly_modulus_degree * primes * 8 + 128
 
 
-def request_bytes(side: Client, layout: str, n_samples: int) -> int:
+def request_bytes(side: AnyClient, layout: str, n_samples: int) -> int:
     """An upper bound on the body of an encrypted request of `n_samples` rows in `layout`."""
     return side.layout(layout).n_input_cts(n_samples) * ciphertext_bytes(side.layout_params()[layout]) + 4096
 
 
-def rows_per_request(side: Client, layout: str, max_bytes: int, cap: int) -> int:
+def rows_per_request(side: AnyClient, layout: str, max_bytes: int, cap: int) -> int:
     """The most rows (at most `cap`) whose encrypted request in `layout` stays within `max_bytes`,
     but never fewer than fill the first ciphertext group (one request must carry something)."""
     def fits(n: int) -> bool:
@@ -94,20 +94,20 @@ def rows_per_request(side: Client, layout: str, max_bytes: int, cap: int) -> int
 
 
 __all__ = [
+    "AnyClient",
     "Circuit",
-    "CircuitClient",
     "CircuitKind",
-    "Client",
     "LayoutPlan",
     "LeveledCircuit",
+    "LeveledClient",
     "Linear",
     "LinearCircuit",
+    "LinearClient",
     "Poly",
     "ProductSum",
     "ProductSumCircuit",
     "ProductSumClient",
     "Program",
-    "ProgramClient",
     "StagedCircuit",
     "StagedClient",
     "ThermometerEncoding",

@@ -384,6 +384,9 @@ class LinearCircuit(AffineKind, ServerBase):
                                "input_limit": v.input_limit.to_dict(), "per_slot": v.per_slot}
                            for k, v in self.scales.items()}, **self._gather_dict()}
 
+    def layout_params(self) -> dict[str, CKKSParameters]:
+        return {name: s.params for name, s in self.scales.items()}
+
     def input_scale(self, layout: str) -> float:
         return 2.0 ** self.scales[layout].input_bits
 
@@ -502,8 +505,8 @@ class LinearCircuit(AffineKind, ServerBase):
         return Y + rng.normal(size=Y.shape) * noise_std * np.linalg.norm(Wq, axis=1)
 
 
-class CircuitClient(AffineKind, ClientBase):
-    """Client side: keys, encryption of inputs in a layout, decryption of outputs."""
+class LinearClient(AffineKind, ClientBase):
+    """Client side of a `LinearCircuit`: keys, encryption of inputs in a layout, decryption of outputs."""
 
     def __init__(self, spec: dict) -> None:
         if not isinstance(spec, dict):
@@ -572,5 +575,5 @@ class CircuitClient(AffineKind, ClientBase):
         return keys.decrypt_complex if self.per_slot[layout] == 2 else keys.decrypt
 
 
-register(CircuitKind("affine", LinearCircuit.from_dict, CircuitClient,
+register(CircuitKind("affine", LinearCircuit.from_dict, LinearClient,
                      "a linear model (no ciphertext multiplication)"))

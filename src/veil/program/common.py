@@ -73,16 +73,12 @@ class KindInterface:
 
 
 class ServerBase(KindInterface):
-    """A SEAL context per layout, built on first use (`scales[layout].params`), and the checks every
-    request passes before any evaluation; a circuit kind supplies `layout` (its packing) and
-    `input_scale`."""
+    """A SEAL context per layout, built on first use (from `layout_params`), and the checks every
+    request passes before any evaluation; a circuit kind supplies `layout_params`, `layout` (its
+    packing) and `input_scale`."""
 
-    scales: dict[str, Any]
     n_features: int
     _contexts: dict[str, HEContext]
-
-    def layout_params(self) -> dict[str, CKKSParameters]:
-        return {name: s.params for name, s in self.scales.items()}
 
     def layout(self, name: object) -> Any:
         raise NotImplementedError
@@ -92,7 +88,7 @@ class ServerBase(KindInterface):
 
     def context(self, layout: str) -> HEContext:
         if layout not in self._contexts:
-            self._contexts[layout] = HEContext(self.scales[layout].params)
+            self._contexts[layout] = HEContext(self.layout_params()[layout])
         return self._contexts[layout]
 
     def open_request(self, request: bytes | wire.Message, bundle: PublicBundle

@@ -30,7 +30,7 @@ import numpy as np
 import seal
 
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
-from veil.he import HEContext, PublicBundle, SecretKeys, wire
+from veil.he import CKKSParameters, HEContext, PublicBundle, SecretKeys, wire
 from veil.he.ciphertext import Ciphertext, add_many, aligned
 from veil.he.linear import SPARSE_DENSITY, WeightedSum, seal_round
 from veil.program.common import ClientBase, ServerBase, checked_layout
@@ -228,9 +228,8 @@ class LeveledCircuit(LeveledKind, ServerBase):
     def n_outputs(self) -> int:
         return self.program.n_outputs
 
-    @property
-    def scales(self) -> dict[str, LayoutPlan]:
-        return self.plans
+    def layout_params(self) -> dict[str, CKKSParameters]:
+        return {name: p.params for name, p in self.plans.items()}
 
     def prepare(self) -> LeveledCircuit:
         for name in self.plans:
@@ -582,7 +581,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
         return x
 
 
-class ProgramClient(LeveledKind, ClientBase):
+class LeveledClient(LeveledKind, ClientBase):
     """Client side of a leveled program: keys per layout, encryption, decryption."""
 
     response_max_size = 3  # the last square may be left unrelinearized
@@ -656,5 +655,5 @@ class ProgramClient(LeveledKind, ClientBase):
         return keys.context.pack(cts, {"layout": layout, "n_samples": len(X), "n_features": self.n_features})
 
 
-register(CircuitKind(KIND, LeveledCircuit.from_dict, ProgramClient,
+register(CircuitKind(KIND, LeveledCircuit.from_dict, LeveledClient,
                      "a network with polynomial activations (one rescale per stage)"))

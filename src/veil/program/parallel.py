@@ -333,7 +333,7 @@ class ChunkedExecutor:
     (with its secret keys), that evaluates inputs chunk by chunk end to end.
 
     `load_server` and `load_client` must be picklable module-level callables (e.g.
-    `LinearCircuit.from_dict`, `CircuitClient`); `keys` maps layout names to
+    `LinearCircuit.from_dict`, `LinearClient`); `keys` maps layout names to
     `SecretKeys.to_bytes()`. The pool starts on the first parallel `run` and is reused until
     `close()` (also called at interpreter exit)."""
 

@@ -60,7 +60,7 @@ import numpy as np
 from veil.errors import KeyMaterialError, PrecisionError, ShapeError, WireFormatError
 from veil.he import PublicBundle, SecretKeys, wire
 from veil.he.params import CKKSParameters, preset
-from veil.program.affine import DEFAULT_HEADROOM, FRESH_NOISE_STD, CircuitClient, LinearCircuit, estimated_ms
+from veil.program.affine import DEFAULT_HEADROOM, FRESH_NOISE_STD, LinearCircuit, LinearClient, estimated_ms
 from veil.program.common import KindInterface, Send, checked_layout, checked_rows
 from veil.program.glue import StagedGraph
 from veil.program.ir import Linear
@@ -431,7 +431,7 @@ class StagedClient(StagedKind, KindInterface):
     def __init__(self, spec: dict) -> None:
         graph, stages, layouts, boxes, bounds = self._parse_parts(spec, "client specification")
         self.graph, self.layouts, self.boxes, self.bounds = graph, layouts, boxes, bounds
-        self.stages = [CircuitClient(s) for s in stages]
+        self.stages = [LinearClient(s) for s in stages]
         self._check_parts()
         self.params = self.layout_params()
         self._keys: dict[str, SecretKeys] = {}

@@ -6,6 +6,7 @@ prediction to an `Executor`, both on the serving backend the caller chose (`veil
 
 import asyncio
 import binascii
+import contextlib
 import email.message
 import json
 import logging
@@ -13,7 +14,7 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path as FilePath
@@ -547,14 +548,21 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     and `protect_docs` make /metrics, and /docs, /redoc and /openapi.json, require a valid bearer
     token (any role) for servers whose operations data should not be public. `tee` makes it a key
     broker and/or an attested enclave (`veil.serve.tee`); its endpoints exist either way and answer
-    404 where it is not set."""
+    404 where it is not set. When the server shuts down (the ASGI lifespan's end), the executor is
+    closed (`Executor.aclose`)."""
     executor = executor or LocalExecutor(service)
     tee = tee or TeeState()
     metrics = Metrics.create()
     if tee.broker is not None:
         metrics.registry.register(RefusalCollector(tee.broker.counter))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await executor.aclose()
+
     app = FastAPI(title="veil", version=veil.__version__, responses=ERRORS, docs_url=None, redoc_url=None,
-                  openapi_url=None,
+                  openapi_url=None, lifespan=lifespan,
                   description="Encrypted inference: clients send CKKS ciphertexts and get ciphertexts back.")
     app.state.service, app.state.executor, app.state.metrics = service, executor, metrics
     fastapi_openapi = app.openapi

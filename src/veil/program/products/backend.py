@@ -17,7 +17,7 @@ from veil.program.common import checked_layout
 from veil.program.encoding import ThermometerEncoding, load_encoding
 from veil.program.ir import normalise
 from veil.program.kinds import CircuitKind, register
-from veil.program.leveled import LeveledCircuit, ProgramClient, check_plans
+from veil.program.leveled import LeveledCircuit, LeveledClient, check_plans
 from veil.program.packing import BatchLayout
 from veil.program.planner import COST_MS_PER_PRIME, DEFAULT_HEADROOM, NOISE_SLOTS, LayoutPlan
 from veil.program.products.ir import ProductSum
@@ -216,7 +216,7 @@ class ProductSumCircuit(LeveledCircuit):
         return self.slot_circuit().run(xs[0], bundle)
 
 
-class ProductSumClient(ProgramClient):
+class ProductSumClient(LeveledClient):
     """Client side of a product sum: the leveled client, with the row layout's packing."""
 
     kind = KIND

@@ -169,7 +169,8 @@ class Executor(Protocol):
 
     `predict` authorises (`Service.authorise`, so a bad request fails with its 4xx before any work is
     queued), evaluates on the ciphertexts and returns (the version used, the response bytes); a
-    failure is raised as the `veil.serve.errors` type the HTTP app answers with."""
+    failure is raised as the `veil.serve.errors` type the HTTP app answers with. The app closes its
+    executor when it shuts down (`aclose`)."""
 
     async def predict(self, principal: Principal, name: str, version: int | None, key_id: str,
                       payload: bytes) -> tuple[int, bytes]:
@@ -177,6 +178,9 @@ class Executor(Protocol):
 
     def check(self) -> None:
         """Raise if predictions cannot be run now (readiness: the queue is unreachable)."""
+
+    async def aclose(self) -> None:
+        """Release what the executor holds (connections to a queue); the app calls it once, at shutdown."""
 
 
 class Backend(Protocol):

@@ -194,6 +194,10 @@ class LocalExecutor:
         """Always ready: evaluation needs nothing beyond this process."""
         return None
 
+    async def aclose(self) -> None:
+        """Nothing to release: the threads are the server's own pool."""
+        return None
+
 
 class LocalBackend:
     """`Backend` of one machine: `SQLiteStore` in the data directory, `LocalExecutor`, nonces in memory."""

@@ -419,7 +419,9 @@ class RedisExecutor:
                                "running against this queue?")
 
     async def aclose(self) -> None:
+        """Close both Redis clients (the readiness one and the queue's) and their connections."""
         await self._async.aclose()
+        self._sync.close()
 
 
 class RedisNonceStore:

@@ -38,9 +38,9 @@ def setup_party(comm: Communicator, frac_bits: int) -> Runtime:
 
 
 def run_party(comm: Communicator, fn: Callable[..., Any], args: tuple, frac_bits: int) -> Any:
-    """Run ``fn(*args)`` as one party (or serve as the dealer if this rank is the dealer)."""
+    """Run ``fn(*args)`` as one party (or run the dealer loop if this rank is the dealer)."""
     if comm.rank == comm.dealer:
-        return provider.serve(comm, frac_bits)
+        return provider.run_dealer(comm, frac_bits)
     rt = setup_party(comm, frac_bits)
     with rt:
         out = fn(*args)

@@ -1,4 +1,4 @@
-"""Seed 004's workflow from the command line on digits: two data owners outside the computing
+"""The data-owner workflow from the command line on digits: two data owners outside the computing
 parties share their rows (and one owner its model) to encrypted files, the parties and the dealer
 train from those files as separate processes over TLS, and only the named owner can read the loss
 and the weights."""
@@ -52,7 +52,7 @@ def veil(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(300)
-def test_seed004_workflow_from_the_cli(tmp_path):
+def test_owner_share_files_train_and_only_the_holder_reads_from_the_cli(tmp_path):
     x, y = load_digits(return_X_y=True)
     x = x[:200] / 16.0
     onehot = np.eye(10)[y[:200]]
