@@ -1,0 +1,44 @@
+"""Inputs that are not arrays of real numbers get a typed error from every client, never a builtin
+ValueError/TypeError or a silent answer.
+
+Found as a user: `veil.Client.predict` and `ModelClient.encrypt` on complex inputs dropped the
+imaginary part (a ComplexWarning, then an answer for other inputs than the caller's), and strings
+or ragged rows raised numpy's own ValueError/TypeError instead of a `veil.errors` type."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from veil.errors import ShapeError
+from veil.program import LinearCircuit, load_client
+from veil.program.common import checked_rows
+
+BAD = {
+    "complex": np.ones((2, 3)) + 1j,
+    "complex with zero imaginary part": np.ones((2, 3), dtype=complex),
+    "complex in an object array": np.array([[1j, 1.0, 1.0]], dtype=object),
+    "strings": np.array([["a", "b", "c"]]),
+    "ragged rows": [[1.0, 2.0, 3.0], [1.0, 2.0]],
+    "a dict": {"a": 1},
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_non_real_inputs_are_shape_errors(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ComplexWarning either: refused before any cast
+        with pytest.raises(ShapeError, match="real numbers"):
+            checked_rows(BAD[name], 3)
+
+
+def test_a_client_refuses_complex_rows_before_encrypting():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 3))
+    client = load_client(LinearCircuit.calibrate(rng.normal(size=(2, 3)), np.zeros(2), X).client_spec())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ShapeError):
+            client.encrypt(X[:2] + 0.5j, "batch")
+    assert client.check_input(X[:2].astype(np.float32)).dtype == np.float64  # real numbers still pass
+    assert client.check_input([[1, 2, 3]]).tolist() == [[1.0, 2.0, 3.0]]
