@@ -42,3 +42,14 @@ def test_a_client_refuses_complex_rows_before_encrypting():
             client.encrypt(X[:2] + 0.5j, "batch")
     assert client.check_input(X[:2].astype(np.float32)).dtype == np.float64  # real numbers still pass
     assert client.check_input([[1, 2, 3]]).tolist() == [[1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize("entry", [2**70, -2**70, 2**63])
+def test_gather_tables_with_integers_beyond_int64_are_shape_errors(entry):
+    """A client.json (or server.json) whose gather table holds an integer numpy cannot convert
+    raised OverflowError from `ModelClient.load`; it is a malformed artefact like any other."""
+    from veil.program.packing import check_gather_index
+
+    with pytest.raises(ShapeError, match="integers from -1 to 3"):
+        check_gather_index([[0, 1], [2, entry]], 2, 4)
+    assert check_gather_index([[0, 1], [2, -1]], 2, 4).tolist() == [[0, 1], [2, -1]]
