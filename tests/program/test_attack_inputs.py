@@ -53,3 +53,16 @@ def test_gather_tables_with_integers_beyond_int64_are_shape_errors(entry):
     with pytest.raises(ShapeError, match="integers from -1 to 3"):
         check_gather_index([[0, 1], [2, entry]], 2, 4)
     assert check_gather_index([[0, 1], [2, -1]], 2, 4).tolist() == [[0, 1], [2, -1]]
+
+
+@pytest.mark.parametrize("op", [{"relu": 1}, ["relu"], None, 3])
+def test_a_staged_graph_whose_step_op_is_not_a_string_is_a_wire_format_error(op):
+    """An op that is a JSON object or array raised TypeError (unhashable) from `ModelClient.load`."""
+    from veil.errors import WireFormatError
+    from veil.program.glue import StagedGraph, StageIO, Step
+
+    graph = StagedGraph([(4,), (5,), (5,), (3,)], [Step("relu", {}, (1,), 2, 1)],
+                        [StageIO((0,), (1,)), StageIO((2,), (3,))], 3).to_dict()
+    graph["steps"][0]["op"] = op
+    with pytest.raises(WireFormatError, match="unknown client step"):
+        StagedGraph.from_dict(graph)
