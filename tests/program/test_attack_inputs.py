@@ -66,3 +66,15 @@ def test_a_staged_graph_whose_step_op_is_not_a_string_is_a_wire_format_error(op)
     graph["steps"][0]["op"] = op
     with pytest.raises(WireFormatError, match="unknown client step"):
         StagedGraph.from_dict(graph)
+
+
+def test_a_value_just_past_its_bound_is_named_exactly():
+    """`input_bounds=1.0` and a pixel of 1.000001 said "feature 3 = 1 is outside ... (|x| <= 1)"."""
+    from veil.errors import PrecisionError
+    from veil.program.planner import check_box
+
+    X = np.zeros((1, 4))
+    X[0, 3] = 1.000001
+    with pytest.raises(PrecisionError, match=r"feature 3 = 1\.000001 is outside .*\(\|x\| <= 1\.0\)"):
+        check_box(X, np.ones(4))
+    check_box(np.ones((1, 4)), np.ones(4))  # the bound itself is accepted
