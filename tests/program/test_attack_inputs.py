@@ -78,3 +78,26 @@ def test_a_value_just_past_its_bound_is_named_exactly():
     with pytest.raises(PrecisionError, match=r"feature 3 = 1\.000001 is outside .*\(\|x\| <= 1\.0\)"):
         check_box(X, np.ones(4))
     check_box(np.ones((1, 4)), np.ones(4))  # the bound itself is accepted
+
+
+def test_a_staged_client_takes_samples_in_the_models_input_shape():
+    """`forward` takes images (n, 1, 2, 2); `veil.Client.predict` on the same X raised ShapeError
+    "expected an array of shape (n, 4)". Both shapes give the same answer; others are refused."""
+    from veil.program import Linear, compile_staged
+    from veil.program.common import local_transport
+    from veil.program.glue import StagedGraph, StageIO, Step
+
+    rng = np.random.default_rng(5)
+    graph = StagedGraph([(1, 2, 2), (5,), (5,), (3,)], [Step("relu", {}, (1,), 2, 1)],
+                        [StageIO((0,), (1,)), StageIO((2,), (3,))], 3)
+    first, second = Linear(rng.normal(size=(5, 4)), rng.normal(size=5)), Linear(rng.normal(size=(3, 5)), np.zeros(3))
+    X = rng.normal(size=(300, 4))
+    server = compile_staged(graph, [first, second], {0: X, 2: np.maximum(first(X), 0.0)})
+    client = load_client(server.client_spec())
+    images = X[:3].reshape(3, 1, 2, 2)
+    assert client.check_input(images).tolist() == X[:3].tolist()
+    out = client.infer(images, "batch", local_transport(server, client))
+    assert np.abs(out - second(np.maximum(first(X[:3]), 0.0))).max() < 1e-3
+    for wrong in (X[:3].reshape(3, 2, 2), X[:3].reshape(3, 1, 4), images + 1j):
+        with pytest.raises(ShapeError):
+            client.check_input(wrong)
