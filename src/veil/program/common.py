@@ -24,8 +24,15 @@ def local_transport(server: Any, client: Any) -> Send:
 
 
 def checked_rows(X: Any, n_features: int) -> np.ndarray:
-    """X as a finite float64 array of shape (n > 0, n_features), else ShapeError."""
-    X = np.asarray(X, dtype=np.float64)
+    """X as a finite float64 array of shape (n > 0, n_features), else ShapeError: also for values
+    that are not real numbers (strings, ragged rows, complex numbers, whose imaginary part a cast
+    to float64 would silently drop)."""
+    try:
+        if np.iscomplexobj(X):
+            raise TypeError("complex")
+        X = np.asarray(X, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ShapeError("inputs must be a 2-D array of real numbers") from None
     if X.ndim != 2 or X.shape[1] != n_features:
         raise ShapeError(f"expected an array of shape (n, {n_features}), got {X.shape}")
     if len(X) == 0:

@@ -330,7 +330,8 @@ class StagedGraph:
         n = len(shapes)
         steps = []
         for raw in raw_steps:
-            if not isinstance(raw, dict) or raw.get("op") not in OPS or not isinstance(raw.get("params"), dict):
+            if (not isinstance(raw, dict) or not isinstance(raw.get("op"), str) or raw["op"] not in OPS
+                    or not isinstance(raw.get("params"), dict)):
                 raise WireFormatError(f"unknown client step {raw.get('op') if isinstance(raw, dict) else raw!r}"[:120]
                                       + f"; known: {sorted(OPS)}")
             spec = OPS[raw["op"]]

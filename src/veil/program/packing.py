@@ -296,8 +296,8 @@ def check_gather_index(index: object, n_outputs: int, n_features: int) -> np.nda
     width = len(index[0]) if index else 0
     if not 1 <= width <= n_features or n_outputs * width > MAX_GATHER_ENTRIES or any(len(r) != width for r in index):
         raise ShapeError("gather table rows must all hold between 1 and n_features entries")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for r in index for v in r):
-        raise ShapeError("gather table entries must be integers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and -1 <= v < n_features for r in index for v in r):
+        raise ShapeError(f"gather table entries must be integers from -1 to {n_features - 1}")
     arr = np.asarray(index, dtype=np.int64)
     present = arr >= 0
     if (np.any(arr < -1) or np.any(arr >= n_features) or np.any(~present[:, :-1] & present[:, 1:])

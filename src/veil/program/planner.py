@@ -226,13 +226,14 @@ class LayoutPlan:
 
 def check_box(X: np.ndarray, bounds: np.ndarray, where: str = "") -> None:
     """Refuse (PrecisionError) any sample of X with a feature beyond its bound; `where` names the
-    values checked in the message (e.g. a stage's inputs)."""
+    values checked in the message (e.g. a stage's inputs). Value and bound are printed exactly, so
+    a value just past its bound does not read as equal to it."""
     over = np.abs(X) > bounds
     if over.any():
         i, f = map(int, np.argwhere(over)[0])
         raise PrecisionError(
-            f"sample {i}, {where}feature {f} = {X[i, f]:.4g} is outside the range the model was compiled "
-            f"for (|x| <= {bounds[f]:.4g}); recompile with calibration data or input_bounds covering it")
+            f"sample {i}, {where}feature {f} = {float(X[i, f])!r} is outside the range the model was compiled "
+            f"for (|x| <= {float(bounds[f])!r}); recompile with calibration data or input_bounds covering it")
 
 
 def input_box(X: np.ndarray, input_bounds: float | np.ndarray | None) -> np.ndarray:

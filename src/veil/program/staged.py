@@ -437,6 +437,11 @@ class StagedClient(StagedKind, KindInterface):
         self._keys: dict[str, SecretKeys] = {}
 
     def check_input(self, X: Any) -> np.ndarray:
+        """Rows X, flattened, or samples in the model input's own shape (images (n, 1, 28, 28) as
+        `forward` takes them), which are flattened first."""
+        shape = self.graph.shapes[0]
+        if len(shape) > 1 and np.ndim(X) == len(shape) + 1 and np.shape(X)[1:] == shape:
+            X = np.reshape(X, (np.shape(X)[0], -1))
         return checked_rows(X, self.n_features)
 
     def _install(self, layout: str, keys: SecretKeys) -> None:

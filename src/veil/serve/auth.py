@@ -208,12 +208,24 @@ def _open_lock(path: Path) -> int | None:
         return None
 
 
+def _read_file(path: Path) -> dict[str, Any]:
+    """The tokens file, checked: an object whose "tokens" (absent: none) is a list of token rows,
+    each valid (`_principal`). The one reader of the file for the server and `veil token`, so a
+    hand-edited file gets a ValueError naming it, never a KeyError or TypeError."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    rows = data.setdefault("tokens", []) if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path} must hold {{\"tokens\": [...]}}, a list of token objects")
+    for row in rows:
+        _principal(row, str(path))
+    return data
+
+
 def _read_rows(path: Path) -> dict[str, Principal]:
-    data = json.loads(path.read_text())
-    rows = data.get("tokens", []) if isinstance(data, dict) else None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path} must hold {{\"tokens\": [...]}}")
-    return {row["sha256"]: _principal(row, str(path)) for row in rows}
+    return {row["sha256"]: _principal(row, str(path)) for row in _read_file(path)["tokens"]}
 
 
 @contextlib.contextmanager
@@ -224,7 +236,7 @@ def _edit(path: str | Path) -> Iterator[dict[str, Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(_lock_path(path), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        data = json.loads(path.read_text()) if path.exists() else {"tokens": []}
+        data = _read_file(path) if path.exists() else {"tokens": []}
         yield data
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -271,7 +283,7 @@ def list_tokens(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for row in json.loads(path.read_text()).get("tokens", []):
+    for row in _read_file(path)["tokens"]:
         out.append({"id": str(row.get("sha256", ""))[:12], "name": row.get("name"), "role": row.get("role"),
                     "created": row.get("created"), "max_keys": row.get("max_keys"),
                     "max_key_bytes": row.get("max_key_bytes")})

@@ -12,9 +12,11 @@ the backend they run, so ``veil --help`` and ``veil token`` load none of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -201,14 +203,24 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", help="client certificate key")
 
 
-def _client(args: argparse.Namespace) -> Client:
-    """The `veil.serve.Client` that `add_client_options` describe (the token from ``$VEIL_TOKEN`` if unset)."""
+@contextlib.contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Client]:
+    """The `veil.serve.Client` that `add_client_options` describe (the token from ``$VEIL_TOKEN`` if
+    unset), open for one command: a server that cannot be reached (refused, timed out, TLS
+    failure) is a `VeilError` naming it, so the command prints one line instead of a traceback."""
+    import httpx
+
     from veil.serve.client import Client
 
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
         raise VeilError(f"a token is needed: --token or {TOKEN_ENV}")
-    return Client(args.server, token, verify=args.ca or True, cert=(args.cert, args.key) if args.cert else None)
+    try:
+        with Client(args.server, token, verify=args.ca or True,
+                    cert=(args.cert, args.key) if args.cert else None) as client:
+            yield client
+    except httpx.TransportError as exc:
+        raise VeilError(f"cannot reach {args.server}: {type(exc).__name__}: {exc}") from None
 
 
 def add_deploy(subparsers: Any) -> argparse.ArgumentParser:

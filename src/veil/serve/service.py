@@ -50,6 +50,13 @@ def _describe(model: ModelServer, spec: ModelClient) -> dict[str, Any]:
     return {"model": model.model, **described}
 
 
+def _not_deployed(name: str, version: int | None) -> NotFoundError:
+    """The 404 of a model, or a version of it, that is not deployed."""
+    if version is None:
+        return NotFoundError(f"model {name!r} is not deployed")
+    return NotFoundError(f"model {name!r} has no version {version} deployed")
+
+
 class _LRU(OrderedDict):
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -142,8 +149,7 @@ class Service:
             raise ForbiddenError("this key id belongs to another principal")
         resolved = self.store.resolve_version(name, version)
         if resolved is None:
-            which = f"version {version}" if version is not None else "any version"
-            raise NotFoundError(f"model {name!r} has no {which} deployed")
+            raise _not_deployed(name, version)
         return resolved
 
     def key_record(self, key_id: str) -> KeyRecord | None:
@@ -198,8 +204,7 @@ class Service:
         check_name(name)
         record = self.store.get_model(name, version)
         if record is None:
-            which = f"version {version}" if version is not None else "any version"
-            raise NotFoundError(f"model {name!r} has no {which} deployed")
+            raise _not_deployed(name, version)
         return record
 
     def _open(self, record: ModelRecord, kind: str) -> bytes:
