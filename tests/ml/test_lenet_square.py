@@ -1,14 +1,14 @@
 """A square-activation LeNet-5 (28x28 MNIST, conv 6@5x5 pad 2, square, AvgPool 2, conv 16@5x5, square,
 AvgPool 2, fc 400-120, square, fc 120-84, square, fc 84-10) compiled non-interactively with
-`compile_torch_model(module, X, bounds="calibrated")` and run ENCRYPTED end to end, where main
-refused it (the batch layout needs 27.6 GiB, and the row layout had no plan).
+`compile_torch_model(module, X, bounds="calibrated")`, and with the default sound bounds, and run
+ENCRYPTED end to end (the batch layout would need 27.6 GiB; the row layout holds it).
 
 How it fits: the lowering folds each AvgPool into the next layer (no level, no ciphertext) and places
 the first convolution's outputs channel-blocked (`veil.program.tiled.place`), so the row layout's
 second convolution needs 400 plaintext products instead of 2,048; the plan is N=16384, one image per
-ciphertext; the batch plan (4,704 ciphertexts per layer) is left out. The bounds are calibrated: the
-ring holds 4x the values seen on the calibration images, and the client refuses any decrypted output
-beyond that range."""
+ciphertext; the batch plan (4,704 ciphertexts per layer) is left out. Calibrated bounds: the ring
+holds 4x the values seen on the calibration images, and the client refuses any decrypted output
+beyond that range. Sound bounds: the ring holds the interval bound of every accepted image."""
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ import pytest
 from tests.ml import nets
 from tests.ml.datasets import mnist
 from veil import ml
-from veil.errors import PrecisionError, ShapeError
+from veil.errors import PrecisionError
 
 N_IMAGES = 2
 RELATIVE_TOLERANCE = 1e-3
@@ -72,9 +72,17 @@ def test_an_accepted_image_beyond_the_calibrated_range_is_refused_not_answered(l
         model.forward(unlike, fhe="execute", layout="row")
 
 
-def test_sound_bounds_are_refused_with_a_typed_error_that_names_calibrated(lenet):
-    """Sound bounds (every image in |x| <= 1) need N=32768 in the batch layout only, beyond its memory
-    bound: a ShapeError that says what to use instead, not a plan that cannot run."""
+def test_sound_bounds_plan_a_row_layout_that_runs_and_agrees_with_torch(lenet):
+    """Sound bounds (every image in |x| <= 1, interval arithmetic: outputs bounded by about 1e17)
+    fit the row layout at N=16384 with a multi-prime output level: the guarantee holds for every
+    accepted image, not only images like the calibration data."""
     net, _, X, _ = lenet
-    with pytest.raises(ShapeError, match="calibrated"):
-        ml.compile_torch_model(net, X[:500], input_bounds=1.0)
+    model = ml.compile_torch_model(net, X[:500], input_bounds=1.0)
+    plans = model.circuit_.plans
+    assert set(plans) == {"row"} and plans["row"].bounds == "sound"
+    assert plans["row"].params.poly_modulus_degree == 16384
+    images = X[4000:4000 + N_IMAGES]
+    ref = nets.reference(net, images)
+    out = model.forward(images, fhe="execute", layout="row")
+    assert nets.agreement(out, ref) == 1.0
+    assert np.abs(out - ref).max() <= RELATIVE_TOLERANCE * np.abs(ref).max()
