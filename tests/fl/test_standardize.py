@@ -14,7 +14,7 @@ from veil.fl.config import FLConfig
 from veil.fl.data import load_dataset
 from veil.fl.export import encrypted_check, to_veil_model
 from veil.fl.partition import partition
-from veil.fl.preprocessing import HIST_BINS, HIST_RANGE
+from veil.fl.preprocessing import HIST_BINS, HIST_RANGE, STATS_CLIPPING_RANGE, first_moments, owner_stats
 from veil.fl.simulation import run_simulation
 
 pytestmark = pytest.mark.timeout(300)
@@ -175,3 +175,24 @@ def test_dp_noise_on_the_statistics(runs, secagg):
     assert not np.allclose(noisy.scaler.mean, exact.mean, rtol=1e-6)
     np.testing.assert_allclose(noisy.scaler.mean, exact.mean, atol=0.5 * exact.std.max())
     assert noisy.accuracy()[-1] >= 0.85
+
+
+def test_a_spread_the_dp_noise_swamps_keeps_the_refinement_in_secaggs_range():
+    """Stage 2 under DP noise: noise of std 0.0032 on E[z^2] (noise 0.002, clip 8, 5 owners, as in
+    `test_dp_noise_on_the_statistics`) can make a feature's variance estimate nearly zero while its
+    rows spread by 0.05 in reference units. Without a floor, s is then about 1e-3 and the owners'
+    refinement vectors u = (x - m) / s reach about 50^2: every owner refuses the round (this failed
+    the run now and then). With the noise's floor on s they stay inside SecAgg+'s range."""
+    rng = np.random.default_rng(7)
+    X = 0.5 + 0.05 * rng.standard_normal((200, 3))
+    r = np.ones(3)
+    exact = owner_stats(X, 2, [r], count_unit=1.0)
+    noisy = exact.copy()
+    noisy[3:6] = noisy[:3] ** 2 + 1e-6  # the noise took E[z^2] down to (almost) E[z]^2
+    unfloored = first_moments(noisy, r, 5)[:2]
+    assert np.max(np.abs(owner_stats(X, 3, list(unfloored)))) > STATS_CLIPPING_RANGE
+    noise_std = 0.002 * 8.0 / 5
+    m, s, _ = first_moments(noisy, r, 5, noise_std=noise_std)
+    assert np.all(s >= np.sqrt(6 * noise_std))
+    assert np.max(np.abs(owner_stats(X, 3, [m, s]))) <= STATS_CLIPPING_RANGE
+    np.testing.assert_array_equal(first_moments(exact, r, 5)[1], first_moments(exact, r, 5, noise_std=0.0)[1])

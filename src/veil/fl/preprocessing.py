@@ -198,14 +198,28 @@ def rows_upper_bound(count: float, n_owners: int, row_bound: float) -> int:
     return max(1, math.ceil(n_owners * row_bound * (count + step)))
 
 
+NOISE_SIGMAS = 6.0
+"""Under DP noise a stage-2 spread is at least the square root of this many standard deviations of
+the noise on its variance estimate (`first_moments`)."""
+
+
 def first_moments(aggregate: np.ndarray, r: np.ndarray, n_owners: int,
-                  count_unit: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
-    """Stage 2 -> (m, s, N): a first mean and spread in raw units, and the total row count."""
+                  count_unit: float = 1.0, noise_std: float = 0.0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Stage 2 -> (m, s, N): a first mean and spread in raw units, and the total row count.
+
+    `noise_std` is the standard deviation of the DP noise on each aggregate entry (Flower's fixed
+    clipping: noise multiplier x clipping norm / owners). The variance E[z^2] - E[z]^2 then carries
+    noise of about noise_std (1 + 2 |E[z]|), which can bring a feature's estimate near zero while its
+    rows still spread: the refinement's u = (x - m) / s would then leave SecAgg+'s range of +-64 and
+    every owner would refuse the round. So s is at least sqrt(NOISE_SIGMAS x that noise): a spread
+    the noise swamps is refined at the noise's resolution instead of at a near-zero unit."""
     d = len(r)
     ez, ez2, inv = aggregate[:d], aggregate[d:2 * d], float(aggregate[2 * d])
     var = np.maximum(ez2 - ez * ez, 0.0)
     # a feature with (numerically) no spread: refine around its mean in reference units
     s = np.where(var > 1e-8 * np.maximum(ez2, 1e-300), np.sqrt(var), 1.0)
+    if noise_std > 0:
+        s = np.maximum(s, np.sqrt(NOISE_SIGMAS * noise_std * (1.0 + 2.0 * np.abs(ez))))
     n_total = round(count_unit * n_owners / inv) if inv > 0 else 0
     return ez * r, s * r, n_total
 

@@ -94,7 +94,8 @@ def federated_statistics(grid: Grid, context: Context, cfg: FLConfig,
             m, s = scaler.mean, np.where(scaler.std > 0, scaler.std, 1.0)
             reference = [m, s]
         elif step == 2:
-            m, s, n_total = prep.first_moments(vector, r, owners, count_unit)
+            noise_std = cfg.stats_noise * cfg.stats_clip / owners if cfg.stats_noise > 0 and owners else 0.0
+            m, s, n_total = prep.first_moments(vector, r, owners, count_unit, noise_std)
             reference = [m, s]
         else:
             scaler = prep.final_scaler(cfg.scaling, vector, m, s, n_total)
