@@ -1,7 +1,7 @@
 """Experiment models, data and party programs for the MPC benchmark and tests (run by
 `veil.mpc.launch` in every party).
 
-The setting of seed 002: data owners each secret-share their own rows, the model owner
+The setting of the PySyft encrypted-training tutorial: data owners each secret-share their own rows, the model owner
 (party 0) shares its weights, the parties train with ordinary torch code on shares, and the
 trained weights are revealed to the model owner only.
 """
@@ -21,7 +21,7 @@ from veil.mpc.tensor import MPCTensor, share
 
 
 class MLP(nn.Module):
-    """Seed 002's network: 784-128-64-10 with ReLU."""
+    """The tutorial's network: 784-128-64-10 with ReLU."""
 
     def __init__(self, square: bool = False) -> None:
         super().__init__()
@@ -87,7 +87,7 @@ def make_model(name: str) -> nn.Module:
 
 
 def batch_loss(out: torch.Tensor, target: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """Seed 002's loss by default: squared error summed over classes, averaged over the batch
+    """The tutorial's loss by default: squared error summed over classes, averaged over the batch
     (10x the gradient of `F.mse_loss`, which also averages over classes); "mse" for the latter."""
     if cfg.get("loss", "seed") == "mse":
         return F.mse_loss(out, target)

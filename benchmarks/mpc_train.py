@@ -1,11 +1,12 @@
-"""Seed 002's encrypted training experiment with veil.mpc, side by side with plaintext torch.
+"""The experiment of PySyft's encrypted-training tutorial (OpenMined, 2019: MNIST, SMPC and autograd)
+with veil.mpc, side by side with plaintext torch.
 
-MLP 784-128-64-10 (ReLU), seed 002's squared error on one-hot targets (summed over classes,
+MLP 784-128-64-10 (ReLU), the tutorial's squared error on one-hot targets (summed over classes,
 averaged over the batch: ((out - target) ** 2).sum() / batch_size), 640 training items (scikit-learn digits
 upsampled to 28x28; MNIST cannot be downloaded here), batch 64, SGD lr 0.02, 20 epochs; two
 computing parties plus the dealer as three processes linked by mutually authenticated TLS 1.3 on
 127.0.0.1 (`veil.mpc.transport`), one torch thread each. Party 0 (model owner) and party 1 each own half of the rows.
-Inputs are normalised with MNIST's mean and std, as in seed 002.
+Inputs are normalised with MNIST's mean and std, as in the tutorial.
 Plaintext training starts from the same weights and sees the batches in the same order.
 
 Second experiment: a small ResNet-style CNN (conv, BatchNorm in training mode, residual block,
@@ -58,7 +59,7 @@ from benchmarks.mpc_models import load_digits, make_model, plain_train  # noqa: 
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
-SEED002_SECONDS_PER_BATCH = 3.2  # as published in seed 002 (PySyft, 2019), not measured here
+PYSYFT_SECONDS_PER_BATCH = 3.2  # as published for PySyft's encrypted-training tutorial (2019), not measured
 TARGET_SECONDS_PER_BATCH = 0.07
 CHUNK = 1 << 18  # the transport's encryption slice
 
@@ -100,7 +101,7 @@ def tls_cost(nbytes: float, messages: float, repeats: int = 5) -> dict:
         times.append(time.perf_counter() - t0)
     return {"seconds_per_batch": statistics.median(times), "cipher": cipher[0], "protocol": cipher[1],
             "bytes": nbytes, "messages": messages}
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # seed 002's transforms.Normalize
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the tutorial's transforms.Normalize
 
 
 def accuracy(model_name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -122,8 +123,8 @@ def crypten_python(arg: str | None) -> str | None:
 
 
 def run_crypten(python: str | None, cfg: dict, init: dict, x_tr, y_tr, x_te, y_te) -> dict:
-    """Seed 002's experiment under CrypTen (2 parties + TTP as processes), on the same data and weights."""
-    script = HERE / "peers" / "crypten_seed002.py"
+    """The tutorial's experiment under CrypTen (2 parties + TTP as processes), on the same data and weights."""
+    script = HERE / "peers" / "crypten_mnist_training.py"
     if python is None or not script.exists():
         return {"measured": False, "reason": "no Python with CrypTen (run benchmarks/peers/setup_crypten.sh)"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,8 +248,8 @@ def plot(results: dict, path: Path) -> None:
     if exp.get("crypten", {}).get("measured"):
         names.append("CrypTen TTP\n(same run)")
         values.append(exp["crypten"]["seconds_per_batch_median"])
-    names.append("seed 002\n(published)")
-    values.append(SEED002_SECONDS_PER_BATCH)
+    names.append("PySyft 2019\n(published)")
+    values.append(PYSYFT_SECONDS_PER_BATCH)
     axes[1].bar(names, values)
     axes[1].axhline(TARGET_SECONDS_PER_BATCH, color="gray", linestyle=":", label="target 0.07 s")
     axes[1].set_yscale("log")
@@ -279,7 +280,7 @@ def main() -> None:
     ns = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-               "seed002_seconds_per_batch_published": SEED002_SECONDS_PER_BATCH,
+               "pysyft_seconds_per_batch_published": PYSYFT_SECONDS_PER_BATCH,
                "experiments": {}}
 
     x28, y = load_digits(28)

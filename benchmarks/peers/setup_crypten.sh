@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Creates (or completes) the CrypTen 0.4.1 virtualenv that benchmarks/peers/crypten_seed002.py runs in.
+# Creates (or completes) the CrypTen 0.4.1 virtualenv that benchmarks/peers/crypten_mnist_training.py runs in.
 #
 # Why a separate venv: CrypTen 0.4.1 (2022, the last release) declares torchvision and the dead
 # `sklearn` stub package as dependencies, neither of which can be installed here, so it is installed
 # with --no-deps next to the CPU torch wheel, plus only what `import crypten` really needs
 # (numpy, omegaconf, pyyaml, onnx). pandas, scipy, tensorboard and future are declared but not
 # imported on the path the runner uses. Nothing in site-packages is edited: the torch 2.13
-# incompatibilities are shimmed at run time by crypten_seed002.py (see README.md).
+# incompatibilities are shimmed at run time by crypten_mnist_training.py (see README.md).
 #
 # Idempotent: re-running only installs what is missing. Path: $CRYPTEN_VENV (default /work/crypten-venv).
 # Python: $CRYPTEN_PYTHON_BIN (default python3.11). Torch wheel directory: $TORCH_WHEELS (default /opt/wheels).
@@ -46,7 +46,7 @@ refuse_packages CrypTen torchvision sklearn triton
 "$VENV/bin/python" -c "
 import sys
 sys.path.insert(0, '$HERE')
-import crypten_seed002  # applies the shims and imports crypten
+import crypten_mnist_training  # applies the shims and imports crypten
 import importlib.metadata as m
-print('CrypTen', m.version('crypten'), 'torch', crypten_seed002.torch.__version__, 'ready in $VENV')
+print('CrypTen', m.version('crypten'), 'torch', crypten_mnist_training.torch.__version__, 'ready in $VENV')
 "

@@ -1,4 +1,4 @@
-"""Concrete ML call compatibility: the code of seed 001 (Zama's Flower + FHE blog post) runs with
+"""Concrete ML call compatibility: the code of Zama's Flower + FHE blog post runs with
 only its import changed to veil.ml; MNIST is replaced by scikit-learn's digits (no internet)."""
 
 from __future__ import annotations

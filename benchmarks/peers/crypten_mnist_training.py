@@ -1,4 +1,4 @@
-"""CrypTen 0.4.1 on seed 002's encrypted training experiment, as a measured peer for veil.mpc.
+"""CrypTen 0.4.1 on the PySyft encrypted-training tutorial's experiment, as a measured peer for veil.mpc.
 
 Standalone: run it with the CrypTen virtualenv's python (see setup_crypten.sh), never with veil's;
 it does not import veil, so the two systems only share the data file the caller prepares.
@@ -24,7 +24,7 @@ torch 2.13 moved torch.onnx._internal.registration, which CrypTen's ONNX convert
 from_pytorch relies on not being. torchvision is not needed: only crypten.models imports it, and
 this script never imports crypten.models.
 
-    /work/crypten-venv/bin/python benchmarks/peers/crypten_seed002.py --data d.npz --init w.pt \\
+    /work/crypten-venv/bin/python benchmarks/peers/crypten_mnist_training.py --data d.npz --init w.pt \\
         --epochs 2 --out crypten.json
 """
 
@@ -98,7 +98,7 @@ from crypten.mpc.provider import ttp_provider  # noqa: E402
 
 
 class MLP(nn.Module):
-    """Seed 002's network, 784-128-64-10 with ReLU (same parameter names as benchmarks/mpc_models.py MLP)."""
+    """The tutorial's network, 784-128-64-10 with ReLU (same parameter names as benchmarks/mpc_models.py MLP)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -265,7 +265,7 @@ def child(rank: int, cfg: dict[str, Any], rendezvous: str, out_dir: str) -> None
 
 def launch(cfg: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     """Run 2 parties + TTP as forked processes; return each party's result (ranks 0..2)."""
-    with tempfile.TemporaryDirectory(prefix="crypten_seed002_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="crypten_mnist_training_") as tmp:
         rendezvous = str(Path(tmp) / "rendezvous")
         ctx = mp.get_context("fork")
         procs = [ctx.Process(target=child, args=(r, cfg, rendezvous, tmp)) for r in range(WORLD_SIZE + 1)]
