@@ -137,6 +137,13 @@ class BodyBudget:
         self.held: dict[str, int] = {}
         self.in_all = 0
 
+    @classmethod
+    def of(cls, max_body: int, total: int | None = None, per_principal: int | None = None) -> "BodyBudget":
+        """The budget for bodies of at most `max_body` bytes: `total` defaults to `BUFFERED_BODIES`
+        largest bodies, `per_principal` to half of it (but at least one largest body)."""
+        total = total or BUFFERED_BODIES * max_body
+        return cls(per_principal or max(total // 2, max_body), total)
+
     def take(self, principal: str, n: int) -> ServeError | None:
         """Reserve `n` more bytes for `principal`; the error to answer instead if that passes a bound."""
         mine = self.held.get(principal, 0)
@@ -181,7 +188,7 @@ class Gate:
     def __init__(self, app: ASGIApp, tokens: TokenStore, limit: int, timeout: float, metrics: "Metrics",
                  budget: BodyBudget | None = None) -> None:
         self.app, self.tokens, self.limit, self.timeout, self.metrics = app, tokens, limit, timeout, metrics
-        self.budget = budget or BodyBudget(BUFFERED_BODIES * limit // 2, BUFFERED_BODIES * limit)
+        self.budget = budget or BodyBudget.of(limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -33,7 +33,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from veil.net import free_port
-from veil.serve.app import BUFFERED_BODIES, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, BodyBudget, create_app
+from veil.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, BodyBudget, create_app
 from veil.serve.auth import TokenStore, add_token_to_file
 from veil.serve.backends import backend_for
 from veil.serve.backends.base import KeyQuota
@@ -168,8 +168,7 @@ def build(config: ServerConfig) -> tuple[Any, Service]:
         log.warning("no tokens configured: every request will be refused until `veil token add` writes "
                     "one (the tokens file is followed while the server runs)",
                     extra={"path": str(config.tokens_path)})
-    total = config.max_buffered or BUFFERED_BODIES * config.max_body
-    budget = BodyBudget(config.max_buffered_per_token or max(total // 2, config.max_body), total)
+    budget = BodyBudget.of(config.max_body, config.max_buffered, config.max_buffered_per_token)
     app = create_app(service, tokens, executor, config.max_body, protect_metrics=config.protect_metrics,
                      protect_docs=config.protect_docs, body_timeout=config.body_timeout,
                      tee=tee_state(config, model_key, chosen), budget=budget)
