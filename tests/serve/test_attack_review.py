@@ -163,6 +163,19 @@ def send_until_answered(sock: socket.socket, pieces: Iterable[bytes], seconds: f
     return sent, got
 
 
+def stream_chunked(sock: socket.socket, path: str, headers: dict[str, str],
+                   pieces: int) -> tuple[int, int, bytes, bytes, int]:
+    """POST `pieces` chunks of 64 KiB to `path` until the server answers; (body bytes sent, status,
+    body, what followed, bytes the whole stream would have been)."""
+    sock.sendall(head("POST", path, dict(headers, **{"transfer-encoding": "chunked"})))
+    piece = b"y" * 65536
+    framed = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    sent, answer = send_until_answered(sock, itertools.repeat(framed, pieces))
+    sock.settimeout(10)
+    status, _, body, rest = read_response(sock, answer)
+    return sent, status, body, rest, pieces * len(framed)
+
+
 def closed_by_server(sock: socket.socket, leftover: bytes = b"") -> bool:
     """True once the server has closed the connection (EOF or reset), without sending anything more."""
     if leftover:
@@ -427,14 +440,9 @@ def test_declared_and_streamed_bodies_over_the_limit_answer_413_and_close(env, t
             status, _, body, rest = read_response(sock)
             assert status == 413 and closed_by_server(sock, rest)
         with connection(url) as sock:
-            sock.sendall(head("POST", "/v1/keys", dict(auth, **{"transfer-encoding": "chunked"})))
-            piece = b"y" * 65536
-            framed = b"%x\r\n" % len(piece) + piece + b"\r\n"
-            sent, answer = send_until_answered(sock, itertools.repeat(framed, 1024))
-            sock.settimeout(10)
-            status, _, body, rest = read_response(sock, answer)
+            sent, status, body, rest, whole = stream_chunked(sock, "/v1/keys", auth, 1024)
             assert status == 413 and json.loads(body)["error"] == "payload_too_large"
-            assert sent < 1024 * len(framed) and closed_by_server(sock, rest)
+            assert sent < whole and closed_by_server(sock, rest)
         with httpx.Client(base_url=url, headers=auth) as h:
             assert h.get("/healthz").status_code == 200
 

@@ -8,7 +8,6 @@ client goes away."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 
@@ -21,7 +20,7 @@ from veil.serve.errors import TooManyRequestsError, UnavailableError
 from veil.serve.server import ServerConfig
 
 from .helpers import running_server
-from .test_attack_review import closed_by_server, connection, head, read_response, send_until_answered
+from .test_attack_review import closed_by_server, connection, head, read_response, stream_chunked
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1024 * 1024
@@ -110,11 +109,6 @@ def test_a_chunked_body_is_stopped_when_it_grows_past_the_share(budget_server):
     with connection(url) as held:
         _hold(held, auth["alice"], MiB)
         with connection(url) as streaming:
-            streaming.sendall(head("POST", "/v1/keys", dict(auth["alice"], **{"transfer-encoding": "chunked"})))
-            piece = b"y" * 65536
-            framed = b"%x\r\n" % len(piece) + piece + b"\r\n"
-            sent, answer = send_until_answered(streaming, itertools.repeat(framed, 256))
-            streaming.settimeout(10)
-            status, _, body, rest = read_response(streaming, answer)
+            sent, status, body, rest, whole = stream_chunked(streaming, "/v1/keys", auth["alice"], 256)
             assert status == 429 and json.loads(body)["error"] == "too_many_requests"
-            assert sent < 256 * len(framed) and closed_by_server(streaming, rest)
+            assert sent < whole and closed_by_server(streaming, rest)
