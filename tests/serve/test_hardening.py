@@ -29,7 +29,7 @@ from veil.serve.errors import UnauthorizedError
 from veil.serve.server import ServerConfig, check_transport, is_loopback
 from veil.serve.service import Service
 
-from .helpers import running_server
+from .helpers import make_certs, running_server
 
 pytestmark = pytest.mark.timeout(300)
 BIG = 2**63
@@ -364,14 +364,38 @@ def test_client_sdk_deletes_its_key(env, server):
 def test_plain_http_beyond_loopback_is_refused_unless_insecure(tmp_path, capsys):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+    certs = make_certs(tmp_path)
     for host in ("0.0.0.0", "::", "10.1.2.3"):
         with pytest.raises(ValueError, match="plain HTTP"):
             check_transport(ServerConfig(host=host))
         check_transport(ServerConfig(host=host, insecure=True))
-        check_transport(ServerConfig(host=host, tls_cert="cert.pem", tls_key="key.pem"))
+        check_transport(ServerConfig(host=host, tls_cert=str(certs.server_cert), tls_key=str(certs.server_key)))
     check_transport(ServerConfig(host="127.0.0.1"))
     assert cli.main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 2
     assert "refusing to serve plain HTTP" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["missing", "garbage", "wrong-key", "bad-ca"])
+def test_tls_files_that_do_not_load_are_refused_naming_the_file(tmp_path, capsys, bad):
+    """Before the server starts, not as ssl's bare "PEM lib" from inside uvicorn."""
+    certs = make_certs(tmp_path)
+    (tmp_path / "garbage.pem").write_text("not a certificate")
+    cert, key, ca = str(certs.server_cert), str(certs.server_key), None
+    named = {"missing": str(tmp_path / "absent.pem"), "garbage": str(tmp_path / "garbage.pem"),
+             "wrong-key": str(certs.other_client_key), "bad-ca": str(tmp_path / "garbage.pem")}[bad]
+    if bad == "wrong-key":
+        key = named
+    elif bad == "bad-ca":
+        ca = named
+    else:
+        cert = named
+    with pytest.raises(ValueError, match="cannot load") as exc:
+        check_transport(ServerConfig(host="127.0.0.1", tls_cert=cert, tls_key=key, tls_client_ca=ca))
+    assert named in str(exc.value)
+    args = ["serve", "--data-dir", str(tmp_path / "data"), "--tls-cert", cert, "--tls-key", key]
+    assert cli.main(args + (["--tls-client-ca", ca] if ca else [])) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
 
 
 def test_docs_are_served_without_any_external_asset(env, server):

@@ -190,11 +190,32 @@ def is_loopback(host: str) -> bool:
 
 def check_transport(config: ServerConfig) -> None:
     """Refuse to serve plain HTTP beyond loopback: bearer tokens and key ids would cross the network
-    in clear. `--insecure` overrides (e.g. a TLS-terminating proxy on the same host)."""
-    if config.tls_cert or config.insecure or is_loopback(config.host):
+    in clear. `--insecure` overrides (e.g. a TLS-terminating proxy on the same host). With TLS,
+    its files must load (`check_tls_files`)."""
+    if config.tls_cert:
+        check_tls_files(config)
+        return
+    if config.insecure or is_loopback(config.host):
         return
     raise ValueError(f"refusing to serve plain HTTP on {config.host}: give --tls-cert/--tls-key, bind a "
                      "loopback address, or pass --insecure if TLS is terminated in front of this server")
+
+
+def check_tls_files(config: ServerConfig) -> None:
+    """Load the TLS certificate chain, key and client CA once before serving, so that a missing or
+    unreadable file is refused with an error naming it (ValueError) instead of ssl's bare
+    "PEM lib" or "No such file" from inside the server."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    files = f"--tls-cert {config.tls_cert}" + (f" / --tls-key {config.tls_key}" if config.tls_key else "")
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the TLS certificate and key from {files}: {exc}") from None
+    if config.tls_client_ca:
+        try:
+            ctx.load_verify_locations(cafile=config.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the client CA from --tls-client-ca {config.tls_client_ca}: {exc}") from None
 
 
 def ssl_options(config: ServerConfig) -> dict[str, Any]:
