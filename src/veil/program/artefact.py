@@ -39,7 +39,11 @@ def write_artefact(path: str | Path, model: str, circuit: Any, output: OutputSpe
     return path
 
 
-def _read(path: Path, name: str) -> dict:
+def read_artefact_file(path: str | Path, name: str) -> dict:
+    """The JSON object of one half (`name`: SERVER_FILE or CLIENT_FILE) of the artefact directory
+    `path` (or of the file `path` itself); WireFormatError naming the file if it cannot be read or
+    is not a veil artefact."""
+    path = Path(path)
     file = path / name if path.is_dir() else path
     try:
         data = json.loads(file.read_text())
@@ -58,7 +62,7 @@ class _ArtefactHalf:
     @classmethod
     def load(cls, path: str | Path) -> Self:
         """Read this half from an artefact directory (or the file itself)."""
-        return cls.from_dict(_read(Path(path), cls.FILE))
+        return cls.from_dict(read_artefact_file(path, cls.FILE))
 
     @classmethod
     def from_dict(cls, data: dict) -> Self:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 
-from veil.errors import VeilError
+from veil.errors import VeilError, WireFormatError
 from veil.program import request_bytes, rows_per_request
-from veil.program.artefact import ModelClient
+from veil.program.artefact import CLIENT_FILE, SERVER_FILE, ModelClient, read_artefact_file
 from veil.program.common import Send
 
 if TYPE_CHECKING:
@@ -154,9 +153,9 @@ class Client:
         if isinstance(model, dict):
             server, client = model["server"], model["client"]
         else:
-            path = Path(model)
-            server = json.loads((path / "server.json").read_text())
-            client = json.loads((path / "client.json").read_text())
+            if not Path(model).is_dir():
+                raise WireFormatError(f"{model} is not a model directory (one saved by veil.ml)")
+            server, client = read_artefact_file(model, SERVER_FILE), read_artefact_file(model, CLIENT_FILE)
         body = {"name": name, "version": version, "server": server, "client": client}
         return self._request("POST", "/v1/models", json=body).json()
 
