@@ -45,8 +45,8 @@ on the server. Use this kind where the client may learn the network's structure 
 Layouts: `batch` (every stage in the affine batch layout, two samples per slot: throughput) and
 `row` (latency: per stage the affine `row` or `gather` layout, whichever was estimated cheaper
 for one sample when compiling; `gather` suits convolutions). Every stage of a layout uses the
-same parameters (`BATCH_PRESET` for batch, `PRESET` for row), so the client holds one key per
-layout; only `row` stages need Galois keys, none needs relinearization keys (depth 0).
+same parameters (`PRESET`), so the client holds one key per layout; only `row` stages need Galois
+keys, none needs relinearization keys (depth 0).
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ PRESET = "depth0-rotations"
 """The row layout's parameters: N=4096, one 60-bit data prime and a special prime for its Galois
 keys, 64 kB per ciphertext."""
 BATCH_PRESET = "depth0-small"
-"""The batch layout's parameters: N=4096 and one 50-bit prime (no Galois keys), a batch of 4096
+"""The batch layout's parameters: N=4096 and one 45-bit prime (no Galois keys), a batch of 4096
 samples (two per slot) per 32 kB ciphertext; the server's weighted sums over a 45-bit prime's
 coefficients cost about a fifth of those over a 60-bit one (`veil.he.params.PRESETS`), and the
-product scale left (the prime less the stage's output bits) keeps the error near 1e-6 of a
+product scale left (the prime less the stage's output bits) keeps the error near 1e-5 of a
 stage's bound."""
 OUTPUT_MARGIN = 1e-3
 
