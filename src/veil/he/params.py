@@ -109,16 +109,12 @@ class CKKSParameters:
 PRESETS: dict[str, CKKSParameters] = {
     "depth0": CKKSParameters(8192, (60,)),
     "depth0-rotations": CKKSParameters(4096, (60, 49)),
-    "depth0-small": CKKSParameters(4096, (45,)),
     "depth1": CKKSParameters(8192, (60, 40, 60)),
     "depth2": CKKSParameters(16384, (60, 40, 40, 60)),
 }
 """Depth counts rescalings. Depth-0 sets evaluate plaintext-weighted sums without rescaling (the
 product scale must fit the single data prime); "-rotations" adds a 49-bit special prime for Galois
-keys, whose key-switching noise is about 2^25 in absolute terms: rotate at scales of 2^45 or more.
-"depth0-small" is the cheapest ring for weighted sums without rotations where ~40 bits of product
-scale suffice: `veil.he.linear.WeightedSum` splits a 45-bit prime's coefficients into two limbs
-(a 60-bit one into three or four, with slower reductions), about 5 times less work per weight."""
+keys, whose key-switching noise is about 2^25 in absolute terms: rotate at scales of 2^45 or more."""
 
 
 def preset(name: str) -> CKKSParameters:

@@ -70,14 +70,8 @@ from veil.program.planner import INPUT_HEADROOM, check_box, input_box
 
 KIND = "staged"
 PRESET = "depth0-rotations"
-"""The row layout's parameters: N=4096, one 60-bit data prime and a special prime for its Galois
-keys, 64 kB per ciphertext."""
-BATCH_PRESET = "depth0-small"
-"""The batch layout's parameters: N=4096 and one 45-bit prime (no Galois keys), a batch of 4096
-samples (two per slot) per 32 kB ciphertext; the server's weighted sums over a 45-bit prime's
-coefficients cost about a fifth of those over a 60-bit one (`veil.he.params.PRESETS`), and the
-product scale left (the prime less the stage's output bits) keeps the error near 1e-5 of a
-stage's bound."""
+"""N=4096, one 60-bit data prime and a special prime for the row layout's Galois keys: a batch of
+4096 samples (two per slot) per ciphertext, 64 kB per ciphertext."""
 OUTPUT_MARGIN = 1e-3
 
 
@@ -142,7 +136,7 @@ def compile_staged(graph: StagedGraph, maps: list[Linear], calibration: dict[int
         box = np.concatenate([boxes_by_value[v] for v in io.inputs])
         support = None if supports is None else supports[s]
         latency = latency_layout(op, support, slots)
-        presets = {"batch": BATCH_PRESET, "row": None, latency: PRESET}
+        presets = {"batch": PRESET, "row": None, latency: PRESET}
         circuits.append(LinearCircuit.calibrate(op.weight, op.bias, X, headroom=headroom, presets=presets,
                                                 input_bounds=box, support=support))
         layouts["batch"].append("batch")
