@@ -17,6 +17,7 @@ import seal
 
 from veil.errors import PrecisionError, ShapeError, WireFormatError
 from veil.he import HEContext, PublicBundle, SecretKeys, wire
+from veil.he.linear import WeightedSum
 from veil.he.params import CKKSParameters, preset
 from veil.program.common import ClientBase, ServerBase, checked_layout
 from veil.program.ir import MAX_DIM, Linear
@@ -36,8 +37,9 @@ DEFAULT_HEADROOM = 16.0
 FRESH_NOISE_STD = 3.2
 """SEAL's error standard deviation per coefficient; fresh slot noise is this times sqrt(N/2)."""
 MIN_PRODUCT_BITS = 24
-BATCH_CACHE_BYTES = 1 << 28
-"""Largest set of encoded batch-layout weights kept between requests (see `batch_cacheable`)."""
+BLOCK_DENSITY = 0.25
+"""Least non-zero fraction of a block of the batch layout's weights (`weight_blocks`): dense
+blocks go through BLAS at a small multiple of their non-zero weights' cost."""
 DEFAULT_PRESETS = {"batch": "depth0", "row": "depth0-rotations"}
 PER_SLOT = {"batch": 2}
 """The batch layout of an affine map puts two samples in each slot (real and imaginary parts)."""
@@ -191,6 +193,29 @@ def quantize_weights(W: np.ndarray, bits: int) -> np.ndarray:
     return Wq / 2.0**bits
 
 
+def weight_blocks(mask: np.ndarray, density: float = BLOCK_DENSITY) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A partition of the rows of a weight matrix's non-zero pattern `mask` (outputs x inputs) into
+    blocks (rows, the inputs any of them reads), each with at least `density` of its sub-matrix
+    non-zero (a single row always qualifies). Rows are taken in the order of their first input,
+    which puts a convolution's channels at one position, then neighbouring positions, together;
+    a block grows while it stays dense enough. A dense matrix is one block."""
+    counts = mask.sum(axis=1)
+    order = np.argsort(mask.argmax(axis=1), kind="stable")
+    blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    rows: list[int] = []
+    cols = np.zeros(mask.shape[1], dtype=bool)
+    nnz = 0
+    for r in order.tolist():
+        grown = cols | mask[r]
+        if rows and nnz + counts[r] < density * (len(rows) + 1) * np.count_nonzero(grown):
+            blocks.append((np.asarray(rows), np.flatnonzero(cols)))
+            rows, grown, nnz = [], mask[r].copy(), 0
+        rows.append(r)
+        cols, nnz = grown, nnz + int(counts[r])
+    blocks.append((np.asarray(rows), np.flatnonzero(cols)))
+    return blocks
+
+
 def estimated_ms(packing: BatchLayout | RowLayout | GatherLayout, n_samples: int, terms: int | None = None) -> float:
     """Estimated single-core milliseconds to encrypt, evaluate and decrypt `n_samples` rows in a
     layout, from per-operation costs measured for its default preset; `terms` is the number of
@@ -287,7 +312,8 @@ class LinearCircuit(AffineKind, ServerBase):
         self._contexts: dict[str, HEContext] = {}
         self._gather_weights: list[tuple[list[seal.Plaintext], seal.Plaintext]] | None = None
         self._row_weights: list[tuple[seal.Plaintext, seal.Plaintext]] | None = None
-        self._batch_weights: list[tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]] | None = None
+        self._batch_kernels: list[tuple[np.ndarray, np.ndarray, WeightedSum]] | None = None
+        self._batch_biases: list[seal.Plaintext] | None = None
         self._quantized: dict[int, np.ndarray] = {}
 
     @property
@@ -332,8 +358,9 @@ class LinearCircuit(AffineKind, ServerBase):
             self.context(name)
         if "row" in self.scales:
             self.row_weights()
-        if "batch" in self.scales and self.batch_cacheable():
-            self.batch_weights()
+        if "batch" in self.scales:
+            self.batch_kernels()
+            self.batch_biases()
         if "gather" in self.scales:
             self.gather_weights()
         return self
@@ -399,9 +426,10 @@ class LinearCircuit(AffineKind, ServerBase):
         """Evaluate the map on an encrypted request (bytes, or a message already decoded); the
         answer is ciphertexts only, its header naming layout, rows and outputs, plus `extra`
         fields (a staged program names its stage)."""
-        name, layout, ctx, cts, n = self.open_request(request, bundle)
+        msg = request if isinstance(request, wire.Message) else wire.decode(request, wire.Kind.CIPHERTEXTS)
+        name, layout, ctx, cts, n = self.open_request(msg, bundle)
         if name == "batch":
-            out = self._run_batch(ctx, layout, cts, n)
+            out = self._run_batch(ctx, layout, msg.blobs, n)
         elif name == "gather":
             out = self._run_gather(ctx, layout, cts, n)
         else:
@@ -434,46 +462,49 @@ class LinearCircuit(AffineKind, ServerBase):
                 out.append(acc)
         return out
 
-    def batch_cacheable(self) -> bool:
-        """Whether the batch layout's encoded weights fit `BATCH_CACHE_BYTES` (one plaintext of N
-        coefficients per prime for each non-zero weight: a convolution unrolled to a matrix has
-        many)."""
-        params = self.scales["batch"].params
-        plain_bytes = params.poly_modulus_degree * max(1, len(params.coeff_modulus_bits) - 1) * 8
-        return int(np.count_nonzero(self.weights)) * plain_bytes <= BATCH_CACHE_BYTES
+    def batch_kernels(self) -> list[tuple[np.ndarray, np.ndarray, WeightedSum]]:
+        """The batch layout's weighted sums as `WeightedSum`s over the request's RNS coefficients
+        (built once), one per block of `weight_blocks` (output rows, the input features they read,
+        the kernel of that sub-matrix): bit-identical to a multiply_plain by each non-zero weight,
+        encoded as a scalar at the weight scale, and an add per term, with no plaintext per weight
+        to encode or keep. A convolution unrolled to a matrix is mostly zeros; its blocks are
+        dense, so each goes through BLAS and the product costs a small multiple of its non-zero
+        weights."""
+        if self._batch_kernels is None:
+            ctx, s = self.context("batch"), self.scales["batch"]
+            Wq = self.quantized(s.weight_bits)
+            self._batch_kernels = [(rows, cols, WeightedSum(ctx, Wq[np.ix_(rows, cols)], None, 2.0**s.weight_bits,
+                                                            ctx.top_level))
+                                   for rows, cols in weight_blocks(Wq != 0)]
+        return self._batch_kernels
 
-    def _batch_row(self, c: int) -> tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]:
-        """Output c's (feature, encoded non-zero weight) pairs and its encoded bias in the batch
-        layout. The bias is at the product scale 2^(input_bits+weight_bits), the only scale `run`
-        lets a request's ciphertexts reach it with."""
-        ctx, s = self.context("batch"), self.scales["batch"]
-        Wq = self.quantized(s.weight_bits)
-        scale_w = 2.0**s.weight_bits
-        bias = complex(self.bias[c], self.bias[c]) if s.per_slot == 2 else float(self.bias[c])
-        return ([(f, ctx.encode(float(Wq[c, f]), scale_w)) for f in np.flatnonzero(Wq[c])],
-                ctx.encode(bias, 2.0 ** s.input_bits * scale_w))
+    def batch_biases(self) -> list[seal.Plaintext]:
+        """Each output's encoded bias in the batch layout, at the product scale
+        2^(input_bits+weight_bits), the only scale `run` lets a request's ciphertexts reach it
+        with (two equal samples per slot when `per_slot` is 2). Cached, one plaintext per distinct
+        value: a convolution's outputs share their channel's bias."""
+        if self._batch_biases is None:
+            ctx, s = self.context("batch"), self.scales["batch"]
+            scale = 2.0 ** (s.input_bits + s.weight_bits)
+            plains: dict[float, seal.Plaintext] = {}
+            for b in self.bias.tolist():
+                if b not in plains:
+                    plains[b] = ctx.encode(complex(b, b) if s.per_slot == 2 else float(b), scale)
+            self._batch_biases = [plains[b] for b in self.bias.tolist()]
+        return self._batch_biases
 
-    def batch_weights(self) -> list[tuple[list[tuple[int, seal.Plaintext]], seal.Plaintext]]:
-        """`_batch_row` of every output, cached when `batch_cacheable`: the same for every
-        request, so encoding them once saves an encode per multiplication."""
-        if self._batch_weights is None:
-            self._batch_weights = [self._batch_row(c) for c in range(self.n_outputs)]
-        return self._batch_weights
-
-    def _run_batch(self, ctx: HEContext, layout: BatchLayout, cts: list, n: int) -> list:
-        """Per output (its weights encoded once per request when not cached), per batch of samples:
-        the sum of the feature ciphertexts times their weights, plus the bias."""
+    def _run_batch(self, ctx: HEContext, layout: BatchLayout, blobs: list[bytes], n: int) -> list:
+        """Per batch of samples, the weighted sums of its feature ciphertexts (`batch_kernels`, on
+        the request's validated serializations), then each output's bias."""
+        kernels, biases, F, C = self.batch_kernels(), self.batch_biases(), self.n_features, self.n_outputs
         ev = ctx.evaluator
-        cached = self.batch_weights() if self.batch_cacheable() else None
-        n_batches, F, C = layout.n_batches(n), self.n_features, self.n_outputs
-        out: list = [None] * (n_batches * C)
-        for c in range(C):
-            weights, bias = cached[c] if cached is not None else self._batch_row(c)
-            for b in range(n_batches):
-                terms = [ev.multiply_plain(cts[b * F + f], w) for f, w in weights]
-                acc = terms[0] if len(terms) == 1 else ev.add_many(terms)
-                ev.add_plain_inplace(acc, bias)
-                out[b * C + c] = acc
+        out: list = [None] * (layout.n_batches(n) * C)
+        for b in range(layout.n_batches(n)):
+            part = blobs[b * F:(b + 1) * F]
+            for rows, cols, kernel in kernels:
+                for c, acc in zip(rows.tolist(), kernel.apply([part[f] for f in cols.tolist()]), strict=True):
+                    ev.add_plain_inplace(acc, biases[c])
+                    out[b * C + c] = acc
         return out
 
     def _run_row(self, ctx: HEContext, layout: RowLayout, cts: list, bundle: PublicBundle) -> list:
