@@ -349,7 +349,7 @@ def mnist_rows(workers: int, quick: bool, runs: int, images: int | None) -> dict
                            "git": git_state(), "versions": versions(), "load_before": load_average(),
                            "workers": workers, "runs": runs}
     nets = {name: train_mnist(factory, Xtr, ytr) for name, factory in MNIST_NETWORKS.items()}
-    models = {name: ml.compile_torch_model(net, Xtr, input_bounds=1.0) for name, net in nets.items()}
+    models = {name: ml.compile_torch_model(net, Xtr, input_bounds=1.0, non_negative=True) for name, net in nets.items()}
     out["row"] = mnist_row_latency(models, Xte, yte, runs)
     test = Xte[:runs]
     peer = tenseal_tutorial4(nets["tutorial4"], test)

@@ -65,4 +65,5 @@ def compiled_cryptonets(epochs: int = 8) -> tuple[ml.CompiledTorchModel, np.ndar
     [0, 1]): (model, test images, test labels, plaintext test accuracy)."""
     X_train, y_train, X_test, y_test = load_mnist()
     net = train(cryptonets(), X_train, y_train, epochs=epochs)
-    return ml.compile_torch_model(net, X_train, input_bounds=1.0), X_test, y_test, accuracy(net, X_test, y_test)
+    model = ml.compile_torch_model(net, X_train, input_bounds=1.0, non_negative=True)
+    return model, X_test, y_test, accuracy(net, X_test, y_test)

@@ -2,12 +2,24 @@
 `planner.input_box` (INPUT_HEADROOM times each feature's largest calibration magnitude, and the
 median bound for a feature that was always zero at calibration), and decrypt them right."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from veil.errors import PrecisionError
-from veil.program import Linear, LinearCircuit, Poly, Program, load_client, plan
-from veil.program.planner import INPUT_HEADROOM, input_box
+from veil.errors import PrecisionError, WireFormatError
+from veil.program import (
+    LeveledCircuit,
+    Linear,
+    LinearCircuit,
+    Poly,
+    Program,
+    compile_program,
+    load_client,
+    load_server,
+    plan,
+)
+from veil.program.planner import INPUT_HEADROOM, LayoutPlan, input_box
 
 W = np.array([[1.0, 1.0]])
 B = np.zeros(1)
@@ -37,3 +49,33 @@ def test_planner_plans_for_the_same_box():
     _stages, plans = plan(Program(2, [Linear(W, B), Poly((0.0, 0.0, 1.0))]), X)
     for p in plans.values():
         np.testing.assert_array_equal(p.input_bounds, input_box(X, None))
+
+
+NET = Program(2, [Linear(np.array([[1.0, -2.0], [0.5, 1.5], [-1.0, 1.0]]), np.array([0.1, -0.2, 0.0])),
+                  Poly((0.0, 0.0, 1.0)), Linear(np.array([[1.0, -0.5, 2.0]]), np.zeros(1))])
+POSITIVE = np.random.default_rng(0).uniform(0.0, 1.0, (32, 2))
+
+
+@pytest.mark.parametrize("layout", ["batch", "row"])
+def test_non_negative_box_is_planned_checked_and_enforced(layout):
+    """A [0, 1] box (non_negative) gives a smaller sound output bound than [-1, 1]; the plan keeps
+    the lower bound through JSON; the server recomputes its bounds over that box and refuses the same
+    bound claimed for the symmetric box; the client refuses negative inputs and decrypts the box's
+    corners right."""
+    sym = compile_program(NET, POSITIVE, input_bounds=1.0)
+    pos = compile_program(NET, POSITIVE, input_bounds=1.0, non_negative=True)
+    p = pos.plans[layout]
+    assert p.non_negative and not sym.plans[layout].non_negative
+    assert p.output_bound < sym.plans[layout].output_bound
+    assert LayoutPlan.from_dict(p.to_dict()) == p
+    server = load_server(pos.to_dict())
+    with pytest.raises(WireFormatError):
+        LeveledCircuit(pos.stages, 2, {layout: replace(p, non_negative=False)})
+    client = load_client(server.client_spec())
+    corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    out = client.decrypt(server.run(client.encrypt(corners, layout), client.public_bundle(layout)), 4)
+    np.testing.assert_allclose(out, NET.evaluate(corners), atol=1e-3)
+    with pytest.raises(PrecisionError, match="0 <= x"):
+        client.encrypt(np.array([[-0.01, 0.5]]), layout)
+    with pytest.raises(PrecisionError):
+        compile_program(NET, -POSITIVE, input_bounds=1.0, non_negative=True)

@@ -30,13 +30,17 @@ AnyClient = LinearClient | LeveledClient | StagedClient
 
 
 def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom: float | None = None,
-                    presets: dict[str, str] | None = None, bounds: str = "sound") -> Circuit:
+                    presets: dict[str, str] | None = None, bounds: str = "sound",
+                    non_negative: bool = False) -> Circuit:
     """Plan and build the circuit of any program. A program that normalises to one affine map (a
     linear model, or a network whose activations are all affine) runs on the depth-0 affine
     backend: no rescale, one 60-bit prime, no evaluation keys in batch layout; anything with a
     square runs on the leveled backend, its ring sized by `bounds` (`planner.BOUNDS`): "sound"
     holds the outputs of every input the client accepts, "calibrated" those of inputs like X
-    (times `headroom`), the client refusing outputs beyond them. A batch plan beyond the batch
+    (times `headroom`), the client refusing outputs beyond them. With `non_negative` the input box
+    is [0, bound] (pixels in [0, 1]) rather than [-bound, bound]: tighter sound bounds, hence a
+    smaller output level and noise estimate, and the client refuses negative inputs (an affine
+    program keeps its symmetric box, which contains that one). A batch plan beyond the batch
     layout's memory bound (`planner.check_batch_memory`) is left out when a row plan exists.
     (Programs over a public input encoding, tree ensembles, are product sums:
     `compile_product_sum`.)"""
@@ -49,7 +53,7 @@ def compile_program(program: Program, X: Any, input_bounds: Any = None, headroom
         assert isinstance(only, Linear)
         return LinearCircuit.calibrate(only.weight, only.bias, X, presets=presets, input_bounds=input_bounds,
                                        **kwargs)
-    stages, plans = plan(program, X, input_bounds=input_bounds, bounds=bounds, **kwargs)
+    stages, plans = plan(program, X, input_bounds=input_bounds, bounds=bounds, non_negative=non_negative, **kwargs)
     if "batch" in plans:
         try:
             check_batch_memory(stages, program.n_inputs, plans["batch"].params)

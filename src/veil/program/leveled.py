@@ -112,7 +112,7 @@ def check_plans(plans: dict[str, LayoutPlan], n_features: int, depth: int,
         if len(p.input_bounds) != n_features:
             raise ShapeError("input bounds do not match the number of features")
         if stages is not None and p.bounds == "sound":  # calibrated bounds came from data the server lacks
-            p = _sound_output(p, stages, non_negative)
+            p = _sound_output(p, stages, non_negative or p.non_negative)
         bits = p.params.coeff_modulus_bits
         levels = depth if stages is None else sum(stage_levels(stages, name))
         value_bits = output_value_bits(p.output_bound, p.bounds)

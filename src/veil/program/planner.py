@@ -134,6 +134,10 @@ class LayoutPlan:
     bounds: str = "sound"
     output_bound: float = 0.0
     """Planned bound on |output| (0: not recorded, as in plans written before it was; no check)."""
+    non_negative: bool = False
+    """The input box's lower bound is 0 (inputs in [0, bound], e.g. pixels in [0, 1]) rather than
+    -bound: the interval bounds, hence the output level and the noise estimate, are taken over that
+    box, and the client refuses negative inputs (`check_input`)."""
 
     def relinearize_at(self, stage: int, stages: list[Op]) -> bool:
         """Whether the square of `stage` is relinearized: always when another stage rotates (row
@@ -150,7 +154,7 @@ class LayoutPlan:
         out = {"layout": self.layout, "params": self.params.to_dict(), "scale_bits": self.scale_bits,
                "input_bounds": list(self.input_bounds), "relin": self.relin,
                "rotation_steps": list(self.rotation_steps), "half": self.half, "relin_last": self.relin_last,
-               "bounds": self.bounds, "output_bound": self.output_bound}
+               "bounds": self.bounds, "output_bound": self.output_bound, "non_negative": self.non_negative}
         if self.geometry is not None:
             out["geometry"] = self.geometry.to_dict()
         return out
@@ -175,6 +179,9 @@ class LayoutPlan:
         relin, relin_last = d.get("relin"), d.get("relin_last", False)
         if not isinstance(relin, bool) or not isinstance(relin_last, bool) or (relin_last and not relin):
             raise WireFormatError("relin and relin_last must be true or false (relin_last implies relin)")
+        non_negative = d.get("non_negative", False)
+        if not isinstance(non_negative, bool):
+            raise WireFormatError("non_negative must be true or false")
         mode, output_bound = d.get("bounds", "sound"), d.get("output_bound", 0.0)
         if mode not in BOUNDS:
             raise WireFormatError(f"unknown bounds {mode!r}; known: {BOUNDS}")
@@ -188,11 +195,12 @@ class LayoutPlan:
         return cls(layout, params, strict_int(d.get("scale_bits"), "scale_bits", MIN_SCALE_BITS, MAX_PRIME_BITS),
                    tuple(float(b) for b in bounds), relin,
                    tuple(strict_int(s, "rotation step", 1, slots - 1) for s in steps),
-                   strict_int(d.get("half"), "half", 0, slots), relin_last, geometry, mode, float(output_bound))
+                   strict_int(d.get("half"), "half", 0, slots), relin_last, geometry, mode, float(output_bound),
+                   non_negative)
 
     def check_input(self, X: np.ndarray) -> None:
         """Refuse (PrecisionError) any sample outside the box the parameters were planned for."""
-        check_box(X, np.asarray(self.input_bounds))
+        check_box(X, np.asarray(self.input_bounds), non_negative=self.non_negative)
 
     def check_output(self, Y: np.ndarray) -> np.ndarray:
         """Refuse (PrecisionError) decrypted outputs beyond the planned range, and return them.
@@ -224,16 +232,18 @@ class LayoutPlan:
         return Y
 
 
-def check_box(X: np.ndarray, bounds: np.ndarray, where: str = "") -> None:
-    """Refuse (PrecisionError) any sample of X with a feature beyond its bound; `where` names the
-    values checked in the message (e.g. a stage's inputs). Value and bound are printed exactly, so
-    a value just past its bound does not read as equal to it."""
-    over = np.abs(X) > bounds
+def check_box(X: np.ndarray, bounds: np.ndarray, where: str = "", non_negative: bool = False) -> None:
+    """Refuse (PrecisionError) any sample of X with a feature beyond its bound (or, with
+    `non_negative`, below 0); `where` names the values checked in the message (e.g. a stage's
+    inputs). Value and bound are printed exactly, so a value just past its bound does not read as
+    equal to it."""
+    over = (np.abs(X) > bounds) | ((X < 0) if non_negative else False)
     if over.any():
         i, f = map(int, np.argwhere(over)[0])
+        box = f"0 <= x <= {float(bounds[f])!r}" if non_negative else f"|x| <= {float(bounds[f])!r}"
         raise PrecisionError(
             f"sample {i}, {where}feature {f} = {float(X[i, f])!r} is outside the range the model was compiled "
-            f"for (|x| <= {float(bounds[f])!r}); recompile with calibration data or input_bounds covering it")
+            f"for ({box}); recompile with calibration data or input_bounds covering it")
 
 
 def input_box(X: np.ndarray, input_bounds: float | np.ndarray | None) -> np.ndarray:
@@ -649,6 +659,8 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
         raise ShapeError(f"calibration data must be (n>0, {program.n_inputs}), got {X.shape}")
     if not np.all(np.isfinite(X)):
         raise ShapeError("calibration data contain NaN or infinite values")
+    if non_negative and np.any(X < 0):
+        raise PrecisionError("calibration data hold negative values, outside the non-negative input box")
     stages = normalise(program)
     box = input_box(X, input_bounds)
     planned = stage_bounds(stages, X, box, bounds, headroom, non_negative)
@@ -685,5 +697,6 @@ def plan(program: Program, X: np.ndarray, input_bounds: float | np.ndarray | Non
             except ShapeError:
                 continue
         relin, steps, half = required_keys(stages, name, relin_last, geometry)
-        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, steps, half, relin_last, geometry, bounds, peak)
+        plans[name] = LayoutPlan(name, params, s, tuple(box), relin, steps, half, relin_last, geometry, bounds, peak,
+                                 non_negative)
     return stages, plans
