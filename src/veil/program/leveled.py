@@ -523,11 +523,17 @@ class LeveledCircuit(LeveledKind, ServerBase):
             acc.add_(acc.rotate(step * g.samples_per_ct, gk))
         return acc
 
-    def _diagonal_stage(self, stage: int, x: Ciphertext, d: Diagonal, g: TiledGeometry, gk: Any) -> Ciphertext:
+    def _diagonal_stage(self, stage: int, x: Ciphertext, d: Diagonal, g: TiledGeometry, gk: Any,
+                        deferred: bool = False) -> Ciphertext:
         """The hybrid diagonal method in baby-step giant-step form, Horner over the giant steps,
-        then the fold (`veil.program.tiled`, stage l)."""
+        then the fold (`veil.program.tiled`, stage l). With `deferred`, x is the previous stage's
+        result before its rescale (`TiledGeometry.deferred`): the babies are rotated at that scale
+        and each is rescaled once made."""
         op = self.stages[stage]
         assert isinstance(op, Linear)
+        raw = x
+        if deferred:
+            x = x.rescale()
         n, q = g.samples_per_ct, float(x.next_prime())
         if (stage, "diagonals") not in self._row_plain:
             self._row_plain[(stage, "diagonals")] = d.plaintext_vectors(op.weight)
@@ -541,7 +547,8 @@ class LeveledCircuit(LeveledKind, ServerBase):
             terms = []
             for b, v in groups[gi]:
                 while len(babies) <= b:
-                    babies.append(babies[-1].rotate(n, gk))
+                    raw = raw.rotate(n, gk)
+                    babies.append(raw.rescale() if deferred else raw)
                 pt = self._plain((stage, "diagonal", gi, b), x, q, lambda v=v: v)
                 terms.append(Ciphertext(x.context, ev.multiply_plain(babies[b].data, pt)))
             if terms:
@@ -560,6 +567,7 @@ class LeveledCircuit(LeveledKind, ServerBase):
         assert g is not None
         gk = bundle.galois_keys
         diagonals = iter(g.diagonals)
+        deferred = g.deferred(self.stages)
         x, period, width = xs[0], g.input_period, self.n_inputs
         for i, op in enumerate(self.stages):
             if isinstance(op, Linear):
@@ -567,17 +575,18 @@ class LeveledCircuit(LeveledKind, ServerBase):
                     acc, period = self._windows_stage(i, xs, g, gk), g.windows.period
                 else:
                     d = next(diagonals)
-                    acc, period = self._diagonal_stage(i, x, d, g, gk), d.rows
+                    acc, period = self._diagonal_stage(i, x, d, g, gk, i > 0 and deferred[i - 1]), d.rows
                 width = op.n_out
                 bias = self._plain((i, "bias"), acc, acc.scale, lambda p=period, b=op.bias: self._periodic(b, p))
                 acc.context.evaluator.add_plain_inplace(acc.data, bias)
-                x = acc.rescale_()
+                x = acc if deferred[i] else acc.rescale_()
             else:
                 def c0_plain(scale: float, i: int = i, p: int = period, w: int = width, z: Ciphertext = x,
                              c0: float = op.coeffs[0]) -> seal.Plaintext:
                     return self._plain((i, "c0"), z, scale, lambda: self._periodic(np.full(w, c0), p))
 
-                x = self._poly(x, op.coeffs, plan.relinearize_at(i, self.stages), bundle, c0_plain=c0_plain)
+                x = self._poly(x, op.coeffs, plan.relinearize_at(i, self.stages), bundle, c0_plain=c0_plain,
+                               rescale=not deferred[i])
         return x
 
 

@@ -360,8 +360,10 @@ def output_noise(stages: list[Op], box: np.ndarray, units: list[np.ndarray], par
     interval bound of z; a last square left unrelinearized multiplies its rescale noise by sqrt(N).
     Every key switch adds `keyswitch_error` at its level (the largest slot's, as an output may
     sit there): each relinearization (at 2^(2s)); in the row layout (`geometry`) a Linear's
-    rotations of products (giant steps, folds; at 2^(2s)) and its baby steps at 2^s, which its
-    weights then multiply like their inputs' errors: baby b carries the errors of b < B rotations
+    rotations of products (giant steps, folds; at 2^(2s)) and its baby steps, at 2^s on a fresh
+    input and at 2^(2s) with one more prime where the stage before leaves its rescale to them
+    (`TiledGeometry.deferred`; each baby's rescale then adds the rescale error its input had),
+    which its weights then multiply like their inputs' errors: baby b carries the errors of b < B rotations
     by one key, whose parts the key fixes reach an output slot coherently from at most B - 1
     babies (so, by Cauchy-Schwarz, B - 1 times the sum of the B largest slot variances per input
     bounds them, amplified by the row's L2 norm, when no fold adds partial sums whose windows
@@ -374,6 +376,7 @@ def output_noise(stages: list[Op], box: np.ndarray, units: list[np.ndarray], par
     squares = [i for i, op in enumerate(stages) if isinstance(op, Poly)]
     levels = np.cumsum([0, *stage_levels(stages, layout)])
     diagonals = iter(geometry.diagonals) if geometry is not None else iter(())
+    deferred = geometry.deferred(stages) if geometry is not None else [False] * len(stages)
 
     def product_switches(count: int, primes: int) -> float:
         spread, profile = keyswitch_error(params, scale_bits, primes, products=True)
@@ -386,7 +389,8 @@ def output_noise(stages: list[Op], box: np.ndarray, units: list[np.ndarray], par
                 late = 0.0
                 if geometry is not None and not (i == 0 and geometry.windows is not None):
                     d = next(diagonals)
-                    spread, profile = keyswitch_error(params, scale_bits, primes)
+                    late_rescale = i > 0 and deferred[i - 1]
+                    spread, profile = keyswitch_error(params, scale_bits, primes + late_rescale, late_rescale)
                     top_slots = float(np.sum(np.sort(profile)[::-1][:d.baby]))
                     sigma = np.sqrt(sigma**2 + (d.baby - 1) * (spread + top_slots))
                     late = product_switches(d.giant - 1 + len(d.fold), primes)
@@ -583,12 +587,16 @@ def row_cost_ms(stages: list[Op], geometry: TiledGeometry, params: CKKSParameter
     c = COST_MS_PER_PRIME
     top = len(params.coeff_modulus_bits) - 1
     counts = iter(geometry.op_counts(stages))
+    babies = iter([1] * (geometry.windows is not None) + [d.baby for d in geometry.diagonals])
+    deferred = geometry.deferred(stages)
     cost = 0.0
     for i, op in enumerate(stages):
         if isinstance(op, Linear):
-            ops = next(counts)
+            ops, baby = next(counts), next(babies)
             one = ops["input_cts"] * c["encrypt"] + ops["mul_plain"] * c["mul_add"]
             one += ops["rotations"] * c["rotate"] + c["rescale"]
+            if i > 0 and deferred[i - 1]:  # baby steps at one more prime, each rescaled
+                cost += (baby - 1) * (c["rotate"] + c["rescale"] * (top - i + 1))
         else:
             one = c["square"] + c["rescale"] + (c["rotate"] if relinearized and relinearized[i] else 0.0)
         cost += one * (top - i)

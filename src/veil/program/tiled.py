@@ -40,7 +40,11 @@ the whole program needs Galois keys for 1, each stage's B and the fold steps onl
 Padded slots hold exact zeros (zero weights and biases; the constant of an activation is added
 to real slots only), so every slot's value obeys the planner's bounds. Only the diagonals that
 hold a weight are encoded and multiplied (entry (r, c) lies on diagonal (c - r) mod d), and each
-stage takes the baby-step size that needs the fewest rotations for those diagonals.
+stage takes the baby-step size that needs the fewest rotations for those diagonals. The stage
+before a diagonal stage with B > 1 leaves its result unrescaled (`TiledGeometry.deferred`): the
+babies are rotated at about 2^(2s) and rescaled one by one, so the error their key switches add
+(which SEAL's uncentered digits concentrate on a few slots, `planner.keyswitch_variance`) is 2^s
+times smaller relative to the values.
 
 Placement (`place`, used when lowering torch networks). Where a stage's values sit in the virtual
 vector is free: a permutation (with gaps) of a Linear's rows, applied to the next Linear's columns,
@@ -293,6 +297,23 @@ class TiledGeometry:
                 steps.add(d.baby)
         n = self.samples_per_ct
         return tuple(sorted(n * s for s in steps))
+
+    def deferred(self, stages: list[Op]) -> list[bool]:
+        """Per stage, whether the backend leaves its result unrescaled, at about 2^(2s), for the
+        next stage's baby steps (a diagonal stage with B > 1): the babies are rotated at that scale
+        and rescaled one by one, so a rotation's key-switching error is 2^s times smaller relative
+        to the values than at 2^s (`planner.output_noise`), for one more prime per baby rotation
+        and B rescales instead of one. The levels used are the same."""
+        k = -1 if self.windows is not None else 0
+        babies = []
+        for op in stages:
+            if isinstance(op, Linear):
+                babies.append(self.diagonals[k].baby if k >= 0 else 1)
+                k += 1
+            else:
+                babies.append(1)
+        return [i + 1 < len(stages) and isinstance(stages[i + 1], Linear) and babies[i + 1] > 1
+                for i in range(len(stages))]
 
     def op_counts(self, stages: list[Op] | None = None) -> list[dict[str, int]]:
         """Per Linear stage: plaintext products and rotations (`Diagonal.counts`: without `stages`
