@@ -5,6 +5,7 @@ contradictory choices refused with a clear error, and only the chosen backend's 
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_app_shutdown_closes_its_executor(tmp_path):
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_redis_server_shutdown_closes_the_queue_connections(tmp_path, monkeypatch):
     """Stopping a redis-backend server closes its executor's two Redis connections (readiness and
-    queue): redis-server counts two clients fewer once the app's lifespan has ended."""
+    queue) and its store's: redis-server counts three clients fewer once the app's lifespan has ended."""
     import redis
     from starlette.testclient import TestClient
 
@@ -164,7 +165,50 @@ def test_redis_server_shutdown_closes_the_queue_connections(tmp_path, monkeypatc
             assert client.portal.call(executor._async.ping)  # the queue's asyncio client
             running = connected()
             assert running == before + 1
-        wait_for(lambda: connected() == running - 2, 10, "the executor's connections to close")
+        wait_for(lambda: connected() == running - 3, 10, "the executor's and the store's connections to close")
+
+
+def _open_sockets(client) -> int:
+    """Sockets a sync redis-py client's pool holds open (idle or in use)."""
+    pool = client.connection_pool
+    return sum(conn._sock is not None for conn in [*pool._get_free_connections(), *pool._get_in_use_connections()])
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_redis_server_shutdown_closes_the_store_and_nonce_clients(tmp_path, monkeypatch):
+    """Stopping a redis-backend key broker closes the Redis clients of its model store and of its
+    key-release nonce store, as it closes the executor's: each had a socket open while the server
+    ran (readiness, a challenge) and none is left once the app's lifespan has ended."""
+    from starlette.testclient import TestClient
+
+    from tests.tee.fakeplatform import PLATFORM, FakePlatform, FakeVerifier
+    from tests.tee.vectors import write_policy
+    from veil.serve.backends.redis import RedisBackend
+
+    machine = FakePlatform()
+    write_policy(tmp_path, {PLATFORM: {"roots": [machine.root_pem], "measurements": [machine.measurement.hex()]}},
+                 plugins={PLATFORM: FakeVerifier})
+    made = []
+    nonce_store = RedisBackend.nonce_store
+
+    def recording(self, config):  # the nonce store the server makes, to look at its client
+        made.append(nonce_store(self, config))
+        return made[-1]
+
+    monkeypatch.setattr(RedisBackend, "nonce_store", recording)
+    monkeypatch.setenv("VEIL_MODEL_KEY", KEY)
+    with redis_server(tmp_path / "redis") as url:
+        app, service = build(ServerConfig(backend="redis", queue=url, data_dir=str(tmp_path / "data"),
+                                          attest_policy=str(tmp_path / "policy.json"),
+                                          attest_verifiers=(f"{PLATFORM}=tests.tee.fakeplatform:FakeVerifier",)))
+        [nonces] = made
+        with TestClient(app) as client:
+            assert client.get("/readyz").status_code == 200  # the store's client answers
+            nonces.issue(os.urandom(32), "worker")  # the nonce store's client answers
+            assert _open_sockets(service.store.client) == 1
+            assert _open_sockets(nonces.client) == 1
+        assert _open_sockets(service.store.client) == 0
+        assert _open_sockets(nonces.client) == 0
 
 
 def test_local_server_loads_no_redis_client(tmp_path):

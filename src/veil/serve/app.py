@@ -555,8 +555,9 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     and `protect_docs` make /metrics, and /docs, /redoc and /openapi.json, require a valid bearer
     token (any role) for servers whose operations data should not be public. `tee` makes it a key
     broker and/or an attested enclave (`veil.serve.tee`); its endpoints exist either way and answer
-    404 where it is not set. When the server shuts down (the ASGI lifespan's end), the executor is
-    closed (`Executor.aclose`)."""
+    404 where it is not set. When the server shuts down (the ASGI lifespan's end), what holds
+    connections is closed, each once and all even if one fails: the executor (`Executor.aclose`), the
+    service's store (`Store.close`) and the key broker's nonce store (`NonceStore.close`)."""
     executor = executor or LocalExecutor(service)
     tee = tee or TeeState()
     metrics = Metrics.create()
@@ -565,8 +566,12 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await executor.aclose()
+        async with contextlib.AsyncExitStack() as closing:
+            if tee.broker is not None:
+                closing.callback(tee.broker.nonces.close)
+            closing.callback(service.store.close)
+            closing.push_async_callback(executor.aclose)
+            yield
 
     app = FastAPI(title="veil", version=veil.__version__, responses=ERRORS, docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan,

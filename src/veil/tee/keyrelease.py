@@ -177,7 +177,8 @@ class NonceStore(Protocol):
 
     `issue` remembers a nonce for `ttl` seconds as issued to `owner`; `consume` removes it and raises
     `NonceError` if it was unknown, already used, expired or issued to another owner. Both must be
-    atomic: a nonce is consumed at most once however many requests race for it.
+    atomic: a nonce is consumed at most once however many requests race for it. `close` releases
+    the store's connections (a server calls it once, at shutdown).
     """
 
     ttl: float
@@ -185,6 +186,8 @@ class NonceStore(Protocol):
     def issue(self, nonce: bytes, owner: str) -> None: ...
 
     def consume(self, nonce: bytes, owner: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class MemoryNonceStore:
@@ -222,6 +225,10 @@ class MemoryNonceStore:
             raise NonceError("nonce expired before the request arrived")
         if issued_to != owner:
             raise NonceError("nonce was issued to another worker")
+
+    def close(self) -> None:
+        """Nothing to release: the nonces are this process's memory."""
+        return None
 
 
 class KeyBroker:

@@ -154,6 +154,9 @@ class Store(Protocol):
     def list_models(self) -> list[ModelRecord]:
         """Every version of every model, without their artefacts."""
 
+    def close(self) -> None:
+        """Release the store's connections; the app calls it once, at shutdown."""
+
 
 def check_key_conflict(existing: KeyRecord | None, record: KeyRecord) -> KeyRecord | None:
     """The record already stored under `record`'s id, which must be its owner's. Scoped ids never

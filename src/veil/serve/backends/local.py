@@ -178,6 +178,11 @@ class SQLiteStore:
         rows = self._conn().execute("SELECT * FROM models ORDER BY name, version").fetchall()
         return [ModelRecord(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
 
+    def close(self) -> None:
+        """Nothing to release here: each thread's SQLite connection belongs to that thread (SQLite
+        refuses to close it from another) and is closed with it."""
+        return None
+
 
 class LocalExecutor:
     """`Executor` evaluating in this process, off the event loop (`Service.predict` in a thread)."""

@@ -359,6 +359,10 @@ class RedisStore:
         return [ModelRecord(name, version, float(row[0]), json.loads(row[1]))
                 for (name, version), row in zip(pairs, rows, strict=True) if row[0] is not None]
 
+    def close(self) -> None:
+        """Close the Redis client and its connections."""
+        self.client.close()
+
 
 class RedisExecutor:
     """Authorises here, queues the evaluation on the Redis stream, and waits for one worker's answer."""
@@ -462,6 +466,10 @@ class RedisNonceStore:
             raise NonceError("nonce is unknown, was already used or expired")
         if got == -1:
             raise NonceError("nonce was issued to another worker")
+
+    def close(self) -> None:
+        """Close the Redis client and its connections."""
+        self.client.close()
 
 
 def check_redis_persistence(client: redis.Redis) -> bool:
