@@ -11,7 +11,7 @@ from veil.he import CKKSParameters, SecretKeys
 from veil.he.ciphertext import Ciphertext
 from veil.program import LeveledCircuit, Linear, Poly, Program, load_client, plan
 from veil.program.planner import NOISE_SLOTS, keyswitch_variance, output_noise, unit_bounds
-from veil.program.tiled import build
+from veil.program.tiled import TiledGeometry, build
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,6 +42,19 @@ def test_rotation_error_follows_the_model_slot_by_slot(bits, low):
         assert abs(error[0]) < 5 * np.sqrt(variance[0])
 
 
+def _row_plan(prog: Program, X: np.ndarray, first: str) -> tuple[list, dict, TiledGeometry]:
+    """The planner's row plan of `prog` with its first stage by `first` ("diagonal" or "windows"),
+    checked to be what these tests rely on: a diagonal stage of 4 baby steps, and a special prime as
+    large as the first prime (as the planner gives rotating plans)."""
+    stages, plans = plan(prog, X, layouts=("row",))
+    p = plans["row"]
+    geometry = build(stages, prog.n_inputs, p.params.slot_count, first)
+    plans["row"] = dataclasses.replace(p, geometry=geometry, rotation_steps=geometry.rotation_steps)
+    bits = p.params.coeff_modulus_bits
+    assert geometry.diagonals[0].baby == 4 and bits[-1] == bits[0]
+    return stages, plans, geometry
+
+
 def test_leveled_row_estimate_counts_the_baby_step_rotations():
     """A dense 16 -> 16 layer in the row layout by the diagonal method (4 baby steps, rotations at
     the scale 2^s, with a special prime as large as the first prime, as the planner gives rotating
@@ -52,12 +65,8 @@ def test_leveled_row_estimate_counts_the_baby_step_rotations():
     rng = np.random.default_rng(7)
     prog = Program(16, [Linear(rng.normal(size=(16, 16)) / 4, rng.normal(size=16) * 0.1)])
     X = rng.uniform(-1, 1, size=(64, 16))
-    stages, plans = plan(prog, X, layouts=("row",))
+    stages, plans, geometry = _row_plan(prog, X, "diagonal")
     p = plans["row"]
-    geometry = build(stages, 16, p.params.slot_count, "diagonal")
-    p = plans["row"] = dataclasses.replace(p, geometry=geometry, rotation_steps=geometry.rotation_steps)
-    bits = p.params.coeff_modulus_bits
-    assert geometry.diagonals[0].baby == 4 and bits[-1] == bits[0]
     box = np.asarray(p.input_bounds)
     units = unit_bounds(stages, box)
     without = output_noise(stages, box, units, p.params, p.scale_bits, p.relin_last, "row")
@@ -86,12 +95,8 @@ def test_baby_steps_after_a_square_rotate_before_its_rescale():
     prog = Program(16, [Linear(rng.normal(size=(16, 16)) / 4, rng.normal(size=16) * 0.1), Poly((0.0, 0.0, 1.0)),
                         Linear(rng.normal(size=(16, 16)) / 4, rng.normal(size=16) * 0.1)])
     X = rng.uniform(-1, 1, size=(64, 16))
-    stages, plans = plan(prog, X, layouts=("row",))
+    stages, plans, geometry = _row_plan(prog, X, "windows")
     p = plans["row"]
-    geometry = build(stages, 16, p.params.slot_count, "windows")
-    p = plans["row"] = dataclasses.replace(p, geometry=geometry, rotation_steps=geometry.rotation_steps)
-    bits = p.params.coeff_modulus_bits
-    assert geometry.diagonals[0].baby == 4 and bits[-1] == bits[0]
     assert geometry.deferred(stages) == [False, True, False]
     box = np.asarray(p.input_bounds)
     estimate = output_noise(stages, box, unit_bounds(stages, box), p.params, p.scale_bits, p.relin_last, "row",

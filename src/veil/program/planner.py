@@ -587,16 +587,15 @@ def row_cost_ms(stages: list[Op], geometry: TiledGeometry, params: CKKSParameter
     c = COST_MS_PER_PRIME
     top = len(params.coeff_modulus_bits) - 1
     counts = iter(geometry.op_counts(stages))
-    babies = iter([1] * (geometry.windows is not None) + [d.baby for d in geometry.diagonals])
-    deferred = geometry.deferred(stages)
+    babies, deferred = geometry.babies(stages), geometry.deferred(stages)
     cost = 0.0
     for i, op in enumerate(stages):
         if isinstance(op, Linear):
-            ops, baby = next(counts), next(babies)
+            ops = next(counts)
             one = ops["input_cts"] * c["encrypt"] + ops["mul_plain"] * c["mul_add"]
             one += ops["rotations"] * c["rotate"] + c["rescale"]
             if i > 0 and deferred[i - 1]:  # baby steps at one more prime, each rescaled
-                cost += (baby - 1) * (c["rotate"] + c["rescale"] * (top - i + 1))
+                cost += (babies[i] - 1) * (c["rotate"] + c["rescale"] * (top - i + 1))
         else:
             one = c["square"] + c["rescale"] + (c["rotate"] if relinearized and relinearized[i] else 0.0)
         cost += one * (top - i)

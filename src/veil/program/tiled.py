@@ -298,22 +298,21 @@ class TiledGeometry:
         n = self.samples_per_ct
         return tuple(sorted(n * s for s in steps))
 
+    def babies(self, stages: list[Op]) -> list[int]:
+        """Per stage, the baby-step size B of its diagonal stage (1 for the windows stage and for a
+        Poly: no baby steps)."""
+        diagonals = iter(self.diagonals)
+        return [next(diagonals).baby if isinstance(op, Linear) and not (i == 0 and self.windows is not None) else 1
+                for i, op in enumerate(stages)]
+
     def deferred(self, stages: list[Op]) -> list[bool]:
         """Per stage, whether the backend leaves its result unrescaled, at about 2^(2s), for the
         next stage's baby steps (a diagonal stage with B > 1): the babies are rotated at that scale
         and rescaled one by one, so a rotation's key-switching error is 2^s times smaller relative
         to the values than at 2^s (`planner.output_noise`), for one more prime per baby rotation
         and B rescales instead of one. The levels used are the same."""
-        k = -1 if self.windows is not None else 0
-        babies = []
-        for op in stages:
-            if isinstance(op, Linear):
-                babies.append(self.diagonals[k].baby if k >= 0 else 1)
-                k += 1
-            else:
-                babies.append(1)
-        return [i + 1 < len(stages) and isinstance(stages[i + 1], Linear) and babies[i + 1] > 1
-                for i in range(len(stages))]
+        babies = self.babies(stages)
+        return [i + 1 < len(stages) and babies[i + 1] > 1 for i in range(len(stages))]
 
     def op_counts(self, stages: list[Op] | None = None) -> list[dict[str, int]]:
         """Per Linear stage: plaintext products and rotations (`Diagonal.counts`: without `stages`
