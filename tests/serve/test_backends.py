@@ -211,6 +211,30 @@ def test_redis_server_shutdown_closes_the_store_and_nonce_clients(tmp_path, monk
         assert _open_sockets(nonces.client) == 0
 
 
+def test_server_shutdown_closes_its_pccs_collateral_client(tmp_path, monkeypatch):
+    """A server given --pccs-url keeps one PCCS source (its HTTP client) for its life: open while the
+    server runs, closed once the app's lifespan has ended."""
+    from starlette.testclient import TestClient
+
+    from veil.serve import tee_setup
+
+    made = []
+    collateral_source = tee_setup.collateral_source
+
+    def recording(config):  # the collateral source the server makes, to look at its client
+        made.append(collateral_source(config))
+        return made[-1]
+
+    monkeypatch.setattr(tee_setup, "collateral_source", recording)
+    monkeypatch.setenv("VEIL_MODEL_KEY", KEY)
+    app, _ = build(ServerConfig(data_dir=str(tmp_path / "data"), pccs_url="http://127.0.0.1:9"))
+    [source] = made
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        assert not source._http.is_closed
+    assert source._http.is_closed
+
+
 def test_local_server_loads_no_redis_client(tmp_path):
     """Only the chosen backend's module is imported: a local server never loads the Redis client."""
     code = ("import os, sys; os.environ['VEIL_MODEL_KEY'] = '22' * 32\n"

@@ -107,6 +107,22 @@ def test_collateral_fetched_from_a_pccs_verifies_the_recorded_quote_and_is_cache
     assert f"fmspc={FMSPC}" in asked[0] and "ca=platform" in asked[2], "FMSPC and CA come from the quote"
 
 
+def test_a_pccs_source_closes_its_http_client_once_or_twice_and_on_leaving_with():
+    """The PCCS source's HTTP client is open after a fetch, closed by `close` (a second close is
+    harmless) and by leaving a ``with`` block."""
+    evidence, _ = _quote_evidence()
+    with fake_pccs(_recorded_pcs()) as (url, asked):
+        source = PccsCollateral(url)
+        source.collateral(evidence)
+        assert len(asked) == 4 and not source._http.is_closed
+        source.close()
+        assert source._http.is_closed
+        source.close()
+        with PccsCollateral(url) as fetched:
+            assert fetched.collateral(evidence) and not fetched._http.is_closed
+        assert fetched._http.is_closed
+
+
 @pytest.mark.parametrize("broken", ["missing", "no chain", "not a crl"])
 def test_a_pccs_that_answers_wrongly_is_a_collateral_error(broken):
     answers = _recorded_pcs()

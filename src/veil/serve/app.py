@@ -557,7 +557,8 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
     broker and/or an attested enclave (`veil.serve.tee`); its endpoints exist either way and answer
     404 where it is not set. When the server shuts down (the ASGI lifespan's end), what holds
     connections is closed, each once and all even if one fails: the executor (`Executor.aclose`), the
-    service's store (`Store.close`) and the key broker's nonce store (`NonceStore.close`)."""
+    service's store (`Store.close`), the key broker's nonce store (`NonceStore.close`) and the
+    collateral source that completes SGX/TDX evidence (`CollateralSource.close`: a PCCS's HTTP client)."""
     executor = executor or LocalExecutor(service)
     tee = tee or TeeState()
     metrics = Metrics.create()
@@ -569,6 +570,8 @@ def create_app(service: Service, tokens: TokenStore, executor: Executor | None =
         async with contextlib.AsyncExitStack() as closing:
             if tee.broker is not None:
                 closing.callback(tee.broker.nonces.close)
+            if tee.collateral is not None:
+                closing.callback(tee.collateral.close)
             closing.callback(service.store.close)
             closing.push_async_callback(executor.aclose)
             yield

@@ -122,7 +122,8 @@ class RefusalCollector(Collector):
 @dataclass
 class TeeState:
     """What this server does in trusted execution: broker the model key, attest itself, or neither.
-    `collateral` completes SGX/TDX evidence that workers send without a current copy."""
+    `collateral` completes SGX/TDX evidence that workers send without a current copy (the attester
+    shares it); the app's lifespan closes it at shutdown (`veil.serve.app.create_app`)."""
 
     broker: KeyBroker | None = None
     attester: EnclaveAttester | None = None

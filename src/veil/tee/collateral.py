@@ -27,7 +27,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 import dcap_qvl
 from cryptography import x509
@@ -44,9 +44,16 @@ HEXDIGITS = frozenset(string.hexdigits.encode())
 
 
 class CollateralSource(Protocol):
-    """Gives the collateral JSON (`Collateral.to_json`) that verifies one SGX/TDX quote."""
+    """Gives the collateral JSON (`Collateral.to_json`) that verifies one SGX/TDX quote; `close`
+    releases what it holds (idempotent), and it is a context manager that closes on exit."""
 
     def collateral(self, evidence: Evidence) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
 
 
 def with_collateral(evidence: Evidence, source: CollateralSource | None) -> Evidence:
@@ -80,6 +87,16 @@ class FileCollateral:
             except OSError as exc:
                 raise CollateralError(f"cannot read collateral file {self.path}: {exc.strerror}") from None
             return self._data
+
+    def close(self) -> None:
+        """Nothing to release: the file is opened only while it is read."""
+        return None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _crl_der(body: bytes, what: str) -> bytes:
@@ -122,7 +139,14 @@ class PccsCollateral:
         self._lock = threading.Lock()
 
     def close(self) -> None:
+        """Close the HTTP client and its pooled connections to the PCCS; closing again does nothing."""
         self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def collateral(self, evidence: Evidence) -> bytes:
         frame = parse_quote_frame(evidence.blob)
