@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from veil import ml
 from veil.he import PublicBundle, SecretKeys, preset
 from veil.serve import Client, RequestError
+from veil.serve import worker as worker_module
 from veil.serve.auth import TokenStore, add_token_to_file, revoke_tokens
 from veil.serve.backends.base import MAX_VERSION, KeyQuota, KeyRecord, legacy_key_id, scoped_key_id
 from veil.serve.backends.redis import RedisKeyNames, RedisStore, RemoteError, decode_result, encode_result, post_result
@@ -400,6 +401,58 @@ def test_run_worker_in_a_thread_stops_on_its_event(setup, lone_redis):
     thread.join(15)
     assert not thread.is_alive() and result == {"handled": 0}
     assert db.xinfo_consumers(KEYS.stream, KEYS.group) == []
+
+
+def _open_sockets(client: redis.Redis) -> int:
+    """Sockets a sync redis-py client's pool holds open (idle or in use)."""
+    pool = client.connection_pool
+    return sum(conn._sock is not None for conn in [*pool._get_free_connections(), *pool._get_in_use_connections()])
+
+
+@pytest.mark.parametrize("ending", ["stopped", "failed"])
+def test_a_worker_leaves_no_redis_connection_open_however_it_ends(setup, lone_redis, monkeypatch, ending):
+    """`run_worker` closes its store's and its job loop's Redis clients when it returns or raises: both
+    had a socket open while it served a job (the store looked the key up), and once it has ended
+    redis-server lists no client but the test's own."""
+    db = redis.Redis.from_url(lone_redis)
+    made = []
+
+    class Recorded(worker_module.Worker):  # the worker run_worker makes, to look at its clients
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def run(self, stop_event: threading.Event, max_jobs: int | None = None) -> int:
+            handled = super().run(stop_event, max_jobs)
+            if ending == "failed":
+                raise RuntimeError("the job loop failed")
+            return handled
+
+    monkeypatch.setattr(worker_module, "Worker", Recorded)
+    stop, result = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            result["handled"] = run_worker(setup["config"](lone_redis), name="closing", claim_idle=1, stop_event=stop)
+        except RuntimeError as exc:
+            result["error"] = str(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: [c["name"] for c in db.xinfo_consumers(KEYS.stream, KEYS.group)] == [b"closing"],
+             30, "worker to join")
+    db.xadd(KEYS.stream, {"id": "job-1", "name": "wine", "version": "1", "key_id": "unknown", "timeout": "30",
+                          "payload": b""})
+    wait_for(lambda: db.exists(KEYS.done("job-1")), 30, "the job to be answered")
+    [worker] = made
+    assert _open_sockets(worker.client) == 1 and _open_sockets(worker.service.store.client) == 1
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive()
+    assert result == ({"handled": 1} if ending == "stopped" else {"error": "the job loop failed"})
+    assert _open_sockets(worker.client) == 0 and _open_sockets(worker.service.store.client) == 0
+    wait_for(lambda: [c["id"] for c in db.client_list()] == [str(db.client_id())], 10,
+             "the worker's connections to close")
 
 
 def test_worker_refuses_to_start_without_the_model_key(monkeypatch, tmp_path, lone_redis):

@@ -112,6 +112,10 @@ class Worker:
         log.info("worker stopped", extra={"worker": self.name, "handled": self.handled})
         return self.handled
 
+    def close(self) -> None:
+        """Close the job loop's Redis client and its connections (`run_worker` does, once it returns)."""
+        self.client.close()
+
     def _next_jobs(self) -> list[tuple[bytes, dict]]:
         now = time.monotonic()
         if now >= self._next_claim:
@@ -255,12 +259,20 @@ def run_worker(config: ServerConfig, name: str | None = None, claim_idle: float 
                broker: KeyBrokerOptions | None = None) -> int:
     """Serve jobs from `config.queue` until SIGTERM/SIGINT, `stop_event` or `max_jobs`.
     Returns the number of jobs evaluated. An attesting worker (`config.attest`) first obtains the
-    model key from `broker` and raises `veil.tee.KeyReleaseError` if it is refused."""
+    model key from `broker` and raises `veil.tee.KeyReleaseError` if it is refused. However it ends
+    (stopped, a signal, an error), the Redis clients of its store and of its job loop are closed."""
     if not config.queue:
         raise ValueError("a worker needs a queue URL (--queue redis://...)")
-    stop = stop_event or threading.Event()
-    service = Service(RedisStore(config.queue), _cipher(config, broker))
-    worker = Worker(config.queue, service, name=name, claim_idle=claim_idle)
+    with contextlib.ExitStack() as closing:
+        store = RedisStore(config.queue)
+        closing.callback(store.close)
+        worker = Worker(config.queue, Service(store, _cipher(config, broker)), name=name, claim_idle=claim_idle)
+        closing.callback(worker.close)
+        return _serve(worker, stop_event or threading.Event(), max_jobs)
+
+
+def _serve(worker: Worker, stop: threading.Event, max_jobs: int | None) -> int:
+    """`worker.run` with SIGTERM/SIGINT setting `stop` (in the main thread), the handlers restored after."""
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         def _stop(signum: int, _frame: Any) -> None:
