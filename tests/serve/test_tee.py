@@ -219,6 +219,34 @@ def test_worker_with_a_model_key_in_its_environment_is_refused(tee, cluster):
     assert code == 2 and "unset VEIL_MODEL_KEY" in text
 
 
+@needs_redis
+def test_an_attesting_worker_closes_its_pccs_source_once_the_key_is_released(tee, cluster, monkeypatch):
+    """The collateral source a worker makes for its key request (--pccs-url) is closed when the
+    request is over: the worker never asks the PCCS again."""
+    from veil.serve import tee_setup
+    from veil.serve.tee_setup import KeyBrokerOptions
+    from veil.serve.worker import _cipher
+
+    made = []
+    collateral_source = tee_setup.collateral_source
+
+    def recording(config):  # the collateral source the worker makes, to look at its client
+        made.append(collateral_source(config))
+        return made[-1]
+
+    monkeypatch.setattr(tee_setup, "collateral_source", recording)
+    for name in ("VEIL_MODEL_KEY", "VEIL_MODEL_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(DIR_ENV, str(tee["root"] / "machine-good"))
+    config = ServerConfig(attest_provider="tests.tee.fakeplatform:provider", pccs_url="http://127.0.0.1:9",
+                          data_dir=str(tee["root"] / "data-closing"))
+    broker = KeyBrokerOptions(cluster["url"], tee["token"]["w-good"], str(tee["certs"].ca))
+    sealed = ArtefactCipher(tee["key"]).encrypt(b"model", "iris")
+    assert _cipher(config, broker).decrypt(sealed, "iris") == b"model", "the broker's key was released"
+    [source] = made
+    assert source._http.is_closed
+
+
 def _release(url: str, ca: Path, token: str, machine: FakePlatform, challenge_token: str | None = None
              ) -> tuple[KeyRequester, dict, httpx.Response]:
     """Ask for a challenge (with `challenge_token`, default `token`), attest, post the request."""

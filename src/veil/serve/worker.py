@@ -248,8 +248,10 @@ def _cipher(config: ServerConfig, broker: KeyBrokerOptions | None = None) -> Any
     from veil.serve.attested import request_model_key
     from veil.serve.client import tls_context
 
-    key = request_model_key(broker.url, broker.token, provider, verify=tls_context(broker.ca or True),
-                            collateral=collateral_source(config))
+    collateral = collateral_source(config)
+    with collateral if collateral is not None else contextlib.nullcontext():
+        key = request_model_key(broker.url, broker.token, provider, verify=tls_context(broker.ca or True),
+                                collateral=collateral)
     log.info("model key released to this worker", extra={"platform": provider.platform, "broker": broker.url})
     return ArtefactCipher(key)
 
