@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -319,3 +320,63 @@ def test_pool_workers_share_the_cores_between_their_blas_threads(digits_model, m
         ex.run(X, "batch", chunk_rows=SLOTS, progress=False)
         envs = [_environ(w.proc.pid) for w in ex._pool.workers]
     assert all(env.get("OMP_NUM_THREADS") == "3" and "OPENBLAS_NUM_THREADS" not in env for env in envs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/environ")
+def test_pool_workers_keep_freed_memory_unless_the_user_tunes_malloc(digits_model, monkeypatch):
+    """Workers start with `ALLOCATOR_SETTINGS` in their environment (glibc reads it at start), and
+    without them when the user's environment sets any MALLOC_ variable."""
+    for var in [v for v in os.environ if v.startswith("MALLOC_")]:
+        monkeypatch.delenv(var)
+    X = resampled(2 * SLOTS, seed=7)
+    expected = {var: str(value) for var, (_, value) in parallel.ALLOCATOR_SETTINGS.items()}
+    with ChunkedExecutor(**setup(digits_model, workers=2)) as ex:
+        ex.run(X, "batch", chunk_rows=SLOTS, progress=False)
+        envs = [_environ(w.proc.pid) for w in ex._pool.workers]
+    assert len(envs) == 2 and all({k: env.get(k) for k in expected} == expected for env in envs)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    with ChunkedExecutor(**setup(digits_model, workers=2)) as ex:
+        ex.run(X, "batch", chunk_rows=SLOTS, progress=False)
+        envs = [_environ(w.proc.pid) for w in ex._pool.workers]
+    assert all(env.get("MALLOC_ARENA_MAX") == "2" and not set(expected) & set(env) for env in envs)
+
+
+FAULTS = """
+import os, resource, sys
+import numpy as np
+from veil.program import parallel
+applied = parallel.tune_allocator() if sys.argv[1] == "tune" else None
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(200):
+        a, b = np.ones(300_000), np.ones(300_000)
+        del a, b
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(applied, faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc malloc")
+@pytest.mark.parametrize("how", ["default", "tune", "env"])
+def test_tuned_allocator_stops_refaulting_freed_buffers(how):
+    """Making and freeing 2.4 MB arrays page-faults them in afresh each time under glibc's defaults
+    (about 1,200 pages a pair); `tune_allocator` (for a running process) and `ALLOCATOR_SETTINGS`
+    in the environment (for a worker) keep the freed memory, so the loop faults almost nothing.
+    A MALLOC_ variable of the user's own leaves the defaults alone (`tune_allocator` returns False)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if how == "env":
+        env.update({var: str(value) for var, (_, value) in parallel.ALLOCATOR_SETTINGS.items()})
+    out = subprocess.run([sys.executable, "-c", FAULTS, how], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    applied, faults = out[0], int(out[1])
+    if how == "default":
+        assert faults > 50_000, out
+    else:
+        assert faults < 5_000, out
+        assert applied == ("True" if how == "tune" else "None")
+    if how == "tune":
+        env["MALLOC_ARENA_MAX"] = "4"
+        out = subprocess.run([sys.executable, "-c", FAULTS, how], env=env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()
+        assert out[0] == "False" and int(out[1]) > 50_000, out

