@@ -31,6 +31,13 @@ same variables in every node it starts): ``RAY_USE_TLS=1``, ``RAY_TLS_SERVER_CER
 waiting on a handshake it cannot make). Each node's certificate must be issued by that CA and name
 the node's IP address (Ray binds its node IP, not loopback); the certificate also authenticates
 the node as a client, so the TLS is mutual.
+
+TLS covers Ray's gRPC ports (GCS, raylet, object manager, each worker's), not two HTTP servers
+of each node: the runtime-env agent (on the node IP; it installs runtime environments, pip
+packages included, for whoever asks) and the autoscaler's Prometheus metrics (0.0.0.0:44217,
+cluster counts only). A run therefore also requires Ray's token authentication
+(``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``, the same token on
+every node): the agent then refuses a stranger (401) instead of running code for them.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import ipaddress
 import os
 import pickle
 import queue
+import secrets
 import socket
 import sys
 import threading
@@ -82,6 +90,14 @@ def check_tls(environ: dict[str, str] | None = None) -> None:
             problems.append(f"{name} is not set")
         elif not os.access(path, os.R_OK):
             problems.append(f"{name}={path} is not a readable file")
+    if (env.get("RAY_AUTH_MODE") or "").strip().lower() != "token":
+        problems.append("RAY_AUTH_MODE is not token (Ray's HTTP agents are not under TLS)")
+    token_path = env.get("RAY_AUTH_TOKEN_PATH")
+    if not (env.get("RAY_AUTH_TOKEN") or "").strip():
+        if not token_path:
+            problems.append("neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set")
+        elif not os.access(token_path, os.R_OK):
+            problems.append(f"RAY_AUTH_TOKEN_PATH={token_path} is not a readable file")
     if not problems and environ is None and _imported_before_tls():
         problems.append("ray was imported before RAY_USE_TLS was set, and Ray reads it on import: set the "
                         "variables before starting Python (or at least before importing ray)")
@@ -89,7 +105,8 @@ def check_tls(environ: dict[str, str] | None = None) -> None:
         raise ExecutorError(
             "RayExecutor sends ciphertexts, keys and the model between processes, which must use mutually "
             "authenticated TLS; configure Ray's TLS (RAY_USE_TLS=1, RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY, "
-            "RAY_TLS_CA_CERT) in this process and on every node: " + "; ".join(problems))
+            "RAY_TLS_CA_CERT) and token authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH) in this process and on every node: " + "; ".join(problems))
 
 
 def local_addresses() -> tuple[str, ...]:
@@ -106,9 +123,10 @@ def local_addresses() -> tuple[str, ...]:
 
 def write_dev_tls(directory: str | Path, ips: tuple[str, ...] | None = None, days: int = 7) -> dict[str, str]:
     """For a development cluster on one machine: a CA and one node certificate (P-256, naming
-    `ips`, default `local_addresses()`) written to `directory`; returns the RAY_* variables that
-    use them, to put in the environment before Python starts. Production clusters issue one
-    certificate per node from their own CA and keep its key off the nodes."""
+    `ips`, default `local_addresses()`) and a random authentication token written to `directory`;
+    returns the RAY_* variables that use them, to put in the environment before Python starts.
+    Production clusters issue one certificate per node from their own CA and keep its key off
+    the nodes."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -141,8 +159,12 @@ def write_dev_tls(directory: str | Path, ips: tuple[str, ...] | None = None, day
     key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (out / "node.pem").write_bytes(node.public_bytes(pem))
     (out / "ca.pem").write_bytes(ca.public_bytes(pem))
+    token_path = out / "auth_token"
+    token_path.touch(mode=0o600)
+    token_path.write_text(secrets.token_hex(32))
     return {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(out / "node.pem"),
-            "RAY_TLS_SERVER_KEY": str(key_path), "RAY_TLS_CA_CERT": str(out / "ca.pem")}
+            "RAY_TLS_SERVER_KEY": str(key_path), "RAY_TLS_CA_CERT": str(out / "ca.pem"),
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
 
 
 def _tls_enabled(value: str | bytes | None) -> bool:
