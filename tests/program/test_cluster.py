@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from veil.errors import ExecutorError
-from veil.program.cluster import RayExecutor, check_tls, local_addresses, write_dev_tls
+from veil.program.cluster import CONNECT_TIMEOUT, RayExecutor, check_tls, local_addresses, write_dev_tls
 
 from . import test_parallel
 from .test_parallel import SLOTS, resampled
@@ -133,7 +133,7 @@ CLUSTER_RUN = textwrap.dedent("""
             out["key_copies"][str(ship)] = key_copies(pid, needle)
     out["key_copies"]["driver"] = key_copies("self", needle)
 
-    import urllib.error, urllib.request
+    import os, socket, subprocess, urllib.error, urllib.request
     node = ray._private.worker._global_node
     agent = f"http://{node.node_ip_address}:{node.runtime_env_agent_port}/get_runtime_envs_info"
     try:
@@ -142,6 +142,27 @@ CLUSTER_RUN = textwrap.dedent("""
     except urllib.error.HTTPError as exc:
         out["agent_stranger"] = exc.code
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    rogue = {**os.environ, **json.loads(sys.argv[2])}
+    PROBE = ("import json, sys, time\\n"
+             "from veil.program.cluster import RayExecutor\\n"
+             "t = time.monotonic()\\n"
+             "try:\\n    RayExecutor(sys.argv[1])._connect()\\n    r = {'type': None}\\n"
+             "except Exception as exc:\\n    r = {'type': type(exc).__name__, 'message': str(exc)}\\n"
+             "r['secs'] = time.monotonic() - t\\n"
+             "print('PROBE ' + json.dumps(r))\\n")
+    out["strangers"] = {}
+    for name, address, env in (("rogue_ca", node.gcs_address, rogue), ("closed_port", closed, os.environ)):
+        try:
+            p = subprocess.run([sys.executable, "-c", PROBE, address], env=env, capture_output=True, text=True,
+                               timeout=120)
+            lines = [x for x in p.stdout.splitlines() if x.startswith("PROBE ")]
+            out["strangers"][name] = json.loads(lines[-1][6:]) if lines else {"type": "no output " + p.stderr[-500:]}
+        except subprocess.TimeoutExpired:
+            out["strangers"][name] = {"type": "hung"}
+    out["cluster_alive"] = ray.cluster_resources().get("CPU") == 2
 
     import torch
     from torch import nn
@@ -168,10 +189,12 @@ def cluster_run(tmp_path_factory):
     cluster and runs every scenario below on it; its findings as a dict."""
     ips = local_addresses()
     env = {**os.environ, **write_dev_tls(out := tmp_path_factory.mktemp("raytls"), ips)}
+    rogue = write_dev_tls(tmp_path_factory.mktemp("rogue"), ips)  # another CA's certificate, the right token
+    rogue["RAY_AUTH_TOKEN_PATH"] = env["RAY_AUTH_TOKEN_PATH"]
     ray_tmp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
     try:
-        proc = subprocess.run([sys.executable, "-c", CLUSTER_RUN, str(out)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", CLUSTER_RUN, str(out), json.dumps(rogue)], capture_output=True,
                               text=True, timeout=900, env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -320,3 +343,12 @@ def test_the_runtime_env_agent_refuses_a_stranger(cluster_run):
     asked for; with the token authentication a run requires, a request without the token is refused."""
     assert cluster_run["agent_stranger"] == 401
 
+
+@pytest.mark.parametrize("stranger", ["rogue_ca", "closed_port"])
+def test_a_cluster_that_refuses_us_or_is_down_raises_executor_error_quickly(cluster_run, stranger):
+    """A driver whose certificate another CA issued, and an address nothing listens on: Ray alone
+    retries for ever; the executor's handshake raises ExecutorError within its timeout."""
+    got = cluster_run["strangers"][stranger]
+    assert got["type"] == "ExecutorError", got
+    assert got["secs"] < CONNECT_TIMEOUT + 10, got
+    assert cluster_run["cluster_alive"]
