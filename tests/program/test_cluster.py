@@ -7,6 +7,7 @@ node's addresses), on a local two-CPU cluster, with the digits model and chunks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -352,3 +353,35 @@ def test_a_cluster_that_refuses_us_or_is_down_raises_executor_error_quickly(clus
     assert got["type"] == "ExecutorError", got
     assert got["secs"] < CONNECT_TIMEOUT + 10, got
     assert cluster_run["cluster_alive"]
+
+
+def test_a_server_whose_certificate_another_ca_issued_is_refused_in_time(tmp_path):
+    """The driver's handshake authenticates the cluster too: a listener on a free loopback port
+    presenting another CA's certificate (it would accept any client) is refused, not trusted."""
+    import socket
+    import ssl
+    import threading
+
+    from veil.program.cluster import probe_cluster
+
+    ours = write_dev_tls(tmp_path / "ours", ("127.0.0.1",))
+    theirs = write_dev_tls(tmp_path / "theirs", ("127.0.0.1",))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(theirs["RAY_TLS_SERVER_CERT"], theirs["RAY_TLS_SERVER_KEY"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), listener.accept()[0] as conn, \
+                server_ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"\0" * 9)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ExecutorError, match="certificate RAY_TLS_CA_CERT did not issue"):
+            probe_cluster(f"127.0.0.1:{listener.getsockname()[1]}", timeout=5, environ=ours)
+    finally:
+        thread.join(10)
+        listener.close()
+    probe_cluster("auto", environ=ours)  # not host:port: left to Ray, no connection tried
