@@ -155,7 +155,8 @@ CLUSTER_RUN = textwrap.dedent("""
              "r['secs'] = time.monotonic() - t\\n"
              "print('PROBE ' + json.dumps(r))\\n")
     out["strangers"] = {}
-    for name, address, env in (("rogue_ca", node.gcs_address, rogue), ("closed_port", closed, os.environ)):
+    for name, address, env in (("rogue_ca", node.gcs_address, rogue), ("closed_port", closed, os.environ),
+                               ("our_ca", node.gcs_address, os.environ)):
         try:
             p = subprocess.run([sys.executable, "-c", PROBE, address], env=env, capture_output=True, text=True,
                                timeout=120)
@@ -353,6 +354,10 @@ def test_a_cluster_that_refuses_us_or_is_down_raises_executor_error_quickly(clus
     assert got["type"] == "ExecutorError", got
     assert got["secs"] < CONNECT_TIMEOUT + 10, got
     assert cluster_run["cluster_alive"]
+
+
+def test_a_second_driver_with_our_certificate_passes_the_handshake_and_connects(cluster_run):
+    assert cluster_run["strangers"]["our_ca"]["type"] is None, cluster_run["strangers"]["our_ca"]
 
 
 def test_a_server_whose_certificate_another_ca_issued_is_refused_in_time(tmp_path):
