@@ -83,6 +83,8 @@ def fake_ray(monkeypatch, tmp_path):
         (tmp_path / name).write_text("x")
         monkeypatch.setenv(name, str(tmp_path / name))
     monkeypatch.setenv("RAY_USE_TLS", "1")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the token authentication a run also requires
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x")
     monkeypatch.setattr(cluster._RayImportWatch, "tls_at_import", True)
     ray = FakeRay()
     monkeypatch.setitem(sys.modules, "ray", ray)

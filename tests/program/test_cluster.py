@@ -7,6 +7,7 @@ node's addresses), on a local two-CPU cluster, with the digits model and chunks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from veil.errors import ExecutorError
-from veil.program.cluster import RayExecutor, check_tls, local_addresses, write_dev_tls
+from veil.program.cluster import CONNECT_TIMEOUT, RayExecutor, check_tls, local_addresses, write_dev_tls
 
 from . import test_parallel
 from .test_parallel import SLOTS, resampled
@@ -99,6 +100,72 @@ CLUSTER_RUN = textwrap.dedent("""
         out["dead_actors"] = failure(lambda: ex.execute(X2, **setup, chunk_rows=SLOTS))
         out["pool_after_death"] = len(ex._pool)
         out["after_death_rel_err"] = rel_err(ex.execute(X2, **setup, chunk_rows=SLOTS), X2)
+
+    def key_copies(pid, needle):  # occurrences in the process's readable memory (None: unreadable)
+        count = 0
+        try:
+            with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+                for line in maps:
+                    span, perms = line.split()[:2]
+                    lo, hi = (int(a, 16) for a in span.split("-"))
+                    if "r" not in perms or "[v" in line or hi - lo > (1 << 31):
+                        continue
+                    tail = b""
+                    for pos in range(lo, hi, 32 << 20):
+                        try:
+                            mem.seek(pos)
+                            buf = mem.read(min(32 << 20, hi - pos))
+                        except (OSError, ValueError, OverflowError):
+                            break
+                        count += (tail + buf).count(needle)
+                        tail = buf[-len(needle):]
+        except OSError:
+            return None
+        return count
+
+    raw_sk = client.keys("batch")._secret_key.to_string()
+    needle = raw_sk[len(raw_sk) // 2: len(raw_sk) // 2 + 64]  # 8 coefficients of the key, as SEAL holds them
+    out["key_copies"] = {}
+    for ship in (False, True):
+        with RayExecutor(actors=1, ship_keys=ship) as ex:
+            ex.execute(rows(SLOTS + 9, 17), **setup, chunk_rows=SLOTS)
+            (actor,) = ex._pool
+            pid = ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+            out["key_copies"][str(ship)] = key_copies(pid, needle)
+    out["key_copies"]["driver"] = key_copies("self", needle)
+
+    import os, socket, subprocess, urllib.error, urllib.request
+    node = ray._private.worker._global_node
+    agent = f"http://{node.node_ip_address}:{node.runtime_env_agent_port}/get_runtime_envs_info"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(agent, data=b"", method="POST"), timeout=10) as r:
+            out["agent_stranger"] = r.status
+    except urllib.error.HTTPError as exc:
+        out["agent_stranger"] = exc.code
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    rogue = {**os.environ, **json.loads(sys.argv[2])}
+    PROBE = ("import json, sys, time\\n"
+             "from veil.program.cluster import RayExecutor\\n"
+             "t = time.monotonic()\\n"
+             "try:\\n    RayExecutor(sys.argv[1])._connect()\\n    r = {'type': None}\\n"
+             "except Exception as exc:\\n    r = {'type': type(exc).__name__, 'message': str(exc)}\\n"
+             "r['secs'] = time.monotonic() - t\\n"
+             "print('PROBE ' + json.dumps(r))\\n")
+    out["strangers"] = {}
+    for name, address, env in (("rogue_ca", node.gcs_address, rogue), ("closed_port", closed, os.environ),
+                               ("our_ca", node.gcs_address, os.environ)):
+        try:
+            p = subprocess.run([sys.executable, "-c", PROBE, address], env=env, capture_output=True, text=True,
+                               timeout=120)
+            lines = [x for x in p.stdout.splitlines() if x.startswith("PROBE ")]
+            out["strangers"][name] = json.loads(lines[-1][6:]) if lines else {"type": "no output " + p.stderr[-500:]}
+        except subprocess.TimeoutExpired:
+            out["strangers"][name] = {"type": "hung"}
+    out["cluster_alive"] = ray.cluster_resources().get("CPU") == 2
+
     import torch
     from torch import nn
     from veil.ml import compile_torch_model
@@ -124,11 +191,13 @@ def cluster_run(tmp_path_factory):
     cluster and runs every scenario below on it; its findings as a dict."""
     ips = local_addresses()
     env = {**os.environ, **write_dev_tls(out := tmp_path_factory.mktemp("raytls"), ips)}
+    rogue = write_dev_tls(tmp_path_factory.mktemp("rogue"), ips)  # another CA's certificate, the right token
+    rogue["RAY_AUTH_TOKEN_PATH"] = env["RAY_AUTH_TOKEN_PATH"]
     ray_tmp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
     try:
-        proc = subprocess.run([sys.executable, "-c", CLUSTER_RUN, str(out)], capture_output=True, text=True,
-                              timeout=900, env=env)
+        proc = subprocess.run([sys.executable, "-c", CLUSTER_RUN, str(out), json.dumps(rogue)], capture_output=True,
+                              text=True, timeout=900, env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -147,7 +216,15 @@ def test_check_tls_names_what_is_missing(tmp_path):
         check_tls(env)
     for name in ("absent.pem", "absent.key", "absent-ca.pem"):
         (tmp_path / name).write_text("x")
+    with pytest.raises(ExecutorError, match=r"RAY_AUTH_MODE is not token.*neither RAY_AUTH_TOKEN"):
+        check_tls(env)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp_path / "absent-token"))
+    with pytest.raises(ExecutorError, match=r"absent-token is not a readable file"):
+        check_tls(env)
+    (tmp_path / "absent-token").write_text("x")
     check_tls(env)
+    del env["RAY_AUTH_TOKEN_PATH"]
+    check_tls({**env, "RAY_AUTH_TOKEN": "x"})
 
 
 def test_a_run_without_tls_is_refused_before_ray_starts(digits_model, monkeypatch):
@@ -205,7 +282,8 @@ IMPORT_ORDER = textwrap.dedent("""
     pem, order = sys.argv[1], sys.argv[2].split(",")
     for step in order:
         if step == "env":
-            os.environ.update(RAY_USE_TLS="1", RAY_TLS_SERVER_CERT=pem, RAY_TLS_SERVER_KEY=pem, RAY_TLS_CA_CERT=pem)
+            os.environ.update(RAY_USE_TLS="1", RAY_TLS_SERVER_CERT=pem, RAY_TLS_SERVER_KEY=pem, RAY_TLS_CA_CERT=pem,
+                              RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="x")
         elif step == "ray":
             import ray
         elif step == "veil":
@@ -242,9 +320,73 @@ def test_dev_tls_names_the_addresses_and_keeps_its_key_private(tmp_path):
     env = write_dev_tls(tmp_path / "tls", ("127.0.0.1", "10.1.2.3"))
     check_tls(env)
     assert os.stat(env["RAY_TLS_SERVER_KEY"]).st_mode & 0o077 == 0
+    assert os.stat(env["RAY_AUTH_TOKEN_PATH"]).st_mode & 0o077 == 0 and env["RAY_AUTH_MODE"] == "token"
+    assert len(Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()) == 64
     node = x509.load_pem_x509_certificate(Path(env["RAY_TLS_SERVER_CERT"]).read_bytes())
     ca = x509.load_pem_x509_certificate(Path(env["RAY_TLS_CA_CERT"]).read_bytes())
     node.verify_directly_issued_by(ca)
     san = node.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
     assert "127.0.0.1" in local_addresses()
+
+
+def test_without_ship_keys_no_actor_memory_holds_the_secret_key(cluster_run):
+    """The actor's whole memory (what it received, built or cached) is searched for 64 bytes of
+    the client's secret key; an actor given the keys (ship_keys=True) shows the search finds them."""
+    copies = cluster_run["key_copies"]
+    if copies["True"] is None or copies["driver"] is None:
+        pytest.skip("this system does not let a process read its descendants' memory")
+    assert copies["driver"] >= 1 and copies["True"] >= 1, copies
+    assert copies["False"] == 0, copies
+
+
+def test_the_runtime_env_agent_refuses_a_stranger(cluster_run):
+    """Ray's runtime-env agent is plain HTTP on the node IP and installs whatever environment it is
+    asked for; with the token authentication a run requires, a request without the token is refused."""
+    assert cluster_run["agent_stranger"] == 401
+
+
+@pytest.mark.parametrize("stranger", ["rogue_ca", "closed_port"])
+def test_a_cluster_that_refuses_us_or_is_down_raises_executor_error_quickly(cluster_run, stranger):
+    """A driver whose certificate another CA issued, and an address nothing listens on: Ray alone
+    retries for ever; the executor's handshake raises ExecutorError within its timeout."""
+    got = cluster_run["strangers"][stranger]
+    assert got["type"] == "ExecutorError", got
+    assert got["secs"] < CONNECT_TIMEOUT + 10, got
+    assert cluster_run["cluster_alive"]
+
+
+def test_a_second_driver_with_our_certificate_passes_the_handshake_and_connects(cluster_run):
+    assert cluster_run["strangers"]["our_ca"]["type"] is None, cluster_run["strangers"]["our_ca"]
+
+
+def test_a_server_whose_certificate_another_ca_issued_is_refused_in_time(tmp_path):
+    """The driver's handshake authenticates the cluster too: a listener on a free loopback port
+    presenting another CA's certificate (it would accept any client) is refused, not trusted."""
+    import socket
+    import ssl
+    import threading
+
+    from veil.program.cluster import probe_cluster
+
+    ours = write_dev_tls(tmp_path / "ours", ("127.0.0.1",))
+    theirs = write_dev_tls(tmp_path / "theirs", ("127.0.0.1",))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(theirs["RAY_TLS_SERVER_CERT"], theirs["RAY_TLS_SERVER_KEY"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), listener.accept()[0] as conn, \
+                server_ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"\0" * 9)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ExecutorError, match="certificate RAY_TLS_CA_CERT did not issue"):
+            probe_cluster(f"127.0.0.1:{listener.getsockname()[1]}", timeout=5, environ=ours)
+    finally:
+        thread.join(10)
+        listener.close()
+    probe_cluster("auto", environ=ours)  # not host:port: left to Ray, no connection tried

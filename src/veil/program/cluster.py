@@ -31,6 +31,16 @@ same variables in every node it starts): ``RAY_USE_TLS=1``, ``RAY_TLS_SERVER_CER
 waiting on a handshake it cannot make). Each node's certificate must be issued by that CA and name
 the node's IP address (Ray binds its node IP, not loopback); the certificate also authenticates
 the node as a client, so the TLS is mutual.
+
+TLS covers Ray's gRPC ports (GCS, raylet, object manager, each worker's), not two HTTP servers
+of each node: the runtime-env agent (on the node IP; it installs runtime environments, pip
+packages included, for whoever asks) and the autoscaler's Prometheus metrics (0.0.0.0:44217,
+cluster counts only). A run therefore also requires Ray's token authentication
+(``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``, the same token on
+every node): the agent then refuses a stranger (401) instead of running code for them. Before
+`ray.init(address="host:port")` the driver makes one mutual TLS handshake with that address
+(`probe_cluster`, bounded by `CONNECT_TIMEOUT`), because `ray.init` keeps retrying for minutes
+when the cluster is down or refuses this process's certificate.
 """
 
 from __future__ import annotations
@@ -43,7 +53,9 @@ import ipaddress
 import os
 import pickle
 import queue
+import secrets
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -67,6 +79,9 @@ from veil.program.parallel import (
 )
 
 TLS_VARIABLES = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+CONNECT_TIMEOUT = 15.0
+"""Seconds the driver's handshake with a cluster address may take (`probe_cluster`)."""
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
 
 
 def check_tls(environ: dict[str, str] | None = None) -> None:
@@ -82,6 +97,14 @@ def check_tls(environ: dict[str, str] | None = None) -> None:
             problems.append(f"{name} is not set")
         elif not os.access(path, os.R_OK):
             problems.append(f"{name}={path} is not a readable file")
+    if (env.get("RAY_AUTH_MODE") or "").strip().lower() != "token":
+        problems.append("RAY_AUTH_MODE is not token (Ray's HTTP agents are not under TLS)")
+    token_path = env.get("RAY_AUTH_TOKEN_PATH")
+    if not (env.get("RAY_AUTH_TOKEN") or "").strip():
+        if not token_path:
+            problems.append("neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set")
+        elif not os.access(token_path, os.R_OK):
+            problems.append(f"RAY_AUTH_TOKEN_PATH={token_path} is not a readable file")
     if not problems and environ is None and _imported_before_tls():
         problems.append("ray was imported before RAY_USE_TLS was set, and Ray reads it on import: set the "
                         "variables before starting Python (or at least before importing ray)")
@@ -89,7 +112,44 @@ def check_tls(environ: dict[str, str] | None = None) -> None:
         raise ExecutorError(
             "RayExecutor sends ciphertexts, keys and the model between processes, which must use mutually "
             "authenticated TLS; configure Ray's TLS (RAY_USE_TLS=1, RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY, "
-            "RAY_TLS_CA_CERT) in this process and on every node: " + "; ".join(problems))
+            "RAY_TLS_CA_CERT) and token authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH) in this process and on every node: " + "; ".join(problems))
+
+
+def probe_cluster(address: str, timeout: float = CONNECT_TIMEOUT, environ: dict[str, str] | None = None) -> None:
+    """One mutual TLS handshake with a Ray cluster's "host:port" using this process's certificate,
+    key and CA, then a wait for the server's first HTTP/2 frame; ExecutorError within `timeout`
+    seconds when nothing answers there, its certificate is not from our CA or it refuses ours
+    (it then closes the connection after the handshake). Ray's own `ray.init` keeps retrying in
+    those cases (over three minutes when measured). Other address forms ("auto", "ray://...") are
+    left to Ray. Only the chain is verified, not the server name, so a node certificate naming
+    the node's IP also serves an address given by host name."""
+    env = os.environ if environ is None else environ
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "/" in address or not port.isdigit():
+        return
+    host = host.strip("[]")
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(env["RAY_TLS_CA_CERT"])
+        ctx.load_cert_chain(env["RAY_TLS_SERVER_CERT"], env["RAY_TLS_SERVER_KEY"])
+        ctx.set_alpn_protocols(["h2"])
+    except (OSError, ssl.SSLError) as exc:
+        raise ExecutorError(f"cannot load this process's Ray TLS certificate, key or CA: {exc}") from None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(_H2_PREFACE)
+            if not tls.recv(9):
+                raise ConnectionError("it closed the connection after the handshake, so it refuses this process's "
+                                      "certificate (issued by another CA?)")
+    except ssl.SSLCertVerificationError as exc:
+        raise ExecutorError(f"the Ray cluster at {address} presents a certificate RAY_TLS_CA_CERT did not issue: "
+                            f"{exc.verify_message}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ExecutorError(f"cannot reach the Ray cluster at {address} over mutual TLS within {timeout:g} s: "
+                            f"{exc}") from None
 
 
 def local_addresses() -> tuple[str, ...]:
@@ -106,9 +166,10 @@ def local_addresses() -> tuple[str, ...]:
 
 def write_dev_tls(directory: str | Path, ips: tuple[str, ...] | None = None, days: int = 7) -> dict[str, str]:
     """For a development cluster on one machine: a CA and one node certificate (P-256, naming
-    `ips`, default `local_addresses()`) written to `directory`; returns the RAY_* variables that
-    use them, to put in the environment before Python starts. Production clusters issue one
-    certificate per node from their own CA and keep its key off the nodes."""
+    `ips`, default `local_addresses()`) and a random authentication token written to `directory`;
+    returns the RAY_* variables that use them, to put in the environment before Python starts.
+    Production clusters issue one certificate per node from their own CA and keep its key off
+    the nodes."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -141,8 +202,12 @@ def write_dev_tls(directory: str | Path, ips: tuple[str, ...] | None = None, day
     key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (out / "node.pem").write_bytes(node.public_bytes(pem))
     (out / "ca.pem").write_bytes(ca.public_bytes(pem))
+    token_path = out / "auth_token"
+    token_path.touch(mode=0o600)
+    token_path.write_text(secrets.token_hex(32))
     return {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(out / "node.pem"),
-            "RAY_TLS_SERVER_KEY": str(key_path), "RAY_TLS_CA_CERT": str(out / "ca.pem")}
+            "RAY_TLS_SERVER_KEY": str(key_path), "RAY_TLS_CA_CERT": str(out / "ca.pem"),
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
 
 
 def _tls_enabled(value: str | bytes | None) -> bool:
@@ -260,6 +325,8 @@ class RayExecutor:
         import ray
 
         if not ray.is_initialized():
+            if self.address is not None:
+                probe_cluster(self.address)
             options = {"include_dashboard": False, "log_to_driver": False, **self.init_options}
             ray.init(address=self.address, **options)
             self._started_ray = True
