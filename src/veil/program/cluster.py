@@ -76,6 +76,7 @@ from veil.program.parallel import (
     progress_bar,
     run_chunk,
     sample_array,
+    tune_allocator,
 )
 
 TLS_VARIABLES = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
@@ -251,9 +252,11 @@ def _imported_before_tls() -> bool:
 
 class _ChunkActor:
     """One Ray actor: the server circuit, loaded once; with a pipeline setup also the client and
-    its secret keys (``ship_keys=True``)."""
+    its secret keys (``ship_keys=True``). Its process keeps freed memory as the local workers do
+    (`tune_allocator`)."""
 
     def __init__(self, server_dict: dict, load_server: Loader, pipeline_setup: tuple | None) -> None:
+        tune_allocator()
         self.bundles: dict[str, PublicBundle] = {}
         if pipeline_setup is not None:
             self.pipeline = build_pipeline(*pipeline_setup)

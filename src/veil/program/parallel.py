@@ -173,8 +173,9 @@ memory). Freed memory kept is still the process's peak, which stays bounded as b
 def tune_allocator() -> bool:
     """Apply `ALLOCATOR_SETTINGS` to this process (glibc only: `mallopt`; elsewhere nothing) unless
     its environment sets any ``MALLOC_`` variable (the user's choice wins). For long-lived
-    processes that evaluate programs (`veil serve`, `veil worker`); executor workers get the same
-    through their environment (`_worker_env`). Returns whether the settings were applied."""
+    processes that evaluate programs (`veil serve`, `veil worker`, the Ray executor's actors);
+    executor workers get the same through their environment (`_worker_env`). Returns whether the
+    settings were applied."""
     if any(var.startswith("MALLOC_") for var in os.environ):
         return False
     try:
