@@ -121,10 +121,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from veil.program.parallel import tune_allocator
     from veil.serve.server import serve
 
-    tune_allocator()
     serve(_server_config(args))
     return 0
 
@@ -140,10 +138,8 @@ def add_worker(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from veil.program.parallel import tune_allocator
     from veil.serve.worker import run_from_args
 
-    tune_allocator()
     return run_from_args(args)
 
 

@@ -33,6 +33,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from veil.net import free_port
+from veil.program.parallel import tune_allocator
 from veil.serve.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, BodyBudget, create_app
 from veil.serve.auth import TokenStore, add_token_to_file
 from veil.serve.backends import backend_for
@@ -355,7 +356,8 @@ def serve_deployed(data_dir: str | Path, model_dir: str | Path, name: str, user:
 
 
 def serve(config: ServerConfig) -> None:
-    """Run until interrupted."""
+    """Run until interrupted, in a process that keeps freed memory for the next request
+    (`veil.program.parallel.tune_allocator`, applied once the configuration is accepted)."""
     import uvicorn
 
     configure_logging(config.log_level)
@@ -365,4 +367,5 @@ def serve(config: ServerConfig) -> None:
         log.warning("serving plain HTTP beyond loopback (--insecure)", extra={"host": config.host})
     log.info("starting", extra={"host": config.host, "port": config.port, "tls": bool(config.tls_cert),
                                 "mtls": bool(config.tls_client_ca), "backend": backend_for(config).name})
+    tune_allocator()
     uvicorn.Server(uvicorn_config(app, config)).run()

@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from veil.errors import VeilError
+from veil.program.parallel import tune_allocator
 from veil.serve.backends.redis import (
     DEFAULT_PREFIX,
     RESULT_GRACE,
@@ -293,11 +294,13 @@ def _serve(worker: Worker, stop: threading.Event, max_jobs: int | None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run a worker from the options `add_worker_options` defines; exit status 2 on an error."""
+    """Run a worker from the options `add_worker_options` defines (a process of its own, which keeps
+    freed memory for the next job: `veil.program.parallel.tune_allocator`); exit status 2 on an error."""
     configure_logging(args.log_level)
     config = ServerConfig(queue=args.queue, model_key_file=args.model_key_file, data_dir=args.data_dir,
                           log_level=args.log_level, attest=args.attest, attest_provider=args.attest_provider,
                           dcap_collateral=args.dcap_collateral, pccs_url=args.pccs_url)
+    tune_allocator()
     try:
         run_worker(config, name=args.name, claim_idle=args.claim_idle, max_jobs=args.max_jobs,
                    broker=broker_options(args))
