@@ -118,6 +118,11 @@ def test_branches_compile_and_untraceable_or_unsupported_modules_are_refused():
     model = ml.compile_torch_model(nn.Linear(3, 2), torch.randn(8, 3))
     with pytest.raises(ShapeError):
         model.forward(np.zeros((2, 4)))
+    for fhe in ("disable", "simulate", "execute"):
+        with pytest.raises(ShapeError, match="NaN"):
+            model.forward(np.array([[0.0, np.nan, 1.0]]), fhe=fhe)  # never NaN outputs
+        with pytest.raises(ShapeError, match="real numbers"):
+            model.forward(np.array([["a", "b", "c"]]), fhe=fhe)
 
 
 def test_replace_relu_swaps_and_fine_tunes(digits_images):
