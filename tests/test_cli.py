@@ -54,6 +54,10 @@ def test_token_deploy_keygen_predict(tmp_path, capsys, monkeypatch):
         assert cli.main(["predict", str(tmp_path / "data.csv"), "--model", "bc", "--server", url,
                          "--keys", str(keys), "--out", str(out), "--proba", "--chunk-size", "200"]) == 0
         assert cli.main(["predict", str(tmp_path / "missing.csv"), "--model", "bc", "--server", url]) == 2
+        capsys.readouterr()
+        assert cli.main(["predict", str(tmp_path / "data.csv"), "--model", "bc", "--server", url,
+                         "--keys", str(tmp_path / "no-such-keys"), "--out", str(tmp_path / "other.csv")]) == 2
+        assert "no key file" in capsys.readouterr().err and not (tmp_path / "other.csv").exists()
     table = np.loadtxt(out, delimiter=",", skiprows=1)
     assert out.read_text().splitlines()[0] == "prediction,proba_0,proba_1"
     labels = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]

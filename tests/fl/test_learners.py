@@ -7,6 +7,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from veil import ml
+from veil.errors import FederatedConfigError
 from veil.fl.data import load_dataset
 from veil.fl.learners import SklearnLearner, TorchLearner, make_learner
 from veil.fl.partition import partition
@@ -101,3 +102,13 @@ def test_fedprox_term_keeps_weights_near_the_global_model(digits):
         learner.fit(digits.X_train, digits.y_train, {"proximal_mu": mu})
         far[mu] = sum(float(np.sum((a - b) ** 2)) for a, b in zip(learner.get_weights(), start, strict=True))
     assert far[10.0] < far[0.0]
+
+
+def test_npz_datasets_load_and_a_missing_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez("mine.npz", X=rng.normal(size=(40, 3)), y=np.arange(40) % 2)
+    data = load_dataset("mine.npz")
+    assert data.task == "classification" and data.X_train.shape[1] == 3
+    with pytest.raises(FederatedConfigError, match=r"'other\.npz' does not exist"):
+        load_dataset("other.npz")

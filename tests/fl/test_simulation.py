@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.fl.faults import faulty_owners
-from tests.serve.helpers import running_server
+from tests.serve.helpers import free_port, running_server
 from veil.fl import cli
 from veil.fl.config import FLConfig
 from veil.fl.data import load_dataset
@@ -113,6 +113,17 @@ def test_robust_strategy_torch_model_and_custom_arrays():
     assert len(result.rejected) == 4
     assert result.accuracy()[0] < result.accuracy()[-1]
     assert result.accuracy()[-1] > 0.85
+
+
+def test_cli_run_checks_the_deploy_server_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VEIL_TOKEN", raising=False)
+    out = tmp_path / "out"
+    args = ["run", "--clients", "2", "--rounds", "1", "--dataset", "iris", "--simulator", "inprocess",
+            "--out", str(out), "--quiet", "--deploy", f"http://127.0.0.1:{free_port()}", "--token", "t"]
+    assert cli.main(args) == 2
+    assert "cannot reach" in capsys.readouterr().err and not out.exists()
+    assert cli.main([*args[:-2]]) == 2
+    assert "--deploy needs an admin token" in capsys.readouterr().err
 
 
 def test_cli_run_saves_and_deploys_for_encrypted_inference(tmp_path, monkeypatch, capsys, digits):

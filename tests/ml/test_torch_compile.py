@@ -115,9 +115,16 @@ def test_branches_compile_and_untraceable_or_unsupported_modules_are_refused():
         ml.compile_torch_model(bn, torch.randn(4, 3))
     with pytest.raises(ShapeError):
         ml.compile_torch_model(nn.Linear(3, 2), torch.randn(3))
+    with pytest.raises(ShapeError, match=r"samples of shape \(4,\): mat1 and mat2 shapes cannot be multiplied"):
+        ml.compile_torch_model(nn.Linear(3, 2), torch.randn(8, 4))  # one line, not torch.fx's trace
     model = ml.compile_torch_model(nn.Linear(3, 2), torch.randn(8, 3))
     with pytest.raises(ShapeError):
         model.forward(np.zeros((2, 4)))
+    for fhe in ("disable", "simulate", "execute"):
+        with pytest.raises(ShapeError, match="NaN"):
+            model.forward(np.array([[0.0, np.nan, 1.0]]), fhe=fhe)  # never NaN outputs
+        with pytest.raises(ShapeError, match="real numbers"):
+            model.forward(np.array([["a", "b", "c"]]), fhe=fhe)
 
 
 def test_replace_relu_swaps_and_fine_tunes(digits_images):

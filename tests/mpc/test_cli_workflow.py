@@ -156,3 +156,15 @@ def test_parties_naming_different_holders_stop_before_training(tmp_path):
     assert codes[2] == 3, errs[2]  # the dealer: its parties left
     assert not list(tmp_path.glob("started.*"))  # stopped before the script's train(ctx)
     assert not results.exists() or not any(results.iterdir())
+
+
+def test_a_party_missing_its_script_or_shares_stops_before_connecting(tmp_path):
+    (tmp_path / "train.py").write_text("def train(ctx):\n    pass\n")
+    (tmp_path / "shares").mkdir()
+    veil("mpc", "certs", "--parties", "2", "--out", str(tmp_path / "pki"))
+    peers = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    base = ["mpc", "train", "--rank", "0", "--world", "3", "--peers", peers, "--certs", str(tmp_path / "pki"),
+            "--timeout", "20"]
+    for script, shares, named in (("nope.py", "shares", "nope.py"), ("train.py", "nowhere", "nowhere")):
+        res = veil(*base, str(tmp_path / script), "--shares", str(tmp_path / shares), check=False)
+        assert res.returncode == 2 and f"{named} does not exist" in res.stderr

@@ -246,3 +246,12 @@ def test_renamed_or_other_owner_files_are_refused_by_name_and_owner(pki, tmp_pat
         mpc.run_local(load([data[0], forged[1]]))
     with pytest.raises(ProtocolError, match="names are"):
         write_shares({"x": torch.ones(1)}, parties, tmp_path, "../escaped", ca=files[0].ca)
+
+
+def test_a_csv_label_column_outside_the_file_is_a_protocol_error(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("1,2,0\n3,4,1\n")
+    assert sharefile.load_tensors(path, -1)["y"].tolist() == [0.0, 1.0]
+    for column in (3, -4):
+        with pytest.raises(ProtocolError, match="no label column"):
+            sharefile.load_tensors(path, column)

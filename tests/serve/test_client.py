@@ -51,3 +51,21 @@ def test_connection_refused_is_bounded():
     client = Client(f"http://127.0.0.1:{free_port()}", "token", retries=1, backoff=0.001, timeout=2)
     with pytest.raises(httpx.ConnectError):
         client.health()
+
+
+@pytest.mark.parametrize("token", ["", None, "veil_abc\n", " veil_abc", "veil a"])
+def test_a_token_that_cannot_be_sent_is_refused_before_any_request(token):
+    with pytest.raises(ValueError, match="token"):
+        Client("http://test", token)
+
+
+def test_missing_tls_files_are_named(tmp_path):
+    missing = tmp_path / "ca.pem"
+    with pytest.raises(FileNotFoundError, match=r"ca\.pem"):
+        Client("https://test", "token", verify=str(missing))
+    with pytest.raises(FileNotFoundError, match=r"ca\.pem"):
+        Client("https://test", "token", verify=missing)
+    present = tmp_path / "client.pem"
+    present.write_text("")
+    with pytest.raises(FileNotFoundError, match=r"client\.key"):
+        Client("https://test", "token", cert=(str(present), str(tmp_path / "client.key")))

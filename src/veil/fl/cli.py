@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from veil.errors import VeilError
 from veil.fl.names import FL_MODELS, STRATEGIES
 
 
@@ -54,6 +55,28 @@ def _config(args: argparse.Namespace) -> Any:
                     round_timeout=args.round_timeout, checkpoint_dir=checkpoint)
 
 
+def _deploy_token(args: argparse.Namespace) -> str:
+    token = args.token or os.environ.get("VEIL_TOKEN", "")
+    if not token:
+        raise VeilError("--deploy needs an admin token: --token or VEIL_TOKEN")
+    return token
+
+
+def _check_deploy_target(args: argparse.Namespace) -> None:
+    """Before training: the --deploy server answers over TLS and knows the token, else VeilError
+    (a missing --ca for a private CA would otherwise surface as a traceback after the whole run)."""
+    import httpx
+
+    from veil.serve.client import Client
+
+    try:
+        with Client(args.deploy, _deploy_token(args), verify=args.ca or True, retries=0) as client:
+            client.models()
+    except httpx.TransportError as exc:
+        raise VeilError(f"--deploy {args.deploy}: cannot reach it ({type(exc).__name__}: {exc}); "
+                        "a server certificate from a private CA needs --ca CA.pem") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     import logging
 
@@ -62,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.getLogger("flwr").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     cfg = _config(args)
+    if args.deploy:
+        _check_deploy_target(args)
     out = Path(args.out)
     bar, on_round = _progress(cfg.rounds, args.quiet)
     with tempfile.TemporaryDirectory(prefix="veil-fl-") as tmp:
@@ -125,7 +150,7 @@ def _finish(result: Any, data: Any, out: Path, args: argparse.Namespace) -> dict
         from veil.fl.export import deploy
         from veil.serve.client import Client
 
-        token = args.token or os.environ.get("VEIL_TOKEN", "")
+        token = _deploy_token(args)
         verify: bool | str = args.ca or True
         summary["deployed"] = deploy(out / "model", args.deploy, token, args.name, verify=verify)
         with Client(args.deploy, token, verify=verify) as client:
@@ -277,6 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["fl", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as exc:
+    except (VeilError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,6 +69,8 @@ def load_dataset(name: str, test_size: float = 0.2, seed: int = 0) -> Dataset:
     elif name.endswith(".npz") and Path(name).is_file():
         X, y = _read_npz(name)
         task = "classification" if y.dtype.kind in "iub" else "regression"
+    elif name.endswith(".npz"):
+        raise FederatedConfigError(f"dataset file {name!r} does not exist (relative to {Path.cwd()})")
     else:
         raise FederatedConfigError(f"unknown dataset {name!r}: use one of {sorted(BUNDLED)} "
                                    "or a .npz file with X and y")

@@ -221,10 +221,20 @@ class CompiledTorchModel(EncryptedModelMixin):
         return int(np.prod(self.input_shape))
 
     def _check_X(self, X: Any, encrypted: bool = False) -> np.ndarray:
-        X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
-        X = np.asarray(X, dtype=np.float64)
-        if X.shape[1:] != self.input_shape and X.shape[1:] != (self.n_inputs,):
+        """X as float64 rows (n, n_inputs), else ShapeError: for the plaintext and simulated modes
+        also when it holds NaN or infinity, which they would otherwise return as NaN outputs (the
+        encrypted path leaves finiteness to the client's per-chunk check, as the estimators do)."""
+        X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else X
+        try:
+            if np.iscomplexobj(X):
+                raise TypeError("complex")
+            X = np.asarray(X, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ShapeError("inputs must be an array of real numbers") from None
+        if X.ndim < 1 or (X.shape[1:] != self.input_shape and X.shape[1:] != (self.n_inputs,)):
             raise ShapeError(f"expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), got {X.shape}")
+        if not encrypted and not np.all(np.isfinite(X)):
+            raise ShapeError("inputs contain NaN or infinite values")
         return X.reshape(len(X), -1)
 
     def _plain_raw(self, X: np.ndarray) -> np.ndarray:

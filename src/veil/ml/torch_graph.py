@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from veil.errors import VeilError, WireFormatError
+from veil.errors import ShapeError, VeilError, WireFormatError
 from veil.program.glue import OPS
 from veil.program.ir import Linear
 
@@ -307,8 +307,10 @@ def trace(module: nn.Module, X: np.ndarray | torch.Tensor) -> Graph:
     try:
         with torch.no_grad():
             interp.run(xt)
-    except Exception as exc:
-        raise UnsupportedLayerError(f"the module fails on inputs of shape {tuple(xt.shape)}: {exc}") from None
+    except Exception as exc:  # the module's own error, most often calibration data of the wrong shape
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShapeError(f"the module fails on samples of shape {tuple(xt.shape[1:])}: {first}; "
+                         "X_calibration must be samples of the shape the module takes, (n, *input_shape)") from None
     return _Builder(gm, interp.env, len(xt)).build()
 
 

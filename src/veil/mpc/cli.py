@@ -95,6 +95,12 @@ def _train(ns: argparse.Namespace) -> int:
         if not ns.script or not ns.shares:
             print("veil mpc train: parties need SCRIPT and --shares", file=sys.stderr)
             return 2
+        # checked before connecting: a party that fails later holds the other ranks until their timeout
+        for path, ok, what in ((ns.script, Path(ns.script).is_file(), "script"),
+                               (ns.shares, Path(ns.shares).is_dir(), "--shares directory")):
+            if not ok:
+                print(f"veil mpc train: {what} {path} does not exist", file=sys.stderr)
+                return 2
         ns.entry = "veil.mpc.cli:run_script"
         holder = Path(ns.certs) / f"owner-{ns.holder}.pem" if ns.holder else None
         args = (str(Path(ns.script).resolve()), ns.shares, ns.certs, ns.rank, ns.world,

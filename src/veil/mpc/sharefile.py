@@ -423,6 +423,9 @@ def load_tensors(path: Path | str, label_column: int | None = None) -> dict[str,
             arr = np.loadtxt(p, delimiter=",", ndmin=2, dtype=np.float64)
             if label_column is None:
                 return {"x": torch.as_tensor(arr)}
+            if not -arr.shape[1] <= label_column < arr.shape[1]:
+                raise ProtocolError(f"{path} has {arr.shape[1]} columns: no label column {label_column} "
+                                    f"(0..{arr.shape[1] - 1}, or -1 for the last)")
             y = arr[:, label_column]
             return {"x": torch.as_tensor(np.delete(arr, label_column % arr.shape[1], axis=1)), "y": torch.as_tensor(y)}
         if name.endswith(".pt"):

@@ -318,10 +318,16 @@ def _predict(args: argparse.Namespace) -> int:
         _, mc = client.model(args.model, args.version)
         chunk = client.chunk_rows(mc, args.layout)
         if args.keys:
-            for layout in mc.circuit.params:
-                path = Path(args.keys) / f"{layout}.key"
-                if path.exists():
-                    mc.circuit.set_keys(layout, SecretKeys.from_bytes(path.read_bytes()))
+            # A --keys naming no key of this model (a typo, another model's directory) is refused:
+            # predicting on would silently make and register a fresh bundle under the quota.
+            found = [path for path in (Path(args.keys) / f"{layout}.key" for layout in mc.circuit.params)
+                     if path.is_file()]
+            if not found:
+                raise VeilError(f"--keys {args.keys}: no key file of model {args.model!r} there "
+                                f"({', '.join(f'{layout}.key' for layout in mc.circuit.params)}); "
+                                "make them with `veil keygen --out DIR`")
+            for path in found:
+                mc.circuit.set_keys(path.stem, SecretKeys.from_bytes(path.read_bytes()))
         with tqdm(total=len(X), unit="rows", disable=args.quiet or len(X) < 2 * chunk,
                   file=sys.stderr) as bar:
             raw = client.predict_raw(X, args.model, args.version, args.layout, progress=bar.update)

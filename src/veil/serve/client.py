@@ -44,8 +44,34 @@ class RequestError(VeilError):
         self.status, self.code, self.detail = status, code, detail
 
 
-def tls_context(verify: bool | str = True, cert: str | tuple[str, str] | None = None) -> ssl.SSLContext | bool:
-    """httpx `verify` argument: a CA bundle path and/or a client certificate become an SSL context."""
+def checked_token(token: object) -> str:
+    """`token` if it can be sent as a bearer token: a non-empty string of visible ASCII characters.
+    Else ValueError, before any request: an empty token or one read from a file with its newline
+    would otherwise fail deep inside httpx as an illegal header value."""
+    if not isinstance(token, str) or not token:
+        raise ValueError(f"token must be a non-empty string, got {type(token).__name__} {token!r}"[:120])
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError("token holds whitespace or characters that cannot go in a header"
+                         " (read from a file? strip its newline)")
+    return token
+
+
+def _existing(path: str | Path, what: str) -> str:
+    """`path` as a string, else FileNotFoundError naming it (ssl's own error names no file)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist or is not a file")
+    return str(path)
+
+
+def tls_context(verify: bool | str | Path = True, cert: str | tuple[str, str] | None = None) -> ssl.SSLContext | bool:
+    """httpx `verify` argument: a CA bundle path and/or a client certificate become an SSL context.
+    A path that is not a file raises FileNotFoundError naming it."""
+    if isinstance(verify, Path):
+        verify = str(verify)
+    if isinstance(verify, str):
+        verify = _existing(verify, "CA bundle")
+    for path in (() if cert is None else (cert,) if isinstance(cert, str) else cert):
+        _existing(path, "client certificate or key")
     if cert is None and not isinstance(verify, str):
         return verify
     ctx = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else ssl.create_default_context()
@@ -75,14 +101,14 @@ class Client:
     the server.
     """
 
-    def __init__(self, url: str, token: str, *, verify: bool | str = True, cert: Any = None,
+    def __init__(self, url: str, token: str, *, verify: bool | str | Path = True, cert: Any = None,
                  timeout: float = 120.0, retries: int = 3, backoff: float = 0.25,
                  chunk_size: int | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  attest: Policy | str | Path | None = None) -> None:
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.chunk_size = retries, backoff, chunk_size
         self.max_request_bytes = max_request_bytes
-        self._token, self._verify, self._cert, self._timeout = token, verify, cert, timeout
+        self._token, self._verify, self._cert, self._timeout = checked_token(token), verify, cert, timeout
         if isinstance(attest, str | Path):
             from veil.tee import load_policy
 
