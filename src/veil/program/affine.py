@@ -31,7 +31,7 @@ from veil.program.packing import (
     gather_index,
     make_layout,
 )
-from veil.program.planner import input_box
+from veil.program.planner import OUTPUT_TOLERANCE, input_box
 
 DEFAULT_HEADROOM = 16.0
 FRESH_NOISE_STD = 3.2
@@ -137,11 +137,19 @@ class LayoutScales:
         admits gives outputs that fit the modulus at the product scale (no wrap-around)."""
         lim = self.input_limit
         lim.check_fits(self.params, self.input_bits, self.per_slot, W.shape[1])
-        room = 2.0 ** (self.params.data_modulus_bits - 2) * (1 + 1e-9)
-        peak = (lim.limit + float(np.max(np.abs(bias)))) * math.sqrt(self.per_slot)
+        peak = lim.limit + float(np.max(np.abs(bias)))
         if (np.any(np.asarray(lim.magnitudes) < np.max(np.abs(W), axis=0))
-                or peak * 2.0 ** (self.input_bits + self.weight_bits) > room):
+                or peak > output_bound(self.params, self.input_bits, self.weight_bits, self.per_slot) * (1 + 1e-9)):
             raise WireFormatError("the input limit admits inputs whose outputs would wrap around the modulus")
+
+
+def output_bound(params: CKKSParameters, input_bits: int, weight_bits: int, per_slot: int) -> float:
+    """The largest |output| a layout's scales hold: 2^(data bits - 2 - input_bits - weight_bits),
+    over sqrt(2) with two samples per slot (a slot's magnitude is up to sqrt(2) times the larger of
+    its two outputs). The server refuses an input limit that admits larger outputs
+    (`LayoutScales.check_weights`), so every output of an accepted input is within it, and the
+    client refuses a decrypted output beyond it (`LinearClient.check_outputs`)."""
+    return 2.0 ** (params.data_modulus_bits - 2 - input_bits - weight_bits) / math.sqrt(per_slot)
 
 
 def input_weights(W: np.ndarray) -> np.ndarray:
@@ -408,7 +416,8 @@ class LinearCircuit(AffineKind, ServerBase):
         """What a client needs to encrypt and decrypt: no weights."""
         return {"kind": self.kind, "n_features": self.n_features, "n_outputs": self.n_outputs,
                 "scales": {k: {"params": v.params.to_dict(), "input_bits": v.input_bits,
-                               "input_limit": v.input_limit.to_dict(), "per_slot": v.per_slot}
+                               "weight_bits": v.weight_bits, "input_limit": v.input_limit.to_dict(),
+                               "per_slot": v.per_slot}
                            for k, v in self.scales.items()}, **self._gather_dict()}
 
     def layout_params(self) -> dict[str, CKKSParameters]:
@@ -552,6 +561,14 @@ class LinearClient(AffineKind, ClientBase):
         self.per_slot = {k: wire.strict_int(v.get("per_slot", 1), "per_slot", 1, 2) for k, v in scales.items()}
         for k, lim in self.input_limits.items():
             lim.check_fits(self.params[k], self.input_bits[k], self.per_slot[k], self.n_features)
+        self.output_bounds: dict[str, float | None] = {}
+        for k, v in scales.items():  # a specification written before weight_bits was published has no bound
+            if "weight_bits" not in v:
+                self.output_bounds[k] = None
+                continue
+            room = self.params[k].data_modulus_bits - 3 - self.input_bits[k]
+            weight_bits = wire.strict_int(v.get("weight_bits"), "weight_bits", 0, max(0, room))
+            self.output_bounds[k] = output_bound(self.params[k], self.input_bits[k], weight_bits, self.per_slot[k])
         self.gather = None if "gather" not in scales else check_gather_index(spec.get("gather"), self.n_outputs,
                                                                              self.n_features)
         self._keys: dict[str, SecretKeys] = {}
@@ -600,6 +617,22 @@ class LinearClient(AffineKind, ClientBase):
         cts = [keys.encrypt(v, scale) for v in lay.pack(X)]
         return keys.context.pack(cts, {**(extra or {}), "layout": layout, "n_samples": len(X),
                                        "n_features": self.n_features})
+
+    def check_outputs(self, layout: str, Y: np.ndarray) -> np.ndarray:
+        """Refuse (PrecisionError) a decrypted output beyond `output_bound` of the layout's scales
+        (with `OUTPUT_TOLERANCE` for CKKS noise), and return the outputs. No accepted input gets
+        there, so what this catches is an answer that is not this model's under these keys: one
+        computed for another key bundle or another model, or tampered with, decrypts to values
+        spread over the whole modulus, about half of them beyond the bound."""
+        bound = self.output_bounds.get(layout)
+        if bound is not None:
+            over = np.abs(Y) > bound * (1 + OUTPUT_TOLERANCE)
+            if over.any():
+                i, j = map(int, np.argwhere(over)[0])
+                raise PrecisionError(
+                    f"decrypted output {Y[i, j]:.4g} (sample {i}, output {j}) is beyond what this model can produce "
+                    f"(|y| <= {bound:.4g}): the answer was not computed by this model under these keys")
+        return Y
 
     def _decryptor(self, layout: str, keys: SecretKeys) -> Any:
         """Two samples per slot decode from both parts of each complex slot."""
