@@ -126,3 +126,25 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
 
 running_server = serve_in_background
 __all__ = ["Certs", "free_port", "make_certs", "process", "redis_server", "running_server", "wait_for"]
+
+
+def open_sockets(client: redis.Redis) -> int:
+    """Sockets a sync redis-py client's pool holds open (idle or in use)."""
+    pool = client.connection_pool
+    return sum(conn._sock is not None for conn in [*pool._get_free_connections(), *pool._get_in_use_connections()])
+
+
+def record_collateral_sources(monkeypatch) -> list:
+    """Every collateral source `veil.serve.tee_setup.collateral_source` makes from here on, in order
+    (the real ones, recorded so a test can look at their HTTP clients)."""
+    from veil.serve import tee_setup
+
+    made: list = []
+    make = tee_setup.collateral_source
+
+    def recording(config):
+        made.append(make(config))
+        return made[-1]
+
+    monkeypatch.setattr(tee_setup, "collateral_source", recording)
+    return made

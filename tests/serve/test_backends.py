@@ -23,7 +23,7 @@ from veil.serve.crypto import ArtefactCipher
 from veil.serve.server import ServerConfig, build
 from veil.serve.service import Service
 
-from .helpers import redis_server, wait_for
+from .helpers import open_sockets, record_collateral_sources, redis_server, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 KEY = "22" * 32
@@ -168,12 +168,6 @@ def test_redis_server_shutdown_closes_the_queue_connections(tmp_path, monkeypatc
         wait_for(lambda: connected() == running - 3, 10, "the executor's and the store's connections to close")
 
 
-def _open_sockets(client) -> int:
-    """Sockets a sync redis-py client's pool holds open (idle or in use)."""
-    pool = client.connection_pool
-    return sum(conn._sock is not None for conn in [*pool._get_free_connections(), *pool._get_in_use_connections()])
-
-
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_redis_server_shutdown_closes_the_store_and_nonce_clients(tmp_path, monkeypatch):
     """Stopping a redis-backend key broker closes the Redis clients of its model store and of its
@@ -205,10 +199,10 @@ def test_redis_server_shutdown_closes_the_store_and_nonce_clients(tmp_path, monk
         with TestClient(app) as client:
             assert client.get("/readyz").status_code == 200  # the store's client answers
             nonces.issue(os.urandom(32), "worker")  # the nonce store's client answers
-            assert _open_sockets(service.store.client) == 1
-            assert _open_sockets(nonces.client) == 1
-        assert _open_sockets(service.store.client) == 0
-        assert _open_sockets(nonces.client) == 0
+            assert open_sockets(service.store.client) == 1
+            assert open_sockets(nonces.client) == 1
+        assert open_sockets(service.store.client) == 0
+        assert open_sockets(nonces.client) == 0
 
 
 def test_server_shutdown_closes_its_pccs_collateral_client(tmp_path, monkeypatch):
@@ -216,16 +210,7 @@ def test_server_shutdown_closes_its_pccs_collateral_client(tmp_path, monkeypatch
     server runs, closed once the app's lifespan has ended."""
     from starlette.testclient import TestClient
 
-    from veil.serve import tee_setup
-
-    made = []
-    collateral_source = tee_setup.collateral_source
-
-    def recording(config):  # the collateral source the server makes, to look at its client
-        made.append(collateral_source(config))
-        return made[-1]
-
-    monkeypatch.setattr(tee_setup, "collateral_source", recording)
+    made = record_collateral_sources(monkeypatch)
     monkeypatch.setenv("VEIL_MODEL_KEY", KEY)
     app, _ = build(ServerConfig(data_dir=str(tmp_path / "data"), pccs_url="http://127.0.0.1:9"))
     [source] = made

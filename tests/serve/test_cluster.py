@@ -32,7 +32,7 @@ from veil.serve.server import ServerConfig, build
 from veil.serve.service import Service
 from veil.serve.worker import run_worker
 
-from .helpers import free_port, make_certs, process, redis_server, running_server, wait_for
+from .helpers import free_port, make_certs, open_sockets, process, redis_server, running_server, wait_for
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")]
@@ -403,12 +403,6 @@ def test_run_worker_in_a_thread_stops_on_its_event(setup, lone_redis):
     assert db.xinfo_consumers(KEYS.stream, KEYS.group) == []
 
 
-def _open_sockets(client: redis.Redis) -> int:
-    """Sockets a sync redis-py client's pool holds open (idle or in use)."""
-    pool = client.connection_pool
-    return sum(conn._sock is not None for conn in [*pool._get_free_connections(), *pool._get_in_use_connections()])
-
-
 @pytest.mark.parametrize("ending", ["stopped", "failed"])
 def test_a_worker_leaves_no_redis_connection_open_however_it_ends(setup, lone_redis, monkeypatch, ending):
     """`run_worker` closes its store's and its job loop's Redis clients when it returns or raises: both
@@ -445,12 +439,12 @@ def test_a_worker_leaves_no_redis_connection_open_however_it_ends(setup, lone_re
                           "payload": b""})
     wait_for(lambda: db.exists(KEYS.done("job-1")), 30, "the job to be answered")
     [worker] = made
-    assert _open_sockets(worker.client) == 1 and _open_sockets(worker.service.store.client) == 1
+    assert open_sockets(worker.client) == 1 and open_sockets(worker.service.store.client) == 1
     stop.set()
     thread.join(15)
     assert not thread.is_alive()
     assert result == ({"handled": 1} if ending == "stopped" else {"error": "the job loop failed"})
-    assert _open_sockets(worker.client) == 0 and _open_sockets(worker.service.store.client) == 0
+    assert open_sockets(worker.client) == 0 and open_sockets(worker.service.store.client) == 0
     wait_for(lambda: [c["id"] for c in db.client_list()] == [str(db.client_id())], 10,
              "the worker's connections to close")
 

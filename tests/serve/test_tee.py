@@ -54,7 +54,7 @@ from veil.tee import (
 )
 from veil.tee.plugins import PluginError
 
-from .helpers import make_certs, process, redis_server, running_server, wait_for
+from .helpers import make_certs, process, record_collateral_sources, redis_server, running_server, wait_for
 from .test_attack_review import closed_by_server, head, read_response
 
 pytestmark = pytest.mark.timeout(180)
@@ -223,18 +223,10 @@ def test_worker_with_a_model_key_in_its_environment_is_refused(tee, cluster):
 def test_an_attesting_worker_closes_its_pccs_source_once_the_key_is_released(tee, cluster, monkeypatch):
     """The collateral source a worker makes for its key request (--pccs-url) is closed when the
     request is over: the worker never asks the PCCS again."""
-    from veil.serve import tee_setup
     from veil.serve.tee_setup import KeyBrokerOptions
     from veil.serve.worker import _cipher
 
-    made = []
-    collateral_source = tee_setup.collateral_source
-
-    def recording(config):  # the collateral source the worker makes, to look at its client
-        made.append(collateral_source(config))
-        return made[-1]
-
-    monkeypatch.setattr(tee_setup, "collateral_source", recording)
+    made = record_collateral_sources(monkeypatch)
     for name in ("VEIL_MODEL_KEY", "VEIL_MODEL_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(DIR_ENV, str(tee["root"] / "machine-good"))

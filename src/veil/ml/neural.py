@@ -30,6 +30,7 @@ from veil.ml.base import EncryptedClassifierMixin, EncryptedModelMixin, Encrypte
 from veil.ml.linear import fold_scaler, fold_standardization
 from veil.ml.torch_compile import Square, module_to_program, module_to_staged, relu_polynomial
 from veil.program import Circuit, Linear, Program, compile_program
+from veil.program.common import real_array
 from veil.program.outputs import OutputSpec
 from veil.program.planner import DEFAULT_HEADROOM
 
@@ -224,13 +225,7 @@ class CompiledTorchModel(EncryptedModelMixin):
         """X as float64 rows (n, n_inputs), else ShapeError: for the plaintext and simulated modes
         also when it holds NaN or infinity, which they would otherwise return as NaN outputs (the
         encrypted path leaves finiteness to the client's per-chunk check, as the estimators do)."""
-        X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else X
-        try:
-            if np.iscomplexobj(X):
-                raise TypeError("complex")
-            X = np.asarray(X, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ShapeError("inputs must be an array of real numbers") from None
+        X = real_array(X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else X)
         if X.ndim < 1 or (X.shape[1:] != self.input_shape and X.shape[1:] != (self.n_inputs,)):
             raise ShapeError(f"expected inputs of shape (n, {', '.join(map(str, self.input_shape))}), got {X.shape}")
         if not encrypted and not np.all(np.isfinite(X)):

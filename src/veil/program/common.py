@@ -23,16 +23,21 @@ def local_transport(server: Any, client: Any) -> Send:
     return lambda request, layout: server.run(request, client.public_bundle(layout))
 
 
-def checked_rows(X: Any, n_features: int) -> np.ndarray:
-    """X as a finite float64 array of shape (n > 0, n_features), else ShapeError: also for values
-    that are not real numbers (strings, ragged rows, complex numbers, whose imaginary part a cast
-    to float64 would silently drop)."""
+def real_array(X: Any, what: str = "an array") -> np.ndarray:
+    """X as a float64 array, else ShapeError ("inputs must be `what` of real numbers"): also for
+    values that are not real numbers (strings, ragged rows, complex numbers, whose imaginary part a
+    cast to float64 would silently drop)."""
     try:
         if np.iscomplexobj(X):
             raise TypeError("complex")
-        X = np.asarray(X, dtype=np.float64)
+        return np.asarray(X, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ShapeError("inputs must be a 2-D array of real numbers") from None
+        raise ShapeError(f"inputs must be {what} of real numbers") from None
+
+
+def checked_rows(X: Any, n_features: int) -> np.ndarray:
+    """X as a finite float64 array of shape (n > 0, n_features), else ShapeError (`real_array`)."""
+    X = real_array(X, "a 2-D array")
     if X.ndim != 2 or X.shape[1] != n_features:
         raise ShapeError(f"expected an array of shape (n, {n_features}), got {X.shape}")
     if len(X) == 0:
