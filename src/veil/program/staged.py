@@ -415,7 +415,11 @@ class StagedSession:
         if type(stage) is not int or stage != s or msg.header.get("layout") != name:
             raise ShapeError(f"the answer names stage {stage!r} in layout {msg.header.get('layout')!r}; the request "
                              f"was for stage {s} in {name!r}")
-        Y = self.client.stages[s].decrypt(msg, self.rounds.n)
+        try:
+            Y = self.client.stages[s].decrypt(msg, self.rounds.n)
+        except PrecisionError as exc:  # the stage kind's own output check (e.g. an affine stage's scales)
+            raise PrecisionError(f"stage {s} answered values beyond what its scales hold, none of it is used: "
+                                 f"{exc}") from None
         self.rounds.outputs(Y)
         self.pending = False
 
