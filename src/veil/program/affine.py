@@ -31,7 +31,7 @@ from veil.program.packing import (
     gather_index,
     make_layout,
 )
-from veil.program.planner import OUTPUT_TOLERANCE, input_box
+from veil.program.planner import first_beyond, input_box
 
 DEFAULT_HEADROOM = 16.0
 FRESH_NOISE_STD = 3.2
@@ -620,18 +620,16 @@ class LinearClient(AffineKind, ClientBase):
 
     def check_outputs(self, layout: str, Y: np.ndarray) -> np.ndarray:
         """Refuse (PrecisionError) a decrypted output beyond `output_bound` of the layout's scales
-        (with `OUTPUT_TOLERANCE` for CKKS noise), and return the outputs. No accepted input gets
+        (`planner.first_beyond`, with its tolerance for CKKS noise), and return the outputs. No accepted input gets
         there, so what this catches is an answer that is not this model's under these keys: one
         computed for another key bundle or another model, or tampered with, decrypts to values
         spread over the whole modulus, about half of them beyond the bound."""
         bound = self.output_bounds.get(layout)
-        if bound is not None:
-            over = np.abs(Y) > bound * (1 + OUTPUT_TOLERANCE)
-            if over.any():
-                i, j = map(int, np.argwhere(over)[0])
-                raise PrecisionError(
-                    f"decrypted output {Y[i, j]:.4g} (sample {i}, output {j}) is beyond what this model can produce "
-                    f"(|y| <= {bound:.4g}): the answer was not computed by this model under these keys")
+        if bound is not None and (at := first_beyond(Y, bound)) is not None:
+            i, j = at
+            raise PrecisionError(
+                f"decrypted output {Y[i, j]:.4g} (sample {i}, output {j}) is beyond what this model can produce "
+                f"(|y| <= {bound:.4g}): the answer was not computed by this model under these keys")
         return Y
 
     def _decryptor(self, layout: str, keys: SecretKeys) -> Any:

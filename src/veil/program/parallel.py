@@ -53,7 +53,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -170,13 +170,18 @@ on 4,096 images takes 17% less CPU time (user 11.4 -> 10.0 s, system 2.9 -> 1.9 
 memory). Freed memory kept is still the process's peak, which stays bounded as before."""
 
 
+def _malloc_chosen(env: Mapping[str, str]) -> bool:
+    """Whether an environment sets glibc malloc itself (any ``MALLOC_`` variable): the user's choice wins."""
+    return any(var.startswith("MALLOC_") for var in env)
+
+
 def tune_allocator() -> bool:
     """Apply `ALLOCATOR_SETTINGS` to this process (glibc only: `mallopt`; elsewhere nothing) unless
     its environment sets any ``MALLOC_`` variable (the user's choice wins). For long-lived
     processes that evaluate programs (`veil serve`, `veil worker`, the Ray executor's actors);
     executor workers get the same through their environment (`_worker_env`). Returns whether the
     settings were applied."""
-    if any(var.startswith("MALLOC_") for var in os.environ):
+    if _malloc_chosen(os.environ):
         return False
     try:
         import ctypes
@@ -198,7 +203,7 @@ def _worker_env(blas_threads: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))
     if not any(var in env for var in BLAS_THREAD_VARIABLES):
         env.update(dict.fromkeys(BLAS_THREAD_VARIABLES, str(blas_threads)))
-    if not any(var.startswith("MALLOC_") for var in env):
+    if not _malloc_chosen(env):
         env.update({var: str(value) for var, (_, value) in ALLOCATOR_SETTINGS.items()})
     return env
 

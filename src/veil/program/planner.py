@@ -218,18 +218,26 @@ class LayoutPlan:
         output out of range (the noise of a square grows with its argument), and a server that
         returns wrong values inside the range (the server is semi-honest). In a sound plan no
         accepted input reaches beyond the range, so this refuses only a faulty answer."""
-        if self.output_bound > 0:
-            limit = self.output_bound * (1 + OUTPUT_TOLERANCE)
-            over = np.abs(Y) > limit
-            if over.any():
-                i, j = map(int, np.argwhere(over)[0])
-                hint = ("the inputs are unlike the calibration data: recompile with calibration data like them or a "
-                        "larger headroom, or with bounds=\"sound\"" if self.bounds == "calibrated" else
-                        "the server's answer is not what this model computes")
-                raise PrecisionError(
-                    f"decrypted output {Y[i, j]:.4g} (sample {i}, output {j}) is outside the range the model was "
-                    f"compiled for (|y| <= {self.output_bound:.4g}, {self.bounds} bounds): {hint}")
+        if self.output_bound > 0 and (at := first_beyond(Y, self.output_bound)) is not None:
+            i, j = at
+            hint = ("the inputs are unlike the calibration data: recompile with calibration data like them or a "
+                    "larger headroom, or with bounds=\"sound\"" if self.bounds == "calibrated" else
+                    "the server's answer is not what this model computes")
+            raise PrecisionError(
+                f"decrypted output {Y[i, j]:.4g} (sample {i}, output {j}) is outside the range the model was "
+                f"compiled for (|y| <= {self.output_bound:.4g}, {self.bounds} bounds): {hint}")
         return Y
+
+
+def first_beyond(Y: np.ndarray, bound: float) -> tuple[int, int] | None:
+    """The first (sample, output) of decrypted outputs Y beyond `bound` with `OUTPUT_TOLERANCE`
+    for CKKS noise on values at the bound, or None: the client's range check of every kind that
+    bounds its outputs (`LayoutPlan.check_output`, the affine client)."""
+    over = np.abs(Y) > bound * (1 + OUTPUT_TOLERANCE)
+    if not over.any():
+        return None
+    i, j = map(int, np.argwhere(over)[0])
+    return i, j
 
 
 def check_box(X: np.ndarray, bounds: np.ndarray, where: str = "", non_negative: bool = False) -> None:

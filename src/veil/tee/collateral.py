@@ -64,7 +64,20 @@ def with_collateral(evidence: Evidence, source: CollateralSource | None) -> Evid
     return Evidence(evidence.platform, evidence.blob, endorsements)
 
 
-class FileCollateral:
+class _Closing:
+    """`with source:` closes the source on exit (`close` of the class it is mixed into)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class FileCollateral(_Closing):
     """A `Collateral` JSON file, validated when read and read again whenever it changes."""
 
     def __init__(self, path: str | Path) -> None:
@@ -92,12 +105,6 @@ class FileCollateral:
         """Nothing to release: the file is opened only while it is read."""
         return None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 def _crl_der(body: bytes, what: str) -> bytes:
     """A CRL as DER whether the server sent DER, PEM or hex of the DER (PCCS implementations differ)."""
@@ -113,7 +120,7 @@ def _crl_der(body: bytes, what: str) -> bytes:
         raise CollateralError(f"PCCS {what} is not a CRL (DER, PEM or hex)") from None
 
 
-class PccsCollateral:
+class PccsCollateral(_Closing):
     """Collateral fetched from a PCCS or Intel PCS (see the module docstring), cached per FMSPC.
 
     Parameters
@@ -141,12 +148,6 @@ class PccsCollateral:
     def close(self) -> None:
         """Close the HTTP client and its pooled connections to the PCCS; closing again does nothing."""
         self._http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def collateral(self, evidence: Evidence) -> bytes:
         frame = parse_quote_frame(evidence.blob)
